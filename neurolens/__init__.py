@@ -1,0 +1,13 @@
+"""neurolens: a Microscope for CLIP models you run yourself.
+
+The Python API: every operation of the CLI as a function returning numpy arrays and dataclasses.
+Importing neurolens never imports typer or rich."""
+from .errors import NeurolensError
+from .models import LoadedClip, check_unit, load_clip, registry_for, resolve_layer
+from .store import Cache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NeurolensError", "LoadedClip", "load_clip", "registry_for", "resolve_layer", "check_unit", "Cache",
+]

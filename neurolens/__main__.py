@@ -1,0 +1,3 @@
+from neurolens.cli import main
+
+main()

@@ -1,0 +1,85 @@
+"""Capture activations: hooks that are always removed, inputs cloned before in-place ops, and an
+early stop right after the deepest captured layer so no compute is spent past it."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, Sequence
+
+import torch
+
+from .types import CAPTURE_INPUT, LayerSpec
+
+
+class StopForward(Exception):
+    """Raised inside a hook once every requested layer is captured."""
+
+
+def to_feature_map(tensor: torch.Tensor, model: torch.nn.Module, hook_module: str) -> torch.Tensor:
+    """Any captured tensor as (N, C, H, W) or (N, C).
+
+    Transformer blocks give tokens (N, L, D); the patch tokens are reshaped to a grid and the class and
+    other prefix tokens dropped, so every layer has the same channel/spatial layout."""
+    if isinstance(tensor, (tuple, list)):
+        tensor = tensor[0]
+    if tensor.dim() == 3:
+        grid = getattr(model.visual, "grid_size", None)
+        if grid is None:
+            raise ValueError(f"cannot map a token tensor of {hook_module} to a grid")
+        count = grid[0] * grid[1]
+        tokens = tensor[:, -count:, :]  # open_clip's transformer is batch-first; prefix tokens come first
+        return tokens.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], grid[0], grid[1])
+    return tensor
+
+
+@contextmanager
+def capture(model: torch.nn.Module, specs: Sequence[LayerSpec], stop: bool = True) -> Iterator[Dict[str, torch.Tensor]]:
+    """Within the block, a forward of `model.visual` fills the yielded dict {layer name: (N,C,H,W) tensor}.
+
+    With stop=True the forward raises StopForward right after the last layer is captured; use
+    `forward_to` to run and swallow it. Hooks are removed on exit, errors included."""
+    modules = dict(model.named_modules())
+    captured: Dict[str, torch.Tensor] = {}
+    wanted = {spec.name for spec in specs}
+    handles = []
+
+    def make_hook(spec: LayerSpec):
+        def keep(tensor: torch.Tensor) -> None:
+            captured[spec.name] = to_feature_map(tensor, model, spec.hook_module)
+            if stop and wanted.issubset(captured):
+                raise StopForward()
+
+        if spec.capture == CAPTURE_INPUT:
+            # the module (an in-place ReLU) overwrites its input: keep a copy
+            return lambda module, args: keep(args[0].clone())
+        return lambda module, args, output: keep(output)
+
+    try:
+        for spec in specs:
+            module = modules[spec.hook_module]
+            if spec.capture == CAPTURE_INPUT:
+                handles.append(module.register_forward_pre_hook(make_hook(spec)))
+            else:
+                handles.append(module.register_forward_hook(make_hook(spec)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_to(model: torch.nn.Module, images: torch.Tensor, specs: Sequence[LayerSpec]) -> Dict[str, torch.Tensor]:
+    """Run the image tower on normalized images only as far as the deepest of `specs`."""
+    with capture(model, specs, stop=True) as captured:
+        try:
+            model.visual(images)
+        except StopForward:
+            pass
+    return captured
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    """Hooks left on any module (tests assert this is 0 after every command)."""
+    total = 0
+    for module in model.modules():
+        total += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        total += len(module._backward_hooks) + len(getattr(module, "_backward_pre_hooks", {}))
+    return total

@@ -1,0 +1,148 @@
+"""The HDF5 cache: a folder of small HDF5 records, each written whole or not at all.
+
+Every record is one .h5 file, written to a temporary name and renamed into place (os.replace is atomic),
+so a crash or kill -9 mid-write never damages a record that was there before, and a reader never sees a
+half-written one. Keys hash everything a result depends on (model fingerprint, layer, settings), so the
+same request reads the cache instead of recomputing. numpy/h5py only: no torch here.
+
+Layout (under the cache root, default outputs/cache or $NEUROLENS_CACHE):
+    <kind>/<model fingerprint[:16]>/<layer>/<key>.h5
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+DEFAULT_CACHE = Path("outputs") / "cache"
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("NEUROLENS_CACHE") or DEFAULT_CACHE)
+
+
+def settings_key(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (dataclasses as dicts)."""
+    text = json.dumps(parts, sort_keys=True, default=_jsonable, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+        return asdict(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot hash {type(value).__name__}")
+
+
+@dataclass
+class Record:
+    """A cache record: named arrays (nested names use '/') and JSON-able attributes."""
+    arrays: Dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: Dict[str, Any] = field(default_factory=dict)
+    path: Optional[Path] = None
+
+
+def _safe_segment(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text)) or "_"
+
+
+class Cache:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_cache_root()
+
+    def path(self, kind: str, fingerprint: str, layer: str, key: str) -> Path:
+        return self.root / _safe_segment(kind) / fingerprint[:16] / _safe_segment(layer) / f"{_safe_segment(key)}.h5"
+
+    def exists(self, path: Path) -> bool:
+        return Path(path).is_file()
+
+    def write(self, path: Path, record: Record) -> Path:
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from .errors import NeurolensError
+            raise NeurolensError(f"cannot create cache folder {path.parent} ({exc.strerror}); pass --cache PATH") from None
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with h5py.File(tmp, "w") as handle:
+                handle.attrs["schema_version"] = SCHEMA_VERSION
+                handle.attrs["written_at"] = time.time()
+                handle.attrs["attrs_json"] = json.dumps(record.attrs, default=_jsonable)
+                for name, array in record.arrays.items():
+                    _write_array(handle, name, array)
+                handle.flush()
+            with open(tmp, "rb") as raw:
+                os.fsync(raw.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        record.path = path
+        return path
+
+    def read(self, path: Path, names: Optional[list] = None) -> Optional[Record]:
+        """The record at `path`, or None when absent, unreadable or of another schema (then it is recomputed)."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        try:
+            with h5py.File(path, "r") as handle:
+                if int(handle.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
+                    return None
+                attrs = json.loads(handle.attrs["attrs_json"])
+                arrays = {name: _read_array(handle[name]) for name in (names or _dataset_names(handle))}
+        except (OSError, KeyError, ValueError):
+            return None
+        return Record(arrays=arrays, attrs=attrs, path=path)
+
+    def remove(self, path: Path) -> None:
+        Path(path).unlink(missing_ok=True)
+
+    def records(self, kind: Optional[str] = None) -> Iterator[Path]:
+        base = self.root / kind if kind else self.root
+        if base.is_dir():
+            yield from sorted(p for p in base.rglob("*.h5") if not p.name.startswith("."))
+
+
+def _write_array(handle: h5py.File, name: str, array: Any) -> None:
+    array = np.asarray(array)
+    if array.dtype.kind in ("U", "O"):
+        handle.create_dataset(name, data=np.asarray(array, dtype=object).astype(str).astype(object),
+                              dtype=h5py.string_dtype())
+    elif array.size > 4096:
+        handle.create_dataset(name, data=array, compression="gzip", compression_opts=1)
+    else:
+        handle.create_dataset(name, data=array)
+
+
+def _read_array(dataset: h5py.Dataset) -> np.ndarray:
+    if h5py.check_string_dtype(dataset.dtype) is not None:
+        return np.asarray(dataset.asstr()[()], dtype=object)
+    return dataset[()]
+
+
+def _dataset_names(handle: h5py.File) -> list:
+    names: list = []
+    handle.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def read_attrs(path: Path) -> Mapping[str, Any]:
+    with h5py.File(path, "r") as handle:
+        return json.loads(handle.attrs["attrs_json"])
