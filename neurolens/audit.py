@@ -1,0 +1,279 @@
+"""The caption string-match audit (Birhane, Prabhu & Kahembwe 2021, Table 1) over LAION-style parquet files.
+
+For each search term: how many captions contain it, and how many of those rows also contain an NSFW term
+in their caption or URL. DuckDB reads the files in one streaming pass (all terms at once) under a fixed
+memory limit, so a 400-million-row release is audited without loading it.
+
+Definitions (the README and the CLI help repeat them):
+  match      lower(TEXT) contains lower(term) as a literal substring ('%', '_', '*' have no special meaning).
+  nsfw hit   lower(TEXT) or lower(URL) contains any lower(NSFW term); in an NSFW term '*' stands for
+             exactly one character (so 'f*ck' matches 'fuck', 'f*ck', 'fück'); '%' and '_' are literal.
+  n_match    number of rows that match the term.
+  n_nsfw     number of matching rows that are also an nsfw hit.
+  pct_nsfw   100 * n_nsfw / n_match (None when n_match is 0).
+  nsfw_flag_counts  value counts of the NSFW column among the matching rows; a null value (or a file
+             without the column) is counted under the key NULL_FLAG.
+lower() is DuckDB's: every code point is mapped to its simple Unicode lowercase ('É'->'é', 'İ'->'i',
+'Σ'->'σ', 'ẞ'->'ß'); there is no full case folding, so 'ß' does not match 'ss' and accents are kept
+('e' does not match 'é').
+"""
+from __future__ import annotations
+
+import glob
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .errors import DatasetError, NeurolensError
+
+TEXT_COLUMN = "TEXT"
+URL_COLUMN = "URL"
+FLAG_COLUMN = "NSFW"
+NULL_FLAG = "<null>"
+PAPER_TERM_COUNT = 7          # the first 7 terms of data/nsfw_terms.txt are the paper's string-match terms
+DEFAULT_MEMORY_LIMIT = "1GB"
+_TERMS_FILE = Path(__file__).resolve().parent / "data" / "nsfw_terms.txt"
+
+
+@dataclass(frozen=True)
+class TermAudit:
+    """One row of the paper's Table 1."""
+    term: str
+    n_match: int
+    n_nsfw: int
+    pct_nsfw: Optional[float]
+    nsfw_flag_counts: Dict[str, int]
+
+    def as_dict(self) -> dict:
+        return dict(term=self.term, n_match=self.n_match, n_nsfw=self.n_nsfw, pct_nsfw=self.pct_nsfw,
+                    nsfw_flag_counts=dict(self.nsfw_flag_counts))
+
+
+@dataclass
+class AuditResult:
+    terms: List[TermAudit]
+    nsfw_terms: List[str]
+    rows: int                                   # rows read from the usable files
+    files: List[str]                            # the files that were read
+    skipped: List[Tuple[str, str]] = field(default_factory=list)      # (file, why) unreadable files
+    absent_columns: Dict[str, List[str]] = field(default_factory=dict)  # optional column -> files without it
+
+
+def read_term_file(path: str | os.PathLike) -> List[str]:
+    """Terms from a text file: one per line, '#' starts a comment, blank lines ignored."""
+    terms = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            terms.append(line)
+    return terms
+
+
+def default_nsfw_terms() -> List[str]:
+    """The paper's seven string-match terms: porn, hot, adult, xxx, sex, f*ck, rape (read from the lexicon)."""
+    return read_term_file(_TERMS_FILE)[:PAPER_TERM_COUNT]
+
+
+def parse_terms(value: str | Sequence[str] | None) -> List[str]:
+    """A comma-separated string, a path to a term file, or a list -> the distinct non-empty terms, in order."""
+    if value is None:
+        return default_nsfw_terms()
+    if isinstance(value, str):
+        items = read_term_file(value) if os.path.isfile(value) else value.split(",")
+    else:
+        items = list(value)
+    seen: Dict[str, None] = {}
+    for item in items:
+        item = item.strip()
+        if item:
+            seen.setdefault(item, None)
+    return list(seen)
+
+
+def expand_sources(sources: Iterable[str]) -> List[str]:
+    """Paths, directories (their *.parquet files) and glob patterns -> sorted distinct parquet files."""
+    files: Dict[str, None] = {}
+    for source in sources:
+        source = os.path.expanduser(source)
+        if os.path.isdir(source):
+            found = sorted(glob.glob(os.path.join(source, "*.parquet")))
+        elif any(ch in source for ch in "*?["):
+            found = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
+        elif os.path.isfile(source):
+            found = [source]
+        else:
+            raise DatasetError(f"{source} does not exist; give parquet files, a folder of them, or a glob such as 'data/*.parquet'")
+        if not found:
+            raise DatasetError(f"{source} matched no parquet files; check the path or the glob")
+        for path in found:
+            files.setdefault(os.path.abspath(path), None)
+    return list(files)
+
+
+def _file_columns(path: str) -> List[str]:
+    """Column names from the parquet footer (reads no data)."""
+    import pyarrow.parquet as pq
+    return list(pq.read_schema(path).names)
+
+
+def _like_literal(text: str) -> str:
+    r"""Escape LIKE's special characters so that they match themselves (escape character '\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def nsfw_like_pattern(term: str) -> str:
+    """A lowercase LIKE pattern that finds the NSFW term anywhere, with '*' as exactly one character."""
+    return "%" + "_".join(_like_literal(part) for part in term.split("*")) + "%"
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def build_query(n_terms: int, nsfw_patterns: Sequence[str], has_url: bool, has_flag: bool) -> str:
+    """One aggregate query over read_parquet($files): per NSFW-flag value, every term's match and nsfw counts.
+
+    Parameters, in order: the file list, then the search terms (lowercased by DuckDB, compared with
+    contains(), a literal substring test). The NSFW check runs only on rows that match some term."""
+    url = f'lower(CAST("{URL_COLUMN}" AS VARCHAR))' if has_url else "CAST(NULL AS VARCHAR)"
+    flag = f'CAST("{FLAG_COLUMN}" AS VARCHAR)' if has_flag else "CAST(NULL AS VARCHAR)"
+    matches = ",\n      ".join(f"contains(t, lower(${i + 2})) AS m{i}" for i in range(n_terms))
+    any_match = " OR ".join(f"m{i}" for i in range(n_terms))
+    # LIKE lowercases nothing, so the patterns are lowercased by DuckDB too: the same lower() as the text.
+    nsfw_any = " OR ".join(
+        f"t LIKE lower({_sql_string(p)}) ESCAPE '\\' OR u LIKE lower({_sql_string(p)}) ESCAPE '\\'"
+        for p in nsfw_patterns) or "false"
+    counts = ",\n  ".join(f"count(*) FILTER (WHERE m{i}) AS match_{i}, count(*) FILTER (WHERE m{i} AND nsfw) AS nsfw_{i}"
+                          for i in range(n_terms))
+    return f"""
+SELECT flag, count(*) AS n_rows,
+  {counts}
+FROM (
+  SELECT flag, {", ".join(f"m{i}" for i in range(n_terms))},
+    coalesce(CASE WHEN {any_match} THEN ({nsfw_any}) ELSE false END, false) AS nsfw
+  FROM (
+    SELECT flag, t, u,
+      {matches}
+    FROM (
+      SELECT {flag} AS flag, lower(CAST("{TEXT_COLUMN}" AS VARCHAR)) AS t, {url} AS u
+      FROM read_parquet($1, union_by_name = true)
+    )
+  )
+)
+GROUP BY flag
+"""
+
+
+def audit_captions(
+    sources: Sequence[str],
+    terms: Sequence[str],
+    nsfw_terms: str | Sequence[str] | None = None,
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    threads: Optional[int] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> AuditResult:
+    """The paper's Table 1 for `terms` over LAION-style parquet files (paths, folders or globs).
+
+    One DuckDB pass over all files computes every term's counts. Files whose footer cannot be read are
+    skipped and listed in `skipped`; a file without a TEXT column is an error naming the file; files
+    without URL or NSFW are read as if those values were null and listed in `absent_columns`.
+    `progress(done, 1000)` reports DuckDB's own progress estimate while the query runs."""
+    import duckdb
+
+    search = parse_terms(list(terms))
+    if not search:
+        raise NeurolensError("no search terms; pass at least one --term")
+    nsfw = parse_terms(nsfw_terms)
+    files = expand_sources(sources)
+
+    usable: List[str] = []
+    skipped: List[Tuple[str, str]] = []
+    absent: Dict[str, List[str]] = {URL_COLUMN: [], FLAG_COLUMN: []}
+    for path in files:
+        try:
+            columns = _file_columns(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged or non-parquet file
+            skipped.append((path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+            continue
+        if TEXT_COLUMN not in columns:
+            raise DatasetError(f"{path} has no {TEXT_COLUMN} column (it has: {', '.join(columns) or 'none'}); "
+                               f"audit-captions needs the caption in a column named {TEXT_COLUMN}")
+        for name in absent:
+            if name not in columns:
+                absent[name].append(path)
+        usable.append(path)
+    if not usable:
+        raise DatasetError(f"none of the {len(files)} file(s) could be read as parquet "
+                           f"(first: {skipped[0][0]}: {skipped[0][1]})")
+
+    has_url = len(absent[URL_COLUMN]) < len(usable)
+    has_flag = len(absent[FLAG_COLUMN]) < len(usable)
+    query = build_query(len(search), [nsfw_like_pattern(t) for t in nsfw], has_url, has_flag)
+
+    con = duckdb.connect(config={"memory_limit": memory_limit,
+                                 "threads": threads or max(1, min(4, os.cpu_count() or 1)),
+                                 "preserve_insertion_order": False})
+    try:
+        rows = _run_with_progress(con, query, [usable, *search], progress)
+    except duckdb.Error as exc:
+        raise DatasetError(f"DuckDB could not read the files: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.close()
+
+    total_rows = sum(int(row[1]) for row in rows)
+    results = []
+    for i, term in enumerate(search):
+        n_match = sum(int(row[2 + 2 * i]) for row in rows)
+        n_nsfw = sum(int(row[3 + 2 * i]) for row in rows)
+        flags = {(NULL_FLAG if row[0] is None else row[0]): int(row[2 + 2 * i]) for row in rows if row[2 + 2 * i]}
+        flags = dict(sorted(flags.items(), key=lambda kv: (-kv[1], kv[0])))
+        pct = 100.0 * n_nsfw / n_match if n_match else None
+        results.append(TermAudit(term, n_match, n_nsfw, pct, flags))
+    return AuditResult(terms=results, nsfw_terms=nsfw, rows=total_rows, files=usable, skipped=skipped,
+                       absent_columns={k: v for k, v in absent.items() if v})
+
+
+def _run_with_progress(con, query: str, params: list, progress: Optional[Callable[[int, int], None]]):
+    """Execute and fetch; while it runs, a watcher thread reports con.query_progress() to the callback."""
+    if progress is None:
+        return con.execute(query, params).fetchall()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.25):
+            try:
+                fraction = con.query_progress()
+            except Exception:  # progress is best-effort; the query result is what matters
+                return
+            if fraction is not None and fraction >= 0:
+                progress(int(min(fraction, 100.0) * 10), 1000)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        rows = con.execute(query, params).fetchall()
+    finally:
+        done.set()
+        watcher.join()
+    progress(1000, 1000)
+    return rows
+
+
+def write_csv(result: AuditResult, path: str | os.PathLike) -> Path:
+    """term,n_match,n_nsfw,pct_nsfw,nsfw_flag_counts (the last as a JSON object), one row per term."""
+    import csv
+    import json
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["term", "n_match", "n_nsfw", "pct_nsfw", "nsfw_flag_counts"])
+        for row in result.terms:
+            writer.writerow([row.term, row.n_match, row.n_nsfw, "" if row.pct_nsfw is None else f"{row.pct_nsfw:.6g}",
+                             json.dumps(row.nsfw_flag_counts, ensure_ascii=False)])
+    os.replace(tmp, path)
+    return path

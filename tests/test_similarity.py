@@ -1,0 +1,132 @@
+"""similarity equals a direct open_clip computation; the matrix figure shows values, threshold and blur."""
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from neurolens.builtin import BUILTIN_DESCRIPTIONS, builtin_image
+from neurolens.cli import app
+from neurolens.similarity import (LabeledImage, builtin_pairs, cosine_matrix, pair_scores, similarity,
+                                  similarity_matrix)
+
+TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
+TEXTS = ["This is a portrait of an astronaut with the American flag",
+         "This is a photograph of a smiling housewife in an orange jumpsuit with the American flag"]
+
+
+def _direct_cosines(clip, images, texts):
+    """What a user of open_clip would write: the factory's eval transform, encode, normalize, dot."""
+    _, _, preprocess = open_clip.create_model_and_transforms("nl-tiny-RN", pretrained=None)
+    tokenizer = open_clip.get_tokenizer("nl-tiny-RN")
+    with torch.no_grad():
+        img = clip.model.encode_image(torch.stack([preprocess(im) for im in images]))
+        txt = clip.model.encode_text(tokenizer(texts))
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    return (img @ txt.T).numpy()
+
+
+def test_cli_json_equals_direct_open_clip(tiny_clip, tmp_path):
+    photo = tmp_path / "photo.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 80, 3), dtype=np.uint8)).save(photo)
+    result = CliRunner().invoke(app, ["similarity", "--image", "sample:astronaut", "--image", str(photo),
+                                      "--text", TEXTS[0], "--text", TEXTS[1], "--threshold", "0.0", "--json", *TINY])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    expected = _direct_cosines(tiny_clip, [builtin_image("astronaut"), Image.open(photo).convert("RGB")], TEXTS)
+    assert [(r["image"], r["text"]) for r in rows] == [(i, t) for i in ("sample:astronaut", str(photo)) for t in TEXTS]
+    got = np.array([r["cosine"] for r in rows]).reshape(2, 2)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [r["passes"] for r in rows] == [bool(c >= 0.0) for c in expected.ravel()]
+    assert all(set(r) == {"image", "text", "cosine", "passes"} for r in rows)
+
+
+def test_api_and_threshold_rule(tiny_clip):
+    scores = similarity(tiny_clip, ["sample:coffee"], TEXTS, threshold=0.3)
+    direct = _direct_cosines(tiny_clip, [builtin_image("coffee")], TEXTS)[0]
+    assert [s.cosine for s in scores] == pytest.approx(direct.tolist(), abs=1e-5)
+    # passes is cosine >= threshold, inclusive at the threshold itself.
+    at = pair_scores(["x"], ["a", "b"], np.array([[0.3, 0.2999]], np.float32), threshold=np.float32(0.3))
+    assert [s.passes for s in at] == [True, False]
+
+
+def test_text_output_and_bad_input(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["similarity", "--image", "sample:astronaut", "--text", TEXTS[0], *TINY])
+    assert ok.exit_code == 0 and "sample:astronaut" in ok.stdout and ("PASS" in ok.stdout or "fail" in ok.stdout)
+    no_text = runner.invoke(app, ["similarity", "--image", "sample:astronaut", *TINY])
+    assert no_text.exit_code == 2 and "--text" in no_text.output
+    missing = runner.invoke(app, ["similarity", "--image", str(tmp_path / "none.jpg"), "--text", "x", *TINY])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    unknown = runner.invoke(app, ["similarity", "--image", "sample:unicorn", "--text", "x", *TINY])
+    assert unknown.exit_code == 2 and "unknown built-in image" in unknown.output
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    junk = runner.invoke(app, ["similarity", "--image", str(tmp_path / "junk.jpg"), "--text", "x", *TINY])
+    assert junk.exit_code == 2 and "not a readable image" in junk.output and "Traceback" not in junk.output
+
+
+def test_builtin_matrix_figure(tiny_clip, tmp_path):
+    out = tmp_path / "figs" / "similarity.png"
+    result = CliRunner().invoke(app, ["similarity", "--matrix", "--out", str(out), "--threshold", "-1", "--json", *TINY])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    n = len(BUILTIN_DESCRIPTIONS)
+    assert len(rows) == n * n and all(r["passes"] for r in rows)  # threshold -1: every pair passes
+    images, captions = builtin_pairs()
+    assert captions[0] == "This is " + BUILTIN_DESCRIPTIONS["astronaut"]
+    direct = _direct_cosines(tiny_clip, [im.image for im in images], captions)
+    np.testing.assert_allclose(np.array([r["cosine"] for r in rows]).reshape(n, n), direct, atol=1e-5)
+    figure = Image.open(out)
+    assert figure.width > n * 60 and figure.height > n * 60
+
+
+def _thumb_region(result, index, cell=72):
+    """Pixels of thumbnail `index`: the thumbnails are the only non-white pixels of the band below the title."""
+    band = np.asarray(result.figure)[44 + 2:44 + 42].astype(int)
+    first = np.where((band != 255).any(axis=(0, 2)))[0][0]
+    left = first + index * cell
+    return band[:, left:left + cell - 4]
+
+
+def test_user_images_are_blurred_unless_no_blur(tiny_clip, tmp_path):
+    rng = np.random.default_rng(1)
+    noisy = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    images = [LabeledImage("mine.png", noisy, False), LabeledImage("sample:coffee", builtin_image("coffee"), True)]
+    captions = ["noise", "This is a cup of coffee on a saucer"]
+    blurred = similarity_matrix(tiny_clip, images, captions, threshold=0.3)
+    clear = similarity_matrix(tiny_clip, images, captions, threshold=0.3, blur_user_images=False)
+    assert blurred.blurred == [True, False] and clear.blurred == [False, False]
+    np.testing.assert_allclose(blurred.cosines, cosine_matrix(tiny_clip, [noisy, builtin_image("coffee")], captions))
+    # Blurring removes the noise's pixel-to-pixel variation; the built-in thumbnail is identical in both.
+    rough = lambda a: np.abs(np.diff(a, axis=1)).mean()  # noqa: E731  (rows above the blur label)
+    assert rough(_thumb_region(blurred, 0)) < 0.2 * rough(_thumb_region(clear, 0))
+    np.testing.assert_array_equal(_thumb_region(blurred, 1), _thumb_region(clear, 1))
+
+
+def test_matrix_from_a_folder(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    builtin_image("astronaut").resize((80, 80)).save(folder / "a.png")
+    builtin_image("rocket").resize((80, 80)).save(folder / "b.png")
+    (folder / "c.png").write_bytes(b"broken")
+    (folder / "a.txt").write_text("an astronaut")
+    runner = CliRunner()
+    out = tmp_path / "m.png"
+    no_caps = runner.invoke(app, ["similarity", "--matrix", "--images", str(folder), "--out", str(out), *TINY])
+    assert no_caps.exit_code == 2 and "b.png" in no_caps.output and "--captions" in no_caps.output
+    (folder / "b.txt").write_text("a rocket")
+    paired = runner.invoke(app, ["similarity", "--matrix", "--images", str(folder), "--out", str(out), "--json", *TINY])
+    assert paired.exit_code == 0, paired.output
+    rows = json.loads(paired.stdout)
+    assert [r["text"] for r in rows] == ["an astronaut", "a rocket"] * 2
+    assert "skipped unreadable image" in paired.output and "blurred" in paired.output and out.is_file()
+    caps = tmp_path / "caps.txt"
+    caps.write_text("one\n\ntwo\nthree\n")
+    listed = runner.invoke(app, ["similarity", "--matrix", "--images", str(folder), "--captions", str(caps),
+                                 "--no-blur", "--out", str(out), "--json", *TINY])
+    assert listed.exit_code == 0 and len(json.loads(listed.stdout)) == 6 and "blurred" not in listed.output
