@@ -1,0 +1,371 @@
+"""Image datasets: a folder of images, webdataset-style tar shards, a parquet/CSV table of image paths,
+or the built-in scikit-image set. Every dataset is a list of keys with a stable identity (for cache keys)
+and a `load(i)` that returns an RGB PIL image or raises `BadImage` with the reason.
+
+Loading never trusts the file: zero-byte, truncated and non-image files, decompression bombs and vanished
+paths raise BadImage (the scan skips and counts them); CMYK, 16-bit, palette, grayscale and alpha images are
+readable and are converted to RGB (alpha composited on white).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import os
+import re
+import struct
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .errors import DatasetError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CAPTION_EXTENSIONS = (".txt", ".caption", ".json")
+TABLE_EXTENSIONS = (".parquet", ".pq", ".csv", ".tsv")
+# Images with more pixels than this are refused as decompression bombs (PIL's own default, 89.5 MP,
+# a 9459 x 9459 image); PIL's warning at that size and its error at twice it both count as a bad item.
+MAX_IMAGE_PIXELS = 89_478_485
+BACKGROUND = (255, 255, 255)  # transparent pixels become white
+
+
+class BadImage(Exception):
+    """One dataset item that cannot be used; the message is the reason shown in the skip list."""
+
+
+@dataclass
+class ImageDataset:
+    """A list of image items. `keys[i]` names item i: a path, `shard.tar:member`, or `builtin:name`."""
+    keys: List[str]
+    identity: str
+    description: str
+    captions: Optional[List[str]] = None
+    # how to read each item: ('file', path) | ('tar', shard, offset, size) | ('builtin', name)
+    _sources: List[Tuple] = field(default_factory=list, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read_bytes(self, i: int) -> bytes:
+        source = self._sources[i]
+        kind = source[0]
+        try:
+            if kind == "file":
+                with open(source[1], "rb") as handle:
+                    return handle.read()
+            if kind == "tar":
+                _, shard, offset, size = source
+                with open(shard, "rb") as handle:
+                    handle.seek(offset)
+                    data = handle.read(size)
+                if len(data) != size:
+                    raise BadImage("tar member is cut short")
+                return data
+        except IsADirectoryError:
+            raise BadImage("is a directory") from None
+        except FileNotFoundError:
+            raise BadImage("file not found (vanished or broken link)") from None
+        except PermissionError:
+            raise BadImage("permission denied") from None
+        except OSError as exc:
+            raise BadImage(f"cannot read ({exc.strerror or exc})") from None
+        raise BadImage(f"item kind {kind} has no bytes")
+
+    def load(self, i: int) -> Image.Image:
+        """Item i as an RGB PIL image (fully decoded); raises BadImage with the reason."""
+        source = self._sources[i]
+        if source[0] == "builtin":
+            from .builtin import builtin_image
+            return builtin_image(source[1]).copy()
+        return decode_image(self.read_bytes(i))
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB PIL image, or BadImage saying why not."""
+    if not data:
+        raise BadImage("zero-byte file")
+    with warnings.catch_warnings():
+        # PIL warns (instead of failing) between MAX_IMAGE_PIXELS and twice that: refuse those too
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise BadImage(f"decompression bomb ({image.width}x{image.height} pixels)")
+            image.load()
+        except BadImage:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BadImage(f"decompression bomb (over {MAX_IMAGE_PIXELS} pixels)") from None
+        except Image.UnidentifiedImageError:
+            raise BadImage("not an image (unidentified format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
+            text = str(exc) or type(exc).__name__
+            if "truncated" in text:
+                text = "truncated image"
+            raise BadImage(f"corrupt image ({text})") from None
+        except MemoryError:
+            raise BadImage("image too large to decode") from None
+    try:
+        return to_rgb(image)
+    except (OSError, ValueError) as exc:
+        raise BadImage(f"cannot convert {image.mode} to RGB ({exc})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB: 16/32-bit scaled to 8 bits, palette and alpha composited on white, CMYK converted."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            top = max(1.0, float(array.max(initial=0)))
+        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "1":
+        return image.convert("L").convert("RGB")
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+
+def preprocess(image: Image.Image, size: int) -> Image.Image:
+    """CLIP's preprocessing before normalization: resize the shortest side to `size` (bicubic), centre crop."""
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = size, max(size, int(size * height / width))
+    else:
+        new_w, new_h = max(size, int(size * width / height)), size
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess_array(image: Image.Image, size: int) -> np.ndarray:
+    """preprocess() as a uint8 (3, size, size) array (what DataLoader workers send back: 4x less than float)."""
+    return np.ascontiguousarray(np.asarray(preprocess(image, size), dtype=np.uint8).transpose(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------- opening
+
+def open_dataset(source: Optional[str] = None, image_column: str = "image", caption_column: str = "caption") -> ImageDataset:
+    """A dataset from a folder, tar shard(s) (a .tar path, a glob, or `shard-{000..009}.tar`), a parquet/CSV
+    file with an image-path column, or None (or 'builtin') for the built-in scikit-image samples."""
+    if source is None or str(source) == "builtin":
+        return _builtin_dataset()
+    text = str(source)
+    path = Path(text).expanduser()
+    lower = text.lower()
+    if lower.endswith(TABLE_EXTENSIONS):
+        if not path.is_file():
+            raise DatasetError(f"dataset table {text} does not exist; give a parquet/CSV file, a folder of images or tar shards")
+        return _table_dataset(path, image_column, caption_column)
+    if lower.endswith(".tar") or any(ch in text for ch in "*?[{"):
+        shards = _expand_shards(text)
+        if not shards:
+            raise DatasetError(f"no tar shard matches {text}; give existing .tar files, a folder of images or a table")
+        return _tar_dataset(shards, text)
+    if path.is_dir():
+        files = _list_images(path)
+        if files:
+            return _folder_dataset(path, files)
+        shards = sorted(str(p) for p in path.rglob("*.tar") if p.is_file())
+        if shards:
+            return _tar_dataset(shards, text)
+        raise DatasetError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) or .tar shards found under {text}")
+    if path.is_file() and lower.endswith(IMAGE_EXTENSIONS):
+        return _folder_dataset(path.parent, [path])
+    raise DatasetError(f"dataset {text} does not exist or is not a folder, .tar shard or parquet/CSV table; "
+                       f"omit --dataset to use the built-in sample images")
+
+
+def _identity(parts: Sequence[object]) -> str:
+    digest = hashlib.sha1()
+    for part in parts:
+        digest.update(repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:20]
+
+
+def _stat(path: str) -> Tuple[int, int]:
+    """(size, mtime_ns) for the identity; (-1, -1) for a path that cannot be stat'ed (it is skipped later)."""
+    try:
+        info = os.stat(path)
+        return (info.st_size if not os.path.isdir(path) else -2, info.st_mtime_ns)
+    except OSError:
+        return (-1, -1)
+
+
+def _builtin_dataset() -> ImageDataset:
+    from .builtin import BUILTIN_DESCRIPTIONS, builtin_names
+    import skimage
+    names = builtin_names()
+    return ImageDataset(
+        keys=[f"builtin:{name}" for name in names],
+        identity=_identity(["builtin", skimage.__version__, *names]),
+        description=f"built-in scikit-image samples ({len(names)} images)",
+        captions=[BUILTIN_DESCRIPTIONS[name] for name in names],
+        _sources=[("builtin", name) for name in names],
+    )
+
+
+def _list_images(root: Path) -> List[Path]:
+    """Every entry under root whose name has an image extension, in a stable order.
+
+    Entries that are not readable files (a directory named x.jpg, a broken link) are listed too: they are
+    bad items, skipped and counted by the scan, not silently ignored."""
+    found: List[Path] = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        names = [n for n in files + dirs if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+        found.extend(Path(folder) / n for n in sorted(names))
+    return sorted(set(found), key=lambda p: str(p))
+
+
+def _folder_dataset(root: Path, files: List[Path]) -> ImageDataset:
+    keys = [str(p.resolve()) if not p.is_symlink() else str(p.absolute()) for p in files]
+    stats = [_stat(k) for k in keys]
+    return ImageDataset(
+        keys=keys,
+        identity=_identity(["folder"] + [f"{k}|{s}|{m}" for k, (s, m) in zip(keys, stats)]),
+        description=f"folder {root} ({len(keys)} images)",
+        captions=None,
+        _sources=[("file", k) for k in keys],
+    )
+
+
+def _table_dataset(path: Path, image_column: str, caption_column: str) -> ImageDataset:
+    columns, rows = _read_table(path)
+    if image_column not in columns:
+        raise DatasetError(f"{path} has no column {image_column!r} (columns: {', '.join(columns) or 'none'}); "
+                           f"name the image-path column with --image-column")
+    images = rows[image_column]
+    captions = rows.get(caption_column)
+    base = path.resolve().parent
+    keys = []
+    for value in images:
+        text = "" if value is None else str(value)
+        candidate = Path(text).expanduser()
+        keys.append(str(candidate if candidate.is_absolute() else (base / candidate)) if text else "")
+    stats = [_stat(k) if k else (-1, -1) for k in keys]
+    if not keys:
+        raise DatasetError(f"{path} has no rows; give a table with one image path per row")
+    return ImageDataset(
+        keys=keys,
+        identity=_identity(["table", str(path.resolve()), image_column] + [f"{k}|{s}|{m}" for k, (s, m) in zip(keys, stats)]),
+        description=f"table {path} ({len(keys)} images, column {image_column!r})",
+        captions=[("" if c is None else str(c)) for c in captions] if captions is not None else None,
+        _sources=[("file", k) for k in keys],
+    )
+
+
+def _read_table(path: Path) -> Tuple[List[str], dict]:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(str(path))
+        except Exception as exc:
+            raise DatasetError(f"{path} is not a readable parquet file ({exc}); check the file") from None
+        return table.column_names, {name: table.column(name).to_pylist() for name in table.column_names}
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path} is not a readable CSV file ({exc}); check the file") from None
+    return columns, {name: [row.get(name) for row in rows] for name in columns}
+
+
+_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def _expand_shards(pattern: str) -> List[str]:
+    """webdataset-style `shard-{000..009}.tar` ranges and shell globs, sorted."""
+    patterns = [pattern]
+    while any(_BRACES.search(p) for p in patterns):
+        expanded = []
+        for p in patterns:
+            match = _BRACES.search(p)
+            if not match:
+                expanded.append(p)
+                continue
+            lo, hi = match.group(1), match.group(2)
+            width = len(lo)
+            for number in range(int(lo), int(hi) + 1):
+                expanded.append(p[:match.start()] + str(number).zfill(width) + p[match.end():])
+        patterns = expanded
+    found: List[str] = []
+    for p in patterns:
+        p = os.path.expanduser(p)
+        found.extend(sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else ([p] if os.path.isfile(p) else []))
+    return sorted(dict.fromkeys(str(Path(f).resolve()) for f in found))
+
+
+def _tar_dataset(shards: List[str], source: str) -> ImageDataset:
+    """Samples of webdataset shards: members sharing a basename up to the first dot form one sample; its image
+    member is the item, and a .txt/.caption member (or .json 'caption') is its caption."""
+    keys: List[str] = []
+    sources: List[Tuple] = []
+    captions: List[str] = []
+    parts: List[object] = ["tar"]
+    for shard in shards:
+        try:
+            with tarfile.open(shard, "r:") as archive:
+                members = [m for m in archive.getmembers() if m.isfile()]
+                groups: dict = {}
+                for member in members:
+                    folder, base = os.path.split(member.name)
+                    stem = os.path.join(folder, base.split(".", 1)[0])
+                    groups.setdefault(stem, []).append(member)
+                for stem, group in groups.items():
+                    image = next((m for m in group if m.name.lower().endswith(IMAGE_EXTENSIONS)), None)
+                    if image is None:
+                        continue
+                    keys.append(f"{shard}:{image.name}")
+                    sources.append(("tar", shard, image.offset_data, image.size))
+                    parts.append(f"{shard}:{image.name}|{image.size}")
+                    captions.append(_tar_caption(archive, group))
+        except (tarfile.TarError, OSError) as exc:
+            raise DatasetError(f"tar shard {shard} cannot be read ({exc}); remove or repair it") from None
+    if not keys:
+        raise DatasetError(f"no image members found in the tar shards of {source}")
+    return ImageDataset(keys=keys, identity=_identity(parts), captions=captions,
+                        description=f"{len(shards)} tar shard(s) {source} ({len(keys)} images)", _sources=sources)
+
+
+def _tar_caption(archive: tarfile.TarFile, group: list) -> str:
+    import json
+    for member in group:
+        lower = member.name.lower()
+        if lower.endswith((".txt", ".caption")) and member.size < 1_000_000:
+            handle = archive.extractfile(member)
+            return handle.read().decode("utf-8", "replace").strip() if handle else ""
+        if lower.endswith(".json") and member.size < 1_000_000:
+            handle = archive.extractfile(member)
+            try:
+                value = json.loads(handle.read()) if handle else {}
+            except ValueError:
+                continue
+            if isinstance(value, dict) and isinstance(value.get("caption"), str):
+                return value["caption"]
+    return ""

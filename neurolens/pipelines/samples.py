@@ -1,0 +1,109 @@
+"""Dataset samples of one unit: its top images from the cached scan (scanning first if needed) and a PNG
+grid of crops centred on the cell where the unit fired hardest, labelled with rank and activation.
+
+Blur: by default every crop whose source image's NSFW score (neurolens.safety, zero-shot with the same
+CLIP model) reaches IMAGE_NSFW_THRESHOLD is blurred with blur_with_label before it is tiled; if the
+scorer cannot run, every crop is blurred. blur=False writes raw pixels."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Union
+
+import numpy as np
+
+from ..blur import blur_with_label
+from ..datasets import BadImage, ImageDataset, open_dataset, preprocess
+from ..errors import NeurolensError
+from ..figures import crop_around_cell, tile_grid
+from ..models import check_unit, resolve_layer
+from .scan import ScanResult, run_scan
+
+CROP_PIXELS = 128
+GRID_COLUMNS = 8
+
+
+@dataclass
+class UnitSamples:
+    layer: str
+    unit: int
+    rows: List[dict]                   # {unit, rank, score, path, cell: [row, col]} best first
+    scan: ScanResult
+    image_path: Optional[Path] = None
+    blurred: List[bool] = field(default_factory=list)
+    blur_note: str = ""
+
+
+def unit_rows(scan: ScanResult, unit: int, count: Optional[int] = None) -> List[dict]:
+    """The unit's top images as JSON-able rows (rank 1 = highest spatial-max activation)."""
+    rows = []
+    limit = scan.top_k if count is None else min(int(count), scan.top_k)
+    for rank in range(limit):
+        index = int(scan.top_indices[unit, rank])
+        if index < 0:
+            break
+        row, col = (int(v) for v in scan.top_cells[unit, rank])
+        rows.append({"unit": int(unit), "rank": rank + 1, "score": float(scan.top_values[unit, rank]),
+                     "path": scan.keys[index], "cell": [row, col], "index": index})
+    return rows
+
+
+def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, None] = None, top_k: int = 32,
+                show: Optional[int] = None, out: Union[str, Path, None] = None, blur: bool = True,
+                figure: bool = True, cache=None, batch_size: Optional[int] = None, workers: Optional[int] = None,
+                precision: str = "fp32", progress: Optional[Callable[[int, int], None]] = None,
+                crop_pixels: int = CROP_PIXELS) -> UnitSamples:
+    """The unit's top images (scanning the dataset first if the scan is not cached) and, with figure=True,
+    a PNG grid at `out` (default outputs/samples/<layer>_unit<u>.png)."""
+    spec = resolve_layer(clip, layer)
+    check_unit(spec, unit)
+    dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
+    scan = run_scan(clip, spec.name, dataset, top_k=top_k, batch_size=batch_size, workers=workers, cache=cache,
+                    precision=precision, progress=progress)
+    rows = unit_rows(scan, unit, show)
+    result = UnitSamples(spec.name, int(unit), rows, scan)
+    if not figure or not rows:
+        return result
+
+    sources, crops = [], []
+    for row in rows:
+        try:
+            source = preprocess(dataset.load(row["index"]), clip.image_size)
+        except BadImage as exc:  # changed on disk since the scan (the identity check makes this rare)
+            raise NeurolensError(f"{row['path']} can no longer be read ({exc}); rerun the scan with --force") from None
+        sources.append(source)
+        crops.append(crop_around_cell(source, row["cell"], scan.grid, crop_pixels))
+    if blur:
+        flags, note = _nsfw_flags(clip, sources)
+        crops = [blur_with_label(crop, "may be NSFW") if flag else crop for crop, flag in zip(crops, flags)]
+        result.blurred, result.blur_note = flags, note
+    else:
+        result.blurred = [False] * len(crops)
+        result.blur_note = "not blurred (--no-blur): raw pixels"
+    labels = [f"#{r['rank']}  {r['score']:.3g}" for r in rows]
+    title = f"{clip.name} {spec.name} unit {unit}: top {len(rows)} of {scan.count} images"
+    grid = tile_grid(crops, labels, columns=min(GRID_COLUMNS, len(crops)), title=title)
+    path = Path(out) if out else Path("outputs") / "samples" / f"{spec.name}_unit{unit}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+    result.image_path = path
+    return result
+
+
+def _nsfw_flags(clip, images) -> tuple:
+    """(blur flag per image, note). Blurs everything when the NSFW scorer is unavailable or fails."""
+    try:
+        from ..safety import IMAGE_NSFW_THRESHOLD, nsfw_scores_for_images
+    except ImportError:
+        return [True] * len(images), "blurred every crop: no NSFW scorer is available"
+    try:
+        scores = np.asarray(nsfw_scores_for_images(clip, images), dtype=np.float64)
+    except NeurolensError:
+        raise
+    except Exception as exc:  # a scorer failure must never lead to unblurred output
+        return [True] * len(images), f"blurred every crop: NSFW scoring failed ({type(exc).__name__})"
+    flags = [bool(s >= IMAGE_NSFW_THRESHOLD) or not np.isfinite(s) for s in scores]
+    return flags, (f"blurred {sum(flags)} of {len(flags)} crops whose image's NSFW score is >= "
+                   f"{IMAGE_NSFW_THRESHOLD} (neurolens.safety)")

@@ -1,0 +1,88 @@
+"""Synthetic image data for the dataset and scan tests (noise + shapes; nothing real, nothing explicit)."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def synthetic_image(seed: int, size=(96, 80)) -> Image.Image:
+    """Smooth noise plus a few coloured shapes: distinct images that different units respond to."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    base = rng.integers(0, 256, size=(height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize((width, height), Image.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, width - 10)), int(rng.integers(0, height - 10))
+        x1, y1 = x0 + int(rng.integers(6, width // 2)), y0 + int(rng.integers(6, height // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    return image
+
+
+def write_images(folder: Path, count: int, start_seed: int = 0, fmt: str = "jpg", size=(96, 80)) -> List[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img_{i:04d}.{fmt}"
+        synthetic_image(start_seed + i, size).save(path, quality=90) if fmt == "jpg" else synthetic_image(start_seed + i, size).save(path)
+        paths.append(path)
+    return paths
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (2.5 GP): a decompression bomb."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    data = zlib.compress(b"\0" * (width + 1))  # one row; the header alone is what gives it away
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def make_bad_corpus(folder: Path) -> Dict[str, List[str]]:
+    """A folder with good images, readable odd modes, and bad items. Returns {'readable': names, 'bad': names}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = synthetic_image(100, (72, 64))
+    readable = {
+        "good_a.jpg": encoded(rgb, "JPEG"),
+        "good_b.png": encoded(synthetic_image(101), "PNG"),
+        "cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+        "gray.png": encoded(rgb.convert("L"), "PNG"),
+        "palette.gif": encoded(rgb.convert("P", palette=Image.ADAPTIVE), "GIF"),
+        "palette.png": encoded(rgb.convert("P", palette=Image.ADAPTIVE), "PNG"),
+        "rgba.png": encoded(rgb.convert("RGBA"), "PNG"),
+        "la.png": encoded(rgb.convert("LA"), "PNG"),
+        "deep16.png": encoded(Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257), "PNG"),
+        "pic.tiff": encoded(rgb, "TIFF"),
+        "pic.webp": encoded(rgb, "WEBP"),
+        "pic.bmp": encoded(rgb, "BMP"),
+    }
+    jpeg, png = encoded(synthetic_image(102), "JPEG"), encoded(synthetic_image(103), "PNG")
+    bad = {
+        "zero.jpg": b"",
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "truncated.png": png[: len(png) // 2],
+        "random.jpg": np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+        "notes.png": b"this is a text file, not an image\n" * 20,
+        "bomb.png": bomb_png(),
+    }
+    for name, data in {**readable, **bad}.items():
+        (folder / name).write_bytes(data)
+    (folder / "folder.jpg").mkdir()                      # unreadable: a directory with an image name
+    os.symlink(folder / "does-not-exist.jpg", folder / "vanished.jpg")  # unreadable: the target is gone
+    return {"readable": sorted(readable), "bad": sorted(list(bad) + ["folder.jpg", "vanished.jpg"])}
