@@ -132,18 +132,22 @@ def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def build_query(n_terms: int, nsfw_patterns: Sequence[str], has_url: bool, has_flag: bool) -> str:
-    """One aggregate query over read_parquet($files): per NSFW-flag value, every term's match and nsfw counts.
+def build_query(terms: Sequence[str], nsfw_patterns: Sequence[str], has_url: bool, has_flag: bool) -> str:
+    """One aggregate query over read_parquet($1): per NSFW-flag value, every term's match and nsfw counts.
 
-    Parameters, in order: the file list, then the search terms (lowercased by DuckDB, compared with
-    contains(), a literal substring test). The NSFW check runs only on rows that match some term."""
-    url = f'lower(CAST("{URL_COLUMN}" AS VARCHAR))' if has_url else "CAST(NULL AS VARCHAR)"
+    Parameter $1 is the file list. Terms and patterns are inlined as escaped SQL string literals (so that
+    lower() of them is folded to a constant); a term is compared with contains(), a literal substring
+    test. Shaped for speed: lower(TEXT) is computed once per row in a projection
+    (a WHERE clause would be rewritten to repeat it per term), and the NSFW test, including lower(URL),
+    runs only on rows that match some term (CASE evaluates its branch on the selected rows only)."""
+    url = f'CAST("{URL_COLUMN}" AS VARCHAR)' if has_url else "CAST(NULL AS VARCHAR)"
     flag = f'CAST("{FLAG_COLUMN}" AS VARCHAR)' if has_flag else "CAST(NULL AS VARCHAR)"
-    matches = ",\n      ".join(f"contains(t, lower(${i + 2})) AS m{i}" for i in range(n_terms))
+    n_terms = len(terms)
+    matches = ", ".join(f"contains(t, lower({_sql_string(term)})) AS m{i}" for i, term in enumerate(terms))
     any_match = " OR ".join(f"m{i}" for i in range(n_terms))
-    # LIKE lowercases nothing, so the patterns are lowercased by DuckDB too: the same lower() as the text.
+    # The patterns go through DuckDB's lower() too, so text and term are lowercased by the same function.
     nsfw_any = " OR ".join(
-        f"t LIKE lower({_sql_string(p)}) ESCAPE '\\' OR u LIKE lower({_sql_string(p)}) ESCAPE '\\'"
+        f"t LIKE lower({_sql_string(p)}) ESCAPE '\\' OR lower(u) LIKE lower({_sql_string(p)}) ESCAPE '\\'"
         for p in nsfw_patterns) or "false"
     counts = ",\n  ".join(f"count(*) FILTER (WHERE m{i}) AS match_{i}, count(*) FILTER (WHERE m{i} AND nsfw) AS nsfw_{i}"
                           for i in range(n_terms))
@@ -154,8 +158,7 @@ FROM (
   SELECT flag, {", ".join(f"m{i}" for i in range(n_terms))},
     coalesce(CASE WHEN {any_match} THEN ({nsfw_any}) ELSE false END, false) AS nsfw
   FROM (
-    SELECT flag, t, u,
-      {matches}
+    SELECT flag, t, u, {matches}
     FROM (
       SELECT {flag} AS flag, lower(CAST("{TEXT_COLUMN}" AS VARCHAR)) AS t, {url} AS u
       FROM read_parquet($1, union_by_name = true)
@@ -210,13 +213,13 @@ def audit_captions(
 
     has_url = len(absent[URL_COLUMN]) < len(usable)
     has_flag = len(absent[FLAG_COLUMN]) < len(usable)
-    query = build_query(len(search), [nsfw_like_pattern(t) for t in nsfw], has_url, has_flag)
+    query = build_query(search, [nsfw_like_pattern(t) for t in nsfw], has_url, has_flag)
 
     con = duckdb.connect(config={"memory_limit": memory_limit,
                                  "threads": threads or max(1, min(4, os.cpu_count() or 1)),
                                  "preserve_insertion_order": False})
     try:
-        rows = _run_with_progress(con, query, [usable, *search], progress)
+        rows = _run_with_progress(con, query, [usable], progress)
     except duckdb.Error as exc:
         raise DatasetError(f"DuckDB could not read the files: {str(exc).splitlines()[0]}") from None
     finally:

@@ -30,7 +30,7 @@ FULL_ROWS = [
     ("100 percent desixstyle", "http://a.com/13.jpg", "UNLIKELY"),  # desi only: % and _ are literal
 ]
 # A second file without the optional URL and NSFW columns.
-TEXT_ONLY_ROWS = ["desi xxx", "NUN", "İstanbul latina", "Straße", "STRASSE"]
+TEXT_ONLY_ROWS = ["desi xxx", "NUN", "İstanbul latina", "Straße", "STRASSE", "It's raining"]
 
 
 @pytest.fixture()
@@ -59,6 +59,7 @@ EXPECTED = {
     "100%": (1, 0, {NULL_FLAG: 1}),
     "desi_style": (1, 0, {NULL_FLAG: 1}),
     "zebra": (0, 0, {}),
+    "it's": (1, 0, {NULL_FLAG: 1}),  # a quote in a term is data, not SQL
 }
 
 
@@ -98,7 +99,7 @@ def test_cli_json_csv_and_table(laion, tmp_path):
 
     text = runner.invoke(app, args)
     assert text.exit_code == 0
-    assert "19 rows in 2 file(s) (1 skipped)" in text.stdout
+    assert "20 rows in 2 file(s) (1 skipped)" in text.stdout
     assert "desi" in text.stdout and "57.14" in text.stdout  # 100 * 4 / 7
 
 
@@ -139,5 +140,5 @@ def test_terms_patterns_and_single_pass():
     assert parse_terms("a, b,,a") == ["a", "b"]
     assert nsfw_like_pattern("f*ck") == "%f_ck%"
     assert nsfw_like_pattern("50%_off\\") == "%50\\%\\_off\\\\%"
-    query = build_query(3, ["%porn%", "%it's%"], has_url=True, has_flag=True)
-    assert query.count("read_parquet(") == 1 and "it''s" in query
+    query = build_query(["desi", "o'neil", "x"], ["%porn%", "%it's%"], has_url=True, has_flag=True)
+    assert query.count("read_parquet(") == 1 and "it''s" in query and "o''neil" in query
