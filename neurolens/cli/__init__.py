@@ -3,6 +3,7 @@ from .app import app
 from . import layers_cmd  # noqa: F401  (registers commands)
 from . import audit_cmd  # noqa: F401
 from . import scan_cmd  # noqa: F401
+from . import sweep_cmd  # noqa: F401
 
 __all__ = ["app", "main"]
 
