@@ -1,0 +1,87 @@
+"""neurolens visualize"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from ..models import DEFAULT_MODEL, DEFAULT_PRETRAINED, check_unit, resolve_layer
+from ..store import Cache
+from ..types import RenderSettings
+from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
+                  print_json, progress_bar)
+
+_DEFAULTS = RenderSettings()
+
+
+def _safety_filter(clip, no_blur: bool):
+    """Blur written feature visualizations that CLIP's zero-shot NSFW scorer puts past the threshold."""
+    if no_blur:
+        return None
+    from ..blur import blur_with_label
+    from ..safety import IMAGE_NSFW_THRESHOLD, nsfw_scores_for_images
+
+    def image_filter(result, seed_index, image):
+        score = float(nsfw_scores_for_images(clip, [image])[0])
+        if score >= IMAGE_NSFW_THRESHOLD:
+            return blur_with_label(image, f"NSFW score {score:.2f}")
+        return image
+    return image_filter
+
+
+@app.command("visualize")
+@command
+def visualize(
+    layer: Annotated[str, typer.Option("--layer", help="Layer name (see `neurolens layers`), alias, or dotted module path.")],
+    unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index; repeat to optimize several units in one batch.")],
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = _DEFAULTS.steps,
+    size: Annotated[int, typer.Option("--size", min=0, help="Image size in pixels; 0 = the model's input size.")] = 0,
+    seed: Annotated[Optional[List[int]], typer.Option("--seed", help="Random seed; repeat for several images per unit (with --diversity).")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="channel (mean over positions) or neuron (centre cell).")] = _DEFAULTS.objective,
+    diversity: Annotated[float, typer.Option("--diversity", min=0.0, help="Weight of the diversity term between the seeds of a unit.")] = _DEFAULTS.diversity,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = _DEFAULTS.lr,
+    low_res_fraction: Annotated[float, typer.Option("--low-res-fraction", min=0.0, max=1.0, help="Share of steps optimized at half resolution (speed).")] = _DEFAULTS.low_res_fraction,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = _DEFAULTS.precision,
+    out: Annotated[str, typer.Option("--out", help="Folder for the PNGs.")] = "outputs/visualize",
+    force: Annotated[bool, typer.Option("--force", help="Recompute even if the cache has this result.")] = False,
+    no_blur: Annotated[bool, typer.Option("--no-blur", help="Write raw pixels even where the NSFW scorer passes the threshold.")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = "auto",
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Feature visualization (activation maximization) of CLIP units, Microscope style.
+
+    Fourier-parameterized images with decorrelated colour, random jitter/scale/rotation, CLIP's own
+    normalization and Adam; the forward stops right after the layer. One PNG per unit and seed goes to
+    --out, and the images, final activations, activation curves, settings and a fingerprint of the weights
+    go to the HDF5 cache: the same request again is read from the cache (--force recomputes). PNGs whose
+    CLIP zero-shot NSFW score passes the threshold are written blurred unless --no-blur.
+
+    Example:  neurolens visualize --layer image_block_4_5 --unit 1543 --unit 244 --steps 512 --seed 0 --out outputs/
+    """
+    from ..pipelines.visualize import run_visualize
+
+    settings = RenderSettings(objective=objective, steps=steps, size=size, seeds=tuple(seed or (0,)), lr=lr,
+                              diversity=diversity, low_res_fraction=low_res_fraction, precision=precision)
+    if no_blur:
+        typer.echo("note: --no-blur: feature visualizations are written unblurred", err=True)
+    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
+    spec = resolve_layer(clip, layer)  # bad layer or unit: one line before any work starts
+    for value in unit:
+        check_unit(spec, value)
+    with progress_bar(f"visualize {layer}", enabled=not as_json) as update:
+        results = run_visualize(clip, layer, unit, settings, cache=Cache(cache) if cache else None, force=force,
+                                out_dir=out, progress=update, image_filter=_safety_filter(clip, no_blur))
+    rows = [dict(unit=r.unit, seed=s, path=r.paths[i], activation=float(r.activations[i]), cached=r.cached)
+            for r in results for i, s in enumerate(r.seeds)]
+    if as_json:
+        print_json({"model": clip.name, "pretrained": clip.pretrained, "layer": results[0].layer,
+                    "fingerprint": clip.fingerprint, "results": rows})
+        return
+    for row in rows:
+        source = "cache" if row["cached"] else "computed"
+        typer.echo(f"unit {row['unit']:>5} seed {row['seed']}: activation {row['activation']:.4f} ({source}) -> {row['path']}")

@@ -1,0 +1,116 @@
+"""Feature visualizations, cache-or-compute: one HDF5 record per (model, layer, unit, settings)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..models.layers import check_unit, resolve_layer
+from ..render import render, resolve_precision
+from ..store import Cache, Record, settings_key
+from ..types import RenderResult, RenderSettings
+
+KIND = "visualize"
+DEFAULT_OUT = Path("outputs") / "visualize"
+MAX_BATCH_IMAGES = 16  # (unit, seed) images optimized together; more units are done in further batches
+
+
+def resolved_settings(clip, settings: RenderSettings) -> RenderSettings:
+    """Fill in what depends on the model and device, so the cache key names what was actually run."""
+    return dataclasses.replace(
+        settings,
+        size=settings.size or clip.image_size,
+        seeds=tuple(int(s) for s in settings.seeds),
+        precision=resolve_precision(settings.precision, clip.device),
+    )
+
+
+def record_path(cache: Cache, clip, layer: str, unit: int, settings: RenderSettings) -> Path:
+    key = settings_key(clip.fingerprint, layer, unit, dataclasses.asdict(settings))
+    return cache.path(KIND, clip.fingerprint, layer, f"unit{unit}_{key}")
+
+
+def _result_from_record(record: Record, layer: str, unit: int, settings: RenderSettings, clip) -> RenderResult:
+    return RenderResult(layer=layer, unit=unit, seeds=settings.seeds, images=record.arrays["images"],
+                        activations=record.arrays["activations"], curve=record.arrays["curve"],
+                        settings=settings, fingerprint=clip.fingerprint, cached=True)
+
+
+def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettings = RenderSettings(),
+                  cache: Optional[Cache] = None, force: bool = False, out_dir: Optional[str | Path] = None,
+                  progress: Optional[Callable[[int, int], None]] = None,
+                  image_filter: Optional[Callable[[RenderResult, int, Image.Image], Image.Image]] = None,
+                  ) -> List[RenderResult]:
+    """Feature visualizations of `units` of `layer`: read from the cache, or rendered (several units in one
+    batch) and cached unit by unit as each batch finishes, so an interrupted run keeps what it finished.
+
+    With out_dir, one PNG per unit and seed is written there; `image_filter(result, seed_index, image)`
+    may replace the pixels that are written (the CLI uses it to blur images that may be NSFW)."""
+    cache = cache or Cache()
+    spec = resolve_layer(clip, layer)
+    units = list(dict.fromkeys(int(u) for u in units))
+    for unit in units:
+        check_unit(spec, unit)
+    settings = resolved_settings(clip, settings)
+
+    results = {}
+    missing = []
+    for unit in units:
+        record = None if force else cache.read(record_path(cache, clip, spec.name, unit, settings))
+        if record is not None:
+            results[unit] = _result_from_record(record, spec.name, unit, settings, clip)
+        else:
+            missing.append(unit)
+
+    per_batch = max(1, MAX_BATCH_IMAGES // len(settings.seeds))
+    batches = [missing[i:i + per_batch] for i in range(0, len(missing), per_batch)]
+    total_steps = settings.steps * len(batches)
+    if progress is not None and total_steps:
+        progress(0, total_steps)
+    for index, batch in enumerate(batches):
+        offset = index * settings.steps
+        report = (lambda done, total, offset=offset: progress(offset + done, total_steps)) if progress else None
+        started = time.time()
+        output = render(clip, spec, batch, settings, progress=report)
+        elapsed = time.time() - started
+        seeds = len(settings.seeds)
+        for position, unit in enumerate(batch):
+            rows = slice(position * seeds, (position + 1) * seeds)
+            record = Record(
+                arrays={"images": output.images[rows], "activations": output.activations[rows],
+                        "curve": output.curve[:, rows]},
+                attrs={"model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint,
+                       "layer": spec.name, "module": spec.module, "unit": unit,
+                       "settings": dataclasses.asdict(settings), "batch_units": batch,
+                       "seconds_for_batch": elapsed, "created": time.time()},
+            )
+            cache.write(record_path(cache, clip, spec.name, unit, settings), record)
+            results[unit] = RenderResult(layer=spec.name, unit=unit, seeds=settings.seeds,
+                                         images=record.arrays["images"], activations=record.arrays["activations"],
+                                         curve=record.arrays["curve"], settings=settings,
+                                         fingerprint=clip.fingerprint, cached=False)
+
+    ordered = [results[unit] for unit in units]
+    if out_dir is not None:
+        for result in ordered:
+            result.paths = tuple(write_pngs(result, clip.name, out_dir, image_filter))
+    return ordered
+
+
+def write_pngs(result: RenderResult, model_name: str, out_dir: str | Path,
+               image_filter: Optional[Callable[[RenderResult, int, Image.Image], Image.Image]] = None) -> List[str]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, seed in enumerate(result.seeds):
+        image = Image.fromarray(np.asarray(result.images[index]))
+        if image_filter is not None:
+            image = image_filter(result, index, image)
+        path = out / f"{model_name}_{result.layer}_unit{result.unit}_seed{seed}.png"
+        image.save(path)
+        paths.append(str(path))
+    return paths

@@ -1,0 +1,106 @@
+"""Activation maximization: parameterization, objectives, quality against natural images, determinism."""
+import numpy as np
+import pytest
+import torch
+
+from neurolens import objectives
+from neurolens.hooks import forward_to, hook_count
+from neurolens.models import resolve_layer
+from neurolens.param import FourierImage
+from neurolens.render import evaluate, render
+from neurolens.types import RenderSettings
+
+LAYER = "image_block_4_0"
+QUICK = RenderSettings(steps=128, lr=0.2, seeds=(0,))
+
+
+def test_fourier_image_matches_lucent():
+    """Our batched parameterization computes lucent's fft_image + decorrelated to_valid_rgb exactly."""
+    from lucent.optvis.param.color import to_valid_rgb
+    from lucent.optvis.param.spatial import fft_image
+
+    torch.manual_seed(3)
+    (spectrum,), image_f = fft_image((2, 3, 48, 48))
+    lucent_images = to_valid_rgb(image_f, decorrelate=True)()
+    ours = FourierImage([0, 1], 48, 48)
+    with torch.no_grad():
+        ours.spectrum.copy_(spectrum.detach().cpu())
+    assert torch.allclose(ours(), lucent_images.detach().cpu(), atol=1e-6)
+
+
+def test_fourier_image_seeds_are_independent_of_batch():
+    alone = FourierImage([7], 32, 32)()
+    together = FourierImage([1, 7], 32, 32)()
+    assert torch.equal(alone[0], together[1])
+
+
+def _optimize(clip, objective, layer_names, steps=12, batch=2):
+    specs = [resolve_layer(clip, name) for name in layer_names]
+    param = FourierImage(list(range(batch)), 64, 64)
+    optimizer = torch.optim.Adam(param.parameters(), lr=0.1)
+
+    def value():
+        return objective(forward_to(clip.model, clip.normalize(param()), specs))
+
+    before = value().detach()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (-value().sum()).backward()
+        optimizer.step()
+    return before, value().detach()
+
+
+@pytest.mark.parametrize("factory", [objectives.channel, objectives.neuron])
+def test_unit_objectives_increase(tiny_clip, factory):
+    before, after = _optimize(tiny_clip, factory(LAYER, [3, 10]), [LAYER])
+    assert torch.all(after > before)
+
+
+def test_direction_objective_increases(tiny_clip):
+    direction = torch.randn(512, generator=torch.Generator().manual_seed(0))
+    before, after = _optimize(tiny_clip, objectives.direction(LAYER, direction), [LAYER])
+    assert torch.all(after > before)
+
+
+def test_diversity_objective_increases(tiny_clip):
+    before, after = _optimize(tiny_clip, objectives.diversity("image_block_3_0", [0, 0, 0]), ["image_block_3_0"],
+                              batch=3)
+    assert after.mean() > before.mean()
+
+
+def test_objectives_compose(tiny_clip):
+    spec = resolve_layer(tiny_clip, LAYER)
+    acts = forward_to(tiny_clip.model, torch.rand(2, 3, 64, 64), [spec])
+    combined = objectives.channel(LAYER, 3) - 0.5 * objectives.neuron(LAYER, 3)
+    expected = acts[LAYER][:, 3].mean((1, 2)) - 0.5 * acts[LAYER][:, 3, 1, 1]
+    assert torch.allclose(combined(acts), expected)
+
+
+@pytest.mark.parametrize("kind", ["channel", "neuron"])
+def test_visualization_beats_natural_images_and_noise(tiny_clip, natural_images, kind):
+    spec = resolve_layer(tiny_clip, LAYER)
+    units = [3, 10, 100]
+    settings = RenderSettings(steps=QUICK.steps, lr=QUICK.lr, seeds=(0,), objective=kind)
+    output = render(tiny_clip, spec, units, settings)
+    noise = torch.rand(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for index, unit in enumerate(units):
+        natural = evaluate(tiny_clip, spec, kind, [unit] * len(natural_images), natural_images)
+        noisy = evaluate(tiny_clip, spec, kind, [unit] * len(noise), noise)
+        assert output.activations[index] > natural.max().item(), (kind, unit)
+        assert output.activations[index] > noisy.mean().item(), (kind, unit)
+    # the saved activation is the objective of the saved (quantized) image
+    saved = torch.from_numpy(output.images).permute(0, 3, 1, 2).float() / 255
+    again = evaluate(tiny_clip, spec, kind, units, saved)
+    assert np.allclose(again.numpy(), output.activations, rtol=0.05, atol=1e-5)
+    assert hook_count(tiny_clip.model) == 0
+
+
+def test_render_is_deterministic_and_batch_independent(tiny_clip):
+    spec = resolve_layer(tiny_clip, LAYER)
+    settings = RenderSettings(steps=8, seeds=(0, 1), diversity=0.0)
+    first = render(tiny_clip, spec, [3, 10], settings)
+    second = render(tiny_clip, spec, [3, 10], settings)
+    alone = render(tiny_clip, spec, [10], settings)
+    assert np.array_equal(first.images, second.images)
+    assert np.abs(first.images[2:].astype(int) - alone.images.astype(int)).max() <= 1
+    assert first.images.shape == (4, 64, 64, 3) and first.curve.shape == (8, 4)
