@@ -83,3 +83,49 @@ def hook_count(model: torch.nn.Module) -> int:
         total += len(module._forward_hooks) + len(module._forward_pre_hooks)
         total += len(module._backward_hooks) + len(getattr(module, "_backward_pre_hooks", {}))
     return total
+
+
+def from_feature_map(replacement: torch.Tensor, native: torch.Tensor, model: torch.nn.Module,
+                     hook_module: str) -> torch.Tensor:
+    """The inverse of to_feature_map: a (B,C,H,W) map (or (B,C)) in the layout of the module's own tensor.
+
+    `native` is the tensor the forward produced there (batch 1 or B); token layers keep its prefix tokens
+    (class token etc.), broadcast to the replacement's batch."""
+    if isinstance(native, (tuple, list)):
+        native = native[0]
+    batch = replacement.shape[0]
+    if native.dim() == 3:
+        count = replacement.shape[2] * replacement.shape[3]
+        tokens = replacement.reshape(batch, replacement.shape[1], count).transpose(1, 2)
+        prefix = native[:, : native.shape[1] - count, :].expand(batch, -1, -1)
+        return torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
+    if native.dim() == 2:
+        return replacement.reshape(batch, -1)
+    return replacement
+
+
+@contextmanager
+def inject(model: torch.nn.Module, spec: LayerSpec, replacement: torch.Tensor) -> Iterator[None]:
+    """Within the block, a forward of `model.visual` continues from `replacement` at `spec` instead of the
+    tensor it computed there: replacement is (B,C,H,W) in to_feature_map's layout (or (B,C) for vector
+    layers), and its batch B may differ from the input's (run the prefix on one image, continue on B).
+    Gradients flow into `replacement`; it is copied first, as the next module may work in place. The hook
+    is removed on exit, errors included."""
+    module = dict(model.named_modules())[spec.hook_module]
+
+    if spec.capture == CAPTURE_INPUT:
+        def pre_hook(mod, args):
+            swapped = from_feature_map(replacement, args[0], model, spec.hook_module).clone()
+            return (swapped,) + tuple(args[1:])
+        handle = module.register_forward_pre_hook(pre_hook)
+    else:
+        def post_hook(mod, args, output):
+            swapped = from_feature_map(replacement, output, model, spec.hook_module).clone()
+            if isinstance(output, tuple):
+                return (swapped,) + tuple(output[1:])
+            return swapped
+        handle = module.register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,89 @@
+"""neurolens text"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
+                  print_json, progress_bar)
+from ..models import DEFAULT_MODEL
+
+
+@app.command("text")
+@command
+def text(
+    unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index; repeat for several units.")],
+    layer: Annotated[str, typer.Option("--layer", help="Layer name (see `neurolens layers`).")] = "image_block_4_5",
+    vocab: Annotated[str, typer.Option(
+        "--vocab", help="builtin | FILE (one entry per line) | TABLE.parquet:COLUMN | TABLE.csv:COLUMN. builtin: "
+                        "~47k ImageNet-21k class lemmas (timm's WordNet synonyms; Apache-2.0 / WordNet licence) "
+                        "and whole-word tokens of CLIP's BPE vocabulary (open_clip, MIT), read from those "
+                        "installed packages.")] = "builtin",
+    top_k: Annotated[int, typer.Option("--top-k", help="Texts kept per unit (all units are ranked and cached).")] = 30,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="Use this dataset's mean activation map (from its scan; scanned first if not cached) as "
+                          "the reference; default: a neutral grey image.")] = None,
+    image_column: Annotated[str, typer.Option("--image-column", help="Image-path column of a parquet/CSV dataset.")] = "image",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per encoder batch.")] = 256,
+    force: Annotated[bool, typer.Option("--force", help="Recompute instead of reading the cache.")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    pretrained: PretrainedOpt = "openai",
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = "auto",
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The texts whose embeddings point most along a unit's direction in CLIP's joint space (Microscope's
+    text feature visualization), ranked for ALL units of the layer in one go and cached.
+
+    A unit's direction is the derivative of the normalized image embedding with respect to a spatially
+    uniform increase of that unit's channel, at a reference activation (the dataset's mean activation map
+    with --dataset, else a neutral grey image); a text's score is its cosine with that direction. Texts
+    are encoded only up to each batch's longest token sequence.
+
+    Example:  neurolens text --layer image_block_4_5 --unit 1543 --top-k 30
+    """
+    from ..models import check_unit, resolve_layer
+    from ..pipelines.text import find_text, run_text, text_embeddings, unit_directions_cached
+    from ..vocab import load_vocab
+
+    vocabulary = load_vocab(vocab)
+    if top_k < 1:
+        from ..errors import NeurolensError
+        raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
+    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
+    spec = resolve_layer(clip, layer)
+    for u in unit:
+        check_unit(spec, u)
+    scan = None
+    if dataset is not None:
+        from ..datasets import open_dataset
+        from ..pipelines.scan import run_scan
+        data = open_dataset(dataset, image_column=image_column)
+        with progress_bar(f"scan {spec.name}", enabled=not as_json) as progress:
+            scan = run_scan(clip, spec.name, data, cache=cache, progress=progress)
+    ranking = None if force else find_text(clip, spec.name, vocabulary, top_k, scan, cache)
+    if ranking is None:
+        # the two slow steps, each with its own bar; run_text then reads both from the cache
+        with progress_bar(f"encode {len(vocabulary)} texts", enabled=not as_json) as progress:
+            text_embeddings(clip, vocabulary, cache, force=force, batch_size=batch_size, progress=progress)
+        with progress_bar(f"unit directions of {spec.name}", enabled=not as_json) as progress:
+            unit_directions_cached(clip, spec, scan, cache, force=force, progress=progress)
+        ranking = run_text(clip, spec.name, vocabulary, top_k=top_k, scan=scan, cache=cache, force=False)
+    if as_json:
+        print_json([row for u in unit for row in ranking.rows(u)])
+        return
+    how = "cached" if ranking.cached else "computed"
+    typer.echo(f"{how}: {spec.name} of {clip.name}, all {spec.channels} units ranked -> {ranking.path}")
+    typer.echo(f"vocabulary: {ranking.vocab_source}")
+    typer.echo(f"reference: {ranking.reference_description}")
+    for u in unit:
+        typer.echo(f"\nunit {u}")
+        if not ranking.top_scores[u].any():
+            typer.echo("  (this unit's direction is zero at the reference: a small uniform increase of it does not "
+                       "move the image embedding, e.g. its ReLU is off everywhere there; every score is 0, so the "
+                       "order below is arbitrary. Try --dataset for a dataset's mean activation as reference)")
+        for row in ranking.rows(u):
+            typer.echo(f"{row['rank']:>4}  {row['score']:+.4f}  {row['text']}")
