@@ -100,7 +100,7 @@ def decode_image(data: bytes) -> Image.Image:
             image.load()
         except BadImage:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise BadImage(f"decompression bomb (over {MAX_IMAGE_PIXELS} pixels)") from None
         except Image.UnidentifiedImageError:
             raise BadImage("not an image (unidentified format)") from None

@@ -4,7 +4,6 @@ import csv
 import io
 import os
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
