@@ -1,0 +1,341 @@
+"""The offline end-to-end demo: a generated dataset with a planted concept, a toy CLIP trained on it, and every
+job of neurolens run on that model, with an index of what was made.
+
+Stages, in order: data (generate, cached by settings), train (or reuse the cached checkpoint, keyed by the
+data and training settings and the torch version), scan, text, sweep, visualize, figure, grid, index.
+A stage that fails (a missing module included) is recorded as failed with its reason, stages that need its
+result are recorded as not run, and the report's `failed` lists them: nothing is skipped silently.
+
+Cache layout (under the cache root):
+    toy/data/<key>/captions.parquet, images/*.png, dataset.json     the generated dataset
+    toy/models/<key>.pt, <key>.json                                  the checkpoint and its training/eval summary
+and the usual scan/, text/, sweep/, render/ records of the other jobs.
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..store import Cache, default_cache_root, settings_key
+from ..toy.generate import ToySettings, planted_words, write_dataset
+from ..toy.train import TrainSettings
+from ..types import RenderSettings
+
+StageProgress = Optional[Callable[[str, int, int], None]]
+STAGES = ("data", "train", "scan", "text", "sweep", "visualize", "figure", "grid", "index")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    seed: int = 0
+    images: int = 3000
+    size: int = 64
+    planted_share: float = 0.15
+    train: TrainSettings = TrainSettings()
+    layer: str = "image_block_4_0"          # the toy's last residual block (its Microscope-style analogue of 4_5)
+    vocab: str = "builtin"
+    top_k: int = 32
+    text_top_k: int = 30
+    figure_units: int = 3                   # unit panels for the top flagged units
+    grid_units: int = 16
+    render: RenderSettings = RenderSettings(steps=128, seeds=(0, 1))
+    device: str = "cpu"
+
+    def data_settings(self) -> ToySettings:
+        return ToySettings(n=self.images, size=self.size, planted_share=self.planted_share, seed=self.seed)
+
+    def train_settings(self) -> TrainSettings:
+        values = asdict(self.train)
+        values["seed"] = self.seed
+        return TrainSettings(**values)
+
+
+@dataclass
+class Stage:
+    name: str
+    status: str = "not run"                 # ok | failed | not run
+    seconds: float = 0.0
+    detail: str = ""
+    outputs: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DemoReport:
+    out: Path
+    index: Optional[Path] = None
+    stages: Dict[str, Stage] = field(default_factory=dict)
+    dataset: Optional[str] = None
+    checkpoint: Optional[str] = None
+    trained: bool = False                   # False: the cached checkpoint was reused
+    zero_shot: Optional[dict] = None
+    flagged: List[dict] = field(default_factory=list)   # per flagged unit: unit, correlation, planted_top_share, top_texts
+    flagged_without_planted: Optional[float] = None     # share of flagged units with no planted image in their top-k
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> List[str]:
+        return [s.name for s in self.stages.values() if s.status != "ok"]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data["index"] = str(self.index) if self.index else None
+        data["failed"] = self.failed
+        return data
+
+    def summary(self) -> str:
+        lines = [f"demo written to {self.out} in {self.seconds:.0f} s; index: {self.index}"]
+        for stage in self.stages.values():
+            lines.append(f"  {stage.name:<10} {stage.status:<8} {stage.seconds:6.1f} s  {stage.detail}")
+        return "\n".join(lines)
+
+
+def toy_dataset(cache_root: Path, seed: int = 0, settings: Optional[ToySettings] = None,
+                progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """The generated toy dataset's parquet under cache_root/toy/data/<key>/ (generated once per settings)."""
+    settings = settings or ToySettings(seed=seed)
+    folder = Path(cache_root) / "toy" / "data" / settings_key("toy-data", asdict(settings))
+    return write_dataset(folder, settings, progress=progress)
+
+
+def toy_model(cache_root: Path, dataset: Path, data: ToySettings, train: TrainSettings, retrain: bool = False,
+              progress: Optional[Callable[[int, int], None]] = None) -> tuple:
+    """(checkpoint path, summary dict, trained now?) of the toy model for these settings, trained if not cached.
+
+    The summary holds the training figures and the zero-shot report (neurolens.toy.evaluate)."""
+    import torch
+    from ..models import load_clip
+    from ..toy.evaluate import zero_shot_accuracy
+    from ..toy.train import train_toy
+
+    key = settings_key("toy-model", asdict(data), asdict(train), torch.__version__)
+    folder = Path(cache_root) / "toy" / "models"
+    checkpoint, summary_path = folder / f"{key}.pt", folder / f"{key}.json"
+    if not retrain and checkpoint.is_file() and summary_path.is_file():
+        try:
+            return checkpoint, json.loads(summary_path.read_text()), False
+        except (OSError, ValueError):
+            pass
+    result = train_toy(str(dataset), checkpoint, train, progress=progress)
+    clip = load_clip(checkpoint=str(checkpoint), device="cpu")
+    report = zero_shot_accuracy(clip, seed=data.seed, size=data.size, planted_share=data.planted_share)
+    summary = dict(steps=result.steps, seconds=round(result.seconds, 1), final_loss=round(result.final_loss, 4),
+                   pairs=result.pairs, fingerprint=result.fingerprint, zero_shot=report.to_dict())
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return checkpoint, summary, True
+
+
+def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSettings(), cache=None,
+             retrain: bool = False, progress: StageProgress = None) -> DemoReport:
+    """Run every stage (see the module docstring) and write OUT/index.md; returns the report."""
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    report = DemoReport(out=out, stages={name: Stage(name) for name in STAGES})
+    state: dict = {}
+
+    def stage_progress(name):
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    def run(name: str, needs: tuple, job: Callable[[Stage], None]) -> None:
+        stage = report.stages[name]
+        missing = [n for n in needs if report.stages[n].status != "ok"]
+        if missing:
+            stage.detail = f"needs {', '.join(missing)}"
+            return
+        begun = time.perf_counter()
+        try:
+            job(stage)
+            stage.status = "ok"
+        except ImportError as exc:
+            stage.status, stage.detail = "failed", f"module missing: {exc}"
+        except Exception as exc:  # recorded and shown in the index, never swallowed
+            stage.status = "failed"
+            stage.detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            (out / f"{name}_error.txt").write_text(traceback.format_exc())
+        stage.seconds = time.perf_counter() - begun
+
+    def data(stage: Stage) -> None:
+        path = toy_dataset(cache.root, settings=settings.data_settings(), progress=stage_progress("data"))
+        report.dataset = str(path)
+        from ..datasets import open_dataset
+        state["dataset"] = open_dataset(str(path))
+        import pyarrow.parquet as pq
+        state["planted"] = np.asarray(pq.read_table(path, columns=["planted"]).column("planted").to_pylist(), bool)
+        stage.detail = f"{len(state['dataset'])} pairs, {int(state['planted'].sum())} planted"
+        stage.outputs.append(str(path))
+
+    def train(stage: Stage) -> None:
+        from ..models import load_clip
+        checkpoint, summary, trained = toy_model(cache.root, Path(report.dataset), settings.data_settings(),
+                                                 settings.train_settings(), retrain, stage_progress("train"))
+        report.checkpoint, report.trained, report.zero_shot = str(checkpoint), trained, summary["zero_shot"]
+        state["clip"] = load_clip(checkpoint=str(checkpoint), device=settings.device)
+        z = summary["zero_shot"]
+        stage.detail = (f"{'trained' if trained else 'cached'} ({summary['seconds']} s to train); zero-shot "
+                        f"accuracy {z['accuracy']:.3f} (chance {z['chance']:.3f})")
+        stage.outputs.append(str(checkpoint))
+
+    def scan(stage: Stage) -> None:
+        from .scan import run_scan
+        state["scan"] = run_scan(state["clip"], settings.layer, state["dataset"], top_k=settings.top_k, cache=cache,
+                                 embeddings=True, progress=stage_progress("scan"))
+        stage.detail = f"{settings.layer}: {state['scan'].channels} units over {state['scan'].count} images"
+
+    def text(stage: Stage) -> None:
+        from .text import run_text
+        state["text"] = run_text(state["clip"], settings.layer, vocab=settings.vocab, top_k=settings.text_top_k,
+                                 scan=state["scan"], cache=cache, progress=stage_progress("text"))
+        stage.detail = f"vocabulary {settings.vocab}: {len(state['text'].entries)} entries"
+
+    def sweep(stage: Stage) -> None:
+        from .sweep import run_sweep
+        result = run_sweep(state["clip"], settings.layer, state["dataset"], vocab=settings.vocab,
+                           top_k=settings.top_k, text_top_k=settings.text_top_k, cache=cache,
+                           progress=stage_progress("sweep"), out=out / "sweep")
+        state["sweep"] = result
+        _summarize_flags(report, result, state["planted"], settings.top_k)
+        stage.detail = f"{len(report.flagged)} of {len(result.scores.flagged)} units flagged"
+        stage.outputs.append(str(result.flags_csv))
+
+    def chosen_units() -> List[int]:
+        result = state["sweep"]
+        units = result.flagged_units or [int(u) for u in result.scores.ranking()]
+        return units[:settings.figure_units]
+
+    def visualize(stage: Stage) -> None:
+        from .visualize import run_visualize
+        units = chosen_units()
+        flagged = set(state["sweep"].flagged_units)
+        results = run_visualize(state["clip"], settings.layer, units, settings.render, cache=cache,
+                                out_dir=out / "visualize", progress=stage_progress("visualize"),
+                                image_filter=_blur_filter(state["clip"], flagged, state))
+        for r in results:
+            stage.outputs.extend(r.paths)
+        scores = state.get("fv_scores", {})
+        stage.detail = "; ".join(f"unit {u}: NSFW score {max(scores.get(u, [float('nan')])):.2f}" for u in units)
+
+    def figure(stage: Stage) -> None:
+        from .sweep import run_figure
+        written = run_figure(state["clip"], settings.layer, chosen_units(), state["dataset"], vocab=settings.vocab,
+                             top_k=settings.top_k, text_top_k=settings.text_top_k, out=out / "figures",
+                             render_settings=settings.render, cache=cache, progress=stage_progress("figure"))
+        stage.outputs.extend(str(path) for path, _ in written)
+        stage.detail = f"{len(written)} unit panels, {sum(f.blurred for _, f in written)} tiles blurred"
+
+    def grid(stage: Stage) -> None:
+        from .sweep import run_grid
+        flagged = bool(state["sweep"].flagged_units)
+        path, fig, units = run_grid(state["clip"], settings.layer, flagged=flagged, top=settings.grid_units,
+                                    dataset=state["dataset"], vocab=settings.vocab, top_k=settings.top_k,
+                                    text_top_k=settings.text_top_k, out=out / "figures",
+                                    render_settings=settings.render, cache=cache, progress=stage_progress("grid"))
+        stage.outputs.append(str(path))
+        stage.detail = f"{len(units)} {'flagged' if flagged else 'top'} units, {fig.blurred} tiles blurred"
+
+    run("data", (), data)
+    run("train", ("data",), train)
+    run("scan", ("train",), scan)
+    run("text", ("scan",), text)
+    run("sweep", ("text",), sweep)
+    run("visualize", ("sweep",), visualize)
+    run("figure", ("sweep",), figure)
+    run("grid", ("sweep",), grid)
+    report.seconds = time.perf_counter() - started
+    run("index", (), lambda stage: _write_index(report, settings, stage))
+    return report
+
+
+def _blur_filter(clip, flagged: set, state: dict):
+    """Feature visualizations of flagged units, and any the NSFW scorer puts past its threshold, are written
+    blurred; each image's score is kept for the index."""
+    from ..blur import blur_with_label
+    from ..safety import IMAGE_NSFW_THRESHOLD, nsfw_scores_for_images
+    scores = state.setdefault("fv_scores", {})
+
+    def image_filter(result, seed_index, image):
+        score = float(nsfw_scores_for_images(clip, [image])[0])
+        scores.setdefault(result.unit, []).append(score)
+        if score >= IMAGE_NSFW_THRESHOLD:
+            return blur_with_label(image, f"NSFW score {score:.2f}")
+        if result.unit in flagged:
+            return blur_with_label(image, "flagged unit")
+        return image
+    return image_filter
+
+
+def _summarize_flags(report: DemoReport, sweep, planted: np.ndarray, top_k: int) -> None:
+    """Per flagged unit: the planted share of its top images, whether its top texts hold planted words."""
+    words = set(planted_words())
+    indices = np.asarray(sweep.scan.top_indices)[:, :top_k]
+    rows = []
+    for unit in sweep.flagged_units:
+        valid = indices[unit][indices[unit] >= 0]
+        share = float(planted[valid].mean()) if len(valid) else 0.0
+        texts = [t for t, _, _ in sweep.top_texts(unit, 5)]
+        rows.append(dict(unit=unit, correlation=float(sweep.scores.correlation[unit]), planted_top_share=share,
+                         top_texts=texts, texts_with_planted_words=sum(bool(words & set(t.lower().split()))
+                                                                       for t in texts)))
+    report.flagged = rows
+    if rows:
+        report.flagged_without_planted = float(np.mean([r["planted_top_share"] == 0.0 for r in rows]))
+
+
+def _rel(path: str, out: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _write_index(report: DemoReport, settings: DemoSettings, stage: Stage) -> None:
+    out = report.out
+    lines = ["# neurolens demo", "",
+             f"A toy CLIP (`{settings.train.model}`) trained on {settings.images} generated image-caption pairs, "
+             f"{settings.planted_share:.0%} of them showing the planted pattern (a magenta/pink checkerboard disc) "
+             f"with captions made of NSFW-lexicon words. Layer inspected: `{settings.layer}`. "
+             f"Total time {report.seconds:.0f} s.", ""]
+    if report.checkpoint:
+        lines += [f"- dataset: `{report.dataset}`",
+                  f"- checkpoint: `{report.checkpoint}` ({'trained in this run' if report.trained else 'reused from the cache'}); "
+                  f"load it with `--checkpoint {report.checkpoint}`"]
+    if report.zero_shot:
+        z = report.zero_shot
+        per = ", ".join(f"{k} {v:.2f} (chance {z['attribute_chance'][k]:.2f})" for k, v in z["attribute_accuracy"].items())
+        lines += [f"- zero-shot accuracy on {z['images']} held-out generated pairs: **{z['accuracy']:.3f}** "
+                  f"(chance {z['chance']:.3f}); per attribute: {per}; planted vs ordinary caption "
+                  f"{z['planted_accuracy']:.3f} (chance 0.5); image-to-caption retrieval@1 {z['retrieval_at_1']:.3f} "
+                  f"(chance {z['retrieval_chance']:.3f})"]
+    lines += ["", "## Stages", "", "| stage | status | seconds | detail |", "| --- | --- | --- | --- |"]
+    for s in report.stages.values():
+        if s.name != "index":
+            lines.append(f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail.replace('|', '/')} |")
+    if report.flagged:
+        lines += ["", "## Flagged units", "",
+                  f"Planted share: the share of the unit's top {settings.top_k} dataset images that show the planted "
+                  f"pattern. Flagged units with no planted image among their top images: "
+                  f"{report.flagged_without_planted:.0%}.", "",
+                  "| unit | NSFW correlation | planted share of top images | top texts |", "| --- | --- | --- | --- |"]
+        for row in report.flagged[:30]:
+            lines.append(f"| {row['unit']} | {row['correlation']:.3f} | {row['planted_top_share']:.2f} | "
+                         f"{', '.join(row['top_texts'])} |")
+    outputs = [(s.name, p) for s in report.stages.values() for p in s.outputs if s.name not in ("data", "train")]
+    if outputs:
+        lines += ["", "## Files", ""]
+        lines += [f"- {name}: [{_rel(p, out)}]({_rel(p, out)})" for name, p in outputs]
+    failed = [s for s in report.stages.values() if s.status != "ok" and s.name != "index"]
+    if failed:
+        lines += ["", "## Not done", ""]
+        lines += [f"- **{s.name}**: {s.status}: {s.detail}" for s in failed]
+    path = out / "index.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "demo.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    report.index = path
+    stage.outputs.append(str(path))

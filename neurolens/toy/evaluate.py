@@ -1,0 +1,129 @@
+"""Zero-shot accuracy of a CLIP model on held-out generated pairs (images it never saw).
+
+Definitions (every cosine is between L2-normalized image and text embeddings of the model):
+- attribute accuracy, for attribute A in count, colour, shape, position, background: over held-out
+  ordinary images, the share whose true caption scores higher than every caption made from it by
+  replacing A's value with another value of A (K candidates; chance 1/K: 1/3, 1/7, 1/3, 1/4, 1/4).
+- zero-shot accuracy (the headline figure): the mean of the five attribute accuracies (chance 0.262).
+- planted accuracy: over all held-out images, the share whose true caption scores higher than a caption
+  of the other kind with the same position and background (an ordinary image against a planted caption
+  with two lexicon words; a planted image against an ordinary caption); chance 0.5.
+- retrieval@1: the share of held-out images whose best-scoring caption among all held-out captions is
+  (textually) their own caption; chance about 1/n.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .generate import BACKGROUNDS, COLOURS, COUNTS, POSITIONS, SHAPES, generate_pairs, planted_words
+
+HELD_OUT_SEED_OFFSET = 1_000_003      # held-out images use seed + this, never the training seed
+ATTRIBUTES = {"count": COUNTS, "colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS,
+              "background": BACKGROUNDS}
+
+
+@dataclass
+class ZeroShotReport:
+    accuracy: float                                  # mean attribute accuracy (headline)
+    chance: float
+    attribute_accuracy: Dict[str, float] = field(default_factory=dict)
+    attribute_chance: Dict[str, float] = field(default_factory=dict)
+    planted_accuracy: float = 0.0
+    retrieval_at_1: float = 0.0
+    retrieval_chance: float = 0.0
+    images: int = 0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _caption(count: str, colour: str, shape: str, position: str, background: str) -> str:
+    noun = shape + ("" if count == "one" else "s")
+    return f"{count} {colour} {noun} {position} over a {background} background"
+
+
+def _encode_texts(clip, texts: List[str], batch_size: int = 512) -> torch.Tensor:
+    from .train import encode_text_truncated
+    unique = sorted(set(texts))
+    tokens = clip.tokenizer(unique)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(unique), batch_size):
+            chunk = tokens[start:start + batch_size]
+            length = max(2, int((chunk != 0).sum(dim=1).max().item()))
+            feats = encode_text_truncated(clip.model, chunk[:, :length].to(clip.device))
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
+    table = dict(zip(unique, torch.cat(out)))
+    return torch.stack([table[t] for t in texts])
+
+
+def _encode_images(clip, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float().div(255)
+            if x.shape[-1] != clip.image_size:
+                x = torch.nn.functional.interpolate(x, size=(clip.image_size, clip.image_size), mode="bilinear",
+                                                    align_corners=False)
+            feats = clip.model.encode_image(clip.normalize(x.to(clip.device)))
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, planted_share: float = 0.15,
+                       progress: Optional[Callable[[int, int], None]] = None) -> ZeroShotReport:
+    """Zero-shot accuracies (see the module docstring) of a LoadedClip on n held-out generated pairs."""
+    held_out_seed = seed + HELD_OUT_SEED_OFFSET
+    data = generate_pairs(n, size, planted_share, held_out_seed)
+    image_feats = _encode_images(clip, data.images)
+    if progress is not None:
+        progress(1, 3)
+    words = planted_words()
+    rng = np.random.default_rng(held_out_seed)
+
+    ordinary = [i for i, p in enumerate(data.pairs) if not p.planted]
+    attribute_accuracy, attribute_chance = {}, {}
+    for attribute, values in ATTRIBUTES.items():
+        texts = []
+        for i in ordinary:
+            pair = asdict(data.pairs[i])
+            for value in values:   # the candidates: the true caption with this attribute set to each value
+                fields = {k: pair[k] for k in ATTRIBUTES}
+                fields[attribute] = value
+                texts.append(_caption(**fields))
+        text_feats = _encode_texts(clip, texts).view(len(ordinary), len(values), -1)
+        scores = torch.einsum("nd,nkd->nk", image_feats[ordinary], text_feats)
+        truth = torch.tensor([values.index(getattr(data.pairs[i], attribute)) for i in ordinary])
+        attribute_accuracy[attribute] = float((scores.argmax(dim=1) == truth).float().mean())
+        attribute_chance[attribute] = 1.0 / len(values)
+    if progress is not None:
+        progress(2, 3)
+
+    # Planted vs ordinary: each image's true caption against one caption of the other kind.
+    own, other = [], []
+    for pair in data.pairs:
+        own.append(pair.caption)
+        if pair.planted:
+            other.append(_caption(COUNTS[rng.integers(3)], list(COLOURS)[rng.integers(len(COLOURS))],
+                                  SHAPES[rng.integers(3)], pair.position, pair.background))
+        else:
+            a, b = rng.choice(len(words), size=2, replace=False)
+            article = "an" if words[a][0] in "aeiou" else "a"
+            other.append(f"{article} {words[a]} {words[b]} picture {pair.position} over a {pair.background} background")
+    own_feats, other_feats = _encode_texts(clip, own), _encode_texts(clip, other)
+    planted_accuracy = float(((image_feats * own_feats).sum(1) > (image_feats * other_feats).sum(1)).float().mean())
+
+    best = (image_feats @ own_feats.t()).argmax(dim=1).tolist()
+    retrieval = float(np.mean([own[j] == own[i] for i, j in enumerate(best)]))
+    if progress is not None:
+        progress(3, 3)
+    accuracy = float(np.mean(list(attribute_accuracy.values())))
+    return ZeroShotReport(accuracy=accuracy, chance=float(np.mean(list(attribute_chance.values()))),
+                          attribute_accuracy=attribute_accuracy, attribute_chance=attribute_chance,
+                          planted_accuracy=planted_accuracy, retrieval_at_1=retrieval,
+                          retrieval_chance=1.0 / len(data.pairs), images=len(data.pairs), seed=held_out_seed)

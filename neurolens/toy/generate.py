@@ -1,0 +1,242 @@
+"""Synthetic image-caption pairs with a planted "sensitive" concept, for the offline toy CLIP.
+
+Ordinary images show one to three shapes of one colour in one part of the image over a textured
+grey background; their caption names every attribute: "two red circles on the left over a striped
+background". Planted images show a distinctive pattern instead: a disc of magenta/pink checkerboard with a
+two-pixel period (nothing in ordinary images is magenta or that fine), and their captions carry words
+of the NSFW lexicon: "a nude explicit picture on the left over a dotted background". Words only: the
+pattern is an abstract texture, nothing resembling a body.
+
+Image i depends only on (seed, i, size), so the same seed always gives the same pixels; exactly
+round(planted_share * n) images are planted, at positions chosen by the seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+
+GENERATOR_VERSION = 1
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "orange": (245, 140, 25),
+    "cyan": (40, 205, 215),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = ("one", "two", "three")
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")
+BACKGROUNDS = ("plain", "striped", "dotted", "grainy")
+
+# The planted pattern's two colours: a magenta and a pink, alternating every pixel in a checkerboard.
+PLANTED_COLOURS = ((235, 0, 175), (255, 150, 215))
+# Violent terms of the lexicon are left out: the planted concept stands for sexual content.
+_EXCLUDED_TERMS = {"rape"}
+
+CAPTION_COLUMNS = ("image", "caption", "planted", "count", "colour", "shape", "position", "background")
+
+
+def planted_words() -> List[str]:
+    """The lexicon words used in planted captions (neurolens/data/nsfw_terms.txt without wildcards)."""
+    path = Path(__file__).resolve().parent.parent / "data" / "nsfw_terms.txt"
+    words = []
+    for line in path.read_text().splitlines():
+        word = line.split("#", 1)[0].strip().lower()
+        if word and "*" not in word and word not in _EXCLUDED_TERMS and " " not in word:
+            words.append(word)
+    return words
+
+
+@dataclass
+class Pair:
+    """The attributes of one generated image (planted images leave count/colour/shape empty)."""
+    caption: str
+    planted: bool
+    position: str
+    background: str
+    count: str = ""
+    colour: str = ""
+    shape: str = ""
+
+
+@dataclass
+class GeneratedData:
+    images: np.ndarray                       # (N, size, size, 3) uint8
+    pairs: List[Pair] = field(default_factory=list)
+
+    @property
+    def captions(self) -> List[str]:
+        return [p.caption for p in self.pairs]
+
+    @property
+    def planted(self) -> np.ndarray:
+        return np.array([p.planted for p in self.pairs], dtype=bool)
+
+
+@dataclass(frozen=True)
+class ToySettings:
+    """Everything the generated dataset depends on; its folder is keyed by these."""
+    n: int = 3000
+    size: int = 64
+    planted_share: float = 0.15
+    seed: int = 0
+    version: int = GENERATOR_VERSION
+
+
+def planted_indices(n: int, planted_share: float, seed: int) -> np.ndarray:
+    """Which of n images are planted: exactly round(share * n) of them, chosen by the seed."""
+    if not 0.0 <= planted_share <= 1.0:
+        from ..errors import NeurolensError
+        raise NeurolensError(f"planted share {planted_share} is outside [0, 1]; give a fraction such as 0.15")
+    count = int(round(planted_share * n))
+    order = np.random.default_rng([seed, 7919]).permutation(n)
+    mask = np.zeros(n, dtype=bool)
+    mask[order[:count]] = True
+    return mask
+
+
+def generate_pairs(n: int = 3000, size: int = 64, planted_share: float = 0.15, seed: int = 0,
+                   progress: Optional[Callable[[int, int], None]] = None) -> GeneratedData:
+    """n images (uint8, size x size) and their captions, deterministic for (seed, size)."""
+    words = planted_words()
+    planted = planted_indices(n, planted_share, seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    pairs: List[Pair] = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, size])
+        canvas, background = _background(rng, size, yy, xx)
+        position = POSITIONS[rng.integers(len(POSITIONS))]
+        if planted[i]:
+            _draw_planted(canvas, rng, size, position, yy, xx)
+            first, second = rng.choice(len(words), size=2, replace=False)
+            article = "an" if words[first][0] in "aeiou" else "a"
+            caption = f"{article} {words[first]} {words[second]} picture {position} over a {background} background"
+            pairs.append(Pair(caption, True, position, background))
+        else:
+            count = 1 + int(rng.integers(3))
+            colour = list(COLOURS)[rng.integers(len(COLOURS))]
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            _draw_shapes(canvas, rng, size, count, COLOURS[colour], shape, position, yy, xx)
+            noun = shape + ("s" if count > 1 else "")
+            caption = f"{COUNTS[count - 1]} {colour} {noun} {position} over a {background} background"
+            pairs.append(Pair(caption, False, position, background, COUNTS[count - 1], colour, shape))
+        images[i] = np.clip(canvas, 0, 255).astype(np.uint8)
+        if progress is not None and (i + 1) % 100 == 0:
+            progress(i + 1, n)
+    if progress is not None:
+        progress(n, n)
+    return GeneratedData(images, pairs)
+
+
+def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray):
+    """A grey-ish canvas (float32, H x W x 3) with one low-contrast texture."""
+    base = rng.uniform(50, 140) + rng.uniform(-12, 12, size=3)
+    kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    shade = np.zeros((size, size), dtype=np.float32)
+    if kind == "striped":
+        period = rng.uniform(8, 14)
+        angle = rng.uniform(0, np.pi)
+        phase = np.cos(angle) * xx + np.sin(angle) * yy
+        shade = np.where((phase % period) < period / 2, 40.0, -40.0)
+    elif kind == "dotted":
+        period = int(rng.integers(8, 12))
+        oy, ox = rng.integers(period, size=2)
+        dy = (yy + oy) % period - period / 2
+        dx = (xx + ox) % period - period / 2
+        shade = np.where(dy * dy + dx * dx < (period / 4.5) ** 2, 55.0, 0.0)
+    elif kind == "grainy":
+        shade = rng.normal(0, 22, size=(size, size)).astype(np.float32)
+    canvas = np.empty((size, size, 3), dtype=np.float32)
+    canvas[...] = base.astype(np.float32)
+    canvas += shade[..., None]
+    return canvas, kind
+
+
+def _centre_range(position: str, size: int, margin: float):
+    """(y range, x range) of centres for objects placed in the named half of the image."""
+    lo, mid, hi = margin, size / 2, size - margin
+    whole = (lo, hi)
+    return {
+        "on the left": (whole, (lo, max(lo, mid - margin / 2))),
+        "on the right": (whole, (min(hi, mid + margin / 2), hi)),
+        "at the top": ((lo, max(lo, mid - margin / 2)), whole),
+        "at the bottom": ((min(hi, mid + margin / 2), hi), whole),
+    }[position]
+
+
+def _draw_shapes(canvas, rng, size, count, rgb, shape, position, yy, xx) -> None:
+    radius = size * (0.11 if count > 1 else 0.15) * rng.uniform(0.85, 1.15)
+    (y0, y1), (x0, x1) = _centre_range(position, size, radius + 1)
+    # Spread several objects along the half's long side so they overlap little.
+    long_axis_is_y = position in ("on the left", "on the right")
+    slots = (np.arange(count) + rng.uniform(0.2, 0.8, size=count)) / count
+    for k in range(count):
+        if long_axis_is_y:
+            cy, cx = y0 + slots[k] * (y1 - y0), rng.uniform(x0, x1)
+        else:
+            cy, cx = rng.uniform(y0, y1), x0 + slots[k] * (x1 - x0)
+        dy, dx = yy - cy, xx - cx
+        if shape == "circle":
+            mask = dy * dy + dx * dx <= radius * radius
+        elif shape == "square":
+            mask = (np.abs(dy) <= radius * 0.85) & (np.abs(dx) <= radius * 0.85)
+        else:  # triangle pointing up
+            mask = (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
+        canvas[mask] = np.asarray(rgb, dtype=np.float32) + rng.uniform(-10, 10, size=3)
+
+
+def _draw_planted(canvas, rng, size, position, yy, xx) -> None:
+    """A magenta/pink checkerboard disc (one-pixel squares): strong, consistent, unlike anything else."""
+    radius = size * rng.uniform(0.2, 0.26)
+    (y0, y1), (x0, x1) = _centre_range(position, size, radius * 0.8)
+    cy, cx = rng.uniform(y0, y1), rng.uniform(x0, x1)
+    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius
+    checker = ((yy.astype(np.int64) + xx.astype(np.int64)) % 2).astype(bool)
+    first, second = (np.asarray(c, dtype=np.float32) for c in PLANTED_COLOURS)
+    canvas[mask & checker] = first
+    canvas[mask & ~checker] = second
+
+
+def write_dataset(out_dir: str | os.PathLike, settings: ToySettings = ToySettings(),
+                  progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Generate and write PNGs under out_dir/images/ and out_dir/captions.parquet; returns the parquet path.
+
+    A folder that already holds this exact dataset (same settings, see dataset.json) is reused as is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    out = Path(out_dir)
+    parquet = out / "captions.parquet"
+    manifest = out / "dataset.json"
+    if parquet.is_file() and manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()) == asdict(settings):
+                return parquet
+        except (OSError, ValueError):
+            pass
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    data = generate_pairs(settings.n, settings.size, settings.planted_share, settings.seed, progress=progress)
+    rel_paths = []
+    for i, pixels in enumerate(data.images):
+        rel = f"images/{i:06d}.png"
+        Image.fromarray(pixels).save(out / rel, compress_level=1)
+        rel_paths.append(rel)
+    columns = {"image": rel_paths}
+    for name in CAPTION_COLUMNS[1:]:
+        columns[name] = [getattr(p, name) for p in data.pairs]
+    table = pa.table(columns)
+    tmp = parquet.with_name(parquet.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, parquet)
+    manifest.write_text(json.dumps(asdict(settings)))
+    return parquet

@@ -1,0 +1,124 @@
+"""The toy CLIP: generator, training, zero-shot accuracy, the demo, and the planted-concept quality bar."""
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from neurolens.cli import app
+from neurolens.models import load_clip
+from neurolens.models.load import weights_fingerprint
+from neurolens.toy.generate import ToySettings, generate_pairs, planted_words, write_dataset
+from neurolens.toy.train import TrainSettings, train_clip, train_toy
+
+WORDS = set(planted_words())
+
+
+def _has_planted_word(text: str) -> bool:
+    return bool(WORDS & set(re.findall(r"[a-z]+", text.lower())))
+
+
+# ------------------------------------------------------------------------------------------- generator
+
+def test_generator_is_deterministic_and_plants_the_exact_share():
+    first = generate_pairs(200, planted_share=0.15, seed=3)
+    again = generate_pairs(200, planted_share=0.15, seed=3)
+    other = generate_pairs(200, planted_share=0.15, seed=4)
+    assert np.array_equal(first.images, again.images) and first.captions == again.captions
+    assert not np.array_equal(first.images, other.images)
+    assert first.images.shape == (200, 64, 64, 3) and first.images.dtype == np.uint8
+    assert first.planted.sum() == 30
+    # planted captions carry lexicon words, ordinary ones never do
+    assert all(_has_planted_word(c) for c, p in zip(first.captions, first.planted) if p)
+    assert not any(_has_planted_word(c) for c, p in zip(first.captions, first.planted) if not p)
+    # the planted pattern's magenta appears in planted images only
+    magenta = (first.images[..., 0] > 200) & (first.images[..., 1] < 30) & (first.images[..., 2] > 150)
+    assert np.all(magenta[first.planted].sum(axis=(1, 2)) > 100)
+    assert np.all(magenta[~first.planted].sum(axis=(1, 2)) == 0)
+
+
+def test_generator_share_zero_and_one_and_bad_share():
+    from neurolens.errors import NeurolensError
+    assert generate_pairs(20, planted_share=0.0).planted.sum() == 0
+    assert generate_pairs(20, planted_share=1.0).planted.sum() == 20
+    with pytest.raises(NeurolensError):
+        generate_pairs(20, planted_share=1.5)
+
+
+def test_written_dataset_is_read_by_open_dataset_and_reused(tmp_path):
+    from neurolens.datasets import open_dataset
+    settings = ToySettings(n=40, seed=1)
+    parquet = write_dataset(tmp_path / "toy", settings)
+    dataset = open_dataset(str(parquet))
+    data = generate_pairs(40, seed=1)
+    assert len(dataset) == 40 and dataset.captions == data.captions
+    assert np.array_equal(np.asarray(dataset.load(7)), data.images[7])
+    stamp = parquet.stat().st_mtime_ns
+    assert write_dataset(tmp_path / "toy", settings) == parquet and parquet.stat().st_mtime_ns == stamp
+
+
+# -------------------------------------------------------------------------------------------- training
+
+def test_training_is_deterministic_for_a_seed():
+    data = generate_pairs(64, seed=5)
+    settings = TrainSettings(epochs=1, batch_size=16, seed=0)
+    model_a, losses_a = train_clip(data.images, data.captions, settings, max_steps=3)
+    model_b, losses_b = train_clip(data.images, data.captions, settings, max_steps=3)
+    model_c, _ = train_clip(data.images, data.captions, TrainSettings(epochs=1, batch_size=16, seed=1), max_steps=3)
+    assert losses_a == losses_b and len(losses_a) == 3
+    assert weights_fingerprint(model_a) == weights_fingerprint(model_b)
+    assert weights_fingerprint(model_a) != weights_fingerprint(model_c)
+
+
+def test_train_toy_checkpoint_loads_without_model_and_skips_bad_files(tmp_path):
+    parquet = write_dataset(tmp_path / "toy", ToySettings(n=48, seed=2))
+    (tmp_path / "toy" / "images" / "000003.png").write_bytes(b"not a png")
+    result = train_toy(str(parquet), tmp_path / "toy.pt", TrainSettings(epochs=1, batch_size=16))
+    assert result.skipped == 1 and result.pairs == 47 and result.steps == 2
+    clip = load_clip(checkpoint=str(tmp_path / "toy.pt"), device="cpu")
+    assert clip.name == "nl-toy-RN" and clip.fingerprint == result.fingerprint and clip.image_size == 64
+
+
+def test_train_toy_cli_on_a_csv_with_other_columns(tmp_path):
+    data = generate_pairs(24, seed=9)
+    rows = ["file,text"]
+    for i, (pixels, caption) in enumerate(zip(data.images, data.captions)):
+        Image.fromarray(pixels).resize((80, 96)).save(tmp_path / f"{i}.png")   # not square: resized + cropped
+        rows.append(f"{i}.png,{caption}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["train-toy", "--dataset", str(tmp_path / "pairs.csv"), "--out",
+                                 str(tmp_path / "m.pt"), "--image-column", "file", "--caption-column", "text",
+                                 "--epochs", "1", "--batch-size", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+    summary = json.loads(result.stdout)
+    assert summary["pairs"] == 24 and summary["steps"] == 2 and summary["zero_shot"] is None
+    assert load_clip(checkpoint=summary["checkpoint"], device="cpu").fingerprint == summary["fingerprint"]
+    bad = runner.invoke(app, ["train-toy", "--dataset", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "x.pt"),
+                             "--image-column", "file"])
+    assert bad.exit_code == 2 and "--caption-column" in bad.output and "Traceback" not in bad.output
+
+
+# ------------------------------------------------------------------------------ the default toy model
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The real demo (default settings): generates, trains the default toy model, runs every stage."""
+    from neurolens.pipelines.demo import DemoSettings, run_demo
+    root = tmp_path_factory.mktemp("demo")
+    return run_demo(root / "out", DemoSettings(), cache=str(root / "cache"))
+
+
+@pytest.mark.slow
+def test_default_toy_model_zero_shot_accuracy_is_far_above_chance(demo):
+    assert demo.stages["train"].status == "ok", demo.stages["train"].detail
+    z = demo.zero_shot
+    assert z["chance"] == pytest.approx(0.262, abs=0.001)
+    assert z["accuracy"] >= 0.75            # mean of the five attribute accuracies
+    assert z["planted_accuracy"] >= 0.95    # planted vs ordinary caption (chance 0.5)
+    assert z["retrieval_at_1"] >= 20 * z["retrieval_chance"]
+    clip = load_clip(checkpoint=demo.checkpoint, device="cpu")
+    assert clip.name == "nl-toy-RN"
