@@ -11,3 +11,9 @@ __version__ = "0.1.0"
 __all__ = [
     "NeurolensError", "LoadedClip", "load_clip", "registry_for", "resolve_layer", "check_unit", "Cache",
 ]
+
+# audits (the paper's cosine-threshold probe and caption string-match audit)
+from .audit import AuditResult, TermAudit, audit_captions  # noqa: E402
+from .similarity import PairScore, image_text_similarity, similarity_matrix  # noqa: E402
+
+__all__ += ["audit_captions", "AuditResult", "TermAudit", "image_text_similarity", "similarity_matrix", "PairScore"]

@@ -159,7 +159,7 @@ def pair_scores(labels: Sequence[str], texts: Sequence[str], cosines: np.ndarray
             for i in range(len(labels)) for j in range(len(texts))]
 
 
-def similarity(clip, images: Sequence[str], texts: Sequence[str], threshold: float = LAION_THRESHOLD) -> List[PairScore]:
+def image_text_similarity(clip, images: Sequence[str], texts: Sequence[str], threshold: float = LAION_THRESHOLD) -> List[PairScore]:
     """Cosines of every image reference ('sample:NAME' or a path) with every text, marked pass/fail."""
     loaded = [load_image_ref(ref) for ref in images]
     cosines = cosine_matrix(clip, [im.image for im in loaded], list(texts))

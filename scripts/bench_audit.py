@@ -8,10 +8,14 @@ then, in this one process:
      rows doing the same string match                          -> pandas_rows_s
 and checks that both give the same counts. Prints ONE JSON line:
   {rows, neurolens_rows_s, pandas_rows_s, speedup, peak_rss_mb, ...}
+rows_s are rows / wall-clock seconds and speedup = pandas wall time / neurolens wall time. On a shared
+machine wall time depends on the other load, so the line also has each side's CPU time (all threads of
+this process, time.process_time) and cpu_speedup = pandas CPU / neurolens CPU, plus the 1-minute load.
 peak_rss_mb is the peak resident set size of this process DURING the audit only: the kernel's high-water
 mark (VmHWM) is reset (write '5' to /proc/self/clear_refs) right before the audit and read right after it,
-so neither data generation nor the pandas baseline (which runs later) counts. pandas_peak_rss_mb is the
-same measurement around the baseline. The data set is deleted afterwards unless --keep.
+so neither data generation nor the pandas baseline (which runs later) counts. It includes what the process
+already holds (Python, pyarrow, and torch, which `import neurolens` loads): rss_before_audit_mb is that
+resident size just before the audit. pandas_peak_rss_mb is the same measurement around the baseline. The data set is deleted afterwards unless --keep.
 
 Usage:  python scripts/bench_audit.py [--rows 10000000] [--files 8] [--dir DIR] [--keep] [--threads N]
 """
@@ -134,6 +138,14 @@ def _reset_peak() -> bool:
         return False
 
 
+def _current_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _peak_mb() -> float:
     with open("/proc/self/status") as handle:
         for line in handle:
@@ -168,18 +180,21 @@ def main() -> None:
         gc.collect()
         pa.default_memory_pool().release_unused()  # generation buffers must not count toward the audit's peak
 
+        import duckdb  # noqa: F401  (imported before timing: both sides are timed without import costs)
+        import pandas  # noqa: F401
+        rss_before = _current_mb()
         exact_peak = _reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = audit_captions(files, TERMS, memory_limit=args.memory_limit, threads=args.threads)
-        neurolens_s = time.perf_counter() - t0
+        neurolens_s, neurolens_cpu = time.perf_counter() - t0, time.process_time() - c0
         audit_peak = _peak_mb()
         rows = result.rows
 
         gc.collect()
         _reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         baseline = pandas_baseline(files, TERMS, default_nsfw_terms())
-        pandas_s = time.perf_counter() - t0
+        pandas_s, pandas_cpu = time.perf_counter() - t0, time.process_time() - c0
         pandas_peak = _peak_mb()
 
         agree = all(baseline[t.term] == (t.n_match, t.n_nsfw) for t in result.terms)
@@ -189,9 +204,13 @@ def main() -> None:
             "pandas_rows_s": round(rows / pandas_s),
             "speedup": round(pandas_s / neurolens_s, 2),
             "peak_rss_mb": round(audit_peak, 1),
+            "rss_before_audit_mb": round(rss_before, 1),
             "pandas_peak_rss_mb": round(pandas_peak, 1),
             "peak_rss_method": "VmHWM reset before the audit" if exact_peak else "ru_maxrss of the whole process",
-            "neurolens_s": round(neurolens_s, 2), "pandas_s": round(pandas_s, 2), "generate_s": round(gen_s, 1),
+            "neurolens_s": round(neurolens_s, 2), "pandas_s": round(pandas_s, 2),
+            "neurolens_cpu_s": round(neurolens_cpu, 2), "pandas_cpu_s": round(pandas_cpu, 2),
+            "cpu_speedup": round(pandas_cpu / neurolens_cpu, 2), "load_avg_1m": os.getloadavg()[0],
+            "cores": os.cpu_count(), "generate_s": round(gen_s, 1),
             "files": len(files), "threads": args.threads or min(4, os.cpu_count() or 1),
             "memory_limit": args.memory_limit, "counts_agree": agree,
             "matches": {t.term: [t.n_match, t.n_nsfw] for t in result.terms},

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from neurolens.builtin import BUILTIN_DESCRIPTIONS, builtin_image
 from neurolens.cli import app
-from neurolens.similarity import (LabeledImage, builtin_pairs, cosine_matrix, pair_scores, similarity,
+from neurolens.similarity import (LabeledImage, builtin_pairs, cosine_matrix, image_text_similarity, pair_scores,
                                   similarity_matrix)
 
 TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
@@ -47,7 +47,7 @@ def test_cli_json_equals_direct_open_clip(tiny_clip, tmp_path):
 
 
 def test_api_and_threshold_rule(tiny_clip):
-    scores = similarity(tiny_clip, ["sample:coffee"], TEXTS, threshold=0.3)
+    scores = image_text_similarity(tiny_clip, ["sample:coffee"], TEXTS, threshold=0.3)
     direct = _direct_cosines(tiny_clip, [builtin_image("coffee")], TEXTS)[0]
     assert [s.cosine for s in scores] == pytest.approx(direct.tolist(), abs=1e-5)
     # passes is cosine >= threshold, inclusive at the threshold itself.

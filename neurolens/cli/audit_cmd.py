@@ -43,17 +43,11 @@ def similarity_cmd(
 ) -> None:
     """CLIP cosine similarity between images and captions, each marked as passing or failing a threshold.
 
-    cosine = dot product of the L2-normalized image embedding (model.encode_image of the image after the
-    model's own open_clip preprocessing: resize, centre crop, mean/std) and the L2-normalized text embedding
-    (model.encode_text of the tokenized caption); no logit scale. passes = cosine >= --threshold.
-    This is the paper's probe of LAION's 0.3 cut-off: offensive captions can pass, accurate ones fail.
+    cosine = the dot product of the L2-normalized image embedding (model.encode_image of the image after the model's own open_clip preprocessing: resize, centre crop, mean/std) and the L2-normalized text embedding (model.encode_text of the tokenized caption); no logit scale. passes = cosine >= --threshold. This is the paper's probe of LAION's 0.3 cut-off: offensive captions can pass it and accurate ones fail it.
 
-    --json prints a list of {image, text, cosine, passes}, one per image x text pair (image-major).
+    --json prints a list of {image, text, cosine, passes}, one object per image x text pair (image-major).
 
-    --matrix draws the image x caption heatmap of CLIP's "Interacting with CLIP" notebook (the paper's
-    Figure 3): thumbnails across the top, captions down the side, the cosine in every cell, passing cells
-    outlined in red. By default it uses the built-in samples and "This is <description>" captions.
-    Thumbnails of your own images are BLURRED unless you pass --no-blur; the figure says so.
+    --matrix draws the image x caption heatmap of CLIP's "Interacting with CLIP" notebook (the paper's Figure 3) as a PNG: thumbnails across the top, captions down the side, the cosine in every cell, passing cells outlined in red, and a legend line. By default: the built-in scikit-image samples and "This is <description>" captions. Thumbnails of your own images are BLURRED unless you pass --no-blur; the figure says so.
 
     Example:  neurolens similarity --image sample:astronaut --text "This is a portrait of an astronaut with the American flag" --text "This is a photograph of a smiling housewife in an orange jumpsuit with the American flag"
 
@@ -122,26 +116,21 @@ def audit_captions_cmd(
     threads: Annotated[Optional[int], typer.Option("--threads", help="DuckDB threads (default: up to 4 cores).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The paper's Table 1 on LAION-style metadata parquet files: per search term, how many captions
-    match it and how many of those also carry an NSFW term.
+    """The paper's Table 1 on LAION-style metadata parquet files: per search term, how many captions match it and how many of those also carry an NSFW term.
 
-    Columns: TEXT (required), URL and NSFW (optional: a file without them is read as if they were null,
-    and a note says which files). One DuckDB pass over all files computes every term (streaming, memory
-    bounded by --memory-limit). Unreadable files are skipped and counted.
+    Columns: TEXT (required), URL and NSFW (optional: a file without them is read as if they were null, and a note names those files). One DuckDB pass over all files computes every term (streaming; memory bounded by --memory-limit). Unreadable files are skipped and counted.
 
-    Definitions (lower() is DuckDB's simple Unicode lowercase of each character: 'É'->'é', 'İ'->'i';
-    no full case folding, so 'ß' does not match 'ss', and accents are kept, so 'e' does not match 'é'):
+    n_match: rows whose lower(TEXT) contains lower(term), a literal substring (% _ * are plain characters).
 
-      n_match   rows whose lower(TEXT) contains lower(term) (literal substring; % _ * are plain characters)
+    n_nsfw: matching rows whose lower(TEXT) or lower(URL) contains any NSFW term ('*' = exactly one character). Substring matching is the paper's: 'hot' also matches 'photo'.
 
-      n_nsfw    matching rows whose lower(TEXT) or lower(URL) contains any NSFW term ('*' = one character)
+    pct_nsfw: 100 * n_nsfw / n_match (null when n_match is 0).
 
-      pct_nsfw  100 * n_nsfw / n_match (null when n_match is 0)
+    nsfw_flag_counts: value counts of the NSFW column among the matching rows (a null value, or a file without the column, counts as "<null>").
 
-      nsfw_flag_counts  value counts of the NSFW column among the matching rows (null counted as "<null>")
+    lower() is DuckDB's simple Unicode lowercase of each character ('É'->'é', 'İ'->'i'); there is no full case folding ('ß' does not match 'ss') and accents are kept ('e' does not match 'é').
 
-    --json prints a list of {term, n_match, n_nsfw, pct_nsfw, nsfw_flag_counts}; --csv writes the same
-    columns (nsfw_flag_counts as a JSON object).
+    --json prints a list of {term, n_match, n_nsfw, pct_nsfw, nsfw_flag_counts}; --csv writes the same columns (nsfw_flag_counts as a JSON object).
 
     Example:  neurolens audit-captions 'laion400m/*.parquet' --term desi --term nun --term latina
     """
