@@ -17,3 +17,11 @@ from .audit import AuditResult, TermAudit, audit_captions  # noqa: E402
 from .similarity import PairScore, image_text_similarity, similarity_matrix  # noqa: E402
 
 __all__ += ["audit_captions", "AuditResult", "TermAudit", "image_text_similarity", "similarity_matrix", "PairScore"]
+
+# feature visualization
+from .pipelines.visualize import run_visualize  # noqa: E402
+from .render import render  # noqa: E402
+from .types import LayerSpec, RenderResult, RenderSettings  # noqa: E402
+from . import objectives  # noqa: E402
+
+__all__ += ["run_visualize", "render", "RenderSettings", "RenderResult", "LayerSpec", "objectives"]

@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lucent-steps", type=int, default=512)
     parser.add_argument("--steps", type=int, default=None, help="neurolens steps (default: its default)")
+    parser.add_argument("--lr", type=float, default=None, help="neurolens lr (default: its default)")
+    parser.add_argument("--low-res-fraction", type=float, default=None)
     parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
@@ -102,7 +104,9 @@ def main() -> None:
     size = args.size or clip.image_size
     defaults = RenderSettings()
     settings = RenderSettings(steps=args.steps or defaults.steps, size=size, seeds=(args.seed,),
-                              precision=args.precision)
+                              precision=args.precision, lr=args.lr or defaults.lr,
+                              low_res_fraction=defaults.low_res_fraction if args.low_res_fraction is None
+                              else args.low_res_fraction)
     lucent_s, lucent_activation = run_lucent(clip, spec, args.unit, size, args.lucent_steps, args.seed)
     neurolens_s, neurolens_activation, reached_s = run_neurolens(clip, spec, args.unit, settings,
                                                                  lucent_activation, args.eval_every)
