@@ -180,7 +180,7 @@ def audit_captions(
     """The paper's Table 1 for `terms` over LAION-style parquet files (paths, folders or globs).
 
     One DuckDB pass over all files computes every term's counts. Files whose footer cannot be read are
-    skipped and listed in `skipped`; a file without a TEXT column is an error naming the file; files
+    skipped and listed in `skipped`; a file without a TEXT column (any letter case) is an error naming the file; files
     without URL or NSFW are read as if those values were null and listed in `absent_columns`.
     `progress(done, 1000)` reports DuckDB's own progress estimate while the query runs."""
     import duckdb
@@ -200,11 +200,12 @@ def audit_captions(
         except Exception as exc:  # pyarrow raises several types for a damaged or non-parquet file
             skipped.append((path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
             continue
-        if TEXT_COLUMN not in columns:
+        upper = {name.upper() for name in columns}   # DuckDB binds column names case-insensitively
+        if TEXT_COLUMN not in upper:
             raise DatasetError(f"{path} has no {TEXT_COLUMN} column (it has: {', '.join(columns) or 'none'}); "
                                f"audit-captions needs the caption in a column named {TEXT_COLUMN}")
         for name in absent:
-            if name not in columns:
+            if name not in upper:
                 absent[name].append(path)
         usable.append(path)
     if not usable:

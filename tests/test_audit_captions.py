@@ -142,3 +142,11 @@ def test_terms_patterns_and_single_pass():
     assert nsfw_like_pattern("50%_off\\") == "%50\\%\\_off\\\\%"
     query = build_query(["desi", "o'neil", "x"], ["%porn%", "%it's%"], has_url=True, has_flag=True)
     assert query.count("read_parquet(") == 1 and "it''s" in query and "o''neil" in query
+
+
+def test_column_names_in_any_case(tmp_path):
+    pq.write_table(pa.table({"text": ["Desi a", "nun"], "url": ["http://x/xxx", None]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"Text": ["desi b"], "nsfw": ["NSFW"]}), tmp_path / "b.parquet")
+    result = audit_captions([str(tmp_path)], ["desi"])
+    assert result.terms[0].as_dict() == dict(term="desi", n_match=2, n_nsfw=1, pct_nsfw=50.0,
+                                             nsfw_flag_counts={NULL_FLAG: 1, "NSFW": 1})

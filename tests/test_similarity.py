@@ -59,6 +59,8 @@ def test_text_output_and_bad_input(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["similarity", "--image", "sample:astronaut", "--text", TEXTS[0], *TINY])
     assert ok.exit_code == 0 and "sample:astronaut" in ok.stdout and ("PASS" in ok.stdout or "fail" in ok.stdout)
+    stray = runner.invoke(app, ["similarity", "--images", str(tmp_path), "--text", "x", *TINY])
+    assert stray.exit_code == 2 and "--matrix" in stray.output
     no_text = runner.invoke(app, ["similarity", "--image", "sample:astronaut", *TINY])
     assert no_text.exit_code == 2 and "--text" in no_text.output
     missing = runner.invoke(app, ["similarity", "--image", str(tmp_path / "none.jpg"), "--text", "x", *TINY])

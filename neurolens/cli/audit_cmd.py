@@ -56,6 +56,8 @@ def similarity_cmd(
     from .. import similarity as sim
 
     if not matrix:
+        if images != "builtin" or captions:
+            raise NeurolensError("--images and --captions belong to --matrix; add --matrix, or use --image/--text")
         if not image or not text:
             raise NeurolensError("give at least one --image and one --text (or --matrix for the built-in matrix)")
         refs = [sim.load_image_ref(ref) for ref in image]
