@@ -92,7 +92,7 @@ def encode_texts(clip, texts: Sequence[str], batch_size: int = 256, progress: Pr
     positions = pool_positions(model, tokens) if truncate and can_truncate(model) else None
     # sort by length so that each batch is cut to a similar, short length; restore the order at the end
     order = torch.argsort(positions, stable=True) if positions is not None else torch.arange(len(texts))
-    out = torch.empty(len(texts), _text_dim(model, clip, tokens[:1]), dtype=torch.float32)
+    out: Optional[torch.Tensor] = None
     batch_size = max(1, int(batch_size))
     done = 0
     with torch.inference_mode():
@@ -103,16 +103,13 @@ def encode_texts(clip, texts: Sequence[str], batch_size: int = 256, progress: Pr
                 emb = encode_tokens_truncated(model, batch, positions[index].to(clip.device))
             else:
                 emb = model.encode_text(batch)
+            if out is None:
+                out = torch.empty(len(texts), emb.shape[-1], dtype=torch.float32)
             out[index] = F.normalize(emb.float(), dim=-1).cpu()
             done += len(index)
             if progress is not None:
                 progress(done, len(texts))
     return out.numpy()
-
-
-def _text_dim(model, clip, probe_tokens: torch.Tensor) -> int:
-    with torch.inference_mode():
-        return int(model.encode_text(probe_tokens.to(clip.device)).shape[-1])
 
 
 # --------------------------------------------------------------------------------------------- image side
@@ -226,22 +223,22 @@ def top_k_texts(directions: np.ndarray, text_embeddings: np.ndarray, k: int, chu
     """Top-k texts for every unit at once: (C,k) indices and cosines, best first.
 
     Streams the (C,D) @ (D,N) score matrix over vocabulary chunks with a running top-k, so memory is
-    O(C * (k + chunk)), not O(C * N)."""
+    O(C * (k + chunk)), not O(C * N). Ties go to the earlier entry (a stable sort of [best so far, chunk]
+    keeps (score descending, index ascending) order), so results do not depend on k or the chunking."""
     dirs = torch.as_tensor(np.asarray(directions, dtype=np.float32), device=device)
     texts = np.asarray(text_embeddings, dtype=np.float32)
     total = texts.shape[0]
     k = int(max(1, min(k, total)))
-    best_scores = torch.full((dirs.shape[0], 0), float("-inf"), device=dirs.device)
-    best_index = torch.zeros((dirs.shape[0], 0), dtype=torch.long, device=dirs.device)
+    best_scores = torch.empty((dirs.shape[0], 0), device=dirs.device)
+    best_index = torch.empty((dirs.shape[0], 0), dtype=torch.long, device=dirs.device)
     for start in range(0, total, chunk):
         block = torch.as_tensor(texts[start:start + chunk], device=dirs.device)
-        scores = dirs @ block.t()
         index = torch.arange(start, start + block.shape[0], device=dirs.device).expand(dirs.shape[0], -1)
-        merged_scores = torch.cat([best_scores, scores], dim=1)
+        merged_scores = torch.cat([best_scores, dirs @ block.t()], dim=1)
         merged_index = torch.cat([best_index, index], dim=1)
-        keep = min(k, merged_scores.shape[1])
-        best_scores, where = torch.topk(merged_scores, keep, dim=1, largest=True, sorted=True)
-        best_index = torch.gather(merged_index, 1, where)
+        order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :k]
+        best_scores = torch.gather(merged_scores, 1, order)
+        best_index = torch.gather(merged_index, 1, order)
         if progress is not None:
             progress(min(total, start + chunk), total)
     return best_index.cpu().numpy().astype(np.int64), best_scores.cpu().numpy().astype(np.float32)
