@@ -189,6 +189,8 @@ def audit_captions(
     if not search:
         raise NeurolensError("no search terms; pass at least one --term")
     nsfw = parse_terms(nsfw_terms)
+    if not nsfw:
+        raise NeurolensError("no NSFW terms; pass --nsfw-terms with comma-separated terms, or leave it out for the paper's 7")
     files = expand_sources(sources)
 
     usable: List[str] = []
