@@ -128,21 +128,17 @@ def test_worker_count_and_batch_size_do_not_change_the_result(tiny_clip, referen
     np.testing.assert_allclose(other.top_values, result.top_values, rtol=1e-5, atol=1e-9)
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("checkpoint_every", [1, 2])
 def test_interrupted_scan_resumes_to_the_same_result(tiny_clip, reference, tmp_path, checkpoint_every):
     result, brute, dataset = reference
     cache = Cache(tmp_path)
     batch = 5
 
-    def stop_at_batch_3(done, total):
+    def stop_at_batch_3(done, total):   # what Ctrl-C does: KeyboardInterrupt inside the loop
         if done >= 3 * batch:
-            raise Interrupt()
+            raise KeyboardInterrupt()
 
-    with pytest.raises(Interrupt):
+    with pytest.raises(KeyboardInterrupt):
         run_scan(tiny_clip, LAYER, dataset, top_k=6, batch_size=batch, workers=2, cache=cache,
                  checkpoint_every=checkpoint_every, progress=stop_at_batch_3)
     assert find_scan(tiny_clip, LAYER, dataset, 6, cache=cache) is None
