@@ -25,3 +25,11 @@ from .types import LayerSpec, RenderResult, RenderSettings  # noqa: E402
 from . import objectives  # noqa: E402
 
 __all__ += ["run_visualize", "render", "RenderSettings", "RenderResult", "LayerSpec", "objectives"]
+
+# dataset scans and samples
+from .datasets import ImageDataset, open_dataset  # noqa: E402
+from .pipelines.samples import run_samples  # noqa: E402
+from .pipelines.scan import ScanResult, run_scan  # noqa: E402
+from .scan import ScanStats, scan_shard  # noqa: E402
+
+__all__ += ["open_dataset", "ImageDataset", "run_scan", "ScanResult", "run_samples", "scan_shard", "ScanStats"]
