@@ -313,3 +313,34 @@ def test_samples_command_json_grid_and_blur(tiny_clip, tmp_path):
 
     bad_unit = runner.invoke(app, base[:-4] + ["--unit", "99999", "--cache", str(tmp_path / "c")])
     assert bad_unit.exit_code == 2 and "out of range" in bad_unit.stderr
+
+
+def test_tar_shards_scan_like_the_same_images_in_a_folder(tiny_clip, tmp_path):
+    import io
+    import tarfile
+    paths = write_images(tmp_path / "folder", 7, start_seed=300)
+    for shard, group in enumerate((paths[:4], paths[4:])):
+        with tarfile.open(tmp_path / f"part-{shard}.tar", "w") as archive:
+            for path in group:
+                data = path.read_bytes()
+                info = tarfile.TarInfo(path.stem + ".jpg")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    from_folder = run_scan(tiny_clip, LAYER, str(tmp_path / "folder"), top_k=3, batch_size=3, workers=2,
+                           cache=Cache(tmp_path / "c1"))
+    from_tar = run_scan(tiny_clip, LAYER, str(tmp_path / "part-{0..1}.tar"), top_k=3, batch_size=3, workers=2,
+                        cache=Cache(tmp_path / "c2"))
+    assert from_tar.keys[0].endswith("part-0.tar:img_0000.jpg") and from_tar.count == 7
+    np.testing.assert_array_equal(from_tar.top_indices, from_folder.top_indices)
+    np.testing.assert_array_equal(from_tar.top_values, from_folder.top_values)
+
+
+def test_vit_token_layers_and_vector_layers_scan(tiny_vit, tmp_path):
+    dataset = open_dataset(None)
+    grid = tuple(tiny_vit.model.visual.grid_size)
+    tokens = run_scan(tiny_vit, "image_resblock_0", dataset, top_k=3, workers=0, cache=Cache(tmp_path))
+    assert tokens.grid == grid and tokens.mean_map.shape[1:] == grid
+    assert_matches_brute(tokens, brute_force(tiny_vit, "image_resblock_0", dataset, 3))
+    vector = run_scan(tiny_vit, "image_embedding", dataset, top_k=3, workers=0, cache=Cache(tmp_path))
+    assert vector.grid == (1, 1) and (vector.top_cells[vector.top_indices >= 0] == 0).all()
+    assert hook_count(tiny_vit.model) == 0
