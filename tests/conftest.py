@@ -7,7 +7,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the test models are tiny, and with 2 threads beside DataLoader workers (or anything else on
+# a 2-core machine) torch's thread pool oversubscribes the cores and runs many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
