@@ -26,6 +26,13 @@ from . import objectives  # noqa: E402
 
 __all__ += ["run_visualize", "render", "RenderSettings", "RenderResult", "LayerSpec", "objectives"]
 
+# text feature visualization
+from .pipelines.text import TextRanking, run_text  # noqa: E402
+from .text import encode_texts, unit_directions  # noqa: E402
+from .vocab import Vocabulary, load_vocab  # noqa: E402
+
+__all__ += ["run_text", "TextRanking", "encode_texts", "unit_directions", "load_vocab", "Vocabulary"]
+
 # dataset scans and samples
 from .datasets import ImageDataset, open_dataset  # noqa: E402
 from .pipelines.samples import run_samples  # noqa: E402

@@ -85,18 +85,24 @@ def encode_texts(clip, texts: Sequence[str], batch_size: int = 256, progress: Pr
     Texts are sorted by token length into batches and each batch runs the text transformer only up to its
     longest text's end-of-text token (instead of all 77 positions); the result equals encode_text."""
     texts = list(texts)
-    model = clip.model
     if not texts:
         raise NeurolensError("no texts to encode; give a vocabulary with at least one entry")
-    tokens = tokenize(clip, texts)
+    return encode_tokens(clip, tokenize(clip, texts), batch_size=batch_size, progress=progress, truncate=truncate)
+
+
+def encode_tokens(clip, tokens: torch.Tensor, batch_size: int = 256, progress: Progress = None,
+                  truncate: bool = True) -> np.ndarray:
+    """encode_texts for already tokenized texts (N, context)."""
+    model = clip.model
+    count = tokens.shape[0]
     positions = pool_positions(model, tokens) if truncate and can_truncate(model) else None
     # sort by length so that each batch is cut to a similar, short length; restore the order at the end
-    order = torch.argsort(positions, stable=True) if positions is not None else torch.arange(len(texts))
+    order = torch.argsort(positions, stable=True) if positions is not None else torch.arange(count)
     out: Optional[torch.Tensor] = None
     batch_size = max(1, int(batch_size))
     done = 0
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
+        for start in range(0, count, batch_size):
             index = order[start:start + batch_size]
             batch = tokens[index].to(clip.device)
             if positions is not None:
@@ -104,11 +110,11 @@ def encode_texts(clip, texts: Sequence[str], batch_size: int = 256, progress: Pr
             else:
                 emb = model.encode_text(batch)
             if out is None:
-                out = torch.empty(len(texts), emb.shape[-1], dtype=torch.float32)
+                out = torch.empty(count, emb.shape[-1], dtype=torch.float32)
             out[index] = F.normalize(emb.float(), dim=-1).cpu()
             done += len(index)
             if progress is not None:
-                progress(done, len(texts))
+                progress(done, count)
     return out.numpy()
 
 
