@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,13 +161,18 @@ def builtin_vocab() -> Vocabulary:
     return _builtin_cache
 
 
+def _package_dir(name: str) -> Path:
+    """A package's folder without importing it (importing timm alone takes seconds)."""
+    import importlib.util
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:  # pragma: no cover - open_clip depends on timm
+        raise NeurolensError(f"the builtin vocabulary needs {name} (installed with open_clip); pip install {name}, "
+                             f"or pass --vocab FILE")
+    return Path(spec.origin).resolve().parent
+
+
 def _timm_info_dir() -> Path:
-    try:
-        import timm
-    except ImportError:  # pragma: no cover - open_clip depends on timm
-        raise NeurolensError("the builtin vocabulary needs timm (installed with open_clip); pip install timm, "
-                             "or pass --vocab FILE") from None
-    return Path(timm.__file__).resolve().parent / "data" / "_info"
+    return _package_dir("timm") / "data" / "_info"
 
 
 def _imagenet21k_lemmas() -> "tuple[List[str], set]":
@@ -202,8 +206,7 @@ def _tab_file(path: Path) -> dict:
 
 def _clip_whole_words() -> List[str]:
     """Word-final BPE merges of CLIP's tokenizer that are plain lowercase words, in merge (frequency) order."""
-    import open_clip
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    path = _package_dir("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         lines = handle.read().split("\n")
     # the same slice open_clip's SimpleTokenizer uses: 49152 - 256 - 2 merges after the version line
