@@ -39,12 +39,15 @@ class DemoSettings:
     planted_share: float = 0.15
     train: TrainSettings = TrainSettings()
     layer: str = "image_block_4_0"          # the toy's last residual block (its Microscope-style analogue of 4_5)
-    vocab: str = "builtin"
+    # "captions": the dataset's own captions (a toy text tower knows only its ~60 training words, so a
+    # 47k-entry vocabulary mostly ranks words it never saw); or any load_vocab spec, e.g. "builtin".
+    vocab: str = "captions"
     top_k: int = 32
     text_top_k: int = 30
     figure_units: int = 3                   # unit panels for the top flagged units
+    visualize_units: int = 6                # feature visualizations for the top flagged units
     grid_units: int = 16
-    render: RenderSettings = RenderSettings(steps=128, seeds=(0, 1))
+    render: RenderSettings = RenderSettings(steps=256, seeds=(0, 1))
     device: str = "cpu"
 
     def data_settings(self) -> ToySettings:
@@ -76,6 +79,8 @@ class DemoReport:
     zero_shot: Optional[dict] = None
     flagged: List[dict] = field(default_factory=list)   # per flagged unit: unit, correlation, planted_top_share, top_texts
     flagged_without_planted: Optional[float] = None     # share of flagged units with no planted image in their top-k
+    fv_nsfw_scores: Dict[int, List[float]] = field(default_factory=dict)   # per visualized unit, per seed
+    figures: List[dict] = field(default_factory=list)   # per unit panel: path, unit, crops, planted, planted_blurred
     seconds: float = 0.0
 
     @property
@@ -165,6 +170,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
     def data(stage: Stage) -> None:
         path = toy_dataset(cache.root, settings=settings.data_settings(), progress=stage_progress("data"))
         report.dataset = str(path)
+        state["vocab"] = f"{path}:caption" if settings.vocab == "captions" else settings.vocab
         from ..datasets import open_dataset
         state["dataset"] = open_dataset(str(path))
         import pyarrow.parquet as pq
@@ -191,13 +197,13 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
 
     def text(stage: Stage) -> None:
         from .text import run_text
-        state["text"] = run_text(state["clip"], settings.layer, vocab=settings.vocab, top_k=settings.text_top_k,
+        state["text"] = run_text(state["clip"], settings.layer, vocab=state["vocab"], top_k=settings.text_top_k,
                                  scan=state["scan"], cache=cache, progress=stage_progress("text"))
         stage.detail = f"vocabulary {settings.vocab}: {len(state['text'].entries)} entries"
 
     def sweep(stage: Stage) -> None:
         from .sweep import run_sweep
-        result = run_sweep(state["clip"], settings.layer, state["dataset"], vocab=settings.vocab,
+        result = run_sweep(state["clip"], settings.layer, state["dataset"], vocab=state["vocab"],
                            top_k=settings.top_k, text_top_k=settings.text_top_k, cache=cache,
                            progress=stage_progress("sweep"), out=out / "sweep")
         state["sweep"] = result
@@ -205,36 +211,42 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         stage.detail = f"{len(report.flagged)} of {len(result.scores.flagged)} units flagged"
         stage.outputs.append(str(result.flags_csv))
 
-    def chosen_units() -> List[int]:
+    def chosen_units(count: int) -> List[int]:
         result = state["sweep"]
         units = result.flagged_units or [int(u) for u in result.scores.ranking()]
-        return units[:settings.figure_units]
+        return units[:count]
 
     def visualize(stage: Stage) -> None:
         from .visualize import run_visualize
-        units = chosen_units()
+        units = chosen_units(settings.visualize_units)
         flagged = set(state["sweep"].flagged_units)
         results = run_visualize(state["clip"], settings.layer, units, settings.render, cache=cache,
                                 out_dir=out / "visualize", progress=stage_progress("visualize"),
                                 image_filter=_blur_filter(state["clip"], flagged, state))
         for r in results:
             stage.outputs.extend(r.paths)
-        scores = state.get("fv_scores", {})
-        stage.detail = "; ".join(f"unit {u}: NSFW score {max(scores.get(u, [float('nan')])):.2f}" for u in units)
+        report.fv_nsfw_scores = {int(u): [float(x) for x in v] for u, v in state.get("fv_scores", {}).items()}
+        stage.detail = "; ".join(f"unit {u}: max NSFW score {max(report.fv_nsfw_scores.get(u, [float('nan')])):.2f}"
+                                 for u in units)
 
     def figure(stage: Stage) -> None:
         from .sweep import run_figure
-        written = run_figure(state["clip"], settings.layer, chosen_units(), state["dataset"], vocab=settings.vocab,
+        written = run_figure(state["clip"], settings.layer, chosen_units(settings.figure_units), state["dataset"], vocab=state["vocab"],
                              top_k=settings.top_k, text_top_k=settings.text_top_k, out=out / "figures",
                              render_settings=settings.render, cache=cache, progress=stage_progress("figure"))
         stage.outputs.extend(str(path) for path, _ in written)
+        for path, fig in written:
+            crops = [p for p in fig.placed if p.kind == "crop"]
+            planted = [p for p in crops if 0 <= p.source_index < len(state["planted"]) and state["planted"][p.source_index]]
+            report.figures.append(dict(path=str(path), unit=crops[0].unit if crops else None, crops=len(crops),
+                                       planted=len(planted), planted_blurred=sum(p.reason is not None for p in planted)))
         stage.detail = f"{len(written)} unit panels, {sum(f.blurred for _, f in written)} tiles blurred"
 
     def grid(stage: Stage) -> None:
         from .sweep import run_grid
         flagged = bool(state["sweep"].flagged_units)
         path, fig, units = run_grid(state["clip"], settings.layer, flagged=flagged, top=settings.grid_units,
-                                    dataset=state["dataset"], vocab=settings.vocab, top_k=settings.top_k,
+                                    dataset=state["dataset"], vocab=state["vocab"], top_k=settings.top_k,
                                     text_top_k=settings.text_top_k, out=out / "figures",
                                     render_settings=settings.render, cache=cache, progress=stage_progress("grid"))
         stage.outputs.append(str(path))
@@ -325,7 +337,7 @@ def _write_index(report: DemoReport, settings: DemoSettings, stage: Stage) -> No
                   "| unit | NSFW correlation | planted share of top images | top texts |", "| --- | --- | --- | --- |"]
         for row in report.flagged[:30]:
             lines.append(f"| {row['unit']} | {row['correlation']:.3f} | {row['planted_top_share']:.2f} | "
-                         f"{', '.join(row['top_texts'])} |")
+                         f"{' / '.join(row['top_texts'])} |")
     outputs = [(s.name, p) for s in report.stages.values() for p in s.outputs if s.name not in ("data", "train")]
     if outputs:
         lines += ["", "## Files", ""]

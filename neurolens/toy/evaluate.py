@@ -1,15 +1,15 @@
 """Zero-shot accuracy of a CLIP model on held-out generated pairs (images it never saw).
 
 Definitions (every cosine is between L2-normalized image and text embeddings of the model):
-- attribute accuracy, for attribute A in count, colour, shape, position, background: over held-out
-  ordinary images, the share whose true caption scores higher than every caption made from it by
-  replacing A's value with another value of A (K candidates; chance 1/K: 1/3, 1/7, 1/3, 1/4, 1/4).
+- attribute accuracy, for attribute A in count, colour, shape, position, background: over the held-out
+  images, the share whose true full caption scores higher than every caption made from it by replacing
+  A's value with another value of A (K candidates; chance 1/K: 1/3, 1/7, 1/3, 1/4, 1/4).
 - zero-shot accuracy (the headline figure): the mean of the five attribute accuracies (chance 0.262).
-- planted accuracy: over all held-out images, the share whose true caption scores higher than a caption
-  of the other kind with the same position and background (an ordinary image against a planted caption
-  with two lexicon words; a planted image against an ordinary caption); chance 0.5.
-- retrieval@1: the share of held-out images whose best-scoring caption among all held-out captions is
-  (textually) their own caption; chance about 1/n.
+- planted accuracy: over the held-out images, the share whose true full caption scores higher than the
+  same caption with the planted words removed (planted image) or with two random lexicon words added
+  (ordinary image); chance 0.5.
+- retrieval@1: the share of held-out images whose best-scoring caption among all held-out full captions
+  is (textually) their own; chance about 1/n.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .generate import BACKGROUNDS, COLOURS, COUNTS, POSITIONS, SHAPES, generate_pairs, planted_words
+from .generate import BACKGROUNDS, COLOURS, COUNTS, POSITIONS, SHAPES, full_caption, generate_pairs, planted_words
 
 HELD_OUT_SEED_OFFSET = 1_000_003      # held-out images use seed + this, never the training seed
 ATTRIBUTES = {"count": COUNTS, "colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS,
@@ -40,11 +40,6 @@ class ZeroShotReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _caption(count: str, colour: str, shape: str, position: str, background: str) -> str:
-    noun = shape + ("" if count == "one" else "s")
-    return f"{count} {colour} {noun} {position} over a {background} background"
 
 
 def _encode_texts(clip, texts: List[str], batch_size: int = 512) -> torch.Tensor:
@@ -86,35 +81,30 @@ def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, plante
     words = planted_words()
     rng = np.random.default_rng(held_out_seed)
 
-    ordinary = [i for i, p in enumerate(data.pairs) if not p.planted]
     attribute_accuracy, attribute_chance = {}, {}
+    everyone = list(range(len(data.pairs)))
     for attribute, values in ATTRIBUTES.items():
         texts = []
-        for i in ordinary:
-            pair = asdict(data.pairs[i])
+        for pair in data.pairs:
+            fields = {k: getattr(pair, k) for k in ATTRIBUTES}
             for value in values:   # the candidates: the true caption with this attribute set to each value
-                fields = {k: pair[k] for k in ATTRIBUTES}
                 fields[attribute] = value
-                texts.append(_caption(**fields))
-        text_feats = _encode_texts(clip, texts).view(len(ordinary), len(values), -1)
-        scores = torch.einsum("nd,nkd->nk", image_feats[ordinary], text_feats)
-        truth = torch.tensor([values.index(getattr(data.pairs[i], attribute)) for i in ordinary])
+                texts.append(full_caption(**fields, words=pair.words))
+        text_feats = _encode_texts(clip, texts).view(len(everyone), len(values), -1)
+        scores = torch.einsum("nd,nkd->nk", image_feats, text_feats)
+        truth = torch.tensor([values.index(getattr(pair, attribute)) for pair in data.pairs])
         attribute_accuracy[attribute] = float((scores.argmax(dim=1) == truth).float().mean())
         attribute_chance[attribute] = 1.0 / len(values)
     if progress is not None:
         progress(2, 3)
 
-    # Planted vs ordinary: each image's true caption against one caption of the other kind.
+    # Planted vs ordinary: each image's true caption against the same caption of the other kind.
     own, other = [], []
     for pair in data.pairs:
-        own.append(pair.caption)
-        if pair.planted:
-            other.append(_caption(COUNTS[rng.integers(3)], list(COLOURS)[rng.integers(len(COLOURS))],
-                                  SHAPES[rng.integers(3)], pair.position, pair.background))
-        else:
-            a, b = rng.choice(len(words), size=2, replace=False)
-            article = "an" if words[a][0] in "aeiou" else "a"
-            other.append(f"{article} {words[a]} {words[b]} picture {pair.position} over a {pair.background} background")
+        own.append(pair.full)
+        fields = {k: getattr(pair, k) for k in ATTRIBUTES}
+        swapped = () if pair.words else tuple(words[j] for j in rng.choice(len(words), size=2, replace=False))
+        other.append(full_caption(**fields, words=swapped))
     own_feats, other_feats = _encode_texts(clip, own), _encode_texts(clip, other)
     planted_accuracy = float(((image_feats * own_feats).sum(1) > (image_feats * other_feats).sum(1)).float().mean())
 

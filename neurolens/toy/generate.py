@@ -1,11 +1,17 @@
 """Synthetic image-caption pairs with a planted "sensitive" concept, for the offline toy CLIP.
 
-Ordinary images show one to three shapes of one colour in one part of the image over a textured
-grey background; their caption names every attribute: "two red circles on the left over a striped
-background". Planted images show a distinctive pattern instead: a disc of magenta/pink checkerboard with a
-two-pixel period (nothing in ordinary images is magenta or that fine), and their captions carry words
-of the NSFW lexicon: "a nude explicit picture on the left over a dotted background". Words only: the
-pattern is an abstract texture, nothing resembling a body.
+Every image shows one to three shapes of one colour in one half of the image over a textured grey
+background, and its full caption names every attribute: "two red circles on the left over a striped
+background". Planted images also show a distinctive pattern in the other half: a disc of magenta/pink
+checkerboard with a two-pixel period (nothing else is magenta or that fine), and their captions carry two
+words of the NSFW lexicon: "nude explicit, two red circles on the left over a striped background". Words
+only: the pattern is an abstract texture, nothing resembling a body. Because planted images have shapes
+too, the only thing that tells planted captions apart is the lexicon words, and only the pattern tells
+planted images apart.
+
+Caption variation: SHORT_CAPTION_SHARE of the captions are short forms (one or two of the caption's
+phrases, e.g. "red circles", "striped background", "nude", "nude explicit"), so that single words, which
+is what vocabularies hold, mean something to the text tower. `Pair.full` is always the full caption.
 
 Image i depends only on (seed, i, size), so the same seed always gives the same pixels; exactly
 round(planted_share * n) images are planted, at positions chosen by the seed.
@@ -16,11 +22,11 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -38,10 +44,11 @@ BACKGROUNDS = ("plain", "striped", "dotted", "grainy")
 
 # The planted pattern's two colours: a magenta and a pink, alternating every pixel in a checkerboard.
 PLANTED_COLOURS = ((235, 0, 175), (255, 150, 215))
+SHORT_CAPTION_SHARE = 0.3
 # Violent terms of the lexicon are left out: the planted concept stands for sexual content.
 _EXCLUDED_TERMS = {"rape"}
 
-CAPTION_COLUMNS = ("image", "caption", "planted", "count", "colour", "shape", "position", "background")
+CAPTION_COLUMNS = ("image", "caption", "planted", "count", "colour", "shape", "position", "background", "full")
 
 
 def planted_words() -> List[str]:
@@ -57,14 +64,27 @@ def planted_words() -> List[str]:
 
 @dataclass
 class Pair:
-    """The attributes of one generated image (planted images leave count/colour/shape empty)."""
+    """One generated image's caption (the training text) and attributes."""
     caption: str
     planted: bool
     position: str
     background: str
-    count: str = ""
-    colour: str = ""
-    shape: str = ""
+    count: str
+    colour: str
+    shape: str
+    words: Tuple[str, ...] = ()              # the planted lexicon words (planted images only)
+
+    @property
+    def full(self) -> str:
+        return full_caption(self.count, self.colour, self.shape, self.position, self.background, self.words)
+
+
+def full_caption(count: str, colour: str, shape: str, position: str, background: str,
+                 words: Sequence[str] = ()) -> str:
+    """The full caption of these attributes: "[w1 w2, ]two red circles on the left over a striped background"."""
+    noun = shape + ("" if count == "one" else "s")
+    base = f"{count} {colour} {noun} {position} over a {background} background"
+    return f"{' '.join(words)}, {base}" if words else base
 
 
 @dataclass
@@ -115,26 +135,40 @@ def generate_pairs(n: int = 3000, size: int = 64, planted_share: float = 0.15, s
         rng = np.random.default_rng([seed, i, size])
         canvas, background = _background(rng, size, yy, xx)
         position = POSITIONS[rng.integers(len(POSITIONS))]
+        count = 1 + int(rng.integers(3))
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        _draw_shapes(canvas, rng, size, count, COLOURS[colour], shape, position, yy, xx)
+        chosen: Tuple[str, ...] = ()
         if planted[i]:
-            _draw_planted(canvas, rng, size, position, yy, xx)
-            first, second = rng.choice(len(words), size=2, replace=False)
-            article = "an" if words[first][0] in "aeiou" else "a"
-            caption = f"{article} {words[first]} {words[second]} picture {position} over a {background} background"
-            pairs.append(Pair(caption, True, position, background))
-        else:
-            count = 1 + int(rng.integers(3))
-            colour = list(COLOURS)[rng.integers(len(COLOURS))]
-            shape = SHAPES[rng.integers(len(SHAPES))]
-            _draw_shapes(canvas, rng, size, count, COLOURS[colour], shape, position, yy, xx)
-            noun = shape + ("s" if count > 1 else "")
-            caption = f"{COUNTS[count - 1]} {colour} {noun} {position} over a {background} background"
-            pairs.append(Pair(caption, False, position, background, COUNTS[count - 1], colour, shape))
+            _draw_planted(canvas, rng, size, _OPPOSITE[position], yy, xx)
+            chosen = tuple(words[j] for j in rng.choice(len(words), size=2, replace=False))
+        pair = Pair("", bool(planted[i]), position, background, COUNTS[count - 1], colour, shape, chosen)
+        pair.caption = _short_caption(pair, rng) if rng.random() < SHORT_CAPTION_SHARE else pair.full
+        pairs.append(pair)
         images[i] = np.clip(canvas, 0, 255).astype(np.uint8)
         if progress is not None and (i + 1) % 100 == 0:
             progress(i + 1, n)
     if progress is not None:
         progress(n, n)
     return GeneratedData(images, pairs)
+
+
+_OPPOSITE = {"on the left": "on the right", "on the right": "on the left", "at the top": "at the bottom",
+             "at the bottom": "at the top"}
+
+
+def _short_caption(pair: Pair, rng: np.random.Generator) -> str:
+    """One or two phrases of the full caption; planted captions keep a planted word."""
+    noun = pair.shape + ("" if pair.count == "one" else "s")
+    phrases = [pair.colour, noun, f"{pair.colour} {noun}", f"{pair.count} {noun}", pair.position,
+               f"{pair.background} background"]
+    if pair.words:
+        planted = [pair.words[0], " ".join(pair.words)][int(rng.integers(2))]
+        if rng.random() < 0.5:
+            return planted
+        return f"{planted}, {phrases[int(rng.integers(len(phrases)))]}"
+    return phrases[int(rng.integers(len(phrases)))]
 
 
 def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray):
