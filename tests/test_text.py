@@ -261,3 +261,18 @@ def test_cli_bad_input_exits_2_with_one_line(cache_dir, args, message):
     result = _invoke(*args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_cli_dataset_reference_scans_and_says_so(cache_dir, tmp_path):
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):   # synthetic noise images
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(WORDS))
+    result = _invoke("--layer", "image_block_4_0", "--unit", "7", "--vocab", str(words), "--top-k", "3",
+                     "--dataset", str(folder))
+    assert result.exit_code == 0, result.output
+    assert "reference: mean activation map over 6 images" in result.stdout
