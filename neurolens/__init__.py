@@ -40,3 +40,12 @@ from .pipelines.scan import ScanResult, run_scan  # noqa: E402
 from .scan import ScanStats, scan_shard  # noqa: E402
 
 __all__ += ["open_dataset", "ImageDataset", "run_scan", "ScanResult", "run_samples", "scan_shard", "ScanStats"]
+
+# the toy CLIP and the offline demo
+from .pipelines.demo import DemoReport, DemoSettings, run_demo  # noqa: E402
+from .toy.evaluate import ZeroShotReport, zero_shot_accuracy  # noqa: E402
+from .toy.generate import ToySettings, generate_pairs, write_dataset  # noqa: E402
+from .toy.train import TrainResult, TrainSettings, train_toy  # noqa: E402
+
+__all__ += ["run_demo", "DemoSettings", "DemoReport", "train_toy", "TrainSettings", "TrainResult",
+            "generate_pairs", "write_dataset", "ToySettings", "zero_shot_accuracy", "ZeroShotReport"]

@@ -160,3 +160,19 @@ def test_quality_bar_flagged_units_are_the_planted_concept(demo):
     visualized = {u: max(s) for u, s in demo.fv_nsfw_scores.items() if u in flagged_units}
     high = [u for u, score in visualized.items() if score >= IMAGE_NSFW_THRESHOLD]
     assert len(visualized) >= 3 and len(high) >= len(visualized) / 2, visualized
+
+
+@pytest.mark.slow
+def test_demo_reuses_the_cached_model_and_reports_a_failing_stage(demo, tmp_path):
+    """A second run with the same settings reuses data and checkpoint; a stage that fails is recorded with
+    its reason, the stages after it are not run, and index.md lists them (nothing skipped silently)."""
+    from pathlib import Path
+    from neurolens.pipelines.demo import DemoSettings, run_demo
+    cache_root = Path(demo.dataset).parents[3]
+    report = run_demo(tmp_path / "out", DemoSettings(layer="image_block_9_9"), cache=str(cache_root))
+    assert report.trained is False and report.checkpoint == demo.checkpoint
+    assert report.stages["scan"].status == "failed" and "image_block_9_9" in report.stages["scan"].detail
+    assert report.stages["sweep"].status == "not run" and "needs" in report.stages["sweep"].detail
+    assert report.failed == ["scan", "text", "sweep", "visualize", "figure", "grid"]
+    index = report.index.read_text()
+    assert "## Not done" in index and "**scan**: failed" in index
