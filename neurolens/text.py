@@ -82,28 +82,49 @@ def encode_texts(clip, texts: Sequence[str], batch_size: int = 256, progress: Pr
                  truncate: bool = True) -> np.ndarray:
     """(N, D) float32 L2-normalized text embeddings, in the order of `texts`.
 
-    Texts are sorted by token length into batches and each batch runs the text transformer only up to its
-    longest text's end-of-text token (instead of all 77 positions); the result equals encode_text."""
+    Texts are sorted by token length into batches (about batch_size * 8 token positions each) and each
+    batch runs the text transformer only up to its longest text's end-of-text token (instead of all 77
+    positions); the result equals encode_text."""
     texts = list(texts)
     if not texts:
         raise NeurolensError("no texts to encode; give a vocabulary with at least one entry")
     return encode_tokens(clip, tokenize(clip, texts), batch_size=batch_size, progress=progress, truncate=truncate)
 
 
+TOKENS_PER_TEXT_BUDGET = 8
+
+
+def _batches(positions: Optional[torch.Tensor], count: int, batch_size: int) -> List[torch.Tensor]:
+    """Index batches. Untruncated: `batch_size` texts in order. Truncated: texts sorted by length, each batch
+    as many as fit in batch_size * 8 token positions at its longest text's length (so a batch of one-word
+    texts holds ~700 of them and little is padding), never fewer than one."""
+    if positions is None:
+        return [torch.arange(start, min(count, start + batch_size)) for start in range(0, count, batch_size)]
+    order = torch.argsort(positions, stable=True)
+    lengths = (positions[order] + 1).tolist()
+    budget = batch_size * TOKENS_PER_TEXT_BUDGET
+    batches, start = [], 0
+    while start < count:
+        stop = start + 1
+        # sorted ascending, so the last text of a batch is its longest
+        while stop < count and (stop + 1 - start) * lengths[stop] <= budget:
+            stop += 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
 def encode_tokens(clip, tokens: torch.Tensor, batch_size: int = 256, progress: Progress = None,
                   truncate: bool = True) -> np.ndarray:
-    """encode_texts for already tokenized texts (N, context)."""
+    """encode_texts for already tokenized texts (N, context); the order of the rows is kept."""
     model = clip.model
     count = tokens.shape[0]
     positions = pool_positions(model, tokens) if truncate and can_truncate(model) else None
-    # sort by length so that each batch is cut to a similar, short length; restore the order at the end
-    order = torch.argsort(positions, stable=True) if positions is not None else torch.arange(count)
-    out: Optional[torch.Tensor] = None
     batch_size = max(1, int(batch_size))
+    out: Optional[torch.Tensor] = None
     done = 0
     with torch.inference_mode():
-        for start in range(0, count, batch_size):
-            index = order[start:start + batch_size]
+        for index in _batches(positions, count, batch_size):
             batch = tokens[index].to(clip.device)
             if positions is not None:
                 emb = encode_tokens_truncated(model, batch, positions[index].to(clip.device))

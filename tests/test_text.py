@@ -85,13 +85,24 @@ def test_truncated_encoding_equals_open_clip_tiny(tiny_clip):
     lengths = []
     handle = tiny_clip.model.transformer.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
     try:
-        ours = textlib.encode_texts(tiny_clip, TEXTS, batch_size=3)
+        ours = textlib.encode_texts(tiny_clip, TEXTS, batch_size=2)   # a budget of 16 token positions
     finally:
         handle.remove()
     np.testing.assert_allclose(ours, _reference_encode(tiny_clip, TEXTS), atol=1e-4)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)
     # sorted by length: the short batches run on a few positions, only the long text's batch on all 77
-    assert len(lengths) == 3 and sorted(lengths)[0] <= 4 and sorted(lengths)[1] < 20 and lengths.count(77) == 1
+    assert lengths.count(77) == 1 and min(lengths) <= 4 and sorted(lengths)[-2] < 20 and len(lengths) >= 3
+
+
+def test_length_batches_cover_every_text_once_within_the_token_budget():
+    positions = torch.tensor([3, 76, 1, 5, 5, 2, 9, 0, 4, 30])
+    batches = textlib._batches(positions, len(positions), batch_size=4)      # budget: 32 positions
+    flat = torch.cat(batches).tolist()
+    assert sorted(flat) == list(range(len(positions)))
+    for batch in batches:
+        longest = int(positions[batch].max()) + 1
+        assert len(batch) == 1 or len(batch) * longest <= 32
+    assert [len(b) for b in textlib._batches(None, 5, batch_size=2)] == [2, 2, 1]
 
 
 def test_truncated_encoding_equals_open_clip_rn50x4_text_tower():
