@@ -287,3 +287,11 @@ def test_cli_dataset_reference_scans_and_says_so(cache_dir, tmp_path):
                      "--dataset", str(folder))
     assert result.exit_code == 0, result.output
     assert "reference: mean activation map over 6 images" in result.stdout
+
+
+def test_vit_token_layers_get_directions(tiny_vit):
+    spec = resolve_layer(tiny_vit, "image_resblock_0")     # tokens: the class token is kept, patches replaced
+    batched = textlib.unit_directions(tiny_vit, spec)
+    replicated = F.normalize(textlib.image_jacobian(tiny_vit, spec, batched_backward=False).t(), dim=-1).numpy()
+    np.testing.assert_allclose(batched, replicated, atol=1e-5)
+    assert (np.linalg.norm(batched, axis=1) > 0.99).all() and hook_count(tiny_vit.model) == 0
