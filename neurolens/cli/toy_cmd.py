@@ -80,9 +80,13 @@ def train_toy(
                        progress=lambda d, t: progress("train", d, t),
                        load_progress=lambda d, t: progress("load images", d, t))
     zero_shot = None
-    if generated or (Path(dataset).parent / "dataset.json").is_file():
+    manifest = Path(dataset).parent / "dataset.json"
+    if manifest.is_file():   # a generated toy dataset: measure zero-shot accuracy on held-out pairs like it
+        import json
+        made = json.loads(manifest.read_text())
         clip = load_clip(checkpoint=str(result.path), device="cpu")
-        zero_shot = zero_shot_accuracy(clip, seed=seed).to_dict()
+        zero_shot = zero_shot_accuracy(clip, seed=int(made.get("seed", seed)), size=int(made.get("size", 64)),
+                                       planted_share=float(made.get("planted_share", 0.15))).to_dict()
     summary = dict(checkpoint=str(result.path), model=result.model_name, dataset=dataset, pairs=result.pairs,
                    skipped=result.skipped, steps=result.steps, seconds=round(result.seconds, 1),
                    final_loss=round(result.final_loss, 4), fingerprint=result.fingerprint, zero_shot=zero_shot)

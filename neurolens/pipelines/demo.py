@@ -110,7 +110,8 @@ def toy_dataset(cache_root: Path, seed: int = 0, settings: Optional[ToySettings]
 
 
 def toy_model(cache_root: Path, dataset: Path, data: ToySettings, train: TrainSettings, retrain: bool = False,
-              progress: Optional[Callable[[int, int], None]] = None) -> tuple:
+              progress: Optional[Callable[[int, int], None]] = None,
+              load_progress: Optional[Callable[[int, int], None]] = None) -> tuple:
     """(checkpoint path, summary dict, trained now?) of the toy model for these settings, trained if not cached.
 
     The summary holds the training figures and the zero-shot report (neurolens.toy.evaluate)."""
@@ -127,7 +128,7 @@ def toy_model(cache_root: Path, dataset: Path, data: ToySettings, train: TrainSe
             return checkpoint, json.loads(summary_path.read_text()), False
         except (OSError, ValueError):
             pass
-    result = train_toy(str(dataset), checkpoint, train, progress=progress)
+    result = train_toy(str(dataset), checkpoint, train, progress=progress, load_progress=load_progress)
     clip = load_clip(checkpoint=str(checkpoint), device="cpu")
     report = zero_shot_accuracy(clip, seed=data.seed, size=data.size, planted_share=data.planted_share)
     summary = dict(steps=result.steps, seconds=round(result.seconds, 1), final_loss=round(result.final_loss, 4),
@@ -141,7 +142,11 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
     """Run every stage (see the module docstring) and write OUT/index.md; returns the report."""
     started = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..errors import NeurolensError
+        raise NeurolensError(f"cannot create the demo folder {out} ({exc.strerror}); pass --out to a writable folder") from None
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     report = DemoReport(out=out, stages={name: Stage(name) for name in STAGES})
     state: dict = {}
@@ -181,7 +186,8 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
     def train(stage: Stage) -> None:
         from ..models import load_clip
         checkpoint, summary, trained = toy_model(cache.root, Path(report.dataset), settings.data_settings(),
-                                                 settings.train_settings(), retrain, stage_progress("train"))
+                                                 settings.train_settings(), retrain, stage_progress("train"),
+                                                 stage_progress("load images"))
         report.checkpoint, report.trained, report.zero_shot = str(checkpoint), trained, summary["zero_shot"]
         state["clip"] = load_clip(checkpoint=str(checkpoint), device=settings.device)
         z = summary["zero_shot"]
