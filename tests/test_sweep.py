@@ -41,6 +41,19 @@ def dataset_table(tmp_path_factory):
     return str(table)
 
 
+VOCAB_WORDS = ["cat", "dog", "car", "tree", "house", "moon", "circle", "square", "red", "blue", "green",
+               "pattern", "texture", "noise", "ball", "sky", "water", "stone", "erotic pleasure", "nude", "sexy",
+               "porn", "adult content", "a photo of shapes", "bicycle", "flower", "bird", "horse", "coffee", "book"]
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory):
+    """A small vocabulary (the builtin one has ~47k entries: too slow to encode in every test)."""
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(VOCAB_WORDS) + "\n")
+    return str(path)
+
+
 def stub_scorer(clip, embeddings):
     """A known per-image score: a fixed function of the image embeddings (the logistic of the standardized
     first embedding coordinate; random tiny-model embeddings are close together, so it is standardized)."""
@@ -130,3 +143,48 @@ def test_ranking_by_correlation_equals_brute_force_with_a_known_score(tiny_clip,
     for u in range(0, scan.channels, 7):
         idx = scan.top_indices[u][scan.top_indices[u] >= 0]
         assert units.top_nsfw_share[u] == pytest.approx(np.mean(known[idx] >= safety.IMAGE_NSFW_THRESHOLD))
+
+
+def test_run_sweep_ranks_like_brute_force_writes_flags_and_reuses_the_cache(tiny_clip, dataset_table, vocab_file,
+                                                                            tmp_path):
+    from neurolens.pipelines.sweep import run_sweep
+    from neurolens.store import Cache
+    cache = Cache(tmp_path / "cache")
+    out = tmp_path / "out"
+    ticks = []
+    result = run_sweep(tiny_clip, LAYER, dataset_table, vocab=vocab_file, top_k=8, text_top_k=10, cache=cache,
+                       out=out, scorer=stub_scorer, progress=lambda done, total: ticks.append((done, total)))
+    assert ticks and not result.cached
+    scan = result.scan
+    known = np.where(result.caption_match, 1.0, stub_scorer(None, scan.embeddings))
+    brute = _brute_corr(scan.per_image_max().astype(np.float64), known)
+    np.testing.assert_allclose(result.scores.correlation, brute, atol=1e-5)
+    ranked = [row["correlation"] for row in result.ranking()]
+    np.testing.assert_allclose(ranked, np.sort(brute)[::-1], atol=1e-5)
+    assert result.caption_match.sum() == 6
+
+    with open(result.flags_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    assert result.flags_csv == out / "flags.csv" and len(rows) == scan.channels
+    assert [int(r["unit"]) for r in rows] == [row["unit"] for row in result.ranking()]
+    assert sum(int(r["flagged"]) for r in rows) == int(result.scores.flagged.sum())
+
+    # texts: shares agree with the per-text NSFW marks of the top 10 texts
+    for unit in range(0, scan.channels, 50):
+        marks = [nsfw for _, _, nsfw in result.top_texts(unit, 10)]
+        assert result.scores.text_nsfw_share[unit] == pytest.approx(np.mean(marks))
+        assert all(nsfw == bool(safety.caption_nsfw_matches([t], safety.lexicon_terms(), mode="word")[0]) or nsfw
+                   for t, _, nsfw in result.top_texts(unit, 10))
+
+    again = run_sweep(tiny_clip, LAYER, dataset_table, vocab=vocab_file, top_k=8, text_top_k=10, cache=cache,
+                      out=out, scorer=stub_scorer)
+    assert again.cached and again.path == result.path
+    np.testing.assert_array_equal(again.scores.flagged, result.scores.flagged)
+    np.testing.assert_array_equal(again.image_scores, result.image_scores)
+
+
+def test_bad_options_are_one_line_errors(tiny_clip, dataset_table):
+    from neurolens.errors import NeurolensError
+    from neurolens.pipelines.sweep import run_sweep
+    with pytest.raises(NeurolensError, match="caption-match"):
+        run_sweep(tiny_clip, LAYER, dataset_table, caption_mode="fuzzy")

@@ -93,14 +93,27 @@ def clip_image_scores(clip, embeddings: Optional[np.ndarray], count: int, scorer
     return out
 
 
-def _text_part(clip, ranking, prompts, zero_shot: bool) -> Tuple[List[List[str]], np.ndarray, np.ndarray]:
+def _text_part(clip, ranking, prompts, zero_shot: bool, vocab, cache: Cache
+               ) -> Tuple[List[List[str]], np.ndarray, np.ndarray]:
     entries = list(ranking.entries)
     indices = np.asarray(ranking.top_indices)
     texts = [[entries[i] for i in row if i >= 0] for row in indices]
-    unique = sorted({i for row in indices for i in row if i >= 0})
+    unique = sorted({int(i) for row in indices for i in row if i >= 0})
     nsfw_by_index = {}
     if unique:
-        scores = safety.text_nsfw_scores(clip, [entries[i] for i in unique], prompts=prompts, zero_shot=zero_shot)
+        embeddings = None
+        if zero_shot:
+            try:  # the vocabulary's embeddings are cached by the text job: no text forward here
+                from ..vocab import load_vocab
+                from .text import text_embeddings
+                all_embeddings, _, _ = text_embeddings(clip, load_vocab(vocab) if isinstance(vocab, str) else vocab,
+                                                       cache)
+                if len(all_embeddings) == len(entries):
+                    embeddings = np.asarray(all_embeddings)[unique]
+            except ImportError:
+                embeddings = None
+        scores = safety.text_nsfw_scores(clip, [entries[i] for i in unique], embeddings=embeddings,
+                                         prompts=prompts, zero_shot=zero_shot)
         nsfw_by_index = dict(zip(unique, scores >= safety.TEXT_NSFW_THRESHOLD))
     flags = np.array([[bool(nsfw_by_index.get(i, False)) if i >= 0 else False for i in row] for row in indices],
                      dtype=bool).reshape(indices.shape)
@@ -141,7 +154,7 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
         result = _from_record(record, scan, ranking)
     else:
         result = _compute(clip, scan, ranking, prompts, terms, caption_mode, rule, top_k, text_zero_shot,
-                          scorer, progress)
+                          scorer, progress, vocab, cache)
         cache.write(path, _to_record(result, clip, prompts, terms, caption_mode, scorer_name, ranking))
     result.path = path
     if write_csv:
@@ -150,20 +163,22 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
 
 
 def _text_identity(ranking) -> str:
-    return settings_key(getattr(ranking, "identity", None) or getattr(ranking, "path", None) and
-                        Path(ranking.path).name, ranking.layer, list(np.asarray(ranking.top_indices).shape),
-                        np.asarray(ranking.top_indices)[:, :1].ravel()[:64].tolist())
+    """The ranking's cache record name (it hashes vocabulary, reference and top-k), else its content."""
+    path = getattr(ranking, "path", None)
+    if path is not None:
+        return Path(path).name
+    return settings_key(ranking.layer, np.asarray(ranking.top_indices), len(ranking.entries))
 
 
 def _compute(clip, scan, ranking, prompts, terms, caption_mode, rule, top_k, text_zero_shot, scorer,
-             progress) -> SweepResult:
+             progress, vocab, cache) -> SweepResult:
     if scorer is None:
         def scorer(model, embeddings):
             return safety.nsfw_scores_for_embeddings(model, embeddings, prompts)
     clip_scores = clip_image_scores(clip, scan.embeddings, len(scan.keys), scorer)
     matched = caption_matches(scan.keys, scan.captions, terms, caption_mode)
     image_scores = combine_image_scores(clip_scores, matched)
-    texts, text_scores, text_nsfw = _text_part(clip, ranking, prompts, text_zero_shot)
+    texts, text_scores, text_nsfw = _text_part(clip, ranking, prompts, text_zero_shot, vocab, cache)
     units = score_units(scan, image_scores, text_nsfw, rule, top_k=top_k, progress=progress)
     return SweepResult(layer=scan.layer, scores=units, image_scores=image_scores, clip_scores=clip_scores,
                        caption_match=matched, text_entries=texts, text_scores=text_scores, text_nsfw=text_nsfw,

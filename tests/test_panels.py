@@ -1,0 +1,189 @@
+"""Unit panels and grids: blurred by default (measured), unflagged images pixel-identical, no model forward
+when everything is cached, and the figure/grid/sweep commands."""
+import json
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from neurolens import blur, safety
+from neurolens.datasets import open_dataset, preprocess
+from neurolens.figures import crop_around_cell
+from neurolens.pipelines.sweep import run_figure, run_grid, run_sweep
+from neurolens.store import Cache
+from neurolens.types import RenderSettings
+from neurolens.unit_scores import FlagRule
+
+from test_sweep import LAYER, dataset_table, stub_scorer, vocab_file  # noqa: F401  (fixtures reused)
+
+# flags units whose activation goes up with the score and whose top images are mostly NSFW (stub scores)
+RULE = FlagRule(min_correlation=0.0, noise_z=0.0, min_top_share=0.5, min_text_share=1.01)
+RENDER = RenderSettings(steps=3, seeds=(0, 1))
+PANEL_KW = dict(top_k=8, text_top_k=10, rule=RULE)
+
+
+@contextmanager
+def count_forwards(model):
+    """Counts calls of every module of the model (any forward, truncated or full, image or text tower)."""
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda mod, args: calls.append(mod)) for m in model.modules()]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture(scope="module")
+def swept(tiny_clip, dataset_table, vocab_file, tmp_path_factory):  # noqa: F811
+    cache = Cache(tmp_path_factory.mktemp("panelcache"))
+    PANEL_KW["vocab"] = vocab_file
+    result = run_sweep(tiny_clip, LAYER, dataset_table, cache=cache, scorer=stub_scorer, write_csv=False, **PANEL_KW)
+    flagged = result.flagged_units
+    unflagged = [int(u) for u in result.scores.ranking()[::-1] if not result.scores.flagged[u]]
+    assert flagged and unflagged
+    return result, cache, flagged, unflagged
+
+
+def _expected_crop(tiny_clip, dataset, sweep, unit, index, pixels):
+    rank = list(sweep.scan.top_indices[unit]).index(index)
+    source = preprocess(dataset.load(index), tiny_clip.image_size)
+    return crop_around_cell(source, sweep.scan.top_cells[unit, rank], sweep.scan.grid, pixels)
+
+
+def _check_written(tiny_clip, dataset, sweep, path, figure, fvs, blur_on, pixels):
+    written = Image.open(path).convert("RGB")
+    assert written.size == figure.image.size
+    for placed in figure.placed:
+        tile = written.crop(placed.box)
+        if placed.kind == "crop":
+            original = _expected_crop(tiny_clip, dataset, sweep, placed.unit, placed.source_index, tile.width)
+            score = float(sweep.image_scores[placed.source_index])
+        else:
+            original = Image.fromarray(fvs[placed.unit][placed.source_index]).resize(tile.size, Image.BICUBIC)
+            score = None
+        flagged = bool(sweep.scores.flagged[placed.unit])
+        must_blur = blur_on and (flagged or (score is not None and score >= safety.IMAGE_NSFW_THRESHOLD))
+        if must_blur:
+            assert placed.reason is not None
+        if placed.reason is None:
+            assert np.array_equal(np.asarray(tile), np.asarray(original)), placed   # unchanged pixels
+        else:
+            keep = tile.height - blur.label_band_height(tile.height)
+            top = (0, 0, tile.width, keep)
+            assert blur.detail_retained(original.crop(top), tile.crop(top)) < blur.DETAIL_BOUND
+            assert blur.edge_correlation(original.crop(top), tile.crop(top)) < blur.EDGE_BOUND
+            band = np.asarray(tile)[keep:]
+            assert (band < 10).all(axis=-1).mean() > 0.5        # the black label band is there
+
+
+def _fvs(tiny_clip, cache, units):
+    from neurolens.pipelines.visualize import run_visualize
+    return {r.unit: np.asarray(r.images) for r in run_visualize(tiny_clip, LAYER, units, RENDER, cache=cache)}
+
+
+def test_figure_blurs_flagged_units_and_nsfw_images_and_leaves_the_rest_unchanged(tiny_clip, swept, dataset_table, tmp_path):  # noqa: F811
+    sweep, cache, flagged, unflagged = swept
+    # an unflagged unit that has both NSFW and clean top images
+    mixed = next(u for u in unflagged if 0 < sweep.scores.top_nsfw_share[u] < 1)
+    units = [flagged[0], mixed]
+    written = run_figure(tiny_clip, LAYER, units, dataset_table, out=tmp_path, render_settings=RENDER, cache=cache,
+                         scorer=stub_scorer, **PANEL_KW)
+    dataset = open_dataset(dataset_table)
+    fvs = _fvs(tiny_clip, cache, units)
+    for (path, figure), unit in zip(written, units):
+        assert path.parent == tmp_path and path.name.endswith(f"unit{unit}.png")
+        kinds = [p.kind for p in figure.placed]
+        assert kinds.count("fv") == 2 and kinds.count("crop") == 8
+        _check_written(tiny_clip, dataset, sweep, path, figure, fvs, True, None)
+    flagged_fig, mixed_fig = written[0][1], written[1][1]
+    assert all(p.reason == "flagged unit" for p in flagged_fig.placed)
+    crop_reasons = [p.reason for p in mixed_fig.placed if p.kind == "crop"]
+    assert any(r is None for r in crop_reasons) and any(r is not None for r in crop_reasons)
+
+
+def test_no_blur_writes_raw_pixels_to_a_separate_file(tiny_clip, swept, dataset_table, tmp_path):  # noqa: F811
+    sweep, cache, flagged, _ = swept
+    [(path, figure)] = run_figure(tiny_clip, LAYER, [flagged[0]], dataset_table, out=tmp_path, blur=False,
+                                  render_settings=RENDER, cache=cache, scorer=stub_scorer, **PANEL_KW)
+    assert path.name.endswith("_noblur.png") and "NOT BLURRED" in figure.note
+    assert all(p.reason is None for p in figure.placed)
+    _check_written(tiny_clip, open_dataset(dataset_table), sweep, path, figure,
+                   _fvs(tiny_clip, cache, [flagged[0]]), False, None)
+
+
+def test_grid_of_flagged_units_and_chosen_units(tiny_clip, swept, dataset_table, tmp_path):  # noqa: F811
+    sweep, cache, flagged, unflagged = swept
+    path, figure, shown = run_grid(tiny_clip, LAYER, flagged=True, top=3, dataset=dataset_table, out=tmp_path,
+                                   cache=cache, scorer=stub_scorer, **PANEL_KW)
+    assert shown == flagged[:3]
+    assert figure.placed and all(p.reason == "flagged unit" for p in figure.placed)
+    _check_written(tiny_clip, open_dataset(dataset_table), sweep, path, figure, {}, True, None)
+    path, figure, shown = run_grid(tiny_clip, LAYER, units=[unflagged[0], flagged[0]], dataset=dataset_table,
+                                   out=tmp_path, cache=cache, render_fv=True, render_settings=RENDER,
+                                   scorer=stub_scorer, **PANEL_KW)
+    assert shown == [unflagged[0], flagged[0]]
+    assert {p.kind for p in figure.placed} == {"fv", "crop"}
+    _check_written(tiny_clip, open_dataset(dataset_table), sweep, path, figure,
+                   _fvs(tiny_clip, cache, shown), True, None)
+
+
+def test_drawing_a_swept_layer_runs_no_forward(tiny_clip, swept, dataset_table, tmp_path):  # noqa: F811
+    sweep, cache, flagged, unflagged = swept
+    units = [flagged[0], unflagged[0]]
+    # right after the sweep, a figure without feature visualization needs nothing but the cache
+    with count_forwards(tiny_clip.model) as calls:
+        run_figure(tiny_clip, LAYER, units, dataset_table, out=tmp_path, fv=False, cache=cache, scorer=stub_scorer,
+                   **PANEL_KW)
+        run_grid(tiny_clip, LAYER, flagged=True, dataset=dataset_table, out=tmp_path, cache=cache,
+                 scorer=stub_scorer, **PANEL_KW)
+    assert calls == []
+    # once the feature visualizations are rendered (and scored), the full figure is forward-free too
+    run_figure(tiny_clip, LAYER, units, dataset_table, out=tmp_path, render_settings=RENDER, cache=cache,
+               scorer=stub_scorer, **PANEL_KW)
+    with count_forwards(tiny_clip.model) as calls:
+        run_figure(tiny_clip, LAYER, units, dataset_table, out=tmp_path, render_settings=RENDER, cache=cache,
+                   scorer=stub_scorer, **PANEL_KW)
+    assert calls == []
+    # the counter does see forwards
+    with count_forwards(tiny_clip.model) as calls:
+        safety.nsfw_scores_for_images(tiny_clip, [Image.new("RGB", (64, 64))])
+    assert calls
+
+
+CLI_MODEL = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu", "--layer", LAYER]
+
+
+def test_cli_sweep_json_figure_and_grid(dataset_table, vocab_file, tmp_path):  # noqa: F811
+    from neurolens.cli import app
+    runner = CliRunner()
+    cache = ["--cache", str(tmp_path / "cache")]
+    data = ["--dataset", dataset_table, "--top-k", "8", "--vocab", vocab_file]
+    result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--json", "--out", str(tmp_path / "flags.csv")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 512 and all(set(r) == {"unit", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged"}
+                                   for r in rows)
+    corr = [r["correlation"] for r in rows]
+    assert corr == sorted(corr, reverse=True)
+    assert (tmp_path / "flags.csv").read_text().splitlines()[0].startswith("rank,unit,correlation")
+
+    result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--out", str(tmp_path / "flags.csv")])
+    assert result.exit_code == 0 and "rank" in result.output and "flags:" in result.output
+
+    result = runner.invoke(app, ["figure", *CLI_MODEL, *cache, *data, "--unit", "3", "--steps", "2",
+                                 "--out", str(tmp_path / "fig"), "--no-blur"])
+    assert result.exit_code == 0, result.output
+    assert "--no-blur" in result.output and "NOT BLURRED" in result.output
+    assert (tmp_path / "fig").glob("*unit3_noblur.png")
+
+    result = runner.invoke(app, ["grid", *CLI_MODEL, *cache, *data, "--units", "1,2,3", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "g").glob("*.png"))
+
+    result = runner.invoke(app, ["figure", *CLI_MODEL, *cache, *data, "--unit", "999"])
+    assert result.exit_code == 2 and "error:" in result.output
+    result = runner.invoke(app, ["grid", *CLI_MODEL, *cache, *data, "--units", "a,b"])
+    assert result.exit_code == 2 and "--units" in result.output
