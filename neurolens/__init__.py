@@ -49,3 +49,13 @@ from .toy.train import TrainResult, TrainSettings, train_toy  # noqa: E402
 
 __all__ += ["run_demo", "DemoSettings", "DemoReport", "train_toy", "TrainSettings", "TrainResult",
             "generate_pairs", "write_dataset", "ToySettings", "zero_shot_accuracy", "ZeroShotReport"]
+
+# NSFW sweep, scores and blurred figures
+from .pipelines.sweep import SweepResult, run_figure, run_grid, run_sweep  # noqa: E402
+from .safety import (IMAGE_NSFW_THRESHOLD, caption_nsfw_matches, nsfw_scores_for_embeddings,  # noqa: E402
+                     nsfw_scores_for_images, text_nsfw_scores)
+from .unit_scores import FlagRule, UnitScores  # noqa: E402
+
+__all__ += ["run_sweep", "SweepResult", "run_figure", "run_grid", "nsfw_scores_for_images",
+            "nsfw_scores_for_embeddings", "caption_nsfw_matches", "text_nsfw_scores", "IMAGE_NSFW_THRESHOLD",
+            "FlagRule", "UnitScores"]
