@@ -42,18 +42,11 @@ class ZeroShotReport:
         return asdict(self)
 
 
-def _encode_texts(clip, texts: List[str], batch_size: int = 512) -> torch.Tensor:
-    from .train import encode_text_truncated
+def _encode_texts(clip, texts: List[str]) -> torch.Tensor:
+    """L2-normalized embeddings of texts (each distinct text encoded once, truncated like every text job)."""
+    from ..text import encode_texts
     unique = sorted(set(texts))
-    tokens = clip.tokenizer(unique)
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(unique), batch_size):
-            chunk = tokens[start:start + batch_size]
-            length = max(2, int((chunk != 0).sum(dim=1).max().item()))
-            feats = encode_text_truncated(clip.model, chunk[:, :length].to(clip.device))
-            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
-    table = dict(zip(unique, torch.cat(out)))
+    table = dict(zip(unique, torch.from_numpy(encode_texts(clip, unique))))
     return torch.stack([table[t] for t in texts])
 
 

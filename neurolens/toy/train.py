@@ -97,18 +97,10 @@ def build_model(name: str, seed: int) -> torch.nn.Module:
 
 
 def encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """model.encode_text on tokens cut to their real length (exact under the causal mask), unnormalized."""
-    from open_clip.transformer import text_global_pool
-    length = tokens.shape[1]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
-    mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
-    x = model.transformer(x, attn_mask=mask)
-    x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-    return x
+    """model.encode_text on tokens cut to their real length (exact under the causal mask), unnormalized,
+    with gradients (training uses it)."""
+    from ..text import encode_tokens_truncated, pool_positions
+    return encode_tokens_truncated(model, tokens, pool_positions(model, tokens))
 
 
 def tokenize(model_name: str, captions: Sequence[str]) -> torch.Tensor:
