@@ -37,8 +37,8 @@ class RenderSettings:
     steps: int = 256
     size: int = 0                  # 0: the model's input resolution
     seeds: Tuple[int, ...] = (0,)
-    lr: float = 0.2                # Adam; lucent uses 0.05. Measured on RN50x4 unit 1543: 0.1 never reached lucent's
-                                   # 512-step activation in 256 steps, 0.2 did (at step ~224) and ended above it
+    lr: float = 0.35               # Adam; lucent uses 0.05. Measured on RN50x4 unit 1543 (256 steps): 0.1 never reached
+                                   # lucent's 512-step activation, 0.2 did at step ~224, 0.35 at step ~176
     diversity: float = 0.0         # weight of the diversity term between seeds of one unit
     decay_power: float = 1.0       # Fourier spectrum scaling exponent (lucid's default)
     low_res_fraction: float = 0.5  # share of steps rendered at half resolution (the speed trick)
