@@ -71,12 +71,12 @@ def tile_grid(tiles: List[Image.Image], labels: List[str], columns: int, title: 
         x = pad + col * (tile_w + pad)
         y = title_h + pad + row * (tile_h + label_height + pad)
         canvas.paste(tile.convert("RGB"), (x, y))
-        draw.text((x, y + tile_h + 1), _fit(draw, str(label), label_font, tile_w), fill=TEXT, font=label_font)
+        draw.text((x, y + tile_h + 1), fit_text(draw, str(label), label_font, tile_w), fill=TEXT, font=label_font)
     return canvas
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, face, width: int) -> str:
-    """The label, shortened with an ellipsis to fit the tile's width."""
+def fit_text(draw: ImageDraw.ImageDraw, text: str, face, width: int) -> str:
+    """The text, shortened with an ellipsis to fit `width` pixels (labels, captions, panel lines)."""
     if draw.textlength(text, font=face) <= width:
         return text
     while text and draw.textlength(text + "…", font=face) > width:

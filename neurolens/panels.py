@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from . import safety
 from .blur import blur_regions_with_label, blur_with_label
-from .figures import crop_around_cell, font
+from .figures import crop_around_cell, fit_text, font
 from .store import Cache, Record, settings_key
 
 BACKGROUND = (255, 255, 255)
@@ -133,16 +133,8 @@ def _text_block(lines: Sequence[Tuple[str, Tuple[int, int, int]]], width: int, s
     block = Image.new("RGB", (width, max(height, 1)), BACKGROUND)
     draw = ImageDraw.Draw(block)
     for row, (text, colour) in enumerate(lines):
-        draw.text((PAD, PAD // 2 + row * (size + 4)), _fit(draw, text, face, width - 2 * PAD), fill=colour, font=face)
+        draw.text((PAD, PAD // 2 + row * (size + 4)), fit_text(draw, text, face, width - 2 * PAD), fill=colour, font=face)
     return block
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, face, width: int) -> str:
-    if draw.textlength(text, font=face) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=face) > width:
-        text = text[:-1]
-    return text + "..."
 
 
 def _tiles_row(tiles: Sequence[Image.Image], labels: Sequence[str], columns: int,
@@ -164,7 +156,7 @@ def _tiles_row(tiles: Sequence[Image.Image], labels: Sequence[str], columns: int
         x, y = PAD + col * (tile_w + PAD), PAD + row * (tile_h + label_h + PAD)
         image.paste(tile.convert("RGB"), (x, y))
         boxes.append((x, y, x + tile.width, y + tile.height))
-        draw.text((x, y + tile_h + 1), _fit(draw, label, face, tile_w), fill=INK, font=face)
+        draw.text((x, y + tile_h + 1), fit_text(draw, label, face, tile_w), fill=INK, font=face)
     return image, boxes
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DatasetError, NeurolensError
+from .figures import fit_text
 
 LAION_THRESHOLD = 0.3
 SAMPLE_PREFIX = "sample:"
@@ -187,14 +188,6 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
-
-
 def _square_thumb(image: Image.Image, size: int) -> Image.Image:
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -241,7 +234,7 @@ def draw_similarity_matrix(
     low, high = float(cosines.min()), float(cosines.max())
     for j, caption in enumerate(captions):
         y = grid_y + j * cell
-        text = _fit(draw, caption, font, label_w - 12)
+        text = fit_text(draw, caption, font, label_w - 12)
         draw.text((margin, y + cell // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
         for i in range(n_img):
             x = x0 + i * cell
