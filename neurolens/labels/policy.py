@@ -1,0 +1,201 @@
+"""THE blur policy: the one place that decides whether an image neurolens writes or shows is blurred.
+
+Every writer of pixels asks it: feature-visualization PNGs (visualize, the demo), dataset crops (samples,
+figure, grid), the web app and the static site. Raw pixels only when the caller asks explicitly
+(`--no-blur` in the CLI, `blur=False` in the API); a raw file then gets a `_noblur` suffix
+(`BlurPolicy.output_path`), so it never replaces a blurred one.
+
+`BlurPolicy.reason_*` return the first rule that applies (the text printed on the blurred image), or
+None when the image is shown as it is:
+
+feature visualization of unit u
+  1. u is flagged: in the sweep the caller passes (`flagged=`), or in any cached sweep of that layer
+     made with these weights (`BlurPolicy.for_layer` reads them);
+  2. the independent detector (NudeNet, where installed) fires on the image;
+  3. the inspected model's zero-shot NSFW score passes IMAGE_NSFW_THRESHOLD, and the model is trained:
+     a random-weights model's zero-shot score is noise, so it is never used.
+
+dataset image i shown for unit u (a crop or thumbnail of one of its top images)
+  1. u is flagged (as above);
+  2. the caller's per-image label (`image_labels=`, e.g. the sweep's) marks i positive, or i has no
+     label (NaN) although labels were given;
+  3. the detector fires on the image;
+  4. the zero-shot score passes (trained models only);
+  5. nothing above could judge the image (no labels, no detector, random weights): blurred as "not
+     judged". An image that nothing vouched for is not shown raw.
+
+`blur_all=True` (the web app before a reveal, the static site) blurs every image, with the reason the
+rules give or "hidden until revealed".
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Collection, Dict, Iterable, Optional, Set, Tuple
+
+import numpy as np
+from PIL import Image
+
+from ..blur import blur_with_label
+from . import nudenet
+
+# A label at or above this counts as positive (labels are 0/1, or scores in [0, 1]).
+LABEL_POSITIVE = 0.5
+NOT_JUDGED = "not judged"
+HIDDEN = "hidden until revealed"
+NOBLUR_SUFFIX = "_noblur"
+
+
+def is_random(clip) -> bool:
+    """True when the model has random weights (`--pretrained none` without a checkpoint)."""
+    return clip is not None and str(getattr(clip, "pretrained", "")) == "none"
+
+
+def flagged_in_cache(cache, fingerprint: str, layer: str) -> Set[int]:
+    """Units flagged in ANY cached sweep of `layer` made with these weights (every dataset swept)."""
+    if cache is None:
+        return set()
+    folder = Path(cache.root) / "sweep" / fingerprint[:16] / _segment(layer)
+    flagged: Set[int] = set()
+    if not folder.is_dir():
+        return flagged
+    for path in sorted(folder.glob("*.h5")):
+        if path.name.startswith("."):
+            continue
+        record = cache.read(path, names=["flagged"])
+        if record is not None and "flagged" in record.arrays:
+            flagged.update(int(u) for u in np.flatnonzero(np.asarray(record.arrays["flagged"], dtype=bool)))
+    return flagged
+
+
+def _segment(text: str) -> str:
+    from ..store import _safe_segment
+    return _safe_segment(text)
+
+
+class BlurPolicy:
+    """Decides, for each image, whether it is blurred and why (module docstring), and blurs it.
+
+    blur: False only on an explicit request for raw pixels. flagged: units flagged by the caller's sweep.
+    image_labels: (N,) per dataset index, >= LABEL_POSITIVE positive, NaN unknown. detector: None = NudeNet
+    when installed, False = off. zero_shot: None = on for trained models when `clip` is given, False = off."""
+
+    def __init__(self, blur: bool = True, *, clip=None, cache=None, flagged: Optional[Collection[int]] = None,
+                 image_labels: Optional[np.ndarray] = None, detector: Optional[bool] = None,
+                 zero_shot: Optional[bool] = None, prompts=None, blur_all: bool = False):
+        self.blur = bool(blur)
+        self.blur_all = bool(blur_all) and self.blur
+        self.clip, self.cache, self.prompts = clip, cache, prompts
+        self.flagged: Set[int] = set(int(u) for u in (flagged or ()))
+        self.image_labels = None if image_labels is None else np.asarray(image_labels, dtype=np.float64)
+        self.detector = nudenet.available() if detector is None else bool(detector and nudenet.available())
+        self.zero_shot = (clip is not None and not is_random(clip)) if zero_shot in (None, True) else False
+        self._scores: Dict[Tuple[str, str], float] = {}
+
+    @classmethod
+    def for_layer(cls, clip, layer: str, cache=None, blur: bool = True, flagged: Iterable[int] = (), **options):
+        """The policy for one layer: the caller's flagged units plus those of every cached sweep of it."""
+        found = flagged_in_cache(cache, clip.fingerprint, layer) if (cache is not None and blur) else set()
+        return cls(blur, clip=clip, cache=cache, flagged=set(flagged) | found, **options)
+
+    # ------------------------------------------------------------------------------------- decisions
+
+    def reason_fv(self, unit: int, image: Image.Image) -> Optional[str]:
+        """Why a feature visualization of `unit` is blurred, or None."""
+        if not self.blur:
+            return None
+        reason = ("flagged unit" if int(unit) in self.flagged else None) or self._detector_reason(image) \
+            or self._zero_shot_reason(image)
+        return reason or (HIDDEN if self.blur_all else None)
+
+    def reason_image(self, unit: Optional[int], index: Optional[int], image: Image.Image) -> Optional[str]:
+        """Why dataset image `index` (shown for `unit`) is blurred, or None."""
+        if not self.blur:
+            return None
+        if unit is not None and int(unit) in self.flagged:
+            return "flagged unit"
+        label_reason = self._label_reason(index)
+        if label_reason:
+            return label_reason
+        reason = self._detector_reason(image) or self._zero_shot_reason(image)
+        if reason:
+            return reason
+        judged = self.image_labels is not None or self.detector or self.zero_shot
+        return NOT_JUDGED if not judged else (HIDDEN if self.blur_all else None)
+
+    def _label_reason(self, index: Optional[int]) -> Optional[str]:
+        if self.image_labels is None or index is None:
+            return None
+        if not 0 <= int(index) < len(self.image_labels):
+            return "not labelled"
+        value = self.image_labels[int(index)]
+        if not np.isfinite(value):
+            return "not labelled"
+        return f"NSFW label {value:.2f}" if value >= LABEL_POSITIVE else None
+
+    def _detector_reason(self, image: Image.Image) -> Optional[str]:
+        if not self.detector:
+            return None
+        score = self._cached_score("nudenet", image, lambda img: float(nudenet.image_scores([img])[0]))
+        return f"NudeNet {score:.2f}" if score >= nudenet.FIRE_THRESHOLD else None
+
+    def _zero_shot_reason(self, image: Image.Image) -> Optional[str]:
+        if not self.zero_shot:
+            return None
+        from .. import safety
+        score = self._cached_score("zero-shot", image, self._zero_shot_score)
+        return f"NSFW score {score:.2f}" if score >= safety.IMAGE_NSFW_THRESHOLD else None
+
+    def _zero_shot_score(self, image: Image.Image) -> float:
+        """The model's zero-shot NSFW score, cached on disk by pixel hash (the model runs once per image)."""
+        from .. import safety
+        from ..store import Record, settings_key
+        prompts = self.prompts or safety.load_prompts()
+        path = None
+        if self.cache is not None:
+            key = settings_key(_pixel_digest(image), prompts.identity, safety.LOGIT_SCALE)
+            path = self.cache.path("fv-nsfw", self.clip.fingerprint, "images", key)
+            record = self.cache.read(path)
+            if record is not None:
+                return float(record.attrs["score"])
+        score = float(safety.nsfw_scores_for_images(self.clip, [image], prompts)[0])
+        if path is not None:
+            try:
+                self.cache.write(path, Record(arrays={}, attrs={"score": score}))
+            except Exception:  # a score we cannot cache is recomputed next time; never fatal
+                pass
+        return score
+
+    def _cached_score(self, source: str, image: Image.Image, compute) -> float:
+        key = (source, _pixel_digest(image))
+        if key not in self._scores:
+            self._scores[key] = compute(image)
+        return self._scores[key]
+
+    # ------------------------------------------------------------------------------------ pixels
+
+    def apply(self, image: Image.Image, reason: Optional[str]) -> Image.Image:
+        """The pixels to show: blurred with a label naming the reason, or the image unchanged."""
+        return image if reason is None else blur_with_label(image, reason)
+
+    def fv(self, unit: int, image: Image.Image) -> Tuple[Image.Image, Optional[str]]:
+        reason = self.reason_fv(unit, image)
+        return self.apply(image, reason), reason
+
+    def dataset_image(self, unit: Optional[int], index: Optional[int], image: Image.Image
+                      ) -> Tuple[Image.Image, Optional[str]]:
+        reason = self.reason_image(unit, index, image)
+        return self.apply(image, reason), reason
+
+    def output_path(self, path: str | os.PathLike) -> Path:
+        """Where a file of this policy goes: `path`, or `<stem>_noblur<suffix>` when raw pixels were asked."""
+        path = Path(path)
+        if self.blur or path.stem.endswith(NOBLUR_SUFFIX):
+            return path
+        return path.with_name(f"{path.stem}{NOBLUR_SUFFIX}{path.suffix}")
+
+
+def _pixel_digest(image: Image.Image) -> str:
+    array = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return hashlib.sha1(array.tobytes() + str(array.shape).encode()).hexdigest()[:20]
