@@ -108,6 +108,16 @@ class BatchOutput:
 
 # ---------------------------------------------------------------------------------------------- decoding
 
+def decode_item(dataset: ImageDataset, index: int, size: int) -> Tuple[Optional[np.ndarray], str]:
+    """(uint8 (3,S,S) array, "") for a readable item, (None, reason) for a bad one; never raises."""
+    try:
+        return preprocess_array(dataset.load(index), size), ""
+    except BadImage as exc:
+        return None, str(exc)
+    except Exception as exc:  # a decoder bug on one file must not end the scan either
+        return None, f"cannot decode ({type(exc).__name__}: {exc})"
+
+
 class _Decoded(torch.utils.data.Dataset):
     """Item i -> (i, uint8 (3,S,S) array or None, reason). Runs in DataLoader workers."""
 
@@ -118,12 +128,7 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        try:
-            return index, preprocess_array(self.dataset.load(index), self.size), ""
-        except BadImage as exc:
-            return index, None, str(exc)
-        except Exception as exc:  # a decoder bug on one file must not end the scan either
-            return index, None, f"cannot decode ({type(exc).__name__}: {exc})"
+        return (index, *decode_item(self.dataset, index, self.size))
 
 
 class _Ranges(torch.utils.data.Sampler):
