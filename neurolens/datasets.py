@@ -53,6 +53,13 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def slice(self, first: int, last: int, description: str = "") -> "ImageDataset":
+        """Items [first, last) as a dataset of their own (item i is item first + i of this one)."""
+        return ImageDataset(keys=self.keys[first:last], identity=_identity([self.identity, first, last]),
+                            description=description or f"items {first}..{last - 1} of {self.description}",
+                            captions=self.captions[first:last] if self.captions is not None else None,
+                            _sources=self._sources[first:last])
+
     def read_bytes(self, i: int) -> bytes:
         source = self._sources[i]
         kind = source[0]

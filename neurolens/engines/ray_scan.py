@@ -1,0 +1,438 @@
+"""Scans on Ray Data: decode in CPU tasks, run the model in an actor pool, merge statistics on the driver.
+
+    shards ─> map_batches(decode_shard: CPU tasks, one per shard, the same decoder and skip rules as the
+              single-process scan) ─> map_batches(ModelActor: the model loaded once per actor, a GPU per actor
+              where the cluster has GPUs; layer_forward + ScanStats.add per batch) ─> the driver merges each
+              batch's statistics into its shard's, and a finished shard's into the total (ScanStats.merge)
+
+Every item carries its global index (shard order, then member order) through the pipeline, and TopK's order
+is total (value, then index), so the top-k indices and cells do not depend on the number of actors, on how
+Ray cuts blocks and batches, or on the order shards finish; moments and the mean map are float64 sums that
+differ from a single-process scan by rounding only.
+
+Fault tolerance: actors are restarted by Ray (max_restarts) and their unfinished batches retried
+(max_task_retries); the driver counts each item of a shard once (a batch delivered twice is dropped), so a
+redone batch is never counted twice. A finished shard is a cache record (engines/shards.py), so a rerun after
+a killed driver or Ctrl-C merges finished shards and scans only the others.
+
+Memory: the driver holds the total statistics and those of the shards in flight (each O(units x k + C x H x
+W)); actors hold the model and one batch. Neither grows with the number of images.
+
+Ray is an optional dependency (`pip install neurolens[ray]`); nothing else in neurolens imports this module.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import os
+import pickle
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import NeurolensError
+from ..scan import ScanStats, decode_item, default_batch_size, layer_forward
+from .shards import DEFAULT_SHARD_SIZE, DatasetPlan, PlannedShard, ShardStore
+
+# With this set before Ray starts, a local Ray takes 127.0.0.1 as its node address and every server it starts
+# (GCS, raylet, object manager, workers) listens on loopback only; otherwise they listen on all interfaces.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise NeurolensError("--engine ray needs Ray Data: pip install 'neurolens[ray]' "
+                             "(or omit --engine to scan in this process)") from None
+    return ray
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """How a scan runs on Ray. address None starts a local Ray (loopback only) and stops it afterwards."""
+    address: Optional[str] = None
+    actors: int = 1                        # model actors (each loads the model once)
+    batch_size: Optional[int] = None       # images per forward (default 64 with a GPU, 16 without)
+    gpus_per_actor: Optional[float] = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0            # CPUs reserved per actor; also its torch threads (at least 1)
+    shard_size: int = DEFAULT_SHARD_SIZE   # items per shard when a folder or table is cut into slices
+    local_cpus: Optional[int] = None       # CPUs of a local Ray (default: all)
+
+    def check(self) -> None:
+        if int(self.actors) < 1:
+            raise NeurolensError(f"--actors must be at least 1, got {self.actors}")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise NeurolensError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise NeurolensError(f"--gpus-per-actor must be 0 or more, got {self.gpus_per_actor}")
+        if self.cpus_per_actor < 0:
+            raise NeurolensError(f"--cpus-per-actor must be 0 or more, got {self.cpus_per_actor}")
+
+
+@dataclass
+class RayProgress:
+    """A snapshot of a running scan, handed to the `report` callback (the CLI prints it beside its bar)."""
+    images_done: int          # items of this dataset accounted for (finished shards, resumed ones included)
+    images_total: int
+    shards_done: int
+    shards_total: int
+    skipped: int              # bad items met so far
+    forwarded: int            # images through the model in this run
+    elapsed_s: float          # since the scan started
+    streaming_s: float = 0.0  # since the first batch came back (the rate leaves Ray's start-up out)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.forwarded / self.streaming_s if self.streaming_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> Optional[float]:
+        rate = self.images_per_s
+        return (self.images_total - self.images_done) / rate if rate > 0 else None
+
+    def line(self) -> str:
+        eta = "" if self.eta_s is None else f", ETA {_duration(self.eta_s)}"
+        return (f"{self.images_per_s:,.0f} images/s, shards {self.shards_done}/{self.shards_total}, "
+                f"skipped {self.skipped}{eta}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+@dataclass
+class RayScanOutcome:
+    stats: ScanStats                  # merged over every shard
+    chunks: List[str]                 # per-shard chunk record names (keep_per_image), in shard order
+    resumed: List[int]                # offsets of the shards taken from an earlier run's records
+    forwarded: int                    # images through the model in this run
+    actor_peak_rss: int               # bytes, the largest peak RSS an actor reported
+    actor_pids: List[int] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ session
+
+@contextmanager
+def ray_session(options: RayOptions) -> Iterator["RaySession"]:
+    """Connects to `options.address`, or uses the Ray this process already started, or starts a local one
+    on loopback; disconnects (and stops what it started) on the way out, also after an error or Ctrl-C."""
+    options.check()
+    if "ray" not in sys.modules and options.address is None:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+    ray = _import_ray()
+    started = False
+    if not ray.is_initialized():
+        try:
+            if options.address:
+                ray.init(address=options.address, log_to_driver=False, logging_level=logging.WARNING)
+            else:
+                ray.init(num_cpus=options.local_cpus, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"at {options.address}" if options.address else "locally"
+            raise NeurolensError(f"cannot start or reach Ray {where} ({str(exc).splitlines()[0]}); check "
+                                 f"--ray-address, or omit it to start a local Ray") from None
+        started = True
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        yield RaySession(ray, options)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The NeurolensError a Ray task raised, if any, so the CLI prints its one line."""
+    seen = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, NeurolensError):
+            return current
+        seen.add(id(current))
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    return exc
+
+
+class RaySession:
+    def __init__(self, ray, options: RayOptions):
+        self.ray, self.options = ray, options
+
+    def map(self, fn: Callable, items: Sequence) -> Iterator:
+        """fn over items in Ray tasks, results in order; a bounded number in flight."""
+        remote = self.ray.remote(num_cpus=1, max_retries=3)(fn)
+        window = max(2, 2 * int(self.ray.cluster_resources().get("CPU", 1)))
+        pending: collections.deque = collections.deque()
+        try:
+            for item in items:
+                pending.append(remote.remote(item))
+                if len(pending) >= window:
+                    yield self.ray.get(pending.popleft())
+            while pending:
+                yield self.ray.get(pending.popleft())
+        except self.ray.exceptions.RayError as exc:
+            raise _unwrap(exc) from None
+
+    def gpus_per_actor(self) -> float:
+        if self.options.gpus_per_actor is not None:
+            return float(self.options.gpus_per_actor)
+        return 1.0 if self.ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+    def scan(self, clip, spec, plan: DatasetPlan, store: ShardStore, *, top_k: int, precision: str = "fp32",
+             keep_per_image: bool = False, device: str = "auto",
+             progress: Optional[Callable[[int, int], None]] = None,
+             report: Optional[Callable[[RayProgress], None]] = None) -> RayScanOutcome:
+        """Scan every shard of `plan` not finished by an earlier run; returns the merged statistics."""
+        def empty() -> ScanStats:
+            return ScanStats.empty(spec, top_k, "cpu")
+
+        started = time.monotonic()
+        total = empty()
+        resumed: List[int] = []
+        done_items = 0
+        todo: List[PlannedShard] = []
+        for shard in plan.shards:
+            finished = store.load(shard, empty, keep_per_image)
+            if finished is not None:
+                total.merge(finished)
+                resumed.append(shard.offset)
+                done_items += shard.count
+            elif shard.count == 0:
+                store.save(shard, empty(), (np.zeros(0, np.int64), np.zeros((0, spec.channels), np.float16))
+                           if keep_per_image else None, 0)
+            else:
+                todo.append(shard)
+        merger = _Merger(plan, store, total, empty, keep_per_image, done_items, len(plan.shards) - len(todo),
+                         started, progress, report)
+        merger.announce()
+        if todo:
+            self._run(clip, spec, todo, merger, top_k, precision, keep_per_image, device)
+            merger.announce()
+        unfinished = [s.name for s in todo if s.index not in merger.finished]
+        if unfinished:
+            raise NeurolensError(f"Ray returned no result for {len(unfinished)} shard(s) (e.g. {unfinished[0]}); "
+                                 f"run the scan again: finished shards are kept")
+        chunks = [store.name(s) for s in plan.shards] if keep_per_image else []
+        return RayScanOutcome(stats=total, chunks=chunks, resumed=resumed, forwarded=merger.forwarded,
+                              actor_peak_rss=merger.actor_peak_rss, actor_pids=sorted(merger.actor_pids))
+
+    def _run(self, clip, spec, todo: List[PlannedShard], merger: "_Merger", top_k: int, precision: str,
+             keep_per_image: bool, device: str) -> None:
+        ray = self.ray
+        options = self.options
+        gpus = self.gpus_per_actor()
+        batch_size = int(options.batch_size or default_batch_size(_device_kind(gpus)))
+        model = clip.model if clip.device.type == "cpu" else copy.deepcopy(clip.model).cpu()
+        model_ref = ray.put(model)  # held here for the whole run: a restarted actor reads it again
+        meta = {"name": clip.name, "pretrained": clip.pretrained, "image_size": clip.image_size,
+                "mean": tuple(clip.mean), "std": tuple(clip.std), "fingerprint": clip.fingerprint}
+        rows = [{"shard": shard.index, "plan": pickle.dumps(shard)} for shard in todo]
+        data = ray.data.from_items(rows, override_num_blocks=len(rows))
+        data = data.map_batches(_decode_shards, batch_size=1, num_cpus=1,
+                                fn_kwargs={"image_size": clip.image_size, "batch_size": batch_size})
+        data = data.map_batches(
+            _ModelActor, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=int(options.actors)),
+            num_gpus=gpus, num_cpus=float(options.cpus_per_actor),
+            fn_constructor_kwargs={"model": model_ref, "meta": meta, "layer": spec.name,
+                                   "device": device if gpus > 0 else "cpu",
+                                   "threads": max(1, int(options.cpus_per_actor)), "top_k": int(top_k),
+                                   "precision": precision, "keep_per_image": keep_per_image})
+        # Ray Data's actor pools restart a dead actor (max_restarts=-1) and retry its unfinished batches
+        # (max_task_retries=-1) by default; _Merger drops a batch delivered twice.
+        try:
+            for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
+                for shard, payload, pid, rss in zip(batch["shard"], batch["payload"], batch["pid"], batch["rss"]):
+                    merger.add(int(shard), pickle.loads(payload), int(pid), int(rss))
+        except ray.exceptions.RayError as exc:
+            raise _unwrap(exc) from None
+        finally:
+            del model_ref
+
+
+def _device_kind(gpus: float):
+    import torch
+    return torch.device("cuda" if gpus > 0 else "cpu")
+
+
+# ------------------------------------------------------------------------------------------ driver side
+
+class _ShardInFlight:
+    def __init__(self, shard: PlannedShard, stats: ScanStats):
+        self.shard, self.stats = shard, stats
+        self.covered = np.zeros(shard.count, dtype=bool)
+        self.maxima: List[Tuple[np.ndarray, np.ndarray]] = []
+        self.forwarded = 0
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.covered.all())
+
+
+class _Merger:
+    """Folds each batch's per-shard statistics into its shard, writes a shard when all its items are in, and
+    merges it into the total."""
+
+    def __init__(self, plan: DatasetPlan, store: ShardStore, total: ScanStats, empty: Callable[[], ScanStats],
+                 keep_per_image: bool, done_items: int, shards_done: int, started: float,
+                 progress, report):
+        self.plan, self.store, self.total, self.empty = plan, store, total, empty
+        self.keep_per_image = keep_per_image
+        self.done_items, self.shards_done, self.started = done_items, shards_done, started
+        self.progress, self.report = progress, report
+        self.in_flight: Dict[int, _ShardInFlight] = {}
+        self.finished: set = set()
+        self.forwarded = 0
+        self.skipped = len(total.skipped)
+        self.actor_peak_rss = 0
+        self.actor_pids: set = set()
+        self.last_report = 0.0
+        self.first_result: Optional[float] = None
+
+    def add(self, shard_index: int, part: dict, pid: int, rss: int) -> None:
+        if self.first_result is None:
+            self.first_result = time.monotonic()
+        self.actor_pids.add(pid)
+        self.actor_peak_rss = max(self.actor_peak_rss, rss)
+        if shard_index in self.finished:
+            return  # a retried batch of a shard already written
+        shard = self.plan.shards[shard_index]
+        flight = self.in_flight.get(shard_index)
+        if flight is None:
+            flight = self.in_flight[shard_index] = _ShardInFlight(shard, self.empty())
+        local = np.asarray(part["covered"], dtype=np.int64) - shard.offset
+        seen = flight.covered[local]
+        if seen.all():
+            return  # delivered twice (a retried task): counted once
+        if seen.any():
+            raise NeurolensError(f"Ray delivered overlapping batches for shard {shard.name}; run the scan again")
+        flight.covered[local] = True
+        stats = self.empty()
+        stats.load_state_dict(part["state"])
+        flight.stats.merge(stats)
+        if self.keep_per_image and len(part["indices"]):
+            flight.maxima.append((part["indices"], part["maxima"]))
+        flight.forwarded += int(part["forwarded"])
+        self.forwarded += int(part["forwarded"])
+        self.skipped += len(stats.skipped)
+        self.done_items += len(local)
+        if flight.complete:
+            self._finish(flight)
+        self.announce(final=False)
+
+    def _finish(self, flight: _ShardInFlight) -> None:
+        per_image = None
+        if self.keep_per_image:
+            width = flight.stats.topk.units
+            per_image = (np.concatenate([i for i, _ in flight.maxima]) if flight.maxima else np.zeros(0, np.int64),
+                         np.concatenate([m for _, m in flight.maxima]) if flight.maxima
+                         else np.zeros((0, width), np.float16))
+        self.store.save(flight.shard, flight.stats, per_image, flight.forwarded)
+        self.total.merge(flight.stats)
+        self.finished.add(flight.shard.index)
+        del self.in_flight[flight.shard.index]
+        self.shards_done += 1
+
+    def snapshot(self) -> RayProgress:
+        now = time.monotonic()
+        return RayProgress(images_done=self.done_items, images_total=self.plan.total, shards_done=self.shards_done,
+                           shards_total=len(self.plan.shards), skipped=self.skipped, forwarded=self.forwarded,
+                           elapsed_s=now - self.started,
+                           streaming_s=now - self.first_result if self.first_result is not None else 0.0)
+
+    def announce(self, final: bool = True) -> None:
+        if self.progress:
+            self.progress(self.done_items, self.plan.total)
+        now = time.monotonic()
+        if self.report and (final or now - self.last_report >= 0.5):
+            self.last_report = now
+            self.report(self.snapshot())
+
+
+# ------------------------------------------------------------------------------------------ Ray side
+
+def _decode_shards(batch: Dict[str, np.ndarray], image_size: int, batch_size: int):
+    """CPU task: the shard's items in order, decoded and preprocessed, in batches of `batch_size` rows; a bad
+    item is a row with zero pixels and its reason (the actor counts it as skipped)."""
+    for blob in batch["plan"]:
+        shard: PlannedShard = pickle.loads(blob)
+        dataset = shard.dataset()
+        for first in range(0, shard.count, batch_size):
+            last = min(first + batch_size, shard.count)
+            pixels = np.zeros((last - first, 3, image_size, image_size), dtype=np.uint8)
+            reasons = []
+            for row, item in enumerate(range(first, last)):
+                array, reason = decode_item(dataset, item, image_size)
+                if array is not None:
+                    pixels[row] = array
+                reasons.append(reason)
+            yield {"shard": np.full(last - first, shard.index, dtype=np.int64),
+                   "index": np.arange(shard.offset + first, shard.offset + last, dtype=np.int64),
+                   "pixels": pixels, "reason": np.asarray(reasons, dtype=object)}
+
+
+class _ModelActor:
+    """Loads the model once; per batch, one truncated forward and, per shard in the batch, ScanStats.add."""
+
+    def __init__(self, model, meta: dict, layer: str, device: str, threads: int, top_k: int, precision: str,
+                 keep_per_image: bool):
+        import ray
+        import torch
+        from ..models import resolve_layer
+        from ..models.load import LoadedClip, resolve_device, weights_fingerprint
+        torch.set_num_threads(threads)
+        if isinstance(model, ray.ObjectRef):  # Ray Data passes constructor arguments as they are
+            model = ray.get(model)
+        if weights_fingerprint(model) != meta["fingerprint"]:
+            raise NeurolensError("the model an actor received differs from the driver's; run the scan again")
+        torch_device = resolve_device(device)
+        model = model.to(torch_device).eval()
+        self.clip = LoadedClip(model=model, name=meta["name"], pretrained=meta["pretrained"], device=torch_device,
+                               image_size=int(meta["image_size"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]),
+                               fingerprint=meta["fingerprint"], tokenizer=None)
+        self.spec = resolve_layer(self.clip, layer)
+        self.top_k, self.precision, self.keep_per_image = top_k, precision, keep_per_image
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        import torch
+        device = self.clip.device
+        shards, index = batch["shard"], batch["index"]
+        reasons = np.asarray(batch["reason"], dtype=object)
+        readable = reasons == ""
+        acts = None
+        if readable.any():
+            images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][readable])).to(device).float().div_(255.0)
+            acts, _ = layer_forward(self.clip, self.spec, images, self.precision)
+        readable_index, readable_shard = index[readable], shards[readable]
+        out_shards, payloads = [], []
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(readable_shard == shard)
+            stats = ScanStats.empty(self.spec, self.top_k, device)
+            maxima = np.zeros((0, self.spec.channels), np.float16)
+            if len(rows):
+                values = stats.add(acts[torch.as_tensor(rows, device=device)],
+                                   torch.as_tensor(readable_index[rows], device=device))
+                if self.keep_per_image:
+                    maxima = values.cpu().numpy().astype(np.float16)
+            bad = (shards == shard) & ~readable
+            stats.skipped = [(int(i), str(r)) for i, r in zip(index[bad], reasons[bad])]
+            payloads.append(pickle.dumps({
+                "covered": index[shards == shard], "state": stats.state_dict(), "forwarded": len(rows),
+                "indices": readable_index[rows] if self.keep_per_image else np.zeros(0, np.int64),
+                "maxima": maxima}, protocol=pickle.HIGHEST_PROTOCOL))
+            out_shards.append(int(shard))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"shard": np.asarray(out_shards, dtype=np.int64), "payload": np.asarray(payloads, dtype=object),
+                "pid": np.full(len(out_shards), os.getpid(), dtype=np.int64),
+                "rss": np.full(len(out_shards), rss, dtype=np.int64)}
