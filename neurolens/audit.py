@@ -269,17 +269,8 @@ def _run_with_progress(con, query: str, params: list, progress: Optional[Callabl
 
 def write_csv(result: AuditResult, path: str | os.PathLike) -> Path:
     """term,n_match,n_nsfw,pct_nsfw,nsfw_flag_counts (the last as a JSON object), one row per term."""
-    import csv
     import json
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["term", "n_match", "n_nsfw", "pct_nsfw", "nsfw_flag_counts"])
-        for row in result.terms:
-            writer.writerow([row.term, row.n_match, row.n_nsfw, "" if row.pct_nsfw is None else f"{row.pct_nsfw:.6g}",
-                             json.dumps(row.nsfw_flag_counts, ensure_ascii=False)])
-    os.replace(tmp, path)
-    return path
+    from .files import write_csv as write_rows
+    rows = ([row.term, row.n_match, row.n_nsfw, None if row.pct_nsfw is None else float(f"{row.pct_nsfw:.6g}"),
+             json.dumps(row.nsfw_flag_counts, ensure_ascii=False)] for row in result.terms)
+    return write_rows(path, ["term", "n_match", "n_nsfw", "pct_nsfw", "nsfw_flag_counts"], rows, option="--csv")

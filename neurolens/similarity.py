@@ -257,16 +257,6 @@ def draw_similarity_matrix(
     return canvas
 
 
-def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write atomically (temp file + rename) so that an interrupted run leaves no half-written figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
 @dataclass
 class MatrixResult:
     image_labels: List[str]

@@ -12,6 +12,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..errors import NeurolensError
+from ..files import WRITE_ERRNOS, write_error
 
 app = typer.Typer(
     name="neurolens",
@@ -45,13 +46,19 @@ def fail(message: str) -> None:
 
 
 def command(func: Callable) -> Callable:
-    """Turn user errors into one line and exit 2, and Ctrl-C into a short note (work already cached is kept)."""
+    """Turn user errors (a full or read-only disk included) into one line and exit 2, and Ctrl-C into a short
+    note (work already cached is kept)."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except NeurolensError as exc:
             fail(str(exc))
+        except OSError as exc:
+            # a write that did not go through neurolens.files (a library's own file I/O): still one line
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            fail(str(write_error(exc.filename or "a file", exc, option=None)))
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept in the cache; run the same command again to resume", err=True)
             raise typer.Exit(130)

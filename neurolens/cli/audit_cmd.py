@@ -9,6 +9,7 @@ from typing_extensions import Annotated
 from .app import (CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
                   print_json, progress_bar)
 from ..errors import NeurolensError
+from ..files import save_png
 from ..models import DEFAULT_MODEL
 from ..models.load import DEFAULT_PRETRAINED
 
@@ -93,7 +94,7 @@ def similarity_cmd(
     with progress_bar("embedding images", enabled=not as_json) as progress:
         result = sim.similarity_matrix(clip, items, caption_list, threshold, blur_user_images=not no_blur,
                                        progress=progress)
-    path = sim.save_png(result.figure, out)
+    path = save_png(result.figure, out)
     if as_json:
         print_json([s.as_dict() for s in result.scores(threshold)])
     else:
