@@ -28,7 +28,6 @@ import logging
 import os
 import pickle
 import resource
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -127,11 +126,14 @@ def ray_session(options: RayOptions) -> Iterator["RaySession"]:
     """Connects to `options.address`, or uses the Ray this process already started, or starts a local one
     on loopback; disconnects (and stops what it started) on the way out, also after an error or Ctrl-C."""
     options.check()
-    if "ray" not in sys.modules and options.address is None:
+    local = options.address is None
+    if local:
         os.environ.setdefault(LOOPBACK_ENV, "0")
     ray = _import_ray()
     started = False
     if not ray.is_initialized():
+        if local and os.environ.get(LOOPBACK_ENV) == "0":
+            _loopback_if_imported_too_early(ray)
         try:
             if options.address:
                 ray.init(address=options.address, log_to_driver=False, logging_level=logging.WARNING)
@@ -152,6 +154,14 @@ def ray_session(options: RayOptions) -> Iterator["RaySession"]:
     finally:
         if started:
             ray.shutdown()
+
+
+def _loopback_if_imported_too_early(ray) -> None:
+    """Ray reads LOOPBACK_ENV when it is imported; when something imported it before us, set the flag it was
+    read into (services.get_node_ip_address looks it up at call time)."""
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _unwrap(exc: BaseException) -> BaseException:

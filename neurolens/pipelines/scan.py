@@ -250,7 +250,8 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
     record = _final_record(clip, spec, plan.dataset_view(), stats, top_k, precision, False, outcome.chunks,
                            outcome.resumed)
     record.attrs.update({"engine": "ray", "shards": len(plan.shards), "per_image": bool(keep_per_image),
-                         "forwarded": int(outcome.forwarded), "actors": int(options.actors)})
+                         "forwarded": int(outcome.forwarded), "actors": int(options.actors),
+                         "actor_peak_rss": int(outcome.actor_peak_rss)})
     final_path = cache.path("scan", clip.fingerprint, spec.name, key)
     cache.write(final_path, record)
     store.remove_records(plan.shards)
