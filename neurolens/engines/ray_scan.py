@@ -86,11 +86,13 @@ class RayProgress:
     skipped: int              # bad items met so far
     forwarded: int            # images through the model in this run
     elapsed_s: float          # since the scan started
-    streaming_s: float = 0.0  # since the first batch came back (the rate leaves Ray's start-up out)
+    streaming_s: float = 0.0  # since the first batch came back
+    streamed: int = 0         # images forwarded in batches that came back after the first one
 
     @property
     def images_per_s(self) -> float:
-        return self.forwarded / self.streaming_s if self.streaming_s > 0 else 0.0
+        """The rate once results flow (Ray's start-up and the first batch left out)."""
+        return self.streamed / self.streaming_s if self.streaming_s > 0 else 0.0
 
     @property
     def eta_s(self) -> Optional[float]:
@@ -309,10 +311,12 @@ class _Merger:
         self.actor_pids: set = set()
         self.last_report = 0.0
         self.first_result: Optional[float] = None
+        self.forwarded_at_first = 0
 
     def add(self, shard_index: int, part: dict, pid: int, rss: int) -> None:
         if self.first_result is None:
             self.first_result = time.monotonic()
+            self.forwarded_at_first = int(part["forwarded"])
         self.actor_pids.add(pid)
         self.actor_peak_rss = max(self.actor_peak_rss, rss)
         if shard_index in self.finished:
@@ -359,7 +363,8 @@ class _Merger:
         return RayProgress(images_done=self.done_items, images_total=self.plan.total, shards_done=self.shards_done,
                            shards_total=len(self.plan.shards), skipped=self.skipped, forwarded=self.forwarded,
                            elapsed_s=now - self.started,
-                           streaming_s=now - self.first_result if self.first_result is not None else 0.0)
+                           streaming_s=now - self.first_result if self.first_result is not None else 0.0,
+                           streamed=self.forwarded - self.forwarded_at_first)
 
     def announce(self, final: bool = True) -> None:
         if self.progress:
