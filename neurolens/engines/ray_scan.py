@@ -213,12 +213,12 @@ class RaySession:
         started = time.monotonic()
         total = empty()
         resumed: List[int] = []
-        done_items = 0
+        done_items = skipped = 0
         todo: List[PlannedShard] = []
         for shard in plan.shards:
             finished = store.load(shard, empty, keep_per_image)
             if finished is not None:
-                total.merge(finished)
+                skipped += _merge_without_skips(total, finished)
                 resumed.append(shard.offset)
                 done_items += shard.count
             elif shard.count == 0:
@@ -226,8 +226,8 @@ class RaySession:
                            if keep_per_image else None, 0)
             else:
                 todo.append(shard)
-        merger = _Merger(plan, store, total, empty, keep_per_image, done_items, len(plan.shards) - len(todo),
-                         started, progress, report)
+        merger = _Merger(plan, store, total, empty, keep_per_image, done_items, skipped,
+                         len(plan.shards) - len(todo), started, progress, report)
         merger.announce()
         if todo:
             self._run(clip, spec, todo, merger, top_k, precision, keep_per_image, device)
@@ -237,6 +237,7 @@ class RaySession:
             raise NeurolensError(f"Ray returned no result for {len(unfinished)} shard(s) (e.g. {unfinished[0]}); "
                                  f"run the scan again: finished shards are kept")
         chunks = [store.name(s) for s in plan.shards] if keep_per_image else []
+        total.skipped = store.skipped(plan.shards)  # in index order: shards in order, each one sorted
         return RayScanOutcome(stats=total, chunks=chunks, resumed=resumed, forwarded=merger.forwarded,
                               actor_peak_rss=merger.actor_peak_rss, actor_pids=sorted(merger.actor_pids))
 
@@ -273,6 +274,14 @@ class RaySession:
             del model_ref
 
 
+def _merge_without_skips(total: ScanStats, part: ScanStats) -> int:
+    """Merge a finished shard into the total but leave its skip list in the shard's record: merging skip
+    lists sorts them (quadratic over a run); they are read back, in order, once at the end."""
+    skipped, part.skipped = part.skipped, []
+    total.merge(part)
+    return len(skipped)
+
+
 def _device_kind(gpus: float):
     import torch
     return torch.device("cuda" if gpus > 0 else "cpu")
@@ -297,7 +306,7 @@ class _Merger:
     merges it into the total."""
 
     def __init__(self, plan: DatasetPlan, store: ShardStore, total: ScanStats, empty: Callable[[], ScanStats],
-                 keep_per_image: bool, done_items: int, shards_done: int, started: float,
+                 keep_per_image: bool, done_items: int, skipped: int, shards_done: int, started: float,
                  progress, report):
         self.plan, self.store, self.total, self.empty = plan, store, total, empty
         self.keep_per_image = keep_per_image
@@ -306,7 +315,7 @@ class _Merger:
         self.in_flight: Dict[int, _ShardInFlight] = {}
         self.finished: set = set()
         self.forwarded = 0
-        self.skipped = len(total.skipped)
+        self.skipped = skipped
         self.actor_peak_rss = 0
         self.actor_pids: set = set()
         self.last_report = 0.0
@@ -353,7 +362,7 @@ class _Merger:
                          np.concatenate([m for _, m in flight.maxima]) if flight.maxima
                          else np.zeros((0, width), np.float16))
         self.store.save(flight.shard, flight.stats, per_image, flight.forwarded)
-        self.total.merge(flight.stats)
+        _merge_without_skips(self.total, flight.stats)
         self.finished.add(flight.shard.index)
         del self.in_flight[flight.shard.index]
         self.shards_done += 1

@@ -202,6 +202,18 @@ class ShardStore:
             "shard": shard.name, "shard_identity": shard.identity, "offset": shard.offset, "count": shard.count,
             "per_image": per_image is not None, "forwarded": int(forwarded)}))
 
+    def skipped(self, shards: Sequence[PlannedShard]) -> List[Tuple[int, str]]:
+        """(index, reason) of every skipped item of these finished shards, in shard order."""
+        found: List[Tuple[int, str]] = []
+        for shard in shards:
+            record = self.cache.read(self.path(shard), names=["state/skipped/indices", "state/skipped/reasons"])
+            if record is None:
+                raise NeurolensError(f"shard record {self.path(shard)} vanished during the scan; run the scan again")
+            indices = record.arrays["state/skipped/indices"]
+            reasons = record.arrays["state/skipped/reasons"]
+            found += [(int(i), str(r)) for i, r in zip(indices, reasons)]
+        return found
+
     def remove_records(self, shards: Sequence[PlannedShard]) -> None:
         """Once the scan's own record is written the shard records are redundant (chunks stay: it lists them)."""
         for shard in shards:
