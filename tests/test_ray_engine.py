@@ -131,7 +131,8 @@ def test_killed_actor_is_restarted_and_nothing_is_counted_twice(tiny_clip, ray_c
 
     cache = Cache(tmp_path / "ray")
     result = run_ray_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, cache=cache,
-                          ray=RayOptions(actors=1, batch_size=2, cpus_per_actor=0.5), report=kill_an_actor)
+                          ray=RayOptions(actors=1, batch_size=2, batches_per_call=1, cpus_per_actor=0.5),
+                          report=kill_an_actor)
     assert killed, "no actor was killed mid-run"
     assert_same_scan(result, reference)
     assert cache.read(result.path).attrs["forwarded"] >= result.count
@@ -146,7 +147,8 @@ def test_killed_driver_resumes_without_recomputing_finished_shards(tiny_clip, ra
                          cache=Cache(tmp_path / "reference"))
     cache_dir = tmp_path / "ray"
     command = [sys.executable, str(HERE / "ray_driver.py"), "--address", ray_cluster, "--dataset", str(folder),
-               "--cache", str(cache_dir), "--layer", LAYER, "--batch-size", "1", "--top-k", str(TOP_K)]
+               "--cache", str(cache_dir), "--layer", LAYER, "--batch-size", "1", "--batches-per-call", "1",
+               "--top-k", str(TOP_K)]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.monotonic() + 240
     finished = []
