@@ -15,6 +15,11 @@ For each model (a small one and RN50x4, random weights, at small N) on the same 
   <m>_actor_peak_rss_mb_{ray1,ray2}           the largest peak RSS a model actor reported
   <m>_laion400m_actor_hours   413e6 / ray1_stream_img_s / 3600: EXTRAPOLATED hours for LAION-400M per
                           actor (divide by the number of GPUs/actors; assumes decode keeps up)
+  <m>_decode_img_s_per_core   images/s one CPU core decodes and preprocesses to the model's input size
+                          (scan.decode_item, process time, the same JPEGs): CPU cores a GPU needs =
+                          its stream rate / this
+  merge_ms                driver CPU time to merge one actor call's partial result of the large model's
+                          layer (what caps the total rate at rows-per-call / merge_ms)
 
 Each scan runs in a fresh subprocess (so peak RSS is its own); the Ray drivers join one local Ray started
 here on loopback (--ray-cpus CPUs, GPUs as found). Single-process and actors get the same torch threads
@@ -106,10 +111,45 @@ def run_child(args, model: str, layer: str, data: Path, cache: Path, engine: str
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def decode_rate(data: Path, image_size: int, items: int = 64) -> float:
+    """Images/s of decode + preprocess on one core (process time of this single-threaded loop)."""
+    from neurolens.datasets import list_tar_shard
+    from neurolens.scan import decode_item
+    dataset = list_tar_shard(str(sorted(data.glob("*.tar"))[0])).dataset()
+    count = min(items, len(dataset))
+    start = time.process_time()
+    for index in range(count):
+        decode_item(dataset, index, image_size)
+    return count / max(time.process_time() - start, 1e-9)
+
+
+def merge_ms(model: str, layer: str, batch: int, top_k: int) -> float:
+    """Driver CPU ms to load and merge one partial result (what _Merger does per actor call)."""
+    import pickle
+    import torch
+    from neurolens.models import load_clip, resolve_layer
+    from neurolens.scan import ScanStats
+    torch.set_num_threads(1)
+    spec = resolve_layer(load_clip(model, "none", device="cpu"), layer)
+    part = ScanStats.empty(spec, top_k)
+    part.add(torch.randn(batch, spec.channels, max(1, spec.height), max(1, spec.width)), torch.arange(batch))
+    blob = pickle.dumps({"state": part.state_dict()}, protocol=pickle.HIGHEST_PROTOCOL)
+    total = ScanStats.empty(spec, top_k)
+    start = time.process_time()
+    for _ in range(10):
+        other = ScanStats.empty(spec, top_k)
+        other.load_state_dict(pickle.loads(blob)["state"])
+        total.merge(other)
+    return (time.process_time() - start) / 10 * 1000
+
+
 def measure(args, name: str, model: str, layer: str, n: int, tmp: Path, address: str) -> dict:
+    from neurolens.models import load_clip
     data = tmp / f"data-{name}"
     write_shards(data, n, args.shard_rows, args.image_size)
     out = {f"{name}_model": model, f"{name}_layer": layer, f"{name}_n": n}
+    size = load_clip(model, "none", device="cpu").image_size
+    out[f"{name}_decode_img_s_per_core"] = decode_rate(data, size)
     single = run_child(args, model, layer, data, tmp / f"c-{name}-single", "process")
     out[f"{name}_single_img_s"] = single["images"] / single["seconds"]
     out[f"{name}_driver_peak_rss_mb_single"] = single["driver_peak_rss_mb"]
@@ -172,6 +212,7 @@ def main() -> None:
             report.update(measure(args, "small", args.small_model, args.small_layer, args.small_n, tmp, address))
             if not args.skip_large:
                 report.update(measure(args, "large", args.large_model, args.large_layer, args.large_n, tmp, address))
+                report["merge_ms"] = merge_ms(args.large_model, args.large_layer, args.batch_size * 8, args.top_k)
     finally:
         ray.shutdown()
     report["load_avg_1min_end"] = os.getloadavg()[0]

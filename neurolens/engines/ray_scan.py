@@ -36,6 +36,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import NeurolensError
+from ..models.load import weights_fingerprint
 from ..scan import ScanStats, decode_item, default_batch_size, layer_forward
 from .shards import DEFAULT_SHARD_SIZE, DatasetPlan, PlannedShard, ShardStore
 
@@ -250,10 +251,11 @@ class RaySession:
         options = self.options
         gpus = self.gpus_per_actor()
         batch_size = int(options.batch_size or default_batch_size(_device_kind(gpus)))
-        model = clip.model if clip.device.type == "cpu" else copy.deepcopy(clip.model).cpu()
-        model_ref = ray.put(model)  # held here for the whole run: a restarted actor reads it again
+        tower = image_tower(clip.model.visual if clip.device.type == "cpu" else copy.deepcopy(clip.model.visual).cpu())
+        model_ref = ray.put(tower)  # held here for the whole run: a restarted actor reads it again
         meta = {"name": clip.name, "pretrained": clip.pretrained, "image_size": clip.image_size,
-                "mean": tuple(clip.mean), "std": tuple(clip.std), "fingerprint": clip.fingerprint}
+                "mean": tuple(clip.mean), "std": tuple(clip.std), "fingerprint": clip.fingerprint,
+                "tower_fingerprint": weights_fingerprint(tower)}
         rows = [{"shard": shard.index, "plan": pickle.dumps(shard)} for shard in todo]
         data = ray.data.from_items(rows, override_num_blocks=len(rows))
         rows_per_call = batch_size * int(options.batches_per_call)
@@ -287,6 +289,15 @@ def _merge_without_skips(total: ScanStats, part: ScanStats) -> int:
     skipped, part.skipped = part.skipped, []
     total.merge(part)
     return len(skipped)
+
+
+def image_tower(visual):
+    """What the actors need of a CLIP model: its image tower, as `.visual` of a module (so the layer paths
+    `visual.layer4.5...` resolve as on the whole model); the text tower never leaves the driver."""
+    import torch
+    tower = torch.nn.Module()
+    tower.visual = visual
+    return tower
 
 
 def _device_kind(gpus: float):
@@ -422,11 +433,11 @@ class _ModelActor:
         import ray
         import torch
         from ..models import resolve_layer
-        from ..models.load import LoadedClip, resolve_device, weights_fingerprint
+        from ..models.load import LoadedClip, resolve_device
         torch.set_num_threads(threads)
         if isinstance(model, ray.ObjectRef):  # Ray Data passes constructor arguments as they are
             model = ray.get(model)
-        if weights_fingerprint(model) != meta["fingerprint"]:
+        if weights_fingerprint(model) != meta["tower_fingerprint"]:
             raise NeurolensError("the model an actor received differs from the driver's; run the scan again")
         torch_device = resolve_device(device)
         model = model.to(torch_device).eval()
