@@ -54,41 +54,34 @@ def scan(
     if engine.ray:
         engine.check_process_only(**{"--workers": loader.workers is not None, "--embeddings": embeddings,
                                      "--checkpoint-every": bool(checkpoint_every)})
-        return _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json)
-    engine.check_process_only()
-    from ..pipelines.scan import run_scan
-    clip = model.load(quiet=as_json)
-    dataset = data.open()
-    with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
-        result = run_scan(clip, layer, dataset, top_k=top_k, batch_size=loader.batch_size, workers=loader.workers,
-                          cache=cache, force=force, embeddings=embeddings, precision=precision, progress=progress,
-                          checkpoint_every=checkpoint_every or None)
+        result = _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json)
+    else:
+        engine.check_process_only()
+        from ..pipelines.scan import run_scan
+        clip = model.load(quiet=as_json)
+        with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
+            result = run_scan(clip, layer, data.open(), top_k=top_k, batch_size=loader.batch_size,
+                              workers=loader.workers, cache=cache, force=force, embeddings=embeddings,
+                              precision=precision, progress=progress, checkpoint_every=checkpoint_every or None)
     if as_json:
         print_json(result.summary())
         return
     how = "cached" if result.cached else ("resumed" if result.resumed_from else "scanned")
-    typer.echo(f"{how}: {result.count} images of {dataset.description} through {result.layer} "
-               f"({result.channels} units, top {result.top_k}) -> {result.path}")
+    typer.echo(f"{how}{' on Ray' if engine.ray else ''}: {result.count} images of {result.description} through "
+               f"{result.layer} ({result.channels} units, top {result.top_k}) -> {result.path}")
     typer.echo(_skip_line(result))
 
 
-def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json) -> None:
+def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json):
     from dataclasses import replace
     from ..pipelines.scan import run_ray_scan
     clip = replace(model, device="cpu").load(quiet=as_json)  # the driver only ships the weights to the actors
     with progress_bar(f"scan {layer} on Ray", enabled=not as_json) as progress:
-        result = run_ray_scan(clip, layer, data.dataset, top_k=top_k, cache=cache, force=force, precision=precision,
-                              keep_per_image=engine.keep_per_image, ray=engine.ray_options(loader.batch_size),
-                              device=model.device, image_column=data.image_column,
-                              caption_column=data.caption_column, progress=progress,
-                              report=lambda state: progress.note(state.line()))
-    if as_json:
-        print_json(result.summary())
-        return
-    how = "cached" if result.cached else ("resumed" if result.resumed_from else "scanned")
-    typer.echo(f"{how} on Ray: {result.count} images of {result.description} through {result.layer} "
-               f"({result.channels} units, top {result.top_k}) -> {result.path}")
-    typer.echo(_skip_line(result))
+        return run_ray_scan(clip, layer, data.dataset, top_k=top_k, cache=cache, force=force, precision=precision,
+                            keep_per_image=engine.keep_per_image, ray=engine.ray_options(loader.batch_size),
+                            device=model.device, image_column=data.image_column,
+                            caption_column=data.caption_column, progress=progress,
+                            report=lambda state: progress.note(state.line()))
 
 
 @app.command("samples", short_help="A unit's top dataset images and a grid of crops where it fired (blurred).")
