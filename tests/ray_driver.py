@@ -21,12 +21,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--batches-per-call", type=int, default=8)
+    parser.add_argument("--compact-every", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(1)
     clip = load_clip(args.model, "none", device="cpu")
     result = run_ray_scan(clip, args.layer, args.dataset, top_k=args.top_k, cache=Cache(args.cache),
                           ray=RayOptions(address=args.address, actors=args.actors, batch_size=args.batch_size,
-                                         batches_per_call=args.batches_per_call, cpus_per_actor=0.5))
+                                         batches_per_call=args.batches_per_call, compact_every=args.compact_every,
+                                         cpus_per_actor=0.5))
     attrs = Cache(args.cache).read(result.path).attrs
     print(json.dumps({"count": result.count, "forwarded": attrs["forwarded"],
                       "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -62,6 +62,7 @@ class RayOptions:
     actors: int = 1                        # model actors (each loads the model once)
     batch_size: Optional[int] = None       # images per forward (default 64 with a GPU, 16 without)
     batches_per_call: int = 8              # forwards per actor call: one partial result per call to merge
+    compact_every: int = 256               # finished shards per group record (engines.shards.ShardStore)
     gpus_per_actor: Optional[float] = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0            # CPUs reserved per actor; also its torch threads (at least 1)
     shard_size: int = DEFAULT_SHARD_SIZE   # items per shard when a folder or table is cut into slices
@@ -72,8 +73,8 @@ class RayOptions:
             raise NeurolensError(f"--actors must be at least 1, got {self.actors}")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise NeurolensError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if int(self.batches_per_call) < 1:
-            raise NeurolensError(f"batches_per_call must be at least 1, got {self.batches_per_call}")
+        if int(self.batches_per_call) < 1 or int(self.compact_every) < 1:
+            raise NeurolensError("batches_per_call and compact_every must be at least 1")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             raise NeurolensError(f"--gpus-per-actor must be 0 or more, got {self.gpus_per_actor}")
         if self.cpus_per_actor < 0:
@@ -214,24 +215,13 @@ class RaySession:
         def empty() -> ScanStats:
             return ScanStats.empty(spec, top_k, "cpu")
 
-        started = time.monotonic()
-        total = empty()
-        resumed: List[int] = []
-        done_items = skipped = 0
-        todo: List[PlannedShard] = []
-        for shard in plan.shards:
-            finished = store.load(shard, empty, keep_per_image)
-            if finished is not None:
-                skipped += _merge_without_skips(total, finished)
-                resumed.append(shard.offset)
-                done_items += shard.count
-            elif shard.count == 0:
-                store.save(shard, empty(), (np.zeros(0, np.int64), np.zeros((0, spec.channels), np.float16))
-                           if keep_per_image else None, 0)
-            else:
-                todo.append(shard)
-        merger = _Merger(plan, store, total, empty, keep_per_image, done_items, skipped,
-                         len(plan.shards) - len(todo), started, progress, report)
+        merger = _Merger(plan, store, empty, keep_per_image, int(self.options.compact_every), time.monotonic(),
+                         progress, report)
+        resumed = merger.resume()
+        todo = [shard for shard in plan.shards if shard.index not in merger.finished]
+        for shard in [s for s in todo if s.count == 0]:
+            merger.finish_empty(shard, spec.channels)
+        todo = [shard for shard in todo if shard.count > 0]
         merger.announce()
         if todo:
             self._run(clip, spec, todo, merger, top_k, precision, keep_per_image, device)
@@ -240,9 +230,9 @@ class RaySession:
         if unfinished:
             raise NeurolensError(f"Ray returned no result for {len(unfinished)} shard(s) (e.g. {unfinished[0]}); "
                                  f"run the scan again: finished shards are kept")
+        merger.total.skipped = merger.skip_list()
         chunks = [store.name(s) for s in plan.shards] if keep_per_image else []
-        total.skipped = store.skipped(plan.shards)  # in index order: shards in order, each one sorted
-        return RayScanOutcome(stats=total, chunks=chunks, resumed=resumed, forwarded=merger.forwarded,
+        return RayScanOutcome(stats=merger.total, chunks=chunks, resumed=resumed, forwarded=merger.forwarded,
                               actor_peak_rss=merger.actor_peak_rss, actor_pids=sorted(merger.actor_pids))
 
     def _run(self, clip, spec, todo: List[PlannedShard], merger: "_Merger", top_k: int, precision: str,
@@ -283,14 +273,6 @@ class RaySession:
             del model_ref
 
 
-def _merge_without_skips(total: ScanStats, part: ScanStats) -> int:
-    """Merge a finished shard into the total but leave its skip list in the shard's record: merging skip
-    lists sorts them (quadratic over a run); they are read back, in order, once at the end."""
-    skipped, part.skipped = part.skipped, []
-    total.merge(part)
-    return len(skipped)
-
-
 def image_tower(visual):
     """What the actors need of a CLIP model: its image tower, as `.visual` of a module (so the layer paths
     `visual.layer4.5...` resolve as on the whole model); the text tower never leaves the driver."""
@@ -320,25 +302,41 @@ class _ShardInFlight:
 
 
 class _Merger:
-    """Folds each batch's per-shard statistics into its shard, writes a shard when all its items are in, and
-    merges it into the total."""
+    """The driver's bookkeeping: folds each actor call's per-shard statistics into its shard, writes a shard
+    when all its items are in and merges it into the total, and every `compact_every` finished shards
+    writes them as one group record (ShardStore). Skip lists stay in the records while the scan runs (merging
+    them would sort the whole list again and again) and are read back once at the end."""
 
-    def __init__(self, plan: DatasetPlan, store: ShardStore, total: ScanStats, empty: Callable[[], ScanStats],
-                 keep_per_image: bool, done_items: int, skipped: int, shards_done: int, started: float,
-                 progress, report):
-        self.plan, self.store, self.total, self.empty = plan, store, total, empty
-        self.keep_per_image = keep_per_image
-        self.done_items, self.shards_done, self.started = done_items, shards_done, started
-        self.progress, self.report = progress, report
+    def __init__(self, plan: DatasetPlan, store: ShardStore, empty: Callable[[], ScanStats], keep_per_image: bool,
+                 compact_every: int, started: float, progress, report):
+        self.plan, self.store, self.empty = plan, store, empty
+        self.keep_per_image, self.compact_every = keep_per_image, max(1, compact_every)
+        self.started, self.progress, self.report = started, progress, report
+        self.total = empty()
         self.in_flight: Dict[int, _ShardInFlight] = {}
         self.finished: set = set()
-        self.forwarded = 0
-        self.skipped = skipped
+        self.records: List = []                 # shard and group records whose skip lists count
+        self.recent, self.recent_skips, self.recent_shards = empty(), [], []
+        self.next_group = store.next_group()
+        self.done_items = self.shards_done = self.skipped = self.forwarded = 0
         self.actor_peak_rss = 0
         self.actor_pids: set = set()
         self.last_report = 0.0
         self.first_result: Optional[float] = None
         self.forwarded_at_first = 0
+
+    def resume(self) -> List[int]:
+        """Merge what earlier runs finished; returns the offsets of those shards."""
+        resumed = []
+        for group in self.store.finished(self.plan.shards, self.empty, self.keep_per_image):
+            self._done(group.stats, group.shards, group.path, group.is_group)
+            resumed += [shard.offset for shard in group.shards]
+        return sorted(resumed)
+
+    def finish_empty(self, shard: PlannedShard, channels: int) -> None:
+        per_image = (np.zeros(0, np.int64), np.zeros((0, channels), np.float16)) if self.keep_per_image else None
+        self.store.save(shard, self.empty(), per_image, 0)
+        self._done(self.empty(), [shard], self.store.path(shard), False)
 
     def add(self, shard_index: int, part: dict, pid: int, rss: int) -> None:
         if self.first_result is None:
@@ -347,7 +345,7 @@ class _Merger:
         self.actor_pids.add(pid)
         self.actor_peak_rss = max(self.actor_peak_rss, rss)
         if shard_index in self.finished:
-            return  # a retried batch of a shard already written
+            return  # a retried call of a shard already written
         shard = self.plan.shards[shard_index]
         flight = self.in_flight.get(shard_index)
         if flight is None:
@@ -355,7 +353,7 @@ class _Merger:
         local = np.asarray(part["covered"], dtype=np.int64) - shard.offset
         seen = flight.covered[local]
         if seen.all():
-            return  # delivered twice (a retried task): counted once
+            return  # delivered twice (a retried call): counted once
         if seen.any():
             raise NeurolensError(f"Ray delivered overlapping batches for shard {shard.name}; run the scan again")
         flight.covered[local] = True
@@ -366,24 +364,44 @@ class _Merger:
             flight.maxima.append((part["indices"], part["maxima"]))
         flight.forwarded += int(part["forwarded"])
         self.forwarded += int(part["forwarded"])
-        self.skipped += len(stats.skipped)
-        self.done_items += len(local)
         if flight.complete:
-            self._finish(flight)
+            del self.in_flight[shard_index]
+            per_image = None
+            if self.keep_per_image:
+                kept = flight.maxima
+                per_image = (np.concatenate([i for i, _ in kept]) if kept else np.zeros(0, np.int64),
+                             np.concatenate([m for _, m in kept]) if kept
+                             else np.zeros((0, flight.stats.topk.units), np.float16))
+            self.store.save(shard, flight.stats, per_image, flight.forwarded)
+            self._done(flight.stats, [shard], self.store.path(shard), False)
         self.announce(final=False)
 
-    def _finish(self, flight: _ShardInFlight) -> None:
-        per_image = None
-        if self.keep_per_image:
-            width = flight.stats.topk.units
-            per_image = (np.concatenate([i for i, _ in flight.maxima]) if flight.maxima else np.zeros(0, np.int64),
-                         np.concatenate([m for _, m in flight.maxima]) if flight.maxima
-                         else np.zeros((0, width), np.float16))
-        self.store.save(flight.shard, flight.stats, per_image, flight.forwarded)
-        _merge_without_skips(self.total, flight.stats)
-        self.finished.add(flight.shard.index)
-        del self.in_flight[flight.shard.index]
-        self.shards_done += 1
+    def _done(self, stats: ScanStats, shards: List[PlannedShard], path, is_group: bool) -> None:
+        """Finished shards (with their statistics and their record) into the total."""
+        skips, stats.skipped = stats.skipped, []
+        self.total.merge(stats)
+        self.records.append(path)
+        if not is_group:
+            self.recent.merge(stats)
+            self.recent_skips += skips
+            self.recent_shards += shards
+        self.finished.update(shard.index for shard in shards)
+        self.done_items += sum(shard.count for shard in shards)
+        self.shards_done += len(shards)
+        self.skipped += len(skips)
+        if len(self.recent_shards) >= self.compact_every:
+            self._compact()
+
+    def _compact(self) -> None:
+        self.recent.skipped = sorted(self.recent_skips)
+        path = self.store.save_group(self.next_group, self.recent, self.recent_shards, self.keep_per_image)
+        gone = {self.store.path(shard) for shard in self.recent_shards}
+        self.records = [p for p in self.records if p not in gone] + [path]
+        self.next_group += 1
+        self.recent, self.recent_skips, self.recent_shards = self.empty(), [], []
+
+    def skip_list(self) -> List[Tuple[int, str]]:
+        return self.store.skipped(self.records)
 
     def snapshot(self) -> RayProgress:
         now = time.monotonic()

@@ -237,12 +237,12 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
         key = scan_key(clip, spec, plan, top_k, precision, False)
         store = ShardStore(cache, clip.fingerprint, spec.name, key)
         if force:
-            store.remove_records(plan.shards)
+            store.remove_records()
         outcome = session.scan(clip, spec, plan, store, top_k=top_k, precision=precision,
                                keep_per_image=keep_per_image, device=device, progress=progress, report=report)
     stats = outcome.stats
     if stats.count == 0:
-        store.remove_records(plan.shards)
+        store.remove_records()
         _remove_stale_chunks(cache, clip, spec, key, [])
         example = f" (e.g. item {stats.skipped[0][0]}: {stats.skipped[0][1]})" if stats.skipped else ""
         raise DatasetError(f"no readable image in {plan.description}: all {len(plan)} items were skipped"
@@ -254,7 +254,7 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
                          "actor_peak_rss": int(outcome.actor_peak_rss)})
     final_path = cache.path("scan", clip.fingerprint, spec.name, key)
     cache.write(final_path, record)
-    store.remove_records(plan.shards)
+    store.remove_records()
     _remove_stale_chunks(cache, clip, spec, key, outcome.chunks)
     result = _result_from_record(cache.read(final_path), cache, clip, spec)
     result.cached = False
