@@ -38,3 +38,41 @@ def natural_images():
     from neurolens.builtin import builtin_images
     import torch
     return torch.from_numpy(builtin_images(size=64))
+
+
+class FakeNudeDetector:
+    """Stands in for NudeNet's NudeDetector (we never make explicit imagery): `fires(rgb array)` decides
+    whether an exposed region is reported. Like NudeNet it receives BGR arrays and also reports a covered
+    class (which neurolens must ignore). `seen` keeps the arrays it was given."""
+
+    def __init__(self, fires, score=0.93):
+        self.fires, self.score, self.seen = fires, score, []
+
+    def detect(self, bgr):
+        self.seen.append(bgr)
+        found = [{"class": "FACE_FEMALE", "score": 0.99, "box": [0, 0, 4, 4]}]
+        if self.fires(bgr[:, :, ::-1]):
+            found.append({"class": "FEMALE_BREAST_EXPOSED", "score": self.score, "box": [1, 2, 8, 9]})
+        return found
+
+
+@pytest.fixture()
+def fake_detector(monkeypatch):
+    """install(fires, score=0.93) makes labels.nudenet use a FakeNudeDetector (as if NudeNet were installed)."""
+    from neurolens.labels import nudenet
+
+    def install(fires, score=0.93):
+        fake = FakeNudeDetector(fires, score)
+        monkeypatch.setattr(nudenet, "available", lambda: True)
+        monkeypatch.setattr(nudenet, "_detector", lambda: fake)
+        # detector scores are cached per detector version: each stand-in is a version of its own
+        monkeypatch.setattr(nudenet, "version", lambda: f"fake-{id(fake)}")
+        return fake
+    return install
+
+
+@pytest.fixture()
+def no_detector(monkeypatch):
+    """As if NudeNet were not installed."""
+    from neurolens.labels import nudenet
+    monkeypatch.setattr(nudenet, "available", lambda: False)
