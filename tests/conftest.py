@@ -76,3 +76,63 @@ def no_detector(monkeypatch):
     """As if NudeNet were not installed."""
     from neurolens.labels import nudenet
     monkeypatch.setattr(nudenet, "available", lambda: False)
+
+
+class FullDisk:
+    """Files opened for writing ('wb'/'w') whose path matches `when` fail like a disk that fills up: after
+    `skip` such files went through whole, every further write raises OSError(error) once `keep` bytes of the
+    file were written. `failed` lists the paths that failed."""
+
+    def __init__(self, when, skip=0, keep=64, error=None):
+        import errno
+        self.when, self.skip, self.keep = when, skip, keep
+        self.error = errno.ENOSPC if error is None else error
+        self.failed = []
+
+    def wrap(self, handle, path):
+        if not self.when(str(path)):
+            return handle
+        if self.skip > 0:
+            self.skip -= 1
+            return handle
+        disk, written = self, [0]
+        real_write = handle.write
+
+        class Filling:
+            def __getattr__(self, name):
+                return getattr(handle, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                handle.close()
+
+            def write(self, data):
+                room = disk.keep - written[0]
+                if len(data) > room:
+                    real_write(data[:max(0, room)])
+                    written[0] = disk.keep
+                    disk.failed.append(str(path))
+                    import os
+                    raise OSError(disk.error, os.strerror(disk.error), str(path))
+                written[0] += len(data)
+                return real_write(data)
+        return Filling()
+
+
+@pytest.fixture()
+def full_disk(monkeypatch):
+    """install(when, skip=0, keep=64, error=ENOSPC) -> FullDisk; monkeypatch.undo() frees the space."""
+    import builtins
+    real_open = builtins.open
+
+    def install(when=lambda path: True, skip=0, keep=64, error=None):
+        disk = FullDisk(when, skip, keep, error)
+
+        def filling_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            return disk.wrap(handle, file) if ("w" in mode or "a" in mode) else handle
+        monkeypatch.setattr(builtins, "open", filling_open)
+        return disk
+    return install
