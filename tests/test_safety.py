@@ -14,7 +14,7 @@ def test_shipped_prompt_lists_are_words_and_unsafe_is_the_minority():
     assert 10 <= len(prompts.unsafe) < len(prompts.safe)
     assert all(len(p) < 60 and "\t" not in p for p in prompts.all)
     # the uninformative prior stays below the threshold
-    assert len(prompts.unsafe) / len(prompts.all) < safety.IMAGE_NSFW_THRESHOLD
+    assert len(prompts.unsafe) / len(prompts.all) < 0.5   # the prior stays below the image threshold
 
 
 def test_zero_shot_score_is_softmax_mass_on_unsafe_prompts():
