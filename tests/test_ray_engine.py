@@ -60,6 +60,7 @@ def reference(tiny_clip, shards, tmp_path_factory):
 
 
 def assert_same_scan(result, reference):
+    """Top-k indices and cells exactly (same forward batch size: the same values), the rest to rounding."""
     for name in ("top_indices", "top_cells"):
         np.testing.assert_array_equal(getattr(result, name), getattr(reference, name), err_msg=name)
     for name in ("top_values", "mean", "var", "mean_map"):
@@ -81,14 +82,15 @@ def listening_addresses(processes):
             if c.status == psutil.CONN_LISTEN and c.pid in pids}
 
 
-@pytest.mark.parametrize("actors, batch_size", [(1, 4), (2, 3)])
-def test_ray_scan_equals_single_process(tiny_clip, ray_cluster, shards, reference, tmp_path, actors, batch_size):
+@pytest.mark.parametrize("actors, batches_per_call", [(1, 8), (2, 1)])
+def test_ray_scan_equals_single_process(tiny_clip, ray_cluster, shards, reference, tmp_path, actors,
+                                        batches_per_call):
     folder, made = shards
     reports = []
     cache = Cache(tmp_path)
     result = run_ray_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, cache=cache, keep_per_image=True,
-                          ray=RayOptions(actors=actors, batch_size=batch_size, cpus_per_actor=0.5),
-                          report=reports.append)
+                          ray=RayOptions(actors=actors, batch_size=5, batches_per_call=batches_per_call,
+                                         cpus_per_actor=0.5), report=reports.append)
     assert result.count == 23 - len(made["failed"]) - len(made["bad"]) and result.skipped == 12
     assert any("img2dataset status failed_to_download" in r for r in result.skipped_reasons)
     assert_same_scan(result, reference)
@@ -116,7 +118,7 @@ def test_ray_scan_equals_single_process(tiny_clip, ray_cluster, shards, referenc
 def test_killed_actor_is_restarted_and_nothing_is_counted_twice(tiny_clip, ray_cluster, tmp_path):
     folder = tmp_path / "data"
     write_img2dataset(folder, [8, 8, 8, 8], start_seed=500, bad_every=3)
-    reference = run_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, batch_size=4, workers=0,
+    reference = run_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, batch_size=2, workers=0,
                          cache=Cache(tmp_path / "reference"))
     killed, addresses = [], set()
 
@@ -143,12 +145,12 @@ def test_killed_actor_is_restarted_and_nothing_is_counted_twice(tiny_clip, ray_c
 def test_killed_driver_resumes_without_recomputing_finished_shards(tiny_clip, ray_cluster, tmp_path):
     folder = tmp_path / "data"
     write_img2dataset(folder, [6] * 6, start_seed=900, bad_every=4)
-    reference = run_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, batch_size=4, workers=0,
+    reference = run_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, batch_size=2, workers=0,
                          cache=Cache(tmp_path / "reference"))
     cache_dir = tmp_path / "ray"
     records = cache_dir / "scan-shard"
     command = [sys.executable, str(HERE / "ray_driver.py"), "--address", ray_cluster, "--dataset", str(folder),
-               "--cache", str(cache_dir), "--layer", LAYER, "--batch-size", "1", "--batches-per-call", "1",
+               "--cache", str(cache_dir), "--layer", LAYER, "--batch-size", "2", "--batches-per-call", "1",
                "--compact-every", "2", "--top-k", str(TOP_K)]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.monotonic() + 240
@@ -173,7 +175,7 @@ def test_killed_driver_resumes_without_recomputing_finished_shards(tiny_clip, ra
     assert len(done_offsets) >= 2
 
     result = run_ray_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, cache=cache,
-                          ray=RayOptions(actors=1, batch_size=4, compact_every=2, cpus_per_actor=0.5))
+                          ray=RayOptions(actors=1, batch_size=2, compact_every=2, cpus_per_actor=0.5))
     assert_same_scan(result, reference)
     assert done_offsets <= set(result.resumed_from)
     readable_in_done = sum(int(reference.valid[offset:offset + 6].sum()) for offset in result.resumed_from)
@@ -202,16 +204,25 @@ def test_memory_does_not_grow_with_the_number_of_images(ray_cluster, tmp_path):
     assert many["actor_peak_rss"] <= 1.15 * few["actor_peak_rss"], (few, many)
 
 
-def test_cli_scan_engine_ray(ray_cluster, shards, reference, tmp_path):
+def test_cli_scan_engine_ray_on_a_folder_cut_into_shards(tiny_clip, ray_cluster, tmp_path):
+    """A folder (good, odd and bad files) cut into shards of 4 items: the in-process result, via the CLI."""
     from typer.testing import CliRunner
     from neurolens.cli import app
-    folder, _ = shards
+    from scan_data import make_bad_corpus
+    folder = tmp_path / "corpus"
+    make_bad_corpus(folder)
+    reference = run_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, batch_size=5, workers=0,
+                         cache=Cache(tmp_path / "reference"))
     base = ["scan", "--layer", LAYER, "--dataset", str(folder), "--model", "nl-tiny-RN", "--pretrained", "none",
-            "--top-k", str(TOP_K), "--cache", str(tmp_path)]
+            "--top-k", str(TOP_K), "--cache", str(tmp_path / "ray")]
     runner = CliRunner()
-    done = runner.invoke(app, base + ["--engine", "ray", "--actors", "1", "--cpus-per-actor", "0.5", "--json"])
+    done = runner.invoke(app, base + ["--engine", "ray", "--shard-size", "4", "--batch-size", "5",
+                                      "--cpus-per-actor", "0.5", "--json"])
     assert done.exit_code == 0, done.output
-    assert json.loads(done.stdout)["images"] == reference.count
+    assert json.loads(done.stdout) == reference.summary()
+    result = find_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, cache=Cache(tmp_path / "ray"))
+    assert_same_scan(result, reference)
+    assert Cache(tmp_path / "ray").read(result.path).attrs["shards"] == -(-len(reference.keys) // 4)
     wrong = runner.invoke(app, base + ["--engine", "ray", "--embeddings"])
     assert wrong.exit_code == 2 and "--embeddings cannot be used with --engine ray" in wrong.stderr
     wrong = runner.invoke(app, base + ["--keep-per-image"])

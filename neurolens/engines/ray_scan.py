@@ -477,7 +477,7 @@ class _ModelActor:
         for first in range(0, len(readable), self.batch_size):
             rows = readable[first:first + self.batch_size]
             images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][rows])).to(device).float().div_(255.0)
-            acts, _ = layer_forward(self.clip, self.spec, images, self.precision)
+            acts, _ = layer_forward(self.clip, self.spec, images, self.precision, pad_to=self.batch_size)
             for shard in np.unique(shards[rows]):
                 mine = np.flatnonzero(shards[rows] == shard)
                 values = stats[int(shard)].add(acts[torch.as_tensor(mine, device=device)],
