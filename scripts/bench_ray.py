@@ -197,9 +197,8 @@ def main() -> None:
         args.small_model, args.small_n, args.large_n, args.shard_rows = "nl-tiny-RN", 96, 8, 32
         args.image_size, args.batch_size = 128, 8
 
-    from neurolens.engines.ray_scan import LOOPBACK_ENV
-    os.environ.setdefault(LOOPBACK_ENV, "0")
-    import ray
+    from neurolens.engines.ray_scan import loopback_only
+    ray = loopback_only()
     context = ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="error")
     address = context.address_info["gcs_address"]
     report = {"device": args.device, "threads": args.threads, "batch_size": args.batch_size,

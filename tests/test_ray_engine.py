@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neurolens.engines.ray_scan import LOOPBACK_ENV, RayOptions  # noqa: E402
-
-os.environ[LOOPBACK_ENV] = "0"    # before Ray is imported: its servers then listen on loopback only
 ray = pytest.importorskip("ray")  # in the test extra; the single-process scan needs no Ray (test_no_ray_needed)
+
+from neurolens.engines.ray_scan import RayOptions, loopback_only  # noqa: E402
 
 from neurolens.pipelines.scan import find_scan, run_ray_scan, run_scan  # noqa: E402
 from neurolens.store import Cache  # noqa: E402
@@ -35,6 +34,7 @@ def ray_cluster():
     """A local Ray (2 CPUs, no dashboard) whose servers listen on loopback only; stopped after the module."""
     if ray.is_initialized():
         ray.shutdown()
+    loopback_only(ray)   # what run_ray_scan does before it starts a local Ray
     context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
     try:
         address = context.address_info["gcs_address"]
@@ -227,6 +227,21 @@ def test_cli_scan_engine_ray_on_a_folder_cut_into_shards(tiny_clip, ray_cluster,
     assert wrong.exit_code == 2 and "--embeddings cannot be used with --engine ray" in wrong.stderr
     wrong = runner.invoke(app, base + ["--keep-per-image"])
     assert wrong.exit_code == 2 and "--keep-per-image is for --engine ray" in wrong.stderr
+
+
+def test_unreachable_ray_address_is_one_line():
+    """(In a fresh process: this one is already connected.)"""
+    script = """
+from neurolens.engines.ray_scan import RayOptions, ray_session
+from neurolens.errors import NeurolensError
+try:
+    with ray_session(RayOptions(address="127.0.0.1:1")):
+        pass
+except NeurolensError as exc:
+    print("error:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "error: nothing answers at --ray-address 127.0.0.1:1" in done.stdout, done.stderr[-2000:]
 
 
 def test_no_ray_needed_for_the_single_process_scan(tmp_path):

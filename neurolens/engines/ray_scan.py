@@ -134,13 +134,13 @@ def ray_session(options: RayOptions) -> Iterator["RaySession"]:
     on loopback; disconnects (and stops what it started) on the way out, also after an error or Ctrl-C."""
     options.check()
     local = options.address is None
-    if local:
-        os.environ.setdefault(LOOPBACK_ENV, "0")
     ray = _import_ray()
     started = False
     if not ray.is_initialized():
-        if local and os.environ.get(LOOPBACK_ENV) == "0":
-            _loopback_if_imported_too_early(ray)
+        if local:
+            loopback_only(ray)
+        if options.address:
+            _check_reachable(options.address)
         try:
             if options.address:
                 ray.init(address=options.address, log_to_driver=False, logging_level=logging.WARNING)
@@ -163,12 +163,30 @@ def ray_session(options: RayOptions) -> Iterator["RaySession"]:
             ray.shutdown()
 
 
-def _loopback_if_imported_too_early(ray) -> None:
-    """Ray reads LOOPBACK_ENV when it is imported; when something imported it before us, set the flag it was
-    read into (services.get_node_ip_address looks it up at call time)."""
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """One line now instead of Ray's minutes of retries when host:port does not answer ('auto' is Ray's)."""
+    import socket
+    text = address.split("://", 1)[-1]
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise NeurolensError(f"nothing answers at --ray-address {address} ({exc.strerror or exc}); start the "
+                             f"cluster (ray start --head) or omit --ray-address to start a local Ray") from None
+
+
+def loopback_only(ray=None):
+    """Make the next local `ray.init` listen on 127.0.0.1 only (unless LOOPBACK_ENV says otherwise); returns
+    the ray module. Ray reads LOOPBACK_ENV when it is imported (and its servers inherit it); when ray was
+    imported before, the flag it was read into is set too (services.get_node_ip_address reads it per call)."""
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    ray = ray or _import_ray()
     constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
-    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", False):
+    if os.environ[LOOPBACK_ENV] == "0" and getattr(constants, "ENABLE_RAY_CLUSTER", False):
         constants.ENABLE_RAY_CLUSTER = False
+    return ray
 
 
 def _unwrap(exc: BaseException) -> BaseException:
