@@ -143,19 +143,19 @@ def ray_session(options: RayOptions) -> Iterator["RaySession"]:
             _check_reachable(options.address)
         try:
             if options.address:
-                ray.init(address=options.address, log_to_driver=False, logging_level=logging.WARNING)
+                ray.init(address=options.address, log_to_driver=False, logging_level=logging.ERROR)
             else:
                 ray.init(num_cpus=options.local_cpus, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                         logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"at {options.address}" if options.address else "locally"
             raise NeurolensError(f"cannot start or reach Ray {where} ({str(exc).splitlines()[0]}); check "
                                  f"--ray-address, or omit it to start a local Ray") from None
         started = True
+    logging.getLogger("ray.data").setLevel(logging.ERROR)   # neurolens reports progress itself
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         yield RaySession(ray, options)
     finally:
@@ -258,8 +258,12 @@ class RaySession:
         ray = self.ray
         options = self.options
         gpus = self.gpus_per_actor()
+        if device == "cuda" and gpus == 0:
+            raise NeurolensError("--device cuda, but the Ray cluster has no GPU for the actors; use --device auto "
+                                 "or cpu, or give --gpus-per-actor on a cluster with GPUs")
         batch_size = int(options.batch_size or default_batch_size(_device_kind(gpus)))
-        tower = image_tower(clip.model.visual if clip.device.type == "cpu" else copy.deepcopy(clip.model.visual).cpu())
+        visual = clip.model.visual if clip.device.type == "cpu" else copy.deepcopy(clip.model.visual).cpu()
+        tower = image_tower(visual)
         model_ref = ray.put(tower)  # held here for the whole run: a restarted actor reads it again
         meta = {"name": clip.name, "pretrained": clip.pretrained, "image_size": clip.image_size,
                 "mean": tuple(clip.mean), "std": tuple(clip.std), "fingerprint": clip.fingerprint,
