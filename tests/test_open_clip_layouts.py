@@ -45,15 +45,17 @@ class LegacyTransformer(torch.nn.Module):
 
 def test_layout_detection(tiny_vit):
     model = tiny_vit.model
-    assert not sequence_first(model, "visual.transformer.resblocks.1")
+    legacy_open_clip = not hasattr(model.visual.transformer, "batch_first")   # open_clip < 2.26
+    assert sequence_first(model, "visual.transformer.resblocks.1") == legacy_open_clip
     assert not sequence_first(model, "visual.ln_pre")
-    inner = _sequence_first_inside(model, "visual.transformer")
-    assert sequence_first(inner, "visual.transformer.resblocks.1")
-    assert not sequence_first(inner, "visual.transformer")       # its interface is still batch-first
     legacy = copy.deepcopy(model)
     legacy.visual.transformer = LegacyTransformer(legacy.visual.transformer)
     assert sequence_first(legacy, "visual.transformer.resblocks.0")
     assert sequence_first(legacy, "visual.transformer")          # takes and returns (L, N, D)
+    if not legacy_open_clip:
+        inner = _sequence_first_inside(model, "visual.transformer")
+        assert sequence_first(inner, "visual.transformer.resblocks.1")
+        assert not sequence_first(inner, "visual.transformer")   # its interface is still batch-first
 
 
 def test_vit_feature_maps_and_injection_are_layout_independent(tiny_vit):
