@@ -48,7 +48,10 @@ def test_checkpoint_roundtrip_carries_config(tiny_clip, tmp_path):
     state, meta = read_checkpoint(path)
     assert meta["model_name"] == "nl-checkpoint-test" and "visual.conv1.weight" in state
     loaded = load_clip(model="RN50x4", checkpoint=str(path), device="cpu")  # config in the file wins
-    assert loaded.name == "nl-checkpoint-test"
+    # registered under a neurolens-made name: the claimed name plus a hash of the config
+    import re
+    assert re.fullmatch(r"nl-checkpoint-test-cfg[0-9a-f]{12}", loaded.name), loaded.name
+    assert loaded.image_size == 64
     assert loaded.fingerprint == tiny_clip.fingerprint
 
 
