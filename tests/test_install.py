@@ -57,3 +57,61 @@ def test_wheel_carries_every_module(wheel_files):
     modules = {f"neurolens/{p.relative_to(ROOT / 'neurolens').as_posix()}"
                for p in (ROOT / "neurolens").rglob("*.py") if "__pycache__" not in p.parts}
     assert not sorted(modules - wheel_files)
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _distribution_names(requirements) -> set:
+    import re
+    return {re.split(r"[<>=!~ ;\[]", r.strip(), maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def _third_party_imports() -> dict:
+    """{top-level module: files} for every import statement under neurolens/, function-level ones included."""
+    import ast
+    found: dict = {}
+    for path in (ROOT / "neurolens").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top != "neurolens" and top not in sys.stdlib_module_names:
+                    found.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
+    return found
+
+
+def test_every_import_is_a_declared_dependency():
+    from importlib.metadata import packages_distributions
+    project = _pyproject()["project"]
+    runtime = _distribution_names(project["dependencies"])
+    extras = {name: _distribution_names(reqs) for name, reqs in project["optional-dependencies"].items()}
+    optional = {"nudenet": "nudenet"}   # imported only by neurolens/labels/nudenet.py, which checks for it first
+    imports = _third_party_imports()
+    assert {"torch", "open_clip", "scipy"} <= set(imports)
+    for module, files in sorted(imports.items()):
+        distributions = packages_distributions().get(module)
+        assert distributions, f"{module} (imported by {sorted(files)}) is not installed"
+        names = {d.lower().replace("_", "-") for d in distributions}
+        declared = extras[optional[module]] if module in optional else runtime
+        assert names & declared, f"{module} (imported by {sorted(files)}) is not declared in pyproject.toml"
+
+
+def test_lucent_and_kornia_are_extras_that_neurolens_never_imports():
+    project = _pyproject()["project"]
+    assert not {"lucent", "kornia"} & set(_third_party_imports())
+    assert not {"torch-lucent", "kornia"} & _distribution_names(project["dependencies"])
+    for extra in ("test", "lucent"):
+        assert {"torch-lucent", "kornia"} <= _distribution_names(project["optional-dependencies"][extra])
+    for requirement in project["dependencies"]:   # no upper pins on anything
+        assert "<" not in requirement and "==" not in requirement, requirement
