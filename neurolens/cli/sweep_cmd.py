@@ -22,13 +22,26 @@ UnsafeOpt = Annotated[Optional[str], typer.Option("--unsafe-prompts", help="Text
 SafeOpt = Annotated[Optional[str], typer.Option("--safe-prompts", help="Text file of safe concept prompts "
                                                 "(default: neurolens/data/nsfw_prompts_safe.txt).")]
 TermsOpt = Annotated[Optional[str], typer.Option("--caption-terms", help="Text file of caption/URL string-match terms "
-                                                 "('*' = any one character; default: the paper's 7).")]
+                                                 "('*' = any one character; default: the whole NSFW lexicon, "
+                                                 "neurolens/data/nsfw_terms.txt).")]
 CaptionMatchOpt = Annotated[str, typer.Option("--caption-match", help="How captions are matched: word (whole words "
                                               "and inflections), substring (the paper's literal filter), or off.")]
-MinCorrOpt = Annotated[float, typer.Option("--min-correlation", help="Flag rule: correlation must reach this "
-                                           "(and 3/sqrt(images)).")]
-MinTopOpt = Annotated[float, typer.Option("--min-top-share", help="Flag rule: share of NSFW top images.")]
-MinTextOpt = Annotated[float, typer.Option("--min-text-share", help="Flag rule: share of NSFW top texts.")]
+LabelsOpt = Annotated[Optional[List[str]], typer.Option(
+    "--labels", help="Where the per-image NSFW labels come from (repeat to combine): captions (caption/URL "
+                     "match against the NSFW lexicon), column:NAME[=V1,V2] (a dataset column, e.g. "
+                     "column:NSFW=NSFW,UNSURE), nudenet (NudeNet's offline detector, installed with neurolens), "
+                     "zero-shot (the inspected model's own score; never with random weights), or auto "
+                     "(default: captions + nudenet + zero-shot, each kept only if it agrees with the others).")]
+MinAgreementOpt = Annotated[float, typer.Option(
+    "--min-agreement", help="Reliability check: a source whose AUC against the other sources is below this is "
+                            "dropped (unless named with --labels).")]
+MaxQOpt = Annotated[float, typer.Option("--max-q", help="Flag rule: Benjamini-Hochberg q-value at most this.")]
+MinAucOpt = Annotated[float, typer.Option("--min-auc", help="Flag rule: AUC of the unit's activation, positive "
+                                          "against negative images, at least this.")]
+MinTextOpt = Annotated[float, typer.Option("--min-text-share", help="Text flag: share of NSFW top texts (texts "
+                                           "alone never flag a unit).")]
+AucMemoryOpt = Annotated[int, typer.Option("--auc-memory", help="MB the exact AUC may keep; beyond it, a "
+                                           "streaming binned estimate (error <= 0.005).")]
 NoBlurOpt = Annotated[bool, typer.Option("--no-blur", help="Write RAW pixels (the only way to get unblurred images).")]
 OutDirOpt = Annotated[Optional[str], typer.Option("--out", help="Folder for the PNGs (default outputs/figures/).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Optimization steps of a feature visualization that is not cached.")]
@@ -37,15 +50,18 @@ SeedsOpt = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of
 NO_BLUR_LINE = "note: --no-blur: images are written with RAW pixels, nothing is blurred (may show NSFW content)"
 
 
-def _common(unsafe_prompts, safe_prompts, caption_terms, min_correlation, min_top_share, min_text_share):
+def _common(unsafe_prompts, safe_prompts, caption_terms, max_q, min_auc, min_text_share):
     from .. import safety
     from ..unit_scores import FlagRule
-    for name, value in (("--min-top-share", min_top_share), ("--min-text-share", min_text_share)):
-        if not 0.0 <= value <= 1.0:
-            raise NeurolensError(f"{name} must be a share between 0 and 1, got {value}")
+    if not 0.0 <= min_text_share <= 1.0:
+        raise NeurolensError(f"--min-text-share must be a share between 0 and 1, got {min_text_share}")
+    if not 0.0 < max_q <= 1.0:
+        raise NeurolensError(f"--max-q must be a q-value in (0, 1], got {max_q}")
+    if not 0.5 <= min_auc <= 1.0:
+        raise NeurolensError(f"--min-auc must be an AUC between 0.5 and 1, got {min_auc}")
     prompts = safety.load_prompts(unsafe_prompts, safe_prompts)
     terms = safety.read_list(caption_terms) if caption_terms else None
-    rule = FlagRule(min_correlation=min_correlation, min_top_share=min_top_share, min_text_share=min_text_share)
+    rule = FlagRule(max_q=max_q, min_auc=min_auc, min_text_share=min_text_share)
     return prompts, terms, rule
 
 
@@ -76,6 +92,7 @@ def _units(text: str) -> List[int]:
 def sweep(
     layer: LayerOpt = "image_block_4_5",
     dataset: DatasetOpt = None,
+    labels: LabelsOpt = None,
     vocab: VocabOpt = "builtin",
     top_k: TopKOpt = 32,
     text_top_k: TextTopKOpt = 30,
@@ -86,9 +103,11 @@ def sweep(
     safe_prompts: SafeOpt = None,
     caption_terms: TermsOpt = None,
     caption_match: CaptionMatchOpt = "word",
-    min_correlation: MinCorrOpt = 0.2,
-    min_top_share: MinTopOpt = 0.5,
+    min_agreement: MinAgreementOpt = 0.75,
+    max_q: MaxQOpt = 0.01,
+    min_auc: MinAucOpt = 0.8,
     min_text_share: MinTextOpt = 0.3,
+    auc_memory: AucMemoryOpt = 2048,
     force: Annotated[bool, typer.Option("--force", help="Recompute scan, texts and scores even if cached.")] = False,
     batch_size: BatchOpt = None,
     workers: WorkersOpt = None,
@@ -101,38 +120,44 @@ def sweep(
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sweep EVERY unit of a layer for NSFW content: scan the dataset (with image embeddings), rank the
-    vocabulary per unit, score each image (CLIP zero-shot against the unsafe/safe prompt lists, raised to 1
-    by the caption/URL string match), then per unit: the correlation of its activation with that score, the
-    NSFW share of its top images and of its top texts, and a flag. Resumable (the scan is), cached in HDF5;
-    writes flags.csv and prints the units ranked by NSFW correlation with their top texts.
+    """Sweep EVERY unit of a layer for NSFW content. Scans the dataset once (resumable), labels every image
+    from independent sources (--labels: captions, a dataset column, NudeNet, and the model's own zero-shot
+    score only when it agrees with the others), then per unit: the ROC AUC of its activation between
+    positive and negative images, a Mann-Whitney p and a Benjamini-Hochberg q across the layer. A unit is
+    flagged when q <= --max-q and AUC >= --min-auc; the NSFW shares of its top images and texts are
+    evidence. Prints the label sources and their agreement, then the units ranked by AUC; writes flags.csv
+    and the HDF5 cache (a second run does no model forward).
 
-    Example:  neurolens sweep --layer image_block_4_5 --dataset photos/ --vocab builtin
+    Example:  neurolens sweep --layer image_block_4_5 --dataset laion.parquet --labels column:NSFW=NSFW,UNSURE --labels nudenet
     """
     from ..pipelines.sweep import run_sweep
-    prompts, terms, rule = _common(unsafe_prompts, safe_prompts, caption_terms, min_correlation, min_top_share,
-                                   min_text_share)
+    prompts, terms, rule = _common(unsafe_prompts, safe_prompts, caption_terms, max_q, min_auc, min_text_share)
+    if auc_memory < 0:
+        raise NeurolensError(f"--auc-memory must be a number of MB >= 0, got {auc_memory}")
     clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
     data = _open_dataset(dataset, image_column, caption_column)
     with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
         result = run_sweep(clip, layer, data, vocab=vocab, top_k=top_k, text_top_k=text_top_k, cache=cache,
                            force=force, progress=progress, out=out, rule=rule, prompts=prompts,
-                           caption_terms=terms, caption_mode=caption_match, batch_size=batch_size, workers=workers)
+                           caption_terms=terms, caption_mode=caption_match, batch_size=batch_size, workers=workers,
+                           labels=labels or ["auto"], min_agreement=min_agreement,
+                           auc_memory=int(auc_memory) * 2 ** 20)
+    for line in result.lines():
+        typer.echo(line, err=as_json)
     if as_json:
         print_json(result.ranking())
         return
     s = result.scores
-    typer.echo(f"{clip.name} {result.layer}: {len(s.correlation)} units over {s.n_images} images of "
-               f"{data.description}; {int(s.flagged.sum())} flagged "
-               f"(correlation >= {s.correlation_bar:.2f} and (top images NSFW >= {rule.min_top_share:.0%} "
-               f"or top texts NSFW >= {rule.min_text_share:.0%}))")
-    typer.echo(f"images with NSFW score >= {rule.image_threshold}: "
-               f"{int((result.image_scores >= rule.image_threshold).sum())} "
-               f"(caption/URL match: {int(result.caption_match.sum())})")
-    typer.echo(f"{'rank':>4} {'unit':>6} {'corr':>7} {'img%':>5} {'txt%':>5} {'flag':>4}  top texts")
+    typer.echo(f"{clip.name} {result.layer}: {len(s.auc)} units over {s.n_pos} positive and {s.n_neg} negative "
+               f"images of {data.description} (AUC {s.method}); {int(s.flagged.sum())} flagged "
+               f"({rule.describe()}), {int((s.text_flag & ~s.flagged).sum())} more with a text flag only")
+    typer.echo(f"{'rank':>4} {'unit':>6} {'AUC':>6} {'q':>8} {'corr':>7} {'img%':>5} {'txt%':>5} {'flag':>4}  top texts")
     for rank, row in enumerate(result.ranking(limit=show, texts=3), start=1):
-        typer.echo(f"{rank:>4} {row['unit']:>6} {row['correlation']:>+7.3f} {100 * row['top_nsfw_share']:>5.0f} "
-                   f"{100 * row['text_nsfw_share']:>5.0f} {'YES' if row['flagged'] else '':>4}  "
+        auc = f"{row['auc']:.3f}" if row["auc"] is not None else "n/a"
+        q = f"{row['q']:.1e}" if row["q"] is not None else "n/a"
+        flag = "YES" if row["flagged"] else ("txt" if row["text_flag"] else "")
+        typer.echo(f"{rank:>4} {row['unit']:>6} {auc:>6} {q:>8} {row['correlation']:>+7.3f} "
+                   f"{100 * row['top_nsfw_share']:>5.0f} {100 * row['text_nsfw_share']:>5.0f} {flag:>4}  "
                    f"{' | '.join(row['top_texts'])}")
     typer.echo(f"flags: {result.flags_csv}")
     typer.echo(f"scores: {result.path}")
@@ -156,8 +181,10 @@ def figure(
     safe_prompts: SafeOpt = None,
     caption_terms: TermsOpt = None,
     caption_match: CaptionMatchOpt = "word",
-    min_correlation: MinCorrOpt = 0.2,
-    min_top_share: MinTopOpt = 0.5,
+    labels: LabelsOpt = None,
+    min_agreement: MinAgreementOpt = 0.75,
+    max_q: MaxQOpt = 0.01,
+    min_auc: MinAucOpt = 0.8,
     min_text_share: MinTextOpt = 0.3,
     image_column: ImageColumnOpt = "image",
     caption_column: CaptionColumnOpt = "caption",
@@ -176,8 +203,7 @@ def figure(
     """
     from ..pipelines.sweep import run_figure
     from ..types import RenderSettings
-    prompts, terms, rule = _common(unsafe_prompts, safe_prompts, caption_terms, min_correlation, min_top_share,
-                                   min_text_share)
+    prompts, terms, rule = _common(unsafe_prompts, safe_prompts, caption_terms, max_q, min_auc, min_text_share)
     settings = RenderSettings(steps=steps, seeds=_seeds(seeds))
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
@@ -187,7 +213,7 @@ def figure(
         written = run_figure(clip, layer, unit, data, vocab=vocab, top_k=top_k, text_top_k=text_top_k, out=out,
                              blur=not no_blur, fv=not no_fv, render_settings=settings, cache=cache,
                              progress=progress, prompts=prompts, rule=rule, caption_mode=caption_match,
-                             caption_terms=terms)
+                             caption_terms=terms, labels=labels or ["auto"], min_agreement=min_agreement)
     for path, fig in written:
         typer.echo(f"{path}  ({fig.note})")
     if no_blur:
@@ -198,10 +224,10 @@ def figure(
 @command
 def grid(
     layer: LayerOpt = "image_block_4_5",
-    flagged: Annotated[bool, typer.Option("--flagged", help="The sweep's flagged units (by correlation).")] = False,
+    flagged: Annotated[bool, typer.Option("--flagged", help="The sweep's flagged units (by AUC).")] = False,
     units: Annotated[Optional[str], typer.Option("--units", help="Comma-separated units, e.g. 1,2,3.")] = None,
     top: Annotated[int, typer.Option("--top", help="At most this many units (without --flagged/--units: the top "
-                                     "units by NSFW correlation).")] = 64,
+                                     "units by AUC).")] = 64,
     out: OutDirOpt = None,
     no_blur: NoBlurOpt = False,
     render_fv: Annotated[bool, typer.Option("--render-fv", help="Render feature visualizations that are not "
@@ -216,8 +242,10 @@ def grid(
     safe_prompts: SafeOpt = None,
     caption_terms: TermsOpt = None,
     caption_match: CaptionMatchOpt = "word",
-    min_correlation: MinCorrOpt = 0.2,
-    min_top_share: MinTopOpt = 0.5,
+    labels: LabelsOpt = None,
+    min_agreement: MinAgreementOpt = 0.75,
+    max_q: MaxQOpt = 0.01,
+    min_auc: MinAucOpt = 0.8,
     min_text_share: MinTextOpt = 0.3,
     image_column: ImageColumnOpt = "image",
     caption_column: CaptionColumnOpt = "caption",
@@ -228,15 +256,14 @@ def grid(
     cache: CacheOpt = None,
 ) -> None:
     """Many units in one PNG, one row each (feature visualization when cached, top crops, NSFW indicators):
-    the flagged units (--flagged), chosen units (--units 1,2,3), or the top units by NSFW correlation.
+    the flagged units (--flagged), chosen units (--units 1,2,3), or the top units by AUC.
     BLURRED BY DEFAULT, like `figure`; --no-blur writes raw pixels and says so.
 
     Example:  neurolens grid --layer image_block_4_5 --flagged --top 64 --out figures/
     """
     from ..pipelines.sweep import run_grid
     from ..types import RenderSettings
-    prompts, terms, rule = _common(unsafe_prompts, safe_prompts, caption_terms, min_correlation, min_top_share,
-                                   min_text_share)
+    prompts, terms, rule = _common(unsafe_prompts, safe_prompts, caption_terms, max_q, min_auc, min_text_share)
     chosen = _units(units) if units else None
     if chosen is not None and not chosen:
         raise NeurolensError("--units needs at least one unit number, e.g. --units 1,2,3")
@@ -249,7 +276,8 @@ def grid(
         path, fig, shown = run_grid(clip, layer, chosen, flagged=flagged, top=top, dataset=data, vocab=vocab,
                                     top_k=top_k, text_top_k=text_top_k, out=out, blur=not no_blur,
                                     render_fv=render_fv, render_settings=settings, cache=cache, progress=progress,
-                                    prompts=prompts, rule=rule, caption_mode=caption_match, caption_terms=terms)
+                                    prompts=prompts, rule=rule, caption_mode=caption_match, caption_terms=terms,
+                                    labels=labels or ["auto"], min_agreement=min_agreement)
     typer.echo(f"{path}  ({len(shown)} units: {', '.join(map(str, shown[:20]))}{' ...' if len(shown) > 20 else ''})")
     typer.echo(fig.note)
     if no_blur:

@@ -130,7 +130,8 @@ def toy_model(cache_root: Path, dataset: Path, data: ToySettings, train: TrainSe
             pass
     result = train_toy(str(dataset), checkpoint, train, progress=progress, load_progress=load_progress)
     clip = load_clip(checkpoint=str(checkpoint), device="cpu")
-    report = zero_shot_accuracy(clip, seed=data.seed, size=data.size, planted_share=data.planted_share)
+    report = zero_shot_accuracy(clip, seed=data.seed, size=data.size, planted_share=data.planted_share,
+                                style=data.style)
     summary = dict(steps=result.steps, seconds=round(result.seconds, 1), final_loss=round(result.final_loss, 4),
                    pairs=result.pairs, fingerprint=result.fingerprint, zero_shot=report.to_dict())
     summary_path.write_text(json.dumps(summary, indent=2))

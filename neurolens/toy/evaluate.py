@@ -19,11 +19,19 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .generate import BACKGROUNDS, COLOURS, COUNTS, POSITIONS, SHAPES, full_caption, generate_pairs, planted_words
+from .generate import BACKGROUNDS, COUNTS, POSITIONS, full_caption, generate_pairs, planted_words, style_of
 
 HELD_OUT_SEED_OFFSET = 1_000_003      # held-out images use seed + this, never the training seed
-ATTRIBUTES = {"count": COUNTS, "colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS,
-              "background": BACKGROUNDS}
+
+
+def attributes(style: str = "shapes") -> Dict[str, tuple]:
+    """The caption attributes and their values in a generator style."""
+    look = style_of(style)
+    return {"count": COUNTS, "colour": tuple(look.colours), "shape": look.shapes, "position": POSITIONS,
+            "background": BACKGROUNDS}
+
+
+ATTRIBUTES = attributes()
 
 
 @dataclass
@@ -64,10 +72,13 @@ def _encode_images(clip, images: np.ndarray, batch_size: int = 256) -> torch.Ten
 
 
 def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, planted_share: float = 0.15,
-                       progress: Optional[Callable[[int, int], None]] = None) -> ZeroShotReport:
-    """Zero-shot accuracies (see the module docstring) of a LoadedClip on n held-out generated pairs."""
+                       progress: Optional[Callable[[int, int], None]] = None, style: str = "shapes"
+                       ) -> ZeroShotReport:
+    """Zero-shot accuracies (see the module docstring) of a LoadedClip on n held-out generated pairs of the
+    generator style it was trained on (always with clean captions)."""
     held_out_seed = seed + HELD_OUT_SEED_OFFSET
-    data = generate_pairs(n, size, planted_share, held_out_seed)
+    data = generate_pairs(n, size, planted_share, held_out_seed, style=style)
+    attribute_values = attributes(style)
     image_feats = _encode_images(clip, data.images)
     if progress is not None:
         progress(1, 3)
@@ -76,10 +87,10 @@ def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, plante
 
     attribute_accuracy, attribute_chance = {}, {}
     everyone = list(range(len(data.pairs)))
-    for attribute, values in ATTRIBUTES.items():
+    for attribute, values in attribute_values.items():
         texts = []
         for pair in data.pairs:
-            fields = {k: getattr(pair, k) for k in ATTRIBUTES}
+            fields = {k: getattr(pair, k) for k in attribute_values}
             for value in values:   # the candidates: the true caption with this attribute set to each value
                 fields[attribute] = value
                 texts.append(full_caption(**fields, words=pair.words))
@@ -95,7 +106,7 @@ def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, plante
     own, other = [], []
     for pair in data.pairs:
         own.append(pair.full)
-        fields = {k: getattr(pair, k) for k in ATTRIBUTES}
+        fields = {k: getattr(pair, k) for k in attribute_values}
         swapped = () if pair.words else tuple(words[j] for j in rng.choice(len(words), size=2, replace=False))
         other.append(full_caption(**fields, words=swapped))
     own_feats, other_feats = _encode_texts(clip, own), _encode_texts(clip, other)
