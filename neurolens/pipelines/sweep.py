@@ -273,20 +273,11 @@ FLAGS_COLUMNS = ("rank", "unit", "auc", "p", "q", "correlation", "top_nsfw_share
                  "text_flag", "why", "top_texts")
 
 
-def _cell(value) -> str:
-    """A CSV cell that a spreadsheet will not run as a formula: text (not a number) starting with
-    = + - @, a tab or a carriage return gets a leading apostrophe."""
-    text = str(value)
-    try:
-        float(text)
-        return text
-    except ValueError:
-        pass
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
-def _fmt(value, spec: str) -> str:
-    return "" if value is None or not np.isfinite(value) else format(float(value), spec)
+def _rounded(value: Optional[float], digits: int, significant: bool = False) -> Optional[float]:
+    """A number for flags.csv (None -> empty cell): `digits` decimals, or 4 significant digits."""
+    if value is None or not np.isfinite(value):
+        return None
+    return float(f"{value:.4g}") if significant else round(float(value), digits)
 
 
 def flags_header(result: SweepResult) -> List[str]:
@@ -300,33 +291,24 @@ def flags_header(result: SweepResult) -> List[str]:
 
 
 def write_flags_csv(result: SweepResult, path: Path, texts: int = 3) -> Path:
-    """One row per unit, ranked by AUC, after '#' comment lines naming the label sources (read it with
-    pandas.read_csv(path, comment=None, skiprows=<the '#' lines>) or skip lines starting with '#').
-    Written to a temporary name, then renamed into place."""
+    """One row per unit, ranked by AUC, after '#' comment lines naming the label sources and the rule (skip
+    lines starting with '#' to read it, e.g. pandas.read_csv(path, skiprows=<their count>)). Written
+    atomically; every cell goes through neurolens.files.csv_cell (no spreadsheet formula can run)."""
     import csv
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NeurolensError(f"cannot create {path.parent} ({exc.strerror}); pass --out to a writable folder") from None
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            for line in flags_header(result):
-                handle.write(line + "\n")
-            writer = csv.writer(handle)
-            writer.writerow(FLAGS_COLUMNS)
-            for rank, row in enumerate(result.ranking(), start=1):
-                top = " | ".join(t for t, _, _ in result.top_texts(row["unit"], texts))
-                writer.writerow([_cell(v) for v in (
-                    rank, row["unit"], _fmt(row["auc"], ".6f"), _fmt(row["p"], ".3e"), _fmt(row["q"], ".3e"),
-                    f"{row['correlation']:.6f}", f"{row['top_nsfw_share']:.4f}", f"{row['text_nsfw_share']:.4f}",
-                    int(row["flagged"]), int(row["text_flag"]), row["why"], top)])
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise NeurolensError(f"cannot write {path} ({exc.strerror}); pass --out to a writable folder") from None
-    return path
+    import io
+    from ..files import csv_cell, write_text
+    buffer = io.StringIO(newline="")
+    for line in flags_header(result):
+        buffer.write(line + "\n")
+    writer = csv.writer(buffer)
+    writer.writerow(FLAGS_COLUMNS)
+    for rank, row in enumerate(result.ranking(), start=1):
+        top = " | ".join(t for t, _, _ in result.top_texts(row["unit"], texts))
+        writer.writerow([csv_cell(v) for v in (
+            rank, row["unit"], _rounded(row["auc"], 6), _rounded(row["p"], 300, significant=True),
+            _rounded(row["q"], 300, significant=True), round(row["correlation"], 6), round(row["top_nsfw_share"], 4),
+            round(row["text_nsfw_share"], 4), int(row["flagged"]), int(row["text_flag"]), row["why"], top)])
+    return write_text(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------- figure and grid
@@ -381,7 +363,8 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
     """One PNG panel per unit under `out` (default outputs/figures/), from the cached sweep (swept first if
     needed). Returns (path, panels.Figure) per unit. Raw pixels (blur=False) go to *_noblur.png."""
     from ..datasets import ImageDataset, open_dataset
-    from ..panels import PanelOptions, save_png, unit_panel
+    from ..files import save_png
+    from ..panels import PanelOptions, unit_panel
     from ..types import RenderSettings
 
     cache = cache if isinstance(cache, Cache) else Cache(cache)
@@ -417,7 +400,8 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
     """Many units in one PNG: `units`, else the sweep's flagged units (flagged=True), else the `top` units by
     AUC; at most `top`. Feature visualizations are shown when cached (render_fv renders them)."""
     from ..datasets import ImageDataset, open_dataset
-    from ..panels import PanelOptions, save_png, units_grid
+    from ..files import save_png
+    from ..panels import PanelOptions, units_grid
     from ..types import RenderSettings
 
     if int(top) < 1:
