@@ -23,13 +23,18 @@ against t's label) is also kept, as the agreement matrix.
 Combined label of image i from the kept sources (`combine`):
 
     1    some independent source (captions, a column, NudeNet) labels i positive
-    0    no independent source labels i positive, one labels it negative, and no kept zero-shot source
-         labels it positive
-    NaN  otherwise: unknown to every independent source, or negative to them but positive to the
-         inspected model's zero-shot score: such a doubtful image is left out of the statistics
+    0    no independent source labels i positive and one labels it negative, unless a kept zero-shot
+         source finds it doubtful
+    NaN  unknown to every independent source, or doubtful: negative to them, but the inspected model's
+         zero-shot score is at or above both its threshold and the median score of the images the
+         independent sources call positive (`doubt_threshold`): as NSFW-looking to the model as a typical
+         labelled positive. A doubtful image is left out of the statistics.
 
 so the inspected model never adds positives of its own when an independent source exists: it can only
-take doubtful images out of the negatives. When zero-shot is the only source, its label is the label.
+take images it is as sure of as of the labelled positives out of the negatives (such as planted images
+whose captions do not say so). Leaving out only those keeps the bias small that leaving out images the
+model likes would give the units that follow the model's own notion. When zero-shot is the only source,
+its label is the label.
 """
 from __future__ import annotations
 
@@ -65,9 +70,18 @@ def combine(sources: Sequence[LabelSource], size: Optional[int] = None) -> np.nd
     out = np.full(n, np.nan, dtype=np.float32)
     out[negative] = 0.0
     out[positive] = 1.0
-    for labels in model:
-        out[(out == 0) & (labels == 1)] = np.nan
+    for source in (s for s in sources if not s.spec.independent):
+        out[(out == 0) & (source.scores >= doubt_threshold(source, positive))] = np.nan
     return out
+
+
+def doubt_threshold(source: LabelSource, positive: np.ndarray) -> float:
+    """The model score from which an image the independent sources call negative is left out as doubtful:
+    the source's own threshold, or the median score of the images they call positive when that is higher
+    (as NSFW-looking to the model as a typical labelled positive)."""
+    scores = np.asarray(source.scores, dtype=np.float64)[np.asarray(positive, dtype=bool)]
+    scores = scores[np.isfinite(scores)]
+    return max(float(source.threshold), float(np.median(scores)) if len(scores) else -np.inf)
 
 
 def source_auc(scores: np.ndarray, labels: np.ndarray) -> float:
