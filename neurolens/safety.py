@@ -22,7 +22,7 @@ Text score (`text_nsfw_scores`): max(lexicon match in word mode over all of data
 zero-shot score of the text embedding against the same prompts). A text is NSFW when its score is
 >= TEXT_NSFW_THRESHOLD.
 
-NudeNet (optional extra `pip install neurolens[nudenet]`): region detection for region blurring.
+NudeNet (a dependency, neurolens.labels.nudenet): region detection for region blurring.
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ from neurolens.labels.reliability import check_reliability, combine, source_auc
 from neurolens.labels.sources import (LabelSource, LabelSpec, captions_source, column_source, parse_labels,
                                       resolve_specs)
 
+from test_sweep import LAYER, dataset_table, vocab_file  # noqa: F401  (fixtures reused)
+
 
 def source(kind, scores, threshold=0.5, explicit=False, column=None):
     return LabelSource(LabelSpec(kind, column=column, explicit=explicit), np.asarray(scores, np.float32), threshold)
@@ -132,3 +134,33 @@ def test_a_sparse_but_precise_yes_no_source_is_kept_and_a_wrong_one_dropped():
     column = source("column", truth.astype(float), column="NSFW")
     checked = check_reliability([wrong, detector, column])
     assert checked.used == ["nudenet", "column:NSFW"] and checked.agreements["captions"].auc < 0.6
+
+
+def test_nudenet_runs_offline_its_scores_reach_the_sweep_record_and_are_cached(tiny_clip, dataset_table, vocab_file,
+                                                                              tmp_path, monkeypatch):
+    """The plumbing, not the detector's accuracy: NudeNet's per-image scores of the synthetic images are the
+    nudenet source of the sweep record, and a second sweep (another rule: a new record) does not run it."""
+    from neurolens.datasets import open_dataset
+    from neurolens.labels import nudenet
+    from neurolens.pipelines.sweep import run_sweep
+    from neurolens.store import Cache
+    from neurolens.unit_scores import FlagRule
+    cache = Cache(tmp_path / "cache")
+    ticks = []
+    kw = dict(vocab=vocab_file, top_k=8, text_top_k=10, cache=cache, labels=["captions", "nudenet"], write_csv=False)
+    result = run_sweep(tiny_clip, LAYER, dataset_table, progress=lambda d, t: ticks.append((d, t)), **kw)
+    scores = result.source_scores("nudenet")
+    dataset = open_dataset(dataset_table)
+    direct = nudenet.image_scores([dataset.load(i) for i in (0, 7, 35)])
+    np.testing.assert_allclose(scores[[0, 7, 35]], direct, atol=1e-6)
+    assert np.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
+    record = cache.read(result.path)
+    names = [s["name"] for s in record.attrs["labels"]["sources"]]
+    np.testing.assert_array_equal(record.arrays["source_scores"][names.index("nudenet")], scores)
+    assert list(cache.records("labels-nudenet")) and (36, 36) in ticks
+
+    def must_not_run(images):
+        raise AssertionError("NudeNet ran again")
+    monkeypatch.setattr(nudenet, "image_scores", must_not_run)
+    again = run_sweep(tiny_clip, LAYER, dataset_table, rule=FlagRule(min_auc=0.9), **kw)
+    assert not again.cached and np.array_equal(again.source_scores("nudenet"), scores)

@@ -94,7 +94,6 @@ def test_text_scores_combine_lexicon_and_zero_shot(tiny_clip):
     assert both[0] == 1.0 and both[2] == 1.0 and 0 <= both[1] <= 1
 
 
-@pytest.mark.skipif(not safety.nudenet_available(), reason="NudeNet extra not installed (optional)")
 def test_nudenet_runs_offline_and_finds_nothing_in_a_synthetic_image():
     gradient = np.linspace(0, 255, 320 * 320 * 3).reshape(320, 320, 3).astype(np.uint8)
     assert safety.detect_regions(Image.fromarray(gradient)) == []

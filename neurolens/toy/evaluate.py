@@ -121,3 +121,51 @@ def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, plante
                           attribute_accuracy=attribute_accuracy, attribute_chance=attribute_chance,
                           planted_accuracy=planted_accuracy, retrieval_at_1=retrieval,
                           retrieval_chance=1.0 / len(data.pairs), images=len(data.pairs), seed=held_out_seed)
+
+
+# ------------------------------------------------------------------- sweep flags against ground truth
+
+RELATED_AUC = 0.8        # a flagged unit is right when its planted AUC reaches this
+PLANTED_AUC = 0.95       # a unit that must be flagged: its planted AUC reaches this
+
+
+@dataclass
+class FlagQuality:
+    """How a sweep's flags compare with the generator's ground truth on the swept images.
+
+    planted AUC of a unit: the ROC AUC of its per-image activation, planted images against the others, from
+    the generator's `planted` column (not captions, not any label source). precision: the share of flagged
+    units whose planted AUC >= RELATED_AUC; recall: the share of units with planted AUC >= PLANTED_AUC
+    that are flagged."""
+    flagged: int
+    precision: float                 # NaN when nothing is flagged
+    recall: float                    # NaN when no unit reaches PLANTED_AUC
+    related_units: int               # units with planted AUC >= RELATED_AUC
+    planted_units: int               # units with planted AUC >= PLANTED_AUC
+    planted_auc: List[float] = field(default_factory=list)    # per unit
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("planted_auc")
+        return data
+
+
+def planted_auc(maxima: np.ndarray, planted: np.ndarray) -> np.ndarray:
+    """(U,) each unit's ROC AUC of planted against ordinary images (rows of maxima: images; NaN rows skipped)."""
+    from ..unit_stats import ExactAUC
+    maxima = np.asarray(maxima, dtype=np.float32)
+    stats = ExactAUC(maxima.shape[1])
+    stats.add(maxima, np.asarray(planted, dtype=np.float64))
+    return stats.result().auc
+
+
+def flag_quality(flagged: np.ndarray, maxima: np.ndarray, planted: np.ndarray) -> FlagQuality:
+    """FlagQuality of a sweep's (U,) flags, from the swept images' per-unit maxima (N, U) and planted mask."""
+    truth = planted_auc(maxima, planted)
+    flagged = np.asarray(flagged, dtype=bool)
+    related, must = truth >= RELATED_AUC, truth >= PLANTED_AUC
+    precision = float((related & flagged).sum() / flagged.sum()) if flagged.any() else float("nan")
+    recall = float((flagged & must).sum() / must.sum()) if must.any() else float("nan")
+    return FlagQuality(flagged=int(flagged.sum()), precision=precision, recall=recall,
+                       related_units=int(related.sum()), planted_units=int(must.sum()),
+                       planted_auc=[float(x) for x in truth])
