@@ -225,7 +225,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         state["sweep"] = result
         quality = flag_quality(result.scores.flagged, result.scan.per_image_max(), state["planted"])
         report.quality = quality.to_dict()
-        report.labels = result.lines()
+        report.labels = result.labels.lines() + [line for line in result.lines() if not line.startswith("labels: ")]
         report.label_sources = result.labels.as_attrs()["sources"]
         _summarize_flags(report, result, state["planted"], settings.top_k, quality.planted_auc)
         stage.detail = (f"{len(report.flagged)} of {len(result.scores.flagged)} units flagged against "
