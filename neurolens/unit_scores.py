@@ -184,12 +184,11 @@ def text_shares(text_nsfw: Optional[np.ndarray], units: int, rule: FlagRule) -> 
 def unit_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS,
                     progress: Optional[Callable[[int, int], None]] = None):
     """neurolens.unit_stats.UnitStatsResult of every unit of the scan against the per-image labels (N,):
-    exact when the labelled rows fit `memory` bytes, else binned with edges from a sample of the scan."""
+    exact when the scan's rows fit `memory` bytes, else binned with edges from a sample of the scan."""
     labels = np.asarray(labels, dtype=np.float64)
     units = int(scan.channels)
-    known = int(np.isfinite(labels).sum())
     edges = None
-    if ExactAUC.bytes_needed(known, units) > memory:
+    if ExactAUC.bytes_needed(len(labels), units) > memory:      # every row (the sweep's cache key says so too)
         edges = quantile_edges(sample_maxima(scan), bins)
     stats = UnitLabelStats(units, edges=edges)
     total, done = len(labels), 0

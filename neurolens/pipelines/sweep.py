@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import safety
 from ..errors import NeurolensError
+from ..labels.policy import is_random
 from ..labels.reliability import DEFAULT_MIN_AGREEMENT, LabelSet, check_reliability
 from ..labels.sources import (LabelSource, LabelSpec, compute_sources, has_captions, parse_labels,
                               resolve_specs)
@@ -173,7 +174,8 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
     method_budget = "exact" if auc_memory >= _exact_bytes(scan) else f"binned:{auc_memory}"
     key = settings_key("sweep", SWEEP_VERSION, Path(scan.path).name if scan.path else None,
                        _text_identity(ranking), prompts.identity, terms, caption_mode, rule.as_dict(), top_k,
-                       text_zero_shot, safety.LOGIT_SCALE, scorer_name, [(s.name, s.explicit) for s in specs],
+                       text_zero_shot and not is_random(clip), safety.LOGIT_SCALE, scorer_name,
+                       [(s.name, s.explicit) for s in specs],
                        float(min_agreement), method_budget)
     path = cache.path("sweep", clip.fingerprint, scan.layer, key)
     record = None if force else cache.read(path)
@@ -185,7 +187,9 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
                                   prompts=prompts, terms=terms, caption_mode=caption_mode, scorer=scorer,
                                   cache=cache, progress=progress, skip=~scan.valid)
         label_set = check_reliability(sources, min_agreement, notes)
-        texts, text_scores, text_nsfw = _text_part(clip, ranking, prompts, text_zero_shot, vocab, cache)
+        # a random-weights model's zero-shot score is noise: its texts are judged by the lexicon alone
+        texts, text_scores, text_nsfw = _text_part(clip, ranking, prompts, text_zero_shot and not is_random(clip),
+                                                   vocab, cache)
         units = score_units(scan, label_set.labels, text_nsfw, rule, top_k=top_k, progress=progress,
                             memory=auc_memory, sources=label_set.used)
         result = SweepResult(layer=scan.layer, scores=units, labels=label_set, text_entries=texts,
