@@ -43,7 +43,7 @@ import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 DEFAULT_BINS = 1024                   # interval bins of BinnedAUC's quantile edges
-RANK_BLOCK_BYTES = 256 * 2 ** 20      # ExactAUC.result ranks units in blocks of about this much workspace
+RANK_BLOCK_BYTES = 128 * 2 ** 20      # ExactAUC.result ranks units in blocks of about this much workspace
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -253,7 +253,7 @@ class ExactAUC:
         is_pos = positive.cpu().numpy()
         u_stat = np.empty(self.units)
         ties = np.empty(self.units)
-        block = max(1, RANK_BLOCK_BYTES // max(1, n * 24))
+        block = max(1, RANK_BLOCK_BYTES // max(1, n * 16))       # about 4 float32 copies of a block
         for start in range(0, self.units, block):
             stop = min(self.units, start + block)
             u_stat[start:stop], ties[start:stop] = _rank_block(values[:, start:stop], is_pos)
@@ -286,11 +286,14 @@ def _rank_block(x: np.ndarray, positive: np.ndarray):
         not_above = np.searchsorted(negatives[j], positives[j], side="right")
         u_stat[j] = 0.5 * (below.sum(dtype=np.float64) + not_above.sum(dtype=np.float64))
     ordered = np.sort(columns, axis=1)
-    new_group = np.ones((b, n), dtype=bool)
-    new_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    starts = np.flatnonzero(new_group)                              # every row's first value starts a group
-    sizes = np.diff(np.append(starts, b * n)).astype(np.float64)
-    tie_term = np.bincount(starts // n, weights=sizes ** 3 - sizes, minlength=b)
+    tie_term = np.zeros(b)
+    equal = np.zeros((b, n + 1), dtype=np.int8)                     # 1 where a value equals the one before
+    equal[:, 1:n] = ordered[:, 1:] == ordered[:, :-1]
+    if equal.any():
+        change = np.diff(equal, axis=1)                             # +1 where a run of equals starts, -1 ends
+        first, last = np.flatnonzero(change == 1), np.flatnonzero(change == -1)
+        size = (last - first + 1).astype(np.float64)                # a run of r equal steps: r + 1 tied values
+        tie_term = np.bincount(first // n, weights=size ** 3 - size, minlength=b)
     return u_stat, tie_term
 
 
