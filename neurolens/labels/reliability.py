@@ -181,7 +181,7 @@ def _check_line(source: LabelSource, reference: List[str], auc: float, kept: boo
     against = " + ".join(reference)
     if not np.isfinite(auc):
         why = "the others label no positive or no negative image it knows" if reference else \
-            "no other independent source"
+            "no other independent source kept"
         return f"agreement not measured ({why}): kept"
     measured = f"agreement with {against}: AUC {auc:.3f}"
     if auc >= min_agreement:
