@@ -326,12 +326,7 @@ def _tar_json_field(keys: Sequence[str], name: str) -> List[object]:
     for shard in dict.fromkeys(key.rsplit(":", 1)[0] for key in keys):
         try:
             with tarfile.open(shard, "r:") as archive:
-                members = [m for m in archive.getmembers() if m.isfile()]
-                by_stem: dict = {}
-                for member in members:
-                    folder, base = os.path.split(member.name)
-                    by_stem.setdefault(os.path.join(folder, base.split(".", 1)[0]), []).append(member)
-                for group in by_stem.values():
+                for group in _sample_groups(archive).values():
                     image = next((m for m in group if m.name.lower().endswith(IMAGE_EXTENSIONS)), None)
                     meta = next((m for m in group if m.name.lower().endswith(".json") and m.size < 1_000_000), None)
                     index = wanted.get(f"{shard}:{image.name}") if image is not None else None
@@ -384,13 +379,7 @@ def _tar_dataset(shards: List[str], source: str) -> ImageDataset:
     for shard in shards:
         try:
             with tarfile.open(shard, "r:") as archive:
-                members = [m for m in archive.getmembers() if m.isfile()]
-                groups: dict = {}
-                for member in members:
-                    folder, base = os.path.split(member.name)
-                    stem = os.path.join(folder, base.split(".", 1)[0])
-                    groups.setdefault(stem, []).append(member)
-                for stem, group in groups.items():
+                for stem, group in _sample_groups(archive).items():
                     image = next((m for m in group if m.name.lower().endswith(IMAGE_EXTENSIONS)), None)
                     if image is None:
                         continue
@@ -404,6 +393,16 @@ def _tar_dataset(shards: List[str], source: str) -> ImageDataset:
         raise DatasetError(f"no image members found in the tar shards of {source}")
     return ImageDataset(keys=keys, identity=_identity(parts), captions=captions,
                         description=f"{len(shards)} tar shard(s) {source} ({len(keys)} images)", _sources=sources)
+
+
+def _sample_groups(archive: tarfile.TarFile) -> dict:
+    """{stem: [members]}: the files of a webdataset shard grouped by their basename up to the first dot."""
+    groups: dict = {}
+    for member in archive.getmembers():
+        if member.isfile():
+            folder, base = os.path.split(member.name)
+            groups.setdefault(os.path.join(folder, base.split(".", 1)[0]), []).append(member)
+    return groups
 
 
 def _tar_caption(archive: tarfile.TarFile, group: list) -> str:

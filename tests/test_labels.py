@@ -164,3 +164,27 @@ def test_nudenet_runs_offline_its_scores_reach_the_sweep_record_and_are_cached(t
     monkeypatch.setattr(nudenet, "image_scores", must_not_run)
     again = run_sweep(tiny_clip, LAYER, dataset_table, rule=FlagRule(min_auc=0.9), **kw)
     assert not again.cached and np.array_equal(again.source_scores("nudenet"), scores)
+
+
+def test_column_source_reads_the_json_members_of_tar_shards(tmp_path):
+    """LAION's webdataset shards carry the NSFW column in each sample's .json member."""
+    import io
+    import json
+    import tarfile
+    from PIL import Image
+    from neurolens.datasets import open_dataset
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as archive:
+        for i, value in enumerate(["NSFW", "UNLIKELY", None, "UNSURE"]):
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(buffer, format="PNG")
+            meta = json.dumps({"caption": f"image {i}"} | ({"NSFW": value} if value else {})).encode()
+            for name, data in ((f"{i:04d}.png", buffer.getvalue()), (f"{i:04d}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    data = open_dataset(str(shard))
+    scores = column_source(parse_labels(["column:NSFW=NSFW,UNSURE"])[0][0], data).scores
+    assert scores[[0, 1, 3]].tolist() == [1, 0, 1] and np.isnan(scores[2])
+    with pytest.raises(NeurolensError, match="no sample"):
+        column_source(parse_labels(["column:punsafe"])[0][0], data)
