@@ -136,7 +136,7 @@ def test_a_sparse_but_precise_yes_no_source_is_kept_and_a_wrong_one_dropped():
     assert checked.used == ["nudenet", "column:NSFW"] and checked.agreements["captions"].auc < 0.6
 
 
-def test_nudenet_runs_offline_its_scores_reach_the_sweep_record_and_are_cached(tiny_clip, dataset_table, vocab_file,
+def test_nudenet_runs_offline_its_scores_reach_the_sweep_record_and_are_cached(tiny_clip, dataset_table, vocab_file,  # noqa: F811
                                                                               tmp_path, monkeypatch):
     """The plumbing, not the detector's accuracy: NudeNet's per-image scores of the synthetic images are the
     nudenet source of the sweep record, and a second sweep (another rule: a new record) does not run it."""

@@ -1,12 +1,10 @@
 """Per-unit NSFW scores and the sweep pipeline, against brute force on a tiny model and synthetic data."""
 import csv
-import json
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from neurolens import safety
 from neurolens.unit_scores import FlagRule, apply_rule, top_share
 
 LAYER = "image_block_4_0"
