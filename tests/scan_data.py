@@ -96,12 +96,14 @@ def _add_member(archive, name: str, data: bytes) -> None:
 
 
 def write_img2dataset(folder: Path, rows_per_shard: List[int], start_seed: int = 0, size=(96, 80),
-                      bad_every: int = 0) -> Dict[str, object]:
+                      bad_every: int = 0, nsfw_every: int = 0) -> Dict[str, object]:
     """img2dataset's webdataset output: per shard NNNNN.tar (KEY.jpg, KEY.txt, KEY.json) and NNNNN.parquet
     (url, caption, key, status, error_message, width, height), keys NNNNNRRRR.
 
     In every shard, row 1 failed to download (no member, status failed_to_download). With bad_every=n, every
     n-th row (from row 2) is a bad member listed as success: a zero-byte file, a truncated JPEG, or text.
+    With nsfw_every=n, every n-th image (by seed) has a caption with a lexicon word and the LAION-style
+    column NSFW = "NSFW" (in the parquet and the .json), the others "UNLIKELY".
     Returns {'rows': total rows, 'failed': keys of failed rows, 'bad': keys of bad members}."""
     import json
     import tarfile
@@ -110,11 +112,14 @@ def write_img2dataset(folder: Path, rows_per_shard: List[int], start_seed: int =
     folder.mkdir(parents=True, exist_ok=True)
     failed, bad, seed = [], [], start_seed
     for shard, count in enumerate(rows_per_shard):
-        table = {"url": [], "caption": [], "key": [], "status": [], "error_message": [], "width": [], "height": []}
+        table = {"url": [], "caption": [], "key": [], "status": [], "error_message": [], "width": [], "height": [],
+                 "NSFW": []}
         with tarfile.open(folder / f"{shard:05d}.tar", "w") as archive:
             for row in range(count):
                 key = f"{shard:05d}{row:04d}"
-                caption = f"synthetic picture {seed}"
+                positive = bool(nsfw_every) and seed % nsfw_every == 0
+                caption = f"{'a nude ' if positive else ''}synthetic picture {seed}"
+                nsfw = "NSFW" if positive else "UNLIKELY"
                 status, error = "success", None
                 if row == 1:
                     status, error = "failed_to_download", "HTTP Error 404: Not Found"
@@ -128,10 +133,10 @@ def write_img2dataset(folder: Path, rows_per_shard: List[int], start_seed: int =
                     _add_member(archive, f"{key}.jpg", data)
                     _add_member(archive, f"{key}.txt", caption.encode())
                     _add_member(archive, f"{key}.json", json.dumps({"key": key, "caption": caption,
-                                                                   "status": status}).encode())
+                                                                   "status": status, "NSFW": nsfw}).encode())
                 for name, value in (("url", f"https://example.invalid/{key}.jpg"), ("caption", caption),
                                     ("key", key), ("status", status), ("error_message", error),
-                                    ("width", size[0]), ("height", size[1])):
+                                    ("width", size[0]), ("height", size[1]), ("NSFW", nsfw)):
                     table[name].append(value)
                 seed += 1
         pq.write_table(pa.table(table), folder / f"{shard:05d}.parquet")

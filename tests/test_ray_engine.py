@@ -226,7 +226,80 @@ def test_cli_scan_engine_ray_on_a_folder_cut_into_shards(tiny_clip, ray_cluster,
     wrong = runner.invoke(app, base + ["--engine", "ray", "--embeddings"])
     assert wrong.exit_code == 2 and "--embeddings cannot be used with --engine ray" in wrong.stderr
     wrong = runner.invoke(app, base + ["--keep-per-image"])
-    assert wrong.exit_code == 2 and "--keep-per-image is for --engine ray" in wrong.stderr
+    assert wrong.exit_code == 2 and "--keep-per-image is for scan --engine ray" in wrong.stderr
+
+
+SWEEP_LABELS = ["captions", "column:NSFW=NSFW,UNSURE"]   # named: kept whatever they agree (no sample decides)
+
+
+@pytest.fixture(scope="module")
+def sweep_data(tiny_clip, tmp_path_factory):
+    """36 img2dataset rows (failed downloads, bad members; every 2nd image NSFW by caption and column) and
+    the in-process sweep of them (exact AUC)."""
+    from neurolens.pipelines.sweep import run_sweep
+    folder = tmp_path_factory.mktemp("sweep-data")
+    write_img2dataset(folder, [12, 12, 12], start_seed=2000, bad_every=5, nsfw_every=2)
+    cache = tmp_path_factory.mktemp("sweep-reference")
+    reference = run_sweep(tiny_clip, LAYER, str(folder), top_k=TOP_K, batch_size=5, workers=0, cache=cache,
+                          labels=SWEEP_LABELS, out=cache / "flags.csv")
+    assert reference.scores.method == "exact" and reference.scores.n_pos >= 10
+    return folder, reference
+
+
+@pytest.mark.parametrize("warmup", [1000, 8])
+def test_fused_sweep_equals_the_in_process_sweep(tiny_clip, ray_cluster, sweep_data, tmp_path, warmup):
+    """warmup >= the dataset: exact AUC; warmup 8: the rest binned, within the bound the counts give."""
+    from neurolens.pipelines.sweep import run_ray_sweep
+    folder, reference = sweep_data
+    cache = Cache(tmp_path)
+    result = run_ray_sweep(tiny_clip, LAYER, str(folder), top_k=TOP_K, cache=cache, labels=SWEEP_LABELS,
+                           out=tmp_path / "flags.csv", warmup=warmup,
+                           ray=RayOptions(actors=1, batch_size=5, cpus_per_actor=0.5))
+    ours, theirs = result.scores, reference.scores
+    np.testing.assert_array_equal(result.image_labels, reference.image_labels)
+    for name in ("captions", "column:NSFW=NSFW,UNSURE"):
+        np.testing.assert_array_equal(result.source_scores(name), reference.source_scores(name))
+    assert (ours.n_pos, ours.n_neg, ours.sources) == (theirs.n_pos, theirs.n_neg, theirs.sources)
+    np.testing.assert_allclose(ours.correlation, theirs.correlation, atol=1e-4)
+    np.testing.assert_array_equal(ours.top_nsfw_share, theirs.top_nsfw_share)
+    np.testing.assert_array_equal(result.scan.top_indices, reference.scan.top_indices)
+    fused = cache.read(Path(result.attrs["fused_record"]))
+    if warmup >= 36:
+        assert ours.method == "exact"
+        np.testing.assert_allclose(ours.auc, theirs.auc, rtol=1e-12)
+        np.testing.assert_allclose(ours.q, theirs.q, rtol=1e-9)
+    else:
+        assert ours.method == "binned" and "decided on the first" in " ".join(result.lines())
+        # pairs of one interval bin count half: the error is at most half the largest share of negatives
+        # (or of positives) in one interval bin (neurolens.unit_stats), here read from the run's own counts
+        pos, neg = fused.arrays["counts/pos"][:, 0::2], fused.arrays["counts/neg"][:, 0::2]
+        bound = 0.5 * np.minimum(pos.max(axis=1) / ours.n_pos, neg.max(axis=1) / ours.n_neg)
+        assert np.all(np.abs(ours.auc - theirs.auc) <= bound + 1e-12)
+        assert np.abs(ours.auc - theirs.auc).max() > 0      # binned for real
+    # no per-image values of any unit were stored; the sweep record is read back without a pass
+    assert cache.read(result.scan.path).attrs["chunks"] == []
+    assert not list((tmp_path / "scan-chunk").rglob("*.h5")) and not list((tmp_path / "scan-shard").rglob("*.h5"))
+    again = run_ray_sweep(tiny_clip, LAYER, str(folder), top_k=TOP_K, cache=cache, labels=SWEEP_LABELS,
+                          out=tmp_path / "flags.csv", warmup=warmup, ray=RayOptions(actors=1))
+    assert again.cached and again.path == result.path
+    assert (tmp_path / "flags.csv").read_text().startswith("# neurolens sweep")
+
+
+def test_cli_sweep_engine_ray(ray_cluster, sweep_data, tmp_path):
+    from typer.testing import CliRunner
+    from neurolens.cli import app
+    folder, reference = sweep_data
+    base = ["sweep", "--layer", LAYER, "--dataset", str(folder), "--model", "nl-tiny-RN", "--pretrained", "none",
+            "--top-k", str(TOP_K), "--cache", str(tmp_path), "--out", str(tmp_path / "flags.csv")]
+    for label in SWEEP_LABELS:
+        base += ["--labels", label]
+    runner = CliRunner()
+    done = runner.invoke(app, base + ["--engine", "ray", "--batch-size", "5", "--cpus-per-actor", "0.5", "--json"])
+    assert done.exit_code == 0, done.output
+    rows = json.loads(done.stdout)
+    assert [row["unit"] for row in rows] == [row["unit"] for row in reference.ranking()]
+    wrong = runner.invoke(app, base + ["--engine", "ray", "--keep-per-image"])
+    assert wrong.exit_code == 2 and "a sweep on Ray stores no per-image values" in wrong.stderr
 
 
 def test_unreachable_ray_address_is_one_line():

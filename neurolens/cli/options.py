@@ -217,10 +217,11 @@ class EngineChoice:
         """One line for options that only the in-process engine has (used: --option -> given)."""
         given = [name for name, value in used.items() if value]
         if self.ray and given:
-            raise NeurolensError(f"{', '.join(given)} cannot be used with --engine ray; drop it or use --engine process")
+            raise NeurolensError(f"{', '.join(given)} cannot be used with --engine ray; drop it or use "
+                                 f"--engine process")
         if not self.ray and self.keep_per_image:
-            raise NeurolensError("--keep-per-image is for --engine ray (the in-process scan always keeps per-image "
-                                 "values)")
+            raise NeurolensError("--keep-per-image is for scan --engine ray (the in-process scan always keeps "
+                                 "per-image values)")
 
 
 MODEL = OptionSet.of(ModelChoice, model=(ModelOpt, DEFAULT_MODEL), pretrained=(PretrainedOpt, DEFAULT_PRETRAINED),

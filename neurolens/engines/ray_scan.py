@@ -30,14 +30,14 @@ import pickle
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import NeurolensError
 from ..models.load import weights_fingerprint
-from ..scan import ScanStats, decode_item, default_batch_size, layer_forward
+from ..scan import ScanStats, decode_item_with_image, default_batch_size, layer_forward
 from .shards import DEFAULT_SHARD_SIZE, DatasetPlan, PlannedShard, ShardStore
 
 # With this set before Ray starts, a local Ray takes 127.0.0.1 as its node address and every server it starts
@@ -124,6 +124,8 @@ class RayScanOutcome:
     forwarded: int                    # images through the model in this run
     actor_peak_rss: int               # bytes, the largest peak RSS an actor reported
     actor_pids: List[int] = field(default_factory=list)
+    labels: Optional[object] = None   # a fused sweep's fused.LabelTally over these shards
+    records: List = field(default_factory=list)   # the shard and group records of these shards
 
 
 # ------------------------------------------------------------------------------------------ session
@@ -228,33 +230,43 @@ class RaySession:
     def scan(self, clip, spec, plan: DatasetPlan, store: ShardStore, *, top_k: int, precision: str = "fp32",
              keep_per_image: bool = False, device: str = "auto",
              progress: Optional[Callable[[int, int], None]] = None,
-             report: Optional[Callable[[RayProgress], None]] = None) -> RayScanOutcome:
-        """Scan every shard of `plan` not finished by an earlier run; returns the merged statistics."""
+             report: Optional[Callable[[RayProgress], None]] = None, labels=None,
+             shards: Optional[Sequence[PlannedShard]] = None, done_before: Tuple[int, int] = (0, 0)
+             ) -> RayScanOutcome:
+        """Scan every shard of `plan` (or of `shards`, a part of it) not finished by an earlier run; returns
+        the merged statistics. labels: a fused sweep's fused.LabelPlan (its label sources and statistics
+        are computed in the same pass); done_before: (items, shards) finished before this call, for the
+        progress report."""
+        from .fused import LabelMerger
+
         def empty() -> ScanStats:
             return ScanStats.empty(spec, top_k, "cpu")
 
-        merger = _Merger(plan, store, empty, keep_per_image, int(self.options.compact_every), time.monotonic(),
-                         progress, report)
+        subset = list(plan.shards if shards is None else shards)
+        extension = LabelMerger(labels, spec.channels) if labels is not None else None
+        merger = _Merger(plan, subset, store, empty, keep_per_image, int(self.options.compact_every),
+                         time.monotonic(), progress, report, extension, done_before)
         resumed = merger.resume()
-        todo = [shard for shard in plan.shards if shard.index not in merger.finished]
+        todo = [shard for shard in subset if shard.index not in merger.finished]
         for shard in [s for s in todo if s.count == 0]:
             merger.finish_empty(shard, spec.channels)
         todo = [shard for shard in todo if shard.count > 0]
         merger.announce()
         if todo:
-            self._run(clip, spec, todo, merger, top_k, precision, keep_per_image, device)
+            self._run(clip, spec, todo, merger, top_k, precision, keep_per_image, device, labels)
             merger.announce()
         unfinished = [s.name for s in todo if s.index not in merger.finished]
         if unfinished:
             raise NeurolensError(f"Ray returned no result for {len(unfinished)} shard(s) (e.g. {unfinished[0]}); "
                                  f"run the scan again: finished shards are kept")
         merger.total.skipped = merger.skip_list()
-        chunks = [store.name(s) for s in plan.shards] if keep_per_image else []
+        chunks = [store.name(s) for s in subset] if keep_per_image else []
         return RayScanOutcome(stats=merger.total, chunks=chunks, resumed=resumed, forwarded=merger.forwarded,
-                              actor_peak_rss=merger.actor_peak_rss, actor_pids=sorted(merger.actor_pids))
+                              actor_peak_rss=merger.actor_peak_rss, actor_pids=sorted(merger.actor_pids),
+                              labels=merger.extra_total, records=list(merger.records))
 
     def _run(self, clip, spec, todo: List[PlannedShard], merger: "_Merger", top_k: int, precision: str,
-             keep_per_image: bool, device: str) -> None:
+             keep_per_image: bool, device: str, labels) -> None:
         ray = self.ray
         options = self.options
         gpus = self.gpus_per_actor()
@@ -272,7 +284,8 @@ class RaySession:
         data = ray.data.from_items(rows, override_num_blocks=len(rows))
         rows_per_call = batch_size * int(options.batches_per_call)
         data = data.map_batches(_decode_shards, batch_size=1, num_cpus=1,
-                                fn_kwargs={"image_size": clip.image_size, "batch_size": rows_per_call})
+                                fn_kwargs={"image_size": clip.image_size, "batch_size": rows_per_call,
+                                           "labels": labels})
         # An actor call covers several forwards so the driver merges one partial result per call, not per
         # forward (a merge of RN50x4's layer4 statistics costs ~15 ms of driver CPU).
         data = data.map_batches(
@@ -282,7 +295,7 @@ class RaySession:
                                    "device": device if gpus > 0 else "cpu",
                                    "threads": max(1, int(options.cpus_per_actor)), "top_k": int(top_k),
                                    "batch_size": batch_size,
-                                   "precision": precision, "keep_per_image": keep_per_image})
+                                   "precision": precision, "keep_per_image": keep_per_image, "labels": labels})
         # Ray Data's actor pools restart a dead actor (max_restarts=-1) and retry its unfinished batches
         # (max_task_retries=-1) by default; _Merger drops a batch delivered twice.
         try:
@@ -312,8 +325,8 @@ def _device_kind(gpus: float):
 # ------------------------------------------------------------------------------------------ driver side
 
 class _ShardInFlight:
-    def __init__(self, shard: PlannedShard, stats: ScanStats):
-        self.shard, self.stats = shard, stats
+    def __init__(self, shard: PlannedShard, stats: ScanStats, extra):
+        self.shard, self.stats, self.extra = shard, stats, extra
         self.covered = np.zeros(shard.count, dtype=bool)
         self.maxima: List[Tuple[np.ndarray, np.ndarray]] = []
         self.forwarded = 0
@@ -327,20 +340,28 @@ class _Merger:
     """The driver's bookkeeping: folds each actor call's per-shard statistics into its shard, writes a shard
     when all its items are in and merges it into the total, and every `compact_every` finished shards
     writes them as one group record (ShardStore). Skip lists stay in the records while the scan runs (merging
-    them would sort the whole list again and again) and are read back once at the end."""
+    them would sort the whole list again and again) and are read back once at the end.
 
-    def __init__(self, plan: DatasetPlan, store: ShardStore, empty: Callable[[], ScanStats], keep_per_image: bool,
-                 compact_every: int, started: float, progress, report):
-        self.plan, self.store, self.empty = plan, store, empty
+    extension (a fused sweep's fused.LabelMerger, or None): folds the calls' label parts the same way, and
+    stores them beside the statistics in the shard and group records."""
+
+    def __init__(self, plan: DatasetPlan, shards: Sequence[PlannedShard], store: ShardStore,
+                 empty: Callable[[], ScanStats], keep_per_image: bool, compact_every: int, started: float,
+                 progress, report, extension=None, done_before: Tuple[int, int] = (0, 0)):
+        self.plan, self.shards, self.store, self.empty = plan, list(shards), store, empty
         self.keep_per_image, self.compact_every = keep_per_image, max(1, compact_every)
         self.started, self.progress, self.report = started, progress, report
+        self.extension = extension
         self.total = empty()
+        self.extra_total = extension.empty() if extension else None
         self.in_flight: Dict[int, _ShardInFlight] = {}
         self.finished: set = set()
         self.records: List = []                 # shard and group records whose skip lists count
         self.recent, self.recent_skips, self.recent_shards = empty(), [], []
+        self.recent_extra = extension.empty() if extension else None
         self.next_group = store.next_group()
-        self.done_items = self.shards_done = self.skipped = self.forwarded = 0
+        self.done_items, self.shards_done = int(done_before[0]), int(done_before[1])
+        self.skipped = self.forwarded = 0
         self.actor_peak_rss = 0
         self.actor_pids: set = set()
         self.last_report = 0.0
@@ -350,15 +371,25 @@ class _Merger:
     def resume(self) -> List[int]:
         """Merge what earlier runs finished; returns the offsets of those shards."""
         resumed = []
-        for group in self.store.finished(self.plan.shards, self.empty, self.keep_per_image):
-            self._done(group.stats, group.shards, group.path, group.is_group)
+        for group in self.store.finished(self.shards, self.empty, self.keep_per_image):
+            extra = None
+            if self.extension is not None:
+                extra = self.extension.load(group.extra)
+                if extra is None:       # made with other label decisions: scan these shards again
+                    self.store.cache.remove(group.path)
+                    continue
+            self._done(group.stats, group.shards, group.path, group.is_group, extra)
             resumed += [shard.offset for shard in group.shards]
         return sorted(resumed)
 
     def finish_empty(self, shard: PlannedShard, channels: int) -> None:
         per_image = (np.zeros(0, np.int64), np.zeros((0, channels), np.float16)) if self.keep_per_image else None
-        self.store.save(shard, self.empty(), per_image, 0)
-        self._done(self.empty(), [shard], self.store.path(shard), False)
+        extra = self.extension.empty() if self.extension else None
+        self.store.save(shard, self.empty(), per_image, 0, self._extra_arrays(extra))
+        self._done(self.empty(), [shard], self.store.path(shard), False, extra)
+
+    def _extra_arrays(self, extra) -> Optional[Dict[str, np.ndarray]]:
+        return self.extension.arrays(extra) if self.extension is not None else None
 
     def add(self, shard_index: int, part: dict, pid: int, rss: int) -> None:
         if self.first_result is None:
@@ -371,7 +402,8 @@ class _Merger:
         shard = self.plan.shards[shard_index]
         flight = self.in_flight.get(shard_index)
         if flight is None:
-            flight = self.in_flight[shard_index] = _ShardInFlight(shard, self.empty())
+            extra = self.extension.empty() if self.extension else None
+            flight = self.in_flight[shard_index] = _ShardInFlight(shard, self.empty(), extra)
         local = np.asarray(part["covered"], dtype=np.int64) - shard.offset
         seen = flight.covered[local]
         if seen.all():
@@ -382,6 +414,8 @@ class _Merger:
         stats = self.empty()
         stats.load_state_dict(part["state"])
         flight.stats.merge(stats)
+        if self.extension is not None and part.get("labels") is not None:
+            self.extension.add(flight.extra, part["labels"])
         if self.keep_per_image and len(part["indices"]):
             flight.maxima.append((part["indices"], part["maxima"]))
         flight.forwarded += int(part["forwarded"])
@@ -394,19 +428,23 @@ class _Merger:
                 per_image = (np.concatenate([i for i, _ in kept]) if kept else np.zeros(0, np.int64),
                              np.concatenate([m for _, m in kept]) if kept
                              else np.zeros((0, flight.stats.topk.units), np.float16))
-            self.store.save(shard, flight.stats, per_image, flight.forwarded)
-            self._done(flight.stats, [shard], self.store.path(shard), False)
+            self.store.save(shard, flight.stats, per_image, flight.forwarded, self._extra_arrays(flight.extra))
+            self._done(flight.stats, [shard], self.store.path(shard), False, flight.extra)
         self.announce(final=False)
 
-    def _done(self, stats: ScanStats, shards: List[PlannedShard], path, is_group: bool) -> None:
+    def _done(self, stats: ScanStats, shards: List[PlannedShard], path, is_group: bool, extra=None) -> None:
         """Finished shards (with their statistics and their record) into the total."""
         skips, stats.skipped = stats.skipped, []
         self.total.merge(stats)
+        if self.extension is not None:
+            self.extension.merge_total(self.extra_total, extra)
         self.records.append(path)
         if not is_group:
             self.recent.merge(stats)
             self.recent_skips += skips
             self.recent_shards += shards
+            if self.extension is not None:
+                self.extension.merge(self.recent_extra, extra)
         self.finished.update(shard.index for shard in shards)
         self.done_items += sum(shard.count for shard in shards)
         self.shards_done += len(shards)
@@ -416,11 +454,13 @@ class _Merger:
 
     def _compact(self) -> None:
         self.recent.skipped = sorted(self.recent_skips)
-        path = self.store.save_group(self.next_group, self.recent, self.recent_shards, self.keep_per_image)
+        path = self.store.save_group(self.next_group, self.recent, self.recent_shards, self.keep_per_image,
+                                     self._extra_arrays(self.recent_extra))
         gone = {self.store.path(shard) for shard in self.recent_shards}
         self.records = [p for p in self.records if p not in gone] + [path]
         self.next_group += 1
         self.recent, self.recent_skips, self.recent_shards = self.empty(), [], []
+        self.recent_extra = self.extension.empty() if self.extension else None
 
     def skip_list(self) -> List[Tuple[int, str]]:
         return self.store.skipped(self.records)
@@ -444,32 +484,43 @@ class _Merger:
 
 # ------------------------------------------------------------------------------------------ Ray side
 
-def _decode_shards(batch: Dict[str, np.ndarray], image_size: int, batch_size: int):
+def _decode_shards(batch: Dict[str, np.ndarray], image_size: int, batch_size: int, labels=None):
     """CPU task: the shard's items in order, decoded and preprocessed, in batches of `batch_size` rows; a bad
-    item is a row with zero pixels and its reason (the actor counts it as skipped)."""
+    item is a row with zero pixels and its reason (the actor counts it as skipped). With a fused sweep's
+    labels, also each item's decode-side label scores (captions, columns, NudeNet; NaN for a bad item)."""
     for blob in batch["plan"]:
         shard: PlannedShard = pickle.loads(blob)
         dataset = shard.dataset()
+        scores = labels.shard_scores(shard, dataset) if labels is not None else None
         for first in range(0, shard.count, batch_size):
             last = min(first + batch_size, shard.count)
             pixels = np.zeros((last - first, 3, image_size, image_size), dtype=np.uint8)
             reasons = []
             for row, item in enumerate(range(first, last)):
-                array, reason = decode_item(dataset, item, image_size)
+                array, reason, image = decode_item_with_image(dataset, item, image_size)
                 if array is not None:
                     pixels[row] = array
+                    if labels is not None and labels.needs_images:
+                        labels.image_scores(scores, item, image)
+                elif scores is not None:
+                    scores[item] = np.nan
                 reasons.append(reason)
-            yield {"shard": np.full(last - first, shard.index, dtype=np.int64),
-                   "index": np.arange(shard.offset + first, shard.offset + last, dtype=np.int64),
-                   "pixels": pixels, "reason": np.asarray(reasons, dtype=object)}
+            rows = {"shard": np.full(last - first, shard.index, dtype=np.int64),
+                    "index": np.arange(shard.offset + first, shard.offset + last, dtype=np.int64),
+                    "pixels": pixels, "reason": np.asarray(reasons, dtype=object)}
+            if scores is not None:
+                rows["scores"] = scores[first:last]
+            yield rows
 
 
 class _ModelActor:
     """Loads the model once; per call, one truncated forward per `batch_size` readable rows and, per shard
-    among them, ScanStats.add; returns one partial result per shard in the call."""
+    among them, ScanStats.add; returns one partial result per shard in the call. With a fused sweep's labels
+    the forward runs to the image embedding when a source needs it, and each shard's part carries its
+    label results (fused.LabelPlan.actor_part)."""
 
     def __init__(self, model, meta: dict, layer: str, device: str, threads: int, top_k: int, batch_size: int,
-                 precision: str, keep_per_image: bool):
+                 precision: str, keep_per_image: bool, labels=None):
         import ray
         import torch
         from ..models import resolve_layer
@@ -486,7 +537,9 @@ class _ModelActor:
                                fingerprint=meta["fingerprint"], tokenizer=None)
         self.spec = resolve_layer(self.clip, layer)
         self.top_k, self.batch_size = top_k, batch_size
-        self.precision, self.keep_per_image = precision, keep_per_image
+        if labels is not None and labels.edges is not None:   # arrays from Ray's object store are read-only
+            labels = replace(labels, edges=np.array(labels.edges))
+        self.precision, self.keep_per_image, self.labels = precision, keep_per_image, labels
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import torch
@@ -494,28 +547,35 @@ class _ModelActor:
         shards, index = np.asarray(batch["shard"]), np.asarray(batch["index"])
         reasons = np.asarray(batch["reason"], dtype=object)
         readable = np.flatnonzero(reasons == "")
+        embeddings = self.labels is not None and self.labels.needs_embeddings
         stats = {int(s): ScanStats.empty(self.spec, self.top_k, device) for s in np.unique(shards)}
-        maxima: Dict[int, List[Tuple[np.ndarray, np.ndarray]]] = {s: [] for s in stats}
+        kept: Dict[int, List[tuple]] = {s: [] for s in stats}     # (rows, values, embeddings) per forward
         for first in range(0, len(readable), self.batch_size):
             rows = readable[first:first + self.batch_size]
             images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][rows])).to(device).float().div_(255.0)
-            acts, _ = layer_forward(self.clip, self.spec, images, self.precision, pad_to=self.batch_size)
+            acts, emb = layer_forward(self.clip, self.spec, images, self.precision, embeddings=embeddings,
+                                      pad_to=self.batch_size)
             for shard in np.unique(shards[rows]):
                 mine = np.flatnonzero(shards[rows] == shard)
-                values = stats[int(shard)].add(acts[torch.as_tensor(mine, device=device)],
-                                               torch.as_tensor(index[rows][mine], device=device))
-                if self.keep_per_image:
-                    maxima[int(shard)].append((index[rows][mine], values.cpu().numpy().astype(np.float16)))
+                picked = torch.as_tensor(mine, device=device)
+                values = stats[int(shard)].add(acts[picked], torch.as_tensor(index[rows][mine], device=device))
+                kept[int(shard)].append((rows[mine], values, emb[picked].cpu().numpy() if emb is not None else None))
         payloads = []
         for shard, part in stats.items():
             bad = (shards == shard) & (reasons != "")
             part.skipped = [(int(i), str(r)) for i, r in zip(index[bad], reasons[bad])]
-            kept = maxima[shard]
-            payloads.append(pickle.dumps({
-                "covered": index[shards == shard], "state": part.state_dict(), "forwarded": part.count,
-                "indices": np.concatenate([i for i, _ in kept]) if kept else np.zeros(0, np.int64),
-                "maxima": np.concatenate([m for _, m in kept]) if kept
-                else np.zeros((0, self.spec.channels), np.float16)}, protocol=pickle.HIGHEST_PROTOCOL))
+            rows = np.concatenate([r for r, _, _ in kept[shard]]) if kept[shard] else np.zeros(0, np.int64)
+            values = torch.cat([v for _, v, _ in kept[shard]]) if kept[shard] else \
+                torch.zeros((0, self.spec.channels), device=device)
+            payload = {"covered": index[shards == shard], "state": part.state_dict(), "forwarded": part.count,
+                       "indices": index[rows] if self.keep_per_image else np.zeros(0, np.int64),
+                       "maxima": values.cpu().numpy().astype(np.float16) if self.keep_per_image
+                       else np.zeros((0, self.spec.channels), np.float16)}
+            if self.labels is not None:
+                emb = np.concatenate([e for _, _, e in kept[shard]]) if embeddings and kept[shard] else None
+                payload["labels"] = self.labels.actor_part(values, emb, np.asarray(batch["scores"])[rows],
+                                                           index[rows])
+            payloads.append(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"shard": np.asarray(list(stats), dtype=np.int64), "payload": np.asarray(payloads, dtype=object),
                 "pid": np.full(len(stats), os.getpid(), dtype=np.int64),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -70,6 +70,11 @@ class DatasetPlan:
 
     def __len__(self) -> int:
         return self.total
+
+    @property
+    def dataset(self) -> Optional[ImageDataset]:
+        """The opened dataset of a folder or table plan (None for tar shards, never opened whole)."""
+        return self._dataset
 
     def keys_and_captions(self) -> Tuple[List[str], Optional[List[str]]]:
         """Every item's key and caption, in global order (what the finished scan record lists)."""
@@ -163,6 +168,7 @@ class FinishedGroup:
     shards: List[PlannedShard]
     path: Path
     is_group: bool
+    extra: Dict[str, np.ndarray] = field(default_factory=dict)   # what a scan extension stored beside them
 
 
 class ShardStore:
@@ -174,8 +180,11 @@ class ShardStore:
     records deleted, so a run over tens of thousands of shards keeps hundreds of records, not tens of
     thousands (RN50x4 image_block_4_5: about 3 MB each)."""
 
-    def __init__(self, cache: Cache, fingerprint: str, layer: str, key: str):
+    def __init__(self, cache: Cache, fingerprint: str, layer: str, key: str, extra_identity: str = ""):
         self.cache, self.fingerprint, self.layer, self.key = cache, fingerprint, layer, key
+        # records hold `extra/*` arrays of a scan extension (a fused sweep's labels); this names what they
+        # depend on, and records made for another one are not reused
+        self.extra_identity = extra_identity
 
     def name(self, shard: PlannedShard) -> str:
         # 's' keeps these apart from a single-process scan's chunks of the same key (named <key>-<first index>)
@@ -199,8 +208,13 @@ class ShardStore:
         return max(numbers, default=-1) + 1
 
     @staticmethod
-    def _state(record: Record) -> dict:
-        return {k[len("state/"):]: v for k, v in record.arrays.items() if k.startswith("state/")}
+    def _state(record: Record, prefix: str = "state/") -> dict:
+        return {k[len(prefix):]: v for k, v in record.arrays.items() if k.startswith(prefix)}
+
+    def _arrays(self, stats: ScanStats, extra: Optional[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+        arrays = {f"state/{k}": v for k, v in stats.state_dict().items()}
+        arrays.update({f"extra/{k}": v for k, v in (extra or {}).items()})
+        return arrays
 
     def finished(self, shards: Sequence[PlannedShard], empty: Callable[[], ScanStats], per_image: bool
                  ) -> List["FinishedGroup"]:
@@ -223,7 +237,8 @@ class ShardStore:
         for path in self._records("c"):
             record = self.cache.read(path)
             members = []
-            if record is not None and (record.attrs.get("per_image") or not per_image):
+            if record is not None and (record.attrs.get("per_image") or not per_image) and \
+                    record.attrs.get("extra_identity", "") == self.extra_identity:
                 attrs = record.attrs
                 members = [matching(o, i, c) for o, i, c in zip(attrs["offsets"], attrs["identities"],
                                                                  attrs["counts"])]
@@ -232,7 +247,7 @@ class ShardStore:
                 continue
             stats = empty()
             stats.load_state_dict(self._state(record))
-            found.append(FinishedGroup(stats, members, path, True))
+            found.append(FinishedGroup(stats, members, path, True, self._state(record, "extra/")))
             covered.update(m.offset for m in members)
         for shard in shards:
             path = self.path(shard)
@@ -243,17 +258,18 @@ class ShardStore:
             if record is None:
                 continue
             attrs = record.attrs
-            if (per_image and not attrs.get("per_image")) or matching(
-                    attrs.get("offset", -1), attrs.get("shard_identity"), attrs.get("count", -1)) is not shard:
+            stale = (per_image and not attrs.get("per_image")) or attrs.get("extra_identity", "") != self.extra_identity
+            if stale or matching(attrs.get("offset", -1), attrs.get("shard_identity"),
+                                 attrs.get("count", -1)) is not shard:
                 self.cache.remove(path)
                 continue
             stats = empty()
             stats.load_state_dict(self._state(record))
-            found.append(FinishedGroup(stats, [shard], path, False))
+            found.append(FinishedGroup(stats, [shard], path, False, self._state(record, "extra/")))
         return found
 
     def save(self, shard: PlannedShard, stats: ScanStats, per_image: Optional[Tuple[np.ndarray, np.ndarray]],
-             forwarded: int) -> None:
+             forwarded: int, extra: Optional[Dict[str, np.ndarray]] = None) -> None:
         """Write the chunk first, then the shard record that vouches for it (a kill between the two leaves a
         chunk without a record: the shard is redone and the chunk rewritten)."""
         if per_image is not None:
@@ -262,18 +278,18 @@ class ShardStore:
             self.cache.write(self.chunk_path(shard), Record(
                 arrays={"indices": indices[order].astype(np.int64), "maxima": maxima[order].astype(np.float16)},
                 attrs={"first": shard.offset, "stop": shard.offset + shard.count}))
-        arrays = {f"state/{k}": v for k, v in stats.state_dict().items()}
-        self.cache.write(self.path(shard), Record(arrays=arrays, attrs={
+        self.cache.write(self.path(shard), Record(arrays=self._arrays(stats, extra), attrs={
             "shard": shard.name, "shard_identity": shard.identity, "offset": shard.offset, "count": shard.count,
-            "per_image": per_image is not None, "forwarded": int(forwarded)}))
+            "per_image": per_image is not None, "forwarded": int(forwarded), "extra_identity": self.extra_identity}))
 
-    def save_group(self, number: int, stats: ScanStats, shards: Sequence[PlannedShard], per_image: bool) -> Path:
+    def save_group(self, number: int, stats: ScanStats, shards: Sequence[PlannedShard], per_image: bool,
+                   extra: Optional[Dict[str, np.ndarray]] = None) -> Path:
         """One record for these finished shards (stats: their merged statistics, skip list included); then
         their own records go. Returns the group record's path."""
-        arrays = {f"state/{k}": v for k, v in stats.state_dict().items()}
-        path = self.cache.write(self.group_path(number), Record(arrays=arrays, attrs={
+        path = self.cache.write(self.group_path(number), Record(arrays=self._arrays(stats, extra), attrs={
             "offsets": [s.offset for s in shards], "identities": [s.identity for s in shards],
-            "counts": [s.count for s in shards], "per_image": bool(per_image)}))
+            "counts": [s.count for s in shards], "per_image": bool(per_image),
+            "extra_identity": self.extra_identity}))
         for shard in shards:
             self.cache.remove(self.path(shard))
         return path
@@ -288,6 +304,16 @@ class ShardStore:
             found += [(int(i), str(r)) for i, r in zip(record.arrays["state/skipped/indices"],
                                                          record.arrays["state/skipped/reasons"])]
         return sorted(found)
+
+    def extras(self, paths: Sequence[Path]) -> List[Dict[str, np.ndarray]]:
+        """The `extra/*` arrays of these records (a scan extension reads its per-image rows back at the end)."""
+        found = []
+        for path in paths:
+            record = self.cache.read(path)
+            if record is None:
+                raise NeurolensError(f"shard record {path} is unreadable; run the scan again")
+            found.append(self._state(record, "extra/"))
+        return found
 
     def remove_records(self) -> None:
         """Once the scan's own record is written the shard and group records are redundant (chunks stay: the

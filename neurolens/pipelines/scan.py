@@ -240,22 +240,28 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
             store.remove_records()
         outcome = session.scan(clip, spec, plan, store, top_k=top_k, precision=precision,
                                keep_per_image=keep_per_image, device=device, progress=progress, report=report)
-    stats = outcome.stats
+    result = write_ray_scan(cache, clip, spec, plan, key, outcome.stats, top_k, precision, outcome.chunks,
+                            outcome.resumed, {"per_image": bool(keep_per_image), "forwarded": int(outcome.forwarded),
+                                              "actors": int(options.actors),
+                                              "actor_peak_rss": int(outcome.actor_peak_rss)})
+    store.remove_records()
+    return result
+
+
+def write_ray_scan(cache: Cache, clip, spec, plan, key: str, stats: ScanStats, top_k: int, precision: str,
+                   chunks: Sequence[str], resumed: Sequence[int], attrs: dict) -> ScanResult:
+    """The scan record of a Ray scan (the record every scan writes, plus `engine: ray` and `attrs`), or the
+    one-line error when no item was readable."""
     if stats.count == 0:
-        store.remove_records()
         _remove_stale_chunks(cache, clip, spec, key, [])
         example = f" (e.g. item {stats.skipped[0][0]}: {stats.skipped[0][1]})" if stats.skipped else ""
         raise DatasetError(f"no readable image in {plan.description}: all {len(plan)} items were skipped"
                            f"{example}; give a dataset with at least one valid image")
-    record = _final_record(clip, spec, plan.dataset_view(), stats, top_k, precision, False, outcome.chunks,
-                           outcome.resumed)
-    record.attrs.update({"engine": "ray", "shards": len(plan.shards), "per_image": bool(keep_per_image),
-                         "forwarded": int(outcome.forwarded), "actors": int(options.actors),
-                         "actor_peak_rss": int(outcome.actor_peak_rss)})
+    record = _final_record(clip, spec, plan.dataset_view(), stats, top_k, precision, False, chunks, resumed)
+    record.attrs.update({"engine": "ray", "shards": len(plan.shards), **attrs})
     final_path = cache.path("scan", clip.fingerprint, spec.name, key)
     cache.write(final_path, record)
-    store.remove_records()
-    _remove_stale_chunks(cache, clip, spec, key, outcome.chunks)
+    _remove_stale_chunks(cache, clip, spec, key, chunks)
     result = _result_from_record(cache.read(final_path), cache, clip, spec)
     result.cached = False
     return result
