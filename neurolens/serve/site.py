@@ -1,0 +1,86 @@
+"""The static site: the web app's pages as files, with blurred images only and no reveal, to share or host
+anywhere. Links are relative and data sits inside the pages, so it opens from file:// as well."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..errors import NeurolensError
+from ..store import Cache
+from .images import LayerImages
+from .pages import Pages
+from .server import select_layers
+
+DEFAULT_EXAMPLES = 16
+
+
+@dataclass
+class SiteResult:
+    out: Path
+    index: Path
+    layers: int
+    pages: int
+    images: int
+
+
+def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (), examples: int = DEFAULT_EXAMPLES,
+               progress: Optional[Callable[[int, int], None]] = None) -> SiteResult:
+    """Write every page of the chosen layers (default: all in the cache) under `out`; returns what was written.
+
+    examples: dataset examples per unit page (the layer's scan may hold more)."""
+    if examples < 1:
+        raise NeurolensError(f"--examples must be at least 1, got {examples}")
+    out = Path(out)
+    chosen = select_layers(cache, layers)
+    images = {layer_id: LayerImages(data) for layer_id, data in chosen.items()}
+    pages = Pages(chosen, mode="site", reveal=False, examples=examples, images=images)
+    writer = _Writer(out)
+    from .app import STATIC
+    for name, body in STATIC.items():
+        writer.write(f"static/{name}", body)
+    writer.write("index.html", pages.home().encode())
+    total = sum(data.units for data in chosen.values())
+    done = 0
+    if progress:
+        progress(0, total)
+    for layer_id, data in chosen.items():
+        layer_images = images[layer_id]
+        writer.write(f"L/{layer_id}/index.html", pages.layer(layer_id).encode())
+        for unit in range(data.units):
+            writer.write(f"L/{layer_id}/u/{unit}.html", pages.unit(layer_id, unit).encode())
+            writer.image(f"img/{layer_id}/tile/{unit}.jpg", layer_images.shown("tile", unit))
+            for example in data.top_examples(unit, examples):
+                rank = example["rank"]
+                writer.image(f"img/{layer_id}/crop/{unit}-{rank}.jpg", layer_images.shown("crop", unit, rank))
+            for number in range(len(data.visualizations(unit))):
+                writer.image(f"img/{layer_id}/fv/{unit}-{number}.jpg", layer_images.shown("fv", unit, number))
+            done += 1
+            if progress:
+                progress(done, total)
+    return SiteResult(out=out, index=out / "index.html", layers=len(chosen), pages=writer.pages, images=writer.images)
+
+
+class _Writer:
+    def __init__(self, out: Path):
+        self.out, self.pages, self.images = out, 0, 0
+        self._folders = set()
+
+    def write(self, relative: str, body: bytes) -> None:
+        path = self.out / relative
+        if path.parent not in self._folders:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise NeurolensError(f"cannot create {path.parent} ({exc.strerror}); pass --out to a writable "
+                                     f"folder") from None
+            self._folders.add(path.parent)
+        path.write_bytes(body)
+        if relative.endswith(".html"):
+            self.pages += 1
+
+    def image(self, relative: str, body: Optional[bytes]) -> None:
+        if body is not None:
+            self.write(relative, body)
+            self.images += 1
