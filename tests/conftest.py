@@ -38,3 +38,10 @@ def natural_images():
     from neurolens.builtin import builtin_images
     import torch
     return torch.from_numpy(builtin_images(size=64))
+
+
+@pytest.fixture(scope="session")
+def serve_cache(tmp_path_factory, tiny_clip):
+    """The web app's test cache (tests/serve_fixture.py): scan, texts, sweep, visualizations, activation maps."""
+    import serve_fixture
+    return serve_fixture.build(tmp_path_factory.mktemp("serve"), tiny_clip)

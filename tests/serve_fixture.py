@@ -59,3 +59,64 @@ def build(root: Path, clip) -> Fixture:
     run_top_maps(clip, LAYER, scan=scan, cache=cache, workers=0)
     return Fixture(cache=root / "cache", dataset=parquet, clip=clip, layer=LAYER, units=scan.channels,
                    flagged=flagged, visualized=visualized, planted=planted)
+
+
+# ------------------------------------------------------------------------------------------ a live server
+
+@dataclass
+class Server:
+    process: object
+    url: str               # the printed URL (with ?token=... when a token is in force)
+    base: str              # scheme://host:port
+    port: int
+    stderr: str = ""
+
+
+def start_server(cache: Path, *options: str, timeout: float = 180.0) -> Server:
+    """`neurolens serve --cache CACHE --port 0 OPTIONS` in a subprocess; waits (bounded) for its URL line."""
+    import os
+    import re
+    import selectors
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "neurolens", "serve", "--cache", str(cache), "--port", "0",
+                                *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    line = ""
+    while time.monotonic() < deadline and process.poll() is None:
+        if selector.select(timeout=0.5):
+            line = process.stdout.readline()
+            if line.startswith("serving "):
+                break
+    selector.close()
+    match = re.fullmatch(r"serving (http://([0-9.]+):(\d+))/(\?token=\S+)?\n?", line)
+    if match is None:
+        stop_server(Server(process, "", "", 0))
+        raise AssertionError(f"no URL line from neurolens serve (got {line!r}); stderr: {process.stderr.read()[-2000:]}")
+    return Server(process, match.group(0)[len("serving "):].strip(), match.group(1), int(match.group(3)))
+
+
+def stop_server(server: Server) -> None:
+    import subprocess
+    process = server.process
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: (size, mtime_ns)} of every file under folder (to show that nothing was written)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}

@@ -58,6 +58,8 @@ def site(
     out: Annotated[str, typer.Option("--out", help="Folder to write the site into (index.html at its top).")] = "outputs/site",
     layer: LayersOpt = None,
     examples: Annotated[int, typer.Option("--examples", help="Dataset examples per unit page.")] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Write the site again even if it was made from the "
+                                                        "same records.")] = False,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -71,10 +73,14 @@ def site(
     from ..store import Cache
 
     with progress_bar("site", enabled=not as_json) as progress:
-        result = write_site(Cache(cache), out, layers=layer or (), examples=examples, progress=progress)
+        result = write_site(Cache(cache), out, layers=layer or (), examples=examples, progress=progress,
+                            force=force)
     if as_json:
         print_json({"index": str(result.index), "layers": result.layers, "pages": result.pages,
-                    "images": result.images})
+                    "images": result.images, "cached": result.cached})
+        return
+    if result.cached:
+        typer.echo(f"up to date (made from the same records; --force writes it again): {result.index}")
         return
     typer.echo(f"wrote {result.pages} pages and {result.images} blurred images for {result.layers} layer(s): "
                f"{result.index}")

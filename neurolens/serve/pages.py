@@ -124,7 +124,7 @@ class Pages:
                 "reason": images.reason(unit) if images else ""} for v in data.visualizations(unit)]
         probe = None
         if self.mode == "serve" and layer_id in self.probe_layers:
-            probe = {"unit": unit, "items": len(data.keys) if data.scan is not None else 0,
+            probe = {"unit": unit, "count": len(data.keys) if data.scan is not None else 0,
                      "edges": [float(e) for e in hist.edges] if hist is not None else []}
         return self._render(
             "unit.html", "../../../", title=f"unit {unit} · {data.entry.title}", layer=data.summary(), unit=unit,

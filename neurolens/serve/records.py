@@ -35,6 +35,11 @@ def top_maps_path(cache: Cache, fingerprint: str, layer: str, scan_path: Path) -
 
 # ------------------------------------------------------------------------------------------- the index
 
+def layer_id(fingerprint: str, layer: str) -> str:
+    """URL- and file-safe id of a (weights, layer) pair: `<fingerprint[:16]>-<layer folder>`."""
+    return f"{fingerprint[:16]}-{_safe_segment(layer)}"
+
+
 @dataclass
 class LayerEntry:
     """One (model weights, layer) in the cache: the one place that names a layer in the web app (an SAE
@@ -47,8 +52,7 @@ class LayerEntry:
 
     @property
     def id(self) -> str:
-        """URL- and file-safe id: `<fingerprint[:16]>-<layer folder>`."""
-        return f"{self.fingerprint16}-{_safe_segment(self.layer)}"
+        return layer_id(self.fingerprint16, self.layer)
 
     @property
     def title(self) -> str:

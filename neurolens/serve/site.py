@@ -2,6 +2,8 @@
 anywhere. Links are relative and data sits inside the pages, so it opens from file:// as well."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,8 @@ from .pages import Pages
 from .server import select_layers
 
 DEFAULT_EXAMPLES = 16
+SITE_VERSION = 1
+STAMP = "site.json"          # what the site was made from; an unchanged cache is not written again
 
 
 @dataclass
@@ -23,17 +27,27 @@ class SiteResult:
     layers: int
     pages: int
     images: int
+    cached: bool = False
 
 
 def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (), examples: int = DEFAULT_EXAMPLES,
-               progress: Optional[Callable[[int, int], None]] = None) -> SiteResult:
+               progress: Optional[Callable[[int, int], None]] = None, force: bool = False) -> SiteResult:
     """Write every page of the chosen layers (default: all in the cache) under `out`; returns what was written.
 
-    examples: dataset examples per unit page (the layer's scan may hold more)."""
+    examples: dataset examples per unit page (the layer's scan may hold more). A site made from the same
+    records with the same settings (OUT/site.json) is left as it is unless force=True."""
     if examples < 1:
         raise NeurolensError(f"--examples must be at least 1, got {examples}")
     out = Path(out)
     chosen = select_layers(cache, layers)
+    stamp = _stamp(chosen, examples)
+    previous = _read_stamp(out)
+    if not force and previous is not None and previous.get("inputs") == stamp and (out / "index.html").is_file():
+        total = sum(data.units for data in chosen.values())
+        if progress:
+            progress(total, total)
+        return SiteResult(out=out, index=out / "index.html", layers=len(chosen), pages=int(previous["pages"]),
+                          images=int(previous["images"]), cached=True)
     images = {layer_id: LayerImages(data) for layer_id, data in chosen.items()}
     pages = Pages(chosen, mode="site", reveal=False, examples=examples, images=images)
     writer = _Writer(out)
@@ -59,7 +73,29 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
             done += 1
             if progress:
                 progress(done, total)
+    writer.write(STAMP, json.dumps({"inputs": stamp, "pages": writer.pages, "images": writer.images}).encode())
     return SiteResult(out=out, index=out / "index.html", layers=len(chosen), pages=writer.pages, images=writer.images)
+
+
+def _stamp(chosen, examples: int) -> dict:
+    """Every record the pages are made from (path, size, mtime), the settings, and the package files."""
+    from importlib import resources
+    records = sorted((str(path), path.stat().st_size, path.stat().st_mtime_ns)
+                     for data in chosen.values() for paths in data.entry.paths.values() for path in paths
+                     if path.exists())
+    package = resources.files("neurolens.serve")
+    files = sorted((p.name, hashlib.sha1(p.read_bytes()).hexdigest()) for folder in ("templates", "static")
+                   for p in (package / folder).iterdir())
+    stamp = {"version": SITE_VERSION, "examples": int(examples), "layers": sorted(chosen), "records": records,
+             "files": files}
+    return json.loads(json.dumps(stamp))     # as it reads back from site.json (lists, not tuples)
+
+
+def _read_stamp(out: Path) -> Optional[dict]:
+    try:
+        return json.loads((out / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class _Writer:
