@@ -271,7 +271,6 @@ def test_any_other_host_needs_the_token(fx, layer_id):
     try:
         assert running.url.startswith("http://127.0.0.2:") and "?token=" in running.url
         token = running.url.split("?token=")[1]
-        connection_server = serve_fixture.Server(None, running.url, running.base, running.port)
 
         def get(path, headers=None):
             connection = http.client.HTTPConnection("127.0.0.2", running.port, timeout=TIMEOUT)
@@ -290,7 +289,6 @@ def test_any_other_host_needs_the_token(fx, layer_id):
         cookie = headers["set-cookie"].split(";")[0]
         assert get(f"/L/{layer_id}/index.html", {"Cookie": cookie})[0] == 200
         assert get("/", {"Authorization": f"token {token}"})[0] == 200
-        del connection_server
     finally:
         serve_fixture.stop_server(running)
 
