@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Dict, Optional, Set
 from urllib.parse import parse_qsl, urlencode
 
@@ -31,14 +30,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 
 from .images import KINDS, LayerImages
-from .pages import Pages
+from .pages import STATIC, STATIC_TYPES, Pages
 from .probe import MAX_UPLOAD_BYTES, ProbeError, Prober, answer, dataset_item, decode_upload
 from .records import LayerData
 
 COOKIE = "neurolens_token"
 REVEAL_HEADER = "x-neurolens-reveal"
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
-STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
                                  b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
@@ -217,15 +215,6 @@ async def _read_limited(request: Request) -> bytes:
             raise ProbeError(f"the upload is larger than {MAX_UPLOAD_BYTES // 2 ** 20} MB; send a smaller image")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _load_static() -> Dict[str, bytes]:
-    folder = resources.files("neurolens.serve") / "static"
-    return {entry.name: entry.read_bytes() for entry in folder.iterdir()
-            if entry.name[entry.name.rfind("."):] in STATIC_TYPES}
-
-
-STATIC = _load_static()
 
 
 class Guard:

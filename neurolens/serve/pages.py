@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Dict, Optional, Set
 
 import numpy as np
@@ -29,12 +30,22 @@ from .records import LayerData
 
 TEXTS_PER_TILE = 3
 TEXT_CHARS = 90
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 
 _env = Environment(loader=PackageLoader("neurolens.serve", "templates"), autoescape=select_autoescape(["html"]),
                    trim_blocks=True, lstrip_blocks=True)
 _env.filters["num"] = charts.number
 _env.filters["pct"] = charts.percent
 _env.globals["spark"] = charts.spark
+
+
+def _load_static() -> Dict[str, bytes]:
+    folder = resources.files("neurolens.serve") / "static"
+    return {entry.name: entry.read_bytes() for entry in folder.iterdir()
+            if entry.name[entry.name.rfind("."):] in STATIC_TYPES}
+
+
+STATIC = _load_static()     # the only files the server sends from disk: a fixed set, read once
 
 
 def embed_json(value) -> str:

@@ -78,9 +78,13 @@ def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, toke
           no_token: bool = False, reveal: bool = True, clip=None, layers: Sequence[str] = (),
           announce: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
     """Serve the cache until interrupted. Prints `serving <url>` once connections are accepted."""
-    import uvicorn
+    try:
+        import uvicorn
 
-    from .app import ServeState, build_app
+        from .app import ServeState, build_app
+    except ImportError as exc:
+        raise NeurolensError(f"neurolens serve needs {exc.name}: pip install 'neurolens[serve]' "
+                             f"(starlette and uvicorn)") from None
     from .probe import Prober
 
     access = access_for(host, token, no_token)

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 from ..errors import NeurolensError
 from ..store import Cache
 from .images import LayerImages
-from .pages import Pages
+from .pages import STATIC, Pages
 from .server import select_layers
 
 DEFAULT_EXAMPLES = 16
@@ -51,7 +51,6 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
     images = {layer_id: LayerImages(data) for layer_id, data in chosen.items()}
     pages = Pages(chosen, mode="site", reveal=False, examples=examples, images=images)
     writer = _Writer(out)
-    from .app import STATIC
     for name, body in STATIC.items():
         writer.write(f"static/{name}", body)
     writer.write("index.html", pages.home().encode())
