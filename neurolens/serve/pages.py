@@ -75,6 +75,15 @@ class Pages:
     examples: Optional[int] = None          # dataset examples per unit page (None: the scan's top-k)
     model_note: str = ""                    # shown on the home page: the model loaded for probes
     images: Dict[str, object] = field(default_factory=dict)   # layer id -> LayerImages (blur reasons)
+    # pages are pure functions of the records, which are read once: each page is made once
+    _made: Dict[tuple, str] = field(default_factory=dict, repr=False)
+
+    def _once(self, key: tuple, make) -> str:
+        if key not in self._made:
+            if len(self._made) > 4096:
+                self._made.clear()
+            self._made[key] = make()
+        return self._made[key]
 
     def _render(self, name: str, root: str, **context) -> str:
         reveal = self.reveal and self.mode == "serve"
@@ -83,6 +92,9 @@ class Pages:
     # ------------------------------------------------------------------------------------------ home
 
     def home(self) -> str:
+        return self._once(("home",), self._home)
+
+    def _home(self) -> str:
         rows = [data.summary() for data in self.layers.values()]
         return self._render("home.html", "", title="Cache", rows=rows, model_note=self.model_note,
                             probe_layers=self.probe_layers)
@@ -104,6 +116,9 @@ class Pages:
                 "units": rows}
 
     def layer(self, layer_id: str) -> str:
+        return self._once(("layer", layer_id), lambda: self._layer(layer_id))
+
+    def _layer(self, layer_id: str) -> str:
         data = self.layers[layer_id].load()
         summary = data.summary()
         return self._render("layer.html", "../../", title=f"{data.entry.title}", layer=summary,
@@ -112,6 +127,11 @@ class Pages:
     # ------------------------------------------------------------------------------------------ unit
 
     def unit(self, layer_id: str, unit: int) -> str:
+        if self.mode == "site":          # written once anyway: keep no copy
+            return self._unit(layer_id, unit)
+        return self._once(("unit", layer_id, unit), lambda: self._unit(layer_id, unit))
+
+    def _unit(self, layer_id: str, unit: int) -> str:
         data = self.layers[layer_id].load()
         units = data.units
         examples = data.top_examples(unit, self.examples)
