@@ -161,7 +161,10 @@ class LayerImages:
         return encode(raw, "PNG")
 
     def preview(self, image: Image.Image) -> bytes:
-        """A probe's input as the page shows it: blurred under the policy (no unit, no dataset index)."""
+        """A probe's input as the page shows it: blurred under the policy (no unit, no dataset index), at the
+        page's size so the blur label keeps its proportions."""
+        if image.width < FV_PIXELS:
+            image = image.resize((FV_PIXELS, round(FV_PIXELS * image.height / image.width)), Image.BICUBIC)
         shown, _ = self.policy.dataset_image(None, None, image)
         return encode(shown, "JPEG")
 
