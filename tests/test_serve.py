@@ -371,3 +371,25 @@ def test_static_site_has_every_unit_and_only_blurred_images(fx, scan, tmp_path, 
     assert not list((tmp_path / "site").rglob("*.png"))           # raw images are PNGs; the site has none
     again = write_site(Cache(fx.cache), tmp_path / "site", examples=4)
     assert again.cached and again.pages == result.pages
+
+
+def test_pages_of_a_layer_with_only_feature_visualizations(tmp_path, tiny_clip):
+    """A layer with visualize records but no scan, sweep or texts: every page renders and says what is missing."""
+    from neurolens.pipelines.visualize import run_visualize
+    from neurolens.serve.images import LayerImages
+    from neurolens.serve.pages import Pages
+    from neurolens.serve.server import select_layers
+    from neurolens.types import RenderSettings
+    cache = Cache(tmp_path / "cache")
+    run_visualize(tiny_clip, "image_block_4_0", [2, 5], RenderSettings(steps=2, seeds=(0,)), cache=cache)
+    layers = select_layers(cache)
+    [layer_id] = layers
+    pages = Pages(layers, images={layer_id: LayerImages(layers[layer_id])})
+    home = pages.home()
+    assert "not computed" in home and "<strong>2</strong> visualized units" in home
+    rows = json.loads(re.search(r'id="units-data">(.*?)</script>', pages.layer(layer_id), re.S).group(1))
+    assert rows["crops"] is False and [(r[0], r[4]) for r in rows["units"]] == [(2, 1), (5, 1)]
+    page = pages.unit(layer_id, 5)
+    assert "No scan of this layer" in page and "No sweep of this layer" in page and "fv/5-0.jpg" in page
+    images = LayerImages(layers[layer_id])
+    assert images.shown("tile", 5) is not None and images.shown("tile", 3) is None

@@ -17,6 +17,7 @@ holding HTML is shown as text, never run.
 """
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -107,13 +108,13 @@ class Pages:
         evidence = data.evidence_values()
         shares = data.sweep.arrays.get("top_nsfw_share") if data.sweep is not None else None
         rows = []
-        for unit in range(data.units):
+        for unit in data.listed_units():
             texts = [t["text"][:TEXT_CHARS] for t in data.top_texts(unit, TEXTS_PER_TILE)]
             rows.append([unit, int(bool(flagged[unit])), _finite(evidence[unit]),
                          _finite(shares[unit]) if shares is not None else None,
                          int(bool(data.fv_paths.get(unit))), texts])
         return {"id": data.entry.id, "evidence": data.evidence_name() if data.sweep is not None else None,
-                "units": rows}
+                "crops": data.scan is not None, "units": rows}
 
     def layer(self, layer_id: str) -> str:
         return self._once(("layer", layer_id), lambda: self._layer(layer_id))
@@ -134,6 +135,9 @@ class Pages:
     def _unit(self, layer_id: str, unit: int) -> str:
         data = self.layers[layer_id].load()
         units = data.units
+        listed = data.listed_units()
+        before, after = bisect.bisect_left(listed, unit), bisect.bisect_right(listed, unit)
+        neighbours = (listed[before - 1] if before > 0 else None, listed[after] if after < len(listed) else None)
         examples = data.top_examples(unit, self.examples)
         maps = data.maps()
         vmax = float(data.top_values[unit, 0]) if data.scan is not None and examples else 1.0
@@ -159,7 +163,7 @@ class Pages:
                      "edges": [float(e) for e in hist.edges] if hist is not None else []}
         return self._render(
             "unit.html", "../../../", title=f"unit {unit} · {data.entry.title}", layer=data.summary(), unit=unit,
-            units=units, prev=unit - 1 if unit > 0 else None, next=unit + 1 if unit + 1 < units else None,
+            units=units, prev=neighbours[0], next=neighbours[1],
             evidence=data.unit_evidence(unit), texts=data.top_texts(unit), texts_missing=data.texts_missing_reason(),
             similar=data.similar_units(unit), examples=examples, maps_missing=maps is None and data.scan is not None,
             chart=chart, stats=stats, fvs=fvs, flagged=bool(data.flagged()[unit]) if units else False,

@@ -242,6 +242,16 @@ class LayerData:
             return int(self.ranking.arrays["top_indices"].shape[0])
         return (max(self.fv_paths) + 1) if self.fv_paths else 0
 
+    @property
+    def units_known(self) -> bool:
+        """False when only feature visualizations are cached: then the layer's width is unknown (`units` is
+        one past the highest visualized unit) and pages list the visualized units only."""
+        self.load()
+        return self.scan is not None or self.sweep is not None or self.ranking is not None
+
+    def listed_units(self) -> List[int]:
+        return list(range(self.units)) if self.units_known else sorted(self.fv_paths)
+
     def summary(self) -> dict:
         """What has been computed for this layer (the home page's row)."""
         self.load()
@@ -249,6 +259,7 @@ class LayerData:
         return {
             "id": self.entry.id, "model": self.entry.model, "pretrained": self.entry.pretrained,
             "fingerprint": self.entry.fingerprint16, "layer": self.entry.layer, "units": self.units,
+            "units_known": self.units_known, "listed": len(self.listed_units()),
             "scan": ({"images": self.count, "top_k": self.top_k, "dataset": self.dataset,
                       "grid": list(self.grid)} if self.scan is not None else None),
             "sweep": ({"flagged": int(flagged.sum()), "evidence": self.evidence_name()}

@@ -43,7 +43,7 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
     stamp = _stamp(chosen, examples)
     previous = _read_stamp(out)
     if not force and previous is not None and previous.get("inputs") == stamp and (out / "index.html").is_file():
-        total = sum(data.units for data in chosen.values())
+        total = sum(len(data.listed_units()) for data in chosen.values())
         if progress:
             progress(total, total)
         return SiteResult(out=out, index=out / "index.html", layers=len(chosen), pages=int(previous["pages"]),
@@ -54,14 +54,14 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
     for name, body in STATIC.items():
         writer.write(f"static/{name}", body)
     writer.write("index.html", pages.home().encode())
-    total = sum(data.units for data in chosen.values())
+    total = sum(len(data.listed_units()) for data in chosen.values())
     done = 0
     if progress:
         progress(0, total)
     for layer_id, data in chosen.items():
         layer_images = images[layer_id]
         writer.write(f"L/{layer_id}/index.html", pages.layer(layer_id).encode())
-        for unit in range(data.units):
+        for unit in data.listed_units():
             writer.write(f"L/{layer_id}/u/{unit}.html", pages.unit(layer_id, unit).encode())
             writer.image(f"img/{layer_id}/tile/{unit}.jpg", layer_images.shown("tile", unit))
             for example in data.top_examples(unit, examples):

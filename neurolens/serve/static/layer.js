@@ -55,11 +55,17 @@
     a.dataset.flagged = r[FLAG];
     if (r[TEXTS].length) a.title = r[TEXTS].join("\n");
     var thumb = document.createElement("div"); thumb.className = "thumbwrap";
-    var img = document.createElement("img");
-    img.className = "thumb"; img.loading = "lazy"; img.decoding = "async"; img.width = 112; img.height = 112;
-    img.alt = "unit " + r[U] + " (blurred)";
-    img.src = root + "img/" + data.id + "/tile/" + r[U] + ".jpg";
-    thumb.appendChild(img);
+    if (data.crops || r[FV]) {
+      var img = document.createElement("img");
+      img.className = "thumb"; img.loading = "lazy"; img.decoding = "async"; img.width = 112; img.height = 112;
+      img.alt = "unit " + r[U] + " (blurred)";
+      img.src = root + "img/" + data.id + "/tile/" + r[U] + ".jpg";
+      thumb.appendChild(img);
+    } else {
+      var none = document.createElement("div");
+      none.className = "thumb none"; none.textContent = "no image cached";
+      thumb.appendChild(none);
+    }
     if (r[FLAG]) { var chip = document.createElement("span"); chip.className = "chip"; chip.textContent = "flagged"; thumb.appendChild(chip); }
     var meta = document.createElement("div"); meta.className = "meta";
     var uid = document.createElement("span"); uid.className = "uid"; uid.textContent = r[U];
