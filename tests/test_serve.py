@@ -289,6 +289,8 @@ def test_any_other_host_needs_the_token(fx, layer_id):
         cookie = headers["set-cookie"].split(";")[0]
         assert get(f"/L/{layer_id}/index.html", {"Cookie": cookie})[0] == 200
         assert get("/", {"Authorization": f"token {token}"})[0] == 200
+        status, headers, _ = get(f"/x%0d%0aX-Evil:%201?token={token}")   # no header injection via the redirect
+        assert status == 303 and "x-evil" not in {k.lower() for k in headers} and "\n" not in headers["location"]
     finally:
         serve_fixture.stop_server(running)
 
@@ -304,8 +306,9 @@ def test_access_rules():
     open_access = access_for("0.0.0.0", no_token=True)
     assert open_access.token is None and "without a token" in open_access.warning
     assert access_for("0.0.0.0", token="my-secret-token").token == "my-secret-token"
-    with pytest.raises(NeurolensError):
-        access_for("0.0.0.0", token="short")
+    for bad in ("short", "with space in it", "semi;colon;token"):
+        with pytest.raises(NeurolensError):
+            access_for("0.0.0.0", token=bad)
     with pytest.raises(NeurolensError):
         access_for("0.0.0.0", token="my-secret-token", no_token=True)
 

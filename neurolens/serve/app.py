@@ -21,7 +21,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Set
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -236,10 +236,12 @@ class Guard:
             given_query = query.get("token")
             if given_query is not None and _same(given_query, self.token):
                 rest = urlencode({k: v for k, v in query.items() if k != "token"})
-                location = scope["path"] + (f"?{rest}" if rest else "")
+                # the path as the client sent it (still percent-encoded: no CR/LF can reach the header)
+                path = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
+                location = path + (f"?{rest}".encode("ascii") if rest else b"")
                 cookie = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"
                 if scope["method"] in ("GET", "HEAD"):
-                    return await _plain(send, 303, "token accepted", [(b"location", location.encode("latin-1")),
+                    return await _plain(send, 303, "token accepted", [(b"location", location),
                                                                       (b"set-cookie", cookie.encode("latin-1"))])
                 extra.append((b"set-cookie", cookie.encode("latin-1")))
             elif not self._authorized(headers):

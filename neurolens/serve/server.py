@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 import socket
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ def access_for(host: str, token: Optional[str] = None, no_token: bool = False) -
     if token is not None and no_token:
         raise NeurolensError("--token and --no-token contradict each other; pass one of them")
     if token is not None:
-        if len(token) < 8 or not token.isascii() or any(c.isspace() for c in token):
-            raise NeurolensError("--token must be at least 8 printable ASCII characters without spaces")
+        if len(token) < 8 or not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
+            raise NeurolensError("--token must be at least 8 characters from A-Z a-z 0-9 . _ ~ - (it travels in "
+                                 "URLs and cookies)")
         return Access(token)
     if host in LOCAL_HOSTS:
         return Access(None)

@@ -53,7 +53,10 @@
     a.href = "u/" + r[U] + ".html";
     a.dataset.unit = r[U];
     a.dataset.flagged = r[FLAG];
-    if (r[TEXTS].length) a.title = r[TEXTS].join("\n");
+    var tip = [];
+    if (r[SHARE] !== null) tip.push(Math.round(100 * r[SHARE]) + "% of the top images NSFW");
+    if (r[TEXTS].length) tip.push(r[TEXTS].join("\n"));
+    if (tip.length) a.title = tip.join("\n");
     var thumb = document.createElement("div"); thumb.className = "thumbwrap";
     if (data.crops || r[FV]) {
       var img = document.createElement("img");
@@ -67,6 +70,12 @@
       thumb.appendChild(none);
     }
     if (r[FLAG]) { var chip = document.createElement("span"); chip.className = "chip"; chip.textContent = "flagged"; thumb.appendChild(chip); }
+    if (r[SHARE] !== null) {
+      var share = document.createElement("span"), pct = Math.round(100 * r[SHARE]);
+      share.className = "share"; share.style.width = pct + "%";
+      share.title = pct + "% of the top images are NSFW";
+      thumb.appendChild(share);
+    }
     var meta = document.createElement("div"); meta.className = "meta";
     var uid = document.createElement("span"); uid.className = "uid"; uid.textContent = r[U];
     var ev = document.createElement("span"); ev.className = "ev"; ev.textContent = label(r);
