@@ -24,6 +24,7 @@ from neurolens.pipelines.scan import find_scan
 from neurolens.store import Cache
 
 TIMEOUT = 60
+PROBE = {"X-Neurolens-Probe": "1"}
 
 
 def request(server, method, path, body=None, headers=None, host=None):
@@ -194,7 +195,7 @@ def test_probe_upload_answers_the_units_map_value_and_percentile(server, fx, tin
     unit = fx.flagged[0]
     upload = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
     status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit={unit}", body=png_bytes(upload),
-                              headers={"Content-Type": "application/octet-stream"})
+                              headers={"Content-Type": "application/octet-stream", **PROBE})
     assert status == 200, body
     answer = json.loads(body)
     pixels = torch.from_numpy(np.asarray(preprocess(upload, 64)).transpose(2, 0, 1).copy())[None].float() / 255
@@ -212,7 +213,8 @@ def test_probe_upload_answers_the_units_map_value_and_percentile(server, fx, tin
 def test_probe_of_a_dataset_item_matches_the_scan(server, fx, scan, layer_id):
     unit = fx.flagged[0]
     index = int(scan.top_indices[unit, 0])
-    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit={unit}&index={index}", body=b"")
+    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit={unit}&index={index}", body=b"",
+                              headers=PROBE)
     assert status == 200, body
     assert json.loads(body)["value"] == pytest.approx(float(scan.top_values[unit, 0]), abs=1e-5)
 
@@ -224,20 +226,28 @@ def test_probe_of_a_dataset_item_matches_the_scan(server, fx, scan, layer_id):
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "not a usable image"),
 ])
 def test_bad_upload_gets_400_with_one_line(server, layer_id, upload, reason):
-    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit=0", body=upload)
+    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit=0", body=upload, headers=PROBE)
     assert status == 400
     message = json.loads(body)["error"]
     assert reason in message and "\n" not in message and "Traceback" not in message
 
 
 def test_oversized_upload_is_refused_before_it_is_read(server, layer_id):
-    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit=0", body=b"\0" * (10 * 2 ** 20 + 1))
+    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit=0", body=b"\0" * (10 * 2 ** 20 + 1),
+                              headers=PROBE)
     assert status == 400 and "larger than 10 MB" in json.loads(body)["error"]
+
+
+def test_probe_needs_its_header(server, layer_id):
+    """A page on another site could POST a simple request to the server; without the header it is refused."""
+    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit=0&index=0", body=b"",
+                              headers={"Content-Type": "text/plain"})
+    assert status == 400 and "X-Neurolens-Probe".lower() in json.loads(body)["error"].lower()
 
 
 def test_probe_errors_for_a_bad_unit_or_index(server, fx, layer_id):
     for query in (f"unit={fx.units}&index=0", "unit=0&index=100000", "unit=x&index=0", "index=0"):
-        status, _, body = request(server, "POST", f"/api/{layer_id}/probe?{query}", body=b"")
+        status, _, body = request(server, "POST", f"/api/{layer_id}/probe?{query}", body=b"", headers=PROBE)
         assert status == 400 and json.loads(body)["error"], query
 
 
@@ -245,7 +255,7 @@ def test_requests_never_write_to_the_cache(server, fx, before, layer_id):
     for path in ("/", f"/L/{layer_id}/index.html", f"/L/{layer_id}/u/{fx.flagged[0]}.html",
                  f"/img/{layer_id}/tile/3.jpg", f"/img/{layer_id}/crop/3-2.jpg"):
         assert request(server, "GET", path)[0] == 200
-    request(server, "POST", f"/api/{layer_id}/probe?unit=0&index=0", body=b"")
+    assert request(server, "POST", f"/api/{layer_id}/probe?unit=0&index=0", body=b"", headers=PROBE)[0] == 200
     assert serve_fixture.snapshot(fx.cache) == before
 
 

@@ -12,6 +12,8 @@ Security model
 - With a token, every request needs it (query `?token=`, which sets an HttpOnly cookie and redirects to
   the same URL without it, the cookie, or `Authorization: token ...`); without it, 403.
 - Bound to a loopback address without a token, requests must name a loopback host (DNS-rebinding guard).
+- Probes need the `X-Neurolens-Probe: 1` header (a page on another site cannot send it without a CORS
+  preflight, which this server never grants), so other sites cannot make the server compute.
 - Uploads are read up to MAX_UPLOAD_BYTES and decoded by the dataset decoder (bomb guard); a bad one is a
   400 with a one-line reason.
 """
@@ -36,6 +38,7 @@ from .records import LayerData
 
 COOKIE = "neurolens_token"
 REVEAL_HEADER = "x-neurolens-reveal"
+PROBE_HEADER = "x-neurolens-probe"
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
@@ -132,6 +135,9 @@ def build_app(state: ServeState) -> Starlette:
 
     async def probe(request: Request) -> Response:
         layer_id = _layer(state, request)
+        if request.headers.get(PROBE_HEADER) != "1":   # a custom header: other sites' pages cannot send it
+            return JSONResponse({"error": f"probes come from the unit page (header {PROBE_HEADER}: 1)"},
+                                status_code=400)
         if state.prober is None:
             return JSONResponse({"error": "no model is loaded: start neurolens serve with --model or --checkpoint"},
                                 status_code=400)

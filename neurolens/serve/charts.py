@@ -39,29 +39,43 @@ def histogram_chart(hist: Histogram, top_threshold: Optional[float], mean: Optio
             "mean_x": x_of(mean) if mean is not None and np.isfinite(mean) else None}
 
 
+MAX_OPACITY = 0.6
+MIN_CELLS_FOR_OVERLAY = 1.5     # a crop narrower than this many cells would only get a uniform tint
+
+
 def heatmap_cells(activation_map: np.ndarray, cell: Sequence[int], grid: Sequence[int], image_size: int,
                   vmax: float) -> dict:
-    """The unit's H x W map as SVG rectangles in input-image pixels, and the viewBox of the crop that the
-    page shows (crop_around_cell's window), so the overlay lines up with the crop exactly.
-    Opacity = activation / vmax (the unit's top activation), clipped to [0, 0.8]; negatives are clear."""
+    """The unit's H x W map for one dataset crop, twice:
+
+    - `rects`: the cells under the crop, in input-image pixels, with `view` = the crop's window
+      (crop_around_cell's), so an overlay lines up with the crop exactly; empty when the crop spans fewer
+      than MIN_CELLS_FOR_OVERLAY cells (a coarse map, e.g. 2 x 2: the overlay would be one flat tint);
+    - `mini`: every cell in grid units, and `window` = the crop's place on the grid, for a small map of the
+      whole image beside the crop.
+
+    Opacity = activation / vmax (the unit's top activation), clipped to [0, MAX_OPACITY]; negatives are clear."""
     height, width = int(grid[0]), int(grid[1])
     left, top, side = crop_box((image_size, image_size), cell, grid)
     cell_w, cell_h = image_size / width, image_size / height
-    rects = []
+    overlay = side / max(cell_w, cell_h) >= MIN_CELLS_FOR_OVERLAY
     scale = vmax if vmax > 0 else 1.0
+    rects, mini = [], []
     for row in range(height):
         for col in range(width):
             value = float(activation_map[row, col])
             if not np.isfinite(value):
                 continue
+            opacity = round(min(max(value / scale, 0.0), 1.0) * MAX_OPACITY, 3)
+            peak = row == int(cell[0]) and col == int(cell[1])
+            mini.append({"x": col, "y": row, "o": opacity, "v": value, "peak": peak})
             x, y = col * cell_w, row * cell_h
-            if x + cell_w <= left or x >= left + side or y + cell_h <= top or y >= top + side:
-                continue
-            opacity = min(max(value / scale, 0.0), 1.0) * 0.8
-            rects.append({"x": round(x, 2), "y": round(y, 2), "w": round(cell_w, 2), "h": round(cell_h, 2),
-                          "o": round(opacity, 3), "v": value,
-                          "peak": row == int(cell[0]) and col == int(cell[1])})
-    return {"view": f"{left} {top} {side} {side}", "rects": rects}
+            if overlay and not (x + cell_w <= left or x >= left + side or y + cell_h <= top or y >= top + side):
+                rects.append({"x": round(x, 2), "y": round(y, 2), "w": round(cell_w, 2), "h": round(cell_h, 2),
+                              "o": opacity, "v": value, "peak": peak})
+    window = {"x": round(left / cell_w, 3), "y": round(top / cell_h, 3), "w": round(side / cell_w, 3),
+              "h": round(side / cell_h, 3)}
+    return {"view": f"{left} {top} {side} {side}", "rects": rects, "mini": mini, "grid": [height, width],
+            "window": window}
 
 
 def number(value: Optional[float], digits: int = 3) -> str:

@@ -121,8 +121,9 @@
   form.addEventListener("submit", function (event) {
     event.preventDefault();
     var file = document.getElementById("probe-file").files[0], index = document.getElementById("probe-index").value;
-    var url = root + "api/" + layerId + "/probe?unit=" + probe.unit, options = { method: "POST", credentials: "same-origin" };
-    if (file) { options.body = file; options.headers = { "Content-Type": "application/octet-stream" }; }
+    var url = root + "api/" + layerId + "/probe?unit=" + probe.unit;
+    var options = { method: "POST", credentials: "same-origin", headers: { "X-Neurolens-Probe": "1" } };
+    if (file) { options.body = file; options.headers["Content-Type"] = "application/octet-stream"; }
     else if (index !== "") url += "&index=" + encodeURIComponent(index);
     else { fail("choose an image file or a dataset item first"); return; }
     fetch(url, options).then(function (response) {
