@@ -406,3 +406,13 @@ def test_pages_of_a_layer_with_only_feature_visualizations(tmp_path, tiny_clip):
     assert "No scan of this layer" in page and "No sweep of this layer" in page and "fv/5-0.jpg" in page
     images = LayerImages(layers[layer_id])
     assert images.shown("tile", 5) is not None and images.shown("tile", 3) is None
+
+
+def test_site_on_a_full_disk_is_one_error_and_no_half_file(fx, tmp_path, full_disk):
+    from neurolens.errors import NeurolensError
+    from neurolens.serve.site import write_site
+    disk = full_disk(when=lambda path: "site" in str(path), skip=20)
+    with pytest.raises(NeurolensError, match="no space left"):
+        write_site(Cache(fx.cache), tmp_path / "site", examples=2)
+    assert disk.failed and not (tmp_path / "site" / "site.json").exists()
+    assert not [p for p in (tmp_path / "site").rglob("*") if p.name.endswith(".tmp")]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import NeurolensError
+from ..files import OUT_OPTION, write_bytes
 from ..store import Cache
 from .images import LayerImages
 from .pages import STATIC, Pages
@@ -51,6 +52,10 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
     images = {layer_id: LayerImages(data) for layer_id, data in chosen.items()}
     pages = Pages(chosen, mode="site", reveal=False, examples=examples, images=images)
     writer = _Writer(out)
+    try:
+        (out / STAMP).unlink(missing_ok=True)     # the site is complete again only when site.json is rewritten
+    except OSError:
+        pass
     for name, body in STATIC.items():
         writer.write(f"static/{name}", body)
     writer.write("index.html", pages.home().encode())
@@ -72,7 +77,8 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
             done += 1
             if progress:
                 progress(done, total)
-    writer.write(STAMP, json.dumps({"inputs": stamp, "pages": writer.pages, "images": writer.images}).encode())
+    writer.write(STAMP, json.dumps({"inputs": stamp, "pages": writer.pages, "images": writer.images}).encode(),
+                 durable=True)
     return SiteResult(out=out, index=out / "index.html", layers=len(chosen), pages=writer.pages, images=writer.images)
 
 
@@ -98,20 +104,14 @@ def _read_stamp(out: Path) -> Optional[dict]:
 
 
 class _Writer:
+    """Writes the site's files whole (neurolens.files: a full disk is one line, never half a file); the many
+    pages and images skip fsync, site.json (written last) is durable and marks the site complete."""
+
     def __init__(self, out: Path):
         self.out, self.pages, self.images = out, 0, 0
-        self._folders = set()
 
-    def write(self, relative: str, body: bytes) -> None:
-        path = self.out / relative
-        if path.parent not in self._folders:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise NeurolensError(f"cannot create {path.parent} ({exc.strerror}); pass --out to a writable "
-                                     f"folder") from None
-            self._folders.add(path.parent)
-        path.write_bytes(body)
+    def write(self, relative: str, body: bytes, durable: bool = False) -> None:
+        write_bytes(self.out / relative, body, OUT_OPTION, durable=durable)
         if relative.endswith(".html"):
             self.pages += 1
 
