@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Set
 from urllib.parse import parse_qsl, quote, urlencode
@@ -62,6 +63,7 @@ class ServeState:
     model_note: str = ""
     _images: Dict[str, LayerImages] = field(default_factory=dict)
     probe_layers: Set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
         if self.prober is not None:
@@ -70,9 +72,10 @@ class ServeState:
                            model_note=self.model_note, images=self._images)
 
     def images(self, layer_id: str) -> LayerImages:
-        if layer_id not in self._images:
-            self._images[layer_id] = LayerImages(self.layers[layer_id])
-        return self._images[layer_id]
+        with self._lock:        # requests arrive on many threads; one LayerImages (and memo) per layer
+            if layer_id not in self._images:
+                self._images[layer_id] = LayerImages(self.layers[layer_id])
+            return self._images[layer_id]
 
 
 def _text(status: int, message: str) -> PlainTextResponse:

@@ -29,7 +29,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from . import charts
 from .records import LayerData
 
-TEXTS_PER_TILE = 3
+TEXTS_PER_TILE = 5          # searched on the layer page; the first is shown on the tile
 TEXT_CHARS = 90
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 

@@ -268,7 +268,7 @@ class LayerData:
             "texts": ({"top_k": int(self.ranking.arrays["top_indices"].shape[1]),
                        "vocabulary": str(self.ranking.attrs.get("vocab_source", ""))}
                       if self.ranking is not None else None),
-            "maps": self.maps() is not None,
+            "maps": self.scan is not None and self.cache.exists(self._maps_path()),
         }
 
     # ---------------------------------------------------------------------------------------- evidence
@@ -405,11 +405,13 @@ class LayerData:
                 self._maps_loaded = True
                 self.load()
                 if self.scan is not None:
-                    path = top_maps_path(self.cache, self.entry.fingerprint16, self.entry.layer, self.scan_path)
-                    record = self.cache.read(path, names=["maps"])
+                    record = self.cache.read(self._maps_path(), names=["maps"])
                     if record is not None and record.arrays["maps"].shape[:2] == self.top_indices.shape:
                         self._maps = record.arrays["maps"]
             return self._maps
+
+    def _maps_path(self) -> Path:
+        return top_maps_path(self.cache, self.entry.fingerprint16, self.entry.layer, self.scan_path)
 
     def histogram(self, unit: int) -> Optional[Histogram]:
         """The unit's activation histogram over the scanned images (None without a scan).
