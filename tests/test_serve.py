@@ -416,3 +416,11 @@ def test_site_on_a_full_disk_is_one_error_and_no_half_file(fx, tmp_path, full_di
         write_site(Cache(fx.cache), tmp_path / "site", examples=2)
     assert disk.failed and not (tmp_path / "site" / "site.json").exists()
     assert not [p for p in (tmp_path / "site").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_serve_without_the_serve_extra_says_what_to_install(fx, monkeypatch):
+    from neurolens.errors import NeurolensError
+    from neurolens.serve.server import serve
+    monkeypatch.setitem(sys.modules, "uvicorn", None)           # as if the serve extra were not installed
+    with pytest.raises(NeurolensError, match=r"pip install 'neurolens\[serve\]'"):
+        serve(Cache(fx.cache), port=0)
