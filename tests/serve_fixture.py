@@ -3,7 +3,7 @@
 per-image maxima), text ranking (the captions as vocabulary), sweep, feature visualizations of a few
 units, and the top-k activation maps. Built in about 10 s on one core.
 
-The sweep's per-image NSFW score is the generator's planted label (injected as the scorer), so the flagged
+The sweep's label source is the generator's `planted` column (`--labels column:planted`), so the flagged
 units are the ones that respond to the planted pattern."""
 from __future__ import annotations
 
@@ -46,13 +46,9 @@ def build(root: Path, clip) -> Fixture:
     dataset = open_dataset(str(parquet))
     cache = Cache(root / "cache")
 
-    def planted_scorer(model, embeddings):  # every image is readable, so rows are dataset indices in order
-        assert len(embeddings) == len(planted)
-        return planted.astype(np.float32)
-
     scan = run_scan(clip, LAYER, dataset, top_k=8, cache=cache, embeddings=True, workers=0)
     sweep = run_sweep(clip, LAYER, dataset, vocab=f"{parquet}:caption", top_k=8, text_top_k=10, cache=cache,
-                      scorer=planted_scorer, workers=0, write_csv=False)
+                      labels=("column:planted",), workers=0, write_csv=False)
     flagged = sweep.flagged_units
     visualized = sorted(set(flagged[:2]) | {0})
     run_visualize(clip, LAYER, visualized, RenderSettings(steps=8, seeds=(0, 1)), cache=cache)

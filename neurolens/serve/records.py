@@ -317,7 +317,9 @@ class LayerData:
             checks.append(("share of top images that are NSFW", top, _first(rule, "min_top_share"), ">="))
         text = value("text_nsfw_share")
         if text is not None:
-            checks.append(("share of top texts that are NSFW", text, _first(rule, "min_text_share"), ">="))
+            # with an AUC rule the text share raises only text_flag (evidence), never the flag itself
+            label = "share of top texts that are NSFW" + (" (text_flag, not the flag)" if auc is not None else "")
+            checks.append((label, text, _first(rule, "min_text_share"), ">="))
         rows = []
         for label, number, bar, op in checks:
             passed = None if bar is None else (number >= bar if op == ">=" else number <= bar)
@@ -325,7 +327,8 @@ class LayerData:
         text_flag = value("text_flag")
         return {"flagged": bool(a["flagged"][unit]), "auc": auc, "q": q, "p": p, "correlation": correlation,
                 "top_share": top, "text_share": text, "text_flag": None if text_flag is None else bool(text_flag),
-                "checks": rows, "rule": rule, "n_images": attrs.get("n_images"),
+                "checks": rows, "rule": rule,
+                "n_images": attrs.get("n_images", _sum_known(attrs.get("n_pos"), attrs.get("n_neg"))),
                 "rule_text": _rule_text(rule, auc is not None)}
 
     def image_labels(self) -> Optional[np.ndarray]:
@@ -510,10 +513,18 @@ def _first(mapping: dict, *names: str) -> Optional[float]:
     return None
 
 
+def _sum_known(*counts) -> Optional[int]:
+    """The sum of the counts, or None when one is unknown."""
+    return None if any(c is None for c in counts) else int(sum(counts))
+
+
 def _rule_text(rule: dict, has_auc: bool) -> str:
     """The flag rule in words, from the thresholds the sweep stored."""
     if not rule:
         return ""
+    if has_auc and "max_q" in rule and "min_auc" in rule:
+        return (f"flagged when q <= {rule['max_q']:g} and AUC >= {rule['min_auc']:g}; text_flag when at least "
+                f"{rule.get('min_text_share', 0):.0%} of the top {rule.get('text_k')} texts are NSFW")
     if has_auc:
         parts = [f"{k} {v}" for k, v in rule.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         return "flag rule: " + ", ".join(parts)
