@@ -96,8 +96,12 @@ def test_every_import_is_a_declared_dependency():
     project = _pyproject()["project"]
     runtime = _distribution_names(project["dependencies"])
     extras = {name: _distribution_names(reqs) for name, reqs in project["optional-dependencies"].items()}
-    # imported only by modules that check for them first: neurolens/labels/nudenet.py, neurolens/engines/ray_scan.py
-    optional = {"nudenet": "nudenet", "ray": "ray"}
+    optional = {"nudenet": "nudenet",   # imported only by neurolens/labels/nudenet.py, which checks for it first
+                # the web server: imported only once `neurolens serve` starts (serve/server.py says which
+                # extra to install when they are missing); the static site needs neither
+                "starlette": "serve", "uvicorn": "serve",
+                # --engine ray: imported only by neurolens/engines/ray_scan.py, which checks for it first
+                "ray": "ray"}
     imports = _third_party_imports()
     assert {"torch", "open_clip", "scipy"} <= set(imports)
     for module, files in sorted(imports.items()):
