@@ -23,8 +23,9 @@ For each model (a small one and RN50x4, random weights, at small N) on the same 
 
 Each scan runs in a fresh subprocess (so peak RSS is its own); the Ray drivers join one local Ray started
 here on loopback (--ray-cpus CPUs, GPUs as found). Single-process and actors get the same torch threads
-(--threads) and batch size; the in-process scan decodes with --workers processes, Ray with decode tasks on
-the CPUs the actors leave free.
+(--threads; an actor reserves at most (CPUs - 1) / actors, so a CPU stays free for decode tasks) and batch
+size; the in-process scan decodes with --workers processes, Ray with decode tasks on the CPUs the actors
+leave free.
 
   python scripts/bench_ray.py --quick                                   # a minute or two on a laptop CPU
   python scripts/bench_ray.py --device cuda --large-n 4096 --small-n 8192 --batch-size 128 --threads 4
@@ -90,7 +91,7 @@ def child(args) -> None:
         result = run_ray_scan(clip, args.layer, args.data, top_k=args.top_k, cache=cache, force=True,
                               device=args.device, report=reports.append,
                               ray=RayOptions(address=args.address, actors=args.actors, batch_size=args.batch_size,
-                                             cpus_per_actor=args.threads))
+                                             cpus_per_actor=float(args.cpus_per_actor)))
     seconds = time.perf_counter() - start
     attrs = cache.read(result.path).attrs
     print(json.dumps({"seconds": seconds, "images": result.count,
@@ -99,12 +100,18 @@ def child(args) -> None:
                       "actor_peak_rss_mb": attrs.get("actor_peak_rss", 0) / 2 ** 20}))
 
 
+def cpus_per_actor(args, actors: int) -> float:
+    """--threads CPUs, but at most (CPUs - 1) / actors: at least one CPU stays free for the decode tasks."""
+    return min(float(args.threads), max(0.25, (args.cluster_cpus - 1) / actors))
+
+
 def run_child(args, model: str, layer: str, data: Path, cache: Path, engine: str, actors: int = 1,
               address: str = "") -> dict:
     command = [sys.executable, __file__, "--child", "--model", model, "--layer", layer, "--data", str(data),
                "--cache", str(cache), "--engine", engine, "--actors", str(actors), "--address", address,
                "--device", args.device, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-               "--workers", str(args.workers), "--top-k", str(args.top_k)]
+               "--workers", str(args.workers), "--top-k", str(args.top_k),
+               "--cpus-per-actor", str(cpus_per_actor(args, actors))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy())
     if done.returncode != 0:
         raise SystemExit(f"{engine} scan of {model} failed:\n{done.stderr[-3000:]}")
@@ -185,7 +192,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per scan")
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script end to end")
     parser.add_argument("--skip-large", action="store_true")
-    for hidden in ("--child", "--engine", "--model", "--layer", "--data", "--cache", "--address", "--actors"):
+    for hidden in ("--child", "--engine", "--model", "--layer", "--data", "--cache", "--address", "--actors",
+                   "--cpus-per-actor"):
         parser.add_argument(hidden, help=argparse.SUPPRESS, **({"action": "store_true"} if hidden == "--child" else {}))
     args = parser.parse_args()
     if args.child:
@@ -201,7 +209,9 @@ def main() -> None:
     ray = loopback_only()
     context = ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="error")
     address = context.address_info["gcs_address"]
+    args.cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
     report = {"device": args.device, "threads": args.threads, "batch_size": args.batch_size,
+              "cpus_per_actor_1": cpus_per_actor(args, 1), "cpus_per_actor_2": cpus_per_actor(args, 2),
               "workers": args.workers, "ray_cpus": int(ray.cluster_resources().get("CPU", 0)),
               "ray_gpus": int(ray.cluster_resources().get("GPU", 0)), "shard_rows": args.shard_rows,
               "image_size": args.image_size, "load_avg_1min": os.getloadavg()[0]}

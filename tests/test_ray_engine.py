@@ -225,6 +225,8 @@ def test_cli_scan_engine_ray_on_a_folder_cut_into_shards(tiny_clip, ray_cluster,
     assert Cache(tmp_path / "ray").read(result.path).attrs["shards"] == -(-len(reference.keys) // 4)
     wrong = runner.invoke(app, base + ["--engine", "ray", "--embeddings"])
     assert wrong.exit_code == 2 and "--embeddings cannot be used with --engine ray" in wrong.stderr
+    wrong = runner.invoke(app, base + ["--engine", "ray", "--force", "--actors", "2", "--cpus-per-actor", "1"])
+    assert wrong.exit_code == 2 and "leave no CPU of the cluster's 2 for decoding" in wrong.stderr
     wrong = runner.invoke(app, base + ["--keep-per-image"])
     assert wrong.exit_code == 2 and "--keep-per-image is for scan --engine ray" in wrong.stderr
 

@@ -270,6 +270,10 @@ class RaySession:
         ray = self.ray
         options = self.options
         gpus = self.gpus_per_actor()
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        if options.actors * options.cpus_per_actor > cpus - 1:
+            raise NeurolensError(f"{options.actors} actor(s) x {options.cpus_per_actor:g} CPU leave no CPU of the "
+                                 f"cluster's {cpus:g} for decoding; lower --actors or --cpus-per-actor (e.g. 0.5)")
         if device == "cuda" and gpus == 0:
             raise NeurolensError("--device cuda, but the Ray cluster has no GPU for the actors; use --device auto "
                                  "or cpu, or give --gpus-per-actor on a cluster with GPUs")
