@@ -36,6 +36,10 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 CacheOpt = Annotated[Optional[str], typer.Option(
     "--cache", help="Folder of the HDF5 cache (default: $NEUROLENS_CACHE or outputs/cache).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text and progress.")]
+SaeOpt = Annotated[Optional[str], typer.Option(
+    "--sae", help="Work on the features of this sparse autoencoder instead of the layer's neurons (--unit is then a "
+                  "feature): a name from `neurolens sae train` / `neurolens sae list`, or an SAE folder made "
+                  "elsewhere (SAELens cfg.json + sae_weights.safetensors, or Prisma config.json + weights).")]
 
 
 def fail(message: str) -> None:
@@ -68,6 +72,12 @@ def open_model(model: str, pretrained: str, checkpoint: Optional[str], device: s
     return clip
 
 
+def open_basis(clip, layer: str, sae: Optional[str], cache: Optional[str]):
+    """The units of `layer` to work on: its neurons (sae None) or the features of the SAE `sae`."""
+    from ..sae import load_basis
+    return load_basis(clip, layer, sae, cache=cache)
+
+
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=_to_builtin) + "\n")
 
@@ -85,7 +95,7 @@ def _to_builtin(value: Any) -> Any:
 def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
     """Yields a callback(done, total) for library loops; draws a rich bar on stderr when enabled."""
     if not enabled:
-        yield lambda done, total: None
+        yield lambda done, total, description=None: None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -95,8 +105,12 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task(description, total=None)
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+        def update(done: int, total: int, description: Optional[str] = None) -> None:
+            """description: a new text before the bar (e.g. the latest training loss)."""
+            if description is None:
+                progress.update(task, completed=done, total=total)
+            else:
+                progress.update(task, completed=done, total=total, description=description)
 
         yield update
 

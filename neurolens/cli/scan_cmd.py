@@ -6,8 +6,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
-                  print_json, progress_bar)
+from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, SaeOpt, app, command,
+                  open_basis, open_model, print_json, progress_bar)
 from ..models import DEFAULT_MODEL
 
 LayerOpt = Annotated[str, typer.Option("--layer", help="Layer name (see `neurolens layers`), e.g. image_block_4_5.")]
@@ -55,6 +55,7 @@ def scan(
                                                   "batches (0: at most every 5 seconds).")] = 0,
     image_column: ImageColumnOpt = "image",
     caption_column: CaptionColumnOpt = "caption",
+    sae: SaeOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = "openai",
     checkpoint: CheckpointOpt = None,
@@ -65,30 +66,33 @@ def scan(
     """Scan a dataset through one layer: for ALL its units at once, the top-k images (spatial-max activation
     and the grid cell of that max) and running statistics, cached in HDF5. One forward per batch, stopped
     right after the layer. Interrupted scans (Ctrl-C, kill -9) resume where they stopped; bad files are
-    skipped, counted and listed.
+    skipped, counted and listed. With --sae, the SAE's features are scanned too, in the same pass (its encoder
+    applied to every cell; an image's value is the max over cells).
 
     Example:  neurolens scan --layer image_block_4_5 --dataset photos/ --top-k 32
     """
     from ..pipelines.scan import run_scan
     clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
+    basis = open_basis(clip, layer, sae, cache)
     data = _open_dataset(dataset, image_column, caption_column)
     with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
         result = run_scan(clip, layer, data, top_k=top_k, batch_size=batch_size, workers=workers, cache=cache,
                           force=force, embeddings=embeddings, precision=precision, progress=progress,
-                          checkpoint_every=checkpoint_every or None)
+                          checkpoint_every=checkpoint_every or None, basis=basis)
     if as_json:
         print_json(result.summary())
         return
     how = "cached" if result.cached else ("resumed" if result.resumed_from else "scanned")
+    what = f"{result.channels} units" if sae is None else f"{result.channels} features of SAE {basis.name}"
     typer.echo(f"{how}: {result.count} images of {data.description} through {result.layer} "
-               f"({result.channels} units, top {result.top_k}) -> {result.path}")
+               f"({what}, top {result.top_k}) -> {result.path}")
     typer.echo(_skip_line(result))
 
 
 @app.command("samples")
 @command
 def samples(
-    unit: Annotated[int, typer.Option("--unit", help="Unit (channel) index in the layer.")],
+    unit: Annotated[int, typer.Option("--unit", help="Unit (channel) index in the layer; with --sae a feature index.")],
     layer: LayerOpt = "image_block_4_5",
     dataset: DatasetOpt = None,
     top_k: TopKOpt = 32,
@@ -100,6 +104,7 @@ def samples(
     precision: PrecisionOpt = "fp32",
     image_column: ImageColumnOpt = "image",
     caption_column: CaptionColumnOpt = "caption",
+    sae: SaeOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = "openai",
     checkpoint: CheckpointOpt = None,
@@ -115,18 +120,20 @@ def samples(
     """
     from ..pipelines.samples import run_samples
     clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
+    basis = open_basis(clip, layer, sae, cache)
+    basis.check_unit(unit)
     data = _open_dataset(dataset, image_column, caption_column)
     with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
         result = run_samples(clip, layer, unit, data, top_k=top_k, show=show, out=out, blur=not no_blur,
                              cache=cache, batch_size=batch_size, workers=workers, precision=precision,
-                             progress=progress)
+                             progress=progress, basis=basis)
     rows = [{k: row[k] for k in ("unit", "rank", "score", "path", "cell")} for row in result.rows]
     if as_json:
         if result.image_path:
             typer.echo(f"grid: {result.image_path}; {result.blur_note}", err=True)
         print_json(rows)
         return
-    typer.echo(f"{result.layer} unit {unit}: top {len(rows)} of {result.scan.count} images ({data.description})")
+    typer.echo(f"{result.layer} {basis.label(unit)}: top {len(rows)} of {result.scan.count} images ({data.description})")
     for row in rows:
         typer.echo(f"{row['rank']:>4}  {row['score']:>10.4g}  cell ({row['cell'][0]},{row['cell'][1]})  {row['path']}")
     if result.image_path:

@@ -6,11 +6,11 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from ..models import DEFAULT_MODEL, DEFAULT_PRETRAINED, check_unit, resolve_layer
+from ..models import DEFAULT_MODEL, DEFAULT_PRETRAINED, resolve_layer
 from ..store import Cache
 from ..types import RenderSettings
-from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
-                  print_json, progress_bar)
+from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, SaeOpt, app, command,
+                  open_basis, open_model, print_json, progress_bar)
 
 _DEFAULTS = RenderSettings()
 
@@ -34,7 +34,7 @@ def _safety_filter(clip, no_blur: bool):
 @command
 def visualize(
     layer: Annotated[str, typer.Option("--layer", help="Layer name (see `neurolens layers`), alias, or dotted module path.")],
-    unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index; repeat to optimize several units in one batch.")],
+    unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index, with --sae a feature index; repeat to optimize several units in one batch.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = _DEFAULTS.steps,
     size: Annotated[int, typer.Option("--size", min=0, help="Image size in pixels; 0 = the model's input size.")] = 0,
     seed: Annotated[Optional[List[int]], typer.Option("--seed", help="Random seed; repeat for several images per unit (with --diversity).")] = None,
@@ -46,6 +46,7 @@ def visualize(
     out: Annotated[str, typer.Option("--out", help="Folder for the PNGs.")] = "outputs/visualize",
     force: Annotated[bool, typer.Option("--force", help="Recompute even if the cache has this result.")] = False,
     no_blur: Annotated[bool, typer.Option("--no-blur", help="Write raw pixels even where the NSFW scorer passes the threshold.")] = False,
+    sae: SaeOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
     checkpoint: CheckpointOpt = None,
@@ -59,7 +60,8 @@ def visualize(
     normalization and Adam; the forward stops right after the layer. One PNG per unit and seed goes to
     --out, and the images, final activations, activation curves, settings and a fingerprint of the weights
     go to the HDF5 cache: the same request again is read from the cache (--force recomputes). PNGs whose
-    CLIP zero-shot NSFW score passes the threshold are written blurred unless --no-blur.
+    CLIP zero-shot NSFW score passes the threshold are written blurred unless --no-blur. With --sae the
+    objective is an SAE feature's pre-TopK encoder activation (files named ..._sae-<name>_feature<F>_...).
 
     Example:  neurolens visualize --layer image_block_4_5 --unit 1543 --unit 244 --steps 512 --seed 0 --out outputs/
     """
@@ -70,18 +72,23 @@ def visualize(
     if no_blur:
         typer.echo("note: --no-blur: feature visualizations are written unblurred", err=True)
     clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
-    spec = resolve_layer(clip, layer)  # bad layer or unit: one line before any work starts
+    spec = resolve_layer(clip, layer)  # bad layer, SAE or unit: one line before any work starts
+    basis = open_basis(clip, layer, sae, cache)
     for value in unit:
-        check_unit(spec, value)
+        basis.check_unit(value)
     with progress_bar(f"visualize {layer}", enabled=not as_json) as update:
         results = run_visualize(clip, layer, unit, settings, cache=Cache(cache) if cache else None, force=force,
-                                out_dir=out, progress=update, image_filter=_safety_filter(clip, no_blur))
+                                out_dir=out, progress=update, image_filter=_safety_filter(clip, no_blur), basis=basis)
     rows = [dict(unit=r.unit, seed=s, path=r.paths[i], activation=float(r.activations[i]), cached=r.cached)
             for r in results for i, s in enumerate(r.seeds)]
     if as_json:
-        print_json({"model": clip.name, "pretrained": clip.pretrained, "layer": results[0].layer,
-                    "fingerprint": clip.fingerprint, "results": rows})
+        document = {"model": clip.name, "pretrained": clip.pretrained, "layer": results[0].layer,
+                    "fingerprint": clip.fingerprint, "results": rows}
+        if sae is not None:
+            document.update(basis=basis.id, sae=basis.name)
+        print_json(document)
         return
     for row in rows:
         source = "cache" if row["cached"] else "computed"
-        typer.echo(f"unit {row['unit']:>5} seed {row['seed']}: activation {row['activation']:.4f} ({source}) -> {row['path']}")
+        typer.echo(f"{basis.unit_word} {row['unit']:>5} seed {row['seed']}: activation {row['activation']:.4f} "
+                   f"({source}) -> {row['path']}")

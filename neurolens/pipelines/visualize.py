@@ -29,9 +29,21 @@ def resolved_settings(clip, settings: RenderSettings) -> RenderSettings:
     )
 
 
-def record_path(cache: Cache, clip, layer: str, unit: int, settings: RenderSettings) -> Path:
-    key = settings_key(clip.fingerprint, layer, unit, dataclasses.asdict(settings))
-    return cache.path(KIND, clip.fingerprint, layer, f"unit{unit}_{key}")
+def _is_neurons(basis) -> bool:
+    return basis is None or getattr(basis, "id", "neurons") == "neurons"
+
+
+def unit_tag(unit: int, basis=None) -> str:
+    """How file names name a unit: unit<U>, or sae-<name>_feature<F> for an SAE basis."""
+    return f"unit{int(unit)}" if _is_neurons(basis) else basis.tag(unit)
+
+
+def record_path(cache: Cache, clip, layer: str, unit: int, settings: RenderSettings, basis=None) -> Path:
+    parts = [clip.fingerprint, layer, unit, dataclasses.asdict(settings)]
+    if not _is_neurons(basis):   # neuron records keep the key they always had
+        parts.append(basis.id)
+    key = settings_key(*parts)
+    return cache.path(KIND, clip.fingerprint, layer, f"{unit_tag(unit, basis)}_{key}")
 
 
 def _result_from_record(record: Record, layer: str, unit: int, settings: RenderSettings, clip) -> RenderResult:
@@ -44,23 +56,29 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
                   cache: Optional[Cache] = None, force: bool = False, out_dir: Optional[str | Path] = None,
                   progress: Optional[Callable[[int, int], None]] = None,
                   image_filter: Optional[Callable[[RenderResult, int, Image.Image], Image.Image]] = None,
-                  ) -> List[RenderResult]:
+                  basis=None) -> List[RenderResult]:
     """Feature visualizations of `units` of `layer`: read from the cache, or rendered (several units in one
     batch) and cached unit by unit as each batch finishes, so an interrupted run keeps what it finished.
 
     With out_dir, one PNG per unit and seed is written there; `image_filter(result, seed_index, image)`
-    may replace the pixels that are written (the CLI uses it to blur images that may be NSFW)."""
+    may replace the pixels that are written (the CLI uses it to blur images that may be NSFW).
+    basis: None for neurons, or a basis of the layer (neurolens.sae.load_basis): `units` are then its
+    features, the objective is the feature's pre-TopK encoder activation, and keys and file names say so."""
     cache = cache or Cache()
     spec = resolve_layer(clip, layer)
+    basis = None if _is_neurons(basis) else basis
     units = list(dict.fromkeys(int(u) for u in units))
     for unit in units:
-        check_unit(spec, unit)
+        if basis is None:
+            check_unit(spec, unit)
+        else:
+            basis.check_unit(unit)
     settings = resolved_settings(clip, settings)
 
     results = {}
     missing = []
     for unit in units:
-        record = None if force else cache.read(record_path(cache, clip, spec.name, unit, settings))
+        record = None if force else cache.read(record_path(cache, clip, spec.name, unit, settings, basis))
         if record is not None:
             results[unit] = _result_from_record(record, spec.name, unit, settings, clip)
         else:
@@ -75,7 +93,7 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
         offset = index * settings.steps
         report = (lambda done, total, offset=offset: progress(offset + done, total_steps)) if progress else None
         started = time.time()
-        output = render(clip, spec, batch, settings, progress=report)
+        output = render(clip, spec, batch, settings, progress=report, basis=basis)
         elapsed = time.time() - started
         seeds = len(settings.seeds)
         for position, unit in enumerate(batch):
@@ -85,10 +103,11 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
                         "curve": output.curve[:, rows]},
                 attrs={"model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint,
                        "layer": spec.name, "module": spec.module, "unit": unit,
+                       "basis": basis.id if basis is not None else "neurons",
                        "settings": dataclasses.asdict(settings), "batch_units": batch,
                        "seconds_for_batch": elapsed, "created": time.time()},
             )
-            cache.write(record_path(cache, clip, spec.name, unit, settings), record)
+            cache.write(record_path(cache, clip, spec.name, unit, settings, basis), record)
             results[unit] = RenderResult(layer=spec.name, unit=unit, seeds=settings.seeds,
                                          images=record.arrays["images"], activations=record.arrays["activations"],
                                          curve=record.arrays["curve"], settings=settings,
@@ -97,12 +116,13 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
     ordered = [results[unit] for unit in units]
     if out_dir is not None:
         for result in ordered:
-            result.paths = tuple(write_pngs(result, clip.name, out_dir, image_filter))
+            result.paths = tuple(write_pngs(result, clip.name, out_dir, image_filter, basis))
     return ordered
 
 
 def write_pngs(result: RenderResult, model_name: str, out_dir: str | Path,
-               image_filter: Optional[Callable[[RenderResult, int, Image.Image], Image.Image]] = None) -> List[str]:
+               image_filter: Optional[Callable[[RenderResult, int, Image.Image], Image.Image]] = None,
+               basis=None) -> List[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -110,7 +130,7 @@ def write_pngs(result: RenderResult, model_name: str, out_dir: str | Path,
         image = Image.fromarray(np.asarray(result.images[index]))
         if image_filter is not None:
             image = image_filter(result, index, image)
-        path = out / f"{model_name}_{result.layer}_unit{result.unit}_seed{seed}.png"
+        path = out / f"{model_name}_{result.layer}_{unit_tag(result.unit, basis)}_seed{seed}.png"
         image.save(path)
         paths.append(str(path))
     return paths

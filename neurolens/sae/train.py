@@ -316,8 +316,9 @@ def train_loop(stream: ActivationStream, settings: SaeTrainSettings, d_sae: int,
                 row = [state.seen, sums[0] / sums[2], sums[1] / sums[2], dead_share]
                 state.history.append(row)
                 if on_metrics is not None:
-                    on_metrics({"vectors": state.seen, "loss": row[1], "explained_variance": row[2],
-                                "dead_share": dead_share, "epoch": state.epoch, "epochs": epochs})
+                    on_metrics({"vectors": state.seen, "total": total_vectors, "loss": row[1],
+                                "explained_variance": row[2], "dead_share": dead_share, "epoch": state.epoch,
+                                "epochs": epochs})
             state.next_chunk = info.index + 1
             if state.next_chunk >= info.chunks:
                 state.epoch, state.next_chunk = state.epoch + 1, 0
