@@ -59,3 +59,11 @@ from .unit_scores import FlagRule, UnitScores  # noqa: E402
 __all__ += ["run_sweep", "SweepResult", "run_figure", "run_grid", "nsfw_scores_for_images",
             "nsfw_scores_for_embeddings", "caption_nsfw_matches", "text_nsfw_scores", "IMAGE_NSFW_THRESHOLD",
             "FlagRule", "UnitScores"]
+
+# sparse autoencoder features as units
+from .pipelines.sae import SaeTrainResult, run_sae_train  # noqa: E402
+from .sae import (NeuronBasis, SaeBasis, SaeConfig, SaeTrainSettings, SparseAutoencoder, list_saes,  # noqa: E402
+                  load_basis, load_sae, save_sae)
+
+__all__ += ["run_sae_train", "SaeTrainResult", "SaeTrainSettings", "load_basis", "NeuronBasis", "SaeBasis",
+            "SparseAutoencoder", "SaeConfig", "load_sae", "save_sae", "list_saes"]

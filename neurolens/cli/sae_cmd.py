@@ -6,17 +6,17 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
-                  print_json, progress_bar)
-from .scan_cmd import CaptionColumnOpt, DatasetOpt, ImageColumnOpt, LayerOpt, PrecisionOpt, WorkersOpt
-from ..models import DEFAULT_MODEL
+from .app import app, command, print_json, progress_bar
+from .options import (DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice,
+                      PrecisionOpt, WorkersOpt, uses)
 
 sae_app = typer.Typer(
     name="sae", no_args_is_help=True, add_completion=False,
     help="Sparse autoencoders (TopK, Gao et al. 2024) on a layer: train one, list them. Every command that takes "
          "--layer L --unit U also takes --layer L --sae NAME --unit F to work on its features.\n\n"
          "Example:  neurolens sae train --layer image_block_4_5 --dataset photos/ --features 8x --k 32 --out nsfw8x")
-app.add_typer(sae_app, name="sae")
+app.add_typer(sae_app, name="sae", short_help="Sparse autoencoders on a layer: train one (sae train), list them; "
+                                              "then --sae NAME in the other commands.")
 
 
 def _percent(value) -> str:
@@ -27,11 +27,12 @@ def _number(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-@sae_app.command("train")
+@sae_app.command("train", short_help="Train a TopK SAE on a layer (streamed, resumable) and print its quality report.")
 @command
+@uses(model=MODEL, data=DATASET)
 def train(
     layer: LayerOpt = "image_block_4_5",
-    dataset: DatasetOpt = None,
+    data: DatasetChoice = None,
     features: Annotated[str, typer.Option("--features", help="Dictionary size: a multiple of the layer's channels "
                                           "(8x) or a number of features (4096).")] = "8x",
     k: Annotated[int, typer.Option("--k", help="Active features per vector (TopK).")] = 32,
@@ -49,13 +50,8 @@ def train(
                                                               "forward (default 16 on CPU, 64 on GPU).")] = None,
     workers: WorkersOpt = None,
     precision: PrecisionOpt = "fp32",
-    force: Annotated[bool, typer.Option("--force", help="Train again even if an SAE of this name exists.")] = False,
-    image_column: ImageColumnOpt = "image",
-    caption_column: CaptionColumnOpt = "caption",
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = "openai",
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -68,13 +64,12 @@ def train(
 
     Example:  neurolens sae train --layer image_block_4_5 --dataset photos/ --features 8x --k 32 --out nsfw8x
     """
-    from ..datasets import open_dataset
     from ..pipelines.sae import run_sae_train
     from ..sae.train import SaeTrainSettings
     settings = SaeTrainSettings(features=features, k=k, epochs=epochs, batch_size=batch_size, lr=lr,
                                 held_out=held_out, seed=seed)
-    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
-    data = open_dataset(dataset, image_column=image_column, caption_column=caption_column)
+    clip = model.load(quiet=as_json)
+    dataset = data.open()
     with progress_bar(f"sae train {layer}", enabled=not as_json) as update:
         def quality_update(done: int, total: int) -> None:
             update(done, total, description="quality report (held-out images)")
@@ -84,7 +79,7 @@ def train(
                    description=f"sae train {layer}  epoch {metrics['epoch'] + 1}/{metrics['epochs']}  "
                                f"loss {metrics['loss']:.4f}  expl. var. {metrics['explained_variance']:.3f}  "
                                f"dead {100 * metrics['dead_share']:.1f} %")
-        result = run_sae_train(clip, layer, data, settings, name=out, cache=cache, force=force, progress=update,
+        result = run_sae_train(clip, layer, dataset, settings, name=out, cache=cache, force=force, progress=update,
                                on_metrics=on_metrics, images_per_forward=images_per_forward, workers=workers,
                                precision=precision, quality_progress=quality_update)
     summary = result.summary()
@@ -108,14 +103,12 @@ def train(
                f"figure, grid)")
 
 
-@sae_app.command("list")
+@sae_app.command("list", short_help="The SAEs trained for a layer of this model, with their quality report.")
 @command
+@uses(model=MODEL)
 def list_command(
     layer: LayerOpt = "image_block_4_5",
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = "openai",
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -126,7 +119,7 @@ def list_command(
     from ..models import resolve_layer
     from ..sae.io import read_config
     from ..sae.registry import as_cache, list_saes, sae_folder
-    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
+    clip = model.load(quiet=as_json)
     spec = resolve_layer(clip, layer)
     rows = []
     for name in list_saes(clip, spec.name, cache):

@@ -6,11 +6,11 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from ..models import DEFAULT_MODEL, DEFAULT_PRETRAINED, resolve_layer
+from ..models import resolve_layer
 from ..store import Cache
 from ..types import RenderSettings
-from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, SaeOpt, app, command,
-                  open_basis, open_model, print_json, progress_bar)
+from .app import app, command, open_basis, print_json, progress_bar
+from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, NoBlurOpt, SaeOpt, uses
 
 _DEFAULTS = RenderSettings()
 
@@ -30,10 +30,11 @@ def _safety_filter(clip, no_blur: bool):
     return image_filter
 
 
-@app.command("visualize")
+@app.command("visualize", short_help="Feature visualizations of units (activation maximization); blurred if needed.")
 @command
+@uses(model=MODEL)
 def visualize(
-    layer: Annotated[str, typer.Option("--layer", help="Layer name (see `neurolens layers`), alias, or dotted module path.")],
+    layer: LayerOpt,
     unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index, with --sae a feature index; repeat to optimize several units in one batch.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = _DEFAULTS.steps,
     size: Annotated[int, typer.Option("--size", min=0, help="Image size in pixels; 0 = the model's input size.")] = 0,
@@ -44,13 +45,10 @@ def visualize(
     low_res_fraction: Annotated[float, typer.Option("--low-res-fraction", min=0.0, max=1.0, help="Share of steps optimized at half resolution (speed).")] = _DEFAULTS.low_res_fraction,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = _DEFAULTS.precision,
     out: Annotated[str, typer.Option("--out", help="Folder for the PNGs.")] = "outputs/visualize",
-    force: Annotated[bool, typer.Option("--force", help="Recompute even if the cache has this result.")] = False,
-    no_blur: Annotated[bool, typer.Option("--no-blur", help="Write raw pixels even where the NSFW scorer passes the threshold.")] = False,
+    force: ForceOpt = False,
+    no_blur: NoBlurOpt = False,
     sae: SaeOpt = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -71,8 +69,8 @@ def visualize(
                               diversity=diversity, low_res_fraction=low_res_fraction, precision=precision)
     if no_blur:
         typer.echo("note: --no-blur: feature visualizations are written unblurred", err=True)
-    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
-    spec = resolve_layer(clip, layer)  # bad layer, SAE or unit: one line before any work starts
+    clip = model.load(quiet=as_json)
+    resolve_layer(clip, layer)  # bad layer, SAE or unit: one line before any work starts
     basis = open_basis(clip, layer, sae, cache)
     for value in unit:
         basis.check_unit(value)
