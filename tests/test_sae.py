@@ -273,6 +273,16 @@ def trained(tmp_path_factory, tiny_clip, images):
     return result, cache
 
 
+def test_available_bases_lists_the_neurons_and_the_trained_saes(tiny_clip, trained):
+    from neurolens.sae import available_bases
+    result, cache = trained
+    rows = available_bases(tiny_clip, LAYER, cache)
+    assert rows[0]["sae"] is None and rows[0]["units"] == 256
+    assert [row["sae"] for row in rows[1:]] == ["tiny"] and rows[1]["units"] == 512
+    assert rows[1]["quality"]["explained_variance"] == result.summary()["explained_variance"]
+    assert load_basis(tiny_clip, LAYER, rows[1]["sae"], cache=cache).units == 512
+
+
 def test_scan_with_features_matches_brute_force_in_one_pass(tiny_clip, images, trained, tmp_path):
     result, cache = trained
     basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)

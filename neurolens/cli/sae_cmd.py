@@ -15,8 +15,8 @@ sae_app = typer.Typer(
     help="Sparse autoencoders (TopK, Gao et al. 2024) on a layer: train one, list them. Every command that takes "
          "--layer L --unit U also takes --layer L --sae NAME --unit F to work on its features.\n\n"
          "Example:  neurolens sae train --layer image_block_4_5 --dataset photos/ --features 8x --k 32 --out nsfw8x")
-app.add_typer(sae_app, name="sae", short_help="Sparse autoencoders on a layer: train one (sae train), list them; "
-                                              "then --sae NAME in the other commands.")
+app.add_typer(sae_app, name="sae", short_help="Sparse autoencoders: train one on a layer, list them; then --sae NAME "
+                                              "elsewhere.")
 
 
 def _percent(value) -> str:

@@ -205,3 +205,22 @@ def load_basis(clip, layer: str, sae: Union[None, str, Path, SparseAutoencoder, 
     path, found_name, _ = locate(clip, spec.name, str(sae), cache)
     model = load_sae(path, device=clip.device)
     return SaeBasis(model, name or found_name, spec, path)
+
+
+def available_bases(clip, layer: str, cache=None) -> list:
+    """What a page can offer for `layer`: the neurons, then every SAE trained for this model and layer, as
+    JSON-able dicts {sae (the value for load_basis / --sae; None for neurons), kind, name, units, label,
+    quality}. Reads only the SAEs' cfg.json files (no weights)."""
+    from ..models import resolve_layer
+    from .io import read_config
+    from .registry import as_cache, list_saes, sae_folder
+    spec = resolve_layer(clip, layer)
+    rows = [{"sae": None, "kind": NEURONS, "name": "", "units": spec.channels, "label": f"{spec.channels} neurons",
+             "quality": None}]
+    for name in list_saes(clip, spec.name, cache):
+        cfg = read_config(sae_folder(as_cache(cache), clip, spec.name, name))
+        info = (cfg.get("metadata") or {}).get("neurolens") or {}
+        rows.append({"sae": name, "kind": "sae", "name": name, "units": cfg.get("d_sae"),
+                     "label": f"SAE {name}: {cfg.get('d_sae')} features, k={cfg.get('k')}",
+                     "quality": info.get("quality")})
+    return rows
