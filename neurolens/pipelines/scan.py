@@ -238,8 +238,7 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
                            f"{example}; give a dataset with at least one valid image")
 
     for name, stream in streams.items():
-        unit_stats = stats if name == NEURONS else stats.bases[name]
-        record = _final_record(clip, spec, dataset, stats, unit_stats, top_k, precision, embeddings, stream.chunks,
+        record = _final_record(clip, spec, dataset, stats, top_k, precision, embeddings, stream.chunks,
                                resumed_from, None if name == NEURONS else basis)
         cache.write(cache.path("scan", clip.fingerprint, spec.name, stream.key), record)
         _remove_stale_chunks(cache, clip, spec, stream.key, stream.chunks)
@@ -318,10 +317,11 @@ class _ChunkWriter:
         self.last_time = time.monotonic()
 
 
-def _final_record(clip, spec, dataset: ImageDataset, stats: ScanStats, unit_stats: ScanStats, top_k: int,
-                  precision: str, embeddings: bool, chunks: Sequence[str], resumed_from: Sequence[int],
-                  basis=None) -> Record:
-    """The record of one basis: its units' statistics (unit_stats), the layer's mean map and skips (stats)."""
+def _final_record(clip, spec, dataset: ImageDataset, stats: ScanStats, top_k: int, precision: str,
+                  embeddings: bool, chunks: Sequence[str], resumed_from: Sequence[int], basis=None) -> Record:
+    """The record of the neurons, or with `basis` of that basis (its statistics stats.bases[basis.id]); the
+    layer's mean map and the skips come from `stats` either way."""
+    unit_stats = stats if basis is None else stats.bases[basis.id]
     skipped = sorted(stats.skipped)
     arrays = {
         "top_values": unit_stats.topk.values.cpu().numpy().astype(np.float32),
