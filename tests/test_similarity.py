@@ -95,22 +95,30 @@ def _thumb_region(result, index, cell=72):
     return band[:, left:left + cell - 4]
 
 
-def test_user_images_are_blurred_unless_no_blur(tiny_clip, tmp_path):
+def test_user_images_are_shown_as_the_blur_policy_says(tiny_clip, tmp_path, fake_detector, monkeypatch):
     rng = np.random.default_rng(1)
     noisy = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
     images = [LabeledImage("mine.png", noisy, False), LabeledImage("sample:coffee", builtin_image("coffee"), True)]
     captions = ["noise", "This is a cup of coffee on a saucer"]
+    fake_detector(lambda rgb: True)                     # the detector fires on everything: user images blurred
     blurred = similarity_matrix(tiny_clip, images, captions, threshold=0.3)
     clear = similarity_matrix(tiny_clip, images, captions, threshold=0.3, blur_user_images=False)
-    assert blurred.blurred == [True, False] and clear.blurred == [False, False]
+    assert blurred.blur_reasons == ["NudeNet 0.93", None] and clear.blurred == [False, False]
     np.testing.assert_allclose(blurred.cosines, cosine_matrix(tiny_clip, [noisy, builtin_image("coffee")], captions))
     # Blurring removes the noise's pixel-to-pixel variation; the built-in thumbnail is identical in both.
     rough = lambda a: np.abs(np.diff(a, axis=1)).mean()  # noqa: E731  (rows above the blur label)
     assert rough(_thumb_region(blurred, 0)) < 0.2 * rough(_thumb_region(clear, 0))
     np.testing.assert_array_equal(_thumb_region(blurred, 1), _thumb_region(clear, 1))
+    # the detector judged the image and found nothing: shown as it is
+    fake_detector(lambda rgb: False)
+    assert similarity_matrix(tiny_clip, images, captions).blur_reasons == [None, None]
+    # nothing can judge it (no detector, random weights): blurred as not judged
+    from neurolens.labels import nudenet
+    monkeypatch.setattr(nudenet, "available", lambda: False)
+    assert similarity_matrix(tiny_clip, images, captions).blur_reasons == ["not judged", None]
 
 
-def test_matrix_from_a_folder(tmp_path):
+def test_matrix_from_a_folder(tmp_path, no_detector):
     folder = tmp_path / "imgs"
     folder.mkdir()
     builtin_image("astronaut").resize((80, 80)).save(folder / "a.png")
@@ -132,3 +140,4 @@ def test_matrix_from_a_folder(tmp_path):
     listed = runner.invoke(app, ["similarity", "--matrix", "--images", str(folder), "--captions", str(caps),
                                  "--no-blur", "--out", str(out), "--json", *TINY])
     assert listed.exit_code == 0 and len(json.loads(listed.stdout)) == 6 and "blurred" not in listed.output
+    assert (tmp_path / "m_noblur.png").is_file()          # raw pixels never replace the blurred figure

@@ -157,10 +157,9 @@ def test_quality_bar_flagged_units_are_the_planted_concept(demo):
     assert len(with_words) >= 0.5 * len(flagged)      # measured 63%
     assert max(flagged[:5], key=lambda r: r["texts_with_planted_words"])["texts_with_planted_words"] >= 3
     assert demo.figures and all(f["planted"] > 0 and f["planted_blurred"] == f["planted"] for f in demo.figures)
-    from neurolens.safety import IMAGE_NSFW_THRESHOLD
     flagged_units = {r["unit"] for r in flagged}
     visualized = {u: max(s) for u, s in demo.fv_nsfw_scores.items() if u in flagged_units}
-    high = [u for u, score in visualized.items() if score >= IMAGE_NSFW_THRESHOLD]
+    high = [u for u, score in visualized.items() if score >= 0.5]     # the zero-shot NSFW threshold
     assert len(visualized) >= 3 and len(high) >= len(visualized) / 2, visualized
 
 

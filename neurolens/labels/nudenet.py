@@ -31,6 +31,15 @@ def available() -> bool:
     return True
 
 
+def version() -> str:
+    """The installed NudeNet version (scores are cached per version), or 'none'."""
+    try:
+        from importlib.metadata import version as package_version
+        return package_version("nudenet")
+    except Exception:
+        return "none"
+
+
 @lru_cache(maxsize=1)
 def _detector():
     from nudenet import NudeDetector

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -304,7 +305,7 @@ def save_checkpoint(clip: torch.nn.Module, path: str | os.PathLike, model_name: 
                     option: str = "--out") -> Path:
     """Save a state dict that load_clip(checkpoint=...) reads with weights_only=True; carries its config.
     Written atomically (neurolens.files); `option` is what a failed write tells the user to change."""
-    from ..files import atomic_path
+    from ..files import write_bytes
     path = Path(path)
     blob: Dict[str, Any] = {"state_dict": {k: v.detach().cpu() for k, v in clip.state_dict().items()},
                             "model_name": model_name}
@@ -312,6 +313,8 @@ def save_checkpoint(clip: torch.nn.Module, path: str | os.PathLike, model_name: 
         blob["model_config"] = model_config
     if extra:
         blob.update(extra)
-    with atomic_path(path, option) as tmp:
-        torch.save(blob, tmp)
+    # serialized in memory first: torch's zip writer turns a failing disk into an opaque RuntimeError
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    write_bytes(path, buffer.getbuffer(), option)
     return path

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from ..files import CACHE_OPTION, WriteError, ensure_folder, write_text
-from ..store import Cache, default_cache_root, settings_key
+from ..store import Cache, settings_key
 from ..toy.generate import ToySettings, planted_words, write_dataset
 from ..toy.train import TrainSettings
 from ..types import RenderSettings
@@ -223,17 +223,21 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         return units[:count]
 
     def visualize(stage: Stage) -> None:
+        from PIL import Image
+        from ..labels.policy import BlurPolicy
         from .visualize import run_visualize
         units = chosen_units(settings.visualize_units)
-        flagged = set(state["sweep"].flagged_units)
+        policy = BlurPolicy.for_layer(state["clip"], settings.layer, cache, flagged=state["sweep"].flagged_units)
         results = run_visualize(state["clip"], settings.layer, units, settings.render, cache=cache,
-                                out_dir=out / "visualize", progress=stage_progress("visualize"),
-                                image_filter=_blur_filter(state["clip"], flagged, state))
+                                out_dir=out / "visualize", progress=stage_progress("visualize"), policy=policy)
         for r in results:
             stage.outputs.extend(r.paths)
-        report.fv_nsfw_scores = {int(u): [float(x) for x in v] for u, v in state.get("fv_scores", {}).items()}
-        stage.detail = "; ".join(f"unit {u}: max NSFW score {max(report.fv_nsfw_scores.get(u, [float('nan')])):.2f}"
-                                 for u in units)
+            # the trained toy's zero-shot score of each image, for the index (kept by the policy: no new forward)
+            scores = [policy.zero_shot_score(Image.fromarray(np.asarray(image))) for image in r.images]
+            report.fv_nsfw_scores[int(r.unit)] = [float("nan") if s is None else float(s) for s in scores]
+        stage.detail = "; ".join(f"unit {r.unit}: max NSFW score {max(report.fv_nsfw_scores[int(r.unit)]):.2f}, "
+                                 f"{sum(b is not None for b in r.blurred)} of {len(r.blurred)} blurred"
+                                 for r in results)
 
     def figure(stage: Stage) -> None:
         from .sweep import run_figure
@@ -269,24 +273,6 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
     report.seconds = time.perf_counter() - started
     run("index", (), lambda stage: _write_index(report, settings, stage))
     return report
-
-
-def _blur_filter(clip, flagged: set, state: dict):
-    """Feature visualizations of flagged units, and any the NSFW scorer puts past its threshold, are written
-    blurred; each image's score is kept for the index."""
-    from ..blur import blur_with_label
-    from ..safety import IMAGE_NSFW_THRESHOLD, nsfw_scores_for_images
-    scores = state.setdefault("fv_scores", {})
-
-    def image_filter(result, seed_index, image):
-        score = float(nsfw_scores_for_images(clip, [image])[0])
-        scores.setdefault(result.unit, []).append(score)
-        if score >= IMAGE_NSFW_THRESHOLD:
-            return blur_with_label(image, f"NSFW score {score:.2f}")
-        if result.unit in flagged:
-            return blur_with_label(image, "flagged unit")
-        return image
-    return image_filter
 
 
 def _summarize_flags(report: DemoReport, sweep, planted: np.ndarray, top_k: int) -> None:

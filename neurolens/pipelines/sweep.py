@@ -260,13 +260,18 @@ def _feature_visualizations(clip, layer: str, units: Sequence[int], settings, ca
     return found
 
 
-def _fv_scores(clip, cache: Cache, fvs: dict, sweep: SweepResult, blur: bool, prompts) -> dict:
-    """NSFW scores of the feature visualizations that could be shown raw (unflagged units, blur on)."""
-    if not blur:
-        return {}
-    from ..panels import FvScores
-    scorer = FvScores(clip, cache, prompts)
-    return {unit: scorer.scores(list(images)) for unit, images in fvs.items() if not sweep.scores.flagged[unit]}
+def blur_policy(clip, sweep: SweepResult, cache: Cache, blur: bool = True, prompts=None,
+                scorer: Optional[Scorer] = None):
+    """The BlurPolicy of a figure or grid drawn from `sweep`: its flagged units (and those of every cached
+    sweep of the layer) and its per-image scores as labels. A random-weights model's own zero-shot scores
+    are noise and never become labels: then only the caption/URL match labels an image (NaN elsewhere, so
+    the detector judges it, or it is blurred as not judged)."""
+    from ..labels.policy import BlurPolicy, is_random
+    labels = np.asarray(sweep.image_scores, dtype=np.float64)
+    if scorer is None and is_random(clip):
+        labels = np.where(np.asarray(sweep.caption_match, dtype=bool), 1.0, np.nan)
+    return BlurPolicy.for_layer(clip, sweep.layer, cache, blur=blur, flagged=sweep.flagged_units,
+                                image_labels=labels, prompts=prompts)
 
 
 def _check_units(clip, layer: str, units: Sequence[int]) -> List[int]:
@@ -284,7 +289,8 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
                caption_mode: str = "word", caption_terms: Optional[Sequence[str]] = None,
                scorer: Optional[Scorer] = None) -> List[Tuple[Path, object]]:
     """One PNG panel per unit under `out` (default outputs/figures/), from the cached sweep (swept first if
-    needed). Returns (path, panels.Figure) per unit. Raw pixels (blur=False) go to *_noblur.png."""
+    needed). Returns (path, panels.Figure) per unit. Blurred as blur_policy() says; raw pixels (blur=False)
+    go to *_noblur.png."""
     from ..datasets import ImageDataset, open_dataset
     from ..files import save_png
     from ..panels import PanelOptions, unit_panel
@@ -298,15 +304,15 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
                       caption_terms=caption_terms, scorer=scorer, write_csv=False)
     fvs = _feature_visualizations(clip, sweep.layer, units, render_settings or RenderSettings(), cache, True,
                                   progress) if fv else {}
-    fv_scores = _fv_scores(clip, cache, fvs, sweep, blur, prompts)
+    policy = blur_policy(clip, sweep, cache, blur, prompts, scorer)
     folder = Path(out) if out else DEFAULT_FIGURES
     written = []
     for unit in units:
         title = f"{clip.name} ({clip.pretrained})  {sweep.layer}  unit {unit}"
-        figure = unit_panel(sweep, dataset, unit, title, clip.image_size, blur=blur, fv_images=fvs.get(unit),
-                            fv_scores=fv_scores.get(unit), options=options or PanelOptions())
-        name = f"{_safe(clip.name)}_{sweep.layer}_unit{unit}{'' if blur else '_noblur'}.png"
-        written.append((save_png(figure.image, folder / name), figure))
+        figure = unit_panel(sweep, dataset, unit, title, clip.image_size, policy, fv_images=fvs.get(unit),
+                            options=options or PanelOptions())
+        path = policy.output_path(folder / f"{_safe(clip.name)}_{sweep.layer}_unit{unit}.png")
+        written.append((save_png(figure.image, path), figure))
     return written
 
 
@@ -345,14 +351,14 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
         chosen, what = [int(u) for u in sweep.scores.ranking()[:top]], "units by NSFW correlation"
     fvs = _feature_visualizations(clip, sweep.layer, chosen, render_settings or RenderSettings(), cache, render_fv,
                                   progress)
-    fv_scores = _fv_scores(clip, cache, fvs, sweep, blur, prompts)
+    policy = blur_policy(clip, sweep, cache, blur, prompts, scorer)
     title = f"{clip.name} ({clip.pretrained})  {sweep.layer}: {len(chosen)} {what}"
-    figure = units_grid(sweep, dataset, chosen, title, clip.image_size, blur=blur, fvs=fvs, fv_scores=fv_scores,
+    figure = units_grid(sweep, dataset, chosen, title, clip.image_size, policy, fvs=fvs,
                         options=options or PanelOptions())
     kind = "flagged" if flagged and not units else ("units" if units else "top")
-    name = f"{_safe(clip.name)}_{sweep.layer}_grid_{kind}{len(chosen)}{'' if blur else '_noblur'}.png"
     folder = Path(out) if out else DEFAULT_FIGURES
-    return save_png(figure.image, folder / name), figure, chosen
+    path = policy.output_path(folder / f"{_safe(clip.name)}_{sweep.layer}_grid_{kind}{len(chosen)}.png")
+    return save_png(figure.image, path), figure, chosen
 
 
 def _safe(text: str) -> str:

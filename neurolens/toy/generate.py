@@ -270,7 +270,7 @@ def write_dataset(out_dir: str | os.PathLike, settings: ToySettings = ToySetting
     for name in CAPTION_COLUMNS[1:]:
         columns[name] = [getattr(p, name) for p in data.pairs]
     table = pa.table(columns)
-    with atomic_path(parquet, CACHE_OPTION) as tmp:
-        pq.write_table(table, tmp)
+    with atomic_path(parquet, CACHE_OPTION) as tmp, open(tmp, "wb") as handle:
+        pq.write_table(table, handle)
     write_text(manifest, json.dumps(asdict(settings)), CACHE_OPTION)
     return parquet
