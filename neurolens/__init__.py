@@ -63,7 +63,7 @@ __all__ += ["run_sweep", "SweepResult", "run_figure", "run_grid", "nsfw_scores_f
 # sparse autoencoder features as units
 from .pipelines.sae import SaeTrainResult, run_sae_train  # noqa: E402
 from .sae import (NeuronBasis, SaeBasis, SaeConfig, SaeTrainSettings, SparseAutoencoder, list_saes,  # noqa: E402
-                  load_basis, load_sae, save_sae)
+                  available_bases, load_basis, load_sae, save_sae)
 
-__all__ += ["run_sae_train", "SaeTrainResult", "SaeTrainSettings", "load_basis", "NeuronBasis", "SaeBasis",
-            "SparseAutoencoder", "SaeConfig", "load_sae", "save_sae", "list_saes"]
+__all__ += ["run_sae_train", "SaeTrainResult", "SaeTrainSettings", "load_basis", "available_bases", "NeuronBasis",
+            "SaeBasis", "SparseAutoencoder", "SaeConfig", "load_sae", "save_sae", "list_saes"]
