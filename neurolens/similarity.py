@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .datasets import BadImage, decode_image
 from .errors import DatasetError, NeurolensError
 from .figures import fit_text
 from .models.embed import image_embeddings
@@ -56,11 +57,20 @@ def load_image_ref(ref: str) -> LabeledImage:
     if not os.path.isfile(ref):
         raise NeurolensError(f"image {ref} does not exist; give an image file or sample:NAME (e.g. sample:astronaut)")
     try:
-        with Image.open(ref) as handle:
-            image = handle.convert("RGB")
-    except Exception as exc:
-        raise NeurolensError(f"{ref} is not a readable image ({type(exc).__name__}); give a JPEG/PNG/WebP file") from None
+        image = read_image_file(ref)
+    except BadImage as exc:
+        raise NeurolensError(f"{ref} is not a readable image ({exc}); give a JPEG/PNG/WebP file") from None
     return LabeledImage(ref, image, False)
+
+
+def read_image_file(path: str | os.PathLike) -> Image.Image:
+    """An image file as RGB through the dataset decoder (decompression-bomb guard, transparency composited on
+    white, 16-bit and CMYK converted), or BadImage saying why not."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadImage(f"cannot read the file ({exc.strerror or type(exc).__name__})") from None
+    return decode_image(data)
 
 
 def builtin_pairs() -> Tuple[List[LabeledImage], List[str]]:
@@ -75,7 +85,7 @@ def builtin_pairs() -> Tuple[List[LabeledImage], List[str]]:
 
 def load_image_folder(folder: str, limit: Optional[int] = None) -> Tuple[List[LabeledImage], List[Optional[str]], List[str]]:
     """Images of a folder (sorted by name), each one's sidecar caption (<stem>.txt, or None), and the
-    files that could not be read (skipped, not fatal)."""
+    files that could not be read, as 'path (reason)' (skipped, not fatal)."""
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"{folder} is not a folder; give --images DIR or --images builtin")
@@ -85,10 +95,9 @@ def load_image_folder(folder: str, limit: Optional[int] = None) -> Tuple[List[La
     images, captions, bad = [], [], []
     for path in paths:
         try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
-        except Exception:
-            bad.append(str(path))
+            image = read_image_file(path)
+        except BadImage as exc:
+            bad.append(f"{path} ({exc})")
             continue
         images.append(LabeledImage(str(path), image, False))
         sidecar = path.with_suffix(".txt")

@@ -49,7 +49,10 @@ def remove_all_hooks(model: torch.nn.Module) -> None:
 
 
 def run_lucent(clip, spec, unit, size, steps, seed):
-    from lucent.optvis import objectives, param, render as lucent_render, transform
+    try:
+        from lucent.optvis import objectives, param, render as lucent_render, transform
+    except ImportError:
+        raise SystemExit("this benchmark compares against torch-lucent: pip install 'neurolens[lucent]'") from None
 
     wrapper = StopAtLayer(clip, spec).eval()
     objective = objectives.Objective(lambda hook: -wrapper.last[:, unit].mean())
