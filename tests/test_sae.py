@@ -435,3 +435,21 @@ def _vocab(tmp_path):
     path = tmp_path / "vocab.txt"
     path.write_text("red\nblue\na cat\na dog\n")
     return path
+
+
+def test_vit_patch_tokens_train_scan_and_report(tmp_path, tiny_vit, images):
+    """A ViT layer's samples are its patch tokens (the class token left out); the reconstruction goes back in
+    place of the patch tokens for the embedding cosine."""
+    spec = resolve_layer(tiny_vit, "image_resblock_0")
+    assert (spec.height, spec.width) == (4, 4)
+    cache = Cache(tmp_path)
+    result = run_sae_train(tiny_vit, spec.name, str(images), SaeTrainSettings(features="2x", k=4, epochs=2,
+                                                                                 batch_size=64, held_out=0.2),
+                           name="vit", cache=cache, workers=0)
+    summary = result.summary()
+    assert summary["features"] == 2 * spec.channels and summary["held_out_vectors"] == 4 * 16
+    assert -1.0 <= summary["embedding_cosine"] <= 1.0 and summary["l0"] <= 4
+    basis = load_basis(tiny_vit, spec.name, "vit", cache=cache)
+    scan = run_scan(tiny_vit, spec.name, str(images), top_k=3, workers=0, cache=cache, basis=basis)
+    assert scan.channels == 2 * spec.channels and scan.top_cells.shape == (2 * spec.channels, 3, 2)
+    assert hook_count(tiny_vit.model) == 0
