@@ -22,12 +22,14 @@ Dead features: the AuxK auxiliary loss (Gao et al., section A.2). A feature that
 reconstruct the main reconstruction's residual, and the normalized error of that reconstruction is added with
 weight 1/32 (scaled down when fewer than k_aux features are dead). The dead features' pre-activations enter
 that reconstruction as they are, without the ReLU: a feature whose pre-activation has gone negative on every
-input gets no gradient through a ReLU and would stay dead for good (on the toy CLIP's image_block_4_0, 1024
-features, 20 epochs: 57 % dead with the ReLU, 1.5 % without). Chosen over resampling because it acts on
+input gets no gradient through a ReLU and would stay dead for good. Measured on the toy CLIP's image_block_4_0
+(1024 features, 20 epochs, seed 0): k 32: 57 % dead with the ReLU, 1.5 % without; k 16: 47 % dead without
+AuxK, 35 % with a straight-through ReLU, 4.4 % as here. Chosen over resampling because it acts on
 every step through the ordinary gradient: no optimizer-state surgery, no extra pass over the data to pick
 resampling inputs, and it leaves training a pure function of (seed, data, settings), which keeps the run
-deterministic and resumable from a plain checkpoint. Encoder = decoder transpose at init (also Gao et al.) is
-the other half: it keeps most features alive from the start.
+deterministic and resumable from a plain checkpoint (resampling dead features to training vectors, tried on
+the toy, lowered the explained variance from 0.98 to 0.86). Encoder = decoder transpose at init (also Gao et
+al.) is the other half: it keeps most features alive from the start.
 
 Determinism: on CPU the same seed, data and settings give the same weights (seeded init, seeded image and
 vector orders in buffer.py, no other randomness); a run resumed from its checkpoint continues bit for bit.
