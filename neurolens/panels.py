@@ -1,9 +1,10 @@
 """Unit panels (Microscope's layout) and multi-unit grids, blurred by default.
 
-A unit panel, top to bottom: the title (model, layer, unit) and the unit's NSFW indicators (correlation
-and the bar it must reach, top-image and top-text NSFW shares, FLAGGED), the feature visualization(s), the
-top dataset crops (centred on the cell where the unit fired hardest), and the top texts with their cosine
-and an NSFW mark. A grid is one row per unit: a feature visualization and the top crops.
+A unit panel, top to bottom: the title (model, layer, unit) and the unit's NSFW evidence (AUC and q against
+the sweep's label sources with the rule's bars, correlation, top-image and top-text shares, FLAGGED), the
+feature visualization(s), the top dataset crops (centred on the cell where the unit fired hardest, with the
+image's label: + positive, - negative, ? unknown), and the top texts with their cosine and an NSFW mark.
+A grid is one row per unit: a feature visualization and the top crops.
 
 Blur: the caller's BlurPolicy (neurolens.labels.policy) decides for every tile; crops are judged on their
 whole source image. Blurring is done on the pixels before they are pasted (neurolens.blur), with a label
@@ -111,13 +112,22 @@ def _shift(box, dx: int, dy: int):
     return (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
 
 
+def _stat(value: float, spec: str) -> str:
+    return format(float(value), spec) if np.isfinite(value) else "n/a"
+
+
 def nsfw_lines(sweep, unit: int) -> List[Tuple[str, Tuple[int, int, int]]]:
+    """The unit's evidence: AUC and q against the label sources (and the rule's bars), correlation, the
+    positive share of its top images and the NSFW share of its top texts, FLAGGED / text flag."""
     s = sweep.scores
     flagged = bool(s.flagged[unit])
-    text = (f"NSFW correlation {s.correlation[unit]:+.3f} (flag bar {s.correlation_bar:.2f})   "
-            f"top images NSFW {100 * s.top_nsfw_share[unit]:.0f}%   top texts NSFW {100 * s.text_nsfw_share[unit]:.0f}%"
-            f"   {'FLAGGED' if flagged else 'not flagged'}")
-    return [(text, ALERT if flagged else INK)]
+    status = "FLAGGED" if flagged else ("text flag only" if s.text_flag[unit] else "not flagged")
+    first = (f"NSFW AUC {_stat(s.auc[unit], '.3f')} (bar {s.rule.min_auc:g})   q {_stat(s.q[unit], '.2g')} "
+             f"(bar {s.rule.max_q:g})   correlation {s.correlation[unit]:+.3f}   {status}")
+    second = (f"labels: {' + '.join(s.sources) or 'none'} ({s.n_pos} positive / {s.n_neg} negative images)   "
+              f"top images positive {100 * s.top_nsfw_share[unit]:.0f}%   top texts NSFW "
+              f"{100 * s.text_nsfw_share[unit]:.0f}%")
+    return [(first, ALERT if flagged else INK), (second, INK)]
 
 
 def unit_crops(sweep, dataset, unit: int, count: int, pixels: int, image_size: int):
@@ -186,9 +196,10 @@ def unit_panel(sweep, dataset, unit: int, title: str, image_size: int, policy: B
     labels, kinds = [], []
     for rank, ((index, value), reason) in enumerate(zip(ranked, reasons), start=1):
         score = float(sweep.image_scores[index])
-        labels.append(f"#{rank} {value:.3g} nsfw {score:.2f}" if np.isfinite(score) else f"#{rank} {value:.3g}")
+        labels.append(f"#{rank} {value:.3g} " + ("label ?" if not np.isfinite(score) else
+                                                    ("label +" if score >= 0.5 else "label -")))
         kinds.append(("crop", index, reason))
-    parts.append(_text_block([(f"Dataset examples (top {len(tiles)} of {sweep.scores.n_images} images)", INK)],
+    parts.append(_text_block([(f"Dataset examples (top {len(tiles)} of {sweep.scan.count} images)", INK)],
                              width_hint))
     if tiles:
         row, boxes = _tiles_row(tiles, labels, options.columns)
@@ -213,7 +224,7 @@ def unit_panel(sweep, dataset, unit: int, title: str, image_size: int, policy: B
 def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int, policy: BlurPolicy,
                fvs: Optional[Dict[int, np.ndarray]] = None, options: PanelOptions = PanelOptions()) -> Figure:
     """One row per unit: its first feature visualization (if given) and its top crops, with a one-line
-    label (unit, correlation, shares, FLAGGED)."""
+    label (unit, AUC, q, shares, FLAGGED)."""
     fvs = fvs or {}
     width_hint = PAD + (options.grid_crops + 1) * (options.grid_pixels + PAD)
     parts = [_text_block([(title, INK)], max(width_hint, 480), size=13)]
@@ -221,8 +232,9 @@ def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int
     for unit in units:
         s = sweep.scores
         flagged = bool(s.flagged[unit])
-        label = (f"unit {unit}  r={s.correlation[unit]:+.2f}  img {100 * s.top_nsfw_share[unit]:.0f}%  "
-                 f"txt {100 * s.text_nsfw_share[unit]:.0f}%{'  FLAGGED' if flagged else ''}  "
+        label = (f"unit {unit}  AUC {_stat(s.auc[unit], '.3f')}  q {_stat(s.q[unit], '.1e')}  "
+                 f"img {100 * s.top_nsfw_share[unit]:.0f}%  txt {100 * s.text_nsfw_share[unit]:.0f}%"
+                 f"{'  FLAGGED' if flagged else ''}  "
                  + ", ".join(t for t, _, _ in sweep.top_texts(unit, 3)))
         parts.append(_text_block([(label, ALERT if flagged else INK)], width_hint, size=11))
         tiles, labels, kinds = [], [], []

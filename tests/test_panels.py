@@ -18,10 +18,11 @@ from neurolens.unit_scores import FlagRule
 
 from test_sweep import LAYER, dataset_table, stub_scorer, vocab_file  # noqa: F401  (fixtures reused)
 
-# flags units whose activation goes up with the score and whose top images are mostly NSFW (stub scores)
-RULE = FlagRule(min_correlation=0.0, noise_z=0.0, min_top_share=0.5, min_text_share=1.01)
+# the stub scorer's labels (a fixed function of the image embedding, about half the images positive) stand
+# in for NSFW labels: units that follow it are flagged; 36 images give large q-values, so the bar is q <= 0.2
+RULE = FlagRule(max_q=0.2, min_auc=0.8)
 RENDER = RenderSettings(steps=3, seeds=(0, 1))
-PANEL_KW = dict(top_k=8, text_top_k=10, rule=RULE)
+PANEL_KW = dict(top_k=8, text_top_k=10, rule=RULE, labels=["zero-shot"])
 
 
 @contextmanager
@@ -165,14 +166,27 @@ def test_cli_sweep_json_figure_and_grid(dataset_table, vocab_file, tmp_path):  #
     result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--json", "--out", str(tmp_path / "flags.csv")])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert len(rows) == 512 and all(set(r) == {"unit", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged"}
-                                   for r in rows)
-    corr = [r["correlation"] for r in rows]
-    assert corr == sorted(corr, reverse=True)
-    assert (tmp_path / "flags.csv").read_text().splitlines()[0].startswith("rank,unit,correlation")
+    assert len(rows) == 512 and all(set(r) == {"unit", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged",
+                                               "auc", "p", "q", "text_flag", "why"} for r in rows)
+    auc = [r["auc"] for r in rows]
+    assert auc == sorted(auc, reverse=True)
+    # random weights: the zero-shot score is never a label source; the sources used are printed (stderr)
+    assert "zero-shot: not used (random weights" in result.stderr and "used: captions" in result.stderr
+    lines = (tmp_path / "flags.csv").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    assert any("used: captions" in line for line in lines[:header])
+    assert lines[header].startswith("rank,unit,auc,p,q,correlation")
 
     result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--out", str(tmp_path / "flags.csv")])
     assert result.exit_code == 0 and "rank" in result.output and "flags:" in result.output
+    assert "labels: captions: 6 positive, 30 negative" in result.output
+    assert "statistics are weak" in result.output                      # 6 positives: fewer than 10
+    result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--labels", "zero-shot"])
+    assert result.exit_code == 2 and "random-weights" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--labels", "column:nope"])
+    assert result.exit_code == 2 and "no column 'nope'" in result.output
+    result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--min-auc", "0.3"])
+    assert result.exit_code == 2 and "--min-auc" in result.output
 
     result = runner.invoke(app, ["figure", *CLI_MODEL, *cache, *data, "--unit", "3", "--steps", "2",
                                  "--out", str(tmp_path / "fig"), "--no-blur"])

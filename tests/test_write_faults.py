@@ -140,7 +140,8 @@ def test_sweep_csv_figure_and_grid_on_a_full_disk(dataset_table, vocab_file, tmp
         _no_partial_files(tmp_path)
         again = runner.invoke(app, args)
         assert again.exit_code == 0, again.output
-    assert (tmp_path / "flags.csv").read_text().startswith("rank,unit,")
+    rows = [line for line in (tmp_path / "flags.csv").read_text().splitlines() if not line.startswith("#")]
+    assert rows[0].startswith("rank,unit,") and len(rows) == 513       # '#' lines first: the label sources
     assert len(list((tmp_path / "fig").glob("*.png"))) == 1 and len(list((tmp_path / "grid").glob("*.png"))) == 1
 
 
