@@ -453,3 +453,51 @@ def test_vit_patch_tokens_train_scan_and_report(tmp_path, tiny_vit, images):
     scan = run_scan(tiny_vit, spec.name, str(images), top_k=3, workers=0, cache=cache, basis=basis)
     assert scan.channels == 2 * spec.channels and scan.top_cells.shape == (2 * spec.channels, 3, 2)
     assert hook_count(tiny_vit.model) == 0
+
+
+def test_sweep_figure_and_grid_over_features(tiny_clip, images, trained, tmp_path):
+    """The sweep's statistics of features are the brute-force AUCs of the features' per-image maxima against
+    the labels; the record, flags.csv, the panels and the grid say which basis they hold; the blur policy reads
+    the features' flags only for features."""
+    import csv
+    from neurolens.labels.policy import flagged_in_cache
+    from neurolens.pipelines.sweep import flags_path, run_figure, run_grid, run_sweep
+    from neurolens.unit_scores import FlagRule
+    result, cache = trained
+    basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)
+    table = tmp_path / "data.csv"
+    files = sorted(p.name for p in images.iterdir())
+    with open(table, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        for i, name in enumerate(files):
+            writer.writerow([str(images / name), "adult content" if i % 4 == 0 else "a photo of shapes"])
+    rule = FlagRule(max_q=1.0, min_auc=0.75)
+    vocab = str(_vocab(tmp_path))
+    sweep = run_sweep(tiny_clip, LAYER, str(table), vocab=vocab, top_k=4, text_top_k=2, cache=cache,
+                      labels=["captions"], detector=False, rule=rule, out=tmp_path / "flags", basis=basis)
+    assert sweep.basis == basis.id and sweep.unit_word == "feature" and len(sweep.scores.auc) == 512
+    labels = sweep.image_labels
+    maxima = sweep.scan.per_image_max().astype(np.float64)
+    positive = labels >= 0.5
+    pos, neg = maxima[positive], maxima[~positive]
+    brute = ((pos[:, None, :] > neg[None, :, :]).sum(axis=(0, 1)) +
+             0.5 * (pos[:, None, :] == neg[None, :, :]).sum(axis=(0, 1))) / (len(pos) * len(neg))
+    np.testing.assert_allclose(sweep.scores.auc, brute, atol=1e-9)
+    assert cache.read(sweep.path).attrs["basis"] == basis.id
+    assert "features of SAE tiny" in sweep.flags_csv.read_text().splitlines()[0]
+    assert flags_path(LAYER, None, basis).as_posix().endswith(f"sweep/{LAYER}_sae-tiny/flags.csv")
+    neurons = run_sweep(tiny_clip, LAYER, str(table), vocab=vocab, top_k=4, text_top_k=2, cache=cache,
+                        labels=["captions"], detector=False, rule=rule, write_csv=False)
+    assert neurons.basis == "neurons" and len(neurons.scores.auc) == 256 and neurons.path != sweep.path
+    assert flagged_in_cache(cache, tiny_clip.fingerprint, LAYER, basis.id) == set(sweep.flagged_units)
+    assert flagged_in_cache(cache, tiny_clip.fingerprint, LAYER) == set(neurons.flagged_units)
+
+    top = [int(u) for u in sweep.scores.ranking()[:2]]
+    written = run_figure(tiny_clip, LAYER, top[:1], str(table), vocab=vocab, top_k=4, text_top_k=2, cache=cache,
+                         labels=["captions"], detector=False, rule=rule, out=tmp_path / "fig", fv=False, basis=basis)
+    assert written[0][0].name == f"nl-tiny-RN_{LAYER}_sae-tiny_feature{top[0]}.png"
+    path, _, shown = run_grid(tiny_clip, LAYER, top, dataset=str(table), vocab=vocab, top_k=4, text_top_k=2,
+                              cache=cache, labels=["captions"], detector=False, rule=rule, out=tmp_path / "grid",
+                              basis=basis)
+    assert shown == top and path.name == f"nl-tiny-RN_{LAYER}_sae-tiny_grid_units2.png"

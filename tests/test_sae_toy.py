@@ -134,3 +134,35 @@ def test_visualization_of_the_planted_feature_beats_every_dataset_image(toy):
         torch.set_num_threads(previous)
     dataset_best = float(np.concatenate(values).max())
     assert float(result.activations[0]) > dataset_best, (float(result.activations[0]), dataset_best)
+
+
+@pytest.mark.slow
+def test_feature_sweep_flags_the_planted_feature_with_the_neuron_sweeps_bars(toy):
+    """The sweep over features, on a fresh generated set (1000 pairs, seed 5) with default labels, flags the
+    planted feature; precision (flagged features with planted AUC >= 0.8) and recall (features with planted
+    AUC >= 0.95 that are flagged) are both >= 0.9, the bars of the neuron sweep (test_sweep_toy.py)."""
+    import pyarrow.parquet as pq
+    from neurolens.pipelines.sweep import run_sweep
+    from neurolens.toy.generate import ToySettings, write_dataset
+    root, clip, basis = toy["root"], toy["clip"], toy["basis"]
+    parquet = write_dataset(root / "sweep-set", ToySettings(n=1000, seed=5))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_sweep(clip, LAYER, str(parquet), vocab=f"{parquet}:caption", cache=toy["cache"],
+                           detector=False, write_csv=False, basis=basis)
+    finally:
+        torch.set_num_threads(previous)
+    planted = np.asarray(pq.read_table(parquet, columns=["planted"]).column("planted").to_pylist(), dtype=bool)
+    truth = planted_auc(result.scan.per_image_max().astype(np.float64), planted)
+    flagged = result.scores.flagged
+    precision = float((truth[flagged] >= 0.8).mean())
+    recall = float(flagged[truth >= 0.95].mean())
+    best, _, _ = best_feature(toy)
+    assert result.basis == basis.id and len(flagged) == 1024
+    assert flagged[best], (best, result.lines())
+    assert int((truth >= 0.95).sum()) >= 1
+    assert precision >= 0.9, (precision, int(flagged.sum()), result.lines())
+    assert recall >= 0.9, (recall, int((truth >= 0.95).sum()), result.lines())
+    print(f"feature sweep: {int(flagged.sum())} flagged, precision {precision:.3f}, recall {recall:.3f} "
+          f"({int((truth >= 0.95).sum())} features with planted AUC >= 0.95)")

@@ -6,9 +6,9 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import app, command, print_json, progress_bar
+from .app import app, command, open_basis, print_json, progress_bar
 from .options import (DATASET, LOADER, MODEL, RENDER, SWEEP, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt,
-                      LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SweepChoice, uses)
+                      LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SaeOpt, SweepChoice, uses)
 from ..errors import NeurolensError
 
 OutDirOpt = Annotated[Optional[str], typer.Option("--out", help="Folder for the PNGs (default outputs/figures/).")]
@@ -37,6 +37,7 @@ def sweep(
                                             "binned estimate (error <= 0.005).")] = 2048,
     force: ForceOpt = False,
     loader: LoaderChoice = None,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -48,6 +49,7 @@ def sweep(
     Benjamini-Hochberg q across the layer. A unit is flagged when q <= --max-q and AUC >= --min-auc; the
     NSFW shares of its top images and texts are evidence (texts alone give a text flag). Prints the label
     sources, then the units ranked by AUC; writes flags.csv and the HDF5 cache (no model forward next time).
+    With --sae, the SAE's features are the units (flags.csv in outputs/sweep/<layer>_sae-<name>/).
 
     Example:  neurolens sweep --layer image_block_4_5 --dataset laion.parquet --labels column:NSFW=NSFW,UNSURE --labels nudenet
     """
@@ -57,18 +59,20 @@ def sweep(
     arguments = options.arguments()
     rule = arguments["rule"]
     clip = model.load(quiet=as_json)
+    basis = open_basis(clip, layer, sae, cache)
     dataset = data.open()
     with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
         result = run_sweep(clip, layer, dataset, cache=cache, force=force, progress=progress, out=out,
                            batch_size=loader.batch_size, workers=loader.workers,
-                           auc_memory=int(auc_memory) * 2 ** 20, **arguments)
+                           auc_memory=int(auc_memory) * 2 ** 20, basis=basis, **arguments)
     for line in result.lines():
         typer.echo(line, err=as_json)
     if as_json:
         print_json(result.ranking())
         return
     s = result.scores
-    typer.echo(f"{clip.name} {result.layer}: {len(s.auc)} units over {s.n_pos} positive and {s.n_neg} negative "
+    what = "units" if sae is None else f"features of SAE {basis.name}"
+    typer.echo(f"{clip.name} {result.layer}: {len(s.auc)} {what} over {s.n_pos} positive and {s.n_neg} negative "
                f"images of {dataset.description} (AUC {s.method}); {int(s.flagged.sum())} flagged "
                f"({rule.describe()}), {int((s.text_flag & ~s.flagged).sum())} more with a text flag only")
     typer.echo(f"{'rank':>4} {'unit':>6} {'AUC':>6} {'q':>8} {'corr':>7} {'img%':>5} {'txt%':>5} {'flag':>4}  top texts")
@@ -87,7 +91,8 @@ def sweep(
 @command
 @uses(model=MODEL, data=DATASET, options=SWEEP, render=RENDER)
 def figure(
-    unit: Annotated[List[int], typer.Option("--unit", help="Unit index (repeat for several panels).")],
+    unit: Annotated[List[int], typer.Option("--unit", help="Unit index, with --sae a feature index (repeat for "
+                                            "several panels).")],
     layer: LayerOpt = "image_block_4_5",
     out: OutDirOpt = None,
     no_blur: NoBlurOpt = False,
@@ -95,6 +100,7 @@ def figure(
     render: RenderChoice = None,
     data: DatasetChoice = None,
     options: SweepChoice = None,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
 ) -> None:
@@ -111,10 +117,11 @@ def figure(
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
     clip = model.load()
+    basis = open_basis(clip, layer, sae, cache)
     dataset = data.open()
     with progress_bar(f"figure {layer}") as progress:
         written = run_figure(clip, layer, unit, dataset, out=out, blur=not no_blur, fv=not no_fv,
-                             render_settings=settings, cache=cache, progress=progress, **arguments)
+                             render_settings=settings, cache=cache, progress=progress, basis=basis, **arguments)
     for path, fig in written:
         typer.echo(f"{path}  ({fig.note})")
     if no_blur:
@@ -137,6 +144,7 @@ def grid(
     render: RenderChoice = None,
     data: DatasetChoice = None,
     options: SweepChoice = None,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
 ) -> None:
@@ -155,12 +163,14 @@ def grid(
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
     clip = model.load()
+    basis = open_basis(clip, layer, sae, cache)
     dataset = data.open()
     with progress_bar(f"grid {layer}") as progress:
         path, fig, shown = run_grid(clip, layer, chosen, flagged=flagged, top=top, dataset=dataset, out=out,
                                     blur=not no_blur, render_fv=render_fv, render_settings=settings, cache=cache,
-                                    progress=progress, **arguments)
-    typer.echo(f"{path}  ({len(shown)} units: {', '.join(map(str, shown[:20]))}{' ...' if len(shown) > 20 else ''})")
+                                    progress=progress, basis=basis, **arguments)
+    typer.echo(f"{path}  ({len(shown)} {basis.unit_word}s: {', '.join(map(str, shown[:20]))}"
+               f"{' ...' if len(shown) > 20 else ''})")
     typer.echo(fig.note)
     if no_blur:
         typer.echo("NOT BLURRED: --no-blur was given, the grid shows raw pixels")
