@@ -29,14 +29,6 @@ TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
 SMALL = SaeTrainSettings(features="2x", k=8, epochs=3, batch_size=64, held_out=0.2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sae-images")

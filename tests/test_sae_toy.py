@@ -42,22 +42,18 @@ def toy(tmp_path_factory):
     checkpoint, _, _ = toy_model(root, data, settings.data_settings(), settings.train_settings())
     clip = load_clip(checkpoint=str(checkpoint), device="cpu")
     cache = Cache(root / "cache")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_sae_train(clip, LAYER, str(data), SaeTrainSettings(**SAE_SETTINGS), name="toy", cache=cache,
-                               workers=0)
-        basis = load_basis(clip, LAYER, "toy", cache=cache)
-        held = generate_pairs(600, 64, 0.15, 777)
-        images = torch.from_numpy(np.asarray(held.images)).permute(0, 3, 1, 2).float() / 255
-        spec = resolve_layer(clip, LAYER)
-        with torch.no_grad():
-            acts = torch.cat([forward_to(clip.model, clip.normalize(images[i:i + 100]), [spec])[spec.name]
-                              for i in range(0, len(images), 100)])
-            features = basis.activations(acts).amax(dim=(2, 3)).numpy()
-        neurons = acts.amax(dim=(2, 3)).numpy()
-    finally:
-        torch.set_num_threads(previous)
+    # one torch thread (tests/conftest.py): on CPU the SAE is then a function of the seed alone
+    result = run_sae_train(clip, LAYER, str(data), SaeTrainSettings(**SAE_SETTINGS), name="toy", cache=cache,
+                           workers=0)
+    basis = load_basis(clip, LAYER, "toy", cache=cache)
+    held = generate_pairs(600, 64, 0.15, 777)
+    images = torch.from_numpy(np.asarray(held.images)).permute(0, 3, 1, 2).float() / 255
+    spec = resolve_layer(clip, LAYER)
+    with torch.no_grad():
+        acts = torch.cat([forward_to(clip.model, clip.normalize(images[i:i + 100]), [spec])[spec.name]
+                          for i in range(0, len(images), 100)])
+        features = basis.activations(acts).amax(dim=(2, 3)).numpy()
+    neurons = acts.amax(dim=(2, 3)).numpy()
     planted = np.asarray(held.planted, dtype=bool)
     return dict(clip=clip, cache=cache, data=data, result=result, basis=basis, features=features, neurons=neurons,
                 planted=planted, root=root)
@@ -117,21 +113,16 @@ def test_visualization_of_the_planted_feature_beats_every_dataset_image(toy):
     from neurolens.types import RenderSettings
     clip, basis = toy["clip"], toy["basis"]
     best, _, _ = best_feature(toy)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_visualize(clip, LAYER, [best], RenderSettings(steps=256, seeds=(0,)), cache=toy["cache"],
-                               basis=basis)[0]
-        dataset = open_dataset(str(toy["data"]))
-        spec = resolve_layer(clip, LAYER)
-        values = []
-        for start in range(0, len(dataset), 250):
-            pixels = np.stack([preprocess_array(dataset.load(i), clip.image_size)
-                               for i in range(start, min(len(dataset), start + 250))])
-            images = torch.from_numpy(pixels).float() / 255
-            values.append(evaluate(clip, spec, "channel", [best] * len(images), images, basis).numpy())
-    finally:
-        torch.set_num_threads(previous)
+    result = run_visualize(clip, LAYER, [best], RenderSettings(steps=256, seeds=(0,)), cache=toy["cache"],
+                           basis=basis)[0]
+    dataset = open_dataset(str(toy["data"]))
+    spec = resolve_layer(clip, LAYER)
+    values = []
+    for start in range(0, len(dataset), 250):
+        pixels = np.stack([preprocess_array(dataset.load(i), clip.image_size)
+                           for i in range(start, min(len(dataset), start + 250))])
+        images = torch.from_numpy(pixels).float() / 255
+        values.append(evaluate(clip, spec, "channel", [best] * len(images), images, basis).numpy())
     dataset_best = float(np.concatenate(values).max())
     assert float(result.activations[0]) > dataset_best, (float(result.activations[0]), dataset_best)
 
@@ -146,13 +137,8 @@ def test_feature_sweep_flags_the_planted_feature_with_the_neuron_sweeps_bars(toy
     from neurolens.toy.generate import ToySettings, write_dataset
     root, clip, basis = toy["root"], toy["clip"], toy["basis"]
     parquet = write_dataset(root / "sweep-set", ToySettings(n=1000, seed=5))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_sweep(clip, LAYER, str(parquet), vocab=f"{parquet}:caption", cache=toy["cache"],
-                           detector=False, write_csv=False, basis=basis)
-    finally:
-        torch.set_num_threads(previous)
+    result = run_sweep(clip, LAYER, str(parquet), vocab=f"{parquet}:caption", cache=toy["cache"], detector=False,
+                       write_csv=False, basis=basis)
     planted = np.asarray(pq.read_table(parquet, columns=["planted"]).column("planted").to_pylist(), dtype=bool)
     truth = planted_auc(result.scan.per_image_max().astype(np.float64), planted)
     flagged = result.scores.flagged
