@@ -67,3 +67,10 @@ from .sae import (NeuronBasis, SaeBasis, SaeConfig, SaeTrainSettings, SparseAuto
 
 __all__ += ["run_sae_train", "SaeTrainResult", "SaeTrainSettings", "load_basis", "available_bases", "NeuronBasis",
             "SaeBasis", "SparseAutoencoder", "SaeConfig", "load_sae", "save_sae", "list_saes"]
+
+# the web app's data: activation maps of the top images, and the static site (the server itself is
+# neurolens.serve.server.serve, which needs the serve extra)
+from .pipelines.topmaps import TopMaps, run_top_maps  # noqa: E402
+from .serve.site import SiteResult, write_site  # noqa: E402
+
+__all__ += ["run_top_maps", "TopMaps", "write_site", "SiteResult"]

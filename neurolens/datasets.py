@@ -421,3 +421,31 @@ def _tar_caption(archive: tarfile.TarFile, group: list) -> str:
             if isinstance(value, dict) and isinstance(value.get("caption"), str):
                 return value["caption"]
     return ""
+
+
+def dataset_from_keys(keys: Sequence[str], description: str = "") -> ImageDataset:
+    """The items a cache record names by key (a scan's `keys`), readable again without the original
+    --dataset argument: `builtin:<name>`, `<shard>.tar:<member>`, or a file path. An item whose file or
+    member has gone raises BadImage when loaded, like any bad item."""
+    keys = [str(k) for k in keys]
+    members: dict = {}
+    sources: List[Tuple] = []
+    for key in keys:
+        if key.startswith("builtin:"):
+            sources.append(("builtin", key[len("builtin:"):]))
+            continue
+        shard, sep, member = key.partition(".tar:")
+        if sep and os.path.isfile(shard + ".tar"):
+            shard += ".tar"
+            if shard not in members:
+                try:
+                    with tarfile.open(shard, "r:") as archive:
+                        members[shard] = {m.name: (m.offset_data, m.size) for m in archive.getmembers() if m.isfile()}
+                except (tarfile.TarError, OSError):
+                    members[shard] = {}
+            offset, size = members[shard].get(member, (0, -1))
+            sources.append(("tar", shard, offset, size) if size >= 0 else ("file", key))
+            continue
+        sources.append(("file", key))
+    return ImageDataset(keys=keys, identity=_identity(["keys"] + keys), description=description or f"{len(keys)} items",
+                        captions=None, _sources=sources)

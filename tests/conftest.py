@@ -136,3 +136,10 @@ def full_disk(monkeypatch):
         monkeypatch.setattr(builtins, "open", filling_open)
         return disk
     return install
+
+
+@pytest.fixture(scope="session")
+def serve_cache(tmp_path_factory, tiny_clip):
+    """The web app's test cache (tests/serve_fixture.py): scan, texts, sweep, visualizations, activation maps."""
+    import serve_fixture
+    return serve_fixture.build(tmp_path_factory.mktemp("serve"), tiny_clip)

@@ -96,7 +96,10 @@ def test_every_import_is_a_declared_dependency():
     project = _pyproject()["project"]
     runtime = _distribution_names(project["dependencies"])
     extras = {name: _distribution_names(reqs) for name, reqs in project["optional-dependencies"].items()}
-    optional = {"nudenet": "nudenet"}   # imported only by neurolens/labels/nudenet.py, which checks for it first
+    optional = {"nudenet": "nudenet",   # imported only by neurolens/labels/nudenet.py, which checks for it first
+                # the web server: imported only once `neurolens serve` starts (serve/server.py says which
+                # extra to install when they are missing); the static site needs neither
+                "starlette": "serve", "uvicorn": "serve"}
     imports = _third_party_imports()
     assert {"torch", "open_clip", "scipy"} <= set(imports)
     for module, files in sorted(imports.items()):

@@ -137,6 +137,9 @@ def test_demo_runs_every_stage_and_writes_an_index(demo):
         for path in demo.stages[stage].outputs:
             assert Image.open(path).size[0] > 0
     assert (demo.out / "sweep" / "flags.csv").is_file()
+    assert (demo.out / "site" / "index.html").is_file()               # the static site of the layer
+    # the command that opens the same cache (the checkpoint sits at <cache>/toy/models/<key>.pt)
+    assert demo.serve_command == f"neurolens serve --cache {Path(demo.checkpoint).parents[2]}"
 
 
 @pytest.mark.slow
@@ -203,6 +206,6 @@ def test_demo_reuses_the_cached_model_and_reports_a_failing_stage(demo, tmp_path
     assert report.trained is False and report.checkpoint == demo.checkpoint
     assert report.stages["scan"].status == "failed" and "image_block_9_9" in report.stages["scan"].detail
     assert report.stages["sweep"].status == "not run" and "needs" in report.stages["sweep"].detail
-    assert report.failed == ["scan", "text", "sweep", "visualize", "figure", "grid"]
+    assert report.failed == ["scan", "text", "sweep", "visualize", "figure", "grid", "maps", "site"]
     index = report.index.read_text()
     assert "## Not done" in index and "**scan**: failed" in index

@@ -29,7 +29,7 @@ from ..toy.train import TrainSettings
 from ..types import RenderSettings
 
 StageProgress = Optional[Callable[[str, int, int], None]]
-STAGES = ("data", "train", "scan", "text", "sweep", "visualize", "figure", "grid", "index")
+STAGES = ("data", "train", "scan", "text", "sweep", "visualize", "figure", "grid", "maps", "site", "index")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class DemoSettings:
     visualize_units: int = 6                # feature visualizations for the top flagged units
     grid_units: int = 16
     render: RenderSettings = RenderSettings(steps=256, seeds=(0, 1))
+    site_examples: int = 8                  # dataset examples per unit page of the static site
     device: str = "cpu"
     labels: Tuple[str, ...] = ("auto",)     # the sweep's label sources (--labels)
     # NudeNet in `auto`: off, because it finds nothing in abstract generated images (its agreement with the
@@ -90,6 +91,7 @@ class DemoReport:
     fv_nsfw_scores: Dict[int, List[float]] = field(default_factory=dict)   # per visualized unit, per seed
     figures: List[dict] = field(default_factory=list)   # per unit panel: path, unit, crops, planted, planted_blurred
     seconds: float = 0.0
+    serve_command: str = ""                             # opens the same cache in the web app
 
     @property
     def failed(self) -> List[str]:
@@ -106,6 +108,8 @@ class DemoReport:
         lines = [f"demo written to {self.out} in {self.seconds:.0f} s; index: {self.index}"]
         for stage in self.stages.values():
             lines.append(f"  {stage.name:<10} {stage.status:<8} {stage.seconds:6.1f} s  {stage.detail}")
+        if self.serve_command:
+            lines.append(f"browse every unit in the web app: {self.serve_command}")
         return "\n".join(lines)
 
 
@@ -288,9 +292,30 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
     run("visualize", ("sweep",), visualize)
     run("figure", ("sweep",), figure)
     run("grid", ("sweep",), grid)
+    run("maps", ("scan",), lambda stage: _top_maps(state, settings, cache, stage, stage_progress("maps")))
+    run("site", ("sweep", "visualize", "maps"),
+        lambda stage: _site(state, settings, cache, out, stage, stage_progress("site")))
+    report.serve_command = f"neurolens serve --cache {cache.root}"
     report.seconds = time.perf_counter() - started
     run("index", (), lambda stage: _write_index(report, settings, stage))
     return report
+
+
+def _top_maps(state: dict, settings: DemoSettings, cache: Cache, stage: Stage, progress) -> None:
+    from .topmaps import run_top_maps
+    result = run_top_maps(state["clip"], settings.layer, scan=state["scan"], dataset=state["dataset"], cache=cache,
+                          progress=progress)
+    stage.detail = f"activation maps of the top {settings.top_k} images of every unit ({result.images} images)"
+
+
+def _site(state: dict, settings: DemoSettings, cache: Cache, out: Path, stage: Stage, progress) -> None:
+    """The static site of the inspected layer (blurred images only): OUT/site/index.html."""
+    from ..serve.records import layer_id
+    from ..serve.site import write_site
+    result = write_site(cache, out / "site", layers=[layer_id(state["clip"].fingerprint, settings.layer)],
+                        examples=settings.site_examples, progress=progress)
+    stage.detail = f"{result.pages} pages, {result.images} blurred images{' (up to date)' if result.cached else ''}"
+    stage.outputs.append(str(result.index))
 
 
 def _summarize_flags(report: DemoReport, sweep, planted: np.ndarray, top_k: int, truth: List[float]) -> None:
