@@ -493,3 +493,15 @@ def test_sweep_figure_and_grid_over_features(tiny_clip, images, trained, tmp_pat
                               cache=cache, labels=["captions"], detector=False, rule=rule, out=tmp_path / "grid",
                               basis=basis)
     assert shown == top and path.name == f"nl-tiny-RN_{LAYER}_sae-tiny_grid_units2.png"
+
+
+def test_a_registered_name_is_not_shadowed_by_a_folder_of_that_name(tiny_clip, trained, tmp_path, monkeypatch):
+    from neurolens.sae import locate
+    result, cache = trained
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    path, name, made_here = locate(tiny_clip, LAYER, "tiny", cache)
+    assert made_here and name == "tiny" and path == result.path
+    save_sae(random_sae(d_in=256, d_sae=8, k=2), tmp_path / "elsewhere")
+    path, name, made_here = locate(tiny_clip, LAYER, "elsewhere", cache)     # not registered: the folder
+    assert not made_here and name == "elsewhere" and path == tmp_path / "elsewhere"

@@ -51,10 +51,15 @@ def list_saes(clip, layer: str, cache=None) -> List[str]:
 
 
 def locate(clip, layer: str, sae: str, cache=None) -> Tuple[Path, str, bool]:
-    """(path, name, made here?) of `--sae NAME_OR_PATH`. A path that exists wins over a name."""
+    """(path, name, made here?) of `--sae NAME_OR_PATH`: a name of an SAE trained for this model and layer, else
+    an existing path (a folder in the working directory that happens to carry the name does not shadow it)."""
     text = str(sae)
     path = Path(text).expanduser()
     looks_like_path = os.sep in text or text.startswith(".") or path.suffix in (".safetensors", ".pt")
+    if not looks_like_path and NAME_PATTERN.match(text):
+        folder = sae_folder(as_cache(cache), clip, layer, text)
+        if is_complete(folder):
+            return folder, text, True
     if path.exists():
         name = path.name if path.is_dir() else path.parent.name
         return path, _display_name(name), False
@@ -62,8 +67,6 @@ def locate(clip, layer: str, sae: str, cache=None) -> Tuple[Path, str, bool]:
         raise NeurolensError(f"no SAE at {text}: the path does not exist (give an SAE folder with cfg.json, or a "
                              f"name from `neurolens sae list`)")
     folder = sae_folder(as_cache(cache), clip, layer, text)
-    if is_complete(folder):
-        return folder, text, True
     known = list_saes(clip, layer, cache)
     hint = f"SAEs of this model and layer: {', '.join(known)}" if known else \
         f"none is trained for this model and layer yet; run `neurolens sae train --layer {layer} ...`"
