@@ -504,4 +504,4 @@ def test_a_registered_name_is_not_shadowed_by_a_folder_of_that_name(tiny_clip, t
     assert made_here and name == "tiny" and path == result.path
     save_sae(random_sae(d_in=256, d_sae=8, k=2), tmp_path / "elsewhere")
     path, name, made_here = locate(tiny_clip, LAYER, "elsewhere", cache)     # not registered: the folder
-    assert not made_here and name == "elsewhere" and path == tmp_path / "elsewhere"
+    assert not made_here and name == "elsewhere" and path.resolve() == (tmp_path / "elsewhere").resolve()
