@@ -60,6 +60,14 @@ __all__ += ["run_sweep", "SweepResult", "run_figure", "run_grid", "nsfw_scores_f
             "nsfw_scores_for_embeddings", "caption_nsfw_matches", "text_nsfw_scores", "IMAGE_NSFW_THRESHOLD",
             "FlagRule", "UnitScores"]
 
+# sparse autoencoder features as units
+from .pipelines.sae import SaeTrainResult, run_sae_train  # noqa: E402
+from .sae import (NeuronBasis, SaeBasis, SaeConfig, SaeTrainSettings, SparseAutoencoder, list_saes,  # noqa: E402
+                  available_bases, load_basis, load_sae, save_sae)
+
+__all__ += ["run_sae_train", "SaeTrainResult", "SaeTrainSettings", "load_basis", "available_bases", "NeuronBasis",
+            "SaeBasis", "SparseAutoencoder", "SaeConfig", "load_sae", "save_sae", "list_saes"]
+
 # the web app's data: activation maps of the top images, and the static site (the server itself is
 # neurolens.serve.server.serve, which needs the serve extra)
 from .pipelines.topmaps import TopMaps, run_top_maps  # noqa: E402

@@ -232,7 +232,7 @@ def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int
     for unit in units:
         s = sweep.scores
         flagged = bool(s.flagged[unit])
-        label = (f"unit {unit}  AUC {_stat(s.auc[unit], '.3f')}  q {_stat(s.q[unit], '.1e')}  "
+        label = (f"{getattr(sweep, 'unit_word', 'unit')} {unit}  AUC {_stat(s.auc[unit], '.3f')}  q {_stat(s.q[unit], '.1e')}  "
                  f"img {100 * s.top_nsfw_share[unit]:.0f}%  txt {100 * s.text_nsfw_share[unit]:.0f}%"
                  f"{'  FLAGGED' if flagged else ''}  "
                  + ", ".join(t for t, _, _ in sweep.top_texts(unit, 3)))

@@ -73,33 +73,40 @@ def random_view(images: torch.Tensor, out_size: int, generator: torch.Generator)
                          align_corners=False) + PAD_VALUE
 
 
-def build_objective(settings: RenderSettings, layer: str, units: Sequence[int]) -> Objective:
+def build_objective(settings: RenderSettings, layer: str, units: Sequence[int], basis=None) -> Objective:
+    """basis: None for the layer's neurons, or a basis (neurolens.sae.basis) whose `objective` gives its units'."""
     batch_units = [unit for unit in units for _ in settings.seeds]
-    objective = unit_objective(settings.objective, layer, batch_units)
+    if basis is None:
+        objective = unit_objective(settings.objective, layer, batch_units)
+    else:
+        objective = basis.objective(settings.objective, layer, batch_units)
     if settings.diversity > 0 and len(settings.seeds) > 1:
         groups = [index for index, _ in enumerate(units) for _ in settings.seeds]
         objective = objective + settings.diversity * diversity(layer, groups)
     return objective
 
 
-def evaluate(clip, spec: LayerSpec, kind: str, units: Sequence[int], images: torch.Tensor) -> torch.Tensor:
+def evaluate(clip, spec: LayerSpec, kind: str, units: Sequence[int], images: torch.Tensor, basis=None) -> torch.Tensor:
     """The plain objective (no diversity) of images in [0,1]: fp32, no transforms, no gradients."""
     with torch.no_grad():
         acts = forward_to(clip.model, clip.normalize(images.float()), [spec])
-        return unit_objective(kind, spec.name, list(units))(acts).float().cpu()
+        objective = unit_objective(kind, spec.name, list(units)) if basis is None else \
+            basis.objective(kind, spec.name, list(units))
+        return objective(acts).float().cpu()
 
 
 def render(clip, spec: LayerSpec, units: Sequence[int], settings: RenderSettings,
            progress: Optional[Callable[[int, int], None]] = None,
-           on_step: Optional[StepCallback] = None) -> RenderOutput:
-    """Optimize one image per (unit, seed), all in one batch. Images are ordered unit-major, seed-minor."""
+           on_step: Optional[StepCallback] = None, basis=None) -> RenderOutput:
+    """Optimize one image per (unit, seed), all in one batch. Images are ordered unit-major, seed-minor.
+    basis: None for neurons, or a basis of the layer (e.g. SAE features) whose units are optimized."""
     size = settings.size or clip.image_size
     device = clip.device
     precision = resolve_precision(settings.precision, device)
     batch_seeds = [seed for _ in units for seed in settings.seeds]
     batch_units = [unit for unit in units for _ in settings.seeds]
     param = FourierImage(batch_seeds, size, size, settings.decay_power, device)
-    objective = build_objective(settings, spec.name, units)
+    objective = build_objective(settings, spec.name, units, basis)
     optimizer = torch.optim.Adam(param.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(transform_seed(settings.seeds))
     low_res_steps = int(round(settings.steps * settings.low_res_fraction))
@@ -127,6 +134,6 @@ def render(clip, spec: LayerSpec, units: Sequence[int], settings: RenderSettings
             progress(step + 1, settings.steps)
 
     final = param().detach()
-    activations = evaluate(clip, spec, settings.objective, batch_units, final).numpy()
+    activations = evaluate(clip, spec, settings.objective, batch_units, final, basis).numpy()
     pixels = (final.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return RenderOutput(images=pixels, activations=activations.astype(np.float32), curve=curve)

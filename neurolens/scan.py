@@ -38,18 +38,26 @@ def default_batch_size(device: torch.device) -> int:
 
 @dataclass
 class ScanStats:
-    """Everything a scan accumulates; O(units x k + C x H x W) memory."""
+    """Everything a scan accumulates; O(units x k + C x H x W) memory.
+
+    `bases` holds the statistics of other bases of the same layer (e.g. SAE features, see neurolens.sae.basis)
+    computed from the same forward: one ScanStats per basis id, without a mean map of its own (the layer's
+    mean map is this one's)."""
     topk: TopK
     moments: Moments
-    mean_map: MeanMap
+    mean_map: Optional[MeanMap]
     grid: Tuple[int, int]
     skipped: List[Tuple[int, str]] = field(default_factory=list)  # (dataset index, reason)
+    bases: Dict[str, "ScanStats"] = field(default_factory=dict)
 
     @classmethod
-    def empty(cls, spec: LayerSpec, top_k: int, device: torch.device | str = "cpu") -> "ScanStats":
+    def empty(cls, spec: LayerSpec, top_k: int, device: torch.device | str = "cpu",
+              units: Optional[int] = None) -> "ScanStats":
+        """Statistics of the layer's channels, or with `units` of another basis of that many units (no mean map)."""
         channels, height, width = spec.channels, max(1, spec.height), max(1, spec.width)
-        return cls(TopK(channels, top_k, device), Moments(channels, device),
-                   MeanMap((channels, height, width), device), (height, width))
+        count = channels if units is None else int(units)
+        mean_map = MeanMap((channels, height, width), device) if units is None else None
+        return cls(TopK(count, top_k, device), Moments(count, device), mean_map, (height, width))
 
     @property
     def count(self) -> int:
@@ -61,22 +69,33 @@ class ScanStats:
         values, cells = flat.max(dim=2)  # first maximal cell on ties, like numpy's argmax
         self.topk.add(values, indices, cells)
         self.moments.add(values)
-        self.mean_map.add(acts)
+        if self.mean_map is not None:
+            self.mean_map.add(acts)
         return values
 
     def merge(self, other: "ScanStats") -> "ScanStats":
         self.topk.merge(other.topk)
         self.moments.merge(other.moments)
-        self.mean_map.merge(other.mean_map)
+        if self.mean_map is not None and other.mean_map is not None:
+            self.mean_map.merge(other.mean_map)
         self.skipped = sorted(self.skipped + other.skipped)
+        for basis_id, stats in other.bases.items():
+            if basis_id in self.bases:
+                self.bases[basis_id].merge(stats)
+            else:
+                self.bases[basis_id] = stats
         return self
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         state = {f"topk/{k}": v for k, v in self.topk.state_dict().items()}
         state.update({f"moments/{k}": v for k, v in self.moments.state_dict().items()})
-        state.update({f"mean_map/{k}": v for k, v in self.mean_map.state_dict().items()})
+        if self.mean_map is not None:
+            state.update({f"mean_map/{k}": v for k, v in self.mean_map.state_dict().items()})
         state["skipped/indices"] = np.asarray([i for i, _ in self.skipped], dtype=np.int64)
         state["skipped/reasons"] = np.asarray([r for _, r in self.skipped] or [""], dtype=object)[: len(self.skipped)]
+        for basis_id, stats in self.bases.items():
+            state.update({f"bases/{basis_id}/{k}": v for k, v in stats.state_dict().items()
+                          if not k.startswith("skipped/")})
         return state
 
     def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
@@ -84,10 +103,19 @@ class ScanStats:
             return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + "/")}
         self.topk.load_state_dict(part("topk"))
         self.moments.load_state_dict(part("moments"))
-        self.mean_map.load_state_dict(part("mean_map"))
+        if self.mean_map is not None:
+            self.mean_map.load_state_dict(part("mean_map"))
         indices = np.asarray(state.get("skipped/indices", np.zeros(0, np.int64)), dtype=np.int64)
         reasons = list(state.get("skipped/reasons", []))
         self.skipped = [(int(i), str(r)) for i, r in zip(indices, reasons)]
+        nested = part("bases")
+        for basis_id in sorted({key.split("/", 1)[0] for key in nested}):
+            basis_state = {k[len(basis_id) + 1:]: v for k, v in nested.items() if k.startswith(basis_id + "/")}
+            units, k = np.asarray(basis_state["topk/values"]).shape
+            device = self.topk.values.device
+            stats = ScanStats(TopK(units, k, device), Moments(units, device), None, self.grid)
+            stats.load_state_dict(basis_state)
+            self.bases[basis_id] = stats
 
     def cells_rc(self) -> np.ndarray:
         """Top-k cells as (U, k, 2) int32 (row, col); -1 for empty slots."""
@@ -107,6 +135,7 @@ class BatchOutput:
     maxima: np.ndarray                # (b, units) float32 spatial max per image and unit
     embeddings: Optional[np.ndarray]  # (b, D) float32 L2-normalized, when asked for
     skipped: List[Tuple[int, str]]
+    basis_maxima: Dict[str, np.ndarray] = field(default_factory=dict)  # basis id -> (b, units) of that basis
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -165,8 +194,13 @@ def _collate(items):
 
 def batches(dataset: ImageDataset, size: int, start: int, stop: int, batch_size: int, workers: int):
     """Yields (start, stop, indices, uint8 pixels (b,3,S,S) or None, skipped) per batch, in index order."""
+    yield from image_batches(dataset, size, _Ranges(start, stop, batch_size), workers)
+
+
+def image_batches(dataset: ImageDataset, size: int, index_batches, workers: int):
+    """Like `batches`, for any sequence of index lists (e.g. a shuffled order), decoded in that order."""
     loader = torch.utils.data.DataLoader(
-        _Decoded(dataset, size), batch_sampler=_Ranges(start, stop, batch_size), num_workers=workers,
+        _Decoded(dataset, size), batch_sampler=index_batches, num_workers=workers,
         collate_fn=_collate, pin_memory=False, prefetch_factor=2 if workers > 0 else None)
     yield from loader
 
@@ -215,11 +249,15 @@ def scan_range(clip, spec: LayerSpec, dataset: ImageDataset, start: int = 0, sto
                top_k: int = 32, batch_size: Optional[int] = None, workers: Optional[int] = None,
                precision: str = "fp32", embeddings: bool = False, stats: Optional[ScanStats] = None,
                on_batch: Optional[Callable[[BatchOutput], None]] = None,
-               progress: Optional[Callable[[int, int], None]] = None) -> ScanStats:
+               progress: Optional[Callable[[int, int], None]] = None, bases: Sequence = ()) -> ScanStats:
     """Scan dataset items [start, stop) into `stats` (new if None) and return it.
 
     `start` must be a batch boundary of the full scan (a multiple of batch_size) for a resumed scan to
-    batch exactly like an uninterrupted one; any range works for shards (merge them with ScanStats.merge)."""
+    batch exactly like an uninterrupted one; any range works for shards (merge them with ScanStats.merge).
+
+    bases: other bases of the layer scanned in the same pass, objects with `id`, `units` and
+    `activations(acts (B,C,H,W)) -> (B,units,H,W)` (SAE features: neurolens.sae.basis); each gets its
+    statistics in stats.bases[id] and its per-image maxima in BatchOutput.basis_maxima[id]."""
     if precision not in PRECISIONS:
         from .errors import NeurolensError
         raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
@@ -227,22 +265,30 @@ def scan_range(clip, spec: LayerSpec, dataset: ImageDataset, start: int = 0, sto
     batch_size = int(batch_size or default_batch_size(clip.device))
     workers = default_workers() if workers is None else int(workers)
     stats = stats if stats is not None else ScanStats.empty(spec, top_k, clip.device)
+    for basis in bases:
+        if basis.id not in stats.bases:
+            stats.bases[basis.id] = ScanStats.empty(spec, top_k, clip.device, units=basis.units)
     if progress:
         progress(start, len(dataset))
     for first, last, indices, pixels, skipped in batches(dataset, clip.image_size, start, stop, batch_size, workers):
         stats.skipped.extend(skipped)
         maxima = np.zeros((0, spec.channels), np.float32)
+        basis_maxima = {basis.id: np.zeros((0, basis.units), np.float32) for basis in bases}
         emb = None
         if pixels is not None:
             images = pixels.to(clip.device).float().div_(255.0)
             acts, emb_t = layer_forward(clip, spec, images, precision, embeddings, pad_to=batch_size)
             index_t = torch.as_tensor(indices, dtype=torch.int64, device=clip.device)
             maxima = stats.add(acts, index_t).cpu().numpy()
+            for basis in bases:
+                with torch.no_grad():
+                    basis_acts = basis.activations(acts)
+                basis_maxima[basis.id] = stats.bases[basis.id].add(basis_acts, index_t).cpu().numpy()
             emb = emb_t.cpu().numpy() if emb_t is not None else None
         elif embeddings:
             emb = np.zeros((0, 0), np.float32)
         if on_batch:
-            on_batch(BatchOutput(first, last, np.asarray(indices, np.int64), maxima, emb, skipped))
+            on_batch(BatchOutput(first, last, np.asarray(indices, np.int64), maxima, emb, skipped, basis_maxima))
         if progress:
             progress(last, len(dataset))
     return stats

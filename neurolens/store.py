@@ -71,6 +71,10 @@ class Cache:
     def path(self, kind: str, fingerprint: str, layer: str, key: str) -> Path:
         return self.root / _safe_segment(kind) / fingerprint[:16] / _safe_segment(layer) / f"{_safe_segment(key)}.h5"
 
+    def folder(self, kind: str, fingerprint: str, layer: str) -> Path:
+        """The folder of a kind's non-HDF5 artifacts (e.g. SAEs) of one model and layer."""
+        return self.root / _safe_segment(kind) / fingerprint[:16] / _safe_segment(layer)
+
     def exists(self, path: Path) -> bool:
         return Path(path).is_file()
 

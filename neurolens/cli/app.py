@@ -81,6 +81,12 @@ def open_model(model: str, pretrained: str, checkpoint: Optional[str], device: s
     return clip
 
 
+def open_basis(clip, layer: str, sae: Optional[str], cache: Optional[str]):
+    """The units of `layer` to work on: its neurons (sae None) or the features of the SAE `sae`."""
+    from ..sae import load_basis
+    return load_basis(clip, layer, sae, cache=cache)
+
+
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=_to_builtin) + "\n")
 
@@ -101,7 +107,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
     The callback's `note(text)` shows a line of detail after the description (e.g. a Ray scan's images/s,
     shards done and items skipped)."""
     if not enabled:
-        def ignore(done: int, total: int) -> None:
+        def ignore(done: int, total: int, description: Optional[str] = None) -> None:
             return None
         ignore.note = lambda text: None
         yield ignore
@@ -114,8 +120,12 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task(description, total=None)
 
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+        def update(done: int, total: int, description: Optional[str] = None) -> None:
+            """description: a new text before the bar (e.g. the latest training loss)."""
+            if description is None:
+                progress.update(task, completed=done, total=total)
+            else:
+                progress.update(task, completed=done, total=total, description=description)
 
         update.note = lambda text: progress.update(task, description=f"{description} ({text})")
         yield update

@@ -62,6 +62,10 @@ NoBlurOpt = Annotated[bool, typer.Option(
     "--no-blur", help="Write RAW pixels, nothing blurred (may show NSFW content). Raw files get a _noblur suffix "
                       "and never replace a blurred one. Without it, neurolens.labels.policy decides what is blurred.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the cache has this result.")]
+SaeOpt = Annotated[Optional[str], typer.Option(
+    "--sae", help="Work on the features of this sparse autoencoder instead of the layer's neurons (--unit is then a "
+                  "feature): a name from `neurolens sae train` / `neurolens sae list`, or an SAE folder made "
+                  "elsewhere (SAELens cfg.json + sae_weights.safetensors, or Prisma config.json + weights).")]
 
 
 # ------------------------------------------------------------------------------------------ option sets

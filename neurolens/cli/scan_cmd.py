@@ -6,9 +6,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import app, command, print_json, progress_bar
+from .app import app, command, open_basis, print_json, progress_bar
 from .options import (DATASET, ENGINE, LOADER, MODEL, CacheOpt, DatasetChoice, EngineChoice, ForceOpt, JsonOpt,
-                      LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, PrecisionOpt, TopKOpt, uses)
+                      LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, PrecisionOpt, SaeOpt, TopKOpt, uses)
 
 SKIP_LIST_LENGTH = 3
 
@@ -38,6 +38,7 @@ def scan(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Write a resume checkpoint every N "
                                                   "batches (0: at most every 5 seconds).")] = 0,
     engine: EngineChoice = None,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -45,30 +46,36 @@ def scan(
     """Scan a dataset through one layer: for ALL its units at once, the top-k images (spatial-max activation
     and the grid cell of that max) and running statistics, cached in HDF5. One forward per batch, stopped
     right after the layer. Interrupted scans (Ctrl-C, kill -9) resume where they stopped; bad files are
-    skipped, counted and listed. --engine ray runs the same scan on Ray Data (many CPUs decoding, one model
-    actor per GPU), resumable by shard, with the same result in the same cache record.
+    skipped, counted and listed. With --sae, the SAE's features are scanned too, in the same pass (its encoder
+    applied to every cell; an image's value is the max over cells). --engine ray runs the same scan on Ray
+    Data (many CPUs decoding, one model actor per GPU), resumable by shard, with the same result in the same
+    cache record.
 
     Example:  neurolens scan --layer image_block_4_5 --dataset photos/ --top-k 32
     Example:  neurolens scan --layer image_block_4_5 --dataset laion/ --engine ray --actors 8
     """
+    basis = None
     if engine.ray:
         engine.check_process_only(**{"--workers": loader.workers is not None, "--embeddings": embeddings,
-                                     "--checkpoint-every": bool(checkpoint_every)})
+                                     "--checkpoint-every": bool(checkpoint_every), "--sae": sae is not None})
         result = _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json)
     else:
         engine.check_process_only()
         from ..pipelines.scan import run_scan
         clip = model.load(quiet=as_json)
+        basis = open_basis(clip, layer, sae, cache)
         with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
             result = run_scan(clip, layer, data.open(), top_k=top_k, batch_size=loader.batch_size,
                               workers=loader.workers, cache=cache, force=force, embeddings=embeddings,
-                              precision=precision, progress=progress, checkpoint_every=checkpoint_every or None)
+                              precision=precision, progress=progress, checkpoint_every=checkpoint_every or None,
+                              basis=basis)
     if as_json:
         print_json(result.summary())
         return
     how = "cached" if result.cached else ("resumed" if result.resumed_from else "scanned")
+    what = f"{result.channels} units" if sae is None else f"{result.channels} features of SAE {basis.name}"
     typer.echo(f"{how}{' on Ray' if engine.ray else ''}: {result.count} images of {result.description} through "
-               f"{result.layer} ({result.channels} units, top {result.top_k}) -> {result.path}")
+               f"{result.layer} ({what}, top {result.top_k}) -> {result.path}")
     typer.echo(_skip_line(result))
 
 
@@ -88,7 +95,7 @@ def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, ca
 @command
 @uses(model=MODEL, data=DATASET, loader=LOADER)
 def samples(
-    unit: Annotated[int, typer.Option("--unit", help="Unit (channel) index in the layer.")],
+    unit: Annotated[int, typer.Option("--unit", help="Unit (channel) index in the layer; with --sae a feature index.")],
     layer: LayerOpt = "image_block_4_5",
     data: DatasetChoice = None,
     top_k: TopKOpt = 32,
@@ -97,6 +104,7 @@ def samples(
     no_blur: NoBlurOpt = False,
     loader: LoaderChoice = None,
     precision: PrecisionOpt = "fp32",
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -104,23 +112,27 @@ def samples(
     """A unit's dataset samples: its top images from the cached scan (scanning first if needed) with their
     spatial-max activation and the cell of that max, and a PNG grid of crops centred on that cell, Microscope
     style, labelled with rank and activation. Crops of images that may be NSFW are blurred unless --no-blur.
+    With --sae, the unit is an SAE feature: crops are centred on the cell where the feature fired.
 
     Example:  neurolens samples --layer image_block_4_5 --unit 1543 --dataset photos/
     """
     from ..pipelines.samples import run_samples
     clip = model.load(quiet=as_json)
+    basis = open_basis(clip, layer, sae, cache)
+    basis.check_unit(unit)
     dataset = data.open()
     with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
         result = run_samples(clip, layer, unit, dataset, top_k=top_k, show=show, out=out, blur=not no_blur,
                              cache=cache, batch_size=loader.batch_size, workers=loader.workers, precision=precision,
-                             progress=progress)
+                             progress=progress, basis=basis)
     rows = [{k: row[k] for k in ("unit", "rank", "score", "path", "cell")} for row in result.rows]
     if as_json:
         if result.image_path:
             typer.echo(f"grid: {result.image_path}; {result.blur_note}", err=True)
         print_json(rows)
         return
-    typer.echo(f"{result.layer} unit {unit}: top {len(rows)} of {result.scan.count} images ({dataset.description})")
+    typer.echo(f"{result.layer} {basis.label(unit)}: top {len(rows)} of {result.scan.count} images "
+               f"({dataset.description})")
     for row in rows:
         typer.echo(f"{row['rank']:>4}  {row['score']:>10.4g}  cell ({row['cell'][0]},{row['cell'][1]})  {row['path']}")
     if result.image_path:

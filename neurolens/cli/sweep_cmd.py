@@ -6,9 +6,10 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import app, command, print_json, progress_bar
+from .app import app, command, open_basis, print_json, progress_bar
 from .options import (DATASET, ENGINE, LOADER, MODEL, RENDER, SWEEP, CacheOpt, DatasetChoice, EngineChoice, ForceOpt,
-                      JsonOpt, LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SweepChoice, uses)
+                      JsonOpt, LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SaeOpt, SweepChoice,
+                      uses)
 from ..errors import NeurolensError
 
 OutDirOpt = Annotated[Optional[str], typer.Option("--out", help="Folder for the PNGs (default outputs/figures/).")]
@@ -38,6 +39,7 @@ def sweep(
     force: ForceOpt = False,
     loader: LoaderChoice = None,
     engine: EngineChoice = None,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -49,6 +51,7 @@ def sweep(
     Benjamini-Hochberg q across the layer. A unit is flagged when q <= --max-q and AUC >= --min-auc; the
     NSFW shares of its top images and texts are evidence (texts alone give a text flag). Prints the label
     sources, then the units ranked by AUC; writes flags.csv and the HDF5 cache (no model forward next time).
+    With --sae, the SAE's features are the units (flags.csv in outputs/sweep/<layer>_sae-<name>/).
 
     With --engine ray the scan, the label sources and the units' statistics run in ONE pass on Ray Data
     (no per-image activations are stored; the sources, doubt thresholds and AUC edges are decided on the
@@ -64,8 +67,10 @@ def sweep(
     rule = arguments["rule"]
     if engine.keep_per_image:
         raise NeurolensError("--keep-per-image is for scan --engine ray; a sweep on Ray stores no per-image values")
+    basis = None
     if engine.ray:
-        engine.check_process_only(**{"--workers": loader.workers is not None, "--auc-memory": auc_memory != 2048})
+        engine.check_process_only(**{"--workers": loader.workers is not None, "--auc-memory": auc_memory != 2048,
+                                     "--sae": sae is not None})
         from dataclasses import replace
         clip = replace(model, device="cpu").load(quiet=as_json)  # the driver ships the image tower to the actors
         with progress_bar(f"sweep {layer} on Ray", enabled=not as_json) as progress:
@@ -77,11 +82,12 @@ def sweep(
     else:
         engine.check_process_only()
         clip = model.load(quiet=as_json)
+        basis = open_basis(clip, layer, sae, cache)
         dataset = data.open()
         with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
             result = run_sweep(clip, layer, dataset, cache=cache, force=force, progress=progress, out=out,
                                batch_size=loader.batch_size, workers=loader.workers,
-                               auc_memory=int(auc_memory) * 2 ** 20, **arguments)
+                               auc_memory=int(auc_memory) * 2 ** 20, basis=basis, **arguments)
         description = dataset.description
     for line in result.lines():
         typer.echo(line, err=as_json)
@@ -89,7 +95,8 @@ def sweep(
         print_json(result.ranking())
         return
     s = result.scores
-    typer.echo(f"{clip.name} {result.layer}: {len(s.auc)} units over {s.n_pos} positive and {s.n_neg} negative "
+    what = "units" if sae is None else f"features of SAE {basis.name}"
+    typer.echo(f"{clip.name} {result.layer}: {len(s.auc)} {what} over {s.n_pos} positive and {s.n_neg} negative "
                f"images of {description} (AUC {s.method}); {int(s.flagged.sum())} flagged "
                f"({rule.describe()}), {int((s.text_flag & ~s.flagged).sum())} more with a text flag only")
     typer.echo(f"{'rank':>4} {'unit':>6} {'AUC':>6} {'q':>8} {'corr':>7} {'img%':>5} {'txt%':>5} {'flag':>4}  top texts")
@@ -108,7 +115,8 @@ def sweep(
 @command
 @uses(model=MODEL, data=DATASET, options=SWEEP, render=RENDER)
 def figure(
-    unit: Annotated[List[int], typer.Option("--unit", help="Unit index (repeat for several panels).")],
+    unit: Annotated[List[int], typer.Option("--unit", help="Unit index, with --sae a feature index (repeat for "
+                                            "several panels).")],
     layer: LayerOpt = "image_block_4_5",
     out: OutDirOpt = None,
     no_blur: NoBlurOpt = False,
@@ -116,6 +124,7 @@ def figure(
     render: RenderChoice = None,
     data: DatasetChoice = None,
     options: SweepChoice = None,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
 ) -> None:
@@ -132,10 +141,11 @@ def figure(
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
     clip = model.load()
+    basis = open_basis(clip, layer, sae, cache)
     dataset = data.open()
     with progress_bar(f"figure {layer}") as progress:
         written = run_figure(clip, layer, unit, dataset, out=out, blur=not no_blur, fv=not no_fv,
-                             render_settings=settings, cache=cache, progress=progress, **arguments)
+                             render_settings=settings, cache=cache, progress=progress, basis=basis, **arguments)
     for path, fig in written:
         typer.echo(f"{path}  ({fig.note})")
     if no_blur:
@@ -158,6 +168,7 @@ def grid(
     render: RenderChoice = None,
     data: DatasetChoice = None,
     options: SweepChoice = None,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
 ) -> None:
@@ -176,12 +187,14 @@ def grid(
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
     clip = model.load()
+    basis = open_basis(clip, layer, sae, cache)
     dataset = data.open()
     with progress_bar(f"grid {layer}") as progress:
         path, fig, shown = run_grid(clip, layer, chosen, flagged=flagged, top=top, dataset=dataset, out=out,
                                     blur=not no_blur, render_fv=render_fv, render_settings=settings, cache=cache,
-                                    progress=progress, **arguments)
-    typer.echo(f"{path}  ({len(shown)} units: {', '.join(map(str, shown[:20]))}{' ...' if len(shown) > 20 else ''})")
+                                    progress=progress, basis=basis, **arguments)
+    typer.echo(f"{path}  ({len(shown)} {basis.unit_word}s: {', '.join(map(str, shown[:20]))}"
+               f"{' ...' if len(shown) > 20 else ''})")
     typer.echo(fig.note)
     if no_blur:
         typer.echo("NOT BLURRED: --no-blur was given, the grid shows raw pixels")

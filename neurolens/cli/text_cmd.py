@@ -6,8 +6,8 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import app, command, print_json, progress_bar
-from .options import DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice, uses
+from .app import app, command, open_basis, print_json, progress_bar
+from .options import DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice, SaeOpt, uses
 
 # --dataset here only chooses the reference activation (its captions play no part)
 TEXT_DATASET = DATASET.without("caption_column").replace(dataset=(Annotated[Optional[str], typer.Option(
@@ -19,7 +19,7 @@ TEXT_DATASET = DATASET.without("caption_column").replace(dataset=(Annotated[Opti
 @command
 @uses(model=MODEL, data=TEXT_DATASET)
 def text(
-    unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index; repeat for several units.")],
+    unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index, with --sae a feature index; repeat for several units.")],
     layer: LayerOpt = "image_block_4_5",
     vocab: Annotated[str, typer.Option(
         "--vocab", help="builtin | FILE (one entry per line) | TABLE.parquet:COLUMN | TABLE.csv:COLUMN. builtin: "
@@ -30,6 +30,7 @@ def text(
     data: DatasetChoice = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per encoder batch.")] = 256,
     force: ForceOpt = False,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -40,11 +41,12 @@ def text(
     A unit's direction is the derivative of the normalized image embedding with respect to a spatially
     uniform increase of that unit's channel, at a reference activation (the dataset's mean activation map
     with --dataset, else a neutral grey image); a text's score is its cosine with that direction. Texts
-    are encoded only up to each batch's longest token sequence.
+    are encoded only up to each batch's longest token sequence. With --sae, a feature's direction is its
+    decoder direction pushed through the same Jacobian.
 
     Example:  neurolens text --layer image_block_4_5 --unit 1543 --top-k 30
     """
-    from ..models import check_unit, resolve_layer
+    from ..models import resolve_layer
     from ..pipelines.text import find_text, run_text, text_embeddings, unit_directions_cached
     from ..vocab import load_vocab
 
@@ -54,30 +56,32 @@ def text(
         raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
     clip = model.load(quiet=as_json)
     spec = resolve_layer(clip, layer)
+    basis = open_basis(clip, layer, sae, cache)
     for u in unit:
-        check_unit(spec, u)
+        basis.check_unit(u)
     scan = None
     if data.dataset is not None:
         from ..pipelines.scan import run_scan
         with progress_bar(f"scan {spec.name}", enabled=not as_json) as progress:
-            scan = run_scan(clip, spec.name, data.open(), cache=cache, progress=progress)
-    ranking = None if force else find_text(clip, spec.name, vocabulary, top_k, scan, cache)
+            scan = run_scan(clip, spec.name, data.open(), cache=cache, progress=progress, basis=basis)
+    ranking = None if force else find_text(clip, spec.name, vocabulary, top_k, scan, cache, basis=basis)
     if ranking is None:
         # the two slow steps, each with its own bar; run_text then reads both from the cache
         with progress_bar(f"encode {len(vocabulary)} texts", enabled=not as_json) as progress:
             text_embeddings(clip, vocabulary, cache, force=force, batch_size=batch_size, progress=progress)
         with progress_bar(f"unit directions of {spec.name}", enabled=not as_json) as progress:
-            unit_directions_cached(clip, spec, scan, cache, force=force, progress=progress)
-        ranking = run_text(clip, spec.name, vocabulary, top_k=top_k, scan=scan, cache=cache, force=False)
+            unit_directions_cached(clip, spec, scan, cache, force=force, progress=progress, basis=basis)
+        ranking = run_text(clip, spec.name, vocabulary, top_k=top_k, scan=scan, cache=cache, force=False, basis=basis)
     if as_json:
         print_json([row for u in unit for row in ranking.rows(u)])
         return
     how = "cached" if ranking.cached else "computed"
-    typer.echo(f"{how}: {spec.name} of {clip.name}, all {spec.channels} units ranked -> {ranking.path}")
+    typer.echo(f"{how}: {spec.name} of {clip.name}, all {basis.units} {basis.unit_word}s"
+               f"{'' if sae is None else f' of SAE {basis.name}'} ranked -> {ranking.path}")
     typer.echo(f"vocabulary: {ranking.vocab_source}")
     typer.echo(f"reference: {ranking.reference_description}")
     for u in unit:
-        typer.echo(f"\nunit {u}")
+        typer.echo(f"\n{basis.label(u)}")
         if not ranking.top_scores[u].any():
             typer.echo("  (this unit's direction is zero at the reference: a small uniform increase of it does not "
                        "move the image embedding, e.g. its ReLU is off everywhere there; every score is 0, so the "

@@ -6,11 +6,11 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from ..models import check_unit, resolve_layer
+from ..models import resolve_layer
 from ..store import Cache
 from ..types import RenderSettings
-from .app import app, command, print_json, progress_bar
-from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, NoBlurOpt, uses
+from .app import app, command, open_basis, print_json, progress_bar
+from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, NoBlurOpt, SaeOpt, uses
 
 _DEFAULTS = RenderSettings()
 
@@ -20,7 +20,7 @@ _DEFAULTS = RenderSettings()
 @uses(model=MODEL)
 def visualize(
     layer: LayerOpt,
-    unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index; repeat to optimize several units in one batch.")],
+    unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index, with --sae a feature index; repeat to optimize several units in one batch.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = _DEFAULTS.steps,
     size: Annotated[int, typer.Option("--size", min=0, help="Image size in pixels; 0 = the model's input size.")] = 0,
     seed: Annotated[Optional[List[int]], typer.Option("--seed", help="Random seed; repeat for several images per unit (with --diversity).")] = None,
@@ -32,6 +32,7 @@ def visualize(
     out: Annotated[str, typer.Option("--out", help="Folder for the PNGs.")] = "outputs/visualize",
     force: ForceOpt = False,
     no_blur: NoBlurOpt = False,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -44,7 +45,8 @@ def visualize(
     go to the HDF5 cache: the same request again is read from the cache (--force recomputes). A PNG is
     written blurred when its unit is flagged in a cached sweep of the layer, when NudeNet (if installed)
     fires on it, or when a trained model's own zero-shot NSFW score passes the threshold (a random model's
-    score is noise and never used); --no-blur writes raw pixels to *_noblur.png files instead.
+    score is noise and never used); --no-blur writes raw pixels to *_noblur.png files instead. With --sae the
+    objective is an SAE feature's pre-TopK encoder activation (files named ..._sae-<name>_feature<F>_...).
 
     Example:  neurolens visualize --layer image_block_4_5 --unit 1543 --unit 244 --steps 512 --seed 0 --out outputs/
     """
@@ -55,20 +57,24 @@ def visualize(
     if no_blur:
         typer.echo("note: --no-blur: feature visualizations are written with RAW pixels to *_noblur.png", err=True)
     clip = model.load(quiet=as_json)
-    spec = resolve_layer(clip, layer)  # bad layer or unit: one line before any work starts
+    resolve_layer(clip, layer)  # bad layer, SAE or unit: one line before any work starts
+    basis = open_basis(clip, layer, sae, cache)
     for value in unit:
-        check_unit(spec, value)
+        basis.check_unit(value)
     with progress_bar(f"visualize {layer}", enabled=not as_json) as update:
         results = run_visualize(clip, layer, unit, settings, cache=Cache(cache) if cache else None, force=force,
-                                out_dir=out, progress=update, blur=not no_blur)
+                                out_dir=out, progress=update, blur=not no_blur, basis=basis)
     rows = [dict(unit=r.unit, seed=s, path=r.paths[i], activation=float(r.activations[i]), cached=r.cached,
                  blurred=r.blurred[i]) for r in results for i, s in enumerate(r.seeds)]
     if as_json:
-        print_json({"model": clip.name, "pretrained": clip.pretrained, "layer": results[0].layer,
-                    "fingerprint": clip.fingerprint, "results": rows})
+        document = {"model": clip.name, "pretrained": clip.pretrained, "layer": results[0].layer,
+                    "fingerprint": clip.fingerprint, "results": rows}
+        if sae is not None:
+            document.update(basis=basis.id, sae=basis.name)
+        print_json(document)
         return
     for row in rows:
         source = "cache" if row["cached"] else "computed"
         shown = f"  (blurred: {row['blurred']})" if row["blurred"] else ""
-        typer.echo(f"unit {row['unit']:>5} seed {row['seed']}: activation {row['activation']:.4f} ({source}) -> "
-                   f"{row['path']}{shown}")
+        typer.echo(f"{basis.unit_word} {row['unit']:>5} seed {row['seed']}: activation {row['activation']:.4f} "
+                   f"({source}) -> {row['path']}{shown}")

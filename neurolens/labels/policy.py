@@ -56,8 +56,9 @@ def is_random(clip) -> bool:
     return clip is not None and str(getattr(clip, "pretrained", "")) == "none"
 
 
-def flagged_in_cache(cache, fingerprint: str, layer: str) -> Set[int]:
-    """Units flagged in ANY cached sweep of `layer` made with these weights (every dataset swept)."""
+def flagged_in_cache(cache, fingerprint: str, layer: str, basis: str = "neurons") -> Set[int]:
+    """Units flagged in ANY cached sweep of `layer` made with these weights (every dataset swept), of one
+    basis: the neurons, or an SAE's features (basis id, neurolens.sae.basis; a sweep record's `basis` attr)."""
     if cache is None:
         return set()
     folder = Path(cache.root) / "sweep" / fingerprint[:16] / _segment(layer)
@@ -68,7 +69,7 @@ def flagged_in_cache(cache, fingerprint: str, layer: str) -> Set[int]:
         if path.name.startswith("."):
             continue
         record = cache.read(path, names=["flagged"])
-        if record is not None and "flagged" in record.arrays:
+        if record is not None and "flagged" in record.arrays and record.attrs.get("basis", "neurons") == basis:
             flagged.update(int(u) for u in np.flatnonzero(np.asarray(record.arrays["flagged"], dtype=bool)))
     return flagged
 
@@ -98,14 +99,17 @@ class BlurPolicy:
         self._scores: Dict[Tuple[str, str], float] = {}
 
     @classmethod
-    def for_layer(cls, clip, layer: str, cache=None, blur: bool = True, flagged: Iterable[int] = (), **options):
+    def for_layer(cls, clip, layer: str, cache=None, blur: bool = True, flagged: Iterable[int] = (), basis=None,
+                  **options):
         """The policy for one layer: the caller's flagged units plus those of every cached sweep of it.
-        `cache`: a store.Cache, a folder, or None for the default cache."""
+        `cache`: a store.Cache, a folder, or None for the default cache. basis: None for the neurons, or a basis
+        of the layer (SAE features): its units are what `unit` means, and its sweeps give the flags."""
         from ..models import resolve_layer
         from ..store import Cache
         cache = cache if isinstance(cache, Cache) else Cache(cache)
         name = resolve_layer(clip, layer).name
-        found = flagged_in_cache(cache, clip.fingerprint, name) if blur else set()
+        basis_id = getattr(basis, "id", None) or "neurons"
+        found = flagged_in_cache(cache, clip.fingerprint, name, basis_id) if blur else set()
         return cls(blur, clip=clip, cache=cache, flagged=set(flagged) | found, **options)
 
     # ------------------------------------------------------------------------------------- decisions

@@ -52,15 +52,23 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
                 show: Optional[int] = None, out: Union[str, Path, None] = None, blur: bool = True,
                 figure: bool = True, cache=None, batch_size: Optional[int] = None, workers: Optional[int] = None,
                 precision: str = "fp32", progress: Optional[Callable[[int, int], None]] = None,
-                crop_pixels: int = CROP_PIXELS, policy: Optional[BlurPolicy] = None) -> UnitSamples:
+                crop_pixels: int = CROP_PIXELS, policy: Optional[BlurPolicy] = None, basis=None) -> UnitSamples:
     """The unit's top images (scanning the dataset first if the scan is not cached) and, with figure=True,
     a PNG grid at `out` (default outputs/samples/<layer>_unit<u>.png; with blur=False *_noblur.png).
-    `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur)."""
+    `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur).
+
+    basis: None for neurons, or a basis of the layer (neurolens.sae.load_basis): `unit` is then a feature, its
+    crops are centred on the cell where the feature fired hardest, and the default file is
+    outputs/samples/<layer>_sae-<name>_feature<F>.png."""
     spec = resolve_layer(clip, layer)
-    check_unit(spec, unit)
+    basis = None if basis is None or getattr(basis, "id", "neurons") == "neurons" else basis
+    if basis is None:
+        check_unit(spec, unit)
+    else:
+        basis.check_unit(unit)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
     scan = run_scan(clip, spec.name, dataset, top_k=top_k, batch_size=batch_size, workers=workers, cache=cache,
-                    precision=precision, progress=progress)
+                    precision=precision, progress=progress, basis=basis)
     rows = unit_rows(scan, unit, show)
     result = UnitSamples(spec.name, int(unit), rows, scan)
     if not figure or not rows:
@@ -74,14 +82,16 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
             raise NeurolensError(f"{row['path']} can no longer be read ({exc}); rerun the scan with --force") from None
         sources.append(source)
         crops.append(crop_around_cell(source, row["cell"], scan.grid, crop_pixels))
-    policy = policy or BlurPolicy.for_layer(clip, spec.name, cache, blur=blur)
+    policy = policy or BlurPolicy.for_layer(clip, spec.name, cache, blur=blur, basis=basis)
     reasons = [policy.reason_image(unit, row["index"], source) for row, source in zip(rows, sources)]
     crops = [policy.apply(crop, reason) for crop, reason in zip(crops, reasons)]
     result.blurred = [reason is not None for reason in reasons]
     result.blur_note = blur_note(reasons, policy.blur)
     labels = [f"#{r['rank']}  {r['score']:.3g}" for r in rows]
-    title = f"{clip.name} {spec.name} unit {unit}: top {len(rows)} of {scan.count} images"
+    label = f"unit {unit}" if basis is None else basis.label(unit)
+    tag = f"unit{unit}" if basis is None else basis.tag(unit)
+    title = f"{clip.name} {spec.name} {label}: top {len(rows)} of {scan.count} images"
     grid = tile_grid(crops, labels, columns=min(GRID_COLUMNS, len(crops)), title=title)
-    path = Path(out) if out else Path("outputs") / "samples" / f"{spec.name}_unit{unit}.png"
+    path = Path(out) if out else Path("outputs") / "samples" / f"{spec.name}_{tag}.png"
     result.image_path = save_png(grid, policy.output_path(path))
     return result

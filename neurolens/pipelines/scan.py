@@ -7,7 +7,10 @@ Cache records (one HDF5 file each, written atomically by Cache.write):
   scan-checkpoint/<fp>/<layer>/<key>.h5   while a scan runs: statistics state, the next index to scan and
                                           the chunks written so far; removed when the result is written
 The key hashes the dataset identity, the preprocessing (input size, mean/std), precision, top-k and
-whether embeddings were kept. A checkpoint is written only after the chunks it lists, so a kill at any
+whether embeddings were kept, and for a basis other than the neurons (SAE features, neurolens.sae.basis) its
+id. A scan with a basis computes the neurons' and the basis's statistics in the same pass (the basis is applied
+to the captured activations) and writes a record, and chunks, for each of them that is not cached yet; a
+feature record's mean_map is the layer's (neuron-space) mean activation map. A checkpoint is written only after the chunks it lists, so a kill at any
 moment leaves a consistent checkpoint; a rerun continues from its batch boundary and gives exactly the
 result of an uninterrupted scan (same batches, same order of float operations).
 """
@@ -28,6 +31,7 @@ from ..scan import BatchOutput, PRECISIONS, ScanStats, default_batch_size, defau
 from ..store import Cache, Record, settings_key
 
 SCAN_VERSION = 1
+NEURONS = "neurons"
 CHECKPOINT_SECONDS = 5.0         # without checkpoint_every: a checkpoint at most every 5 s of scanning
 CHUNK_MAX_BYTES = 32 * 2 ** 20   # per-image maxima are flushed to a chunk record before the buffer passes this
 
@@ -58,6 +62,7 @@ class ScanResult:
     cached: bool = False
     resumed_from: List[int] = field(default_factory=list)
     has_embeddings: bool = False
+    basis: str = "neurons"            # the units' basis id: "neurons" or an SAE basis (neurolens.sae.basis)
     _chunk_paths: List[Path] = field(default_factory=list, repr=False)
     _cache: Optional[Cache] = field(default=None, repr=False)
     _embeddings: Optional[np.ndarray] = field(default=None, repr=False)
@@ -105,12 +110,27 @@ class ScanResult:
 
     def summary(self) -> dict:
         """The `scan --json` document."""
-        return {"images": self.count, "skipped": self.skipped, "skipped_paths": list(self.skipped_paths)}
+        summary = {"images": self.count, "skipped": self.skipped, "skipped_paths": list(self.skipped_paths)}
+        if self.basis != NEURONS:
+            summary.update(basis=self.basis, units=self.channels)
+        return summary
 
 
-def scan_key(clip, spec, dataset: ImageDataset, top_k: int, precision: str, embeddings: bool) -> str:
-    return settings_key("scan", SCAN_VERSION, dataset.identity, spec.name, spec.hook_module, spec.capture,
-                        clip.image_size, list(clip.mean), list(clip.std), precision, int(top_k), bool(embeddings))
+def _basis_id(basis) -> str:
+    return NEURONS if basis is None else basis.id
+
+
+def scan_key(clip, spec, dataset: ImageDataset, top_k: int, precision: str, embeddings: bool, basis=None) -> str:
+    parts = ["scan", SCAN_VERSION, dataset.identity, spec.name, spec.hook_module, spec.capture, clip.image_size,
+             list(clip.mean), list(clip.std), precision, int(top_k), bool(embeddings)]
+    if _basis_id(basis) != NEURONS:   # neuron scans keep the key they always had
+        parts.append(_basis_id(basis))
+    return settings_key(*parts)
+
+
+def _as_basis(basis):
+    """None for the neurons (or a neuron basis), else the basis object."""
+    return None if basis is None or getattr(basis, "id", NEURONS) == NEURONS else basis
 
 
 def _as_cache(cache: Union[Cache, str, os.PathLike, None]) -> Cache:
@@ -118,13 +138,15 @@ def _as_cache(cache: Union[Cache, str, os.PathLike, None]) -> Cache:
 
 
 def find_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, top_k: int = 32,
-              precision: str = "fp32", cache=None, embeddings: bool = False) -> Optional[ScanResult]:
-    """The cached finished scan, or None. A scan with embeddings also answers a request without them."""
+              precision: str = "fp32", cache=None, embeddings: bool = False, basis=None) -> Optional[ScanResult]:
+    """The cached finished scan, or None. A scan with embeddings also answers a request without them.
+    basis: None for the neurons, or a basis of the layer (neurolens.sae.load_basis) for its units."""
     spec = resolve_layer(clip, layer)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
     cache = _as_cache(cache)
+    basis = _as_basis(basis)
     for with_embeddings in ((True,) if embeddings else (False, True)):
-        key = scan_key(clip, spec, dataset, top_k, precision, with_embeddings)
+        key = scan_key(clip, spec, dataset, top_k, precision, with_embeddings, basis)
         record = cache.read(cache.path("scan", clip.fingerprint, spec.name, key))
         if record is not None and record.attrs.get("complete"):
             result = _result_from_record(record, cache, clip, spec)
@@ -137,11 +159,13 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
              batch_size: Optional[int] = None, workers: Optional[int] = None, cache=None, force: bool = False,
              embeddings: bool = False, precision: str = "fp32",
              progress: Optional[Callable[[int, int], None]] = None,
-             checkpoint_every: Optional[int] = None) -> ScanResult:
+             checkpoint_every: Optional[int] = None, basis=None) -> ScanResult:
     """Scan `dataset` (an ImageDataset, a path, or None for the built-in images) through `layer`, all units,
     or read the finished scan from the cache. An interrupted scan resumes from its last checkpoint.
 
-    checkpoint_every: write a resume checkpoint every N batches (default: at most every 5 s)."""
+    checkpoint_every: write a resume checkpoint every N batches (default: at most every 5 s).
+    basis: None for the neurons; a basis of the layer (neurolens.sae.load_basis, e.g. SAE features) to scan
+    its units, together with the neurons in the same pass. Returns the result of the requested basis."""
     if precision not in PRECISIONS:
         raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
     if int(top_k) < 1:
@@ -153,52 +177,72 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
     spec = resolve_layer(clip, layer)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
     cache = _as_cache(cache)
+    basis = _as_basis(basis)
     if not force:
-        found = find_scan(clip, spec.name, dataset, top_k, precision, cache, embeddings)
+        found = find_scan(clip, spec.name, dataset, top_k, precision, cache, embeddings, basis)
         if found is not None:
             if progress:
                 progress(len(dataset), len(dataset))
             return found
-    key = scan_key(clip, spec, dataset, top_k, precision, embeddings)
+    key = scan_key(clip, spec, dataset, top_k, precision, embeddings, basis)
     final_path = cache.path("scan", clip.fingerprint, spec.name, key)
     checkpoint_path = cache.path("scan-checkpoint", clip.fingerprint, spec.name, key)
     batch_size = int(batch_size or default_batch_size(clip.device))
     workers = default_workers() if workers is None else int(workers)
+    # the neurons come with every pass; their record is (re)written unless a basis scan finds it cached
+    neuron_key = scan_key(clip, spec, dataset, top_k, precision, embeddings)
+    write_neurons = basis is None or force or \
+        find_scan(clip, spec.name, dataset, top_k, precision, cache, embeddings) is None
+    streams = {}
+    if write_neurons:
+        streams[NEURONS] = _Stream(NEURONS, neuron_key)
+    if basis is not None:
+        streams[basis.id] = _Stream(basis.id, key)
 
     stats = ScanStats.empty(spec, top_k, clip.device)
-    start, chunks, resumed_from = 0, [], []
+    bases = [basis] if basis is not None else []
+    for extra in bases:
+        stats.bases[extra.id] = ScanStats.empty(spec, top_k, clip.device, units=extra.units)
+    start, resumed_from = 0, []
     if force:
         cache.remove(checkpoint_path)
     else:
         checkpoint = cache.read(checkpoint_path)
+        saved_streams = _checkpoint_streams(checkpoint)
         # a checkpoint fixes the batch boundaries, so resuming keeps its batch size (results stay identical)
-        if checkpoint is not None and all(cache.exists(cache.path("scan-chunk", clip.fingerprint, spec.name, c))
-                        for c in checkpoint.attrs.get("chunks", [])):
+        if checkpoint is not None and set(saved_streams) == set(streams) and all(
+                cache.exists(cache.path("scan-chunk", clip.fingerprint, spec.name, c))
+                for chunks in saved_streams.values() for c in chunks):
             state = {k[len("state/"):]: v for k, v in checkpoint.arrays.items() if k.startswith("state/")}
             stats.load_state_dict(state)
             start = int(checkpoint.attrs["next_index"])
             batch_size = int(checkpoint.attrs["batch_size"])
-            chunks = list(checkpoint.attrs.get("chunks", []))
+            for name, chunks in saved_streams.items():
+                streams[name].chunks = list(chunks)
             resumed_from = list(checkpoint.attrs.get("resumed_from", [])) + [start]
 
-    writer = _ChunkWriter(cache, clip, spec, key, dataset, stats, checkpoint_path, batch_size, chunks,
+    writer = _ChunkWriter(cache, clip, spec, dataset, stats, checkpoint_path, batch_size, streams,
                           resumed_from, checkpoint_every)
     scan_range(clip, spec, dataset, start, None, top_k=top_k, batch_size=batch_size, workers=workers,
-               precision=precision, embeddings=embeddings, stats=stats, on_batch=writer.on_batch, progress=progress)
+               precision=precision, embeddings=embeddings, stats=stats, on_batch=writer.on_batch, progress=progress,
+               bases=bases)
     writer.flush(len(dataset), checkpoint=False)
 
     if stats.count == 0:
-        for name in writer.chunks:
-            cache.remove(cache.path("scan-chunk", clip.fingerprint, spec.name, name))
+        for stream in streams.values():
+            for name in stream.chunks:
+                cache.remove(cache.path("scan-chunk", clip.fingerprint, spec.name, name))
         cache.remove(checkpoint_path)
         example = f" (e.g. {dataset.keys[stats.skipped[0][0]]}: {stats.skipped[0][1]})" if stats.skipped else ""
         raise DatasetError(f"no readable image in {dataset.description}: all {len(dataset)} items were skipped"
                            f"{example}; give a dataset with at least one valid image")
 
-    record = _final_record(clip, spec, dataset, stats, top_k, precision, embeddings, writer.chunks, resumed_from)
-    cache.write(final_path, record)
+    for name, stream in streams.items():
+        record = _final_record(clip, spec, dataset, stats, top_k, precision, embeddings, stream.chunks,
+                               resumed_from, None if name == NEURONS else basis)
+        cache.write(cache.path("scan", clip.fingerprint, spec.name, stream.key), record)
+        _remove_stale_chunks(cache, clip, spec, stream.key, stream.chunks)
     cache.remove(checkpoint_path)
-    _remove_stale_chunks(cache, clip, spec, key, writer.chunks)
     result = _result_from_record(cache.read(final_path), cache, clip, spec)
     result.cached = False
     return result
@@ -283,15 +327,33 @@ def _cached_scan(cache: Cache, clip, spec, dataset, top_k: int, precision: str, 
     return None
 
 
-class _ChunkWriter:
-    """Buffers per-image maxima and writes a chunk record, then a checkpoint, at every checkpoint step."""
+@dataclass
+class _Stream:
+    """One basis's records during a scan: its cache key and the chunk records written so far."""
+    name: str                    # "neurons" or the basis id
+    key: str
+    chunks: List[str] = field(default_factory=list)
 
-    def __init__(self, cache: Cache, clip, spec, key: str, dataset: ImageDataset, stats: ScanStats,
-                 checkpoint_path: Path, batch_size: int, chunks: List[str], resumed_from: List[int],
+
+def _checkpoint_streams(checkpoint: Optional[Record]) -> dict:
+    if checkpoint is None:
+        return {}
+    streams = checkpoint.attrs.get("streams")
+    if streams is None:   # a checkpoint of a neuron-only scan written before bases existed
+        return {NEURONS: list(checkpoint.attrs.get("chunks", []))}
+    return {name: list(chunks) for name, chunks in streams.items()}
+
+
+class _ChunkWriter:
+    """Buffers per-image maxima and writes a chunk record per stream (basis), then a checkpoint, at every
+    checkpoint step."""
+
+    def __init__(self, cache: Cache, clip, spec, dataset: ImageDataset, stats: ScanStats,
+                 checkpoint_path: Path, batch_size: int, streams: dict, resumed_from: List[int],
                  checkpoint_every: Optional[int]):
-        self.cache, self.clip, self.spec, self.key = cache, clip, spec, key
+        self.cache, self.clip, self.spec = cache, clip, spec
         self.dataset, self.stats, self.checkpoint_path = dataset, stats, checkpoint_path
-        self.batch_size, self.chunks, self.resumed_from = batch_size, chunks, resumed_from
+        self.batch_size, self.streams, self.resumed_from = batch_size, streams, resumed_from
         self.checkpoint_every = checkpoint_every
         self.buffer: List[BatchOutput] = []
         self.buffer_bytes = 0
@@ -299,7 +361,8 @@ class _ChunkWriter:
 
     def on_batch(self, batch: BatchOutput) -> None:
         self.buffer.append(batch)
-        self.buffer_bytes += batch.maxima.nbytes + (batch.embeddings.nbytes if batch.embeddings is not None else 0)
+        self.buffer_bytes += batch.maxima.nbytes + sum(m.nbytes for m in batch.basis_maxima.values()) + \
+            (batch.embeddings.nbytes if batch.embeddings is not None else 0)
         if self.checkpoint_every:
             due = len(self.buffer) >= self.checkpoint_every
         else:
@@ -310,35 +373,42 @@ class _ChunkWriter:
     def flush(self, next_index: int, checkpoint: bool) -> None:
         if self.buffer:
             first = self.buffer[0].start
-            name = f"{self.key}-{first:010d}"
-            arrays = {"indices": np.concatenate([b.indices for b in self.buffer]),
-                      "maxima": np.concatenate([b.maxima for b in self.buffer]).astype(np.float32)}
+            indices = np.concatenate([b.indices for b in self.buffer])
             embs = [b.embeddings for b in self.buffer if b.embeddings is not None and len(b.embeddings)]
-            if any(b.embeddings is not None for b in self.buffer):
-                arrays["embeddings"] = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
-            self.cache.write(self.cache.path("scan-chunk", self.clip.fingerprint, self.spec.name, name),
-                             Record(arrays=arrays, attrs={"first": first, "stop": self.buffer[-1].stop}))
-            if name not in self.chunks:
-                self.chunks.append(name)
+            with_embeddings = any(b.embeddings is not None for b in self.buffer)
+            for stream in self.streams.values():
+                name = f"{stream.key}-{first:010d}"
+                maxima = [b.maxima if stream.name == NEURONS else b.basis_maxima[stream.name] for b in self.buffer]
+                arrays = {"indices": indices, "maxima": np.concatenate(maxima).astype(np.float32)}
+                if with_embeddings:
+                    arrays["embeddings"] = np.concatenate(embs).astype(np.float32) if embs else np.zeros((0, 0), np.float32)
+                self.cache.write(self.cache.path("scan-chunk", self.clip.fingerprint, self.spec.name, name),
+                                 Record(arrays=arrays, attrs={"first": first, "stop": self.buffer[-1].stop}))
+                if name not in stream.chunks:
+                    stream.chunks.append(name)
             self.buffer, self.buffer_bytes = [], 0
         if checkpoint:
             state = {f"state/{k}": v for k, v in self.stats.state_dict().items()}
-            attrs = {"next_index": int(next_index), "batch_size": self.batch_size, "chunks": list(self.chunks),
+            streams = {name: list(stream.chunks) for name, stream in self.streams.items()}
+            attrs = {"next_index": int(next_index), "batch_size": self.batch_size, "streams": streams,
                      "resumed_from": list(self.resumed_from), "total": len(self.dataset)}
             self.cache.write(self.checkpoint_path, Record(arrays=state, attrs=attrs))
         self.last_time = time.monotonic()
 
 
 def _final_record(clip, spec, dataset: ImageDataset, stats: ScanStats, top_k: int, precision: str,
-                  embeddings: bool, chunks: Sequence[str], resumed_from: Sequence[int]) -> Record:
+                  embeddings: bool, chunks: Sequence[str], resumed_from: Sequence[int], basis=None) -> Record:
+    """The record of the neurons, or with `basis` of that basis (its statistics stats.bases[basis.id]); the
+    layer's mean map and the skips come from `stats` either way."""
+    unit_stats = stats if basis is None else stats.bases[basis.id]
     skipped = sorted(stats.skipped)
     arrays = {
-        "top_values": stats.topk.values.cpu().numpy().astype(np.float32),
-        "top_indices": stats.topk.indices.cpu().numpy().astype(np.int64),
-        "top_cells": stats.cells_rc(),
-        "mean": stats.moments.mean.cpu().numpy(),
-        "var": stats.moments.variance.cpu().numpy(),
-        "m2": stats.moments.m2.cpu().numpy(),
+        "top_values": unit_stats.topk.values.cpu().numpy().astype(np.float32),
+        "top_indices": unit_stats.topk.indices.cpu().numpy().astype(np.int64),
+        "top_cells": unit_stats.cells_rc(),
+        "mean": unit_stats.moments.mean.cpu().numpy(),
+        "var": unit_stats.moments.variance.cpu().numpy(),
+        "m2": unit_stats.moments.m2.cpu().numpy(),
         "mean_map": stats.mean_map.mean.cpu().numpy().astype(np.float32),
         "keys": np.asarray(dataset.keys, dtype=object),
         "skipped_indices": np.asarray([i for i, _ in skipped], dtype=np.int64),
@@ -348,7 +418,8 @@ def _final_record(clip, spec, dataset: ImageDataset, stats: ScanStats, top_k: in
     if dataset.captions is not None:
         arrays["captions"] = np.asarray(dataset.captions, dtype=object)
     attrs = {
-        "complete": True, "layer": spec.name, "channels": spec.channels, "top_k": int(top_k),
+        "complete": True, "layer": spec.name, "channels": unit_stats.topk.units, "top_k": int(top_k),
+        "basis": _basis_id(basis), "basis_info": basis.describe() if basis is not None else {"basis": NEURONS},
         "count": stats.count, "items": len(dataset), "skipped": len(skipped), "grid": list(stats.grid),
         "image_size": clip.image_size, "mean_rgb": list(clip.mean), "std_rgb": list(clip.std),
         "precision": precision, "embeddings": bool(embeddings), "chunks": list(chunks),
@@ -374,7 +445,8 @@ def _result_from_record(record: Optional[Record], cache: Cache, clip, spec) -> O
         mean=a["mean"], var=a["var"], mean_map=a["mean_map"], grid=tuple(attrs["grid"]),
         image_size=int(attrs["image_size"]), precision=attrs["precision"], description=attrs.get("dataset", ""),
         path=record.path, cached=True, resumed_from=list(attrs.get("resumed_from", [])),
-        has_embeddings=bool(attrs.get("embeddings")), _chunk_paths=chunk_paths, _cache=cache)
+        has_embeddings=bool(attrs.get("embeddings")), basis=str(attrs.get("basis", NEURONS)),
+        _chunk_paths=chunk_paths, _cache=cache)
 
 
 def _remove_stale_chunks(cache: Cache, clip, spec, key: str, keep: Sequence[str]) -> None:

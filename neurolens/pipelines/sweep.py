@@ -56,6 +56,12 @@ class SweepResult:
     flags_csv: Optional[Path] = None
     cached: bool = False
     attrs: dict = field(default_factory=dict)
+    basis: str = "neurons"              # whose units: "neurons" or an SAE basis id (neurolens.sae.basis)
+    basis_name: str = ""                # the SAE's name for an SAE basis
+
+    @property
+    def unit_word(self) -> str:
+        return "unit" if self.basis == "neurons" else "feature"
 
     @property
     def image_labels(self) -> np.ndarray:
@@ -140,7 +146,7 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
               text_zero_shot: bool = True, scorer: Optional[Scorer] = None, batch_size: Optional[int] = None,
               workers: Optional[int] = None, write_csv: bool = True, labels: Sequence[str] | str = "auto",
               min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None,
-              auc_memory: int = DEFAULT_AUC_MEMORY) -> SweepResult:
+              auc_memory: int = DEFAULT_AUC_MEMORY, basis=None) -> SweepResult:
     """Sweep every unit of `layer` for NSFW content (see neurolens.unit_scores for the statistics and
     neurolens.labels for the label sources).
 
@@ -148,7 +154,10 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
     min_agreement: the reliability check's AUC bar; detector: NudeNet in `auto` (None: where installed,
     False: off); auc_memory: bytes the exact AUC may use (beyond: the binned estimate); caption_terms:
     the captions source's terms (default: the whole NSFW lexicon, neurolens/data/nsfw_terms.txt);
-    scorer(clip, embeddings) -> (N,) replaces the zero-shot score (tests inject known scores)."""
+    scorer(clip, embeddings) -> (N,) replaces the zero-shot score (tests inject known scores).
+    basis: None for the neurons, or a basis of the layer (neurolens.sae.load_basis): its units (SAE features)
+    are swept, from a scan of the same pass as the neurons' and the decoder directions' texts; the record says
+    which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default."""
     from ..datasets import ImageDataset, open_dataset
     from .scan import run_scan
     from .text import run_text
@@ -166,21 +175,22 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
     specs, notes = resolve_specs(named, auto, has_captions=has_captions(dataset.keys, captions), clip=clip,
                                  detector=detector, scorer=scorer)
 
+    basis = _as_basis(basis)
     scan = run_scan(clip, layer, dataset, top_k=top_k, batch_size=batch_size, workers=workers, cache=cache,
-                    force=force, embeddings=True, progress=progress)
+                    force=force, embeddings=True, progress=progress, basis=basis)
     ranking = run_text(clip, layer, vocab=vocab, top_k=text_top_k, scan=scan, cache=cache, force=force,
-                       progress=progress)
+                       progress=progress, basis=basis)
     scorer_name = None if scorer is None else f"custom:{getattr(scorer, '__qualname__', repr(scorer))}"
     method_budget = "exact" if auc_memory >= _exact_bytes(scan) else f"binned:{auc_memory}"
     key = settings_key("sweep", SWEEP_VERSION, Path(scan.path).name if scan.path else None,
                        _text_identity(ranking), prompts.identity, terms, caption_mode, rule.as_dict(), top_k,
                        text_zero_shot and not is_random(clip), safety.LOGIT_SCALE, scorer_name,
                        [(s.name, s.explicit) for s in specs],
-                       float(min_agreement), method_budget)
+                       float(min_agreement), method_budget, *([] if basis is None else [basis.id]))
     path = cache.path("sweep", clip.fingerprint, scan.layer, key)
     record = None if force else cache.read(path)
     if record is not None:
-        result = _from_record(record, scan, ranking)
+        result = _from_record(record, scan, ranking, basis)
     else:
         sources = compute_sources(specs, dataset=dataset, keys=scan.keys, captions=captions, clip=clip,
                                   embeddings=scan.embeddings if any(s.kind == "zero-shot" for s in specs) else None,
@@ -193,11 +203,12 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
         units = score_units(scan, label_set.labels, text_nsfw, rule, top_k=top_k, progress=progress,
                             memory=auc_memory, sources=label_set.used)
         result = SweepResult(layer=scan.layer, scores=units, labels=label_set, text_entries=texts,
-                             text_scores=text_scores, text_nsfw=text_nsfw, scan=scan, text=ranking)
+                             text_scores=text_scores, text_nsfw=text_nsfw, scan=scan, text=ranking,
+                             **_basis_fields(basis))
         cache.write(path, _to_record(result, clip, prompts, terms, caption_mode, scorer_name))
     result.path = path
     if write_csv:
-        result.flags_csv = write_flags_csv(result, flags_path(scan.layer, out))
+        result.flags_csv = write_flags_csv(result, flags_path(scan.layer, out, basis))
     return result
 
 
@@ -333,6 +344,15 @@ def _statistics_from_record(record: Record):
                            n_neg=int(attrs["n_neg"]), method=attrs["method"])
 
 
+def _as_basis(basis):
+    """None for the neurons (or a neuron basis), else the basis object."""
+    return None if basis is None or getattr(basis, "id", "neurons") == "neurons" else basis
+
+
+def _basis_fields(basis) -> dict:
+    return {} if basis is None else {"basis": basis.id, "basis_name": basis.name}
+
+
 def _exact_bytes(scan) -> int:
     from ..unit_stats import ExactAUC
     return ExactAUC.bytes_needed(len(scan.keys), int(scan.channels))
@@ -360,7 +380,8 @@ def _to_record(result: SweepResult, clip, prompts, terms, caption_mode, scorer_n
              "prompts_safe": prompts.safe, "caption_terms": list(terms), "caption_mode": caption_mode,
              "logit_scale": safety.LOGIT_SCALE, "text_threshold": safety.TEXT_NSFW_THRESHOLD,
              "scorer": scorer_name, "scan_record": str(result.scan.path) if result.scan is not None else None,
-             "model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint}
+             "model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint,
+             "basis": result.basis, "basis_name": result.basis_name}
     return Record(arrays=arrays, attrs=attrs)
 
 
@@ -380,7 +401,7 @@ def _label_set_from_record(record: Record) -> LabelSet:
                     notes=list(info.get("notes", [])))
 
 
-def _from_record(record: Record, scan, ranking) -> SweepResult:
+def _from_record(record: Record, scan, ranking, basis=None) -> SweepResult:
     a, attrs = record.arrays, record.attrs
     rule = FlagRule(**attrs["rule"])
     info = attrs["labels"]
@@ -394,7 +415,7 @@ def _from_record(record: Record, scan, ranking) -> SweepResult:
     texts = [[entries[i] for i in row if i >= 0] for row in np.asarray(ranking.top_indices)]
     return SweepResult(layer=attrs["layer"], scores=scores, labels=label_set, text_entries=texts,
                        text_scores=a["text_scores"], text_nsfw=a["text_nsfw"].astype(bool), scan=scan, text=ranking,
-                       path=record.path, cached=True, attrs=attrs)
+                       path=record.path, cached=True, attrs=attrs, **_basis_fields(basis))
 
 
 def _spec_from_name(name: str, kind: str, explicit: bool) -> LabelSpec:
@@ -403,10 +424,12 @@ def _spec_from_name(name: str, kind: str, explicit: bool) -> LabelSpec:
     return LabelSpec(kind, spec.column, spec.values, bool(explicit))
 
 
-def flags_path(layer: str, out: Optional[str | os.PathLike] = None) -> Path:
-    """--out FILE.csv, --out DIR (DIR/flags.csv), or outputs/sweep/<layer>/flags.csv."""
+def flags_path(layer: str, out: Optional[str | os.PathLike] = None, basis=None) -> Path:
+    """--out FILE.csv, --out DIR (DIR/flags.csv), or outputs/sweep/<layer>/flags.csv (an SAE basis:
+    outputs/sweep/<layer>_sae-<name>/flags.csv)."""
     if out is None:
-        return DEFAULT_OUT / layer / "flags.csv"
+        folder = layer if _as_basis(basis) is None else f"{layer}_sae-{basis.name}"
+        return DEFAULT_OUT / folder / "flags.csv"
     out = Path(out)
     return out if out.suffix.lower() == ".csv" else out / "flags.csv"
 
@@ -425,7 +448,9 @@ def _rounded(value: Optional[float], digits: int, significant: bool = False) -> 
 def flags_header(result: SweepResult) -> List[str]:
     """The comment lines at the top of flags.csv (each starts with '#'): the label sources and the rule."""
     s = result.scores
-    lines = [f"# neurolens sweep of {result.layer}: {s.n_pos} positive and {s.n_neg} negative images, "
+    what = result.layer if result.basis == "neurons" else \
+        f"the features of SAE {result.basis_name} on {result.layer} (basis {result.basis}; unit = feature)"
+    lines = [f"# neurolens sweep of {what}: {s.n_pos} positive and {s.n_neg} negative images, "
              f"AUC {s.method}; flagged when {s.rule.describe()}"]
     lines += [f"# {line}" for line in result.lines()]
     # one unquoted cell per line: no comma, quote or line break (a spreadsheet shows it as text after '#')
@@ -459,7 +484,7 @@ DEFAULT_FIGURES = Path("outputs") / "figures"
 
 
 def _feature_visualizations(clip, layer: str, units: Sequence[int], settings, cache: Cache, render: bool,
-                            progress: Progress) -> dict:
+                            progress: Progress, basis=None) -> dict:
     """{unit: (seeds,H,W,3) uint8}: rendered/cached by run_visualize when render=True, else only those
     already in the cache (no model forward)."""
     from . import visualize
@@ -467,33 +492,45 @@ def _feature_visualizations(clip, layer: str, units: Sequence[int], settings, ca
         return {}
     if render:
         return {r.unit: np.asarray(r.images) for r in
-                visualize.run_visualize(clip, layer, units, settings, cache=cache, progress=progress)}
+                visualize.run_visualize(clip, layer, units, settings, cache=cache, progress=progress, basis=basis)}
     resolved = visualize.resolved_settings(clip, settings)
     found = {}
     for unit in units:
-        record = cache.read(visualize.record_path(cache, clip, layer, int(unit), resolved))
+        record = cache.read(visualize.record_path(cache, clip, layer, int(unit), resolved, basis))
         if record is not None:
             found[int(unit)] = np.asarray(record.arrays["images"])
     return found
 
 
 def blur_policy(clip, sweep: SweepResult, cache: Cache, blur: bool = True, prompts=None,
-                scorer: Optional[Scorer] = None):
+                scorer: Optional[Scorer] = None, basis=None):
     """The BlurPolicy of a figure or grid drawn from `sweep`: its flagged units (and those of every cached
     sweep of the layer) and its combined per-image labels (1 positive, 0 negative, NaN unknown or doubtful:
     the policy then asks the detector, or blurs the image as not judged). A random-weights model's zero-shot
     score is never a label source (neurolens.labels.sources), so it never reaches these labels."""
     from ..labels.policy import BlurPolicy
     return BlurPolicy.for_layer(clip, sweep.layer, cache, blur=blur, flagged=sweep.flagged_units,
-                                image_labels=np.asarray(sweep.image_labels, dtype=np.float64), prompts=prompts)
+                                image_labels=np.asarray(sweep.image_labels, dtype=np.float64), prompts=prompts,
+                                basis=basis)
 
 
-def _check_units(clip, layer: str, units: Sequence[int]) -> List[int]:
+def _check_units(clip, layer: str, units: Sequence[int], basis=None) -> List[int]:
     from ..models import check_unit, resolve_layer
     spec = resolve_layer(clip, layer)
     for unit in units:
-        check_unit(spec, int(unit))
+        if basis is None:
+            check_unit(spec, int(unit))
+        else:
+            basis.check_unit(int(unit))
     return [int(u) for u in dict.fromkeys(units)]
+
+
+def _tag(unit: int, basis) -> str:
+    return f"unit{int(unit)}" if basis is None else basis.tag(unit)
+
+
+def _label(unit: int, basis) -> str:
+    return f"unit {int(unit)}" if basis is None else basis.label(unit)
 
 
 def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str = "builtin", top_k: int = 32,
@@ -502,11 +539,11 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
                prompts: Optional[safety.Prompts] = None, rule: FlagRule = FlagRule(),
                caption_mode: str = "word", caption_terms: Optional[Sequence[str]] = None,
                scorer: Optional[Scorer] = None, labels: Sequence[str] | str = "auto",
-               min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None
+               min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None, basis=None
                ) -> List[Tuple[Path, object]]:
     """One PNG panel per unit under `out` (default outputs/figures/), from the cached sweep (swept first if
     needed). Returns (path, panels.Figure) per unit. Blurred as blur_policy() says; raw pixels (blur=False)
-    go to *_noblur.png."""
+    go to *_noblur.png. basis: an SAE basis draws its features (files ..._sae-<name>_feature<F>.png)."""
     from ..datasets import ImageDataset, open_dataset
     from ..files import save_png
     from ..panels import PanelOptions, unit_panel
@@ -514,21 +551,22 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
 
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
-    units = _check_units(clip, layer, units)
+    basis = _as_basis(basis)
+    units = _check_units(clip, layer, units, basis)
     sweep = run_sweep(clip, layer, dataset, vocab=vocab, top_k=top_k, text_top_k=text_top_k, cache=cache,
                       progress=progress, rule=rule, prompts=prompts, caption_mode=caption_mode,
                       caption_terms=caption_terms, scorer=scorer, write_csv=False, labels=labels,
-                      min_agreement=min_agreement, detector=detector)
+                      min_agreement=min_agreement, detector=detector, basis=basis)
     fvs = _feature_visualizations(clip, sweep.layer, units, render_settings or RenderSettings(), cache, True,
-                                  progress) if fv else {}
-    policy = blur_policy(clip, sweep, cache, blur, prompts, scorer)
+                                  progress, basis) if fv else {}
+    policy = blur_policy(clip, sweep, cache, blur, prompts, scorer, basis)
     folder = Path(out) if out else DEFAULT_FIGURES
     written = []
     for unit in units:
-        title = f"{clip.name} ({clip.pretrained})  {sweep.layer}  unit {unit}"
+        title = f"{clip.name} ({clip.pretrained})  {sweep.layer}  {_label(unit, basis)}"
         figure = unit_panel(sweep, dataset, unit, title, clip.image_size, policy, fv_images=fvs.get(unit),
                             options=options or PanelOptions())
-        path = policy.output_path(folder / f"{_safe(clip.name)}_{sweep.layer}_unit{unit}.png")
+        path = policy.output_path(folder / f"{_safe(clip.name)}_{sweep.layer}_{_tag(unit, basis)}.png")
         written.append((save_png(figure.image, path), figure))
     return written
 
@@ -540,10 +578,11 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
              prompts: Optional[safety.Prompts] = None, rule: FlagRule = FlagRule(),
              caption_mode: str = "word", caption_terms: Optional[Sequence[str]] = None,
              scorer: Optional[Scorer] = None, labels: Sequence[str] | str = "auto",
-             min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None
+             min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None, basis=None
              ) -> Tuple[Path, object, List[int]]:
     """Many units in one PNG: `units`, else the sweep's flagged units (flagged=True), else the `top` units by
-    AUC; at most `top`. Feature visualizations are shown when cached (render_fv renders them)."""
+    AUC; at most `top`. Feature visualizations are shown when cached (render_fv renders them). basis: an SAE
+    basis draws its features (file ..._sae-<name>_grid_...png)."""
     from ..datasets import ImageDataset, open_dataset
     from ..files import save_png
     from ..panels import PanelOptions, units_grid
@@ -553,12 +592,13 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
         raise NeurolensError(f"--top must be at least 1, got {top}")
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
+    basis = _as_basis(basis)
     if units:
-        units = _check_units(clip, layer, units)
+        units = _check_units(clip, layer, units, basis)
     sweep = run_sweep(clip, layer, dataset, vocab=vocab, top_k=top_k, text_top_k=text_top_k, cache=cache,
                       progress=progress, rule=rule, prompts=prompts, caption_mode=caption_mode,
                       caption_terms=caption_terms, scorer=scorer, write_csv=False, labels=labels,
-                      min_agreement=min_agreement, detector=detector)
+                      min_agreement=min_agreement, detector=detector, basis=basis)
     if units:
         chosen, what = list(units)[:top], "selected units"
     elif flagged:
@@ -570,14 +610,17 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
     else:
         chosen, what = [int(u) for u in sweep.scores.ranking()[:top]], "units by AUC"
     fvs = _feature_visualizations(clip, sweep.layer, chosen, render_settings or RenderSettings(), cache, render_fv,
-                                  progress)
-    policy = blur_policy(clip, sweep, cache, blur, prompts, scorer)
+                                  progress, basis)
+    policy = blur_policy(clip, sweep, cache, blur, prompts, scorer, basis)
+    if basis is not None:
+        what = what.replace("units", f"features of SAE {basis.name}")
     title = f"{clip.name} ({clip.pretrained})  {sweep.layer}: {len(chosen)} {what}"
     figure = units_grid(sweep, dataset, chosen, title, clip.image_size, policy, fvs=fvs,
                         options=options or PanelOptions())
     kind = "flagged" if flagged and not units else ("units" if units else "top")
     folder = Path(out) if out else DEFAULT_FIGURES
-    path = policy.output_path(folder / f"{_safe(clip.name)}_{sweep.layer}_grid_{kind}{len(chosen)}.png")
+    basis_part = "" if basis is None else f"_sae-{basis.name}"
+    path = policy.output_path(folder / f"{_safe(clip.name)}_{sweep.layer}{basis_part}_grid_{kind}{len(chosen)}.png")
     return save_png(figure.image, path), figure, chosen
 
 

@@ -48,6 +48,7 @@ class TextRanking:
     directions_cached: bool = False
     path: Optional[Path] = None
     timings: dict = field(default_factory=dict)
+    basis: str = "neurons"             # whose units: "neurons" or an SAE basis id (neurolens.sae.basis)
 
     def rows(self, unit: int, limit: Optional[int] = None) -> List[dict]:
         """JSON-able rows {unit, rank, score, text}, rank 1 = highest cosine."""
@@ -94,28 +95,48 @@ def text_embeddings(clip, vocab: Vocabulary, cache=None, force: bool = False, ba
     return embeddings, False, path
 
 
+def _basis_parts(basis) -> list:
+    """Extra key parts: none for the neurons (their keys stay what they always were), the basis id otherwise."""
+    return [] if basis is None else [basis.id]
+
+
+def _units(spec, basis) -> int:
+    return spec.channels if basis is None else basis.units
+
+
+def _as_basis(basis):
+    return None if basis is None or getattr(basis, "id", "neurons") == "neurons" else basis
+
+
 def unit_directions_cached(clip, spec, scan=None, cache=None, force: bool = False,
-                           progress: Progress = None) -> "tuple[np.ndarray, bool]":
-    """(C,D) unit directions at the reference (the scan's mean map, else the neutral image), cached."""
+                           progress: Progress = None, basis=None) -> "tuple[np.ndarray, bool]":
+    """(U,D) unit directions at the reference (the scan's mean map, else the neutral image), cached.
+    basis: None for the neurons; an SAE basis gives each feature's decoder direction through the same Jacobian."""
     cache = _as_cache(cache)
+    basis = _as_basis(basis)
     ref_id = reference_identity(scan)
-    key = settings_key("text-directions", TEXT_VERSION, spec.hook_module, spec.capture, ref_id)
+    key = settings_key("text-directions", TEXT_VERSION, spec.hook_module, spec.capture, ref_id, *_basis_parts(basis))
     path = cache.path("text-directions", clip.fingerprint, spec.name, key)
+    units = _units(spec, basis)
     if not force:
         record = cache.read(path)
-        if record is not None and record.arrays.get("directions", np.empty(0)).shape[:1] == (spec.channels,):
+        if record is not None and record.arrays.get("directions", np.empty(0)).shape[:1] == (units,):
             return record.arrays["directions"], True
     reference_map = None if scan is None else scan.mean_map
-    directions = textlib.unit_directions(clip, spec, reference_map=reference_map, progress=progress)
+    if basis is None:
+        directions = textlib.unit_directions(clip, spec, reference_map=reference_map, progress=progress)
+    else:
+        jacobian = textlib.image_jacobian(clip, spec, reference_map, progress=progress)
+        directions = np.asarray(basis.directions(jacobian), dtype=np.float32)
     cache.write(path, Record(arrays={"directions": directions},
-                             attrs={"layer": spec.name, "reference": ref_id,
+                             attrs={"layer": spec.name, "reference": ref_id, "basis": basis.id if basis else "neurons",
                                     "reference_description": reference_description(scan)}))
     return directions, False
 
 
-def _ranking_path(clip, spec, vocab: Vocabulary, top_k: int, scan, cache: Cache) -> Path:
+def _ranking_path(clip, spec, vocab: Vocabulary, top_k: int, scan, cache: Cache, basis=None) -> Path:
     key = settings_key("text-rankings", TEXT_VERSION, spec.hook_module, spec.capture, vocab.identity,
-                       reference_identity(scan), int(top_k))
+                       reference_identity(scan), int(top_k), *_basis_parts(basis))
     return cache.path("text-rankings", clip.fingerprint, spec.name, key)
 
 
@@ -129,39 +150,42 @@ def _prepare(clip, layer: str, vocab, top_k: int, scan):
     return spec, vocab, int(min(int(top_k), len(vocab)))
 
 
-def _ranking(spec, vocab: Vocabulary, scan, path: Path, **fields) -> TextRanking:
+def _ranking(spec, vocab: Vocabulary, scan, path: Path, basis=None, **fields) -> TextRanking:
     return TextRanking(layer=spec.name, entries=vocab.entries, reference=reference_identity(scan),
                        reference_description=reference_description(scan), vocab_source=vocab.source,
-                       vocab_identity=vocab.identity, path=path, **fields)
+                       vocab_identity=vocab.identity, path=path, basis=basis.id if basis else "neurons", **fields)
 
 
 def find_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k: int = 30, scan=None,
-              cache=None) -> Optional[TextRanking]:
+              cache=None, basis=None) -> Optional[TextRanking]:
     """The cached ranking for these settings, or None."""
     spec, vocab, top_k = _prepare(clip, layer, vocab, top_k, scan)
     cache = _as_cache(cache)
-    path = _ranking_path(clip, spec, vocab, top_k, scan, cache)
+    basis = _as_basis(basis)
+    path = _ranking_path(clip, spec, vocab, top_k, scan, cache, basis)
     record = cache.read(path)
-    if record is None or record.arrays.get("top_indices", np.empty((0, 0))).shape != (spec.channels, top_k):
+    if record is None or record.arrays.get("top_indices", np.empty((0, 0))).shape != (_units(spec, basis), top_k):
         return None
-    return _ranking(spec, vocab, scan, path, top_indices=record.arrays["top_indices"].astype(np.int64),
+    return _ranking(spec, vocab, scan, path, basis, top_indices=record.arrays["top_indices"].astype(np.int64),
                     top_scores=record.arrays["top_scores"].astype(np.float32), cached=True,
                     embeddings_cached=True, directions_cached=True)
 
 
 def run_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k: int = 30, scan=None,
              cache=None, force: bool = False, progress: Progress = None, batch_size: int = 256,
-             direction_progress: Progress = None) -> TextRanking:
+             direction_progress: Progress = None, basis=None) -> TextRanking:
     """Top-k vocabulary entries for ALL units of `layer`, cache-or-compute.
 
     scan: a ScanResult whose mean_map is the reference activation (None: the neutral grey image).
     progress: called (done, total) while encoding the vocabulary; direction_progress: while computing the
     Jacobian (embedding dimensions done). Embeddings, directions and the ranking are cached separately, so a
-    new vocabulary reuses the directions and a new layer reuses the embeddings."""
+    new vocabulary reuses the directions and a new layer reuses the embeddings.
+    basis: None for neurons, or a basis of the layer (neurolens.sae.load_basis) whose units are ranked."""
     spec, vocab, top_k = _prepare(clip, layer, vocab, top_k, scan)
     cache = _as_cache(cache)
+    basis = _as_basis(basis)
     if not force:
-        found = find_text(clip, spec.name, vocab, top_k, scan, cache)
+        found = find_text(clip, spec.name, vocab, top_k, scan, cache, basis)
         if found is not None:
             return found
     started = time.perf_counter()
@@ -169,19 +193,20 @@ def run_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k:
                                                        progress=progress)
     encoded = time.perf_counter()
     directions, directions_cached = unit_directions_cached(clip, spec, scan, cache, force=force,
-                                                           progress=direction_progress)
+                                                           progress=direction_progress, basis=basis)
     directed = time.perf_counter()
     indices, scores = textlib.top_k_texts(directions, embeddings, top_k, device=clip.device)
     ranked = time.perf_counter()
-    path = _ranking_path(clip, spec, vocab, top_k, scan, cache)
+    path = _ranking_path(clip, spec, vocab, top_k, scan, cache, basis)
     # the ranked texts themselves, so readers of the cache (the web app, the static site) need no vocabulary
     texts = np.asarray([[vocab.entries[int(i)] for i in row] for row in np.asarray(indices)], dtype=object)
     cache.write(path, Record(arrays={"top_indices": indices, "top_scores": scores, "texts": texts},
                              attrs={"layer": spec.name, "vocab_identity": vocab.identity, "vocab_source": vocab.source,
+                                    "basis": basis.id if basis else "neurons",
                                     "reference": reference_identity(scan),
                                     "reference_description": reference_description(scan),
                                     "top_k": top_k, "count": len(vocab)}))
-    return _ranking(spec, vocab, scan, path, top_indices=indices, top_scores=scores, cached=False,
+    return _ranking(spec, vocab, scan, path, basis, top_indices=indices, top_scores=scores, cached=False,
                     embeddings_cached=embeddings_cached, directions_cached=directions_cached,
                     timings={"encode_s": encoded - started, "directions_s": directed - encoded,
                              "rank_s": ranked - directed})

@@ -31,9 +31,21 @@ def resolved_settings(clip, settings: RenderSettings) -> RenderSettings:
     )
 
 
-def record_path(cache: Cache, clip, layer: str, unit: int, settings: RenderSettings) -> Path:
-    key = settings_key(clip.fingerprint, layer, unit, dataclasses.asdict(settings))
-    return cache.path(KIND, clip.fingerprint, layer, f"unit{unit}_{key}")
+def _is_neurons(basis) -> bool:
+    return basis is None or getattr(basis, "id", "neurons") == "neurons"
+
+
+def unit_tag(unit: int, basis=None) -> str:
+    """How file names name a unit: unit<U>, or sae-<name>_feature<F> for an SAE basis."""
+    return f"unit{int(unit)}" if _is_neurons(basis) else basis.tag(unit)
+
+
+def record_path(cache: Cache, clip, layer: str, unit: int, settings: RenderSettings, basis=None) -> Path:
+    parts = [clip.fingerprint, layer, unit, dataclasses.asdict(settings)]
+    if not _is_neurons(basis):   # neuron records keep the key they always had
+        parts.append(basis.id)
+    key = settings_key(*parts)
+    return cache.path(KIND, clip.fingerprint, layer, f"{unit_tag(unit, basis)}_{key}")
 
 
 def _result_from_record(record: Record, layer: str, unit: int, settings: RenderSettings, clip) -> RenderResult:
@@ -45,25 +57,31 @@ def _result_from_record(record: Record, layer: str, unit: int, settings: RenderS
 def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettings = RenderSettings(),
                   cache: Optional[Cache] = None, force: bool = False, out_dir: Optional[str | Path] = None,
                   progress: Optional[Callable[[int, int], None]] = None, blur: bool = True,
-                  policy: Optional[BlurPolicy] = None) -> List[RenderResult]:
+                  policy: Optional[BlurPolicy] = None, basis=None) -> List[RenderResult]:
     """Feature visualizations of `units` of `layer`: read from the cache, or rendered (several units in one
     batch) and cached unit by unit as each batch finishes, so an interrupted run keeps what it finished.
 
     With out_dir, one PNG per unit and seed is written there, blurred where the blur policy says so
     (neurolens.labels.policy: a flagged unit, the detector, or a trained model's zero-shot score); each
     result's `blurred` holds the reason per seed (None: raw pixels). blur=False writes raw pixels to
-    *_noblur.png files. `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur)."""
+    *_noblur.png files. `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur).
+    basis: None for neurons, or a basis of the layer (neurolens.sae.load_basis): `units` are then its
+    features, the objective is the feature's pre-TopK encoder activation, and keys and file names say so."""
     cache = cache or Cache()
     spec = resolve_layer(clip, layer)
+    basis = None if _is_neurons(basis) else basis
     units = list(dict.fromkeys(int(u) for u in units))
     for unit in units:
-        check_unit(spec, unit)
+        if basis is None:
+            check_unit(spec, unit)
+        else:
+            basis.check_unit(unit)
     settings = resolved_settings(clip, settings)
 
     results = {}
     missing = []
     for unit in units:
-        record = None if force else cache.read(record_path(cache, clip, spec.name, unit, settings))
+        record = None if force else cache.read(record_path(cache, clip, spec.name, unit, settings, basis))
         if record is not None:
             results[unit] = _result_from_record(record, spec.name, unit, settings, clip)
         else:
@@ -78,7 +96,7 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
         offset = index * settings.steps
         report = (lambda done, total, offset=offset: progress(offset + done, total_steps)) if progress else None
         started = time.time()
-        output = render(clip, spec, batch, settings, progress=report)
+        output = render(clip, spec, batch, settings, progress=report, basis=basis)
         elapsed = time.time() - started
         seeds = len(settings.seeds)
         for position, unit in enumerate(batch):
@@ -88,10 +106,11 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
                         "curve": output.curve[:, rows]},
                 attrs={"model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint,
                        "layer": spec.name, "module": spec.module, "unit": unit,
+                       "basis": basis.id if basis is not None else "neurons",
                        "settings": dataclasses.asdict(settings), "batch_units": batch,
                        "seconds_for_batch": elapsed, "created": time.time()},
             )
-            cache.write(record_path(cache, clip, spec.name, unit, settings), record)
+            cache.write(record_path(cache, clip, spec.name, unit, settings, basis), record)
             results[unit] = RenderResult(layer=spec.name, unit=unit, seeds=settings.seeds,
                                          images=record.arrays["images"], activations=record.arrays["activations"],
                                          curve=record.arrays["curve"], settings=settings,
@@ -99,18 +118,20 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
 
     ordered = [results[unit] for unit in units]
     if out_dir is not None:
-        policy = policy or BlurPolicy.for_layer(clip, spec.name, cache, blur=blur)
+        policy = policy or BlurPolicy.for_layer(clip, spec.name, cache, blur=blur, basis=basis)
         for result in ordered:
-            write_pngs(result, clip.name, out_dir, policy)
+            write_pngs(result, clip.name, out_dir, policy, basis)
     return ordered
 
 
-def write_pngs(result: RenderResult, model_name: str, out_dir: str | Path, policy: BlurPolicy) -> List[str]:
+def write_pngs(result: RenderResult, model_name: str, out_dir: str | Path, policy: BlurPolicy,
+               basis=None) -> List[str]:
     """One PNG per seed under out_dir, as the policy shows it; sets result.paths and result.blurred."""
     paths, reasons = [], []
     for index, seed in enumerate(result.seeds):
         shown, reason = policy.fv(result.unit, Image.fromarray(np.asarray(result.images[index])))
-        path = policy.output_path(Path(out_dir) / f"{model_name}_{result.layer}_unit{result.unit}_seed{seed}.png")
+        name = f"{model_name}_{result.layer}_{unit_tag(result.unit, basis)}_seed{seed}.png"
+        path = policy.output_path(Path(out_dir) / name)
         paths.append(str(save_png(shown, path)))
         reasons.append(reason)
     result.paths, result.blurred = tuple(paths), tuple(reasons)

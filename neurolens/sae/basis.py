@@ -1,0 +1,226 @@
+"""A basis of a layer: the units every command inspects. Neurons (the layer's channels) or the features of an SAE.
+
+A basis knows
+  id          what cache keys hash ("neurons", or "sae-<name>-<hash of the weights>")
+  units       how many units it has
+  activations (B, C, H, W) layer activations -> (B, units, H, W): what `scan` ranks images by (spatial max)
+  objective   what `visualize` maximizes
+  directions  each unit's direction in the joint embedding space, from the layer's Jacobian (`text`)
+  tag/label   how file names and pages name a unit
+
+For an SAE feature f (W_enc, b_enc, W_dec, b_dec in SAELens's layout, see model.py):
+  activation at a cell x   the SAE's feature activation z_f(x) (TopK: zero unless f is among the k largest
+                           pre-activations of that cell); the per-image value of a scan is its max over cells
+  visualize objective      the pre-TopK encoder activation pre_f(x) = (n(x) - b_dec) . W_enc[:, f] + b_enc[f],
+                           averaged over cells (objective "channel") or at the centre cell ("neuron"): it has a
+                           gradient everywhere, where z_f is flat zero outside the top k
+  text direction           J W_dec[f] normalized: the derivative of the image embedding when the layer moves
+                           along the feature's decoder direction on every cell, with J the Jacobian that gives
+                           the neurons' directions (neurolens.text)
+`load_basis` is the one call that turns `--sae NAME_OR_PATH` (or nothing: neurons) into a basis.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import NeurolensError, UnitOutOfRangeError
+from ..objectives import Objective, unit_objective
+from ..types import LayerSpec
+from .model import SparseAutoencoder
+
+NEURONS = "neurons"
+
+
+class NeuronBasis:
+    """The layer's own channels."""
+    kind = NEURONS
+    id = NEURONS
+    name = ""
+    unit_word = "unit"
+    path: Optional[Path] = None
+    sae: Optional[SparseAutoencoder] = None
+
+    def __init__(self, spec: LayerSpec):
+        self.spec = spec
+        self.units = spec.channels
+
+    def activations(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts
+
+    def objective(self, kind: str, layer: str, units: Sequence[int]) -> Objective:
+        return unit_objective(kind, layer, units)
+
+    def directions(self, jacobian: torch.Tensor) -> np.ndarray:
+        return F.normalize(torch.as_tensor(jacobian).float().t(), dim=-1).numpy()
+
+    def tag(self, unit: int) -> str:
+        return f"unit{int(unit)}"
+
+    def label(self, unit: int) -> str:
+        return f"unit {int(unit)}"
+
+    def check_unit(self, unit: int) -> None:
+        _check(self, unit)
+
+    def describe(self) -> dict:
+        return {"basis": self.id, "kind": self.kind, "units": self.units}
+
+
+class SaeBasis:
+    """The features of one SAE on one layer."""
+    kind = "sae"
+    unit_word = "feature"
+
+    def __init__(self, sae: SparseAutoencoder, name: str, spec: LayerSpec, path: Optional[Path] = None):
+        if sae.d_in != spec.channels:
+            hook = sae.config.metadata.get("hook_name") or sae.config.metadata.get("hook_point")
+            made_for = f" (it was made for {hook})" if hook else ""
+            raise NeurolensError(f"the SAE {name} reads {sae.d_in}-channel vectors but layer {spec.name} has "
+                                 f"{spec.channels} channels{made_for}; use an SAE made for this layer")
+        self.sae = sae.eval()
+        for param in self.sae.parameters():
+            param.requires_grad_(False)
+        self.name, self.spec, self.path = name, spec, path
+        self.units = sae.d_sae
+        self.digest = weights_digest(sae)
+        self.id = f"sae-{name}-{self.digest[:12]}"
+
+    # -------------------------------------------------------------------------------------- scan
+
+    def activations(self, acts: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, F, H, W) feature activations of every cell (or (B, C) -> (B, F))."""
+        sae = self.sae.to(acts.device)
+        if acts.dim() == 2:
+            return sae.encode(acts.float())
+        batch, channels, height, width = acts.shape
+        flat = acts.float().permute(0, 2, 3, 1).reshape(-1, channels)
+        if sae.config.architecture == "topk":
+            values, indices = sae.encode_topk(flat)
+            dense = torch.zeros(flat.shape[0], self.units, device=acts.device, dtype=values.dtype)
+            dense.scatter_(1, indices, values)
+        else:
+            dense = sae.encode(flat)
+        return dense.reshape(batch, height, width, self.units).permute(0, 3, 1, 2)
+
+    # --------------------------------------------------------------------------------- visualize
+
+    def pre_activation_map(self, acts: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, H, W): each image's own feature's pre-TopK activation on every cell."""
+        sae = self.sae.to(acts.device)
+        cells = acts.float().permute(0, 2, 3, 1)                       # (N, H, W, C)
+        encoder_in = sae.encoder_input(cells)
+        weights = sae.W_enc.t()[units]                                  # (N, C)
+        return torch.einsum("nhwc,nc->nhw", encoder_in, weights) + sae.b_enc[units][:, None, None]
+
+    def objective(self, kind: str, layer: str, units: Sequence[int]) -> Objective:
+        if kind not in ("channel", "neuron"):
+            raise NeurolensError(f"unknown objective {kind!r}; use channel or neuron")
+        index = torch.as_tensor(list(units), dtype=torch.long)
+
+        def fn(acts) -> torch.Tensor:
+            act = acts[layer]
+            if act.dim() == 2:
+                act = act[:, :, None, None]
+            pre = self.pre_activation_map(act, index.to(act.device))
+            if kind == "neuron":
+                return pre[:, pre.shape[1] // 2, pre.shape[2] // 2]
+            return pre.flatten(1).mean(1)
+        return Objective(fn, [layer], f"sae_feature_{kind}({layer}, {self.name})")
+
+    # -------------------------------------------------------------------------------------- text
+
+    def directions(self, jacobian: torch.Tensor) -> np.ndarray:
+        """(F, D): normalize(J @ W_dec[f]) for every feature f, J (D, C) the layer's Jacobian."""
+        jac = torch.as_tensor(jacobian).float()
+        decoder = self.sae.W_dec.detach().float().cpu()
+        return F.normalize(decoder @ jac.t(), dim=-1).numpy()
+
+    # ----------------------------------------------------------------------------------- naming
+
+    def tag(self, unit: int) -> str:
+        return f"sae-{self.name}_feature{int(unit)}"
+
+    def label(self, unit: int) -> str:
+        return f"feature {int(unit)} of SAE {self.name}"
+
+    def check_unit(self, unit: int) -> None:
+        _check(self, unit)
+
+    def describe(self) -> dict:
+        config = self.sae.config
+        return {"basis": self.id, "kind": self.kind, "name": self.name, "path": str(self.path) if self.path else None,
+                "units": self.units, "architecture": config.architecture, "k": config.k, "d_in": config.d_in,
+                "quality": (config.metadata.get("neurolens") or {}).get("quality")}
+
+
+Basis = Union[NeuronBasis, SaeBasis]
+
+
+def _check(basis, unit: int) -> None:
+    if not 0 <= int(unit) < basis.units:
+        what = f"SAE {basis.name}" if basis.kind != NEURONS else f"layer {basis.spec.name}"
+        raise UnitOutOfRangeError(f"{basis.unit_word} {unit} is out of range for {what}: it has {basis.units} "
+                                  f"{basis.unit_word}s, 0 to {basis.units - 1}")
+
+
+def weights_digest(sae: SparseAutoencoder) -> str:
+    """sha1 of the architecture, k, normalization and every tensor's bytes: the SAE's identity in cache keys."""
+    config = sae.config
+    digest = hashlib.sha1(repr((config.architecture, config.k, config.apply_b_dec_to_input,
+                                config.normalize_activations)).encode())
+    for name, tensor in sorted(sae.state_tensors().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def is_neurons(basis) -> bool:
+    return basis is None or getattr(basis, "kind", None) == NEURONS
+
+
+def load_basis(clip, layer: str, sae: Union[None, str, Path, SparseAutoencoder, NeuronBasis, SaeBasis] = None,
+               cache=None, name: Optional[str] = None) -> Basis:
+    """The basis of `layer` named by `sae`: None -> the neurons; a name -> the SAE trained for this model and
+    layer (`neurolens sae train --out NAME`); a path -> an SAE folder made anywhere (SAELens or Prisma layout);
+    a SparseAutoencoder -> its features (named `name`). Raises NeurolensError with one line when the SAE is
+    missing or does not fit the layer."""
+    from ..models import resolve_layer
+    spec = resolve_layer(clip, layer)
+    if sae is None or isinstance(sae, NeuronBasis):
+        return NeuronBasis(spec)
+    if isinstance(sae, SaeBasis):
+        if sae.spec.name != spec.name:
+            raise NeurolensError(f"the SAE basis {sae.name} is of layer {sae.spec.name}, not {spec.name}")
+        return sae
+    if isinstance(sae, SparseAutoencoder):
+        return SaeBasis(sae.to(clip.device), name or "custom", spec)
+    from .io import load_sae
+    from .registry import locate
+    path, found_name, _ = locate(clip, spec.name, str(sae), cache)
+    model = load_sae(path, device=clip.device)
+    return SaeBasis(model, name or found_name, spec, path)
+
+
+def available_bases(clip, layer: str, cache=None) -> list:
+    """What a page can offer for `layer`: the neurons, then every SAE trained for this model and layer, as
+    JSON-able dicts {sae (the value for load_basis / --sae; None for neurons), kind, name, units, label,
+    quality}. Reads only the SAEs' cfg.json files (no weights)."""
+    from ..models import resolve_layer
+    from .io import read_config
+    from .registry import as_cache, list_saes, sae_folder
+    spec = resolve_layer(clip, layer)
+    rows = [{"sae": None, "kind": NEURONS, "name": "", "units": spec.channels, "label": f"{spec.channels} neurons",
+             "quality": None}]
+    for name in list_saes(clip, spec.name, cache):
+        cfg = read_config(sae_folder(as_cache(cache), clip, spec.name, name))
+        info = (cfg.get("metadata") or {}).get("neurolens") or {}
+        rows.append({"sae": name, "kind": "sae", "name": name, "units": cfg.get("d_sae"),
+                     "label": f"SAE {name}: {cfg.get('d_sae')} features, k={cfg.get('k')}",
+                     "quality": info.get("quality")})
+    return rows
