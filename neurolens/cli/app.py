@@ -27,8 +27,8 @@ app = typer.Typer(
 ModelOpt = Annotated[str, typer.Option("--model", help="Any open_clip model name (neurolens also ships nl-tiny-RN, nl-toy-RN).")]
 PretrainedOpt = Annotated[str, typer.Option(
     "--pretrained",
-    help="open_clip pretrained tag, or 'none' for random weights (seeded; ResNet bn3 weights, which "
-         "open_clip zero-initializes, are re-initialized to 1 so units respond to the input).")]
+    help="open_clip pretrained tag, or 'none' for random weights (seeded; a ResNet's BatchNorms are "
+         "re-initialized to natural-image statistics, so activations are of order 1).")]
 CheckpointOpt = Annotated[Optional[str], typer.Option(
     "--checkpoint", help="Local .pt/.bin/.safetensors weights (read with weights_only / safetensors). "
                          "A neurolens checkpoint carries its model config, so --model is not needed.")]
