@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .hooks import forward_to
+from .models.resize import any_input_size
 from .objectives import Objective, diversity, unit_objective
 from .param import FourierImage
 from .types import LayerSpec, RenderSettings
@@ -73,6 +74,47 @@ def random_view(images: torch.Tensor, out_size: int, generator: torch.Generator)
                          align_corners=False) + PAD_VALUE
 
 
+# The low-resolution steps run only where the layer keeps at least this many cells per side at the lower size:
+# on the trained toy (image_block_4_0: 2x2 at 64 px, 1x1 at 32 px) the low-resolution steps drove the
+# full-size activation of some units below zero.
+MIN_LOW_RES_GRID = 3
+
+
+def layer_grid(clip, spec: LayerSpec, size: int) -> Tuple[int, int]:
+    """(cells per side of the layer at `size`, input pixels per cell). A vector layer (the embedding) counts
+    the tower's last grid: a ViT's patches, a ResNet's final 1/32 feature map."""
+    visual = clip.model.visual
+    patch = getattr(visual, "patch_size", None)
+    if patch is not None:
+        stride = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    elif spec.height > 1:
+        stride = max(1, clip.image_size // spec.height)
+    else:
+        stride = 32
+    return size // stride, stride
+
+
+def low_res_size(clip, spec: LayerSpec, size: int, scale: float) -> int:
+    """Image size of the low-resolution steps: the layer's grid scaled by `scale` (rounded half up), in whole
+    cells; 0 (no low-resolution steps) when that grid would have fewer than MIN_LOW_RES_GRID cells per side
+    or would not be smaller than the full one."""
+    grid, stride = layer_grid(clip, spec, size)
+    low_grid = int(math.floor(grid * scale + 0.5))
+    if low_grid < MIN_LOW_RES_GRID or low_grid >= grid:
+        return 0
+    return low_grid * stride
+
+
+def learning_rate(settings: RenderSettings, step: int) -> float:
+    """Adam's lr at `step`: constant, then a cosine from lr down to lr * lr_final at the last step."""
+    start = int(round(settings.steps * settings.lr_decay_start))
+    if step < start or settings.steps - 1 <= start:
+        return settings.lr
+    progress = (step - start) / (settings.steps - 1 - start)
+    floor = settings.lr * settings.lr_final
+    return floor + (settings.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def build_objective(settings: RenderSettings, layer: str, units: Sequence[int]) -> Objective:
     batch_units = [unit for unit in units for _ in settings.seeds]
     objective = unit_objective(settings.objective, layer, batch_units)
@@ -84,7 +126,7 @@ def build_objective(settings: RenderSettings, layer: str, units: Sequence[int]) 
 
 def evaluate(clip, spec: LayerSpec, kind: str, units: Sequence[int], images: torch.Tensor) -> torch.Tensor:
     """The plain objective (no diversity) of images in [0,1]: fp32, no transforms, no gradients."""
-    with torch.no_grad():
+    with torch.no_grad(), any_input_size(clip.model):
         acts = forward_to(clip.model, clip.normalize(images.float()), [spec])
         return unit_objective(kind, spec.name, list(units))(acts).float().cpu()
 
@@ -102,29 +144,33 @@ def render(clip, spec: LayerSpec, units: Sequence[int], settings: RenderSettings
     objective = build_objective(settings, spec.name, units)
     optimizer = torch.optim.Adam(param.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(transform_seed(settings.seeds))
-    low_res_steps = int(round(settings.steps * settings.low_res_fraction))
-    low_size = max(32, size // 2)
+    low_size = low_res_size(clip, spec, size, settings.low_res_scale)
+    low_res_steps = int(round(settings.steps * settings.low_res_fraction)) if low_size else 0
     curve = np.zeros((settings.steps, len(batch_seeds)), dtype=np.float32)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    for step in range(settings.steps):
-        images = param()
-        if settings.transforms == "none":
-            view = images if step >= low_res_steps else F.interpolate(images, size=(low_size, low_size),
+    with any_input_size(clip.model):  # a ViT off its own size (low-resolution steps, --size) resizes its positions
+        for step in range(settings.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(settings, step)
+            images = param()
+            view_size = low_size if step < low_res_steps else size
+            if settings.transforms == "none":
+                view = images if view_size == size else F.interpolate(images, size=(view_size, view_size),
                                                                       mode="bilinear", antialias=True)
-        else:
-            view = random_view(images, low_size if step < low_res_steps else size, generator)
-        with autocast:
-            acts = forward_to(clip.model, clip.normalize(view), [spec])
-            values = objective(acts).float()
-        optimizer.zero_grad(set_to_none=True)
-        (-values.sum()).backward()
-        optimizer.step()
-        curve[step] = values.detach().cpu().numpy()
-        if on_step is not None:
-            on_step(step, lambda: param().detach())
-        if progress is not None:
-            progress(step + 1, settings.steps)
+            else:
+                view = random_view(images, view_size, generator)
+            with autocast:
+                acts = forward_to(clip.model, clip.normalize(view), [spec])
+                values = objective(acts).float()
+            optimizer.zero_grad(set_to_none=True)
+            (-values.sum()).backward()
+            optimizer.step()
+            curve[step] = values.detach().cpu().numpy()
+            if on_step is not None:
+                on_step(step, lambda: param().detach())
+            if progress is not None:
+                progress(step + 1, settings.steps)
 
     final = param().detach()
     activations = evaluate(clip, spec, settings.objective, batch_units, final).numpy()
