@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import DatasetError, NeurolensError
+from .safety import default_terms, read_list
 
 TEXT_COLUMN = "TEXT"
 URL_COLUMN = "URL"
 FLAG_COLUMN = "NSFW"
 NULL_FLAG = "<null>"
-PAPER_TERM_COUNT = 7          # the first 7 terms of data/nsfw_terms.txt are the paper's string-match terms
 DEFAULT_MEMORY_LIMIT = "1GB"
-_TERMS_FILE = Path(__file__).resolve().parent / "data" / "nsfw_terms.txt"
 
 
 @dataclass(frozen=True)
@@ -61,19 +60,9 @@ class AuditResult:
     absent_columns: Dict[str, List[str]] = field(default_factory=dict)  # optional column -> files without it
 
 
-def read_term_file(path: str | os.PathLike) -> List[str]:
-    """Terms from a text file: one per line, '#' starts a comment, blank lines ignored."""
-    terms = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            terms.append(line)
-    return terms
-
-
 def default_nsfw_terms() -> List[str]:
     """The paper's seven string-match terms: porn, hot, adult, xxx, sex, f*ck, rape (read from the lexicon)."""
-    return read_term_file(_TERMS_FILE)[:PAPER_TERM_COUNT]
+    return default_terms()
 
 
 def parse_terms(value: str | Sequence[str] | None) -> List[str]:
@@ -81,7 +70,7 @@ def parse_terms(value: str | Sequence[str] | None) -> List[str]:
     if value is None:
         return default_nsfw_terms()
     if isinstance(value, str):
-        items = read_term_file(value) if os.path.isfile(value) else value.split(",")
+        items = read_list(value) if os.path.isfile(value) else value.split(",")
     else:
         items = list(value)
     seen: Dict[str, None] = {}
@@ -269,17 +258,8 @@ def _run_with_progress(con, query: str, params: list, progress: Optional[Callabl
 
 def write_csv(result: AuditResult, path: str | os.PathLike) -> Path:
     """term,n_match,n_nsfw,pct_nsfw,nsfw_flag_counts (the last as a JSON object), one row per term."""
-    import csv
     import json
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["term", "n_match", "n_nsfw", "pct_nsfw", "nsfw_flag_counts"])
-        for row in result.terms:
-            writer.writerow([row.term, row.n_match, row.n_nsfw, "" if row.pct_nsfw is None else f"{row.pct_nsfw:.6g}",
-                             json.dumps(row.nsfw_flag_counts, ensure_ascii=False)])
-    os.replace(tmp, path)
-    return path
+    from .files import write_csv as write_rows
+    rows = ([row.term, row.n_match, row.n_nsfw, None if row.pct_nsfw is None else float(f"{row.pct_nsfw:.6g}"),
+             json.dumps(row.nsfw_flag_counts, ensure_ascii=False)] for row in result.terms)
+    return write_rows(path, ["term", "n_match", "n_nsfw", "pct_nsfw", "nsfw_flag_counts"], rows, option="--csv")

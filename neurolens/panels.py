@@ -318,13 +318,3 @@ def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int
     placed = [Placed(kind, int(unit), _shift(box, 0, tops[part_index]), reason, int(source))
               for part_index, boxes, kinds, unit in pending for box, (kind, source, reason) in zip(boxes, kinds)]
     return Figure(canvas, placed, note)
-
-
-def save_png(image: Image.Image, path: Path) -> Path:
-    """Written to a temporary name and renamed into place (a crash never leaves half a PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
-    return path

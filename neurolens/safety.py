@@ -54,7 +54,8 @@ _WORD_SUFFIXES = ("s", "es", "y", "ier", "iest", "ies", "ual", "ually", "uality"
 # --------------------------------------------------------------------------------------------- lists
 
 def read_list(path: str | Path) -> List[str]:
-    """Non-empty, non-comment lines of a UTF-8 text file, stripped."""
+    """The entries of a term or prompt file: one per line, stripped; blank lines are ignored and a line whose
+    first non-blank character is '#' is a comment ('#' inside an entry is kept: 'photo #tag')."""
     path = Path(path)
     if not path.is_file():
         raise NeurolensError(f"list file {path} does not exist; give a text file with one entry per line")
@@ -154,29 +155,11 @@ def nsfw_scores_for_embeddings(clip, embeddings: np.ndarray, prompts: Optional[P
     return zero_shot_scores(embeddings, prompt_embeddings(clip, prompts), len(prompts.unsafe), logit_scale)
 
 
-def image_transform(clip):
-    """The model's own evaluation preprocessing (resize, centre crop, CLIP normalization)."""
-    import open_clip
-    return open_clip.image_transform(clip.image_size, is_train=False, mean=clip.mean, std=clip.std)
-
-
-def image_embeddings(clip, pil_images: Sequence, batch_size: int = 64) -> np.ndarray:
-    """(N,D) float32 L2-normalized embeddings through the full image tower."""
-    import torch
-    transform = image_transform(clip)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(pil_images), batch_size):
-            batch = torch.stack([transform(img.convert("RGB")) for img in pil_images[start:start + batch_size]])
-            features = clip.model.encode_image(batch.to(clip.device)).float()
-            chunks.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
-    width = int(getattr(clip.model, "embed_dim", 0) or (chunks[0].shape[1] if chunks else 0))
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, width), np.float32)
-
-
 def nsfw_scores_for_images(clip, pil_images: Sequence, prompts: Optional[Prompts] = None,
                            logit_scale: float = LOGIT_SCALE, batch_size: int = 64) -> np.ndarray:
-    """(N,) zero-shot NSFW scores of PIL images (model's preprocessing + one full forward per batch)."""
+    """(N,) zero-shot NSFW scores of PIL images (models.embed.image_embeddings: the model's own evaluation
+    preprocessing and one full forward per batch)."""
+    from .models.embed import image_embeddings
     pil_images = list(pil_images)
     if not pil_images:
         return np.zeros(0, np.float32)

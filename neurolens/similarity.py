@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DatasetError, NeurolensError
 from .figures import fit_text
+from .models.embed import image_embeddings
 
 LAION_THRESHOLD = 0.3
 SAMPLE_PREFIX = "sample:"
@@ -105,32 +106,6 @@ def read_captions(path: str) -> List[str]:
     if not captions:
         raise NeurolensError(f"captions file {path} has no captions; write one caption per line")
     return captions
-
-
-def _preprocess(clip):
-    """The model's own open_clip evaluation transform (what create_model_and_transforms returns)."""
-    import open_clip
-    cfg = open_clip.get_model_preprocess_cfg(clip.model)
-    return open_clip.image_transform(
-        cfg.get("size", clip.image_size), is_train=False, mean=clip.mean, std=clip.std,
-        resize_mode=cfg.get("resize_mode"), interpolation=cfg.get("interpolation"),
-        fill_color=cfg.get("fill_color", 0))
-
-
-def image_embeddings(clip, images: Sequence[Image.Image], batch_size: int = 32,
-                     progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-    """(N, D) float32 L2-normalized CLIP image embeddings."""
-    import torch
-    transform = _preprocess(clip)
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(im.convert("RGB")) for im in images[start:start + batch_size]])
-        with torch.no_grad():
-            emb = clip.model.encode_image(batch.to(clip.device)).float()
-        out.append(torch.nn.functional.normalize(emb, dim=-1).cpu().numpy())
-        if progress:
-            progress(min(start + batch_size, len(images)), len(images))
-    return np.concatenate(out).astype(np.float32)
 
 
 def text_embeddings(clip, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -255,16 +230,6 @@ def draw_similarity_matrix(
         note = f"{sum(blur)} thumbnail(s) blurred ({blur_reason}); pass --no-blur to show them"
         draw.text((margin, legend_y + 30), note, fill=(120, 0, 0), font=small, anchor="lm")
     return canvas
-
-
-def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write atomically (temp file + rename) so that an interrupted run leaves no half-written figure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
 
 
 @dataclass

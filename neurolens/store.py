@@ -1,9 +1,10 @@
 """The HDF5 cache: a folder of small HDF5 records, each written whole or not at all.
 
-Every record is one .h5 file, written to a temporary name and renamed into place (os.replace is atomic),
-so a crash or kill -9 mid-write never damages a record that was there before, and a reader never sees a
-half-written one. Keys hash everything a result depends on (model fingerprint, layer, settings), so the
-same request reads the cache instead of recomputing. numpy/h5py only: no torch here.
+Every record is one .h5 file, built in memory and written by neurolens.files (a temporary name, fsync,
+os.replace), so a crash or kill -9 mid-write never damages a record that was there before, a reader never
+sees a half-written one, and a full disk ends the command with one line instead of a crash. Keys hash
+everything a result depends on (model fingerprint, layer, settings), so the same request reads the cache
+instead of recomputing. numpy/h5py only: no torch here.
 
 Layout (under the cache root, default outputs/cache or $NEUROLENS_CACHE):
     <kind>/<model fingerprint[:16]>/<layer>/<key>.h5
@@ -21,6 +22,8 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 
 import h5py
 import numpy as np
+
+from . import files
 
 SCHEMA_VERSION = 1
 DEFAULT_CACHE = Path("outputs") / "cache"
@@ -72,27 +75,10 @@ class Cache:
         return Path(path).is_file()
 
     def write(self, path: Path, record: Record) -> Path:
+        """Write the record whole or not at all (module docstring). A full or read-only disk raises
+        files.WriteError (one line naming the path, exit 2 in the CLI) and leaves no partial file."""
         path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            from .errors import NeurolensError
-            raise NeurolensError(f"cannot create cache folder {path.parent} ({exc.strerror}); pass --cache PATH") from None
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with h5py.File(tmp, "w") as handle:
-                handle.attrs["schema_version"] = SCHEMA_VERSION
-                handle.attrs["written_at"] = time.time()
-                handle.attrs["attrs_json"] = json.dumps(record.attrs, default=_jsonable)
-                for name, array in record.arrays.items():
-                    _write_array(handle, name, array)
-                handle.flush()
-            with open(tmp, "rb") as raw:
-                os.fsync(raw.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        files.write_bytes(path, record_bytes(record), files.CACHE_OPTION)
         record.path = path
         return path
 
@@ -102,7 +88,9 @@ class Cache:
         if not path.is_file():
             return None
         try:
-            with h5py.File(path, "r") as handle:
+            # records are immutable once renamed into place, so no HDF5 file lock is needed (and a lock can
+            # fail on read-only or network filesystems, which would make every read look like a miss)
+            with h5py.File(path, "r", locking=False) as handle:
                 if int(handle.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
                     return None
                 attrs = json.loads(handle.attrs["attrs_json"])
@@ -118,6 +106,22 @@ class Cache:
         base = self.root / kind if kind else self.root
         if base.is_dir():
             yield from sorted(p for p in base.rglob("*.h5") if not p.name.startswith("."))
+
+
+def record_bytes(record: Record) -> bytes:
+    """The record as the bytes of an HDF5 file, built in memory (h5py's core driver without a backing
+    store). h5py therefore never writes to the disk itself: a full or failing disk only ever meets
+    files.write_bytes, which cleans up and reports it, instead of failing inside HDF5's own cache (which
+    used to end the process with a segmentation fault)."""
+    name = f"neurolens-record-{uuid.uuid4().hex}.h5"   # never touches the disk; unique per open file
+    with h5py.File(name, "w", driver="core", backing_store=False) as handle:
+        handle.attrs["schema_version"] = SCHEMA_VERSION
+        handle.attrs["written_at"] = time.time()
+        handle.attrs["attrs_json"] = json.dumps(record.attrs, default=_jsonable)
+        for array_name, array in record.arrays.items():
+            _write_array(handle, array_name, array)
+        handle.flush()
+        return bytes(handle.id.get_file_image())
 
 
 def _write_array(handle: h5py.File, name: str, array: Any) -> None:
@@ -144,5 +148,5 @@ def _dataset_names(handle: h5py.File) -> list:
 
 
 def read_attrs(path: Path) -> Mapping[str, Any]:
-    with h5py.File(path, "r") as handle:
+    with h5py.File(path, "r", locking=False) as handle:
         return json.loads(handle.attrs["attrs_json"])

@@ -6,6 +6,7 @@ from PIL import Image
 
 from neurolens import safety
 from neurolens.errors import NeurolensError
+from neurolens.models.embed import eval_transform
 
 
 def test_shipped_prompt_lists_are_words_and_unsafe_is_the_minority():
@@ -39,7 +40,7 @@ def test_image_scores_equal_embedding_scores_through_the_full_forward(tiny_clip)
               for i in range(3)]
     scores = safety.nsfw_scores_for_images(tiny_clip, images)
     assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
-    transform = safety.image_transform(tiny_clip)
+    transform = eval_transform(tiny_clip)
     with torch.no_grad():
         emb = tiny_clip.model.encode_image(torch.stack([transform(im) for im in images]))
     emb = torch.nn.functional.normalize(emb, dim=-1).numpy()
@@ -97,3 +98,26 @@ def test_text_scores_combine_lexicon_and_zero_shot(tiny_clip):
 def test_nudenet_runs_offline_and_finds_nothing_in_a_synthetic_image():
     gradient = np.linspace(0, 255, 320 * 320 * 3).reshape(320, 320, 3).astype(np.uint8)
     assert safety.detect_regions(Image.fromarray(gradient)) == []
+
+
+def test_one_rule_for_term_and_prompt_files(tmp_path):
+    from neurolens import audit
+    listed = tmp_path / "terms.txt"
+    listed.write_text("# a comment line\n  porn \n\n   # an indented comment\nphoto #tag\nf*ck\n", encoding="utf-8")
+    expected = ["porn", "photo #tag", "f*ck"]
+    assert safety.read_list(listed) == expected
+    assert audit.parse_terms(str(listed)) == expected            # the audit reads term files the same way
+    assert safety.load_prompts(listed, listed).unsafe == expected
+
+
+def test_nsfw_scores_and_similarity_share_the_models_own_preprocessing(tiny_clip):
+    import open_clip
+    from neurolens.similarity import cosine_matrix
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (90, 60, 3), dtype=np.uint8))
+    _, _, preprocess = open_clip.create_model_and_transforms("nl-tiny-RN", pretrained=None)
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(tiny_clip.model.encode_image(preprocess(image)[None]), dim=-1).numpy()
+    np.testing.assert_allclose(safety.nsfw_scores_for_images(tiny_clip, [image]),
+                               safety.nsfw_scores_for_embeddings(tiny_clip, direct), atol=1e-5)
+    text = safety.encode_text_list(tiny_clip, ["a cat"])
+    np.testing.assert_allclose(cosine_matrix(tiny_clip, [image], ["a cat"]), direct @ text.T, atol=1e-4)

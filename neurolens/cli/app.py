@@ -1,4 +1,4 @@
-"""The typer app and what every command shares: model options, one-line errors, progress, JSON output."""
+"""The typer app and what every command shares: one-line errors, progress, JSON output (options: options.py)."""
 from __future__ import annotations
 
 import functools
@@ -9,12 +9,32 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 import typer
-from typing_extensions import Annotated
+import typer.core
 
 from ..errors import NeurolensError
+from ..files import WRITE_ERRNOS, write_error
+# the shared options live in options.py; these names stay importable from here
+from .options import CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt  # noqa: F401
+
+# `neurolens --help` lists the commands in the order of a session's work; commands not named here (added
+# later) come before train-toy, in the order they were registered.
+WORKFLOW = ("demo", "visualize", "scan", "samples", "text", "sweep", "figure", "grid", "similarity",
+            "audit-captions", "*", "train-toy", "layers")
+
+
+class WorkflowGroup(typer.core.TyperGroup):
+    def list_commands(self, ctx) -> list:
+        names = list(self.commands)
+        rest = [n for n in names if n not in WORKFLOW]
+        ordered = []
+        for name in WORKFLOW:
+            ordered += rest if name == "*" else ([name] if name in self.commands else [])
+        return ordered
+
 
 app = typer.Typer(
     name="neurolens",
+    cls=WorkflowGroup,
     help="A Microscope for CLIP models you run yourself: feature visualizations, dataset samples, "
          "text, NSFW unit sweeps and blurred figures, cached in HDF5.",
     no_args_is_help=True,
@@ -23,19 +43,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Options shared by every command that loads a model.
-ModelOpt = Annotated[str, typer.Option("--model", help="Any open_clip model name (neurolens also ships nl-tiny-RN, nl-toy-RN).")]
-PretrainedOpt = Annotated[str, typer.Option(
-    "--pretrained",
-    help="open_clip pretrained tag, or 'none' for random weights (seeded; a ResNet's BatchNorms are "
-         "re-initialized to natural-image statistics, so activations are of order 1).")]
-CheckpointOpt = Annotated[Optional[str], typer.Option(
-    "--checkpoint", help="Local .pt/.bin/.safetensors weights (read with weights_only / safetensors). "
-                         "A neurolens checkpoint carries its model config, so --model is not needed.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-CacheOpt = Annotated[Optional[str], typer.Option(
-    "--cache", help="Folder of the HDF5 cache (default: $NEUROLENS_CACHE or outputs/cache).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text and progress.")]
 
 
 def fail(message: str) -> None:
@@ -45,13 +52,19 @@ def fail(message: str) -> None:
 
 
 def command(func: Callable) -> Callable:
-    """Turn user errors into one line and exit 2, and Ctrl-C into a short note (work already cached is kept)."""
+    """Turn user errors (a full or read-only disk included) into one line and exit 2, and Ctrl-C into a short
+    note (work already cached is kept)."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except NeurolensError as exc:
             fail(str(exc))
+        except OSError as exc:
+            # a write that did not go through neurolens.files (a library's own file I/O): still one line
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            fail(str(write_error(exc.filename or "a file", exc, option=None)))
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept in the cache; run the same command again to resume", err=True)
             raise typer.Exit(130)

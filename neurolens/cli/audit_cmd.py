@@ -6,17 +6,17 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import (CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
-                  print_json, progress_bar)
+from .app import app, command, print_json, progress_bar
+from .options import MODEL, JsonOpt, ModelChoice, uses
 from ..errors import NeurolensError
-from ..models import DEFAULT_MODEL
-from ..models.load import DEFAULT_PRETRAINED
+from ..files import save_png
 
 DEFAULT_MATRIX_OUT = "outputs/similarity.png"
 
 
-@app.command("similarity")
+@app.command("similarity", short_help="CLIP image-caption cosines against a threshold, and the similarity matrix.")
 @command
+@uses(model=MODEL)
 def similarity_cmd(
     image: Annotated[Optional[List[str]], typer.Option(
         "--image", help="An image file or sample:NAME (a built-in scikit-image sample, e.g. sample:astronaut). Repeatable.")] = None,
@@ -35,10 +35,7 @@ def similarity_cmd(
     no_blur: Annotated[bool, typer.Option(
         "--no-blur", help="Show thumbnails of your own images unblurred (by default every image that is not a "
                           "built-in sample is blurred in the figure, since it may be NSFW).")] = False,
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    model: ModelChoice = None,
     as_json: JsonOpt = False,
 ) -> None:
     """CLIP cosine similarity between images and captions, each marked as passing or failing a threshold.
@@ -61,7 +58,7 @@ def similarity_cmd(
         if not image or not text:
             raise NeurolensError("give at least one --image and one --text (or --matrix for the built-in matrix)")
         refs = [sim.load_image_ref(ref) for ref in image]
-        clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
+        clip = model.load(quiet=as_json)
         cosines = sim.cosine_matrix(clip, [r.image for r in refs], list(text))
         scores = sim.pair_scores([r.label for r in refs], list(text), cosines, threshold)
         if as_json:
@@ -89,11 +86,11 @@ def similarity_cmd(
                 raise NeurolensError(f"{missing[0]} has no caption file {missing[0].rsplit('.', 1)[0]}.txt "
                                      f"({len(missing)} image(s) lack one); give --captions FILE with one caption per line")
             caption_list = [c for c in sidecars if c is not None]
-    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
+    clip = model.load(quiet=as_json)
     with progress_bar("embedding images", enabled=not as_json) as progress:
         result = sim.similarity_matrix(clip, items, caption_list, threshold, blur_user_images=not no_blur,
                                        progress=progress)
-    path = sim.save_png(result.figure, out)
+    path = save_png(result.figure, out)
     if as_json:
         print_json([s.as_dict() for s in result.scores(threshold)])
     else:
@@ -104,7 +101,7 @@ def similarity_cmd(
         typer.echo(f"note: {sum(result.blurred)} user image thumbnail(s) blurred; --no-blur shows them", err=True)
 
 
-@app.command("audit-captions")
+@app.command("audit-captions", short_help="The paper's Table 1: per search term, captions that match and their NSFW share.")
 @command
 def audit_captions_cmd(
     sources: Annotated[List[str], typer.Argument(

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import typer
 
-from .app import CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model, print_json
-from ..models import DEFAULT_MODEL, registry_for
+from .app import app, command, print_json
+from .options import MODEL, JsonOpt, ModelChoice, uses
+from ..models import registry_for
 
 
-@app.command("layers")
+@app.command("layers", short_help="A model's layer names, module paths, channels and spatial sizes.")
 @command
+@uses(model=MODEL.with_defaults(pretrained="none", device="cpu"))
 def layers(
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = "none",
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "cpu",
+    model: ModelChoice = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List a model's layers: name, aliases, module path, channels and spatial size at its input resolution.
@@ -22,7 +21,7 @@ def layers(
 
     Example:  neurolens layers --model RN50x4
     """
-    clip = open_model(model, pretrained, checkpoint, device, quiet=True)
+    clip = model.load(quiet=True)
     rows = [dict(name=s.name, aliases=list(s.aliases), module=s.module, channels=s.channels,
                  height=s.height, width=s.width) for s in registry_for(clip).layers]
     if as_json:

@@ -6,27 +6,11 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
-                  print_json, progress_bar)
-from ..models import DEFAULT_MODEL
-
-LayerOpt = Annotated[str, typer.Option("--layer", help="Layer name (see `neurolens layers`), e.g. image_block_4_5.")]
-DatasetOpt = Annotated[Optional[str], typer.Option(
-    "--dataset", help="A folder of images (recursive), tar shard(s) (x.tar, a glob or shard-{000..009}.tar), or a "
-                      "parquet/CSV file with an image-path column. Default: the built-in scikit-image samples.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="Top images kept per unit.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward (default 16 on CPU, 64 on GPU).")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader processes decoding images (default min(2, CPUs); 0 = in the main process).")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast) for the forward.")]
-ImageColumnOpt = Annotated[str, typer.Option("--image-column", help="Image-path column of a parquet/CSV dataset.")]
-CaptionColumnOpt = Annotated[str, typer.Option("--caption-column", help="Caption column of a parquet/CSV dataset (optional).")]
+from .app import app, command, print_json, progress_bar
+from .options import (DATASET, LOADER, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, LoaderChoice,
+                      ModelChoice, NoBlurOpt, PrecisionOpt, TopKOpt, uses)
 
 SKIP_LIST_LENGTH = 3
-
-
-def _open_dataset(dataset, image_column, caption_column):
-    from ..datasets import open_dataset
-    return open_dataset(dataset, image_column=image_column, caption_column=caption_column)
 
 
 def _skip_line(result) -> str:
@@ -39,26 +23,21 @@ def _skip_line(result) -> str:
     return f"skipped {result.skipped} unreadable item(s): {'; '.join(shown)}{more} (all listed in {result.path})"
 
 
-@app.command("scan")
+@app.command("scan", short_help="Top images of every unit of a layer over a dataset, in one resumable pass.")
 @command
+@uses(model=MODEL, data=DATASET, loader=LOADER)
 def scan(
     layer: LayerOpt = "image_block_4_5",
-    dataset: DatasetOpt = None,
+    data: DatasetChoice = None,
     top_k: TopKOpt = 32,
-    batch_size: BatchOpt = None,
-    workers: WorkersOpt = None,
+    loader: LoaderChoice = None,
     precision: PrecisionOpt = "fp32",
     embeddings: Annotated[bool, typer.Option("--embeddings", help="Also keep every image's L2-normalized CLIP "
                                              "embedding (runs the full image tower instead of stopping at the layer).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Rescan even if the result is cached.")] = False,
+    force: ForceOpt = False,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Write a resume checkpoint every N "
                                                   "batches (0: at most every 5 seconds).")] = 0,
-    image_column: ImageColumnOpt = "image",
-    caption_column: CaptionColumnOpt = "caption",
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = "openai",
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -70,40 +49,35 @@ def scan(
     Example:  neurolens scan --layer image_block_4_5 --dataset photos/ --top-k 32
     """
     from ..pipelines.scan import run_scan
-    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
-    data = _open_dataset(dataset, image_column, caption_column)
+    clip = model.load(quiet=as_json)
+    dataset = data.open()
     with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
-        result = run_scan(clip, layer, data, top_k=top_k, batch_size=batch_size, workers=workers, cache=cache,
-                          force=force, embeddings=embeddings, precision=precision, progress=progress,
+        result = run_scan(clip, layer, dataset, top_k=top_k, batch_size=loader.batch_size, workers=loader.workers,
+                          cache=cache, force=force, embeddings=embeddings, precision=precision, progress=progress,
                           checkpoint_every=checkpoint_every or None)
     if as_json:
         print_json(result.summary())
         return
     how = "cached" if result.cached else ("resumed" if result.resumed_from else "scanned")
-    typer.echo(f"{how}: {result.count} images of {data.description} through {result.layer} "
+    typer.echo(f"{how}: {result.count} images of {dataset.description} through {result.layer} "
                f"({result.channels} units, top {result.top_k}) -> {result.path}")
     typer.echo(_skip_line(result))
 
 
-@app.command("samples")
+@app.command("samples", short_help="A unit's top dataset images and a grid of crops where it fired (blurred).")
 @command
+@uses(model=MODEL, data=DATASET, loader=LOADER)
 def samples(
     unit: Annotated[int, typer.Option("--unit", help="Unit (channel) index in the layer.")],
     layer: LayerOpt = "image_block_4_5",
-    dataset: DatasetOpt = None,
+    data: DatasetChoice = None,
     top_k: TopKOpt = 32,
     show: Annotated[Optional[int], typer.Option("--show", help="How many of the top-k to print and draw (default all).")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="PNG path of the grid (default outputs/samples/<layer>_unit<u>.png).")] = None,
-    no_blur: Annotated[bool, typer.Option("--no-blur", help="Write raw pixels: do not blur crops of images that may be NSFW.")] = False,
-    batch_size: BatchOpt = None,
-    workers: WorkersOpt = None,
+    no_blur: NoBlurOpt = False,
+    loader: LoaderChoice = None,
     precision: PrecisionOpt = "fp32",
-    image_column: ImageColumnOpt = "image",
-    caption_column: CaptionColumnOpt = "caption",
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = "openai",
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -114,11 +88,11 @@ def samples(
     Example:  neurolens samples --layer image_block_4_5 --unit 1543 --dataset photos/
     """
     from ..pipelines.samples import run_samples
-    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
-    data = _open_dataset(dataset, image_column, caption_column)
+    clip = model.load(quiet=as_json)
+    dataset = data.open()
     with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
-        result = run_samples(clip, layer, unit, data, top_k=top_k, show=show, out=out, blur=not no_blur,
-                             cache=cache, batch_size=batch_size, workers=workers, precision=precision,
+        result = run_samples(clip, layer, unit, dataset, top_k=top_k, show=show, out=out, blur=not no_blur,
+                             cache=cache, batch_size=loader.batch_size, workers=loader.workers, precision=precision,
                              progress=progress)
     rows = [{k: row[k] for k in ("unit", "rank", "score", "path", "cell")} for row in result.rows]
     if as_json:
@@ -126,7 +100,7 @@ def samples(
             typer.echo(f"grid: {result.image_path}; {result.blur_note}", err=True)
         print_json(rows)
         return
-    typer.echo(f"{result.layer} unit {unit}: top {len(rows)} of {result.scan.count} images ({data.description})")
+    typer.echo(f"{result.layer} unit {unit}: top {len(rows)} of {result.scan.count} images ({dataset.description})")
     for row in rows:
         typer.echo(f"{row['rank']:>4}  {row['score']:>10.4g}  cell ({row['cell'][0]},{row['cell'][1]})  {row['path']}")
     if result.image_path:

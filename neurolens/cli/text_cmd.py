@@ -6,32 +6,31 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
-                  print_json, progress_bar)
-from ..models import DEFAULT_MODEL
+from .app import app, command, print_json, progress_bar
+from .options import DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice, uses
+
+# --dataset here only chooses the reference activation (its captions play no part)
+TEXT_DATASET = DATASET.without("caption_column").replace(dataset=(Annotated[Optional[str], typer.Option(
+    "--dataset", help="Use this dataset's mean activation map (from its scan; scanned first if not cached) as "
+                      "the reference; default: a neutral grey image.")], None))
 
 
-@app.command("text")
+@app.command("text", short_help="The vocabulary texts that point along each unit's direction in CLIP's joint space.")
 @command
+@uses(model=MODEL, data=TEXT_DATASET)
 def text(
     unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index; repeat for several units.")],
-    layer: Annotated[str, typer.Option("--layer", help="Layer name (see `neurolens layers`).")] = "image_block_4_5",
+    layer: LayerOpt = "image_block_4_5",
     vocab: Annotated[str, typer.Option(
         "--vocab", help="builtin | FILE (one entry per line) | TABLE.parquet:COLUMN | TABLE.csv:COLUMN. builtin: "
                         "~47k ImageNet-21k class lemmas (timm's WordNet synonyms; Apache-2.0 / WordNet licence) "
                         "and whole-word tokens of CLIP's BPE vocabulary (open_clip, MIT), read from those "
                         "installed packages.")] = "builtin",
     top_k: Annotated[int, typer.Option("--top-k", help="Texts kept per unit (all units are ranked and cached).")] = 30,
-    dataset: Annotated[Optional[str], typer.Option(
-        "--dataset", help="Use this dataset's mean activation map (from its scan; scanned first if not cached) as "
-                          "the reference; default: a neutral grey image.")] = None,
-    image_column: Annotated[str, typer.Option("--image-column", help="Image-path column of a parquet/CSV dataset.")] = "image",
+    data: DatasetChoice = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per encoder batch.")] = 256,
-    force: Annotated[bool, typer.Option("--force", help="Recompute instead of reading the cache.")] = False,
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = "openai",
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -53,17 +52,15 @@ def text(
     if top_k < 1:
         from ..errors import NeurolensError
         raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
-    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
+    clip = model.load(quiet=as_json)
     spec = resolve_layer(clip, layer)
     for u in unit:
         check_unit(spec, u)
     scan = None
-    if dataset is not None:
-        from ..datasets import open_dataset
+    if data.dataset is not None:
         from ..pipelines.scan import run_scan
-        data = open_dataset(dataset, image_column=image_column)
         with progress_bar(f"scan {spec.name}", enabled=not as_json) as progress:
-            scan = run_scan(clip, spec.name, data, cache=cache, progress=progress)
+            scan = run_scan(clip, spec.name, data.open(), cache=cache, progress=progress)
     ranking = None if force else find_text(clip, spec.name, vocabulary, top_k, scan, cache)
     if ranking is None:
         # the two slow steps, each with its own bar; run_text then reads both from the cache

@@ -34,7 +34,7 @@ def _stage_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield progress
 
 
-@app.command("train-toy")
+@app.command("train-toy", short_help="Train a small CLIP contrastively (CPU), by default on the generated toy data.")
 @command
 def train_toy(
     out: Annotated[str, typer.Option("--out", help="Where to write the checkpoint (.pt).")] = "toy.pt",
@@ -102,7 +102,7 @@ def train_toy(
     typer.echo(f"checkpoint: {result.path}   (use it with --checkpoint {result.path})")
 
 
-@app.command("demo")
+@app.command("demo", short_help="The offline end-to-end tour on a toy CLIP with a planted concept (minutes, CPU).")
 @command
 def demo(
     out: Annotated[str, typer.Option("--out", help="Folder for the demo's figures and index.md.")] = "outputs/demo",

@@ -6,11 +6,11 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from ..models import DEFAULT_MODEL, DEFAULT_PRETRAINED, check_unit, resolve_layer
+from ..models import check_unit, resolve_layer
 from ..store import Cache
 from ..types import RenderSettings
-from .app import (CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt, app, command, open_model,
-                  print_json, progress_bar)
+from .app import app, command, print_json, progress_bar
+from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, NoBlurOpt, uses
 
 _DEFAULTS = RenderSettings()
 
@@ -30,10 +30,11 @@ def _safety_filter(clip, no_blur: bool):
     return image_filter
 
 
-@app.command("visualize")
+@app.command("visualize", short_help="Feature visualizations of units (activation maximization); blurred if needed.")
 @command
+@uses(model=MODEL)
 def visualize(
-    layer: Annotated[str, typer.Option("--layer", help="Layer name (see `neurolens layers`), alias, or dotted module path.")],
+    layer: LayerOpt,
     unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index; repeat to optimize several units in one batch.")],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = _DEFAULTS.steps,
     size: Annotated[int, typer.Option("--size", min=0, help="Image size in pixels; 0 = the model's input size.")] = 0,
@@ -44,12 +45,9 @@ def visualize(
     low_res_fraction: Annotated[float, typer.Option("--low-res-fraction", min=0.0, max=1.0, help="Share of steps optimized at half resolution (speed).")] = _DEFAULTS.low_res_fraction,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = _DEFAULTS.precision,
     out: Annotated[str, typer.Option("--out", help="Folder for the PNGs.")] = "outputs/visualize",
-    force: Annotated[bool, typer.Option("--force", help="Recompute even if the cache has this result.")] = False,
-    no_blur: Annotated[bool, typer.Option("--no-blur", help="Write raw pixels even where the NSFW scorer passes the threshold.")] = False,
-    model: ModelOpt = DEFAULT_MODEL,
-    pretrained: PretrainedOpt = DEFAULT_PRETRAINED,
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    no_blur: NoBlurOpt = False,
+    model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -69,7 +67,7 @@ def visualize(
                               diversity=diversity, low_res_fraction=low_res_fraction, precision=precision)
     if no_blur:
         typer.echo("note: --no-blur: feature visualizations are written unblurred", err=True)
-    clip = open_model(model, pretrained, checkpoint, device, quiet=as_json)
+    clip = model.load(quiet=as_json)
     spec = resolve_layer(clip, layer)  # bad layer or unit: one line before any work starts
     for value in unit:
         check_unit(spec, value)

@@ -290,17 +290,18 @@ def load_clip(
 
 
 def save_checkpoint(clip: torch.nn.Module, path: str | os.PathLike, model_name: str,
-                    model_config: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None) -> Path:
-    """Save a state dict that load_clip(checkpoint=...) reads with weights_only=True; carries its config."""
+                    model_config: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None,
+                    option: str = "--out") -> Path:
+    """Save a state dict that load_clip(checkpoint=...) reads with weights_only=True; carries its config.
+    Written atomically (neurolens.files); `option` is what a failed write tells the user to change."""
+    from ..files import atomic_path
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob: Dict[str, Any] = {"state_dict": {k: v.detach().cpu() for k, v in clip.state_dict().items()},
                             "model_name": model_name}
     if model_config is not None:
         blob["model_config"] = model_config
     if extra:
         blob.update(extra)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, option) as tmp:
+        torch.save(blob, tmp)
     return path

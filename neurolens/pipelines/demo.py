@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from ..files import CACHE_OPTION, WriteError, ensure_folder, write_text
 from ..store import Cache, default_cache_root, settings_key
 from ..toy.generate import ToySettings, planted_words, write_dataset
 from ..toy.train import TrainSettings
@@ -128,12 +129,13 @@ def toy_model(cache_root: Path, dataset: Path, data: ToySettings, train: TrainSe
             return checkpoint, json.loads(summary_path.read_text()), False
         except (OSError, ValueError):
             pass
-    result = train_toy(str(dataset), checkpoint, train, progress=progress, load_progress=load_progress)
+    result = train_toy(str(dataset), checkpoint, train, progress=progress, load_progress=load_progress,
+                       out_option=CACHE_OPTION)
     clip = load_clip(checkpoint=str(checkpoint), device="cpu")
     report = zero_shot_accuracy(clip, seed=data.seed, size=data.size, planted_share=data.planted_share)
     summary = dict(steps=result.steps, seconds=round(result.seconds, 1), final_loss=round(result.final_loss, 4),
                    pairs=result.pairs, fingerprint=result.fingerprint, zero_shot=report.to_dict())
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_text(summary_path, json.dumps(summary, indent=2), CACHE_OPTION)
     return checkpoint, summary, True
 
 
@@ -142,11 +144,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
     """Run every stage (see the module docstring) and write OUT/index.md; returns the report."""
     started = time.perf_counter()
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        from ..errors import NeurolensError
-        raise NeurolensError(f"cannot create the demo folder {out} ({exc.strerror}); pass --out to a writable folder") from None
+    ensure_folder(out)
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     report = DemoReport(out=out, stages={name: Stage(name) for name in STAGES})
     state: dict = {}
@@ -164,12 +162,14 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         try:
             job(stage)
             stage.status = "ok"
+        except WriteError:
+            raise   # a full or read-only disk stops the demo with one line; a rerun resumes from the cache
         except ImportError as exc:
             stage.status, stage.detail = "failed", f"module missing: {exc}"
         except Exception as exc:  # recorded and shown in the index, never swallowed
             stage.status = "failed"
             stage.detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            (out / f"{name}_error.txt").write_text(traceback.format_exc())
+            write_text(out / f"{name}_error.txt", traceback.format_exc())
         stage.seconds = time.perf_counter() - begun
 
     def data(stage: Stage) -> None:
@@ -353,7 +353,7 @@ def _write_index(report: DemoReport, settings: DemoSettings, stage: Stage) -> No
         lines += ["", "## Not done", ""]
         lines += [f"- **{s.name}**: {s.status}: {s.detail}" for s in failed]
     path = out / "index.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out / "demo.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    write_text(path, "\n".join(lines) + "\n")
+    write_text(out / "demo.json", json.dumps(report.to_dict(), indent=2, default=str))
     report.index = path
     stage.outputs.append(str(path))

@@ -15,6 +15,7 @@ import numpy as np
 from ..blur import blur_with_label
 from ..datasets import BadImage, ImageDataset, open_dataset, preprocess
 from ..errors import NeurolensError
+from ..files import save_png
 from ..figures import crop_around_cell, tile_grid
 from ..models import check_unit, resolve_layer
 from .scan import ScanResult, run_scan
@@ -84,11 +85,7 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
     title = f"{clip.name} {spec.name} unit {unit}: top {len(rows)} of {scan.count} images"
     grid = tile_grid(crops, labels, columns=min(GRID_COLUMNS, len(crops)), title=title)
     path = Path(out) if out else Path("outputs") / "samples" / f"{spec.name}_unit{unit}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
-    result.image_path = path
+    result.image_path = save_png(grid, path)
     return result
 
 

@@ -15,7 +15,6 @@ of a swept layer therefore does no model forward; `flags.csv` is (re)written fro
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from .. import safety
 from ..errors import NeurolensError
+from ..files import write_csv
 from ..store import Cache, Record, settings_key
 from ..unit_scores import FlagRule, UnitScores, apply_rule, combine_image_scores, score_units
 
@@ -227,22 +227,13 @@ def flags_path(layer: str, out: Optional[str | os.PathLike] = None) -> Path:
 
 
 def write_flags_csv(result: SweepResult, path: Path, texts: int = 3) -> Path:
-    """One row per unit, ranked by correlation; written to a temporary name, then renamed into place."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NeurolensError(f"cannot create {path.parent} ({exc.strerror}); pass --out to a writable folder") from None
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["rank", "unit", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged", "top_texts"])
-        for rank, row in enumerate(result.ranking(), start=1):
-            top = " | ".join(t for t, _, _ in result.top_texts(row["unit"], texts))
-            writer.writerow([rank, row["unit"], f"{row['correlation']:.6f}", f"{row['top_nsfw_share']:.4f}",
-                             f"{row['text_nsfw_share']:.4f}", int(row["flagged"]), top])
-    os.replace(tmp, path)
-    return path
+    """One row per unit, ranked by correlation; written atomically, text cells escaped (neurolens.files)."""
+    rows = ([rank, row["unit"], round(float(row["correlation"]), 6), round(float(row["top_nsfw_share"]), 4),
+             round(float(row["text_nsfw_share"]), 4), int(row["flagged"]),
+             " | ".join(t for t, _, _ in result.top_texts(row["unit"], texts))]
+            for rank, row in enumerate(result.ranking(), start=1))
+    return write_csv(path, ["rank", "unit", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged", "top_texts"],
+                     rows)
 
 
 # ------------------------------------------------------------------------------------- figure and grid
@@ -295,7 +286,8 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
     """One PNG panel per unit under `out` (default outputs/figures/), from the cached sweep (swept first if
     needed). Returns (path, panels.Figure) per unit. Raw pixels (blur=False) go to *_noblur.png."""
     from ..datasets import ImageDataset, open_dataset
-    from ..panels import PanelOptions, save_png, unit_panel
+    from ..files import save_png
+    from ..panels import PanelOptions, unit_panel
     from ..types import RenderSettings
 
     cache = cache if isinstance(cache, Cache) else Cache(cache)
@@ -328,7 +320,8 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
     """Many units in one PNG: `units`, else the sweep's flagged units (flagged=True), else the `top` units by
     NSFW correlation; at most `top`. Feature visualizations are shown when cached (render_fv renders them)."""
     from ..datasets import ImageDataset, open_dataset
-    from ..panels import PanelOptions, save_png, units_grid
+    from ..files import save_png
+    from ..panels import PanelOptions, units_grid
     from ..types import RenderSettings
 
     if int(top) < 1:

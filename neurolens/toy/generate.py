@@ -258,19 +258,19 @@ def write_dataset(out_dir: str | os.PathLike, settings: ToySettings = ToySetting
                 return parquet
         except (OSError, ValueError):
             pass
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    from ..files import CACHE_OPTION, atomic_path, save_png, write_text
     data = generate_pairs(settings.n, settings.size, settings.planted_share, settings.seed, progress=progress)
     rel_paths = []
     for i, pixels in enumerate(data.images):
         rel = f"images/{i:06d}.png"
-        Image.fromarray(pixels).save(out / rel, compress_level=1)
+        # no fsync per image: the manifest, written durably last, marks the set complete
+        save_png(Image.fromarray(pixels), out / rel, CACHE_OPTION, durable=False, compress_level=1)
         rel_paths.append(rel)
     columns = {"image": rel_paths}
     for name in CAPTION_COLUMNS[1:]:
         columns[name] = [getattr(p, name) for p in data.pairs]
     table = pa.table(columns)
-    tmp = parquet.with_name(parquet.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, parquet)
-    manifest.write_text(json.dumps(asdict(settings)))
+    with atomic_path(parquet, CACHE_OPTION) as tmp:
+        pq.write_table(table, tmp)
+    write_text(manifest, json.dumps(asdict(settings)), CACHE_OPTION)
     return parquet

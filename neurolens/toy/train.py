@@ -208,7 +208,7 @@ def train_clip(images: np.ndarray, captions: Sequence[str], settings: TrainSetti
 def train_toy(dataset: str, out: str | os.PathLike, settings: TrainSettings = TrainSettings(),
               image_column: str = "image", caption_column: str = "caption",
               progress: Optional[Callable[[int, int], None]] = None,
-              load_progress: Optional[Callable[[int, int], None]] = None,
+              load_progress: Optional[Callable[[int, int], None]] = None, out_option: str = "--out",
               max_steps: Optional[int] = None) -> TrainResult:
     """Train a small CLIP on a parquet/CSV of image paths and captions and save it to `out`.
 
@@ -224,7 +224,8 @@ def train_toy(dataset: str, out: str | os.PathLike, settings: TrainSettings = Tr
                                     "steps": len(losses), "seconds": round(seconds, 2),
                                     "final_loss": float(np.mean(losses[-10:])) if losses else None,
                                     "dataset": str(dataset)}}
-    path = save_checkpoint(model, out, settings.model, model_config=config, extra=extra)
+    path = save_checkpoint(model, out, settings.model, model_config=config, extra=extra,
+                           option=out_option)
     return TrainResult(path=Path(path), model_name=settings.model, pairs=len(captions), skipped=skipped,
                        steps=len(losses), seconds=seconds, losses=losses,
                        fingerprint=weights_fingerprint(model), settings=settings)

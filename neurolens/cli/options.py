@@ -1,0 +1,259 @@
+"""Options that several commands share, each defined once.
+
+Single options are `Annotated` aliases (`LayerOpt`, `CacheOpt`, `JsonOpt`, `NoBlurOpt`, ...). Options that
+always travel together are an `OptionSet`: the command declares ONE parameter for the whole set, and
+`@uses` puts the set's options in its place in the command line (and in --help) and hands the command the
+object the set builds from them:
+
+    @app.command("scan", short_help="...")
+    @command
+    @uses(model=MODEL, data=DATASET, loader=LOADER)
+    def scan(layer: LayerOpt = "image_block_4_5", model: ModelChoice = None, data: DatasetChoice = None,
+             loader: LoaderChoice = None, ...):
+        clip = model.load(quiet=as_json)
+        dataset = data.open()
+
+A set's defaults can differ per command (`MODEL.with_defaults(pretrained="none")`), and an option can be
+dropped (`DATASET.without("caption_column")`) or given another help text (`DATASET.replace(...)`).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import typer
+from typing_extensions import Annotated
+
+from ..errors import NeurolensError
+from ..models.load import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+# ------------------------------------------------------------------------------------- single options
+
+ModelOpt = Annotated[str, typer.Option("--model", help="Any open_clip model name (neurolens also ships nl-tiny-RN, "
+                                                        "nl-tiny-ViT, nl-toy-RN).")]
+PretrainedOpt = Annotated[str, typer.Option(
+    "--pretrained",
+    help="open_clip pretrained tag, or 'none' for random weights (seeded; a ResNet's BatchNorms are "
+         "re-initialized to natural-image statistics, so activations are of order 1).")]
+CheckpointOpt = Annotated[Optional[str], typer.Option(
+    "--checkpoint", help="Local .pt/.bin/.safetensors weights (read with weights_only / safetensors). "
+                         "A neurolens checkpoint carries its model config, so --model is not needed.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+CacheOpt = Annotated[Optional[str], typer.Option(
+    "--cache", help="Folder of the HDF5 cache (default: $NEUROLENS_CACHE or outputs/cache).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text and progress.")]
+LayerOpt = Annotated[str, typer.Option("--layer", help="Layer name (see `neurolens layers`), alias, or dotted "
+                                                       "module path, e.g. image_block_4_5.")]
+DatasetOpt = Annotated[Optional[str], typer.Option(
+    "--dataset", help="A folder of images (recursive), tar shard(s) (x.tar, a glob or shard-{000..009}.tar), or a "
+                      "parquet/CSV file with an image-path column. Default: the built-in scikit-image samples.")]
+ImageColumnOpt = Annotated[str, typer.Option("--image-column", help="Image-path column of a parquet/CSV dataset.")]
+CaptionColumnOpt = Annotated[str, typer.Option("--caption-column", help="Caption column of a parquet/CSV dataset "
+                                                                        "(optional).")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward (default 16 on CPU, 64 on "
+                                                                       "GPU).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader processes decoding images (default "
+                                                                      "min(2, CPUs); 0 = in the main process).")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast) for the forward.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Top images kept per unit by the scan.")]
+NoBlurOpt = Annotated[bool, typer.Option(
+    "--no-blur", help="Write RAW pixels, nothing blurred (may show NSFW content). Raw files get a _noblur suffix "
+                      "and never replace a blurred one. Without it, neurolens.labels.policy decides what is blurred.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute even if the cache has this result.")]
+
+
+# ------------------------------------------------------------------------------------------ option sets
+
+@dataclass(frozen=True)
+class OptionSet:
+    """Options a command receives as one object: `build(**values)` makes it from the parsed options.
+
+    options: parameter name -> (Annotated type, default), in the order shown by --help."""
+    build: Callable[..., Any]
+    options: Tuple[Tuple[str, Any, Any], ...]
+
+    @classmethod
+    def of(cls, build: Callable[..., Any], **options: Tuple[Any, Any]) -> "OptionSet":
+        return cls(build, tuple((name, kind, default) for name, (kind, default) in options.items()))
+
+    def with_defaults(self, **defaults: Any) -> "OptionSet":
+        self._check(defaults)
+        return OptionSet(self.build, tuple((n, k, defaults.get(n, d)) for n, k, d in self.options))
+
+    def replace(self, **options: Tuple[Any, Any]) -> "OptionSet":
+        """The same set with some options declared anew: name=(Annotated type, default)."""
+        self._check(options)
+        return OptionSet(self.build, tuple((n,) + tuple(options[n]) if n in options else (n, k, d)
+                                           for n, k, d in self.options))
+
+    def without(self, *names: str) -> "OptionSet":
+        """The set without these options (`build` then gets its own defaults for them)."""
+        self._check(dict.fromkeys(names))
+        return OptionSet(self.build, tuple(o for o in self.options if o[0] not in names))
+
+    def _check(self, names) -> None:
+        unknown = set(names) - {n for n, _, _ in self.options}
+        if unknown:
+            raise TypeError(f"not options of this set: {sorted(unknown)}")
+
+
+def uses(**sets: OptionSet) -> Callable[[Callable], Callable]:
+    """Decorator: each keyword names a parameter of the command that receives one OptionSet's object; on the
+    command line (and in --help) that parameter is replaced by the set's options, in place."""
+    def decorate(func: Callable) -> Callable:
+        signature = inspect.signature(func, eval_str=True)
+        taken = {name for name in signature.parameters if name not in sets}
+        params = []
+        for param in signature.parameters.values():
+            if param.name not in sets:
+                params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+                continue
+            for name, kind, default in sets[param.name].options:
+                if name in taken:
+                    raise TypeError(f"{func.__name__}: option {name!r} of set {param.name!r} clashes with a parameter")
+                taken.add(name)
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                annotation=kind))
+        missing = set(sets) - set(signature.parameters)
+        if missing:
+            raise TypeError(f"{func.__name__} has no parameter {sorted(missing)} for its option sets")
+
+        @functools.wraps(func)
+        def wrapper(**values: Any) -> Any:
+            for target, option_set in sets.items():
+                built = option_set.build(**{name: values.pop(name) for name, _, _ in option_set.options})
+                values[target] = built
+            return func(**values)
+
+        wrapper.__signature__ = signature.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+    return decorate
+
+
+# --------------------------------------------------------------------------------------------- the sets
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """--model/--pretrained/--checkpoint/--device: which weights to inspect, and where."""
+    model: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+    checkpoint: Optional[str] = None
+    device: str = "auto"
+
+    def load(self, quiet: bool = False):
+        """The LoadedClip (its notes, e.g. about random weights, go to stderr unless quiet)."""
+        from .app import open_model
+        return open_model(self.model, self.pretrained, self.checkpoint, self.device, quiet=quiet)
+
+
+@dataclass(frozen=True)
+class DatasetChoice:
+    """--dataset/--image-column/--caption-column."""
+    dataset: Optional[str] = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+    def open(self):
+        """The ImageDataset (a bad path or table: one line, exit 2)."""
+        from ..datasets import open_dataset
+        return open_dataset(self.dataset, image_column=self.image_column, caption_column=self.caption_column)
+
+
+@dataclass(frozen=True)
+class LoaderChoice:
+    """--batch-size/--workers: how images are fed to the model (None: the defaults for the device)."""
+    batch_size: Optional[int] = None
+    workers: Optional[int] = None
+
+
+MODEL = OptionSet.of(ModelChoice, model=(ModelOpt, DEFAULT_MODEL), pretrained=(PretrainedOpt, DEFAULT_PRETRAINED),
+                     checkpoint=(CheckpointOpt, None), device=(DeviceOpt, "auto"))
+DATASET = OptionSet.of(DatasetChoice, dataset=(DatasetOpt, None), image_column=(ImageColumnOpt, "image"),
+                       caption_column=(CaptionColumnOpt, "caption"))
+LOADER = OptionSet.of(LoaderChoice, batch_size=(BatchOpt, None), workers=(WorkersOpt, None))
+
+
+# ------------------------------------------------------------------------------- NSFW sweep and drawing
+
+VocabOpt = Annotated[str, typer.Option("--vocab", help="Vocabulary for the unit texts: builtin, a .txt file (one "
+                                       "entry a line), or file.parquet:column / file.csv:column.")]
+SweepTopKOpt = Annotated[int, typer.Option("--top-k", help="Top images kept per unit by the scan (top_nsfw_share "
+                                                           "counts them all).")]
+TextTopKOpt = Annotated[int, typer.Option("--text-top-k", help="Top texts ranked per unit.")]
+UnsafeOpt = Annotated[Optional[str], typer.Option("--unsafe-prompts", help="Text file of unsafe concept prompts "
+                                                  "(default: neurolens/data/nsfw_prompts_unsafe.txt).")]
+SafeOpt = Annotated[Optional[str], typer.Option("--safe-prompts", help="Text file of safe concept prompts "
+                                                "(default: neurolens/data/nsfw_prompts_safe.txt).")]
+TermsOpt = Annotated[Optional[str], typer.Option("--caption-terms", help="Text file of caption/URL string-match terms "
+                                                 "('*' = any one character; default: the paper's 7).")]
+CaptionMatchOpt = Annotated[str, typer.Option("--caption-match", help="How captions are matched: word (whole words "
+                                              "and inflections), substring (the paper's literal filter), or off.")]
+MinCorrOpt = Annotated[float, typer.Option("--min-correlation", help="Flag rule: correlation must reach this "
+                                           "(and 3/sqrt(images)).")]
+MinTopOpt = Annotated[float, typer.Option("--min-top-share", help="Flag rule: share of NSFW top images.")]
+MinTextOpt = Annotated[float, typer.Option("--min-text-share", help="Flag rule: share of NSFW top texts.")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Optimization steps of a feature visualization that is not "
+                                                       "cached.")]
+SeedsOpt = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of the feature visualizations.")]
+
+
+@dataclass(frozen=True)
+class SweepChoice:
+    """The sweep's inputs and flag rule, as the sweep, figure and grid commands take them."""
+    vocab: str = "builtin"
+    top_k: int = 32
+    text_top_k: int = 30
+    unsafe_prompts: Optional[str] = None
+    safe_prompts: Optional[str] = None
+    caption_terms: Optional[str] = None
+    caption_match: str = "word"
+    min_correlation: float = 0.2
+    min_top_share: float = 0.5
+    min_text_share: float = 0.3
+
+    def rule(self):
+        from ..unit_scores import FlagRule
+        for name, value in (("--min-top-share", self.min_top_share), ("--min-text-share", self.min_text_share)):
+            if not 0.0 <= value <= 1.0:
+                raise NeurolensError(f"{name} must be a share between 0 and 1, got {value}")
+        return FlagRule(min_correlation=self.min_correlation, min_top_share=self.min_top_share,
+                        min_text_share=self.min_text_share)
+
+    def arguments(self) -> Dict[str, Any]:
+        """Keyword arguments of run_sweep / run_figure / run_grid (the files are read, the rule checked)."""
+        from .. import safety
+        rule = self.rule()
+        return dict(vocab=self.vocab, top_k=self.top_k, text_top_k=self.text_top_k, rule=rule,
+                    prompts=safety.load_prompts(self.unsafe_prompts, self.safe_prompts),
+                    caption_terms=safety.read_list(self.caption_terms) if self.caption_terms else None,
+                    caption_mode=self.caption_match)
+
+
+SWEEP = OptionSet.of(SweepChoice, vocab=(VocabOpt, "builtin"), top_k=(SweepTopKOpt, 32),
+                     text_top_k=(TextTopKOpt, 30), unsafe_prompts=(UnsafeOpt, None), safe_prompts=(SafeOpt, None),
+                     caption_terms=(TermsOpt, None), caption_match=(CaptionMatchOpt, "word"),
+                     min_correlation=(MinCorrOpt, 0.2), min_top_share=(MinTopOpt, 0.5),
+                     min_text_share=(MinTextOpt, 0.3))
+
+
+@dataclass(frozen=True)
+class RenderChoice:
+    """--steps/--seeds of the feature visualizations that figure and grid draw."""
+    steps: int = 256
+    seeds: str = "0"
+
+    def settings(self):
+        from ..types import RenderSettings
+        try:
+            seeds = tuple(int(s) for s in self.seeds.split(",") if s.strip())
+        except ValueError:
+            raise NeurolensError(f"--seeds must be comma-separated integers such as 0,1, got {self.seeds!r}") from None
+        if not seeds:
+            raise NeurolensError("--seeds needs at least one seed, e.g. --seeds 0")
+        return RenderSettings(steps=self.steps, seeds=seeds)
+
+
+RENDER = OptionSet.of(RenderChoice, steps=(StepsOpt, 256), seeds=(SeedsOpt, "0"))
