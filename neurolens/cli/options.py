@@ -28,6 +28,7 @@ from typing_extensions import Annotated
 
 from ..errors import NeurolensError
 from ..models.load import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from ..types import RenderSettings
 
 # ------------------------------------------------------------------------------------- single options
 
@@ -239,14 +240,16 @@ SWEEP = OptionSet.of(SweepChoice, vocab=(VocabOpt, "builtin"), top_k=(SweepTopKO
                      min_text_share=(MinTextOpt, 0.3))
 
 
+_RENDER_STEPS = RenderSettings().steps
+
+
 @dataclass(frozen=True)
 class RenderChoice:
-    """--steps/--seeds of the feature visualizations that figure and grid draw."""
-    steps: int = 256
+    """--steps/--seeds of the feature visualizations that figure and grid draw (the fast preset otherwise)."""
+    steps: int = _RENDER_STEPS
     seeds: str = "0"
 
     def settings(self):
-        from ..types import RenderSettings
         try:
             seeds = tuple(int(s) for s in self.seeds.split(",") if s.strip())
         except ValueError:
@@ -256,4 +259,4 @@ class RenderChoice:
         return RenderSettings(steps=self.steps, seeds=seeds)
 
 
-RENDER = OptionSet.of(RenderChoice, steps=(StepsOpt, 256), seeds=(SeedsOpt, "0"))
+RENDER = OptionSet.of(RenderChoice, steps=(StepsOpt, _RENDER_STEPS), seeds=(SeedsOpt, "0"))
