@@ -16,7 +16,8 @@ in its time. Per unit:
     neurolens_s                   neurolens' time for all its steps
     time_to_lucent_activation_s   neurolens' time until its image first reaches lucent's final activation
     speedup                       lucent_s / time_to_lucent_activation_s (null: never reached)
-    lucent_activation, neurolens_activation (full precision), activation_ratio (neurolens / lucent)
+    lucent_activation, neurolens_activation (full precision), activation_ratio (neurolens / lucent; null
+                                  where lucent's activation is not positive)
 
 and over all units: median_speedup and min_speedup (a unit that never reaches lucent counts as speedup 0),
 all_reached, all_at_or_above_lucent (neurolens' final activation >= lucent's on every unit). `--clock wall`
@@ -246,7 +247,7 @@ def main() -> None:
                           time_to_lucent_activation_s=None if reached_s is None else round(reached_s, 3),
                           speedup=None if reached_s is None else round(lucent_s / reached_s, 3),
                           lucent_activation=lucent_activation, neurolens_activation=neurolens_activation,
-                          activation_ratio=(neurolens_activation / lucent_activation if lucent_activation
+                          activation_ratio=(neurolens_activation / lucent_activation if lucent_activation > 0
                                             else None),
                           load_avg=round(os.getloadavg()[0], 2), identity=identity)
             with results_path.open("a") as handle:
