@@ -106,7 +106,11 @@ def low_res_size(clip, spec: LayerSpec, size: int, scale: float) -> int:
 
 
 def learning_rate(settings: RenderSettings, step: int) -> float:
-    """Adam's lr at `step`: constant, then a cosine from lr down to lr * lr_final at the last step."""
+    """Adam's lr at `step`: a linear warm-up over the first lr_warmup of the steps, constant, then a cosine from
+    lr down to lr * lr_final at the last step."""
+    warmup = int(round(settings.steps * settings.lr_warmup))
+    if step < warmup:
+        return settings.lr * (step + 1) / (warmup + 1)
     start = int(round(settings.steps * settings.lr_decay_start))
     if step < start or settings.steps - 1 <= start:
         return settings.lr

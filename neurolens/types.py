@@ -43,6 +43,7 @@ class RenderSettings:
     decay_power: float = 1.0       # Fourier spectrum scaling exponent (lucid's default)
     low_res_fraction: float = 0.5  # share of steps rendered at reduced resolution (the speed trick)
     low_res_scale: float = 0.5     # image size of those steps relative to the full size
+    lr_warmup: float = 0.0         # share of steps over which the lr rises linearly to lr
     lr_decay_start: float = 1.0    # share of steps after which the lr decays (cosine) to lr * lr_final; 1: constant
     lr_final: float = 0.0
     precision: str = "auto"        # auto | fp32 | bf16
