@@ -53,25 +53,26 @@ def test_resnet_attention_pool_runs_at_another_size(tiny_clip):
     assert hook_count(tiny_clip.model) == 0
 
 
-def test_default_render_on_a_vit_takes_its_low_resolution_steps(vit224, natural_images):
-    """RenderSettings() as users get it, on a 224 px / patch 32 ViT: the first low_res_fraction of the steps
-    see a 4x4 patch grid (128 px), the rest the 7x7 grid, and the result beats natural images."""
+def test_default_render_on_a_vit_at_its_own_size_and_another(vit224, natural_images):
+    """RenderSettings() as users get it, on a 224 px / patch 32 ViT (a 7x7 grid, which half resolution would
+    make 4x4 or 3x3): ViTs take every step at full size (the low-resolution steps did not pay on ViT-B/32,
+    see render.low_res_size), and the result beats natural images. At --size 128 the positions are resized."""
     settings = RenderSettings()
     spec = resolve_layer(vit224, "image_resblock_1")
-    assert low_res_size(vit224, spec, 224, settings.low_res_scale) == 128
+    assert settings.low_res_fraction > 0 and low_res_size(vit224, spec, 224, settings.low_res_scale) == 0
     grids = []
     handle = vit224.model.visual.conv1.register_forward_hook(lambda m, a, out: grids.append(tuple(out.shape[-2:])))
     try:
         output = render(vit224, spec, [3, 17], settings)
+        small = render(vit224, spec, [3], RenderSettings(steps=4, size=128))
     finally:
         handle.remove()
-    low_steps = int(round(settings.steps * settings.low_res_fraction))
-    assert low_steps > 0
-    assert grids[:low_steps] == [(4, 4)] * low_steps
-    assert set(grids[low_steps:]) == {(7, 7)}
+    assert set(grids[:settings.steps + 1]) == {(7, 7)}
+    assert set(grids[settings.steps + 1:]) == {(4, 4)}
     natural = torch.nn.functional.interpolate(natural_images, size=(224, 224), mode="bilinear", align_corners=False)
     for index, unit in enumerate([3, 17]):
         best_natural = evaluate(vit224, spec, "channel", [unit] * len(natural), natural).max().item()
         assert output.activations[index] > best_natural, unit
     assert np.isfinite(output.curve).all() and output.images.shape == (2, 224, 224, 3)
-    assert hook_count(vit224.model) == 0
+    assert small.images.shape == (1, 128, 128, 3) and np.isfinite(small.activations).all()
+    assert hook_count(vit224.model) == 0 and tuple(vit224.model.visual.grid_size) == (7, 7)
