@@ -30,10 +30,13 @@ def test_every_batch_norm_normalizes_the_calibration_images(name):
     assert any("BatchNorm" in note for note in clip.notes)
     outputs = _batch_norm_outputs(clip, calibration_batch(clip.image_size))
     assert len(outputs) >= 19
+    stages = {f"layer{i}": len(getattr(clip.model.visual, f"layer{i}")) for i in range(1, 5)}
     for module, out in outputs.items():
         mean, var = out.mean((0, 2, 3)), out.var((0, 2, 3), unbiased=False)
+        # the last BatchNorm of a residual branch is scaled by 1/sqrt(blocks in its stage), all others by 1
+        expected = 1 / stages[module.split(".")[0]] if module.endswith("bn3") and module.startswith("layer") else 1
         assert mean.abs().max() < 1e-4, module
-        assert (var - 1).abs().max() < 1e-3, module   # BatchNorm's eps (1e-5) keeps it just below 1
+        assert (var - expected).abs().max() < 1e-3, module   # BatchNorm's eps (1e-5) keeps it just below
 
 
 def test_random_resnet_activations_have_unit_scale_on_unseen_images(tiny_clip):
@@ -54,14 +57,17 @@ def test_random_resnet_activations_have_unit_scale_on_unseen_images(tiny_clip):
             assert act.mean((2, 3)).std(0).mean().item() > 0.01, spec.name
 
 
-def test_residual_branches_respond(tiny_clip):
-    """open_clip zero-initializes bn3: re-initialized, every residual branch adds a non-zero signal."""
-    bn3 = [m for n, m in tiny_clip.model.visual.named_modules() if n.endswith("bn3") and n.startswith("layer")]
-    assert len(bn3) == 4 and all(torch.all(m.weight == 1) for m in bn3)
-    outputs = _batch_norm_outputs(tiny_clip, torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
-    for name, out in outputs.items():
-        if name.endswith("bn3") and name.startswith("layer"):
-            assert out.std().item() > 0.3, name
+def test_residual_branches_respond_with_stage_scaled_weights():
+    """open_clip zero-initializes bn3; re-initialized, every residual branch adds a non-zero signal, weighted
+    1/sqrt(n) in a stage of n blocks (nl-toy-RN's stages have 1, 1, 2 and 1 blocks)."""
+    clip = load_clip("nl-toy-RN", "none", device="cpu")
+    weights = {n: m.weight for n, m in clip.model.visual.named_modules() if n.endswith("bn3") and n.startswith("layer")}
+    assert sorted(weights) == ["layer1.0.bn3", "layer2.0.bn3", "layer3.0.bn3", "layer3.1.bn3", "layer4.0.bn3"]
+    for name, weight in weights.items():
+        assert torch.allclose(weight, torch.full_like(weight, 2 ** -0.5 if name.startswith("layer3") else 1.0)), name
+    outputs = _batch_norm_outputs(clip, torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+    for name in weights:
+        assert outputs[name].std().item() > 0.2, name
 
 
 def test_vit_keeps_open_clip_init_at_unit_scale(tiny_vit):
