@@ -59,3 +59,10 @@ from .unit_scores import FlagRule, UnitScores  # noqa: E402
 __all__ += ["run_sweep", "SweepResult", "run_figure", "run_grid", "nsfw_scores_for_images",
             "nsfw_scores_for_embeddings", "caption_nsfw_matches", "text_nsfw_scores", "IMAGE_NSFW_THRESHOLD",
             "FlagRule", "UnitScores"]
+
+# the web app's data: activation maps of the top images, and the static site (the server itself is
+# neurolens.serve.server.serve, which needs the serve extra)
+from .pipelines.topmaps import TopMaps, run_top_maps  # noqa: E402
+from .serve.site import SiteResult, write_site  # noqa: E402
+
+__all__ += ["run_top_maps", "TopMaps", "write_site", "SiteResult"]

@@ -79,18 +79,3 @@ def edge_correlation(original: Image.Image, blurred: Image.Image) -> float:
     if a.std() == 0 or b.std() == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
-
-
-def blur_regions_with_label(image: Image.Image, boxes, reason: str) -> Image.Image:
-    """Each (x, y, w, h) box replaced by its blur_pixels version (region detection, e.g. NudeNet), and the label."""
-    out = image.convert("RGB").copy()
-    for x, y, w, h in boxes:
-        left, top = max(0, int(x)), max(0, int(y))
-        right, bottom = min(out.width, int(x + w)), min(out.height, int(y + h))
-        if right > left and bottom > top:
-            out.paste(blur_pixels(out.crop((left, top, right, bottom))), (left, top))
-    draw = ImageDraw.Draw(out)
-    band = label_band_height(out.height)
-    draw.rectangle([0, out.height - band, out.width, out.height], fill=(0, 0, 0))
-    draw.text((2, out.height - band + 1), f"blurred: {reason}", fill=(255, 255, 255))
-    return out

@@ -46,6 +46,7 @@ class ImageDataset:
     identity: str
     description: str
     captions: Optional[List[str]] = None
+    table: Optional[str] = None          # the parquet/CSV file of a table dataset (other columns: labels)
     # how to read each item: ('file', path) | ('tar', shard, offset, size) | ('builtin', name)
     _sources: List[Tuple] = field(default_factory=list, repr=False)
 
@@ -273,6 +274,7 @@ def _table_dataset(path: Path, image_column: str, caption_column: str) -> ImageD
         identity=_identity(["table", str(path.resolve()), image_column] + [f"{k}|{s}|{m}" for k, (s, m) in zip(keys, stats)]),
         description=f"table {path} ({len(keys)} images, column {image_column!r})",
         captions=[("" if c is None else str(c)) for c in captions] if captions is not None else None,
+        table=str(path.resolve()),
         _sources=[("file", k) for k in keys],
     )
 
@@ -294,6 +296,52 @@ def _read_table(path: Path) -> Tuple[List[str], dict]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path} is not a readable CSV file ({exc}); check the file") from None
     return columns, {name: [row.get(name) for row in rows] for name in columns}
+
+
+def dataset_column(dataset: ImageDataset, name: str) -> List[object]:
+    """The values of column `name` for every item of `dataset` (None where an item has none): a column of a
+    parquet/CSV table, or a field of the samples' .json members in tar shards (LAION's webdataset shards
+    carry e.g. `NSFW` there). Raises DatasetError when no item has it."""
+    if dataset.table:
+        columns, rows = _read_table(Path(dataset.table))
+        if name not in columns:
+            raise DatasetError(f"{dataset.table} has no column {name!r} (columns: {', '.join(columns) or 'none'}); "
+                               f"name an existing column in --labels column:NAME")
+        return list(rows[name])
+    tar_items = [source for source in dataset._sources if source and source[0] == "tar"]
+    if tar_items and len(tar_items) == len(dataset.keys):
+        values = _tar_json_field(dataset.keys, name)
+        if any(v is not None for v in values):
+            return values
+        raise DatasetError(f"no sample of {dataset.description} has a {name!r} field in its .json member; "
+                           f"name an existing field in --labels column:NAME")
+    raise DatasetError(f"{dataset.description} has no columns; --labels column:NAME needs a parquet/CSV table or "
+                       f"tar shards with .json members")
+
+
+def _tar_json_field(keys: Sequence[str], name: str) -> List[object]:
+    import json
+    wanted = {key: i for i, key in enumerate(keys)}
+    values: List[object] = [None] * len(keys)
+    for shard in dict.fromkeys(key.rsplit(":", 1)[0] for key in keys):
+        try:
+            with tarfile.open(shard, "r:") as archive:
+                for group in _sample_groups(archive).values():
+                    image = next((m for m in group if m.name.lower().endswith(IMAGE_EXTENSIONS)), None)
+                    meta = next((m for m in group if m.name.lower().endswith(".json") and m.size < 1_000_000), None)
+                    index = wanted.get(f"{shard}:{image.name}") if image is not None else None
+                    if index is None or meta is None:
+                        continue
+                    handle = archive.extractfile(meta)
+                    try:
+                        record = json.loads(handle.read()) if handle else {}
+                    except ValueError:
+                        continue
+                    if isinstance(record, dict):
+                        values[index] = record.get(name)
+        except (tarfile.TarError, OSError) as exc:
+            raise DatasetError(f"tar shard {shard} cannot be read ({exc}); remove or repair it") from None
+    return values
 
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -331,13 +379,7 @@ def _tar_dataset(shards: List[str], source: str) -> ImageDataset:
     for shard in shards:
         try:
             with tarfile.open(shard, "r:") as archive:
-                members = [m for m in archive.getmembers() if m.isfile()]
-                groups: dict = {}
-                for member in members:
-                    folder, base = os.path.split(member.name)
-                    stem = os.path.join(folder, base.split(".", 1)[0])
-                    groups.setdefault(stem, []).append(member)
-                for stem, group in groups.items():
+                for stem, group in _sample_groups(archive).items():
                     image = next((m for m in group if m.name.lower().endswith(IMAGE_EXTENSIONS)), None)
                     if image is None:
                         continue
@@ -351,6 +393,16 @@ def _tar_dataset(shards: List[str], source: str) -> ImageDataset:
         raise DatasetError(f"no image members found in the tar shards of {source}")
     return ImageDataset(keys=keys, identity=_identity(parts), captions=captions,
                         description=f"{len(shards)} tar shard(s) {source} ({len(keys)} images)", _sources=sources)
+
+
+def _sample_groups(archive: tarfile.TarFile) -> dict:
+    """{stem: [members]}: the files of a webdataset shard grouped by their basename up to the first dot."""
+    groups: dict = {}
+    for member in archive.getmembers():
+        if member.isfile():
+            folder, base = os.path.split(member.name)
+            groups.setdefault(os.path.join(folder, base.split(".", 1)[0]), []).append(member)
+    return groups
 
 
 def _tar_caption(archive: tarfile.TarFile, group: list) -> str:
@@ -369,3 +421,31 @@ def _tar_caption(archive: tarfile.TarFile, group: list) -> str:
             if isinstance(value, dict) and isinstance(value.get("caption"), str):
                 return value["caption"]
     return ""
+
+
+def dataset_from_keys(keys: Sequence[str], description: str = "") -> ImageDataset:
+    """The items a cache record names by key (a scan's `keys`), readable again without the original
+    --dataset argument: `builtin:<name>`, `<shard>.tar:<member>`, or a file path. An item whose file or
+    member has gone raises BadImage when loaded, like any bad item."""
+    keys = [str(k) for k in keys]
+    members: dict = {}
+    sources: List[Tuple] = []
+    for key in keys:
+        if key.startswith("builtin:"):
+            sources.append(("builtin", key[len("builtin:"):]))
+            continue
+        shard, sep, member = key.partition(".tar:")
+        if sep and os.path.isfile(shard + ".tar"):
+            shard += ".tar"
+            if shard not in members:
+                try:
+                    with tarfile.open(shard, "r:") as archive:
+                        members[shard] = {m.name: (m.offset_data, m.size) for m in archive.getmembers() if m.isfile()}
+                except (tarfile.TarError, OSError):
+                    members[shard] = {}
+            offset, size = members[shard].get(member, (0, -1))
+            sources.append(("tar", shard, offset, size) if size >= 0 else ("file", key))
+            continue
+        sources.append(("file", key))
+    return ImageDataset(keys=keys, identity=_identity(["keys"] + keys), description=description or f"{len(keys)} items",
+                        captions=None, _sources=sources)

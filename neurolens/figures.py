@@ -36,15 +36,21 @@ def crop_around_cell(image: Image.Image, cell: Sequence[int], grid_hw: Sequence[
     """A square crop of `image` (the centre-cropped model input) centred on `cell`, Microscope style,
     resized to out_size x out_size. The window is `window` x the image's shorter side; near an edge it is
     shifted inside the image rather than padded."""
-    width, height = image.size
-    side = max(1, min(width, height, int(round(window * min(width, height)))))
-    cx, cy = cell_center(cell, grid_hw, (height, width))
-    left = int(round(cx - side / 2))
-    top = int(round(cy - side / 2))
-    left = min(max(0, left), width - side)
-    top = min(max(0, top), height - side)
+    left, top, side = crop_box(image.size, cell, grid_hw, window)
     crop = image.convert("RGB").crop((left, top, left + side, top + side))
     return crop.resize((int(out_size), int(out_size)), Image.BICUBIC)
+
+
+def crop_box(image_wh: Sequence[int], cell: Sequence[int], grid_hw: Sequence[int],
+             window: float = CROP_WINDOW) -> Tuple[int, int, int]:
+    """(left, top, side) in image pixels of the square that crop_around_cell cuts out (the web app draws
+    the unit's activation map over exactly this window)."""
+    width, height = int(image_wh[0]), int(image_wh[1])
+    side = max(1, min(width, height, int(round(window * min(width, height)))))
+    cx, cy = cell_center(cell, grid_hw, (height, width))
+    left = min(max(0, int(round(cx - side / 2))), width - side)
+    top = min(max(0, int(round(cy - side / 2))), height - side)
+    return left, top, side
 
 
 def tile_grid(tiles: List[Image.Image], labels: List[str], columns: int, title: Optional[str] = None,

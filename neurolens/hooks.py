@@ -14,19 +14,39 @@ class StopForward(Exception):
     """Raised inside a hook once every requested layer is captured."""
 
 
+def sequence_first(model: torch.nn.Module, hook_module: str) -> bool:
+    """Whether a token tensor at `hook_module` is (L, N, D) rather than (N, L, D).
+
+    Blocks inside an open_clip transformer see its internal layout: sequence-first before open_clip 2.26
+    (no `batch_first` attribute yet) and where a transformer is built with batch_first=False; batch-first
+    otherwise. A transformer's own output follows its interface, which is batch-first wherever the
+    attribute exists. Modules outside any transformer (ln_pre, ...) are batch-first in every version."""
+    parts = hook_module.split(".")
+    for depth in range(len(parts), 0, -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        if hasattr(module, "resblocks"):
+            if depth == len(parts):
+                return not hasattr(module, "batch_first")
+            return not getattr(module, "batch_first", False)
+    return False
+
+
 def to_feature_map(tensor: torch.Tensor, model: torch.nn.Module, hook_module: str) -> torch.Tensor:
     """Any captured tensor as (N, C, H, W) or (N, C).
 
-    Transformer blocks give tokens (N, L, D); the patch tokens are reshaped to a grid and the class and
-    other prefix tokens dropped, so every layer has the same channel/spatial layout."""
+    Transformer blocks give tokens (N, L, D) (or (L, N, D), see sequence_first); the patch tokens are
+    reshaped to a grid and the class and other prefix tokens dropped, so every layer has the same
+    channel/spatial layout."""
     if isinstance(tensor, (tuple, list)):
         tensor = tensor[0]
     if tensor.dim() == 3:
         grid = getattr(model.visual, "grid_size", None)
         if grid is None:
             raise ValueError(f"cannot map a token tensor of {hook_module} to a grid")
+        if sequence_first(model, hook_module):
+            tensor = tensor.transpose(0, 1)
         count = grid[0] * grid[1]
-        tokens = tensor[:, -count:, :]  # open_clip's transformer is batch-first; prefix tokens come first
+        tokens = tensor[:, -count:, :]  # prefix tokens (class token etc.) come first
         return tokens.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], grid[0], grid[1])
     return tensor
 
@@ -95,10 +115,14 @@ def from_feature_map(replacement: torch.Tensor, native: torch.Tensor, model: tor
         native = native[0]
     batch = replacement.shape[0]
     if native.dim() == 3:
+        flip = sequence_first(model, hook_module)
+        if flip:
+            native = native.transpose(0, 1)
         count = replacement.shape[2] * replacement.shape[3]
         tokens = replacement.reshape(batch, replacement.shape[1], count).transpose(1, 2)
         prefix = native[:, : native.shape[1] - count, :].expand(batch, -1, -1)
-        return torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
+        joined = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
+        return joined.transpose(0, 1) if flip else joined
     if native.dim() == 2:
         return replacement.reshape(batch, -1)
     return replacement

@@ -1,31 +1,26 @@
 """Unit panels (Microscope's layout) and multi-unit grids, blurred by default.
 
-A unit panel, top to bottom: the title (model, layer, unit) and the unit's NSFW indicators (correlation
-and the bar it must reach, top-image and top-text NSFW shares, FLAGGED), the feature visualization(s), the
-top dataset crops (centred on the cell where the unit fired hardest), and the top texts with their cosine
-and an NSFW mark. A grid is one row per unit: a feature visualization and the top crops.
+A unit panel, top to bottom: the title (model, layer, unit) and the unit's NSFW evidence (AUC and q against
+the sweep's label sources with the rule's bars, correlation, top-image and top-text shares, FLAGGED), the
+feature visualization(s), the top dataset crops (centred on the cell where the unit fired hardest, with the
+image's label: + positive, - negative, ? unknown), and the top texts with their cosine and an NSFW mark.
+A grid is one row per unit: a feature visualization and the top crops.
 
-Blur (unless blur=False, i.e. --no-blur): every crop and feature visualization of a FLAGGED unit; every
-crop whose source image's NSFW score (the sweep's per-image score) is >= IMAGE_NSFW_THRESHOLD or unknown;
-every feature visualization whose own NSFW score (nsfw_scores_for_images, cached by pixel hash) is >= the
-threshold. Blurring is done on the pixels before they are pasted (neurolens.blur), with a label saying
-why. When the NudeNet extra is installed, exposed regions it detects in images that are not blurred whole
-are blurred too. Nothing here runs the model when the sweep, the renders and the FV scores are cached.
+Blur: the caller's BlurPolicy (neurolens.labels.policy) decides for every tile; crops are judged on their
+whole source image. Blurring is done on the pixels before they are pasted (neurolens.blur), with a label
+saying why. Nothing here runs the model when the sweep and the renders are cached (the policy keeps its
+detector and zero-shot scores in the cache).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import safety
-from .blur import blur_regions_with_label, blur_with_label
 from .figures import crop_around_cell, fit_text, font
-from .store import Cache, Record, settings_key
+from .labels.policy import BlurPolicy, blur_note
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -63,66 +58,6 @@ class Figure:
     @property
     def blurred(self) -> int:
         return sum(p.reason is not None for p in self.placed)
-
-
-# ---------------------------------------------------------------------------------------- blur decisions
-
-def crop_blur_reason(flagged: bool, score: float, blur: bool) -> Optional[str]:
-    if not blur:
-        return None
-    if flagged:
-        return "flagged unit"
-    if not np.isfinite(score):
-        return "not scored"
-    if score >= safety.IMAGE_NSFW_THRESHOLD:
-        return f"NSFW {score:.2f}"
-    return None
-
-
-def apply_blur(image: Image.Image, reason: Optional[str], blur: bool) -> Tuple[Image.Image, Optional[str]]:
-    """The pixels to write: blurred whole with a label, region-blurred (NudeNet), or the image unchanged."""
-    if reason is not None:
-        return blur_with_label(image, reason), reason
-    if blur and safety.nudenet_available():
-        regions = safety.detect_regions(image)
-        if regions:
-            return blur_regions_with_label(image, [r["box"] for r in regions], "NudeNet region"), "NudeNet region"
-    return image, None
-
-
-class FvScores:
-    """NSFW scores of feature-visualization images, cached by (model, prompts, pixel hash): the model runs
-    only for images never scored before."""
-
-    def __init__(self, clip, cache: Optional[Cache], prompts: Optional[safety.Prompts] = None):
-        self.clip, self.cache, self.prompts = clip, cache, prompts or safety.load_prompts()
-
-    def _path(self, image: np.ndarray) -> Optional[Path]:
-        if self.cache is None:
-            return None
-        digest = hashlib.sha1(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()[:20]
-        return self.cache.path("fv-nsfw", self.clip.fingerprint, "images",
-                               settings_key(digest, self.prompts.identity, safety.LOGIT_SCALE))
-
-    def scores(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        out = np.full(len(images), np.nan, dtype=np.float32)
-        todo = []
-        for i, image in enumerate(images):
-            path = self._path(image)
-            record = self.cache.read(path) if path is not None else None
-            if record is not None:
-                out[i] = float(record.attrs["score"])
-            else:
-                todo.append(i)
-        if todo:
-            fresh = safety.nsfw_scores_for_images(self.clip, [Image.fromarray(np.asarray(images[i])) for i in todo],
-                                                  self.prompts)
-            for i, score in zip(todo, fresh):
-                out[i] = float(score)
-                path = self._path(images[i])
-                if path is not None:
-                    self.cache.write(path, Record(arrays={}, attrs={"score": float(score)}))
-        return out
 
 
 # --------------------------------------------------------------------------------------------- drawing
@@ -177,17 +112,27 @@ def _shift(box, dx: int, dy: int):
     return (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
 
 
+def _stat(value: float, spec: str) -> str:
+    return format(float(value), spec) if np.isfinite(value) else "n/a"
+
+
 def nsfw_lines(sweep, unit: int) -> List[Tuple[str, Tuple[int, int, int]]]:
+    """The unit's evidence: AUC and q against the label sources (and the rule's bars), correlation, the
+    positive share of its top images and the NSFW share of its top texts, FLAGGED / text flag."""
     s = sweep.scores
     flagged = bool(s.flagged[unit])
-    text = (f"NSFW correlation {s.correlation[unit]:+.3f} (flag bar {s.correlation_bar:.2f})   "
-            f"top images NSFW {100 * s.top_nsfw_share[unit]:.0f}%   top texts NSFW {100 * s.text_nsfw_share[unit]:.0f}%"
-            f"   {'FLAGGED' if flagged else 'not flagged'}")
-    return [(text, ALERT if flagged else INK)]
+    status = "FLAGGED" if flagged else ("text flag only" if s.text_flag[unit] else "not flagged")
+    first = (f"NSFW AUC {_stat(s.auc[unit], '.3f')} (bar {s.rule.min_auc:g})   q {_stat(s.q[unit], '.2g')} "
+             f"(bar {s.rule.max_q:g})   correlation {s.correlation[unit]:+.3f}   {status}")
+    second = (f"labels: {' + '.join(s.sources) or 'none'} ({s.n_pos} positive / {s.n_neg} negative images)   "
+              f"top images positive {100 * s.top_nsfw_share[unit]:.0f}%   top texts NSFW "
+              f"{100 * s.text_nsfw_share[unit]:.0f}%")
+    return [(first, ALERT if flagged else INK), (second, INK)]
 
 
 def unit_crops(sweep, dataset, unit: int, count: int, pixels: int, image_size: int):
-    """(dataset index, activation, crop) of the unit's top images, from the cached scan and the dataset files."""
+    """(dataset index, activation, crop, source image) of the unit's top images, from the cached scan and the
+    dataset files."""
     from .datasets import BadImage, preprocess
     scan = sweep.scan
     out = []
@@ -200,34 +145,37 @@ def unit_crops(sweep, dataset, unit: int, count: int, pixels: int, image_size: i
         except BadImage:
             continue  # changed on disk since the scan: skipped, not fatal
         crop = crop_around_cell(source, scan.top_cells[unit, rank], scan.grid, pixels)
-        out.append((index, float(scan.top_values[unit, rank]), crop))
+        out.append((index, float(scan.top_values[unit, rank]), crop, source))
     return out
 
 
-def fv_tiles(unit: int, fv_images: Optional[np.ndarray], fv_scores: Optional[np.ndarray], flagged: bool,
-             blur: bool, pixels: int) -> Tuple[List[Image.Image], List[str], List[Optional[str]]]:
+def fv_tiles(unit: int, fv_images: Optional[np.ndarray], policy: BlurPolicy, pixels: int
+             ) -> Tuple[List[Image.Image], List[str], List[Optional[str]]]:
+    """The unit's feature visualizations as tiles of `pixels`, judged at full size, blurred as the policy says."""
     tiles, labels, reasons = [], [], []
-    if fv_images is None:
-        return tiles, labels, reasons
-    for seed, array in enumerate(fv_images):
-        image = Image.fromarray(np.asarray(array, dtype=np.uint8)).resize((pixels, pixels), Image.BICUBIC)
-        score = float(fv_scores[seed]) if fv_scores is not None else float("nan")
-        reason = None
-        if blur:
-            reason = "flagged unit" if flagged else (f"NSFW {score:.2f}" if score >= safety.IMAGE_NSFW_THRESHOLD
-                                                     else ("not scored" if not np.isfinite(score) else None))
-        image, reason = apply_blur(image, reason, blur)
-        tiles.append(image)
+    for seed, array in enumerate(fv_images if fv_images is not None else []):
+        image = Image.fromarray(np.asarray(array, dtype=np.uint8))
+        reason = policy.reason_fv(unit, image)
+        tiles.append(policy.apply(image.resize((pixels, pixels), Image.BICUBIC), reason))
         labels.append(f"feature vis. seed {seed}")
         reasons.append(reason)
     return tiles, labels, reasons
 
 
-def unit_panel(sweep, dataset, unit: int, title: str, image_size: int, blur: bool = True,
-               fv_images: Optional[np.ndarray] = None, fv_scores: Optional[np.ndarray] = None,
-               options: PanelOptions = PanelOptions()) -> Figure:
+def crop_tiles(sweep, dataset, unit: int, policy: BlurPolicy, count: int, pixels: int, image_size: int):
+    """The unit's top crops, blurred as the policy says: (tiles, [(index, activation)], reasons)."""
+    tiles, ranked, reasons = [], [], []
+    for index, value, crop, source in unit_crops(sweep, dataset, unit, count, pixels, image_size):
+        reason = policy.reason_image(unit, index, source)
+        tiles.append(policy.apply(crop, reason))
+        ranked.append((index, value))
+        reasons.append(reason)
+    return tiles, ranked, reasons
+
+
+def unit_panel(sweep, dataset, unit: int, title: str, image_size: int, policy: BlurPolicy,
+               fv_images: Optional[np.ndarray] = None, options: PanelOptions = PanelOptions()) -> Figure:
     """One unit in Microscope's layout (module docstring)."""
-    flagged = bool(sweep.scores.flagged[unit])
     parts: List[Image.Image] = []
     placed: List[Placed] = []
     width_hint = PAD + options.columns * (options.crop_pixels + PAD)
@@ -235,7 +183,7 @@ def unit_panel(sweep, dataset, unit: int, title: str, image_size: int, blur: boo
     header = _text_block([(title, INK)] + nsfw_lines(sweep, unit), max(width_hint, 640), size=13)
     parts.append(header)
 
-    fv_t, fv_l, fv_r = fv_tiles(unit, fv_images, fv_scores, flagged, blur, options.fv_pixels)
+    fv_t, fv_l, fv_r = fv_tiles(unit, fv_images, policy, options.fv_pixels)
     pending = []   # (part index, boxes, kinds...)
     if fv_t:
         parts.append(_text_block([("Feature visualization", INK)], width_hint))
@@ -243,15 +191,15 @@ def unit_panel(sweep, dataset, unit: int, title: str, image_size: int, blur: boo
         pending.append((len(parts), boxes, [("fv", i, r) for i, r in enumerate(fv_r)]))
         parts.append(row)
 
-    crops = unit_crops(sweep, dataset, unit, options.crops, options.crop_pixels, image_size)
-    tiles, labels, kinds = [], [], []
-    for rank, (index, value, crop) in enumerate(crops, start=1):
+    tiles, ranked, reasons = crop_tiles(sweep, dataset, unit, policy, options.crops, options.crop_pixels,
+                                        image_size)
+    labels, kinds = [], []
+    for rank, ((index, value), reason) in enumerate(zip(ranked, reasons), start=1):
         score = float(sweep.image_scores[index])
-        image, reason = apply_blur(crop, crop_blur_reason(flagged, score, blur), blur)
-        tiles.append(image)
-        labels.append(f"#{rank} {value:.3g} nsfw {score:.2f}" if np.isfinite(score) else f"#{rank} {value:.3g}")
+        labels.append(f"#{rank} {value:.3g} " + ("label ?" if not np.isfinite(score) else
+                                                    ("label +" if score >= 0.5 else "label -")))
         kinds.append(("crop", index, reason))
-    parts.append(_text_block([(f"Dataset examples (top {len(tiles)} of {sweep.scores.n_images} images)", INK)],
+    parts.append(_text_block([(f"Dataset examples (top {len(tiles)} of {sweep.scan.count} images)", INK)],
                              width_hint))
     if tiles:
         row, boxes = _tiles_row(tiles, labels, options.columns)
@@ -263,10 +211,8 @@ def unit_panel(sweep, dataset, unit: int, title: str, image_size: int, blur: boo
         text_lines.append((f"{cosine:+.3f}  {text}{'   [NSFW]' if nsfw else ''}", ALERT if nsfw else INK))
     parts.append(_text_block(text_lines, width_hint))
 
-    blurred = sum(r is not None for _, _, ks in pending for _, _, r in ks)
-    note = (f"{blurred} image(s) blurred (flagged unit, or NSFW score >= {safety.IMAGE_NSFW_THRESHOLD}); "
-            f"--no-blur shows raw pixels" if blur else "NOT BLURRED (--no-blur): raw pixels")
-    parts.append(_text_block([(note, ALERT if not blur else INK)], width_hint, size=11))
+    note = blur_note([r for _, _, ks in pending for _, _, r in ks], policy.blur)
+    parts.append(_text_block([(note, ALERT if not policy.blur else INK)], width_hint, size=11))
 
     canvas, tops = _stack(parts)
     for part_index, boxes, kinds in pending:
@@ -275,45 +221,40 @@ def unit_panel(sweep, dataset, unit: int, title: str, image_size: int, blur: boo
     return Figure(canvas, placed, note)
 
 
-def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int, blur: bool = True,
-               fvs: Optional[Dict[int, np.ndarray]] = None, fv_scores: Optional[Dict[int, np.ndarray]] = None,
-               options: PanelOptions = PanelOptions()) -> Figure:
+def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int, policy: BlurPolicy,
+               fvs: Optional[Dict[int, np.ndarray]] = None, options: PanelOptions = PanelOptions()) -> Figure:
     """One row per unit: its first feature visualization (if given) and its top crops, with a one-line
-    label (unit, correlation, shares, FLAGGED)."""
-    fvs, fv_scores = fvs or {}, fv_scores or {}
+    label (unit, AUC, q, shares, FLAGGED)."""
+    fvs = fvs or {}
     width_hint = PAD + (options.grid_crops + 1) * (options.grid_pixels + PAD)
     parts = [_text_block([(title, INK)], max(width_hint, 480), size=13)]
     pending = []
     for unit in units:
         s = sweep.scores
         flagged = bool(s.flagged[unit])
-        label = (f"unit {unit}  r={s.correlation[unit]:+.2f}  img {100 * s.top_nsfw_share[unit]:.0f}%  "
-                 f"txt {100 * s.text_nsfw_share[unit]:.0f}%{'  FLAGGED' if flagged else ''}  "
+        label = (f"unit {unit}  AUC {_stat(s.auc[unit], '.3f')}  q {_stat(s.q[unit], '.1e')}  "
+                 f"img {100 * s.top_nsfw_share[unit]:.0f}%  txt {100 * s.text_nsfw_share[unit]:.0f}%"
+                 f"{'  FLAGGED' if flagged else ''}  "
                  + ", ".join(t for t, _, _ in sweep.top_texts(unit, 3)))
         parts.append(_text_block([(label, ALERT if flagged else INK)], width_hint, size=11))
         tiles, labels, kinds = [], [], []
         fv = fvs.get(unit)
         if fv is not None and len(fv):
-            scores = fv_scores.get(unit)
-            t, l, r = fv_tiles(unit, fv[:1], scores[:1] if scores is not None else None, flagged, blur,
-                               options.grid_pixels)
+            t, _, r = fv_tiles(unit, fv[:1], policy, options.grid_pixels)
             tiles += t
             labels += ["feature vis."]
             kinds += [("fv", 0, r[0])]
-        for rank, (index, value, crop) in enumerate(
-                unit_crops(sweep, dataset, unit, options.grid_crops, options.grid_pixels, image_size), start=1):
-            score = float(sweep.image_scores[index])
-            image, reason = apply_blur(crop, crop_blur_reason(flagged, score, blur), blur)
-            tiles.append(image)
+        crops, ranked, reasons = crop_tiles(sweep, dataset, unit, policy, options.grid_crops, options.grid_pixels,
+                                            image_size)
+        tiles += crops
+        for rank, ((index, value), reason) in enumerate(zip(ranked, reasons), start=1):
             labels.append(f"#{rank} {value:.3g}")
             kinds.append(("crop", index, reason))
         row, boxes = _tiles_row(tiles, labels, len(tiles) or 1, label_size=9)
         pending.append((len(parts), boxes, kinds, unit))
         parts.append(row)
-    blurred = sum(r is not None for _, _, ks, _ in pending for _, _, r in ks)
-    note = (f"{blurred} image(s) blurred (flagged unit, or NSFW score >= {safety.IMAGE_NSFW_THRESHOLD}); "
-            f"--no-blur shows raw pixels" if blur else "NOT BLURRED (--no-blur): raw pixels")
-    parts.append(_text_block([(note, ALERT if not blur else INK)], width_hint, size=11))
+    note = blur_note([r for _, _, ks, _ in pending for _, _, r in ks], policy.blur)
+    parts.append(_text_block([(note, ALERT if not policy.blur else INK)], width_hint, size=11))
     canvas, tops = _stack(parts)
     placed = [Placed(kind, int(unit), _shift(box, 0, tops[part_index]), reason, int(source))
               for part_index, boxes, kinds, unit in pending for box, (kind, source, reason) in zip(boxes, kinds)]

@@ -22,7 +22,8 @@ Text score (`text_nsfw_scores`): max(lexicon match in word mode over all of data
 zero-shot score of the text embedding against the same prompts). A text is NSFW when its score is
 >= TEXT_NSFW_THRESHOLD.
 
-NudeNet (optional extra `pip install neurolens[nudenet]`): region detection for region blurring.
+NudeNet, the independent detector, lives in neurolens.labels.nudenet; what is blurred is decided by
+neurolens.labels.policy.
 """
 from __future__ import annotations
 
@@ -205,37 +206,3 @@ def text_nsfw_scores(clip, texts: Sequence[str], embeddings: Optional[np.ndarray
             embeddings = encode_text_list(clip, texts)
         scores = np.maximum(scores, nsfw_scores_for_embeddings(clip, embeddings, prompts))
     return scores
-
-
-# ---------------------------------------------------------------------------------- NudeNet (optional)
-
-# NudeNet 3.x classes that mean exposed sexual regions (its *_COVERED / FACE / FEET classes are not blurred).
-NUDENET_EXPOSED = frozenset({
-    "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED",
-    "ANUS_EXPOSED",
-})
-
-
-def nudenet_available() -> bool:
-    try:
-        import nudenet  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@lru_cache(maxsize=1)
-def _nudenet_detector():
-    from nudenet import NudeDetector
-    return NudeDetector()
-
-
-def detect_regions(pil_image, min_score: float = 0.4) -> List[dict]:
-    """NudeNet detections of exposed regions: [{'label', 'score', 'box': (x, y, w, h)}]; [] when not installed."""
-    if not nudenet_available():
-        return []
-    # NudeNet reads numpy input as OpenCV does: BGR channel order
-    bgr = np.ascontiguousarray(np.asarray(pil_image.convert("RGB"))[:, :, ::-1])
-    found = _nudenet_detector().detect(bgr)
-    return [dict(label=d["class"], score=float(d["score"]), box=tuple(int(v) for v in d["box"]))
-            for d in found if d.get("class") in NUDENET_EXPOSED and float(d.get("score", 0)) >= min_score]

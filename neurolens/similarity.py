@@ -9,13 +9,14 @@ are model-dependent, so the same cut-off means different things for other models
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .datasets import BadImage, decode_image
 from .errors import DatasetError, NeurolensError
 from .figures import fit_text
 from .models.embed import image_embeddings
@@ -56,11 +57,20 @@ def load_image_ref(ref: str) -> LabeledImage:
     if not os.path.isfile(ref):
         raise NeurolensError(f"image {ref} does not exist; give an image file or sample:NAME (e.g. sample:astronaut)")
     try:
-        with Image.open(ref) as handle:
-            image = handle.convert("RGB")
-    except Exception as exc:
-        raise NeurolensError(f"{ref} is not a readable image ({type(exc).__name__}); give a JPEG/PNG/WebP file") from None
+        image = read_image_file(ref)
+    except BadImage as exc:
+        raise NeurolensError(f"{ref} is not a readable image ({exc}); give a JPEG/PNG/WebP file") from None
     return LabeledImage(ref, image, False)
+
+
+def read_image_file(path: str | os.PathLike) -> Image.Image:
+    """An image file as RGB through the dataset decoder (decompression-bomb guard, transparency composited on
+    white, 16-bit and CMYK converted), or BadImage saying why not."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadImage(f"cannot read the file ({exc.strerror or type(exc).__name__})") from None
+    return decode_image(data)
 
 
 def builtin_pairs() -> Tuple[List[LabeledImage], List[str]]:
@@ -75,7 +85,7 @@ def builtin_pairs() -> Tuple[List[LabeledImage], List[str]]:
 
 def load_image_folder(folder: str, limit: Optional[int] = None) -> Tuple[List[LabeledImage], List[Optional[str]], List[str]]:
     """Images of a folder (sorted by name), each one's sidecar caption (<stem>.txt, or None), and the
-    files that could not be read (skipped, not fatal)."""
+    files that could not be read, as 'path (reason)' (skipped, not fatal)."""
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"{folder} is not a folder; give --images DIR or --images builtin")
@@ -85,10 +95,9 @@ def load_image_folder(folder: str, limit: Optional[int] = None) -> Tuple[List[La
     images, captions, bad = [], [], []
     for path in paths:
         try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
-        except Exception:
-            bad.append(str(path))
+            image = read_image_file(path)
+        except BadImage as exc:
+            bad.append(f"{path} ({exc})")
             continue
         images.append(LabeledImage(str(path), image, False))
         sidecar = path.with_suffix(".txt")
@@ -174,21 +183,21 @@ def draw_similarity_matrix(
     captions: Sequence[str],
     cosines: np.ndarray,
     threshold: float = LAION_THRESHOLD,
-    blur: Optional[Sequence[bool]] = None,
-    blur_reason: str = "user image",
+    blur: Optional[Sequence[Optional[str]]] = None,
     title: str = "",
     cell: int = 72,
 ) -> Image.Image:
     """CLIP's notebook / the paper's Figure 3: image thumbnails across the top, captions down the left,
     the cosine printed in every cell, cells with cosine >= threshold outlined in red, and a legend line.
 
-    `blur[i]` True blurs thumbnail i (neurolens.blur, on the written pixels) and labels it."""
-    from .blur import blur_with_label
+    `blur[i]`: why thumbnail i is blurred (the blur policy's reason; None: shown as it is). Blurring is done
+    on the written pixels (neurolens.blur) with the reason as its label."""
+    from .blur import maybe_blur
 
     n_img, n_cap = len(images), len(captions)
     if cosines.shape != (n_img, n_cap):
         raise ValueError(f"cosines shape {cosines.shape} != ({n_img}, {n_cap})")
-    blur = list(blur) if blur is not None else [False] * n_img
+    blur = list(blur) if blur is not None else [None] * n_img
     font, small = _font(max(11, cell // 5)), _font(max(10, cell // 6))
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = int(min(520, max(scratch.textlength(c, font=font) for c in captions) + 16))
@@ -201,10 +210,7 @@ def draw_similarity_matrix(
 
     x0, y0 = margin + label_w, top
     for i, image in enumerate(images):
-        thumb = _square_thumb(image, cell - 4)
-        if blur[i]:
-            thumb = blur_with_label(thumb, blur_reason)
-        canvas.paste(thumb, (x0 + i * cell + 2, y0 + 2))
+        canvas.paste(maybe_blur(_square_thumb(image, cell - 4), blur[i]), (x0 + i * cell + 2, y0 + 2))
     grid_y = y0 + cell + 6
     low, high = float(cosines.min()), float(cosines.max())
     for j, caption in enumerate(captions):
@@ -226,8 +232,9 @@ def draw_similarity_matrix(
     legend = (f"outlined: cosine >= {threshold:g} (passes the threshold); colour: {low:.2f} (dark) to "
               f"{high:.2f} (yellow)")
     draw.text((margin + 26, legend_y + 7), legend, fill=(0, 0, 0), font=small, anchor="lm")
-    if any(blur):
-        note = f"{sum(blur)} thumbnail(s) blurred ({blur_reason}); pass --no-blur to show them"
+    blurred = [reason for reason in blur if reason is not None]
+    if blurred:
+        note = f"{len(blurred)} thumbnail(s) blurred ({', '.join(sorted(set(blurred)))}); pass --no-blur to show them"
         draw.text((margin, legend_y + 30), note, fill=(120, 0, 0), font=small, anchor="lm")
     return canvas
 
@@ -239,23 +246,26 @@ class MatrixResult:
     cosines: np.ndarray          # (n_images, n_captions) float32
     blurred: List[bool]
     figure: Image.Image
+    blur_reasons: List[Optional[str]] = field(default_factory=list)   # per image: why blurred, or None
 
     def scores(self, threshold: float) -> List[PairScore]:
         return pair_scores(self.image_labels, self.captions, self.cosines, threshold)
 
 
-USER_IMAGE_BLUR_REASON = "user image"
-
-
 def similarity_matrix(clip, images: Sequence[LabeledImage], captions: Sequence[str],
                       threshold: float = LAION_THRESHOLD, blur_user_images: bool = True,
                       title: Optional[str] = None,
-                      progress: Optional[Callable[[int, int], None]] = None) -> MatrixResult:
-    """Cosines of every image with every caption and the figure. Thumbnails of images that are not
-    built-in samples are blurred unless blur_user_images=False: neurolens cannot vouch for them."""
+                      progress: Optional[Callable[[int, int], None]] = None, cache=None) -> MatrixResult:
+    """Cosines of every image with every caption and the figure. Thumbnails of the user's images are shown
+    as the blur policy says (neurolens.labels.policy: the detector, a trained model's zero-shot score, or
+    blurred as not judged when nothing can judge them); the built-in samples as they are.
+    blur_user_images=False shows raw pixels."""
+    from .labels.policy import BlurPolicy
     cosines = cosine_matrix(clip, [im.image for im in images], list(captions), progress=progress)
-    blurred = [blur_user_images and not im.builtin for im in images]
+    policy = BlurPolicy(blur_user_images, clip=clip, cache=cache)
+    reasons = [policy.reason_image(None, None, im.image, bundled=im.builtin) for im in images]
     figure = draw_similarity_matrix(
-        [im.image for im in images], list(captions), cosines, threshold, blurred, USER_IMAGE_BLUR_REASON,
+        [im.image for im in images], list(captions), cosines, threshold, reasons,
         title=title or f"CLIP cosine similarity, {clip.name} ({clip.pretrained})")
-    return MatrixResult([im.label for im in images], list(captions), cosines, blurred, figure)
+    return MatrixResult([im.label for im in images], list(captions), cosines, [r is not None for r in reasons],
+                        figure, reasons)

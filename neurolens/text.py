@@ -69,7 +69,11 @@ def encode_tokens_truncated(model: torch.nn.Module, tokens: torch.Tensor, positi
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens[:, :length]).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    mask = model.attn_mask[:length, :length]
+    if hasattr(model.transformer, "batch_first"):
+        x = model.transformer(x, attn_mask=mask)  # batch-first interface, whatever its inner layout
+    else:  # open_clip < 2.26: the text transformer takes and returns (L, N, D)
+        x = model.transformer(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
     x = model.ln_final(x)
     x = x[torch.arange(x.shape[0], device=x.device), positions]
     projection = model.text_projection

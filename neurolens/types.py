@@ -81,3 +81,4 @@ class RenderResult:
     fingerprint: str
     cached: bool = False
     paths: Tuple[str, ...] = field(default_factory=tuple)
+    blurred: Tuple[Optional[str], ...] = field(default_factory=tuple)   # per written PNG: why blurred, or None

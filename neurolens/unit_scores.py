@@ -1,108 +1,52 @@
 """Per-unit NSFW scores for every unit of a scanned layer, and the rule that turns them into a flag.
 
-For unit u over the N readable images i of one scan (x_iu = image i's spatial-max activation of unit u,
-ScanResult.per_image_max(); s_i = image i's NSFW score, `image_nsfw_scores`):
+For unit u over the images i of one scan with a known label y_i (1 positive, 0 negative: the combined
+label of neurolens.labels.reliability; unknown and skipped images are left out), with x_iu image i's
+spatial-max activation of unit u (ScanResult.per_image_max()):
 
-    correlation_u     = Pearson correlation of (x_iu)_i and (s_i)_i; 0 when either is constant
-    top_nsfw_share_u  = share of the unit's top-k images (the scan's top_indices, empty slots ignored)
-                        with s_i >= image_threshold (IMAGE_NSFW_THRESHOLD = 0.5)
-    text_nsfw_share_u = share of the unit's top `text_k` texts (the text ranking) that are NSFW
-                        (text score >= TEXT_NSFW_THRESHOLD, see safety.text_nsfw_scores)
+    auc_u          ROC AUC of x_u, positives against negatives (Mann-Whitney U / (n1 n0), ties half)
+    p_u            two-sided Mann-Whitney p (normal approximation, tie and continuity correction)
+    q_u            Benjamini-Hochberg q-value of p_u across all units of the layer
+    correlation_u  Pearson correlation of x_u with y
+    top_nsfw_share_u   share of the unit's top-k images (the scan's top_indices) labelled positive, over
+                       those with a known label (evidence)
+    text_nsfw_share_u  share of the unit's top `text_k` texts that are NSFW (evidence)
 
-    flagged_u = correlation_u >= max(min_correlation, noise_z / sqrt(N))
-                AND (top_nsfw_share_u >= min_top_share OR text_nsfw_share_u >= min_text_share)
+    flagged_u   = q_u <= max_q AND auc_u >= min_auc                     (defaults 0.01 and 0.8)
+    text_flag_u = text_nsfw_share_u >= min_text_share                   (default 0.3; never `flagged`)
 
-The noise guard noise_z / sqrt(N) (3 standard errors of a null correlation) keeps small datasets from
-flagging units by chance. The correlation is computed in one streaming pass over the scan's chunk records
-(float64 sums of shifted values), so the (N, U) matrix never has to fit in memory at once.
+(definitions of AUC, p and q: neurolens.unit_stats). Units are ranked by AUC, highest first. The
+statistics stream over the scan's chunk records: exact AUC when the kept rows fit `memory` bytes
+(ExactAUC.bytes_needed), else the binned estimate (BinnedAUC, edges from a sample of rows).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import NeurolensError
-from .safety import IMAGE_NSFW_THRESHOLD
+from .unit_stats import DEFAULT_BINS, ExactAUC, UnitLabelStats, quantile_edges
+
+DEFAULT_AUC_MEMORY = 2 * 2 ** 30        # bytes the exact AUC may keep (20k images x 2560 units: 0.2 GB)
+EDGE_SAMPLE_ROWS = 8192                 # rows sampled for the binned path's quantile edges
+WEAK_CLASS = 10                         # fewer positives or negatives than this: the statistics are weak
 
 
 @dataclass(frozen=True)
 class FlagRule:
-    """Thresholds of the flag rule (module docstring). Defaults: a clear positive correlation, and either
-    half of the top images NSFW or 3 of the top 10 texts NSFW."""
-    min_correlation: float = 0.2
-    min_top_share: float = 0.5
+    """flagged = q <= max_q and auc >= min_auc; text_flag = top-text NSFW share >= min_text_share."""
+    max_q: float = 0.01
+    min_auc: float = 0.8
     min_text_share: float = 0.3
-    noise_z: float = 3.0
-    image_threshold: float = IMAGE_NSFW_THRESHOLD
     text_k: int = 10
-
-    def correlation_bar(self, n_images: int) -> float:
-        return max(self.min_correlation, self.noise_z / np.sqrt(max(n_images, 1)))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
-
-def combine_image_scores(clip_scores: np.ndarray, caption_match: Optional[np.ndarray] = None) -> np.ndarray:
-    """Per-image NSFW score: the CLIP zero-shot score, raised to 1.0 where the caption/URL filter matched."""
-    scores = np.asarray(clip_scores, dtype=np.float32).copy()
-    if caption_match is not None:
-        scores[np.asarray(caption_match, dtype=bool)] = 1.0
-    return scores
-
-
-class CorrelationAccumulator:
-    """Streaming Pearson correlation of many columns (units) with one known per-row score vector.
-
-    The scores are centred once (they are known in full); each unit's activations are shifted by their
-    first block's mean before summing squares, which keeps float64 sums exact enough for any dataset size."""
-
-    def __init__(self, scores: np.ndarray, units: int):
-        self.scores = np.asarray(scores, dtype=np.float64)
-        self.units = units
-        self.n = 0
-        self.shift: Optional[np.ndarray] = None
-        self.sum_s = 0.0
-        self.sum_ss = 0.0
-        self.sum_x = np.zeros(units)
-        self.sum_xx = np.zeros(units)
-        self.sum_xs = np.zeros(units)
-
-    def add(self, rows: np.ndarray, maxima: np.ndarray) -> None:
-        """rows: dataset indices of the block; maxima: (len(rows), U). Rows with NaNs (skipped items or
-        unscored images) are left out."""
-        rows = np.asarray(rows, dtype=np.int64)
-        x = np.asarray(maxima, dtype=np.float64)
-        s = self.scores[rows]
-        keep = np.isfinite(s) & np.isfinite(x).all(axis=1)
-        x, s = x[keep], s[keep]
-        if not len(s):
-            return
-        if self.shift is None:
-            self.shift = x.mean(axis=0)
-        x = x - self.shift
-        self.n += len(s)
-        self.sum_s += s.sum()
-        self.sum_ss += (s * s).sum()
-        self.sum_x += x.sum(axis=0)
-        self.sum_xx += (x * x).sum(axis=0)
-        self.sum_xs += x.T @ s
-
-    def correlation(self) -> np.ndarray:
-        if self.n < 2:
-            return np.zeros(self.units, np.float32)
-        n = self.n
-        cov = self.sum_xs - self.sum_x * self.sum_s / n
-        var_x = np.maximum(self.sum_xx - self.sum_x ** 2 / n, 0.0)
-        var_s = max(self.sum_ss - self.sum_s ** 2 / n, 0.0)
-        denom = np.sqrt(var_x * var_s)
-        # a constant unit (shifted values are exactly 0) or constant score has no defined correlation: 0
-        ok = (var_x > 0) & (var_s > 0) & (denom > 0)
-        out = np.zeros(self.units)
-        out[ok] = cov[ok] / denom[ok]
-        return np.clip(out, -1.0, 1.0).astype(np.float32)
+    def describe(self) -> str:
+        return f"q <= {self.max_q:g} and AUC >= {self.min_auc:g}"
 
 
 def maxima_blocks(scan, block_rows: int = 4096) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -123,73 +67,153 @@ def maxima_blocks(scan, block_rows: int = 4096) -> Iterator[Tuple[np.ndarray, np
         yield np.arange(start, stop), maxima[start:stop]
 
 
-def top_share(top_indices: np.ndarray, image_scores: np.ndarray, threshold: float,
-              k: Optional[int] = None) -> np.ndarray:
-    """(U,) share of each unit's top-k images (index >= 0) whose score is >= threshold; 0 without images."""
+def sample_maxima(scan, rows: int = EDGE_SAMPLE_ROWS) -> np.ndarray:
+    """About `rows` rows of per-image maxima spread over the whole scan (evenly spaced chunk records, or
+    evenly spaced rows), for the binned path's edges."""
+    chunk_paths = list(getattr(scan, "_chunk_paths", None) or [])
+    cache = getattr(scan, "_cache", None)
+    if chunk_paths and cache is not None:
+        picked, taken = [], 0
+        per_chunk = max(1, len(scan.keys) // max(1, len(chunk_paths)))
+        wanted = min(len(chunk_paths), max(1, -(-rows // per_chunk)))
+        for i in np.unique(np.linspace(0, len(chunk_paths) - 1, wanted).round().astype(int)):
+            record = cache.read(chunk_paths[i], names=["maxima"])
+            if record is None:
+                raise NeurolensError(f"scan chunk {chunk_paths[i]} is missing or unreadable; rerun with --force")
+            picked.append(record.arrays["maxima"])
+            taken += len(picked[-1])
+        sample = np.concatenate(picked) if picked else np.zeros((0, scan.channels), np.float32)
+    else:
+        maxima = scan.per_image_max()
+        sample = maxima[np.unique(np.linspace(0, len(maxima) - 1, min(rows, len(maxima))).round().astype(int))]
+    sample = sample[np.isfinite(sample).all(axis=1)]
+    if not len(sample):
+        raise NeurolensError("the scan has no readable image; check the dataset")
+    return sample
+
+
+def top_share(top_indices: np.ndarray, labels: np.ndarray, k: Optional[int] = None) -> np.ndarray:
+    """(U,) share of each unit's top-k images (index >= 0) labelled positive (>= 0.5), over those with a
+    known label; 0 when none is known."""
     idx = np.asarray(top_indices)[:, :k] if k else np.asarray(top_indices)
     valid = idx >= 0
-    scores = np.asarray(image_scores, dtype=np.float64)
-    hit = np.zeros(idx.shape, dtype=bool)
-    hit[valid] = np.nan_to_num(scores[idx[valid]], nan=0.0) >= threshold
-    counts = valid.sum(axis=1)
-    return np.where(counts > 0, hit.sum(axis=1) / np.maximum(counts, 1), 0.0).astype(np.float32)
+    labels = np.asarray(labels, dtype=np.float64)
+    values = np.full(idx.shape, np.nan)
+    values[valid] = labels[idx[valid]]
+    known = np.isfinite(values)
+    hits = (np.nan_to_num(values, nan=0.0) >= 0.5) & known
+    counts = known.sum(axis=1)
+    return np.where(counts > 0, hits.sum(axis=1) / np.maximum(counts, 1), 0.0).astype(np.float32)
 
 
 @dataclass
 class UnitScores:
     """Scores of every unit of a layer; arrays are (U,)."""
+    auc: np.ndarray
+    p: np.ndarray
+    q: np.ndarray
     correlation: np.ndarray
     top_nsfw_share: np.ndarray
     text_nsfw_share: np.ndarray
     flagged: np.ndarray
-    n_images: int
+    text_flag: np.ndarray
+    n_pos: int
+    n_neg: int
     rule: FlagRule = field(default_factory=FlagRule)
+    method: str = "exact"
+    sources: Tuple[str, ...] = ()           # the label sources the statistics used
 
     @property
-    def correlation_bar(self) -> float:
-        return self.rule.correlation_bar(self.n_images)
+    def n_images(self) -> int:
+        """Images with a known label (the statistics' sample)."""
+        return int(self.n_pos + self.n_neg)
+
+    @property
+    def weak(self) -> bool:
+        """True when either class has fewer than WEAK_CLASS images."""
+        return min(self.n_pos, self.n_neg) < WEAK_CLASS
 
     def ranking(self) -> np.ndarray:
-        """Unit indices by correlation, highest first (ties: lower unit first)."""
-        return np.lexsort((np.arange(len(self.correlation)), -self.correlation.astype(np.float64)))
+        """Unit indices by AUC, highest first (NaN last; ties: lower unit first)."""
+        auc = np.nan_to_num(self.auc.astype(np.float64), nan=-np.inf)
+        return np.lexsort((np.arange(len(auc)), -auc))
+
+    def why(self, unit: int) -> str:
+        """Why the unit is (or is not) flagged: the sources, AUC, q, top share and text share."""
+        u = int(unit)
+        auc, q = self.auc[u], self.q[u]
+        verdict = "flagged" if self.flagged[u] else "not flagged"
+        sources = " + ".join(self.sources) or "no labels"
+        return (f"{verdict}: AUC {_num(auc, '.3f')} (bar {self.rule.min_auc:g}), q {_num(q, '.2g')} (bar "
+                f"{self.rule.max_q:g}) against {sources}; top images {100 * self.top_nsfw_share[u]:.0f}% "
+                f"positive, top texts {100 * self.text_nsfw_share[u]:.0f}% NSFW"
+                + ("; text flag" if self.text_flag[u] else ""))
 
     def row(self, unit: int) -> dict:
-        return {"unit": int(unit), "correlation": float(self.correlation[unit]),
-                "top_nsfw_share": float(self.top_nsfw_share[unit]),
-                "text_nsfw_share": float(self.text_nsfw_share[unit]), "flagged": bool(self.flagged[unit])}
+        u = int(unit)
+        return {"unit": u, "correlation": float(self.correlation[u]), "top_nsfw_share": float(self.top_nsfw_share[u]),
+                "text_nsfw_share": float(self.text_nsfw_share[u]), "flagged": bool(self.flagged[u]),
+                "auc": _json_float(self.auc[u]), "p": _json_float(self.p[u]), "q": _json_float(self.q[u]),
+                "text_flag": bool(self.text_flag[u]), "why": self.why(u)}
 
     def rows(self, limit: Optional[int] = None) -> List[dict]:
         order = self.ranking()
         return [self.row(u) for u in (order[:limit] if limit else order)]
 
 
-def apply_rule(correlation: np.ndarray, top_nsfw_share: np.ndarray, text_nsfw_share: np.ndarray,
-               n_images: int, rule: FlagRule) -> np.ndarray:
-    return ((correlation >= rule.correlation_bar(n_images))
-            & ((top_nsfw_share >= rule.min_top_share) | (text_nsfw_share >= rule.min_text_share)))
+def _num(value: float, spec: str) -> str:
+    return format(float(value), spec) if np.isfinite(value) else "n/a"
 
 
-def score_units(scan, image_scores: np.ndarray, text_nsfw: Optional[np.ndarray] = None,
-                rule: FlagRule = FlagRule(), top_k: Optional[int] = None,
-                progress: Optional[Callable[[int, int], None]] = None) -> UnitScores:
-    """Every unit's scores from one scan.
+def _json_float(value: float) -> Optional[float]:
+    return float(value) if np.isfinite(value) else None
 
-    image_scores: (N,) per dataset index (NaN for unscored items); text_nsfw: (U, k_text) bool, whether each
-    of the unit's ranked top texts is NSFW (None: text shares are 0); top_k: how many of the scan's top
-    images count for top_nsfw_share (default: all of them)."""
-    units = int(scan.channels)
-    acc = CorrelationAccumulator(image_scores, units)
-    total = len(scan.keys)
-    for rows, maxima in maxima_blocks(scan):
-        acc.add(rows, maxima)
-        if progress:
-            progress(min(acc.n + scan.skipped, total), total)
-    correlation = acc.correlation()
-    shares = top_share(scan.top_indices, image_scores, rule.image_threshold, top_k)
+
+def apply_rule(auc: np.ndarray, q: np.ndarray, rule: FlagRule) -> np.ndarray:
+    """flagged = q <= max_q and auc >= min_auc (NaN never flags)."""
+    auc, q = np.asarray(auc, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    return (np.nan_to_num(q, nan=np.inf) <= rule.max_q) & (np.nan_to_num(auc, nan=-np.inf) >= rule.min_auc)
+
+
+def text_shares(text_nsfw: Optional[np.ndarray], units: int, rule: FlagRule) -> np.ndarray:
     if text_nsfw is not None and np.asarray(text_nsfw).size:
-        text_share = np.asarray(text_nsfw, dtype=bool)[:, :rule.text_k].mean(axis=1).astype(np.float32)
-    else:
-        text_share = np.zeros(units, np.float32)
-    flagged = apply_rule(correlation, shares, text_share, acc.n, rule)
-    return UnitScores(correlation=correlation, top_nsfw_share=shares, text_nsfw_share=text_share,
-                      flagged=flagged, n_images=acc.n, rule=rule)
+        return np.asarray(text_nsfw, dtype=bool)[:, :rule.text_k].mean(axis=1).astype(np.float32)
+    return np.zeros(units, np.float32)
+
+
+def unit_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS,
+                    progress: Optional[Callable[[int, int], None]] = None):
+    """neurolens.unit_stats.UnitStatsResult of every unit of the scan against the per-image labels (N,):
+    exact when the scan's rows fit `memory` bytes, else binned with edges from a sample of the scan."""
+    labels = np.asarray(labels, dtype=np.float64)
+    units = int(scan.channels)
+    edges = None
+    if ExactAUC.bytes_needed(len(labels), units) > memory:      # every row (the sweep's cache key says so too)
+        edges = quantile_edges(sample_maxima(scan), bins)
+    stats = UnitLabelStats(units, edges=edges)
+    total, done = len(labels), 0
+    for rows, maxima in maxima_blocks(scan):
+        rows = np.asarray(rows, dtype=np.int64)
+        stats.add(maxima, labels[rows])
+        done += len(rows)
+        if progress:
+            progress(min(done + scan.skipped, total), total)
+    return stats.result()
+
+
+def score_units(scan, labels: np.ndarray, text_nsfw: Optional[np.ndarray] = None, rule: FlagRule = FlagRule(),
+                top_k: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None,
+                memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS, sources: Sequence[str] = ()
+                ) -> UnitScores:
+    """Every unit's scores from one scan and the per-image labels (N,) (1, 0, NaN unknown).
+
+    text_nsfw: (U, k_text) bool, whether each of the unit's ranked top texts is NSFW (None: text shares
+    are 0); top_k: how many of the scan's top images count for top_nsfw_share (default: all)."""
+    units = int(scan.channels)
+    result = unit_statistics(scan, labels, memory, bins, progress)
+    text_share = text_shares(text_nsfw, units, rule)
+    return UnitScores(auc=result.auc, p=result.p, q=result.q, correlation=result.correlation,
+                      top_nsfw_share=top_share(scan.top_indices, labels, top_k), text_nsfw_share=text_share,
+                      flagged=apply_rule(result.auc, result.q, rule),
+                      text_flag=text_share >= rule.min_text_share, n_pos=result.n_pos, n_neg=result.n_neg,
+                      rule=rule, method=result.method, sources=tuple(sources))

@@ -89,7 +89,10 @@ class Clock:
 
 
 def run_lucent(clip, spec, unit, size, steps, seed, clock):
-    from lucent.optvis import objectives, param, render as lucent_render, transform
+    try:
+        from lucent.optvis import objectives, param, render as lucent_render, transform
+    except ImportError:
+        raise SystemExit("this benchmark compares against torch-lucent: pip install 'neurolens[lucent]'") from None
 
     wrapper = StopAtLayer(clip, spec).eval()
     objective = objectives.Objective(lambda hook: -wrapper.last[:, unit].mean())
@@ -137,7 +140,8 @@ def toy_checkpoint_and_flagged(work: Path, quick: bool):
     checkpoint, _, _ = toy_model(root, data, settings.data_settings(), settings.train_settings())
     clip = load_clip(checkpoint=str(checkpoint), device="cpu")
     sweep = run_sweep(clip, TOY_LAYER, str(data), vocab=f"{data}:caption", top_k=settings.top_k,
-                      text_top_k=settings.text_top_k, cache=Cache(root / "cache"), out=root / "flags")
+                      text_top_k=settings.text_top_k, cache=Cache(root / "cache"), out=root / "flags",
+                      labels=list(settings.labels), detector=settings.detector)
     units = sweep.flagged_units or [int(u) for u in sweep.scores.ranking()]
     return checkpoint, units, bool(sweep.flagged_units)
 

@@ -38,3 +38,108 @@ def natural_images():
     from neurolens.builtin import builtin_images
     import torch
     return torch.from_numpy(builtin_images(size=64))
+
+
+class FakeNudeDetector:
+    """Stands in for NudeNet's NudeDetector (we never make explicit imagery): `fires(rgb array)` decides
+    whether an exposed region is reported. Like NudeNet it receives BGR arrays and also reports a covered
+    class (which neurolens must ignore). `seen` keeps the arrays it was given."""
+
+    def __init__(self, fires, score=0.93):
+        self.fires, self.score, self.seen = fires, score, []
+
+    def detect(self, bgr):
+        self.seen.append(bgr)
+        found = [{"class": "FACE_FEMALE", "score": 0.99, "box": [0, 0, 4, 4]}]
+        if self.fires(bgr[:, :, ::-1]):
+            found.append({"class": "FEMALE_BREAST_EXPOSED", "score": self.score, "box": [1, 2, 8, 9]})
+        return found
+
+
+@pytest.fixture()
+def fake_detector(monkeypatch):
+    """install(fires, score=0.93) makes labels.nudenet use a FakeNudeDetector (as if NudeNet were installed)."""
+    from neurolens.labels import nudenet
+
+    def install(fires, score=0.93):
+        fake = FakeNudeDetector(fires, score)
+        monkeypatch.setattr(nudenet, "available", lambda: True)
+        monkeypatch.setattr(nudenet, "_detector", lambda: fake)
+        # detector scores are cached per detector version: each stand-in is a version of its own
+        monkeypatch.setattr(nudenet, "version", lambda: f"fake-{id(fake)}")
+        return fake
+    return install
+
+
+@pytest.fixture()
+def no_detector(monkeypatch):
+    """As if NudeNet were not installed."""
+    from neurolens.labels import nudenet
+    monkeypatch.setattr(nudenet, "available", lambda: False)
+
+
+class FullDisk:
+    """Files opened for writing ('wb'/'w') whose path matches `when` fail like a disk that fills up: after
+    `skip` such files went through whole, every further write raises OSError(error) once `keep` bytes of the
+    file were written. `failed` lists the paths that failed."""
+
+    def __init__(self, when, skip=0, keep=64, error=None):
+        import errno
+        self.when, self.skip, self.keep = when, skip, keep
+        self.error = errno.ENOSPC if error is None else error
+        self.failed = []
+
+    def wrap(self, handle, path):
+        if not self.when(str(path)):
+            return handle
+        if self.skip > 0:
+            self.skip -= 1
+            return handle
+        disk, written = self, [0]
+        real_write = handle.write
+
+        class Filling:
+            def __getattr__(self, name):
+                return getattr(handle, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                handle.close()
+
+            def write(self, data):
+                room = disk.keep - written[0]
+                if len(data) > room:
+                    real_write(data[:max(0, room)])
+                    written[0] = disk.keep
+                    disk.failed.append(str(path))
+                    import os
+                    raise OSError(disk.error, os.strerror(disk.error), str(path))
+                written[0] += len(data)
+                return real_write(data)
+        return Filling()
+
+
+@pytest.fixture()
+def full_disk(monkeypatch):
+    """install(when, skip=0, keep=64, error=ENOSPC) -> FullDisk; monkeypatch.undo() frees the space."""
+    import builtins
+    real_open = builtins.open
+
+    def install(when=lambda path: True, skip=0, keep=64, error=None):
+        disk = FullDisk(when, skip, keep, error)
+
+        def filling_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            return disk.wrap(handle, file) if ("w" in mode or "a" in mode) else handle
+        monkeypatch.setattr(builtins, "open", filling_open)
+        return disk
+    return install
+
+
+@pytest.fixture(scope="session")
+def serve_cache(tmp_path_factory, tiny_clip):
+    """The web app's test cache (tests/serve_fixture.py): scan, texts, sweep, visualizations, activation maps."""
+    import serve_fixture
+    return serve_fixture.build(tmp_path_factory.mktemp("serve"), tiny_clip)

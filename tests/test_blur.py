@@ -38,8 +38,9 @@ def test_every_blurred_image_is_below_the_recognizability_bounds(labelled):
         top = (0, 0, original.width, keep)
         worst_detail = max(worst_detail, blur.detail_retained(original.crop(top), blurred.crop(top)))
         worst_edges = max(worst_edges, blur.edge_correlation(original.crop(top), blurred.crop(top)))
-    assert worst_detail < blur.DETAIL_BOUND, worst_detail
-    assert worst_edges < blur.EDGE_BOUND, worst_edges
+    # the bounds (measured worst cases: detail 0.033, edges 0.51; see neurolens/blur.py)
+    assert worst_detail < 0.05, worst_detail
+    assert worst_edges < 0.6, worst_edges
 
 
 def test_the_label_is_drawn_on_the_pixels():

@@ -1,8 +1,6 @@
 """neurolens.files: whole-or-nothing writes, one clear error on a failing disk, formula-safe CSV cells."""
 import csv
 import errno
-import io
-import os
 
 import numpy as np
 import pytest
@@ -11,30 +9,6 @@ from PIL import Image
 from neurolens import files
 from neurolens.errors import NeurolensError
 from neurolens.store import Cache, Record
-
-
-def _failing_write(monkeypatch, error_number, after_bytes=0):
-    """open(..., 'wb') handles whose write raises OSError(error_number) once `after_bytes` went through."""
-    real_open = open
-
-    class Failing(io.FileIO):
-        written = 0
-
-        def write(self, data):
-            if Failing.written + len(data) > after_bytes:
-                keep = max(0, after_bytes - Failing.written)
-                super().write(bytes(data[:keep]))
-                Failing.written += keep
-                raise OSError(error_number, os.strerror(error_number))
-            Failing.written += len(data)
-            return super().write(data)
-
-    def fake_open(path, mode="r", *args, **kwargs):
-        if mode == "wb":
-            return Failing(path, "wb")
-        return real_open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", fake_open)
 
 
 def test_write_replaces_whole_and_leaves_no_temporary_file(tmp_path):
@@ -48,10 +22,10 @@ def test_write_replaces_whole_and_leaves_no_temporary_file(tmp_path):
 @pytest.mark.parametrize("error_number,words", [(errno.ENOSPC, "no space left"), (errno.EDQUOT, "quota"),
                                                 (errno.EROFS, "read-only"), (errno.EACCES, "permission denied")])
 def test_a_failing_disk_keeps_the_old_file_removes_the_partial_one_and_says_what_to_do(
-        tmp_path, monkeypatch, error_number, words):
+        tmp_path, monkeypatch, full_disk, error_number, words):
     target = tmp_path / "record.h5"
     target.write_bytes(b"old content")
-    _failing_write(monkeypatch, error_number, after_bytes=3)
+    full_disk(keep=3, error=error_number)
     with pytest.raises(files.WriteError) as caught:
         files.write_bytes(target, b"new content that does not fit", option="--cache")
     message = str(caught.value)
@@ -111,11 +85,11 @@ def test_cache_record_round_trip_and_no_temporary_files(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 
-def test_cache_write_on_a_full_disk_raises_one_line_and_keeps_older_records(tmp_path, monkeypatch):
+def test_cache_write_on_a_full_disk_raises_one_line_and_keeps_older_records(tmp_path, monkeypatch, full_disk):
     cache = Cache(tmp_path)
     done = cache.path("kind", "f" * 40, "layer", "done")
     cache.write(done, Record(arrays={"a": np.ones(3)}, attrs={}))
-    _failing_write(monkeypatch, errno.ENOSPC, after_bytes=100)
+    full_disk(keep=100)
     failing = cache.path("kind", "f" * 40, "layer", "next")
     with pytest.raises(files.WriteError, match="no space left.*--cache"):
         cache.write(failing, Record(arrays={"a": np.ones(5000)}, attrs={}))

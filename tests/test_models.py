@@ -48,7 +48,10 @@ def test_checkpoint_roundtrip_carries_config(tiny_clip, tmp_path):
     state, meta = read_checkpoint(path)
     assert meta["model_name"] == "nl-checkpoint-test" and "visual.conv1.weight" in state
     loaded = load_clip(model="RN50x4", checkpoint=str(path), device="cpu")  # config in the file wins
-    assert loaded.name == "nl-checkpoint-test"
+    # registered under a neurolens-made name: the claimed name plus a hash of the config
+    import re
+    assert re.fullmatch(r"nl-checkpoint-test-cfg[0-9a-f]{12}", loaded.name), loaded.name
+    assert loaded.image_size == 64
     assert loaded.fingerprint == tiny_clip.fingerprint
 
 
@@ -78,3 +81,48 @@ def test_cuda_request_without_gpu_is_clear():
         pytest.skip("this machine has a GPU")
     with pytest.raises(NeurolensError, match="no CUDA"):
         load_clip("nl-tiny-RN", "none", device="cuda")
+
+
+def _fake_hub_cache(root, repo_id, files):
+    """A Hugging Face cache folder holding `files` {name: bytes} for repo_id at one snapshot."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("1" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return snapshot
+
+
+def test_pretrained_tag_loads_its_cached_file_with_the_tag_settings(tiny_clip, tmp_path, monkeypatch):
+    """A tag's weights come from the hub cache through neurolens's reader (safetensors preferred), with the
+    tag's QuickGELU and preprocessing applied to the network open_clip builds."""
+    import io
+    import huggingface_hub.constants
+    import open_clip
+    from safetensors.torch import save
+    trained = {k: v + 0.01 if v.is_floating_point() else v for k, v in tiny_clip.model.state_dict().items()}
+    bin_blob = io.BytesIO()
+    torch.save({k: torch.zeros_like(v) for k, v in trained.items()}, bin_blob)  # must lose to the safetensors
+    snapshot = _fake_hub_cache(tmp_path / "hub", "test-org/nl-tiny-weights", {
+        "open_clip_model.safetensors": save({k: v.contiguous() for k, v in trained.items()}),
+        "open_clip_pytorch_model.bin": bin_blob.getvalue()})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    tag = {"hf_hub": "test-org/nl-tiny-weights/", "quick_gelu": True, "interpolation": "bilinear",
+           "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    real = open_clip.get_pretrained_cfg
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg",
+                        lambda model, tag_name: dict(tag) if (model, tag_name) == ("nl-tiny-RN", "test-tag")
+                        else real(model, tag_name))
+    loaded = load_clip("nl-tiny-RN", "test-tag", device="cpu")
+    assert loaded.pretrained == "test-tag"
+    for name, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, trained[name], msg=name)
+    assert type(loaded.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert loaded.mean == (0.5, 0.5, 0.5) and loaded.std == (0.25, 0.25, 0.25)
+    assert open_clip.get_model_preprocess_cfg(loaded.model)["interpolation"] == "bilinear"
+    (snapshot / "open_clip_model.safetensors").unlink()       # only the .bin left: it is read instead
+    zeros = load_clip("nl-tiny-RN", "test-tag", device="cpu")
+    assert all(not v.is_floating_point() or not v.any() for v in zeros.model.state_dict().values()
+               if v.numel())

@@ -18,10 +18,11 @@ from neurolens.unit_scores import FlagRule
 
 from test_sweep import LAYER, dataset_table, stub_scorer, vocab_file  # noqa: F401  (fixtures reused)
 
-# flags units whose activation goes up with the score and whose top images are mostly NSFW (stub scores)
-RULE = FlagRule(min_correlation=0.0, noise_z=0.0, min_top_share=0.5, min_text_share=1.01)
+# the stub scorer's labels (a fixed function of the image embedding, about half the images positive) stand
+# in for NSFW labels: units that follow it are flagged; 36 images give large q-values, so the bar is q <= 0.2
+RULE = FlagRule(max_q=0.2, min_auc=0.8)
 RENDER = RenderSettings(steps=3, seeds=(0, 1))
-PANEL_KW = dict(top_k=8, text_top_k=10, rule=RULE)
+PANEL_KW = dict(top_k=8, text_top_k=10, rule=RULE, labels=["zero-shot"])
 
 
 @contextmanager
@@ -65,7 +66,8 @@ def _check_written(tiny_clip, dataset, sweep, path, figure, fvs, blur_on, pixels
             original = Image.fromarray(fvs[placed.unit][placed.source_index]).resize(tile.size, Image.BICUBIC)
             score = None
         flagged = bool(sweep.scores.flagged[placed.unit])
-        must_blur = blur_on and (flagged or (score is not None and score >= safety.IMAGE_NSFW_THRESHOLD))
+        # the stub scores are the sweep's labels: 0.5 and above is a positive label
+        must_blur = blur_on and (flagged or (score is not None and score >= 0.5))
         if must_blur:
             assert placed.reason is not None
         if placed.reason is None:
@@ -73,8 +75,8 @@ def _check_written(tiny_clip, dataset, sweep, path, figure, fvs, blur_on, pixels
         else:
             keep = tile.height - blur.label_band_height(tile.height)
             top = (0, 0, tile.width, keep)
-            assert blur.detail_retained(original.crop(top), tile.crop(top)) < blur.DETAIL_BOUND
-            assert blur.edge_correlation(original.crop(top), tile.crop(top)) < blur.EDGE_BOUND
+            assert blur.detail_retained(original.crop(top), tile.crop(top)) < 0.05
+            assert blur.edge_correlation(original.crop(top), tile.crop(top)) < 0.6
             band = np.asarray(tile)[keep:]
             assert (band < 10).all(axis=-1).mean() > 0.5        # the black label band is there
 
@@ -164,20 +166,33 @@ def test_cli_sweep_json_figure_and_grid(dataset_table, vocab_file, tmp_path):  #
     result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--json", "--out", str(tmp_path / "flags.csv")])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert len(rows) == 512 and all(set(r) == {"unit", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged"}
-                                   for r in rows)
-    corr = [r["correlation"] for r in rows]
-    assert corr == sorted(corr, reverse=True)
-    assert (tmp_path / "flags.csv").read_text().splitlines()[0].startswith("rank,unit,correlation")
+    assert len(rows) == 512 and all(set(r) == {"unit", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged",
+                                               "auc", "p", "q", "text_flag", "why"} for r in rows)
+    auc = [r["auc"] for r in rows]
+    assert auc == sorted(auc, reverse=True)
+    # random weights: the zero-shot score is never a label source; the sources used are printed (stderr)
+    assert "zero-shot: not used (random weights" in result.stderr and "used: captions" in result.stderr
+    lines = (tmp_path / "flags.csv").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    assert any("used: captions" in line for line in lines[:header])
+    assert lines[header].startswith("rank,unit,auc,p,q,correlation")
 
     result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--out", str(tmp_path / "flags.csv")])
     assert result.exit_code == 0 and "rank" in result.output and "flags:" in result.output
+    assert "labels: captions: 6 positive, 30 negative" in result.output
+    assert "statistics are weak" in result.output                      # 6 positives: fewer than 10
+    result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--labels", "zero-shot"])
+    assert result.exit_code == 2 and "random-weights" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--labels", "column:nope"])
+    assert result.exit_code == 2 and "no column 'nope'" in result.output
+    result = runner.invoke(app, ["sweep", *CLI_MODEL, *cache, *data, "--min-auc", "0.3"])
+    assert result.exit_code == 2 and "--min-auc" in result.output
 
     result = runner.invoke(app, ["figure", *CLI_MODEL, *cache, *data, "--unit", "3", "--steps", "2",
                                  "--out", str(tmp_path / "fig"), "--no-blur"])
     assert result.exit_code == 0, result.output
     assert "--no-blur" in result.output and "NOT BLURRED" in result.output
-    assert (tmp_path / "fig").glob("*unit3_noblur.png")
+    assert [p.name for p in (tmp_path / "fig").iterdir()] == ["nl-tiny-RN_image_block_4_0_unit3_noblur.png"]
 
     result = runner.invoke(app, ["grid", *CLI_MODEL, *cache, *data, "--units", "1,2,3", "--out", str(tmp_path / "g")])
     assert result.exit_code == 0, result.output
@@ -187,3 +202,23 @@ def test_cli_sweep_json_figure_and_grid(dataset_table, vocab_file, tmp_path):  #
     assert result.exit_code == 2 and "error:" in result.output
     result = runner.invoke(app, ["grid", *CLI_MODEL, *cache, *data, "--units", "a,b"])
     assert result.exit_code == 2 and "--units" in result.output
+
+
+def test_visualize_blurs_units_flagged_in_a_cached_sweep_of_the_layer(tiny_clip, swept, tmp_path, no_detector):
+    """No detector and random weights: the cached sweep's flag is the only reason to blur, and it does."""
+    from neurolens.pipelines.visualize import run_visualize
+    sweep, cache, flagged, unflagged = swept
+    results = run_visualize(tiny_clip, LAYER, [flagged[0], unflagged[0]], RENDER, cache=cache, out_dir=tmp_path)
+    assert results[0].blurred == ("flagged unit", "flagged unit") and results[1].blurred == (None, None)
+    for result in results:
+        for path, image, reason in zip(result.paths, result.images, result.blurred):
+            written = Image.open(path).convert("RGB")
+            if reason is None:
+                assert np.array_equal(np.asarray(written), image)
+            else:
+                keep = (0, 0, written.width, written.height - blur.label_band_height(written.height))
+                original = Image.fromarray(image)
+                assert blur.detail_retained(original.crop(keep), written.crop(keep)) < 0.05
+    # a layer alias finds the same cached sweep
+    from neurolens.labels.policy import BlurPolicy
+    assert set(flagged) <= BlurPolicy.for_layer(tiny_clip, "image_block_4_0_Add_6_0", cache).flagged

@@ -14,7 +14,7 @@ def test_shipped_prompt_lists_are_words_and_unsafe_is_the_minority():
     assert 10 <= len(prompts.unsafe) < len(prompts.safe)
     assert all(len(p) < 60 and "\t" not in p for p in prompts.all)
     # the uninformative prior stays below the threshold
-    assert len(prompts.unsafe) / len(prompts.all) < safety.IMAGE_NSFW_THRESHOLD
+    assert len(prompts.unsafe) / len(prompts.all) < 0.5   # the prior stays below the image threshold
 
 
 def test_zero_shot_score_is_softmax_mass_on_unsafe_prompts():
@@ -92,12 +92,6 @@ def test_text_scores_combine_lexicon_and_zero_shot(tiny_clip):
     assert lexicon_only.tolist() == [1.0, 0.0, 1.0]
     both = safety.text_nsfw_scores(tiny_clip, texts)
     assert both[0] == 1.0 and both[2] == 1.0 and 0 <= both[1] <= 1
-
-
-@pytest.mark.skipif(not safety.nudenet_available(), reason="NudeNet extra not installed (optional)")
-def test_nudenet_runs_offline_and_finds_nothing_in_a_synthetic_image():
-    gradient = np.linspace(0, 255, 320 * 320 * 3).reshape(320, 320, 3).astype(np.uint8)
-    assert safety.detect_regions(Image.fromarray(gradient)) == []
 
 
 def test_one_rule_for_term_and_prompt_files(tmp_path):

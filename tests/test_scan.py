@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from neurolens.cli import app
@@ -282,9 +283,11 @@ def test_bf16_scan_is_cached_apart_and_close(tiny_clip, tmp_path):
     assert np.abs(bf16.per_image_max() - fp32.per_image_max()).mean() < 0.2 * spread
 
 
-def test_samples_command_json_grid_and_blur(tiny_clip, tmp_path):
+def test_samples_command_json_grid_and_blur(tiny_clip, tmp_path, fake_detector):
+    from neurolens.datasets import preprocess
     runner = CliRunner()
     base = ["samples", *TINY, "--layer", LAYER, "--unit", "3", "--cache", str(tmp_path / "c"), "--top-k", "5"]
+    fake = fake_detector(lambda rgb: True)         # fires on everything: every crop of the grid is blurred
     out = runner.invoke(app, base + ["--json", "--out", str(tmp_path / "blurred.png")])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.stdout)
@@ -294,22 +297,25 @@ def test_samples_command_json_grid_and_blur(tiny_clip, tmp_path):
     scan = find_scan(tiny_clip, LAYER, None, 5, cache=tmp_path / "c")
     assert [r["path"] for r in rows] == [scan.keys[i] for i in scan.top_indices[3]]
     assert [r["cell"] for r in rows] == scan.top_cells[3].tolist()
-    assert (tmp_path / "blurred.png").is_file()
+    assert (tmp_path / "blurred.png").is_file() and len(fake.seen) == 5     # every source image was judged
+
+    # the detector fires on the brighter half of the unit's top images (by red channel): exactly those are blurred
+    sources = [preprocess(open_dataset(None).load(int(i)), 64) for i in scan.top_indices[3]]
+    reds = [float(np.asarray(im)[..., 0].mean()) for im in sources]
+    cut = float(np.median(reds))
+    fake_detector(lambda rgb: float(rgb[..., 0].mean()) > cut)
+    expected = [red > cut for red in reds]
+    assert any(expected) and not all(expected)
+    from neurolens.pipelines.samples import run_samples
+    samples = run_samples(tiny_clip, LAYER, 3, None, top_k=5, out=tmp_path / "mixed.png", cache=tmp_path / "c")
+    assert samples.blurred == expected and "NudeNet" in samples.blur_note
 
     raw = runner.invoke(app, base + ["--no-blur", "--out", str(tmp_path / "raw.png")])
-    assert raw.exit_code == 0 and "not blurred" in raw.stdout and "cell (" in raw.stdout
-
-    from neurolens.pipelines.samples import run_samples
-    from neurolens.safety import IMAGE_NSFW_THRESHOLD, nsfw_scores_for_images
-    from neurolens.datasets import preprocess
-    samples = run_samples(tiny_clip, LAYER, 3, None, top_k=5, out=tmp_path / "again.png", cache=tmp_path / "c")
-    sources = [preprocess(open_dataset(None).load(r["index"]), 64) for r in samples.rows]
-    expected = [bool(s >= IMAGE_NSFW_THRESHOLD) for s in nsfw_scores_for_images(tiny_clip, sources)]
-    assert samples.blurred == expected
-    blurred_px = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "blurred.png"))
-    raw_px = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "raw.png"))
-    assert blurred_px.shape == raw_px.shape
-    assert (not np.array_equal(blurred_px, raw_px)) == any(expected)
+    assert raw.exit_code == 0 and "NOT BLURRED" in raw.stdout and "cell (" in raw.stdout
+    assert not (tmp_path / "raw.png").exists() and (tmp_path / "raw_noblur.png").is_file()
+    mixed_px = np.asarray(Image.open(tmp_path / "mixed.png"))
+    raw_px = np.asarray(Image.open(tmp_path / "raw_noblur.png"))
+    assert mixed_px.shape == raw_px.shape and not np.array_equal(mixed_px, raw_px)
 
     bad_unit = runner.invoke(app, base[:-4] + ["--unit", "99999", "--cache", str(tmp_path / "c")])
     assert bad_unit.exit_code == 2 and "out of range" in bad_unit.stderr

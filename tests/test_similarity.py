@@ -1,5 +1,6 @@
 """similarity equals a direct open_clip computation; the matrix figure shows values, threshold and blur."""
 import json
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -95,22 +96,30 @@ def _thumb_region(result, index, cell=72):
     return band[:, left:left + cell - 4]
 
 
-def test_user_images_are_blurred_unless_no_blur(tiny_clip, tmp_path):
+def test_user_images_are_shown_as_the_blur_policy_says(tiny_clip, tmp_path, fake_detector, monkeypatch):
     rng = np.random.default_rng(1)
     noisy = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
     images = [LabeledImage("mine.png", noisy, False), LabeledImage("sample:coffee", builtin_image("coffee"), True)]
     captions = ["noise", "This is a cup of coffee on a saucer"]
+    fake_detector(lambda rgb: True)                     # the detector fires on everything: user images blurred
     blurred = similarity_matrix(tiny_clip, images, captions, threshold=0.3)
     clear = similarity_matrix(tiny_clip, images, captions, threshold=0.3, blur_user_images=False)
-    assert blurred.blurred == [True, False] and clear.blurred == [False, False]
+    assert blurred.blur_reasons == ["NudeNet 0.93", None] and clear.blurred == [False, False]
     np.testing.assert_allclose(blurred.cosines, cosine_matrix(tiny_clip, [noisy, builtin_image("coffee")], captions))
     # Blurring removes the noise's pixel-to-pixel variation; the built-in thumbnail is identical in both.
     rough = lambda a: np.abs(np.diff(a, axis=1)).mean()  # noqa: E731  (rows above the blur label)
     assert rough(_thumb_region(blurred, 0)) < 0.2 * rough(_thumb_region(clear, 0))
     np.testing.assert_array_equal(_thumb_region(blurred, 1), _thumb_region(clear, 1))
+    # the detector judged the image and found nothing: shown as it is
+    fake_detector(lambda rgb: False)
+    assert similarity_matrix(tiny_clip, images, captions).blur_reasons == [None, None]
+    # nothing can judge it (no detector, random weights): blurred as not judged
+    from neurolens.labels import nudenet
+    monkeypatch.setattr(nudenet, "available", lambda: False)
+    assert similarity_matrix(tiny_clip, images, captions).blur_reasons == ["not judged", None]
 
 
-def test_matrix_from_a_folder(tmp_path):
+def test_matrix_from_a_folder(tmp_path, no_detector):
     folder = tmp_path / "imgs"
     folder.mkdir()
     builtin_image("astronaut").resize((80, 80)).save(folder / "a.png")
@@ -132,3 +141,50 @@ def test_matrix_from_a_folder(tmp_path):
     listed = runner.invoke(app, ["similarity", "--matrix", "--images", str(folder), "--captions", str(caps),
                                  "--no-blur", "--out", str(out), "--json", *TINY])
     assert listed.exit_code == 0 and len(json.loads(listed.stdout)) == 6 and "blurred" not in listed.output
+    assert (tmp_path / "m_noblur.png").is_file()          # raw pixels never replace the blurred figure
+
+
+def test_image_files_go_through_the_dataset_decoder(tmp_path):
+    from neurolens.similarity import load_image_folder, load_image_ref
+    from neurolens.errors import NeurolensError
+    from scan_data import bomb_png
+    rgba = Image.new("RGBA", (6, 4), (10, 200, 30, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))            # fully transparent black: composited on white
+    rgba.putpixel((1, 0), (0, 0, 0, 128))          # half transparent black: mid grey
+    rgba.save(tmp_path / "a_transparent.png")
+    (tmp_path / "b_bomb.png").write_bytes(bomb_png(12000, 12000))   # 144 MP header, a few bytes of data
+    (tmp_path / "c_junk.jpg").write_bytes(b"not an image")
+    ref = load_image_ref(str(tmp_path / "a_transparent.png"))
+    pixels = np.asarray(ref.image)
+    assert ref.image.mode == "RGB"
+    assert tuple(pixels[0, 0]) == (255, 255, 255)
+    assert all(120 <= v <= 135 for v in pixels[0, 1])
+    assert tuple(pixels[2, 3]) == (10, 200, 30)
+    with pytest.raises(NeurolensError, match="decompression bomb"):
+        load_image_ref(str(tmp_path / "b_bomb.png"))
+    images, captions, bad = load_image_folder(str(tmp_path))
+    assert [Path(i.label).name for i in images] == ["a_transparent.png"]
+    assert np.array_equal(np.asarray(images[0].image), pixels)
+    reasons = {Path(b.split(" (")[0]).name: b for b in bad}
+    assert set(reasons) == {"b_bomb.png", "c_junk.jpg"}
+    assert "decompression bomb" in reasons["b_bomb.png"] and "not an image" in reasons["c_junk.jpg"]
+
+
+def test_cli_says_why_an_image_is_refused_and_skips_bad_folder_images(tmp_path):
+    from scan_data import bomb_png
+    (tmp_path / "bomb.png").write_bytes(bomb_png(12000, 12000))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["similarity", "--image", str(tmp_path / "bomb.png"), "--text", "x", *TINY])
+    assert refused.exit_code == 2 and "decompression bomb" in refused.output and "Traceback" not in refused.output
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(bomb_png(12000, 12000))
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(folder / "clear.png")
+    (folder / "clear.txt").write_text("a white square")
+    out = tmp_path / "matrix.png"
+    result = runner.invoke(app, ["similarity", "--matrix", "--images", str(folder), "--out", str(out),
+                                 "--json", *TINY])
+    assert result.exit_code == 0, result.output
+    assert "skipped unreadable image" in result.stderr and "bomb.png" in result.stderr
+    assert "decompression bomb" in result.stderr
+    assert [row["image"] for row in json.loads(result.stdout)] == [str(folder / "clear.png")]

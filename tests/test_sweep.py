@@ -1,13 +1,11 @@
 """Per-unit NSFW scores and the sweep pipeline, against brute force on a tiny model and synthetic data."""
 import csv
-import json
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from neurolens import safety
-from neurolens.unit_scores import CorrelationAccumulator, FlagRule, apply_rule, combine_image_scores, score_units, top_share
+from neurolens.unit_scores import FlagRule, apply_rule, top_share
 
 LAYER = "image_block_4_0"
 
@@ -61,126 +59,113 @@ def stub_scorer(clip, embeddings):
     return 1.0 / (1.0 + np.exp(-3.0 * (first - first.mean()) / (first.std() + 1e-12)))
 
 
-def _brute_corr(maxima, scores):
-    out = np.zeros(maxima.shape[1])
-    for u in range(maxima.shape[1]):
-        if maxima[:, u].std() > 0 and scores.std() > 0:
-            out[u] = np.corrcoef(maxima[:, u], scores)[0, 1]
-    return out
+def brute_auc(x, positive):
+    """Pairwise count per column: P(x_pos > x_neg) + 0.5 P(x_pos == x_neg)."""
+    pos, neg = x[positive], x[~positive]
+    greater = (pos[:, None, :] > neg[None, :, :]).sum(axis=(0, 1))
+    equal = (pos[:, None, :] == neg[None, :, :]).sum(axis=(0, 1))
+    return (greater + 0.5 * equal) / (len(pos) * len(neg))
 
 
-def test_streaming_correlation_equals_corrcoef_in_any_block_order():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(500, 7)) * [1, 2, 3, 4, 5, 6, 7] + 1000.0   # large offsets: cancellation check
-    x[:, 3] = 5.0                                                       # a dead unit
-    s = rng.random(500)
-    x[:, 0] += 4 * s
-    acc = CorrelationAccumulator(s, 7)
-    order = rng.permutation(500)
-    for block in np.array_split(order, 9):
-        acc.add(block, x[block])
-    np.testing.assert_allclose(acc.correlation(), _brute_corr(x, s), atol=1e-6)
-    assert acc.correlation()[3] == 0.0
+def test_top_share_counts_known_labels_and_the_rule_needs_both_bars():
+    labels = np.array([1.0, 0.0, 1.0, 0.0, np.nan])
+    top = np.array([[0, 2, 1, -1], [1, 3, 4, -1], [-1, -1, -1, -1], [4, 4, 0, 1]])
+    np.testing.assert_allclose(top_share(top, labels), [2 / 3, 0, 0, 0.5])
+    np.testing.assert_allclose(top_share(top, labels, k=2), [1, 0, 0, 0])
+    rule = FlagRule(max_q=0.01, min_auc=0.8)
+    auc = np.array([0.9, 0.9, 0.7, np.nan, 0.95])
+    q = np.array([0.001, 0.02, 0.0001, 0.0, np.nan])
+    assert apply_rule(auc, q, rule).tolist() == [True, False, False, False, False]
 
 
-def test_nan_rows_are_left_out():
-    rng = np.random.default_rng(1)
-    x, s = rng.normal(size=(50, 3)), rng.random(50)
-    x[4], s[9] = np.nan, np.nan
-    acc = CorrelationAccumulator(s, 3)
-    acc.add(np.arange(50), x)
-    keep = np.isfinite(s) & np.isfinite(x).all(1)
-    np.testing.assert_allclose(acc.correlation(), _brute_corr(x[keep], s[keep]), atol=1e-6)
-    assert acc.n == 48
+def read_flags(path):
+    """flags.csv: its '#' comment lines and its rows."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    comments = [line for line in lines if line.startswith("#")]
+    return comments, list(csv.DictReader([line for line in lines if not line.startswith("#")]))
 
 
-def test_top_share_and_flag_rule():
-    scores = np.array([0.9, 0.1, 0.6, 0.2, np.nan])
-    top = np.array([[0, 2, 1, -1], [1, 3, 4, -1], [-1, -1, -1, -1]])
-    np.testing.assert_allclose(top_share(top, scores, 0.5), [2 / 3, 0, 0])
-    np.testing.assert_allclose(top_share(top, scores, 0.5, k=2), [1, 0, 0])
-    rule = FlagRule(min_correlation=0.2, min_top_share=0.5, min_text_share=0.3, noise_z=3.0)
-    corr = np.array([0.5, 0.5, 0.5, 0.1, 0.25])
-    flagged = apply_rule(corr, np.array([0.6, 0.0, 0.0, 1.0, 0.6]), np.array([0.0, 0.4, 0.1, 1.0, 0.0]), 100, rule)
-    # bar = max(0.2, 3/sqrt(100)) = 0.3
-    assert flagged.tolist() == [True, True, False, False, False]
-    assert rule.correlation_bar(25) == pytest.approx(0.6)
-
-
-def test_combined_image_score_is_raised_to_one_by_a_caption_match():
-    np.testing.assert_allclose(combine_image_scores(np.array([0.2, 0.3]), np.array([False, True])), [0.2, 1.0])
-
-
-@pytest.fixture(scope="module")
-def scanned(tiny_clip, dataset_table, tmp_path_factory):
-    from neurolens.pipelines.scan import run_scan
-    from neurolens.store import Cache
-    cache = Cache(tmp_path_factory.mktemp("sweepcache"))
-    scan = run_scan(tiny_clip, LAYER, dataset_table, top_k=8, cache=cache, embeddings=True, batch_size=16)
-    return scan, cache
-
-
-def test_ranking_by_correlation_equals_brute_force_with_a_known_score(tiny_clip, scanned):
-    from neurolens.pipelines.sweep import caption_matches, clip_image_scores
-    scan, _ = scanned
-    # the same code path as the sweep: scorer -> per-image scores -> caption combination -> unit scores
-    clip_scores = clip_image_scores(tiny_clip, scan.embeddings, len(scan.keys), stub_scorer)
-    matched = caption_matches(scan.keys, scan.captions, None, "word")
-    assert matched.sum() == 6
-    scores = combine_image_scores(clip_scores, matched)
-    units = score_units(scan, scores, rule=FlagRule(), top_k=8)
-
-    maxima = scan.per_image_max()
-    known = np.where(matched, 1.0, stub_scorer(None, scan.embeddings))  # no skipped rows here
-    brute = _brute_corr(maxima.astype(np.float64), known)
-    np.testing.assert_allclose(units.correlation, brute, atol=1e-5)
-    expected_order = np.lexsort((np.arange(len(brute)), -np.round(brute, 5)))
-    got_order = units.ranking()
-    # same ranking (units whose correlations tie to 1e-5 may swap)
-    np.testing.assert_allclose(brute[got_order], brute[expected_order], atol=1e-5)
-    assert len(set(got_order.tolist())) == scan.channels
-    # top-k share by brute force
-    for u in range(0, scan.channels, 7):
-        idx = scan.top_indices[u][scan.top_indices[u] >= 0]
-        assert units.top_nsfw_share[u] == pytest.approx(np.mean(known[idx] >= safety.IMAGE_NSFW_THRESHOLD))
-
-
-def test_run_sweep_ranks_like_brute_force_writes_flags_and_reuses_the_cache(tiny_clip, dataset_table, vocab_file,
-                                                                            tmp_path):
+def test_run_sweep_statistics_equal_brute_force_and_scipy_flags_csv_and_cache(tiny_clip, dataset_table, vocab_file,
+                                                                                tmp_path):
+    from scipy.stats import false_discovery_control
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.store import Cache
     cache = Cache(tmp_path / "cache")
     out = tmp_path / "out"
     ticks = []
+    # every 6th caption says "adult": with a scorer (tests only) the zero-shot source exists for a random model
     result = run_sweep(tiny_clip, LAYER, dataset_table, vocab=vocab_file, top_k=8, text_top_k=10, cache=cache,
-                       out=out, scorer=stub_scorer, progress=lambda done, total: ticks.append((done, total)))
+                       out=out, scorer=stub_scorer, detector=False, rule=FlagRule(max_q=1.0, min_auc=0.75),
+                       progress=lambda done, total: ticks.append((done, total)))
     assert ticks and not result.cached
-    scan = result.scan
-    known = np.where(result.caption_match, 1.0, stub_scorer(None, scan.embeddings))
-    brute = _brute_corr(scan.per_image_max().astype(np.float64), known)
-    np.testing.assert_allclose(result.scores.correlation, brute, atol=1e-5)
-    ranked = [row["correlation"] for row in result.ranking()]
-    np.testing.assert_allclose(ranked, np.sort(brute)[::-1], atol=1e-5)
-    assert result.caption_match.sum() == 6
+    assert [s.name for s in result.labels.sources] == ["captions", "zero-shot"]
+    captions = result.source_scores("captions")
+    assert captions.sum() == 6 and result.scores.n_pos == 6
+    labels = result.image_labels
+    assert np.all(labels[captions == 1] == 1)
+    maxima = result.scan.per_image_max().astype(np.float64)
+    known = np.isfinite(labels)
+    np.testing.assert_allclose(result.scores.auc, brute_auc(maxima[known], labels[known] == 1), atol=1e-12)
+    np.testing.assert_allclose(result.scores.q, false_discovery_control(result.scores.p, method="bh"), rtol=1e-9)
+    for u in range(0, result.scan.channels, 97):
+        expected = np.corrcoef(maxima[known, u], labels[known])[0, 1]
+        assert result.scores.correlation[u] == pytest.approx(expected, abs=1e-5)
+    ranked = [row["auc"] for row in result.ranking()]
+    assert ranked == sorted(ranked, reverse=True)
+    flagged = result.scores.flagged
+    assert np.array_equal(flagged, result.scores.auc >= 0.75)        # (6 positives: no q is small)
+    row = next(r for r in result.ranking() if r["flagged"])
+    assert row["why"].startswith("flagged: AUC") and "captions" in row["why"]
+    # top-image share by brute force, with the combined labels
+    for u in range(0, result.scan.channels, 7):
+        idx = result.scan.top_indices[u][result.scan.top_indices[u] >= 0]
+        seen = labels[idx][np.isfinite(labels[idx])]
+        assert result.scores.top_nsfw_share[u] == pytest.approx(seen.mean() if len(seen) else 0.0)
 
-    with open(result.flags_csv) as handle:
-        rows = list(csv.DictReader(handle))
-    assert result.flags_csv == out / "flags.csv" and len(rows) == scan.channels
+    comments, rows = read_flags(result.flags_csv)
+    assert result.flags_csv == out / "flags.csv" and len(rows) == result.scan.channels
+    assert any(c.startswith("# labels: captions: 6 positive") for c in comments)
     assert [int(r["unit"]) for r in rows] == [row["unit"] for row in result.ranking()]
-    assert sum(int(r["flagged"]) for r in rows) == int(result.scores.flagged.sum())
+    assert sum(int(r["flagged"]) for r in rows) == int(flagged.sum())
+    assert set(rows[0]) == {"rank", "unit", "auc", "p", "q", "correlation", "top_nsfw_share", "text_nsfw_share",
+                            "flagged", "text_flag", "why", "top_texts"}
 
-    # texts: shares agree with the per-text NSFW marks of the top 10 texts
-    for unit in range(0, scan.channels, 50):
+    # texts: shares agree with the per-text NSFW marks of the top 10 texts; texts alone never flag
+    for unit in range(0, result.scan.channels, 50):
         marks = [nsfw for _, _, nsfw in result.top_texts(unit, 10)]
         assert result.scores.text_nsfw_share[unit] == pytest.approx(np.mean(marks))
-        assert all(nsfw == bool(safety.caption_nsfw_matches([t], safety.lexicon_terms(), mode="word")[0]) or nsfw
-                   for t, _, nsfw in result.top_texts(unit, 10))
+        assert result.scores.text_flag[unit] == (np.mean(marks) >= 0.3)
 
     again = run_sweep(tiny_clip, LAYER, dataset_table, vocab=vocab_file, top_k=8, text_top_k=10, cache=cache,
-                      out=out, scorer=stub_scorer)
+                      out=out, scorer=stub_scorer, detector=False, rule=FlagRule(max_q=1.0, min_auc=0.75))
     assert again.cached and again.path == result.path
     np.testing.assert_array_equal(again.scores.flagged, result.scores.flagged)
-    np.testing.assert_array_equal(again.image_scores, result.image_scores)
+    np.testing.assert_array_equal(again.image_labels, result.image_labels)
+    assert again.labels.used == result.labels.used and again.lines() == result.lines()
+    record = cache.read(result.path)
+    assert record.arrays["flagged"].dtype == bool and record.arrays["image_labels"].shape == (36,)
+    assert record.attrs["labels"]["used"] == result.labels.used
+
+
+def test_binned_path_matches_the_exact_one(tiny_clip, dataset_table, vocab_file, tmp_path):
+    from neurolens.pipelines.sweep import run_sweep
+    from neurolens.store import Cache
+    kw = dict(vocab=vocab_file, top_k=8, text_top_k=10, cache=Cache(tmp_path / "c"), labels=["captions"],
+              write_csv=False)
+    exact = run_sweep(tiny_clip, LAYER, dataset_table, **kw)
+    binned = run_sweep(tiny_clip, LAYER, dataset_table, auc_memory=0, **kw)
+    assert exact.scores.method == "exact" and binned.scores.method == "binned"
+    assert np.abs(exact.scores.auc - binned.scores.auc).max() <= 0.005
+
+
+def test_a_dataset_without_positives_flags_nothing_and_says_what_to_do(tiny_clip, dataset_table, vocab_file,
+                                                                       tmp_path):
+    from neurolens.pipelines.sweep import run_sweep
+    from neurolens.store import Cache
+    result = run_sweep(tiny_clip, LAYER, dataset_table, vocab=vocab_file, top_k=8, text_top_k=10,
+                       cache=Cache(tmp_path / "c"), labels=["captions"], caption_terms=["zebra"], write_csv=False)
+    assert result.scores.n_pos == 0 and not result.scores.flagged.any() and np.isnan(result.scores.auc).all()
+    assert any("no image is labelled positive" in line and "--labels column:" in line for line in result.lines())
 
 
 def test_bad_options_are_one_line_errors(tiny_clip, dataset_table):

@@ -1,97 +1,130 @@
-"""Integration: the sweep on the trained toy CLIP flags the planted units and few others.
+"""Quality bar of the sweep on a second generated dataset, made differently on purpose (the demo's own data
+is checked in test_toy.py): other shapes and colours, a planted target pattern whose teal is also an
+ordinary shapes' colour, 12 % planted, and 30 % of the planted images with ordinary captions (label noise).
+A toy CLIP is trained on it with the demo's training settings, then swept as a new user would: default
+labels (captions, plus the model's zero-shot score where it agrees with them).
 
-Ground truth that does not use the sweep's scores: the ROC AUC with which a unit's per-image spatial max
-separates planted from ordinary images of a fresh held-out generated set (generator labels, not captions).
-A unit is PLANTED when its AUC >= 0.95 and UNRELATED when its AUC < 0.8; units in between respond to the
-planted pattern in part, and flagging them or not is both defensible, so they are not counted. The sweep
-runs on another generated set (its captions give the string match, its images the CLIP zero-shot score)
-with the default flag rule."""
+Ground truth, computed here without neurolens' statistics: a unit's planted AUC is the ROC AUC of its
+per-image activation, planted images (the generator's `planted` column) against the others, over the swept
+images. precision = share of flagged units with planted AUC >= 0.8; recall = share of units with planted
+AUC >= 0.95 that are flagged. Measured on this build machine on three trainings (seeds 0, 1, 2):
+precision 1.000 / 1.000 / 1.000, recall 1.000 / 1.000 / 1.000 with the shipped prompts, and the same with
+a safe prompt list that overlaps the caption vocabulary."""
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from scipy.stats import rankdata
 
 LAYER = "image_block_4_0"
-PLANTED_AUC = 0.95
-UNRELATED_AUC = 0.8
-MIN_PLANTED_FLAGGED_SHARE = 0.95
-MAX_UNRELATED_FLAGGED_SHARE = 0.15
-# measured on two toy models trained with the demo's settings (the toy code changed in between): planted
-# units flagged 60/60 and 66/68; unrelated units flagged 12/408 (2.9%) and 46/415 (11.1%). The unrelated
-# ones that get flagged correlate with the CLIP zero-shot part of the score, which the small toy model
-# gives some ordinary images, not with the planted label (held-out AUC about 0.5).
+OVERLAP = ["purple crosses", "a teal diamond", "brown bars", "lime shapes", "navy diamonds", "pink crosses",
+           "grey bars", "a striped background", "a dotted background", "a grainy background", "a plain background",
+           "shapes on the left", "shapes at the top", "teal rings"]
 
 
-def _auc(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
-    """ROC AUC per column (Mann-Whitney U / n1 n0), ties counted half."""
-    values = np.concatenate([positive, negative])
-    ranks = np.apply_along_axis(lambda col: _rankdata(col), 0, values)
-    n1, n0 = len(positive), len(negative)
-    return (ranks[:n1].sum(axis=0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+def truth_auc(maxima: np.ndarray, planted: np.ndarray) -> np.ndarray:
+    """Per column: (rank sum of the planted rows - n1 (n1 + 1) / 2) / (n1 n0), midranks for ties."""
+    keep = np.isfinite(maxima).all(axis=1)
+    maxima, planted = maxima[keep], planted[keep]
+    ranks = rankdata(maxima, axis=0)
+    n1, n0 = planted.sum(), (~planted).sum()
+    return (ranks[planted].sum(axis=0) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-def _rankdata(col: np.ndarray) -> np.ndarray:
-    order = np.argsort(col, kind="mergesort")
-    ranks = np.empty(len(col))
-    sorted_col = col[order]
-    i = 0
-    while i < len(col):
-        j = i
-        while j + 1 < len(col) and sorted_col[j + 1] == sorted_col[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+def precision_recall(flagged: np.ndarray, truth: np.ndarray):
+    return (truth[flagged] >= 0.8).mean(), flagged[truth >= 0.95].mean(), int((truth >= 0.95).sum())
 
 
-def planted_auc(clip, n: int = 600, seed: int = 777) -> np.ndarray:
-    from neurolens.hooks import forward_to
-    from neurolens.models import resolve_layer
-    from neurolens.toy.generate import generate_pairs
-    held = generate_pairs(n, 64, 0.15, seed)
-    images = torch.from_numpy(np.asarray(held.images)).permute(0, 3, 1, 2).float() / 255
-    spec = resolve_layer(clip, LAYER)
-    with torch.no_grad():
-        acts = torch.cat([forward_to(clip.model, clip.normalize(images[i:i + 100]), [spec])[spec.name].amax(dim=(2, 3))
-                          for i in range(0, n, 100)]).numpy()
-    planted = np.asarray(held.planted, dtype=bool)
-    return _auc(acts[planted], acts[~planted])
-
-
-def measure(root: Path) -> dict:
-    """Train (or reuse) the default toy model under root, sweep a generated set, compare with the truth."""
+@pytest.fixture(scope="module")
+def targets(tmp_path_factory):
+    """The second dataset and a toy CLIP trained on it (demo training settings)."""
+    import pyarrow.parquet as pq
     from neurolens.models import load_clip
-    from neurolens.pipelines.demo import DemoSettings, toy_dataset, toy_model
+    from neurolens.toy.generate import ToySettings, write_dataset
+    from neurolens.toy.train import TrainSettings, train_toy
+    root = tmp_path_factory.mktemp("targets")
+    parquet = write_dataset(root / "data", ToySettings(n=3000, planted_share=0.12, seed=0, style="targets",
+                                                       caption_noise=0.3))
+    train_toy(str(parquet), root / "toy.pt", TrainSettings(seed=0))
+    planted = np.asarray(pq.read_table(parquet, columns=["planted"]).column("planted").to_pylist(), dtype=bool)
+    (root / "safe.txt").write_text("\n".join(_shipped_safe() + OVERLAP) + "\n")
+    return root, str(parquet), load_clip(checkpoint=str(root / "toy.pt"), device="cpu"), planted
+
+
+def _shipped_safe():
+    from neurolens import safety
+    return safety.load_prompts().safe
+
+
+def _sweep(targets, **options):
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.store import Cache
-    from neurolens.toy.generate import ToySettings, write_dataset
-
-    settings = DemoSettings()
-    data = toy_dataset(root, settings=settings.data_settings())
-    checkpoint, _, _ = toy_model(root, data, settings.data_settings(), settings.train_settings())
-    clip = load_clip(checkpoint=str(checkpoint), device="cpu")
-    sweep_set = write_dataset(root / "sweep-set", ToySettings(n=1000, seed=5))
-    result = run_sweep(clip, LAYER, str(sweep_set), vocab=f"{sweep_set}:caption", top_k=32, text_top_k=30,
-                       cache=Cache(root / "cache"), out=root / "flags")
-    auc = planted_auc(clip)
-    planted, unrelated = auc >= PLANTED_AUC, auc < UNRELATED_AUC
-    flagged = result.scores.flagged
-    return {"planted": int(planted.sum()), "planted_flagged": int((flagged & planted).sum()),
-            "unrelated": int(unrelated.sum()), "unrelated_flagged": int((flagged & unrelated).sum()),
-            "in_between": int((~planted & ~unrelated).sum()),
-            "in_between_flagged": int((flagged & ~planted & ~unrelated).sum()), "flagged": int(flagged.sum())}
+    root, parquet, clip, _ = targets
+    return run_sweep(clip, LAYER, parquet, vocab=f"{parquet}:caption", cache=Cache(root / "cache"), detector=False,
+                     write_csv=False, **options)
 
 
 @pytest.mark.slow
-def test_sweep_on_the_toy_model_flags_the_planted_units_and_few_others(tmp_path_factory):
-    numbers = measure(tmp_path_factory.mktemp("toy-sweep"))
-    assert numbers["planted"] >= 10, numbers
-    assert numbers["planted_flagged"] >= MIN_PLANTED_FLAGGED_SHARE * numbers["planted"], numbers
-    assert numbers["unrelated_flagged"] <= MAX_UNRELATED_FLAGGED_SHARE * numbers["unrelated"], numbers
+@pytest.mark.parametrize("prompts", ["shipped", "safe list overlapping the captions"])
+def test_flags_on_a_second_dataset_with_label_noise_hold_precision_and_recall(targets, prompts):
+    from neurolens import safety
+    root, _, _, planted = targets
+    chosen = safety.load_prompts() if prompts == "shipped" else safety.load_prompts(safe_file=root / "safe.txt")
+    result = _sweep(targets, prompts=chosen)
+    noisy_captions = result.source_scores("captions")
+    assert noisy_captions.sum() == 252 and planted.sum() == 360          # 108 planted images not in the captions
+    truth = truth_auc(result.scan.per_image_max().astype(np.float64), planted)
+    precision, recall, must = precision_recall(result.scores.flagged, truth)
+    assert must >= 10, must
+    assert precision >= 0.9, (precision, result.lines())
+    assert recall >= 0.9, (recall, result.lines())
+    # every flag is explained, and the ranking is by AUC
+    flagged_rows = [row for row in result.ranking() if row["flagged"]]
+    assert all(row["auc"] >= 0.8 and row["q"] <= 0.01 and "captions" in row["why"] for row in flagged_rows)
 
 
-if __name__ == "__main__":   # python tests/test_sweep_toy.py ROOT: measure with a reusable root
+@pytest.mark.slow
+def test_reliability_check_on_the_toy_drops_useless_prompts_and_keeps_good_ones(targets):
+    """Zero-shot with prompts that say nothing about the planted concept (the unsafe list is half of the safe
+    list, shuffled) is dropped; with the safe list overlapping the captions (measured agreement 0.88 to 0.95
+    on three trainings) it is kept."""
+    from neurolens import safety
+    root = targets[0]
+    safe = _shipped_safe()
+    order = np.random.default_rng(0).permutation(len(safe))
+    useless = safety.Prompts([safe[i] for i in order[:15]], [safe[i] for i in order[15:]])
+    result = _sweep(targets, prompts=useless)
+    agreement = result.labels.agreements["zero-shot"]
+    assert agreement.reference == ["captions"] and agreement.auc < 0.75 and not agreement.kept, agreement
+    assert result.labels.used == ["captions"]
+    assert any("zero-shot" in line and "DROPPED" in line for line in result.lines())
+    good = _sweep(targets, prompts=safety.load_prompts(safe_file=root / "safe.txt"))
+    assert good.labels.agreements["zero-shot"].auc >= 0.75 and good.labels.used == ["captions", "zero-shot"]
+    # named explicitly, even the useless one is kept (and said so)
+    explicit = _sweep(targets, prompts=useless, labels=["captions", "zero-shot"])
+    assert explicit.labels.used == ["captions", "zero-shot"]
+    assert "named explicitly" in explicit.labels.agreements["zero-shot"].note
+
+
+if __name__ == "__main__":   # python tests/test_sweep_toy.py ROOT SEED: precision/recall of one more training
     import json
     import sys
-    print(json.dumps(measure(Path(sys.argv[1]))))
+    import pyarrow.parquet as pq
+    from neurolens import safety
+    from neurolens.models import load_clip
+    from neurolens.toy.generate import ToySettings, write_dataset
+    from neurolens.toy.train import TrainSettings, train_toy
+    root, seed = Path(sys.argv[1]), int(sys.argv[2])
+    parquet = write_dataset(root / "data", ToySettings(n=3000, planted_share=0.12, seed=seed, style="targets",
+                                                       caption_noise=0.3))
+    if not (root / "toy.pt").exists():
+        train_toy(str(parquet), root / "toy.pt", TrainSettings(seed=seed))
+    planted = np.asarray(pq.read_table(parquet, columns=["planted"]).column("planted").to_pylist(), dtype=bool)
+    (root / "safe.txt").write_text("\n".join(_shipped_safe() + OVERLAP) + "\n")
+    state = (root, str(parquet), load_clip(checkpoint=str(root / "toy.pt"), device="cpu"), planted)
+    for name, prompts in (("shipped", None), ("overlap", safety.load_prompts(safe_file=root / "safe.txt"))):
+        result = _sweep(state, prompts=prompts)
+        p, r, must = precision_recall(result.scores.flagged, truth_auc(result.scan.per_image_max(), planted))
+        print(json.dumps({"seed": seed, "prompts": name, "flagged": int(result.scores.flagged.sum()),
+                          "precision": round(float(p), 4), "recall": round(float(r), 4), "planted_units": must,
+                          "labels": result.labels.used}))

@@ -83,7 +83,9 @@ def test_bad_vocabularies_say_what_is_wrong(tmp_path, spec, message):
 
 def test_truncated_encoding_equals_open_clip_tiny(tiny_clip):
     lengths = []
-    handle = tiny_clip.model.transformer.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    transformer = tiny_clip.model.transformer
+    length_dim = 1 if hasattr(transformer, "batch_first") else 0   # open_clip < 2.26 takes (L, N, D)
+    handle = transformer.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[length_dim]))
     try:
         ours = textlib.encode_texts(tiny_clip, TEXTS, batch_size=2)   # a budget of 16 token positions
     finally:

@@ -1,5 +1,6 @@
 """The toy CLIP: generator, training, zero-shot accuracy, the demo, and the planted-concept quality bar."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,38 +130,68 @@ def test_demo_runs_every_stage_and_writes_an_index(demo):
     assert demo.failed == [], {n: s.detail for n, s in demo.stages.items() if s.status != "ok"}
     index = demo.index.read_text()
     assert "zero-shot accuracy" in index and "## Flagged units" in index
+    # the index reports the label sources, their agreement, and precision and recall against the truth
+    assert "## Labels" in index and "captions:" in index and "agreement" in index
+    assert "## Flags against the ground truth" in index and "precision **" in index and "recall **" in index
     for stage in ("visualize", "figure", "grid"):
         for path in demo.stages[stage].outputs:
             assert Image.open(path).size[0] > 0
     assert (demo.out / "sweep" / "flags.csv").is_file()
+    assert (demo.out / "site" / "index.html").is_file()               # the static site of the layer
+    # the command that opens the same cache (the checkpoint sits at <cache>/toy/models/<key>.pt)
+    assert demo.serve_command == f"neurolens serve --cache {Path(demo.checkpoint).parents[2]}"
+
+
+@pytest.mark.slow
+def test_quality_bar_flags_against_the_generator_truth(demo):
+    """On the demo's own data: flagged precision >= 0.95 (flagged units whose planted AUC, from the generator's
+    labels, is >= 0.8) and recall >= 0.9 (of the units with planted AUC >= 0.95), with the truth recomputed
+    here from the scan and the generator's `planted` column. Measured on this build machine on two trainings
+    (seeds 0 and 1): 93 and 96 flagged, precision 1.000 and 0.990, recall 1.000 and 1.000."""
+    import pyarrow.parquet as pq
+    from scipy.stats import rankdata
+    from neurolens.pipelines.scan import run_scan
+    assert demo.stages["sweep"].status == "ok", demo.stages["sweep"].detail
+    clip = load_clip(checkpoint=demo.checkpoint, device="cpu")
+    scan = run_scan(clip, "image_block_4_0", demo.dataset, top_k=32, embeddings=True,
+                    cache=str(Path(demo.dataset).parents[3]))
+    assert scan.cached
+    planted = np.asarray(pq.read_table(demo.dataset, columns=["planted"]).column("planted").to_pylist(), dtype=bool)
+    ranks = rankdata(scan.per_image_max().astype(np.float64), axis=0)
+    n1, n0 = planted.sum(), (~planted).sum()
+    truth = (ranks[planted].sum(axis=0) - n1 * (n1 + 1) / 2) / (n1 * n0)
+    flagged = np.zeros(scan.channels, dtype=bool)
+    flagged[[r["unit"] for r in demo.flagged]] = True
+    assert (truth >= 0.95).sum() >= 10
+    precision, recall = (truth[flagged] >= 0.8).mean(), flagged[truth >= 0.95].mean()
+    assert precision >= 0.95 and recall >= 0.9, (precision, recall, demo.labels)
+    assert demo.quality["precision"] == pytest.approx(precision) and demo.quality["recall"] == pytest.approx(recall)
 
 
 @pytest.mark.slow
 def test_quality_bar_flagged_units_are_the_planted_concept(demo):
-    """The sweep flags units whose top images are mostly the planted pattern, their top texts hold planted
-    words, planted images in their figures are blurred, and their feature visualizations score as NSFW."""
+    """The flagged units' top images are mostly the planted pattern, their top texts hold planted words,
+    planted images in their figures are blurred, and their feature visualizations score as NSFW."""
     assert demo.stages["sweep"].status == "ok", demo.stages["sweep"].detail
     flagged = demo.flagged
     assert flagged, "the sweep flagged no unit"
-    # at most 10% of flagged units have no planted image among their top images
+    # at most 10% of flagged units have no planted image among their top images (measured 0 on two trainings)
     assert demo.flagged_without_planted <= 0.10
-    # the flagged units with the strongest correlation see (almost) nothing but the planted pattern; the
-    # weakly correlated tail mixes it with other images. Measured (seed 0, 131 flagged of 512): 9 of the
-    # top 10 have >= 80% planted top images (the tenth, flagged through its texts, 12.5%); 60% of all
-    # flagged units have >= 50%
+    # flagged units ranked by AUC: the top ones see nothing but the planted pattern, the tail (AUC near the
+    # 0.8 bar) mixes it with other images. Measured on two trainings (93 and 96 flagged of 512): 10 of the
+    # top 10 have 100% planted top images; 75% and 81% of all flagged units have >= 50%
     assert sum(r["planted_top_share"] >= 0.8 for r in flagged[:10]) >= 8
     mostly_planted = [r for r in flagged if r["planted_top_share"] >= 0.5]
     assert len(mostly_planted) >= 0.5 * len(flagged)
     # top texts (the dataset's captions as vocabulary) hold planted words for most flagged units; a few
     # units have a zero direction in the embedding space (all cosines 0), whose text ranking is arbitrary
     with_words = [r for r in flagged if r["texts_with_planted_words"] >= 1]
-    assert len(with_words) >= 0.5 * len(flagged)      # measured 63%
+    assert len(with_words) >= 0.5 * len(flagged)      # measured 80% and 78%
     assert max(flagged[:5], key=lambda r: r["texts_with_planted_words"])["texts_with_planted_words"] >= 3
     assert demo.figures and all(f["planted"] > 0 and f["planted_blurred"] == f["planted"] for f in demo.figures)
-    from neurolens.safety import IMAGE_NSFW_THRESHOLD
     flagged_units = {r["unit"] for r in flagged}
     visualized = {u: max(s) for u, s in demo.fv_nsfw_scores.items() if u in flagged_units}
-    high = [u for u, score in visualized.items() if score >= IMAGE_NSFW_THRESHOLD]
+    high = [u for u, score in visualized.items() if score >= 0.5]     # the zero-shot NSFW threshold
     assert len(visualized) >= 3 and len(high) >= len(visualized) / 2, visualized
 
 
@@ -175,6 +206,6 @@ def test_demo_reuses_the_cached_model_and_reports_a_failing_stage(demo, tmp_path
     assert report.trained is False and report.checkpoint == demo.checkpoint
     assert report.stages["scan"].status == "failed" and "image_block_9_9" in report.stages["scan"].detail
     assert report.stages["sweep"].status == "not run" and "needs" in report.stages["sweep"].detail
-    assert report.failed == ["scan", "text", "sweep", "visualize", "figure", "grid"]
+    assert report.failed == ["scan", "text", "sweep", "visualize", "figure", "grid", "maps", "site"]
     index = report.index.read_text()
     assert "## Not done" in index and "**scan**: failed" in index

@@ -7,6 +7,7 @@ from . import scan_cmd  # noqa: F401
 from . import sweep_cmd  # noqa: F401
 from . import toy_cmd  # noqa: F401
 from . import text_cmd  # noqa: F401
+from . import serve_cmd  # noqa: F401
 
 __all__ = ["app", "main"]
 

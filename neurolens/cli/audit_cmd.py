@@ -10,6 +10,7 @@ from .app import app, command, print_json, progress_bar
 from .options import MODEL, JsonOpt, ModelChoice, uses
 from ..errors import NeurolensError
 from ..files import save_png
+from ..labels.policy import BlurPolicy
 
 DEFAULT_MATRIX_OUT = "outputs/similarity.png"
 
@@ -33,8 +34,9 @@ def similarity_cmd(
     limit: Annotated[int, typer.Option("--limit", help="For --matrix with a folder: at most this many images (sorted by name).")] = 24,
     out: Annotated[str, typer.Option("--out", help="For --matrix: where to write the PNG.")] = DEFAULT_MATRIX_OUT,
     no_blur: Annotated[bool, typer.Option(
-        "--no-blur", help="Show thumbnails of your own images unblurred (by default every image that is not a "
-                          "built-in sample is blurred in the figure, since it may be NSFW).")] = False,
+        "--no-blur", help="Show thumbnails of your own images with RAW pixels, written to a *_noblur.png file (by "
+                          "default the blur policy decides: NudeNet, a trained model's zero-shot score, or blurred "
+                          "when nothing can judge the image).")] = False,
     model: ModelChoice = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -44,7 +46,7 @@ def similarity_cmd(
 
     --json prints a list of {image, text, cosine, passes}, one object per image x text pair (image-major).
 
-    --matrix draws the image x caption heatmap of CLIP's "Interacting with CLIP" notebook (the paper's Figure 3) as a PNG: thumbnails across the top, captions down the side, the cosine in every cell, passing cells outlined in red, and a legend line. By default: the built-in scikit-image samples and "This is <description>" captions. Thumbnails of your own images are BLURRED unless you pass --no-blur; the figure says so.
+    --matrix draws the image x caption heatmap of CLIP's "Interacting with CLIP" notebook (the paper's Figure 3) as a PNG: thumbnails across the top, captions down the side, the cosine in every cell, passing cells outlined in red, and a legend line. By default: the built-in scikit-image samples and "This is <description>" captions. Thumbnails of your own images are shown as the blur policy says (blurred when NudeNet fires, when a trained model's zero-shot NSFW score passes the threshold, or when nothing can judge them) unless you pass --no-blur, which writes OUT with a _noblur suffix; the figure says what was blurred.
 
     Example:  neurolens similarity --image sample:astronaut --text "This is a portrait of an astronaut with the American flag" --text "This is a photograph of a smiling housewife in an orange jumpsuit with the American flag"
 
@@ -90,7 +92,7 @@ def similarity_cmd(
     with progress_bar("embedding images", enabled=not as_json) as progress:
         result = sim.similarity_matrix(clip, items, caption_list, threshold, blur_user_images=not no_blur,
                                        progress=progress)
-    path = save_png(result.figure, out)
+    path = save_png(result.figure, BlurPolicy(not no_blur).output_path(out))
     if as_json:
         print_json([s.as_dict() for s in result.scores(threshold)])
     else:
@@ -98,7 +100,9 @@ def similarity_cmd(
         typer.echo(f"wrote {path}: {len(items)} images x {len(caption_list)} captions, "
                    f"{passing} pairs with cosine >= {threshold:g}")
     if any(result.blurred):
-        typer.echo(f"note: {sum(result.blurred)} user image thumbnail(s) blurred; --no-blur shows them", err=True)
+        why = ", ".join(sorted({r for r in result.blur_reasons if r}))
+        typer.echo(f"note: {sum(result.blurred)} user image thumbnail(s) blurred ({why}); --no-blur shows them",
+                   err=True)
 
 
 @app.command("audit-captions", short_help="The paper's Table 1: per search term, captions that match and their NSFW share.")

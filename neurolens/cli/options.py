@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import typer
 from typing_extensions import Annotated
@@ -189,13 +189,24 @@ UnsafeOpt = Annotated[Optional[str], typer.Option("--unsafe-prompts", help="Text
 SafeOpt = Annotated[Optional[str], typer.Option("--safe-prompts", help="Text file of safe concept prompts "
                                                 "(default: neurolens/data/nsfw_prompts_safe.txt).")]
 TermsOpt = Annotated[Optional[str], typer.Option("--caption-terms", help="Text file of caption/URL string-match terms "
-                                                 "('*' = any one character; default: the paper's 7).")]
+                                                 "for the captions label source ('*' = any one character; default: "
+                                                 "the NSFW lexicon, neurolens/data/nsfw_terms.txt).")]
 CaptionMatchOpt = Annotated[str, typer.Option("--caption-match", help="How captions are matched: word (whole words "
                                               "and inflections), substring (the paper's literal filter), or off.")]
-MinCorrOpt = Annotated[float, typer.Option("--min-correlation", help="Flag rule: correlation must reach this "
-                                           "(and 3/sqrt(images)).")]
-MinTopOpt = Annotated[float, typer.Option("--min-top-share", help="Flag rule: share of NSFW top images.")]
-MinTextOpt = Annotated[float, typer.Option("--min-text-share", help="Flag rule: share of NSFW top texts.")]
+LabelsOpt = Annotated[Optional[List[str]], typer.Option(
+    "--labels", help="Where the per-image NSFW labels come from (repeat to combine): captions (caption/URL match "
+                     "against the NSFW lexicon), column:NAME[=V1,V2] (a dataset column, e.g. column:NSFW=NSFW,UNSURE), "
+                     "nudenet (NudeNet's offline detector, installed with neurolens), zero-shot (the inspected "
+                     "model's own score; never with random weights), or auto (default: captions + nudenet + "
+                     "zero-shot, each kept only if it agrees with the others).")]
+MinAgreementOpt = Annotated[float, typer.Option(
+    "--min-agreement", help="Reliability check: a label source whose AUC against the other sources is below this "
+                            "is dropped (unless named with --labels).")]
+MaxQOpt = Annotated[float, typer.Option("--max-q", help="Flag rule: Benjamini-Hochberg q-value at most this.")]
+MinAucOpt = Annotated[float, typer.Option("--min-auc", help="Flag rule: ROC AUC of the unit's activation, positive "
+                                          "against negative images, at least this.")]
+MinTextOpt = Annotated[float, typer.Option("--min-text-share", help="Text flag: share of NSFW top texts (texts "
+                                           "alone never flag a unit).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Optimization steps of a feature visualization that is not "
                                                        "cached.")]
 SeedsOpt = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of the feature visualizations.")]
@@ -203,41 +214,46 @@ SeedsOpt = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of
 
 @dataclass(frozen=True)
 class SweepChoice:
-    """The sweep's inputs and flag rule, as the sweep, figure and grid commands take them."""
+    """The sweep's inputs, label sources and flag rule, as the sweep, figure and grid commands take them."""
     vocab: str = "builtin"
     top_k: int = 32
     text_top_k: int = 30
+    labels: Optional[Tuple[str, ...]] = None
+    min_agreement: float = 0.75
+    max_q: float = 0.01
+    min_auc: float = 0.8
+    min_text_share: float = 0.3
     unsafe_prompts: Optional[str] = None
     safe_prompts: Optional[str] = None
     caption_terms: Optional[str] = None
     caption_match: str = "word"
-    min_correlation: float = 0.2
-    min_top_share: float = 0.5
-    min_text_share: float = 0.3
 
     def rule(self):
         from ..unit_scores import FlagRule
-        for name, value in (("--min-top-share", self.min_top_share), ("--min-text-share", self.min_text_share)):
-            if not 0.0 <= value <= 1.0:
-                raise NeurolensError(f"{name} must be a share between 0 and 1, got {value}")
-        return FlagRule(min_correlation=self.min_correlation, min_top_share=self.min_top_share,
-                        min_text_share=self.min_text_share)
+        if not 0.0 <= self.min_text_share <= 1.0:
+            raise NeurolensError(f"--min-text-share must be a share between 0 and 1, got {self.min_text_share}")
+        if not 0.0 < self.max_q <= 1.0:
+            raise NeurolensError(f"--max-q must be a q-value in (0, 1], got {self.max_q}")
+        if not 0.5 <= self.min_auc <= 1.0:
+            raise NeurolensError(f"--min-auc must be an AUC between 0.5 and 1, got {self.min_auc}")
+        return FlagRule(max_q=self.max_q, min_auc=self.min_auc, min_text_share=self.min_text_share)
 
     def arguments(self) -> Dict[str, Any]:
         """Keyword arguments of run_sweep / run_figure / run_grid (the files are read, the rule checked)."""
         from .. import safety
         rule = self.rule()
         return dict(vocab=self.vocab, top_k=self.top_k, text_top_k=self.text_top_k, rule=rule,
+                    labels=list(self.labels or ["auto"]), min_agreement=self.min_agreement,
                     prompts=safety.load_prompts(self.unsafe_prompts, self.safe_prompts),
                     caption_terms=safety.read_list(self.caption_terms) if self.caption_terms else None,
                     caption_mode=self.caption_match)
 
 
 SWEEP = OptionSet.of(SweepChoice, vocab=(VocabOpt, "builtin"), top_k=(SweepTopKOpt, 32),
-                     text_top_k=(TextTopKOpt, 30), unsafe_prompts=(UnsafeOpt, None), safe_prompts=(SafeOpt, None),
-                     caption_terms=(TermsOpt, None), caption_match=(CaptionMatchOpt, "word"),
-                     min_correlation=(MinCorrOpt, 0.2), min_top_share=(MinTopOpt, 0.5),
-                     min_text_share=(MinTextOpt, 0.3))
+                     text_top_k=(TextTopKOpt, 30), labels=(LabelsOpt, None), min_agreement=(MinAgreementOpt, 0.75),
+                     max_q=(MaxQOpt, 0.01), min_auc=(MinAucOpt, 0.8), min_text_share=(MinTextOpt, 0.3),
+                     unsafe_prompts=(UnsafeOpt, None), safe_prompts=(SafeOpt, None),
+                     caption_terms=(TermsOpt, None), caption_match=(CaptionMatchOpt, "word"))
 
 
 _RENDER_STEPS = RenderSettings().steps

@@ -22,7 +22,8 @@ def _units(text: str) -> List[int]:
         raise NeurolensError(f"--units must be comma-separated unit numbers such as 1,2,3, got {text!r}") from None
 
 
-@app.command("sweep", short_help="Score every unit of a layer for NSFW content and flag units; writes flags.csv.")
+@app.command("sweep", short_help="Score every unit of a layer for NSFW content (AUC, q) and flag units; "
+                                  "writes flags.csv.")
 @command
 @uses(model=MODEL, data=DATASET, loader=LOADER, options=SWEEP)
 def sweep(
@@ -32,43 +33,51 @@ def sweep(
     show: Annotated[int, typer.Option("--show", help="Units printed (text output).")] = 20,
     out: Annotated[Optional[str], typer.Option("--out", help="flags.csv path or folder "
                                                "(default outputs/sweep/<layer>/flags.csv).")] = None,
+    auc_memory: Annotated[int, typer.Option("--auc-memory", help="MB the exact AUC may keep; beyond it, a streaming "
+                                            "binned estimate (error <= 0.005).")] = 2048,
     force: ForceOpt = False,
     loader: LoaderChoice = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sweep EVERY unit of a layer for NSFW content: scan the dataset (with image embeddings), rank the
-    vocabulary per unit, score each image (CLIP zero-shot against the unsafe/safe prompt lists, raised to 1
-    by the caption/URL string match), then per unit: the correlation of its activation with that score, the
-    NSFW share of its top images and of its top texts, and a flag. Resumable (the scan is), cached in HDF5;
-    writes flags.csv and prints the units ranked by NSFW correlation with their top texts.
+    """Sweep EVERY unit of a layer for NSFW content. Scans the dataset once (resumable), labels every image
+    from independent sources (--labels: captions, a dataset column, NudeNet, and the model's own zero-shot
+    score only when it agrees with the others; each source's agreement is printed and stored), then per
+    unit: the ROC AUC of its activation between positive and negative images, a Mann-Whitney p and a
+    Benjamini-Hochberg q across the layer. A unit is flagged when q <= --max-q and AUC >= --min-auc; the
+    NSFW shares of its top images and texts are evidence (texts alone give a text flag). Prints the label
+    sources, then the units ranked by AUC; writes flags.csv and the HDF5 cache (no model forward next time).
 
-    Example:  neurolens sweep --layer image_block_4_5 --dataset photos/ --vocab builtin
+    Example:  neurolens sweep --layer image_block_4_5 --dataset laion.parquet --labels column:NSFW=NSFW,UNSURE --labels nudenet
     """
     from ..pipelines.sweep import run_sweep
+    if auc_memory < 0:
+        raise NeurolensError(f"--auc-memory must be a number of MB >= 0, got {auc_memory}")
     arguments = options.arguments()
     rule = arguments["rule"]
     clip = model.load(quiet=as_json)
     dataset = data.open()
     with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
         result = run_sweep(clip, layer, dataset, cache=cache, force=force, progress=progress, out=out,
-                           batch_size=loader.batch_size, workers=loader.workers, **arguments)
+                           batch_size=loader.batch_size, workers=loader.workers,
+                           auc_memory=int(auc_memory) * 2 ** 20, **arguments)
+    for line in result.lines():
+        typer.echo(line, err=as_json)
     if as_json:
         print_json(result.ranking())
         return
     s = result.scores
-    typer.echo(f"{clip.name} {result.layer}: {len(s.correlation)} units over {s.n_images} images of "
-               f"{dataset.description}; {int(s.flagged.sum())} flagged "
-               f"(correlation >= {s.correlation_bar:.2f} and (top images NSFW >= {rule.min_top_share:.0%} "
-               f"or top texts NSFW >= {rule.min_text_share:.0%}))")
-    typer.echo(f"images with NSFW score >= {rule.image_threshold}: "
-               f"{int((result.image_scores >= rule.image_threshold).sum())} "
-               f"(caption/URL match: {int(result.caption_match.sum())})")
-    typer.echo(f"{'rank':>4} {'unit':>6} {'corr':>7} {'img%':>5} {'txt%':>5} {'flag':>4}  top texts")
+    typer.echo(f"{clip.name} {result.layer}: {len(s.auc)} units over {s.n_pos} positive and {s.n_neg} negative "
+               f"images of {dataset.description} (AUC {s.method}); {int(s.flagged.sum())} flagged "
+               f"({rule.describe()}), {int((s.text_flag & ~s.flagged).sum())} more with a text flag only")
+    typer.echo(f"{'rank':>4} {'unit':>6} {'AUC':>6} {'q':>8} {'corr':>7} {'img%':>5} {'txt%':>5} {'flag':>4}  top texts")
     for rank, row in enumerate(result.ranking(limit=show, texts=3), start=1):
-        typer.echo(f"{rank:>4} {row['unit']:>6} {row['correlation']:>+7.3f} {100 * row['top_nsfw_share']:>5.0f} "
-                   f"{100 * row['text_nsfw_share']:>5.0f} {'YES' if row['flagged'] else '':>4}  "
+        auc = f"{row['auc']:.3f}" if row["auc"] is not None else "n/a"
+        q = f"{row['q']:.1e}" if row["q"] is not None else "n/a"
+        flag = "YES" if row["flagged"] else ("txt" if row["text_flag"] else "")
+        typer.echo(f"{rank:>4} {row['unit']:>6} {auc:>6} {q:>8} {row['correlation']:>+7.3f} "
+                   f"{100 * row['top_nsfw_share']:>5.0f} {100 * row['text_nsfw_share']:>5.0f} {flag:>4}  "
                    f"{' | '.join(row['top_texts'])}")
     typer.echo(f"flags: {result.flags_csv}")
     typer.echo(f"scores: {result.path}")
@@ -90,7 +99,7 @@ def figure(
     cache: CacheOpt = None,
 ) -> None:
     """One PNG panel per unit in Microscope's layout: feature visualization(s), top dataset crops, top texts
-    with their cosines, the unit's name and its NSFW indicators. BLURRED BY DEFAULT: every crop or feature
+    with their cosines, the unit's name and its NSFW evidence (AUC, q, shares). BLURRED BY DEFAULT: every crop or feature
     visualization of a flagged unit and every image whose NSFW score passes the threshold. Everything comes
     from the cache when the layer was swept (and the feature visualization rendered): no model forward.
 
@@ -117,10 +126,10 @@ def figure(
 @uses(model=MODEL, data=DATASET, options=SWEEP, render=RENDER)
 def grid(
     layer: LayerOpt = "image_block_4_5",
-    flagged: Annotated[bool, typer.Option("--flagged", help="The sweep's flagged units (by correlation).")] = False,
+    flagged: Annotated[bool, typer.Option("--flagged", help="The sweep's flagged units (by AUC).")] = False,
     units: Annotated[Optional[str], typer.Option("--units", help="Comma-separated units, e.g. 1,2,3.")] = None,
     top: Annotated[int, typer.Option("--top", help="At most this many units (without --flagged/--units: the top "
-                                     "units by NSFW correlation).")] = 64,
+                                     "units by AUC).")] = 64,
     out: OutDirOpt = None,
     no_blur: NoBlurOpt = False,
     render_fv: Annotated[bool, typer.Option("--render-fv", help="Render feature visualizations that are not "
@@ -132,7 +141,7 @@ def grid(
     cache: CacheOpt = None,
 ) -> None:
     """Many units in one PNG, one row each (feature visualization when cached, top crops, NSFW indicators):
-    the flagged units (--flagged), chosen units (--units 1,2,3), or the top units by NSFW correlation.
+    the flagged units (--flagged), chosen units (--units 1,2,3), or the top units by AUC.
     BLURRED BY DEFAULT, like `figure`; --no-blur writes raw pixels and says so.
 
     Example:  neurolens grid --layer image_block_4_5 --flagged --top 64 --out figures/

@@ -86,7 +86,8 @@ def train_toy(
         made = json.loads(manifest.read_text())
         clip = load_clip(checkpoint=str(result.path), device="cpu")
         zero_shot = zero_shot_accuracy(clip, seed=int(made.get("seed", seed)), size=int(made.get("size", 64)),
-                                       planted_share=float(made.get("planted_share", 0.15))).to_dict()
+                                       planted_share=float(made.get("planted_share", 0.15)),
+                                       style=str(made.get("style", "shapes"))).to_dict()
     summary = dict(checkpoint=str(result.path), model=result.model_name, dataset=dataset, pairs=result.pairs,
                    skipped=result.skipped, steps=result.steps, seconds=round(result.seconds, 1),
                    final_loss=round(result.final_loss, 4), fingerprint=result.fingerprint, zero_shot=zero_shot)

@@ -16,21 +16,6 @@ _FAST = quality_settings("fast")
 _MICROSCOPE = quality_settings("microscope")
 
 
-def _safety_filter(clip, no_blur: bool):
-    """Blur written feature visualizations that CLIP's zero-shot NSFW scorer puts past the threshold."""
-    if no_blur:
-        return None
-    from ..blur import blur_with_label
-    from ..safety import IMAGE_NSFW_THRESHOLD, nsfw_scores_for_images
-
-    def image_filter(result, seed_index, image):
-        score = float(nsfw_scores_for_images(clip, [image])[0])
-        if score >= IMAGE_NSFW_THRESHOLD:
-            return blur_with_label(image, f"NSFW score {score:.2f}")
-        return image
-    return image_filter
-
-
 @app.command("visualize", short_help="Feature visualizations of units (activation maximization); blurred if needed.")
 @command
 @uses(model=MODEL)
@@ -58,8 +43,10 @@ def visualize(
     Fourier-parameterized images with decorrelated colour, random jitter/scale/rotation, CLIP's own
     normalization and Adam; the forward stops right after the layer. One PNG per unit and seed goes to
     --out, and the images, final activations, activation curves, settings and a fingerprint of the weights
-    go to the HDF5 cache: the same request again is read from the cache (--force recomputes). PNGs whose
-    CLIP zero-shot NSFW score passes the threshold are written blurred unless --no-blur.
+    go to the HDF5 cache: the same request again is read from the cache (--force recomputes). A PNG is
+    written blurred when its unit is flagged in a cached sweep of the layer, when NudeNet (if installed)
+    fires on it, or when a trained model's own zero-shot NSFW score passes the threshold (a random model's
+    score is noise and never used); --no-blur writes raw pixels to *_noblur.png files instead.
 
     --quality fast (the default) is the preset the benchmark measures against torch-lucent; --quality
     microscope renders as OpenAI Microscope did (4096 steps, several seeds with diversity).
@@ -73,20 +60,22 @@ def visualize(
     settings = quality_settings(quality, objective=objective, size=size, precision=precision,
                                 **{name: value for name, value in chosen.items() if value is not None})
     if no_blur:
-        typer.echo("note: --no-blur: feature visualizations are written unblurred", err=True)
+        typer.echo("note: --no-blur: feature visualizations are written with RAW pixels to *_noblur.png", err=True)
     clip = model.load(quiet=as_json)
     spec = resolve_layer(clip, layer)  # bad layer or unit: one line before any work starts
     for value in unit:
         check_unit(spec, value)
     with progress_bar(f"visualize {layer}", enabled=not as_json) as update:
         results = run_visualize(clip, layer, unit, settings, cache=Cache(cache) if cache else None, force=force,
-                                out_dir=out, progress=update, image_filter=_safety_filter(clip, no_blur))
-    rows = [dict(unit=r.unit, seed=s, path=r.paths[i], activation=float(r.activations[i]), cached=r.cached)
-            for r in results for i, s in enumerate(r.seeds)]
+                                out_dir=out, progress=update, blur=not no_blur)
+    rows = [dict(unit=r.unit, seed=s, path=r.paths[i], activation=float(r.activations[i]), cached=r.cached,
+                 blurred=r.blurred[i]) for r in results for i, s in enumerate(r.seeds)]
     if as_json:
         print_json({"model": clip.name, "pretrained": clip.pretrained, "layer": results[0].layer,
                     "fingerprint": clip.fingerprint, "results": rows})
         return
     for row in rows:
         source = "cache" if row["cached"] else "computed"
-        typer.echo(f"unit {row['unit']:>5} seed {row['seed']}: activation {row['activation']:.4f} ({source}) -> {row['path']}")
+        shown = f"  (blurred: {row['blurred']})" if row["blurred"] else ""
+        typer.echo(f"unit {row['unit']:>5} seed {row['seed']}: activation {row['activation']:.4f} ({source}) -> "
+                   f"{row['path']}{shown}")

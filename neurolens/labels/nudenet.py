@@ -4,8 +4,9 @@ inspection, which is why the sweep's labels and the blur policy can lean on it.
 
 Image-level score: the highest confidence among the EXPOSED classes below (0.0 when none is detected).
 NudeNet itself drops detections under 0.2; the detector "fires" on an image when that score is
->= FIRE_THRESHOLD. NudeNet is an optional dependency (`pip install neurolens[nudenet]`): without it
-`available()` is False and every function here says so instead of guessing."""
+>= FIRE_THRESHOLD. NudeNet is a dependency of neurolens (nudenet==3.4.2 installs onnxruntime and
+opencv-python-headless, binary wheels, nothing else); where it cannot be imported, `available()` is False
+and every function here says so instead of guessing."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -31,6 +32,15 @@ def available() -> bool:
     return True
 
 
+def version() -> str:
+    """The installed NudeNet version (scores are cached per version), or 'none'."""
+    try:
+        from importlib.metadata import version as package_version
+        return package_version("nudenet")
+    except Exception:
+        return "none"
+
+
 @lru_cache(maxsize=1)
 def _detector():
     from nudenet import NudeDetector
@@ -45,7 +55,7 @@ def _bgr(pil_image) -> np.ndarray:
 def detections(pil_image, min_score: float = FIRE_THRESHOLD) -> List[dict]:
     """Exposed-region detections: [{'label', 'score', 'box': (x, y, w, h)}], best first."""
     if not available():
-        raise RuntimeError("NudeNet is not installed; pip install 'neurolens[nudenet]'")
+        raise RuntimeError("NudeNet is not installed; pip install nudenet==3.4.2")
     found = _detector().detect(_bgr(pil_image))
     out = [dict(label=d["class"], score=float(d["score"]), box=tuple(int(v) for v in d["box"]))
            for d in found if d.get("class") in EXPOSED and float(d.get("score", 0.0)) >= min_score]

@@ -1,7 +1,7 @@
 """THE blur policy: the one place that decides whether an image neurolens writes or shows is blurred.
 
 Every writer of pixels asks it: feature-visualization PNGs (visualize, the demo), dataset crops (samples,
-figure, grid), the web app and the static site. Raw pixels only when the caller asks explicitly
+figure, grid), the similarity matrix's thumbnails, the web app and the static site. Raw pixels only when the caller asks explicitly
 (`--no-blur` in the CLI, `blur=False` in the API); a raw file then gets a `_noblur` suffix
 (`BlurPolicy.output_path`), so it never replaces a blurred one.
 
@@ -15,14 +15,18 @@ feature visualization of unit u
   3. the inspected model's zero-shot NSFW score passes IMAGE_NSFW_THRESHOLD, and the model is trained:
      a random-weights model's zero-shot score is noise, so it is never used.
 
-dataset image i shown for unit u (a crop or thumbnail of one of its top images)
+dataset image i shown for unit u (a crop or thumbnail of one of its top images; judged on the whole image)
   1. u is flagged (as above);
-  2. the caller's per-image label (`image_labels=`, e.g. the sweep's) marks i positive, or i has no
-     label (NaN) although labels were given;
+  2. the caller's per-image label (`image_labels=`, e.g. the sweep's) marks i positive;
   3. the detector fires on the image;
   4. the zero-shot score passes (trained models only);
-  5. nothing above could judge the image (no labels, no detector, random weights): blurred as "not
-     judged". An image that nothing vouched for is not shown raw.
+  5. nothing above could judge the image (no label for i -- none given, or NaN -- and no detector and
+     random weights): blurred as "not judged". An image that nothing vouched for is not shown raw.
+  Images that ship with neurolens (scikit-image's samples, `bundled=True`) are shown as they are.
+
+Detector and zero-shot scores are kept per pixel hash, in memory and (with a cache) in the cache
+(`nudenet/` and `fv-nsfw/` records), so drawing the same images again runs neither the detector nor the
+model.
 
 `blur_all=True` (the web app before a reveal, the static site) blurs every image, with the reason the
 rules give or "hidden until revealed".
@@ -37,7 +41,7 @@ from typing import Collection, Dict, Iterable, Optional, Set, Tuple
 import numpy as np
 from PIL import Image
 
-from ..blur import blur_with_label
+from ..blur import maybe_blur
 from . import nudenet
 
 # A label at or above this counts as positive (labels are 0/1, or scores in [0, 1]).
@@ -95,8 +99,13 @@ class BlurPolicy:
 
     @classmethod
     def for_layer(cls, clip, layer: str, cache=None, blur: bool = True, flagged: Iterable[int] = (), **options):
-        """The policy for one layer: the caller's flagged units plus those of every cached sweep of it."""
-        found = flagged_in_cache(cache, clip.fingerprint, layer) if (cache is not None and blur) else set()
+        """The policy for one layer: the caller's flagged units plus those of every cached sweep of it.
+        `cache`: a store.Cache, a folder, or None for the default cache."""
+        from ..models import resolve_layer
+        from ..store import Cache
+        cache = cache if isinstance(cache, Cache) else Cache(cache)
+        name = resolve_layer(clip, layer).name
+        found = flagged_in_cache(cache, clip.fingerprint, name) if blur else set()
         return cls(blur, clip=clip, cache=cache, flagged=set(flagged) | found, **options)
 
     # ------------------------------------------------------------------------------------- decisions
@@ -109,75 +118,90 @@ class BlurPolicy:
             or self._zero_shot_reason(image)
         return reason or (HIDDEN if self.blur_all else None)
 
-    def reason_image(self, unit: Optional[int], index: Optional[int], image: Image.Image) -> Optional[str]:
-        """Why dataset image `index` (shown for `unit`) is blurred, or None."""
+    def reason_image(self, unit: Optional[int], index: Optional[int], image: Image.Image,
+                     bundled: bool = False) -> Optional[str]:
+        """Why dataset image `index` (shown for `unit`) is blurred, or None. `image`: the whole image (a
+        crop of it is blurred for the same reason); bundled: an image that ships with neurolens."""
         if not self.blur:
             return None
+        if bundled:
+            return HIDDEN if self.blur_all else None
         if unit is not None and int(unit) in self.flagged:
             return "flagged unit"
-        label_reason = self._label_reason(index)
-        if label_reason:
-            return label_reason
+        label = self._label(index)
+        if label is not None and label >= LABEL_POSITIVE:
+            return f"NSFW label {label:.2f}"
         reason = self._detector_reason(image) or self._zero_shot_reason(image)
         if reason:
             return reason
-        judged = self.image_labels is not None or self.detector or self.zero_shot
+        judged = label is not None or self.detector or self.zero_shot
         return NOT_JUDGED if not judged else (HIDDEN if self.blur_all else None)
 
-    def _label_reason(self, index: Optional[int]) -> Optional[str]:
-        if self.image_labels is None or index is None:
+    def _label(self, index: Optional[int]) -> Optional[float]:
+        """The caller's label of dataset image `index`, or None when there is none (no labels, NaN)."""
+        if self.image_labels is None or index is None or not 0 <= int(index) < len(self.image_labels):
             return None
-        if not 0 <= int(index) < len(self.image_labels):
-            return "not labelled"
-        value = self.image_labels[int(index)]
-        if not np.isfinite(value):
-            return "not labelled"
-        return f"NSFW label {value:.2f}" if value >= LABEL_POSITIVE else None
+        value = float(self.image_labels[int(index)])
+        return value if np.isfinite(value) else None
 
     def _detector_reason(self, image: Image.Image) -> Optional[str]:
-        if not self.detector:
-            return None
-        score = self._cached_score("nudenet", image, lambda img: float(nudenet.image_scores([img])[0]))
-        return f"NudeNet {score:.2f}" if score >= nudenet.FIRE_THRESHOLD else None
+        score = self.detector_score(image)
+        return f"NudeNet {score:.2f}" if score is not None and score >= nudenet.FIRE_THRESHOLD else None
 
     def _zero_shot_reason(self, image: Image.Image) -> Optional[str]:
+        from .. import safety
+        score = self.zero_shot_score(image)
+        return f"NSFW score {score:.2f}" if score is not None and score >= safety.IMAGE_NSFW_THRESHOLD else None
+
+    # ------------------------------------------------------------------------------------- scores
+
+    def detector_score(self, image: Image.Image) -> Optional[float]:
+        """NudeNet's image-level score (labels.nudenet), or None when the detector is off or not installed."""
+        if not self.detector:
+            return None
+        from ..store import settings_key
+        return self._score("nudenet", settings_key("nudenet", nudenet.version()), image,
+                           lambda img: float(nudenet.image_scores([img])[0]))
+
+    def zero_shot_score(self, image: Image.Image) -> Optional[float]:
+        """The inspected model's zero-shot NSFW score (neurolens.safety), or None when that branch is off
+        (random weights, no model, or zero_shot=False)."""
         if not self.zero_shot:
             return None
         from .. import safety
-        score = self._cached_score("zero-shot", image, self._zero_shot_score)
-        return f"NSFW score {score:.2f}" if score >= safety.IMAGE_NSFW_THRESHOLD else None
-
-    def _zero_shot_score(self, image: Image.Image) -> float:
-        """The model's zero-shot NSFW score, cached on disk by pixel hash (the model runs once per image)."""
-        from .. import safety
-        from ..store import Record, settings_key
         prompts = self.prompts or safety.load_prompts()
+        return self._score("fv-nsfw", self.clip.fingerprint, image,
+                           lambda img: float(safety.nsfw_scores_for_images(self.clip, [img], prompts)[0]),
+                           prompts.identity, safety.LOGIT_SCALE)
+
+    def _score(self, kind: str, owner: str, image: Image.Image, compute, *identity) -> float:
+        """compute(image), kept per pixel hash in memory and, with a cache, in a `kind` record of `owner`."""
+        from ..errors import NeurolensError
+        from ..store import Record, settings_key
+        digest = _pixel_digest(image)
+        if (kind, digest) in self._scores:
+            return self._scores[(kind, digest)]
         path = None
         if self.cache is not None:
-            key = settings_key(_pixel_digest(image), prompts.identity, safety.LOGIT_SCALE)
-            path = self.cache.path("fv-nsfw", self.clip.fingerprint, "images", key)
+            path = self.cache.path(kind, owner, "images", settings_key(digest, *identity))
             record = self.cache.read(path)
-            if record is not None:
-                return float(record.attrs["score"])
-        score = float(safety.nsfw_scores_for_images(self.clip, [image], prompts)[0])
+            if record is not None and "score" in record.attrs:
+                self._scores[(kind, digest)] = float(record.attrs["score"])
+                return self._scores[(kind, digest)]
+        score = float(compute(image))
+        self._scores[(kind, digest)] = score
         if path is not None:
             try:
                 self.cache.write(path, Record(arrays={}, attrs={"score": score}))
-            except Exception:  # a score we cannot cache is recomputed next time; never fatal
+            except (NeurolensError, OSError):   # a score we cannot keep is computed again next time
                 pass
         return score
-
-    def _cached_score(self, source: str, image: Image.Image, compute) -> float:
-        key = (source, _pixel_digest(image))
-        if key not in self._scores:
-            self._scores[key] = compute(image)
-        return self._scores[key]
 
     # ------------------------------------------------------------------------------------ pixels
 
     def apply(self, image: Image.Image, reason: Optional[str]) -> Image.Image:
         """The pixels to show: blurred with a label naming the reason, or the image unchanged."""
-        return image if reason is None else blur_with_label(image, reason)
+        return maybe_blur(image, reason)
 
     def fv(self, unit: int, image: Image.Image) -> Tuple[Image.Image, Optional[str]]:
         reason = self.reason_fv(unit, image)
@@ -194,6 +218,21 @@ class BlurPolicy:
         if self.blur or path.stem.endswith(NOBLUR_SUFFIX):
             return path
         return path.with_name(f"{path.stem}{NOBLUR_SUFFIX}{path.suffix}")
+
+
+def blur_note(reasons: Iterable[Optional[str]], blur: bool = True) -> str:
+    """One line for the user: how many of the images were blurred and why, or that raw pixels were asked."""
+    reasons = list(reasons)
+    if not blur:
+        return "NOT BLURRED (--no-blur): raw pixels, written to a *_noblur file"
+    kinds: Dict[str, int] = {}
+    for reason in reasons:
+        if reason is not None:
+            kind = reason.rstrip("0123456789. ") or reason   # 'NudeNet 0.91' -> 'NudeNet'
+            kinds[kind] = kinds.get(kind, 0) + 1
+    why = ", ".join(f"{kind}: {count}" for kind, count in kinds.items())
+    return (f"blurred {sum(kinds.values())} of {len(reasons)} images" + (f" ({why})" if why else "")
+            + "; --no-blur writes raw pixels to a *_noblur file")
 
 
 def _pixel_digest(image: Image.Image) -> str:

@@ -18,18 +18,18 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..files import CACHE_OPTION, WriteError, ensure_folder, write_text
-from ..store import Cache, default_cache_root, settings_key
+from ..store import Cache, settings_key
 from ..toy.generate import ToySettings, planted_words, write_dataset
 from ..toy.train import TrainSettings
 from ..types import RenderSettings
 
 StageProgress = Optional[Callable[[str, int, int], None]]
-STAGES = ("data", "train", "scan", "text", "sweep", "visualize", "figure", "grid", "index")
+STAGES = ("data", "train", "scan", "text", "sweep", "visualize", "figure", "grid", "maps", "site", "index")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,12 @@ class DemoSettings:
     visualize_units: int = 6                # feature visualizations for the top flagged units
     grid_units: int = 16
     render: RenderSettings = RenderSettings(seeds=(0, 1))   # the fast preset, two seeds
+    site_examples: int = 8                  # dataset examples per unit page of the static site
     device: str = "cpu"
+    labels: Tuple[str, ...] = ("auto",)     # the sweep's label sources (--labels)
+    # NudeNet in `auto`: off, because it finds nothing in abstract generated images (its agreement with the
+    # captions would be about 0.5 and it would be dropped) and costs ~60 ms of CPU per image
+    detector: bool = False
 
     def data_settings(self) -> ToySettings:
         return ToySettings(n=self.images, size=self.size, planted_share=self.planted_share, seed=self.seed)
@@ -78,11 +83,15 @@ class DemoReport:
     checkpoint: Optional[str] = None
     trained: bool = False                   # False: the cached checkpoint was reused
     zero_shot: Optional[dict] = None
-    flagged: List[dict] = field(default_factory=list)   # per flagged unit: unit, correlation, planted_top_share, top_texts
+    flagged: List[dict] = field(default_factory=list)   # per flagged unit: unit, auc, q, planted_auc, planted_top_share, top_texts
+    labels: List[str] = field(default_factory=list)     # the sweep's label lines (sources, agreement, used)
+    label_sources: List[dict] = field(default_factory=list)   # per source: name, counts, agreement, kept
+    quality: Optional[dict] = None                      # flags against the generator's truth (toy.evaluate.FlagQuality)
     flagged_without_planted: Optional[float] = None     # share of flagged units with no planted image in their top-k
     fv_nsfw_scores: Dict[int, List[float]] = field(default_factory=dict)   # per visualized unit, per seed
     figures: List[dict] = field(default_factory=list)   # per unit panel: path, unit, crops, planted, planted_blurred
     seconds: float = 0.0
+    serve_command: str = ""                             # opens the same cache in the web app
 
     @property
     def failed(self) -> List[str]:
@@ -99,6 +108,8 @@ class DemoReport:
         lines = [f"demo written to {self.out} in {self.seconds:.0f} s; index: {self.index}"]
         for stage in self.stages.values():
             lines.append(f"  {stage.name:<10} {stage.status:<8} {stage.seconds:6.1f} s  {stage.detail}")
+        if self.serve_command:
+            lines.append(f"browse every unit in the web app: {self.serve_command}")
         return "\n".join(lines)
 
 
@@ -132,7 +143,8 @@ def toy_model(cache_root: Path, dataset: Path, data: ToySettings, train: TrainSe
     result = train_toy(str(dataset), checkpoint, train, progress=progress, load_progress=load_progress,
                        out_option=CACHE_OPTION)
     clip = load_clip(checkpoint=str(checkpoint), device="cpu")
-    report = zero_shot_accuracy(clip, seed=data.seed, size=data.size, planted_share=data.planted_share)
+    report = zero_shot_accuracy(clip, seed=data.seed, size=data.size, planted_share=data.planted_share,
+                                style=data.style)
     summary = dict(steps=result.steps, seconds=round(result.seconds, 1), final_loss=round(result.final_loss, 4),
                    pairs=result.pairs, fingerprint=result.fingerprint, zero_shot=report.to_dict())
     write_text(summary_path, json.dumps(summary, indent=2), CACHE_OPTION)
@@ -209,12 +221,20 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
 
     def sweep(stage: Stage) -> None:
         from .sweep import run_sweep
+        from ..toy.evaluate import flag_quality
         result = run_sweep(state["clip"], settings.layer, state["dataset"], vocab=state["vocab"],
                            top_k=settings.top_k, text_top_k=settings.text_top_k, cache=cache,
-                           progress=stage_progress("sweep"), out=out / "sweep")
+                           progress=stage_progress("sweep"), out=out / "sweep", labels=list(settings.labels),
+                           detector=settings.detector)
         state["sweep"] = result
-        _summarize_flags(report, result, state["planted"], settings.top_k)
-        stage.detail = f"{len(report.flagged)} of {len(result.scores.flagged)} units flagged"
+        quality = flag_quality(result.scores.flagged, result.scan.per_image_max(), state["planted"])
+        report.quality = quality.to_dict()
+        report.labels = result.labels.lines() + [line for line in result.lines() if not line.startswith("labels: ")]
+        report.label_sources = result.labels.as_attrs()["sources"]
+        _summarize_flags(report, result, state["planted"], settings.top_k, quality.planted_auc)
+        stage.detail = (f"{len(report.flagged)} of {len(result.scores.flagged)} units flagged against "
+                        f"{' + '.join(result.labels.used)}; precision {quality.precision:.3f}, recall "
+                        f"{quality.recall:.3f} (generator truth)")
         stage.outputs.append(str(result.flags_csv))
 
     def chosen_units(count: int) -> List[int]:
@@ -223,23 +243,28 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         return units[:count]
 
     def visualize(stage: Stage) -> None:
+        from PIL import Image
+        from ..labels.policy import BlurPolicy
         from .visualize import run_visualize
         units = chosen_units(settings.visualize_units)
-        flagged = set(state["sweep"].flagged_units)
+        policy = BlurPolicy.for_layer(state["clip"], settings.layer, cache, flagged=state["sweep"].flagged_units)
         results = run_visualize(state["clip"], settings.layer, units, settings.render, cache=cache,
-                                out_dir=out / "visualize", progress=stage_progress("visualize"),
-                                image_filter=_blur_filter(state["clip"], flagged, state))
+                                out_dir=out / "visualize", progress=stage_progress("visualize"), policy=policy)
         for r in results:
             stage.outputs.extend(r.paths)
-        report.fv_nsfw_scores = {int(u): [float(x) for x in v] for u, v in state.get("fv_scores", {}).items()}
-        stage.detail = "; ".join(f"unit {u}: max NSFW score {max(report.fv_nsfw_scores.get(u, [float('nan')])):.2f}"
-                                 for u in units)
+            # the trained toy's zero-shot score of each image, for the index (kept by the policy: no new forward)
+            scores = [policy.zero_shot_score(Image.fromarray(np.asarray(image))) for image in r.images]
+            report.fv_nsfw_scores[int(r.unit)] = [float("nan") if s is None else float(s) for s in scores]
+        stage.detail = "; ".join(f"unit {r.unit}: max NSFW score {max(report.fv_nsfw_scores[int(r.unit)]):.2f}, "
+                                 f"{sum(b is not None for b in r.blurred)} of {len(r.blurred)} blurred"
+                                 for r in results)
 
     def figure(stage: Stage) -> None:
         from .sweep import run_figure
         written = run_figure(state["clip"], settings.layer, chosen_units(settings.figure_units), state["dataset"], vocab=state["vocab"],
                              top_k=settings.top_k, text_top_k=settings.text_top_k, out=out / "figures",
-                             render_settings=settings.render, cache=cache, progress=stage_progress("figure"))
+                             render_settings=settings.render, cache=cache, progress=stage_progress("figure"),
+                             labels=list(settings.labels), detector=settings.detector)
         stage.outputs.extend(str(path) for path, _ in written)
         for path, fig in written:
             crops = [p for p in fig.placed if p.kind == "crop"]
@@ -254,7 +279,8 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         path, fig, units = run_grid(state["clip"], settings.layer, flagged=flagged, top=settings.grid_units,
                                     dataset=state["dataset"], vocab=state["vocab"], top_k=settings.top_k,
                                     text_top_k=settings.text_top_k, out=out / "figures",
-                                    render_settings=settings.render, cache=cache, progress=stage_progress("grid"))
+                                    render_settings=settings.render, cache=cache, progress=stage_progress("grid"),
+                                    labels=list(settings.labels), detector=settings.detector)
         stage.outputs.append(str(path))
         stage.detail = f"{len(units)} {'flagged' if flagged else 'top'} units, {fig.blurred} tiles blurred"
 
@@ -266,31 +292,35 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
     run("visualize", ("sweep",), visualize)
     run("figure", ("sweep",), figure)
     run("grid", ("sweep",), grid)
+    run("maps", ("scan",), lambda stage: _top_maps(state, settings, cache, stage, stage_progress("maps")))
+    run("site", ("sweep", "visualize", "maps"),
+        lambda stage: _site(state, settings, cache, out, stage, stage_progress("site")))
+    report.serve_command = f"neurolens serve --cache {cache.root}"
     report.seconds = time.perf_counter() - started
     run("index", (), lambda stage: _write_index(report, settings, stage))
     return report
 
 
-def _blur_filter(clip, flagged: set, state: dict):
-    """Feature visualizations of flagged units, and any the NSFW scorer puts past its threshold, are written
-    blurred; each image's score is kept for the index."""
-    from ..blur import blur_with_label
-    from ..safety import IMAGE_NSFW_THRESHOLD, nsfw_scores_for_images
-    scores = state.setdefault("fv_scores", {})
-
-    def image_filter(result, seed_index, image):
-        score = float(nsfw_scores_for_images(clip, [image])[0])
-        scores.setdefault(result.unit, []).append(score)
-        if score >= IMAGE_NSFW_THRESHOLD:
-            return blur_with_label(image, f"NSFW score {score:.2f}")
-        if result.unit in flagged:
-            return blur_with_label(image, "flagged unit")
-        return image
-    return image_filter
+def _top_maps(state: dict, settings: DemoSettings, cache: Cache, stage: Stage, progress) -> None:
+    from .topmaps import run_top_maps
+    result = run_top_maps(state["clip"], settings.layer, scan=state["scan"], dataset=state["dataset"], cache=cache,
+                          progress=progress)
+    stage.detail = f"activation maps of the top {settings.top_k} images of every unit ({result.images} images)"
 
 
-def _summarize_flags(report: DemoReport, sweep, planted: np.ndarray, top_k: int) -> None:
-    """Per flagged unit: the planted share of its top images, whether its top texts hold planted words."""
+def _site(state: dict, settings: DemoSettings, cache: Cache, out: Path, stage: Stage, progress) -> None:
+    """The static site of the inspected layer (blurred images only): OUT/site/index.html."""
+    from ..serve.records import layer_id
+    from ..serve.site import write_site
+    result = write_site(cache, out / "site", layers=[layer_id(state["clip"].fingerprint, settings.layer)],
+                        examples=settings.site_examples, progress=progress)
+    stage.detail = f"{result.pages} pages, {result.images} blurred images{' (up to date)' if result.cached else ''}"
+    stage.outputs.append(str(result.index))
+
+
+def _summarize_flags(report: DemoReport, sweep, planted: np.ndarray, top_k: int, truth: List[float]) -> None:
+    """Per flagged unit: AUC, q, planted AUC (generator truth), the planted share of its top images, whether
+    its top texts hold planted words."""
     words = set(planted_words())
     indices = np.asarray(sweep.scan.top_indices)[:, :top_k]
     rows = []
@@ -298,7 +328,9 @@ def _summarize_flags(report: DemoReport, sweep, planted: np.ndarray, top_k: int)
         valid = indices[unit][indices[unit] >= 0]
         share = float(planted[valid].mean()) if len(valid) else 0.0
         texts = [t for t, _, _ in sweep.top_texts(unit, 5)]
-        rows.append(dict(unit=unit, correlation=float(sweep.scores.correlation[unit]), planted_top_share=share,
+        rows.append(dict(unit=unit, auc=float(sweep.scores.auc[unit]), q=float(sweep.scores.q[unit]),
+                         planted_auc=float(truth[unit]), correlation=float(sweep.scores.correlation[unit]),
+                         planted_top_share=share,
                          top_texts=texts, texts_with_planted_words=sum(bool(words & set(t.lower().split()))
                                                                        for t in texts)))
     report.flagged = rows
@@ -335,15 +367,31 @@ def _write_index(report: DemoReport, settings: DemoSettings, stage: Stage) -> No
     for s in report.stages.values():
         if s.name != "index":
             lines.append(f"| {s.name} | {s.status} | {s.seconds:.1f} | {s.detail.replace('|', '/')} |")
+    if report.labels:
+        lines += ["", "## Labels", "",
+                  "Where the sweep's per-image labels came from, how far each source agrees with the others "
+                  "(ROC AUC of its score against their labels), and what was used:", ""]
+        lines += [f"- {line}" for line in report.labels]
+    if report.quality:
+        q = report.quality
+        lines += ["", "## Flags against the ground truth", "",
+                  "The generator knows which images are planted. A unit's *planted AUC* is the ROC AUC of its "
+                  "activation, planted images against the others, over the swept images (generator labels, not "
+                  "captions). *Precision*: the share of flagged units whose planted AUC is >= 0.8; *recall*: the "
+                  "share of units with planted AUC >= 0.95 that are flagged.", "",
+                  f"- flagged: {q['flagged']} units; units with planted AUC >= 0.8: {q['related_units']}, "
+                  f">= 0.95: {q['planted_units']}",
+                  f"- precision **{q['precision']:.3f}**, recall **{q['recall']:.3f}**"]
     if report.flagged:
         lines += ["", "## Flagged units", "",
-                  f"Planted share: the share of the unit's top {settings.top_k} dataset images that show the planted "
-                  f"pattern. Flagged units with no planted image among their top images: "
+                  f"Ranked by AUC. Planted share: the share of the unit's top {settings.top_k} dataset images that "
+                  f"show the planted pattern. Flagged units with no planted image among their top images: "
                   f"{report.flagged_without_planted:.0%}.", "",
-                  "| unit | NSFW correlation | planted share of top images | top texts |", "| --- | --- | --- | --- |"]
+                  "| unit | AUC | q | planted AUC (truth) | planted share of top images | top texts |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for row in report.flagged[:30]:
-            lines.append(f"| {row['unit']} | {row['correlation']:.3f} | {row['planted_top_share']:.2f} | "
-                         f"{' / '.join(row['top_texts'])} |")
+            lines.append(f"| {row['unit']} | {row['auc']:.3f} | {row['q']:.1e} | {row['planted_auc']:.3f} | "
+                         f"{row['planted_top_share']:.2f} | {' / '.join(row['top_texts']).replace('|', '/')} |")
     outputs = [(s.name, p) for s in report.stages.values() for p in s.outputs if s.name not in ("data", "train")]
     if outputs:
         lines += ["", "## Files", ""]

@@ -1,22 +1,21 @@
 """Dataset samples of one unit: its top images from the cached scan (scanning first if needed) and a PNG
 grid of crops centred on the cell where the unit fired hardest, labelled with rank and activation.
 
-Blur: by default every crop whose source image's NSFW score (neurolens.safety, zero-shot with the same
-CLIP model) reaches IMAGE_NSFW_THRESHOLD is blurred with blur_with_label before it is tiled; if the
-scorer cannot run, every crop is blurred. blur=False writes raw pixels."""
+Blur: the blur policy (neurolens.labels.policy) judges each crop's whole source image and blurs the crop
+before it is tiled: the unit is flagged in a cached sweep of the layer, NudeNet fires, or a trained model's
+zero-shot score passes the threshold; an image nothing could judge is blurred too. blur=False writes raw
+pixels to a *_noblur.png file."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
-import numpy as np
-
-from ..blur import blur_with_label
 from ..datasets import BadImage, ImageDataset, open_dataset, preprocess
 from ..errors import NeurolensError
 from ..files import save_png
 from ..figures import crop_around_cell, tile_grid
+from ..labels.policy import BlurPolicy, blur_note
 from ..models import check_unit, resolve_layer
 from .scan import ScanResult, run_scan
 
@@ -53,9 +52,10 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
                 show: Optional[int] = None, out: Union[str, Path, None] = None, blur: bool = True,
                 figure: bool = True, cache=None, batch_size: Optional[int] = None, workers: Optional[int] = None,
                 precision: str = "fp32", progress: Optional[Callable[[int, int], None]] = None,
-                crop_pixels: int = CROP_PIXELS) -> UnitSamples:
+                crop_pixels: int = CROP_PIXELS, policy: Optional[BlurPolicy] = None) -> UnitSamples:
     """The unit's top images (scanning the dataset first if the scan is not cached) and, with figure=True,
-    a PNG grid at `out` (default outputs/samples/<layer>_unit<u>.png)."""
+    a PNG grid at `out` (default outputs/samples/<layer>_unit<u>.png; with blur=False *_noblur.png).
+    `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur)."""
     spec = resolve_layer(clip, layer)
     check_unit(spec, unit)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
@@ -74,33 +74,14 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
             raise NeurolensError(f"{row['path']} can no longer be read ({exc}); rerun the scan with --force") from None
         sources.append(source)
         crops.append(crop_around_cell(source, row["cell"], scan.grid, crop_pixels))
-    if blur:
-        flags, note = _nsfw_flags(clip, sources)
-        crops = [blur_with_label(crop, "may be NSFW") if flag else crop for crop, flag in zip(crops, flags)]
-        result.blurred, result.blur_note = flags, note
-    else:
-        result.blurred = [False] * len(crops)
-        result.blur_note = "not blurred (--no-blur): raw pixels"
+    policy = policy or BlurPolicy.for_layer(clip, spec.name, cache, blur=blur)
+    reasons = [policy.reason_image(unit, row["index"], source) for row, source in zip(rows, sources)]
+    crops = [policy.apply(crop, reason) for crop, reason in zip(crops, reasons)]
+    result.blurred = [reason is not None for reason in reasons]
+    result.blur_note = blur_note(reasons, policy.blur)
     labels = [f"#{r['rank']}  {r['score']:.3g}" for r in rows]
     title = f"{clip.name} {spec.name} unit {unit}: top {len(rows)} of {scan.count} images"
     grid = tile_grid(crops, labels, columns=min(GRID_COLUMNS, len(crops)), title=title)
     path = Path(out) if out else Path("outputs") / "samples" / f"{spec.name}_unit{unit}.png"
-    result.image_path = save_png(grid, path)
+    result.image_path = save_png(grid, policy.output_path(path))
     return result
-
-
-def _nsfw_flags(clip, images) -> tuple:
-    """(blur flag per image, note). Blurs everything when the NSFW scorer is unavailable or fails."""
-    try:
-        from ..safety import IMAGE_NSFW_THRESHOLD, nsfw_scores_for_images
-    except ImportError:
-        return [True] * len(images), "blurred every crop: no NSFW scorer is available"
-    try:
-        scores = np.asarray(nsfw_scores_for_images(clip, images), dtype=np.float64)
-    except NeurolensError:
-        raise
-    except Exception as exc:  # a scorer failure must never lead to unblurred output
-        return [True] * len(images), f"blurred every crop: NSFW scoring failed ({type(exc).__name__})"
-    flags = [bool(s >= IMAGE_NSFW_THRESHOLD) or not np.isfinite(s) for s in scores]
-    return flags, (f"blurred {sum(flags)} of {len(flags)} crops whose image's NSFW score is >= "
-                   f"{IMAGE_NSFW_THRESHOLD} (neurolens.safety)")

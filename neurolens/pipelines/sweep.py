@@ -1,17 +1,22 @@
-"""The NSFW sweep of a whole layer: scan (with image embeddings) + text ranking + per-unit scores, cached.
+"""The NSFW sweep of a whole layer: scan (with image embeddings) + text ranking + labels + per-unit
+statistics, cached.
 
 Every step is cache-or-compute: the scan is resumable (pipelines/scan.py), the text ranking is cached by
-run_text, and the scores land in one record
+run_text, NudeNet's per-image scores are cached per dataset (neurolens.labels.sources.nudenet_scores), and
+the result lands in one record
 
     sweep/<model fingerprint[:16]>/<layer>/<key>.h5
-        correlation, top_nsfw_share, text_nsfw_share (U,) float32; flagged (U,) bool
-        image_scores, clip_scores (N,) float32 (NaN: skipped item); caption_match (N,) bool
+        auc, p, q, correlation, top_nsfw_share, text_nsfw_share (U,) float; flagged, text_flag (U,) bool
+        image_labels (N,) float32 the combined label (1 positive, 0 negative, NaN unknown or skipped)
+        source_scores (S, N) float32 each label source's per-image score (NaN unknown), in attrs' order
         text_scores (U, k_text) float32, text_nsfw (U, k_text) bool   (the unit's ranked top texts)
-        attrs: layer, rule (the flag thresholds), n_images, prompts (both lists), caption terms and mode,
-               logit scale, scan record, text identity
+        attrs: layer, rule, n_pos, n_neg, method (exact | binned), labels (every source: kind, threshold,
+               counts, agreement, kept or dropped and why; the agreement matrix; the sources used), prompts,
+               caption terms and mode, scan record, model
 
-whose key hashes the scan record, the text ranking, the prompts, the caption terms and the rule. A sweep
-of a swept layer therefore does no model forward; `flags.csv` is (re)written from the record every time.
+whose key hashes the scan record, the text ranking, the label sources and their settings, the prompts,
+the caption terms and the rule. A sweep of a swept layer therefore does no model forward; `flags.csv` is
+(re)written from the record every time.
 """
 from __future__ import annotations
 
@@ -24,11 +29,14 @@ import numpy as np
 
 from .. import safety
 from ..errors import NeurolensError
-from ..files import write_csv
+from ..labels.policy import is_random
+from ..labels.reliability import DEFAULT_MIN_AGREEMENT, LabelSet, check_reliability
+from ..labels.sources import (LabelSource, LabelSpec, compute_sources, has_captions, parse_labels,
+                              resolve_specs)
 from ..store import Cache, Record, settings_key
-from ..unit_scores import FlagRule, UnitScores, apply_rule, combine_image_scores, score_units
+from ..unit_scores import DEFAULT_AUC_MEMORY, FlagRule, UnitScores, apply_rule, score_units
 
-SWEEP_VERSION = 1
+SWEEP_VERSION = 2
 DEFAULT_OUT = Path("outputs") / "sweep"
 Progress = Optional[Callable[[int, int], None]]
 Scorer = Callable[[object, np.ndarray], np.ndarray]
@@ -38,9 +46,7 @@ Scorer = Callable[[object, np.ndarray], np.ndarray]
 class SweepResult:
     layer: str
     scores: UnitScores
-    image_scores: np.ndarray            # (N,) combined per-image NSFW score (NaN: skipped item)
-    clip_scores: np.ndarray             # (N,) CLIP zero-shot part
-    caption_match: np.ndarray           # (N,) bool caption/URL string match
+    labels: LabelSet                    # the label sources, their agreement, the combined label
     text_entries: List[List[str]]       # per unit: its ranked top texts
     text_scores: np.ndarray             # (U, k_text) cosines of those texts
     text_nsfw: np.ndarray               # (U, k_text) bool
@@ -52,45 +58,52 @@ class SweepResult:
     attrs: dict = field(default_factory=dict)
 
     @property
+    def image_labels(self) -> np.ndarray:
+        """(N,) the combined per-image label: 1 positive, 0 negative, NaN unknown (or a skipped item)."""
+        return self.labels.labels
+
+    @property
+    def image_scores(self) -> np.ndarray:
+        """The combined label (1/0/NaN), under the name the figure code reads."""
+        return self.labels.labels
+
+    @property
     def flagged_units(self) -> List[int]:
         return [int(u) for u in self.scores.ranking() if self.scores.flagged[u]]
+
+    def source_scores(self, name: str) -> Optional[np.ndarray]:
+        """(N,) per-image scores of one label source (e.g. "nudenet"), or None when it was not computed."""
+        for source in self.labels.sources:
+            if source.name == name:
+                return source.scores
+        return None
 
     def top_texts(self, unit: int, n: int = 5) -> List[Tuple[str, float, bool]]:
         return [(t, float(s), bool(f)) for t, s, f in
                 zip(self.text_entries[unit][:n], self.text_scores[unit][:n], self.text_nsfw[unit][:n])]
 
     def ranking(self, limit: Optional[int] = None, texts: int = 0) -> List[dict]:
-        """The `sweep --json` rows (unit, correlation, top_nsfw_share, text_nsfw_share, flagged), by correlation."""
+        """The `sweep --json` rows, ranked by AUC: unit, correlation, top_nsfw_share, text_nsfw_share,
+        flagged, auc, p, q, text_flag, why (and top_texts when texts > 0)."""
         rows = self.scores.rows(limit)
         if texts:
             for row in rows:
                 row["top_texts"] = [t for t, _, _ in self.top_texts(row["unit"], texts)]
         return rows
 
-
-def caption_matches(keys: Sequence[str], captions: Optional[Sequence[str]], terms: Optional[Sequence[str]],
-                    mode: str = "word") -> np.ndarray:
-    """(N,) the paper's filter on captions (in `mode`) and on keys that are URLs (always substring: URLs run
-    words together, 'freexxxvideos.com')."""
-    keys = list(keys)
-    matched = np.zeros(len(keys), dtype=bool)
-    if captions is not None and mode != "off":
-        matched |= safety.caption_nsfw_matches(captions, terms, mode=mode)
-    urls = [k if str(k).lower().startswith(("http://", "https://")) else None for k in keys]
-    if any(urls):
-        matched |= safety.caption_nsfw_matches(urls, terms, mode="substring")
-    return matched
-
-
-def clip_image_scores(clip, embeddings: Optional[np.ndarray], count: int, scorer: Scorer) -> np.ndarray:
-    """(N,) scorer(clip, embeddings) on the readable rows; NaN on skipped ones."""
-    out = np.full(count, np.nan, dtype=np.float32)
-    if embeddings is None:
-        raise NeurolensError("the scan has no image embeddings; rerun the sweep with --force")
-    rows = np.flatnonzero(np.isfinite(embeddings).all(axis=1))
-    if len(rows):
-        out[rows] = np.asarray(scorer(clip, embeddings[rows]), dtype=np.float32)
-    return out
+    def lines(self) -> List[str]:
+        """What the sweep tells the user about its labels and its statistics (sources, agreement, what was
+        dropped, and the warnings about weak or missing positives)."""
+        out = [f"labels: {line}" for line in self.labels.lines()]
+        s = self.scores
+        if s.n_pos == 0:
+            out.append(f"no image is labelled positive by {' + '.join(s.sources) or 'any source'}: nothing can be "
+                       f"flagged; sweep a dataset with NSFW content, or give labels with --labels "
+                       f"column:NAME[=V1,V2]")
+        elif s.weak:
+            out.append(f"warning: only {s.n_pos} positive and {s.n_neg} negative images: the statistics are weak "
+                       f"(fewer than 10 in a class); sweep more images")
+        return out
 
 
 def _text_part(clip, ranking, prompts, zero_shot: bool, vocab, cache: Cache
@@ -125,41 +138,72 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
               rule: FlagRule = FlagRule(), prompts: Optional[safety.Prompts] = None,
               caption_terms: Optional[Sequence[str]] = None, caption_mode: str = "word",
               text_zero_shot: bool = True, scorer: Optional[Scorer] = None, batch_size: Optional[int] = None,
-              workers: Optional[int] = None, write_csv: bool = True) -> SweepResult:
-    """Sweep every unit of `layer` for NSFW correlation (see neurolens.unit_scores for the definitions).
+              workers: Optional[int] = None, write_csv: bool = True, labels: Sequence[str] | str = "auto",
+              min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None,
+              auc_memory: int = DEFAULT_AUC_MEMORY) -> SweepResult:
+    """Sweep every unit of `layer` for NSFW content (see neurolens.unit_scores for the statistics and
+    neurolens.labels for the label sources).
 
-    scorer(clip, embeddings) -> (N,) replaces the CLIP zero-shot image score (tests inject known scores)."""
+    labels: `--labels` values ("auto", "captions", "column:NAME[=V1,V2]", "nudenet", "zero-shot");
+    min_agreement: the reliability check's AUC bar; detector: NudeNet in `auto` (None: where installed,
+    False: off); auc_memory: bytes the exact AUC may use (beyond: the binned estimate); caption_terms:
+    the captions source's terms (default: the whole NSFW lexicon, neurolens/data/nsfw_terms.txt);
+    scorer(clip, embeddings) -> (N,) replaces the zero-shot score (tests inject known scores)."""
     from ..datasets import ImageDataset, open_dataset
     from .scan import run_scan
     from .text import run_text
 
     if caption_mode not in ("word", "substring", "off"):
         raise NeurolensError(f"unknown --caption-match {caption_mode!r}; use word, substring or off")
+    if not 0.5 <= float(min_agreement) <= 1.0:
+        raise NeurolensError(f"--min-agreement must be an AUC between 0.5 and 1, got {min_agreement}")
+    named, auto = parse_labels(labels)
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     prompts = prompts or safety.load_prompts()
-    terms = list(caption_terms) if caption_terms is not None else safety.default_terms()
+    terms = list(caption_terms) if caption_terms is not None else safety.lexicon_terms()
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
+    captions = dataset.captions if caption_mode != "off" else None
+    specs, notes = resolve_specs(named, auto, has_captions=has_captions(dataset.keys, captions), clip=clip,
+                                 detector=detector, scorer=scorer)
 
     scan = run_scan(clip, layer, dataset, top_k=top_k, batch_size=batch_size, workers=workers, cache=cache,
                     force=force, embeddings=True, progress=progress)
     ranking = run_text(clip, layer, vocab=vocab, top_k=text_top_k, scan=scan, cache=cache, force=force,
                        progress=progress)
-    scorer_name = "clip-zero-shot" if scorer is None else f"custom:{getattr(scorer, '__qualname__', repr(scorer))}"
+    scorer_name = None if scorer is None else f"custom:{getattr(scorer, '__qualname__', repr(scorer))}"
+    method_budget = "exact" if auc_memory >= _exact_bytes(scan) else f"binned:{auc_memory}"
     key = settings_key("sweep", SWEEP_VERSION, Path(scan.path).name if scan.path else None,
                        _text_identity(ranking), prompts.identity, terms, caption_mode, rule.as_dict(), top_k,
-                       text_zero_shot, safety.LOGIT_SCALE, scorer_name)
+                       text_zero_shot and not is_random(clip), safety.LOGIT_SCALE, scorer_name,
+                       [(s.name, s.explicit) for s in specs],
+                       float(min_agreement), method_budget)
     path = cache.path("sweep", clip.fingerprint, scan.layer, key)
     record = None if force else cache.read(path)
     if record is not None:
         result = _from_record(record, scan, ranking)
     else:
-        result = _compute(clip, scan, ranking, prompts, terms, caption_mode, rule, top_k, text_zero_shot,
-                          scorer, progress, vocab, cache)
-        cache.write(path, _to_record(result, clip, prompts, terms, caption_mode, scorer_name, ranking))
+        sources = compute_sources(specs, dataset=dataset, keys=scan.keys, captions=captions, clip=clip,
+                                  embeddings=scan.embeddings if any(s.kind == "zero-shot" for s in specs) else None,
+                                  prompts=prompts, terms=terms, caption_mode=caption_mode, scorer=scorer,
+                                  cache=cache, progress=progress, skip=~scan.valid)
+        label_set = check_reliability(sources, min_agreement, notes)
+        # a random-weights model's zero-shot score is noise: its texts are judged by the lexicon alone
+        texts, text_scores, text_nsfw = _text_part(clip, ranking, prompts, text_zero_shot and not is_random(clip),
+                                                   vocab, cache)
+        units = score_units(scan, label_set.labels, text_nsfw, rule, top_k=top_k, progress=progress,
+                            memory=auc_memory, sources=label_set.used)
+        result = SweepResult(layer=scan.layer, scores=units, labels=label_set, text_entries=texts,
+                             text_scores=text_scores, text_nsfw=text_nsfw, scan=scan, text=ranking)
+        cache.write(path, _to_record(result, clip, prompts, terms, caption_mode, scorer_name))
     result.path = path
     if write_csv:
         result.flags_csv = write_flags_csv(result, flags_path(scan.layer, out))
     return result
+
+
+def _exact_bytes(scan) -> int:
+    from ..unit_stats import ExactAUC
+    return ExactAUC.bytes_needed(len(scan.keys), int(scan.channels))
 
 
 def _text_identity(ranking) -> str:
@@ -170,52 +214,55 @@ def _text_identity(ranking) -> str:
     return settings_key(ranking.layer, np.asarray(ranking.top_indices), len(ranking.entries))
 
 
-def _compute(clip, scan, ranking, prompts, terms, caption_mode, rule, top_k, text_zero_shot, scorer,
-             progress, vocab, cache) -> SweepResult:
-    if scorer is None:
-        def scorer(model, embeddings):
-            return safety.nsfw_scores_for_embeddings(model, embeddings, prompts)
-    clip_scores = clip_image_scores(clip, scan.embeddings, len(scan.keys), scorer)
-    matched = caption_matches(scan.keys, scan.captions, terms, caption_mode)
-    image_scores = combine_image_scores(clip_scores, matched)
-    texts, text_scores, text_nsfw = _text_part(clip, ranking, prompts, text_zero_shot, vocab, cache)
-    units = score_units(scan, image_scores, text_nsfw, rule, top_k=top_k, progress=progress)
-    return SweepResult(layer=scan.layer, scores=units, image_scores=image_scores, clip_scores=clip_scores,
-                       caption_match=matched, text_entries=texts, text_scores=text_scores, text_nsfw=text_nsfw,
-                       scan=scan, text=ranking)
-
-
-def _to_record(result: SweepResult, clip, prompts, terms, caption_mode, scorer_name, ranking) -> Record:
+def _to_record(result: SweepResult, clip, prompts, terms, caption_mode, scorer_name) -> Record:
     s = result.scores
-    arrays = {"correlation": s.correlation, "top_nsfw_share": s.top_nsfw_share,
+    sources = result.labels.sources
+    scores = np.stack([src.scores for src in sources]).astype(np.float32) if sources else \
+        np.zeros((0, len(result.image_labels)), np.float32)
+    arrays = {"auc": s.auc, "p": s.p, "q": s.q, "correlation": s.correlation, "top_nsfw_share": s.top_nsfw_share,
               "text_nsfw_share": s.text_nsfw_share, "flagged": s.flagged.astype(bool),
-              "image_scores": result.image_scores, "clip_scores": result.clip_scores,
-              "caption_match": result.caption_match, "text_scores": result.text_scores,
-              "text_nsfw": result.text_nsfw}
-    attrs = {"layer": result.layer, "rule": s.rule.as_dict(), "n_images": int(s.n_images),
-             "correlation_bar": float(s.correlation_bar), "prompts_unsafe": prompts.unsafe,
+              "text_flag": s.text_flag.astype(bool), "image_labels": result.image_labels.astype(np.float32),
+              "source_scores": scores, "text_scores": result.text_scores, "text_nsfw": result.text_nsfw}
+    attrs = {"layer": result.layer, "rule": s.rule.as_dict(), "n_pos": int(s.n_pos), "n_neg": int(s.n_neg),
+             "method": s.method, "labels": result.labels.as_attrs(), "prompts_unsafe": prompts.unsafe,
              "prompts_safe": prompts.safe, "caption_terms": list(terms), "caption_mode": caption_mode,
-             "logit_scale": safety.LOGIT_SCALE, "image_threshold": s.rule.image_threshold,
-             "text_threshold": safety.TEXT_NSFW_THRESHOLD, "scorer": scorer_name,
-             "scan_record": str(result.scan.path) if result.scan is not None else None,
+             "logit_scale": safety.LOGIT_SCALE, "text_threshold": safety.TEXT_NSFW_THRESHOLD,
+             "scorer": scorer_name, "scan_record": str(result.scan.path) if result.scan is not None else None,
              "model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint}
     return Record(arrays=arrays, attrs=attrs)
 
 
 def _from_record(record: Record, scan, ranking) -> SweepResult:
+    from ..labels.reliability import Agreement
     a, attrs = record.arrays, record.attrs
     rule = FlagRule(**attrs["rule"])
-    n = int(attrs["n_images"])
-    scores = UnitScores(correlation=a["correlation"], top_nsfw_share=a["top_nsfw_share"],
-                        text_nsfw_share=a["text_nsfw_share"],
-                        flagged=apply_rule(a["correlation"], a["top_nsfw_share"], a["text_nsfw_share"], n, rule),
-                        n_images=n, rule=rule)
+    info = attrs["labels"]
+    sources, agreements = [], {}
+    for row, scores in zip(info["sources"], np.asarray(a["source_scores"])):
+        spec = _spec_from_name(row["name"], row["kind"], row["explicit"])
+        sources.append(LabelSource(spec, np.asarray(scores, np.float32), row["threshold"], row.get("detail", "")))
+        agreements[row["name"]] = Agreement(row["name"], list(row["reference"]),
+                                            float("nan") if row["auc"] is None else float(row["auc"]),
+                                            bool(row["kept"]), row["note"])
+    label_set = LabelSet(sources=sources, agreements=agreements, pairwise=info["pairwise"],
+                         labels=np.asarray(a["image_labels"], np.float32), min_agreement=info["min_agreement"],
+                         notes=list(info.get("notes", [])))
+    scores = UnitScores(auc=a["auc"], p=a["p"], q=a["q"], correlation=a["correlation"],
+                        top_nsfw_share=a["top_nsfw_share"], text_nsfw_share=a["text_nsfw_share"],
+                        flagged=apply_rule(a["auc"], a["q"], rule), text_flag=a["text_flag"].astype(bool),
+                        n_pos=int(attrs["n_pos"]), n_neg=int(attrs["n_neg"]), rule=rule, method=attrs["method"],
+                        sources=tuple(info["used"]))
     entries = list(ranking.entries)
     texts = [[entries[i] for i in row if i >= 0] for row in np.asarray(ranking.top_indices)]
-    return SweepResult(layer=attrs["layer"], scores=scores, image_scores=a["image_scores"],
-                       clip_scores=a["clip_scores"], caption_match=a["caption_match"].astype(bool),
-                       text_entries=texts, text_scores=a["text_scores"], text_nsfw=a["text_nsfw"].astype(bool),
-                       scan=scan, text=ranking, path=record.path, cached=True, attrs=attrs)
+    return SweepResult(layer=attrs["layer"], scores=scores, labels=label_set, text_entries=texts,
+                       text_scores=a["text_scores"], text_nsfw=a["text_nsfw"].astype(bool), scan=scan, text=ranking,
+                       path=record.path, cached=True, attrs=attrs)
+
+
+def _spec_from_name(name: str, kind: str, explicit: bool) -> LabelSpec:
+    from ..labels.sources import _parse_one
+    spec = _parse_one(name)
+    return LabelSpec(kind, spec.column, spec.values, bool(explicit))
 
 
 def flags_path(layer: str, out: Optional[str | os.PathLike] = None) -> Path:
@@ -226,14 +273,46 @@ def flags_path(layer: str, out: Optional[str | os.PathLike] = None) -> Path:
     return out if out.suffix.lower() == ".csv" else out / "flags.csv"
 
 
+FLAGS_COLUMNS = ("rank", "unit", "auc", "p", "q", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged",
+                 "text_flag", "why", "top_texts")
+
+
+def _rounded(value: Optional[float], digits: int, significant: bool = False) -> Optional[float]:
+    """A number for flags.csv (None -> empty cell): `digits` decimals, or 4 significant digits."""
+    if value is None or not np.isfinite(value):
+        return None
+    return float(f"{value:.4g}") if significant else round(float(value), digits)
+
+
+def flags_header(result: SweepResult) -> List[str]:
+    """The comment lines at the top of flags.csv (each starts with '#'): the label sources and the rule."""
+    s = result.scores
+    lines = [f"# neurolens sweep of {result.layer}: {s.n_pos} positive and {s.n_neg} negative images, "
+             f"AUC {s.method}; flagged when {s.rule.describe()}"]
+    lines += [f"# {line}" for line in result.lines()]
+    # one unquoted cell per line: no comma, quote or line break (a spreadsheet shows it as text after '#')
+    return [line.replace("\n", " ").replace("\r", " ").replace(",", ";").replace('"', "'") for line in lines]
+
+
 def write_flags_csv(result: SweepResult, path: Path, texts: int = 3) -> Path:
-    """One row per unit, ranked by correlation; written atomically, text cells escaped (neurolens.files)."""
-    rows = ([rank, row["unit"], round(float(row["correlation"]), 6), round(float(row["top_nsfw_share"]), 4),
-             round(float(row["text_nsfw_share"]), 4), int(row["flagged"]),
-             " | ".join(t for t, _, _ in result.top_texts(row["unit"], texts))]
-            for rank, row in enumerate(result.ranking(), start=1))
-    return write_csv(path, ["rank", "unit", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged", "top_texts"],
-                     rows)
+    """One row per unit, ranked by AUC, after '#' comment lines naming the label sources and the rule (skip
+    lines starting with '#' to read it, e.g. pandas.read_csv(path, skiprows=<their count>)). Written
+    atomically; every cell goes through neurolens.files.csv_cell (no spreadsheet formula can run)."""
+    import csv
+    import io
+    from ..files import csv_cell, write_text
+    buffer = io.StringIO(newline="")
+    for line in flags_header(result):
+        buffer.write(line + "\n")
+    writer = csv.writer(buffer)
+    writer.writerow(FLAGS_COLUMNS)
+    for rank, row in enumerate(result.ranking(), start=1):
+        top = " | ".join(t for t, _, _ in result.top_texts(row["unit"], texts))
+        writer.writerow([csv_cell(v) for v in (
+            rank, row["unit"], _rounded(row["auc"], 6), _rounded(row["p"], 300, significant=True),
+            _rounded(row["q"], 300, significant=True), round(row["correlation"], 6), round(row["top_nsfw_share"], 4),
+            round(row["text_nsfw_share"], 4), int(row["flagged"]), int(row["text_flag"]), row["why"], top)])
+    return write_text(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------- figure and grid
@@ -260,13 +339,15 @@ def _feature_visualizations(clip, layer: str, units: Sequence[int], settings, ca
     return found
 
 
-def _fv_scores(clip, cache: Cache, fvs: dict, sweep: SweepResult, blur: bool, prompts) -> dict:
-    """NSFW scores of the feature visualizations that could be shown raw (unflagged units, blur on)."""
-    if not blur:
-        return {}
-    from ..panels import FvScores
-    scorer = FvScores(clip, cache, prompts)
-    return {unit: scorer.scores(list(images)) for unit, images in fvs.items() if not sweep.scores.flagged[unit]}
+def blur_policy(clip, sweep: SweepResult, cache: Cache, blur: bool = True, prompts=None,
+                scorer: Optional[Scorer] = None):
+    """The BlurPolicy of a figure or grid drawn from `sweep`: its flagged units (and those of every cached
+    sweep of the layer) and its combined per-image labels (1 positive, 0 negative, NaN unknown or doubtful:
+    the policy then asks the detector, or blurs the image as not judged). A random-weights model's zero-shot
+    score is never a label source (neurolens.labels.sources), so it never reaches these labels."""
+    from ..labels.policy import BlurPolicy
+    return BlurPolicy.for_layer(clip, sweep.layer, cache, blur=blur, flagged=sweep.flagged_units,
+                                image_labels=np.asarray(sweep.image_labels, dtype=np.float64), prompts=prompts)
 
 
 def _check_units(clip, layer: str, units: Sequence[int]) -> List[int]:
@@ -282,9 +363,12 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
                render_settings=None, cache=None, progress: Progress = None, options=None,
                prompts: Optional[safety.Prompts] = None, rule: FlagRule = FlagRule(),
                caption_mode: str = "word", caption_terms: Optional[Sequence[str]] = None,
-               scorer: Optional[Scorer] = None) -> List[Tuple[Path, object]]:
+               scorer: Optional[Scorer] = None, labels: Sequence[str] | str = "auto",
+               min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None
+               ) -> List[Tuple[Path, object]]:
     """One PNG panel per unit under `out` (default outputs/figures/), from the cached sweep (swept first if
-    needed). Returns (path, panels.Figure) per unit. Raw pixels (blur=False) go to *_noblur.png."""
+    needed). Returns (path, panels.Figure) per unit. Blurred as blur_policy() says; raw pixels (blur=False)
+    go to *_noblur.png."""
     from ..datasets import ImageDataset, open_dataset
     from ..files import save_png
     from ..panels import PanelOptions, unit_panel
@@ -295,18 +379,19 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
     units = _check_units(clip, layer, units)
     sweep = run_sweep(clip, layer, dataset, vocab=vocab, top_k=top_k, text_top_k=text_top_k, cache=cache,
                       progress=progress, rule=rule, prompts=prompts, caption_mode=caption_mode,
-                      caption_terms=caption_terms, scorer=scorer, write_csv=False)
+                      caption_terms=caption_terms, scorer=scorer, write_csv=False, labels=labels,
+                      min_agreement=min_agreement, detector=detector)
     fvs = _feature_visualizations(clip, sweep.layer, units, render_settings or RenderSettings(), cache, True,
                                   progress) if fv else {}
-    fv_scores = _fv_scores(clip, cache, fvs, sweep, blur, prompts)
+    policy = blur_policy(clip, sweep, cache, blur, prompts, scorer)
     folder = Path(out) if out else DEFAULT_FIGURES
     written = []
     for unit in units:
         title = f"{clip.name} ({clip.pretrained})  {sweep.layer}  unit {unit}"
-        figure = unit_panel(sweep, dataset, unit, title, clip.image_size, blur=blur, fv_images=fvs.get(unit),
-                            fv_scores=fv_scores.get(unit), options=options or PanelOptions())
-        name = f"{_safe(clip.name)}_{sweep.layer}_unit{unit}{'' if blur else '_noblur'}.png"
-        written.append((save_png(figure.image, folder / name), figure))
+        figure = unit_panel(sweep, dataset, unit, title, clip.image_size, policy, fv_images=fvs.get(unit),
+                            options=options or PanelOptions())
+        path = policy.output_path(folder / f"{_safe(clip.name)}_{sweep.layer}_unit{unit}.png")
+        written.append((save_png(figure.image, path), figure))
     return written
 
 
@@ -316,9 +401,11 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
              render_settings=None, cache=None, progress: Progress = None, options=None,
              prompts: Optional[safety.Prompts] = None, rule: FlagRule = FlagRule(),
              caption_mode: str = "word", caption_terms: Optional[Sequence[str]] = None,
-             scorer: Optional[Scorer] = None) -> Tuple[Path, object, List[int]]:
+             scorer: Optional[Scorer] = None, labels: Sequence[str] | str = "auto",
+             min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None
+             ) -> Tuple[Path, object, List[int]]:
     """Many units in one PNG: `units`, else the sweep's flagged units (flagged=True), else the `top` units by
-    NSFW correlation; at most `top`. Feature visualizations are shown when cached (render_fv renders them)."""
+    AUC; at most `top`. Feature visualizations are shown when cached (render_fv renders them)."""
     from ..datasets import ImageDataset, open_dataset
     from ..files import save_png
     from ..panels import PanelOptions, units_grid
@@ -332,27 +419,28 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
         units = _check_units(clip, layer, units)
     sweep = run_sweep(clip, layer, dataset, vocab=vocab, top_k=top_k, text_top_k=text_top_k, cache=cache,
                       progress=progress, rule=rule, prompts=prompts, caption_mode=caption_mode,
-                      caption_terms=caption_terms, scorer=scorer, write_csv=False)
+                      caption_terms=caption_terms, scorer=scorer, write_csv=False, labels=labels,
+                      min_agreement=min_agreement, detector=detector)
     if units:
         chosen, what = list(units)[:top], "selected units"
     elif flagged:
         chosen, what = sweep.flagged_units[:top], "flagged units"
         if not chosen:
-            raise NeurolensError(f"no unit of {sweep.layer} is flagged (flag bar: correlation >= "
-                                 f"{sweep.scores.correlation_bar:.2f}); omit --flagged to show the top units by "
-                                 f"NSFW correlation, or pass --units")
+            raise NeurolensError(f"no unit of {sweep.layer} is flagged ({sweep.scores.rule.describe()} against "
+                                 f"{' + '.join(sweep.scores.sources) or 'no labels'}); omit --flagged to show the "
+                                 f"top units by AUC, or pass --units")
     else:
-        chosen, what = [int(u) for u in sweep.scores.ranking()[:top]], "units by NSFW correlation"
+        chosen, what = [int(u) for u in sweep.scores.ranking()[:top]], "units by AUC"
     fvs = _feature_visualizations(clip, sweep.layer, chosen, render_settings or RenderSettings(), cache, render_fv,
                                   progress)
-    fv_scores = _fv_scores(clip, cache, fvs, sweep, blur, prompts)
+    policy = blur_policy(clip, sweep, cache, blur, prompts, scorer)
     title = f"{clip.name} ({clip.pretrained})  {sweep.layer}: {len(chosen)} {what}"
-    figure = units_grid(sweep, dataset, chosen, title, clip.image_size, blur=blur, fvs=fvs, fv_scores=fv_scores,
+    figure = units_grid(sweep, dataset, chosen, title, clip.image_size, policy, fvs=fvs,
                         options=options or PanelOptions())
     kind = "flagged" if flagged and not units else ("units" if units else "top")
-    name = f"{_safe(clip.name)}_{sweep.layer}_grid_{kind}{len(chosen)}{'' if blur else '_noblur'}.png"
     folder = Path(out) if out else DEFAULT_FIGURES
-    return save_png(figure.image, folder / name), figure, chosen
+    path = policy.output_path(folder / f"{_safe(clip.name)}_{sweep.layer}_grid_{kind}{len(chosen)}.png")
+    return save_png(figure.image, path), figure, chosen
 
 
 def _safe(text: str) -> str:

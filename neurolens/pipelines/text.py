@@ -174,7 +174,9 @@ def run_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k:
     indices, scores = textlib.top_k_texts(directions, embeddings, top_k, device=clip.device)
     ranked = time.perf_counter()
     path = _ranking_path(clip, spec, vocab, top_k, scan, cache)
-    cache.write(path, Record(arrays={"top_indices": indices, "top_scores": scores},
+    # the ranked texts themselves, so readers of the cache (the web app, the static site) need no vocabulary
+    texts = np.asarray([[vocab.entries[int(i)] for i in row] for row in np.asarray(indices)], dtype=object)
+    cache.write(path, Record(arrays={"top_indices": indices, "top_scores": scores, "texts": texts},
                              attrs={"layer": spec.name, "vocab_identity": vocab.identity, "vocab_source": vocab.source,
                                     "reference": reference_identity(scan),
                                     "reference_description": reference_description(scan),

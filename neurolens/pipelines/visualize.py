@@ -9,6 +9,8 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from ..files import save_png
+from ..labels.policy import BlurPolicy
 from ..models.layers import check_unit, resolve_layer
 from ..render import render, resolve_precision
 from ..store import Cache, Record, settings_key
@@ -42,14 +44,15 @@ def _result_from_record(record: Record, layer: str, unit: int, settings: RenderS
 
 def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettings = RenderSettings(),
                   cache: Optional[Cache] = None, force: bool = False, out_dir: Optional[str | Path] = None,
-                  progress: Optional[Callable[[int, int], None]] = None,
-                  image_filter: Optional[Callable[[RenderResult, int, Image.Image], Image.Image]] = None,
-                  ) -> List[RenderResult]:
+                  progress: Optional[Callable[[int, int], None]] = None, blur: bool = True,
+                  policy: Optional[BlurPolicy] = None) -> List[RenderResult]:
     """Feature visualizations of `units` of `layer`: read from the cache, or rendered (several units in one
     batch) and cached unit by unit as each batch finishes, so an interrupted run keeps what it finished.
 
-    With out_dir, one PNG per unit and seed is written there; `image_filter(result, seed_index, image)`
-    may replace the pixels that are written (the CLI uses it to blur images that may be NSFW)."""
+    With out_dir, one PNG per unit and seed is written there, blurred where the blur policy says so
+    (neurolens.labels.policy: a flagged unit, the detector, or a trained model's zero-shot score); each
+    result's `blurred` holds the reason per seed (None: raw pixels). blur=False writes raw pixels to
+    *_noblur.png files. `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur)."""
     cache = cache or Cache()
     spec = resolve_layer(clip, layer)
     units = list(dict.fromkeys(int(u) for u in units))
@@ -96,21 +99,19 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
 
     ordered = [results[unit] for unit in units]
     if out_dir is not None:
+        policy = policy or BlurPolicy.for_layer(clip, spec.name, cache, blur=blur)
         for result in ordered:
-            result.paths = tuple(write_pngs(result, clip.name, out_dir, image_filter))
+            write_pngs(result, clip.name, out_dir, policy)
     return ordered
 
 
-def write_pngs(result: RenderResult, model_name: str, out_dir: str | Path,
-               image_filter: Optional[Callable[[RenderResult, int, Image.Image], Image.Image]] = None) -> List[str]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
+def write_pngs(result: RenderResult, model_name: str, out_dir: str | Path, policy: BlurPolicy) -> List[str]:
+    """One PNG per seed under out_dir, as the policy shows it; sets result.paths and result.blurred."""
+    paths, reasons = [], []
     for index, seed in enumerate(result.seeds):
-        image = Image.fromarray(np.asarray(result.images[index]))
-        if image_filter is not None:
-            image = image_filter(result, index, image)
-        path = out / f"{model_name}_{result.layer}_unit{result.unit}_seed{seed}.png"
-        image.save(path)
-        paths.append(str(path))
+        shown, reason = policy.fv(result.unit, Image.fromarray(np.asarray(result.images[index])))
+        path = policy.output_path(Path(out_dir) / f"{model_name}_{result.layer}_unit{result.unit}_seed{seed}.png")
+        paths.append(str(save_png(shown, path)))
+        reasons.append(reason)
+    result.paths, result.blurred = tuple(paths), tuple(reasons)
     return paths

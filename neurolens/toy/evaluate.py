@@ -19,11 +19,19 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .generate import BACKGROUNDS, COLOURS, COUNTS, POSITIONS, SHAPES, full_caption, generate_pairs, planted_words
+from .generate import BACKGROUNDS, COUNTS, POSITIONS, full_caption, generate_pairs, planted_words, style_of
 
 HELD_OUT_SEED_OFFSET = 1_000_003      # held-out images use seed + this, never the training seed
-ATTRIBUTES = {"count": COUNTS, "colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS,
-              "background": BACKGROUNDS}
+
+
+def attributes(style: str = "shapes") -> Dict[str, tuple]:
+    """The caption attributes and their values in a generator style."""
+    look = style_of(style)
+    return {"count": COUNTS, "colour": tuple(look.colours), "shape": look.shapes, "position": POSITIONS,
+            "background": BACKGROUNDS}
+
+
+ATTRIBUTES = attributes()
 
 
 @dataclass
@@ -64,10 +72,13 @@ def _encode_images(clip, images: np.ndarray, batch_size: int = 256) -> torch.Ten
 
 
 def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, planted_share: float = 0.15,
-                       progress: Optional[Callable[[int, int], None]] = None) -> ZeroShotReport:
-    """Zero-shot accuracies (see the module docstring) of a LoadedClip on n held-out generated pairs."""
+                       progress: Optional[Callable[[int, int], None]] = None, style: str = "shapes"
+                       ) -> ZeroShotReport:
+    """Zero-shot accuracies (see the module docstring) of a LoadedClip on n held-out generated pairs of the
+    generator style it was trained on (always with clean captions)."""
     held_out_seed = seed + HELD_OUT_SEED_OFFSET
-    data = generate_pairs(n, size, planted_share, held_out_seed)
+    data = generate_pairs(n, size, planted_share, held_out_seed, style=style)
+    attribute_values = attributes(style)
     image_feats = _encode_images(clip, data.images)
     if progress is not None:
         progress(1, 3)
@@ -76,10 +87,10 @@ def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, plante
 
     attribute_accuracy, attribute_chance = {}, {}
     everyone = list(range(len(data.pairs)))
-    for attribute, values in ATTRIBUTES.items():
+    for attribute, values in attribute_values.items():
         texts = []
         for pair in data.pairs:
-            fields = {k: getattr(pair, k) for k in ATTRIBUTES}
+            fields = {k: getattr(pair, k) for k in attribute_values}
             for value in values:   # the candidates: the true caption with this attribute set to each value
                 fields[attribute] = value
                 texts.append(full_caption(**fields, words=pair.words))
@@ -95,7 +106,7 @@ def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, plante
     own, other = [], []
     for pair in data.pairs:
         own.append(pair.full)
-        fields = {k: getattr(pair, k) for k in ATTRIBUTES}
+        fields = {k: getattr(pair, k) for k in attribute_values}
         swapped = () if pair.words else tuple(words[j] for j in rng.choice(len(words), size=2, replace=False))
         other.append(full_caption(**fields, words=swapped))
     own_feats, other_feats = _encode_texts(clip, own), _encode_texts(clip, other)
@@ -110,3 +121,51 @@ def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, plante
                           attribute_accuracy=attribute_accuracy, attribute_chance=attribute_chance,
                           planted_accuracy=planted_accuracy, retrieval_at_1=retrieval,
                           retrieval_chance=1.0 / len(data.pairs), images=len(data.pairs), seed=held_out_seed)
+
+
+# ------------------------------------------------------------------- sweep flags against ground truth
+
+RELATED_AUC = 0.8        # a flagged unit is right when its planted AUC reaches this
+PLANTED_AUC = 0.95       # a unit that must be flagged: its planted AUC reaches this
+
+
+@dataclass
+class FlagQuality:
+    """How a sweep's flags compare with the generator's ground truth on the swept images.
+
+    planted AUC of a unit: the ROC AUC of its per-image activation, planted images against the others, from
+    the generator's `planted` column (not captions, not any label source). precision: the share of flagged
+    units whose planted AUC >= RELATED_AUC; recall: the share of units with planted AUC >= PLANTED_AUC
+    that are flagged."""
+    flagged: int
+    precision: float                 # NaN when nothing is flagged
+    recall: float                    # NaN when no unit reaches PLANTED_AUC
+    related_units: int               # units with planted AUC >= RELATED_AUC
+    planted_units: int               # units with planted AUC >= PLANTED_AUC
+    planted_auc: List[float] = field(default_factory=list)    # per unit
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("planted_auc")
+        return data
+
+
+def planted_auc(maxima: np.ndarray, planted: np.ndarray) -> np.ndarray:
+    """(U,) each unit's ROC AUC of planted against ordinary images (rows of maxima: images; NaN rows skipped)."""
+    from ..unit_stats import ExactAUC
+    maxima = np.asarray(maxima, dtype=np.float32)
+    stats = ExactAUC(maxima.shape[1])
+    stats.add(maxima, np.asarray(planted, dtype=np.float64))
+    return stats.result().auc
+
+
+def flag_quality(flagged: np.ndarray, maxima: np.ndarray, planted: np.ndarray) -> FlagQuality:
+    """FlagQuality of a sweep's (U,) flags, from the swept images' per-unit maxima (N, U) and planted mask."""
+    truth = planted_auc(maxima, planted)
+    flagged = np.asarray(flagged, dtype=bool)
+    related, must = truth >= RELATED_AUC, truth >= PLANTED_AUC
+    precision = float((related & flagged).sum() / flagged.sum()) if flagged.any() else float("nan")
+    recall = float((flagged & must).sum() / must.sum()) if must.any() else float("nan")
+    return FlagQuality(flagged=int(flagged.sum()), precision=precision, recall=recall,
+                       related_units=int(related.sum()), planted_units=int(must.sum()),
+                       planted_auc=[float(x) for x in truth])

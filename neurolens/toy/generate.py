@@ -15,6 +15,13 @@ is what vocabularies hold, mean something to the text tower. `Pair.full` is alwa
 
 Image i depends only on (seed, i, size), so the same seed always gives the same pixels; exactly
 round(planted_share * n) images are planted, at positions chosen by the seed.
+
+A second style, made differently on purpose (`style="targets"`), checks that what holds on the first is
+not an accident of it: other shapes (crosses, diamonds, bars) and colours, and another planted pattern, a
+target of thin concentric rings in teal and black, whose teal is also one of the ordinary shapes'
+colours. `caption_noise` gives that share of the planted images (exactly round(noise * planted), chosen by
+the seed) an ordinary caption: the captions then miss part of the planted concept (label noise), while
+the `planted` column keeps the truth.
 """
 from __future__ import annotations
 
@@ -51,6 +58,35 @@ _EXCLUDED_TERMS = {"rape"}
 CAPTION_COLUMNS = ("image", "caption", "planted", "count", "colour", "shape", "position", "background", "full")
 
 
+@dataclass(frozen=True)
+class Style:
+    """What the generated images are made of: ordinary colours and shapes, and the planted pattern."""
+    name: str
+    colours: dict
+    shapes: Tuple[str, ...]
+    pattern: str                             # "checker" | "target"
+    planted_colours: Tuple[Tuple[int, int, int], Tuple[int, int, int]]
+    description: str
+
+
+STYLES = {
+    "shapes": Style("shapes", COLOURS, SHAPES, "checker", PLANTED_COLOURS,
+                    "a magenta/pink checkerboard disc (no ordinary image has these colours)"),
+    "targets": Style("targets", {"purple": (135, 50, 200), "brown": (140, 85, 40), "teal": (0, 150, 140),
+                                 "lime": (150, 225, 40), "navy": (30, 45, 125), "pink": (250, 125, 175),
+                                 "grey": (170, 170, 170)},
+                     ("cross", "diamond", "bar"), "target", ((0, 150, 140), (10, 10, 10)),
+                     "a target of thin teal and black rings (teal is also an ordinary shapes' colour)"),
+}
+
+
+def style_of(name: str) -> Style:
+    if name not in STYLES:
+        from ..errors import NeurolensError
+        raise NeurolensError(f"unknown toy style {name!r}; use one of {', '.join(STYLES)}")
+    return STYLES[name]
+
+
 def planted_words() -> List[str]:
     """The lexicon words used in planted captions (neurolens/data/nsfw_terms.txt without wildcards)."""
     path = Path(__file__).resolve().parent.parent / "data" / "nsfw_terms.txt"
@@ -82,9 +118,15 @@ class Pair:
 def full_caption(count: str, colour: str, shape: str, position: str, background: str,
                  words: Sequence[str] = ()) -> str:
     """The full caption of these attributes: "[w1 w2, ]two red circles on the left over a striped background"."""
-    noun = shape + ("" if count == "one" else "s")
+    noun = _noun(shape, count)
     base = f"{count} {colour} {noun} {position} over a {background} background"
     return f"{' '.join(words)}, {base}" if words else base
+
+
+def _noun(shape: str, count: str) -> str:
+    if count == "one":
+        return shape
+    return shape + ("es" if shape.endswith(("s", "x", "sh", "ch")) else "s")
 
 
 @dataclass
@@ -109,6 +151,8 @@ class ToySettings:
     planted_share: float = 0.15
     seed: int = 0
     version: int = GENERATOR_VERSION
+    style: str = "shapes"                    # STYLES: "shapes" (the demo's) or "targets"
+    caption_noise: float = 0.0               # share of planted images given an ordinary caption
 
 
 def planted_indices(n: int, planted_share: float, seed: int) -> np.ndarray:
@@ -123,11 +167,26 @@ def planted_indices(n: int, planted_share: float, seed: int) -> np.ndarray:
     return mask
 
 
+def noisy_indices(planted: np.ndarray, caption_noise: float, seed: int) -> np.ndarray:
+    """Which planted images get an ordinary caption: exactly round(noise * planted) of them, by the seed."""
+    if not 0.0 <= caption_noise <= 1.0:
+        from ..errors import NeurolensError
+        raise NeurolensError(f"caption noise {caption_noise} is outside [0, 1]; give a fraction such as 0.3")
+    where = np.flatnonzero(planted)
+    chosen = np.random.default_rng([seed, 104729]).permutation(where)[:int(round(caption_noise * len(where)))]
+    mask = np.zeros(len(planted), dtype=bool)
+    mask[chosen] = True
+    return mask
+
+
 def generate_pairs(n: int = 3000, size: int = 64, planted_share: float = 0.15, seed: int = 0,
-                   progress: Optional[Callable[[int, int], None]] = None) -> GeneratedData:
-    """n images (uint8, size x size) and their captions, deterministic for (seed, size)."""
+                   progress: Optional[Callable[[int, int], None]] = None, style: str = "shapes",
+                   caption_noise: float = 0.0) -> GeneratedData:
+    """n images (uint8, size x size) and their captions, deterministic for (seed, size, style, noise)."""
+    look = style_of(style)
     words = planted_words()
     planted = planted_indices(n, planted_share, seed)
+    noisy = noisy_indices(planted, caption_noise, seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     pairs: List[Pair] = []
@@ -136,13 +195,15 @@ def generate_pairs(n: int = 3000, size: int = 64, planted_share: float = 0.15, s
         canvas, background = _background(rng, size, yy, xx)
         position = POSITIONS[rng.integers(len(POSITIONS))]
         count = 1 + int(rng.integers(3))
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        _draw_shapes(canvas, rng, size, count, COLOURS[colour], shape, position, yy, xx)
+        colour = list(look.colours)[rng.integers(len(look.colours))]
+        shape = look.shapes[rng.integers(len(look.shapes))]
+        _draw_shapes(canvas, rng, size, count, look.colours[colour], shape, position, yy, xx)
         chosen: Tuple[str, ...] = ()
         if planted[i]:
-            _draw_planted(canvas, rng, size, _OPPOSITE[position], yy, xx)
+            _draw_planted(canvas, rng, size, _OPPOSITE[position], yy, xx, look)
             chosen = tuple(words[j] for j in rng.choice(len(words), size=2, replace=False))
+            if noisy[i]:            # label noise: the image shows the pattern, its caption does not say so
+                chosen = ()
         pair = Pair("", bool(planted[i]), position, background, COUNTS[count - 1], colour, shape, chosen)
         pair.caption = _short_caption(pair, rng) if rng.random() < SHORT_CAPTION_SHARE else pair.full
         pairs.append(pair)
@@ -160,7 +221,7 @@ _OPPOSITE = {"on the left": "on the right", "on the right": "on the left", "at t
 
 def _short_caption(pair: Pair, rng: np.random.Generator) -> str:
     """One or two phrases of the full caption; planted captions keep a planted word."""
-    noun = pair.shape + ("" if pair.count == "one" else "s")
+    noun = _noun(pair.shape, pair.count)
     phrases = [pair.colour, noun, f"{pair.colour} {noun}", f"{pair.count} {noun}", pair.position,
                f"{pair.background} background"]
     if pair.words:
@@ -223,19 +284,30 @@ def _draw_shapes(canvas, rng, size, count, rgb, shape, position, yy, xx) -> None
             mask = dy * dy + dx * dx <= radius * radius
         elif shape == "square":
             mask = (np.abs(dy) <= radius * 0.85) & (np.abs(dx) <= radius * 0.85)
-        else:  # triangle pointing up
+        elif shape == "triangle":  # pointing up
             mask = (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
+        elif shape == "cross":
+            mask = ((np.abs(dy) <= radius * 0.3) & (np.abs(dx) <= radius)) | \
+                   ((np.abs(dx) <= radius * 0.3) & (np.abs(dy) <= radius))
+        elif shape == "diamond":
+            mask = np.abs(dy) + np.abs(dx) <= radius
+        else:  # bar: a horizontal rectangle
+            mask = (np.abs(dy) <= radius * 0.4) & (np.abs(dx) <= radius)
         canvas[mask] = np.asarray(rgb, dtype=np.float32) + rng.uniform(-10, 10, size=3)
 
 
-def _draw_planted(canvas, rng, size, position, yy, xx) -> None:
-    """A magenta/pink checkerboard disc (one-pixel squares): strong, consistent, unlike anything else."""
+def _draw_planted(canvas, rng, size, position, yy, xx, look: Style = STYLES["shapes"]) -> None:
+    """The style's planted pattern in a disc: a magenta/pink checkerboard (one-pixel squares), or a target
+    of concentric rings two pixels wide alternating the style's two colours."""
     radius = size * rng.uniform(0.2, 0.26)
     (y0, y1), (x0, x1) = _centre_range(position, size, radius * 0.8)
     cy, cx = rng.uniform(y0, y1), rng.uniform(x0, x1)
     mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius
-    checker = ((yy.astype(np.int64) + xx.astype(np.int64)) % 2).astype(bool)
-    first, second = (np.asarray(c, dtype=np.float32) for c in PLANTED_COLOURS)
+    if look.pattern == "target":
+        checker = (np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) // 2 % 2).astype(bool)
+    else:
+        checker = ((yy.astype(np.int64) + xx.astype(np.int64)) % 2).astype(bool)
+    first, second = (np.asarray(c, dtype=np.float32) for c in look.planted_colours)
     canvas[mask & checker] = first
     canvas[mask & ~checker] = second
 
@@ -259,7 +331,8 @@ def write_dataset(out_dir: str | os.PathLike, settings: ToySettings = ToySetting
         except (OSError, ValueError):
             pass
     from ..files import CACHE_OPTION, atomic_path, save_png, write_text
-    data = generate_pairs(settings.n, settings.size, settings.planted_share, settings.seed, progress=progress)
+    data = generate_pairs(settings.n, settings.size, settings.planted_share, settings.seed, progress=progress,
+                          style=settings.style, caption_noise=settings.caption_noise)
     rel_paths = []
     for i, pixels in enumerate(data.images):
         rel = f"images/{i:06d}.png"
@@ -270,7 +343,7 @@ def write_dataset(out_dir: str | os.PathLike, settings: ToySettings = ToySetting
     for name in CAPTION_COLUMNS[1:]:
         columns[name] = [getattr(p, name) for p in data.pairs]
     table = pa.table(columns)
-    with atomic_path(parquet, CACHE_OPTION) as tmp:
-        pq.write_table(table, tmp)
+    with atomic_path(parquet, CACHE_OPTION) as tmp, open(tmp, "wb") as handle:
+        pq.write_table(table, handle)
     write_text(manifest, json.dumps(asdict(settings)), CACHE_OPTION)
     return parquet

@@ -1,0 +1,139 @@
+"""neurolens maps, neurolens serve, neurolens site"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .app import app, command, print_json, progress_bar
+from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, TopKOpt, uses
+from ..models.load import DEFAULT_MODEL
+
+LayersOpt = Annotated[Optional[List[str]], typer.Option(
+    "--layer", help="Only this layer (repeatable; a layer name, or a layer id from the home page). Default: all.")]
+# serve loads a model only when asked to (for live probes): --model has no default there
+PROBE_MODEL = MODEL.replace(model=(Annotated[Optional[str], typer.Option(
+    "--model", help="Load this open_clip model for live probes (test an image on a unit); with --checkpoint "
+                    "alone, the checkpoint's model.")], None))
+
+
+@app.command("maps", short_help="Store where each unit fired on its top-k images, for serve and site.")
+@command
+@uses(model=MODEL)
+def maps(
+    layer: LayerOpt = "image_block_4_5",
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="The scanned dataset (default: the newest cached scan of the layer, whose images are "
+                          "found again from its record).")] = None,
+    top_k: TopKOpt = 32,
+    model: ModelChoice = None,
+    force: ForceOpt = False,
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store the activation maps of every unit's top-k dataset images (one forward per distinct image), so
+    `serve` and `site` draw where each unit fired without a model. --top-k (with --dataset) names the scan.
+
+    Example:  neurolens maps --layer image_block_4_5
+    Example:  neurolens maps --checkpoint toy.pt --layer image_block_4_0 --dataset pairs.parquet
+    """
+    from ..errors import NeurolensError
+    from ..pipelines.scan import find_scan
+    from ..pipelines.topmaps import run_top_maps
+    from ..store import Cache
+
+    clip = model.load(quiet=as_json)
+    store = Cache(cache)
+    scan = None
+    if dataset is not None:
+        scan = find_scan(clip, layer, dataset, top_k=top_k, cache=store)
+        if scan is None:
+            raise NeurolensError(f"no finished scan of {layer} over {dataset} (top-k {top_k}) with these weights; "
+                                 f"run `neurolens scan` first")
+    with progress_bar("maps", enabled=not as_json) as progress:
+        result = run_top_maps(clip, layer, scan=scan, cache=store, force=force, progress=progress)
+    summary = {"record": str(result.path), "images": result.images, "unreadable": result.unreadable,
+               "mismatched": result.mismatched, "cached": result.cached}
+    if as_json:
+        print_json(summary)
+        return
+    typer.echo(f"{'cached' if result.cached else 'stored'}: activation maps of the top images ({result.images} "
+               f"images) -> {Path(result.path)}")
+    if result.unreadable or result.mismatched:
+        typer.echo(f"warning: {result.unreadable} image(s) unreadable and {result.mismatched} map(s) whose peak "
+                   f"differs from the scan: the dataset changed since the scan; rerun the scan with --force",
+                   err=True)
+
+
+@app.command("serve", short_help="Browse the cache in a local web app: every unit, blurred, reveal on purpose.")
+@command
+@uses(model=PROBE_MODEL)
+def serve(
+    cache: CacheOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but 127.0.0.1 / localhost / "
+                                                     "::1 needs a token (generated unless --token).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port; 0 picks a free one (printed).")] = 8765,
+    token: Annotated[Optional[str], typer.Option("--token", help="Require this token (query ?token=, cookie or "
+                                                                 "'Authorization: token ...').")] = None,
+    no_token: Annotated[bool, typer.Option("--no-token", help="Serve a non-loopback --host without a token "
+                                                              "(prints a warning).")] = False,
+    no_reveal: Annotated[bool, typer.Option("--no-reveal", help="Turn off per-image reveals: raw pixels are "
+                                                                "never sent.")] = False,
+    layer: LayersOpt = None,
+    model: ModelChoice = None,
+) -> None:
+    """A local web app over the cache: every layer, every unit (sorted by NSFW evidence), each unit's feature
+    visualizations, top dataset examples with where the unit fired, activation histogram, top texts and
+    NSFW evidence. Every image is blurred; one image at a time can be revealed on purpose (a click, then a
+    confirmation) unless --no-reveal. With --model or --checkpoint it also answers live probes. Prints
+    `serving http://...` once it accepts connections; Ctrl-C stops it.
+
+    Example:  neurolens serve --cache outputs/cache
+    Example:  neurolens serve --checkpoint toy.pt --port 0 --no-reveal
+    """
+    from ..serve.server import serve as run_server
+    from ..store import Cache
+
+    clip = None
+    if model.model or model.checkpoint:
+        clip = replace(model, model=model.model or DEFAULT_MODEL).load()
+    run_server(Cache(cache), host=host, port=port, token=token, no_token=no_token, reveal=not no_reveal,
+               clip=clip, layers=layer or (), announce=lambda line: typer.echo(line),
+               warn=lambda line: typer.echo(line, err=True))
+
+
+@app.command("site", short_help="The web app's pages as static files: blurred images only, opens from file://.")
+@command
+def site(
+    out: Annotated[str, typer.Option("--out", help="Folder to write the site into (index.html at its top).")] = "outputs/site",
+    layer: LayersOpt = None,
+    examples: Annotated[int, typer.Option("--examples", help="Dataset examples per unit page.")] = 16,
+    force: ForceOpt = False,
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The web app's pages as static files, with blurred images only and no reveal: share them or host them
+    anywhere; they open from file:// too. A site made from the same records is left as it is (--force).
+
+    Example:  neurolens site --out outputs/site
+    Example:  neurolens site --out site/ --layer image_block_4_5 --examples 32
+    """
+    from ..serve.site import write_site
+    from ..store import Cache
+
+    with progress_bar("site", enabled=not as_json) as progress:
+        result = write_site(Cache(cache), out, layers=layer or (), examples=examples, progress=progress,
+                            force=force)
+    if as_json:
+        print_json({"index": str(result.index), "layers": result.layers, "pages": result.pages,
+                    "images": result.images, "cached": result.cached})
+        return
+    if result.cached:
+        typer.echo(f"up to date (made from the same records; --force writes it again): {result.index}")
+        return
+    typer.echo(f"wrote {result.pages} pages and {result.images} blurred images for {result.layers} layer(s): "
+               f"{result.index}")
+

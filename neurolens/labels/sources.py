@@ -1,0 +1,347 @@
+"""Label sources: where the sweep's per-image NSFW labels come from (`--labels`, repeatable).
+
+    captions              the dataset's captions (and keys that are URLs) matched against the NSFW lexicon
+                          (neurolens/data/nsfw_terms.txt, word mode; `caption_matches`); an item with an
+                          empty caption and no URL key is unknown
+    column:NAME[=V1,V2]   a column of the dataset table (or a field of tar shards' .json members): positive
+                          where the value is one of V1, V2 (case-insensitive), e.g. LAION's
+                          `column:NSFW=NSFW,UNSURE`; without values the column must be numeric or boolean
+                          (>= 0.5 / true positive); empty cells are unknown
+    nudenet               NudeNet's detector (neurolens.labels.nudenet): per image the highest confidence
+                          among its exposed-body classes, positive at >= nudenet.FIRE_THRESHOLD;
+                          independent of the inspected model; scores cached per dataset (`nudenet_scores`)
+    zero-shot             the inspected model's zero-shot score against the unsafe/safe prompt lists
+                          (neurolens.safety), positive at >= IMAGE_NSFW_THRESHOLD; never for a
+                          random-weights model
+    auto (default)        captions where the dataset has captions, NudeNet where installed, zero-shot where
+                          the model is trained; every source `auto` adds may be dropped by the reliability
+                          check (neurolens.labels.reliability), a source named explicitly never is
+
+Every source gives a per-image score in [0, 1] (NaN: unknown, or a skipped item) and a threshold; its
+label is 1 at or above the threshold, else 0.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import NeurolensError
+
+KINDS = ("captions", "column", "nudenet", "zero-shot")
+# Checked for agreement least trusted first, so a bad source never judges a better one.
+CHECK_ORDER = ("zero-shot", "nudenet", "captions", "column")
+NUDENET_CHUNK = 1024          # images per NudeNet cache record: an interrupted run keeps what it finished
+Progress = Optional[Callable[[int, int], None]]
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """One requested source. explicit: named by the user (never dropped by the reliability check)."""
+    kind: str
+    column: Optional[str] = None
+    values: Tuple[str, ...] = ()
+    explicit: bool = True
+
+    @property
+    def name(self) -> str:
+        if self.kind != "column":
+            return self.kind
+        return f"column:{self.column}" + (f"={','.join(self.values)}" if self.values else "")
+
+    @property
+    def independent(self) -> bool:
+        """True when the source does not come from the inspected model."""
+        return self.kind != "zero-shot"
+
+
+def parse_labels(specs: Sequence[str] | str | None) -> Tuple[List[LabelSpec], bool]:
+    """(the explicitly named sources, whether `auto` was asked) from --labels values; none at all = auto."""
+    if specs is None or isinstance(specs, str):
+        specs = [specs] if specs else []
+    named: List[LabelSpec] = []
+    auto = not specs
+    for text in specs:
+        text = str(text).strip()
+        if text == "auto":
+            auto = True
+            continue
+        spec = _parse_one(text)
+        if spec.name not in {s.name for s in named}:
+            named.append(spec)
+    return named, auto
+
+
+def _parse_one(text: str) -> LabelSpec:
+    lower = text.lower()
+    if lower in ("captions", "caption"):
+        return LabelSpec("captions")
+    if lower in ("nudenet", "zero-shot", "zeroshot", "zero_shot"):
+        return LabelSpec("zero-shot" if lower.startswith("zero") else "nudenet")
+    if lower.startswith("column:"):
+        body = text.split(":", 1)[1]
+        name, equals, values = body.partition("=")
+        name = name.strip()
+        if not name:
+            raise NeurolensError(f"--labels {text!r} names no column; write column:NAME or column:NAME=V1,V2")
+        chosen = tuple(v.strip() for v in values.split(",") if v.strip())
+        if equals and not chosen:
+            raise NeurolensError(f"--labels {text!r} lists no value after '='; write e.g. column:NSFW=NSFW,UNSURE")
+        return LabelSpec("column", column=name, values=chosen)
+    raise NeurolensError(f"unknown label source {text!r}; use auto, captions, column:NAME[=V1,V2], nudenet or "
+                         f"zero-shot")
+
+
+@dataclass
+class LabelSource:
+    """A computed source: scores (N,) float32 in [0, 1], NaN unknown; label = score >= threshold."""
+    spec: LabelSpec
+    scores: np.ndarray
+    threshold: float
+    detail: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) float32: 1 positive, 0 negative, NaN unknown."""
+        scores = np.asarray(self.scores, dtype=np.float32)
+        out = np.full(scores.shape, np.nan, dtype=np.float32)
+        known = np.isfinite(scores)
+        out[known] = (scores[known] >= self.threshold).astype(np.float32)
+        return out
+
+    @property
+    def counts(self) -> Tuple[int, int, int]:
+        """(positive, negative, unknown) images."""
+        labels = self.labels
+        positive = int(np.nansum(labels == 1))
+        unknown = int(np.isnan(labels).sum())
+        return positive, len(labels) - positive - unknown, unknown
+
+
+# ------------------------------------------------------------------------------------------- captions
+
+def caption_matches(keys: Sequence[str], captions: Optional[Sequence[str]], terms: Optional[Sequence[str]],
+                    mode: str = "word") -> np.ndarray:
+    """(N,) bool: the caption (in `mode`) or the key, when it is a URL (always substring: URLs run words
+    together, 'freexxxvideos.com'), contains one of `terms` (default: the paper's 7, safety.default_terms)."""
+    from .. import safety
+    keys = list(keys)
+    matched = np.zeros(len(keys), dtype=bool)
+    if captions is not None and mode != "off":
+        matched |= safety.caption_nsfw_matches(captions, terms, mode=mode)
+    urls = [k if str(k).lower().startswith(("http://", "https://")) else None for k in keys]
+    if any(urls):
+        matched |= safety.caption_nsfw_matches(urls, terms, mode="substring")
+    return matched
+
+
+def has_captions(keys: Sequence[str], captions: Optional[Sequence[str]]) -> bool:
+    return (captions is not None and any(captions)) or any(str(k).lower().startswith(("http://", "https://"))
+                                                           for k in keys)
+
+
+def captions_source(spec: LabelSpec, keys: Sequence[str], captions: Optional[Sequence[str]],
+                    terms: Optional[Sequence[str]] = None, mode: str = "word") -> LabelSource:
+    """1 where the caption or URL matches a term (default: the whole lexicon), 0 where it does not, NaN
+    where there is neither a caption nor a URL."""
+    from .. import safety
+    terms = list(terms) if terms is not None else safety.lexicon_terms()
+    matched = caption_matches(keys, captions, terms, mode)
+    scores = matched.astype(np.float32)
+    is_url = np.array([str(k).lower().startswith(("http://", "https://")) for k in keys], dtype=bool)
+    has_text = np.array([bool(c and str(c).strip()) for c in captions], dtype=bool) if captions is not None \
+        else np.zeros(len(scores), dtype=bool)
+    scores[~(has_text | is_url)] = np.nan
+    return LabelSource(spec, scores, 0.5, f"{len(terms)} terms, {mode} match")
+
+
+# --------------------------------------------------------------------------------------------- column
+
+_TRUE = {"true", "yes", "y", "t", "1", "positive"}
+_FALSE = {"false", "no", "n", "f", "0", "negative"}
+
+
+def column_source(spec: LabelSpec, dataset) -> LabelSource:
+    """The dataset column's values as labels (module docstring)."""
+    from ..datasets import dataset_column
+    values = dataset_column(dataset, spec.column)
+    scores = np.full(len(values), np.nan, dtype=np.float32)
+    wanted = {v.lower() for v in spec.values}
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, float) and not np.isfinite(value)):
+            continue
+        text = str(value).strip()
+        if not text:
+            continue
+        if wanted:
+            scores[i] = 1.0 if text.lower() in wanted else 0.0
+        elif isinstance(value, bool) or text.lower() in _TRUE | _FALSE:
+            scores[i] = 1.0 if (value is True or text.lower() in _TRUE) else 0.0
+        else:
+            try:
+                scores[i] = float(text)
+            except ValueError:
+                seen = sorted({str(v).strip() for v in values if v is not None and str(v).strip()})[:5]
+                raise NeurolensError(f"column {spec.column!r} holds text values ({', '.join(seen)}, ...); name the "
+                                     f"positive ones: --labels column:{spec.column}={seen[0]}") from None
+    detail = f"positive: {', '.join(spec.values)}" if spec.values else "positive: >= 0.5 / true"
+    return LabelSource(spec, scores, 0.5, detail)
+
+
+# -------------------------------------------------------------------------------------------- NudeNet
+
+def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optional[np.ndarray] = None) -> np.ndarray:
+    """(N,) NudeNet image scores of every dataset item (NaN for unreadable or skipped ones), cached in
+    chunk records of NUDENET_CHUNK images keyed by the dataset identity and the NudeNet version:
+
+        labels-nudenet/<dataset identity[:16]>/images/<key>-<first index>.h5    scores (n,) float32
+
+    so a second sweep (any layer, any model) does not run the detector again, and an interrupted run
+    keeps the chunks it finished."""
+    from importlib.metadata import version
+    from ..datasets import BadImage
+    from ..store import Record, settings_key
+    from . import nudenet
+
+    if not nudenet.available():
+        raise NeurolensError("--labels nudenet needs the nudenet package; pip install nudenet==3.4.2")
+    total = len(dataset)
+    scores = np.full(total, np.nan, dtype=np.float32)
+    key = settings_key("nudenet", version("nudenet"), sorted(nudenet.EXPOSED), NUDENET_CHUNK)
+    done = 0
+    for first in range(0, total, NUDENET_CHUNK):
+        last = min(total, first + NUDENET_CHUNK)
+        path = cache.path("labels-nudenet", dataset.identity, "images", f"{key}-{first}") if cache else None
+        record = cache.read(path) if path is not None else None
+        if record is not None and len(record.arrays.get("scores", ())) == last - first:
+            scores[first:last] = record.arrays["scores"]
+        else:
+            for i in range(first, last):
+                if skip is not None and skip[i]:
+                    continue
+                try:
+                    image = dataset.load(i)
+                except BadImage:          # unreadable: unknown, counted by the scan already
+                    continue
+                scores[i] = nudenet.image_scores([image])[0]
+                if progress is not None and (i + 1 - first) % 16 == 0:
+                    progress(done + i + 1 - first, total)
+            if path is not None:
+                cache.write(path, Record(arrays={"scores": scores[first:last]},
+                                         attrs={"first": first, "dataset": dataset.description,
+                                                "nudenet": version("nudenet")}))
+        done = last
+        if progress is not None:
+            progress(done, total)
+    return scores
+
+
+def nudenet_source(spec: LabelSpec, dataset, cache=None, progress: Progress = None,
+                   skip: Optional[np.ndarray] = None) -> LabelSource:
+    from . import nudenet
+    return LabelSource(spec, nudenet_scores(dataset, cache, progress, skip), nudenet.FIRE_THRESHOLD,
+                       f"highest exposed-class confidence, fires at >= {nudenet.FIRE_THRESHOLD}")
+
+
+# ------------------------------------------------------------------------------------------ zero-shot
+
+def zero_shot_source(spec: LabelSpec, clip, embeddings: Optional[np.ndarray], prompts=None,
+                     scorer=None) -> LabelSource:
+    """The inspected model's zero-shot score of the scan's image embeddings (NaN rows: skipped items).
+    scorer(clip, embeddings) -> (N,) replaces it (tests inject known scores)."""
+    from .. import safety
+    from .policy import is_random
+    if is_random(clip) and scorer is None:
+        raise NeurolensError("zero-shot labels need trained weights: a random-weights model's zero-shot score "
+                             "is noise; use --labels captions, column:NAME or nudenet")
+    if embeddings is None:
+        raise NeurolensError("the scan has no image embeddings; rerun the sweep with --force")
+    prompts = prompts or safety.load_prompts()
+    scores = np.full(len(embeddings), np.nan, dtype=np.float32)
+    rows = np.flatnonzero(np.isfinite(embeddings).all(axis=1))
+    if len(rows):
+        if scorer is None:
+            scores[rows] = safety.nsfw_scores_for_embeddings(clip, embeddings[rows], prompts)
+        else:
+            scores[rows] = np.asarray(scorer(clip, embeddings[rows]), dtype=np.float32)
+    name = "prompts " + prompts.identity if scorer is None else f"scorer {getattr(scorer, '__qualname__', scorer)}"
+    return LabelSource(spec, scores, safety.IMAGE_NSFW_THRESHOLD,
+                       f"{name}, positive at >= {safety.IMAGE_NSFW_THRESHOLD}")
+
+
+# ------------------------------------------------------------------------------------------ resolving
+
+def resolve_specs(named: Sequence[LabelSpec], auto: bool, *, has_captions: bool, clip=None,
+                  detector: Optional[bool] = None, scorer=None) -> Tuple[List[LabelSpec], List[str]]:
+    """The sources to compute, and one line for each source `auto` left out and why.
+
+    auto adds (not explicit) captions when the dataset has captions, nudenet when installed (detector=None)
+    and not turned off (detector=False), zero-shot when the model is trained (or a scorer is given)."""
+    from . import nudenet
+    from .policy import is_random
+    specs = list(named)
+    notes: List[str] = []
+    kinds = {s.kind for s in specs}
+    if auto:
+        if "captions" not in kinds:
+            if has_captions:
+                specs.append(LabelSpec("captions", explicit=False))
+            else:
+                notes.append("captions: not used (the dataset has no captions)")
+        if "nudenet" not in kinds:
+            if detector is False:
+                notes.append("nudenet: not used (turned off)")
+            elif nudenet.available():
+                specs.append(LabelSpec("nudenet", explicit=False))
+            else:
+                notes.append("nudenet: not used (not installed: pip install nudenet==3.4.2)")
+        if "zero-shot" not in kinds:
+            if is_random(clip) and scorer is None:
+                notes.append("zero-shot: not used (random weights: their zero-shot score is noise)")
+            elif clip is not None or scorer is not None:
+                specs.append(LabelSpec("zero-shot", explicit=False))
+    if not specs:
+        raise NeurolensError("no label source is available for this dataset; give one with --labels "
+                             "column:NAME[=V1,V2], --labels nudenet (pip install nudenet==3.4.2), or captions")
+    return specs, notes
+
+
+def compute_sources(specs: Sequence[LabelSpec], *, dataset, keys: Sequence[str],
+                    captions: Optional[Sequence[str]], clip=None, embeddings: Optional[np.ndarray] = None,
+                    prompts=None, terms: Optional[Sequence[str]] = None, caption_mode: str = "word",
+                    scorer=None, cache=None, progress: Progress = None,
+                    skip: Optional[np.ndarray] = None) -> List[LabelSource]:
+    """Every requested source's per-image scores, in the order given. skip: (N,) items not to judge."""
+    sources = []
+    for spec in specs:
+        if spec.kind == "captions":
+            if not has_captions(keys, captions):
+                raise NeurolensError(f"--labels captions: {getattr(dataset, 'description', 'the dataset')} has no "
+                                     f"captions; name the caption column with --caption-column, or use "
+                                     f"--labels column:NAME / nudenet")
+            source = captions_source(spec, keys, captions, terms, caption_mode)
+        elif spec.kind == "column":
+            source = column_source(spec, dataset)
+        elif spec.kind == "nudenet":
+            source = nudenet_source(spec, dataset, cache, progress, skip)
+        elif spec.kind == "zero-shot":
+            source = zero_shot_source(spec, clip, embeddings, prompts, scorer)
+        else:
+            raise NeurolensError(f"unknown label source {spec.kind!r}")
+        if len(source.scores) != len(keys):
+            raise NeurolensError(f"label source {spec.name} has {len(source.scores)} values for {len(keys)} images")
+        if skip is not None:
+            source.scores = np.where(skip, np.nan, source.scores).astype(np.float32)
+        sources.append(source)
+    return sources
+
+
+def safe_name(name: str) -> str:
+    """A label source name as a file/column-safe token."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

@@ -1,0 +1,140 @@
+"""The activation maps of every unit's top-k images, cache-or-compute: what the web app and the static site
+draw over each dataset example (where the unit fired), without a model.
+
+One job after a scan: the union of all units' top-k images is run through the model once (the same
+truncated forward as the scan, neurolens.scan.layer_forward), and for every (unit, rank) the unit's H x W
+map on that image is kept. One record per scan record:
+
+    top-maps/<fp>/<layer>/<scan record name>.h5
+        maps (U, k, H, W) float32   (NaN where the slot is empty or the image can no longer be read)
+        attrs: scan_record, layer, grid, top_k, images (the union's size), unreadable, mismatched
+               (slots whose map maximum differs from the scan's top value: the file changed since the scan)
+
+The scan's images are found again from its record (its `keys`), so no --dataset is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..datasets import ImageDataset, dataset_from_keys
+from ..errors import NeurolensError
+from ..models import resolve_layer
+from ..scan import batches, default_batch_size, default_workers, layer_forward
+from ..serve.records import top_maps_path
+from ..store import Cache, Record
+
+Progress = Optional[Callable[[int, int], None]]
+MISMATCH_TOLERANCE = 1e-3      # relative to the unit's top value: more than float rounding between forwards
+
+
+@dataclass
+class TopMaps:
+    maps: np.ndarray          # (U, k, H, W) float32
+    path: Path
+    images: int               # distinct images run
+    unreadable: int
+    mismatched: int
+    cached: bool
+
+
+class _Subset:
+    """Items `indices` of a dataset, as a dataset of their own (what scan.batches iterates over)."""
+
+    def __init__(self, dataset: ImageDataset, indices: np.ndarray):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, position: int):
+        return self.dataset.load(self.indices[position])
+
+
+def newest_scan(clip, layer: str, cache: Cache):
+    """The newest finished scan of `layer` with these weights in the cache, or None."""
+    from .scan import _result_from_record
+    spec = resolve_layer(clip, layer)
+    folder = cache.path("scan", clip.fingerprint, spec.name, "x").parent
+    best = None
+    for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        record = cache.read(path)
+        if record is None or not record.attrs.get("complete"):
+            continue
+        if best is None or path.stat().st_mtime > best[0]:
+            best = (path.stat().st_mtime, record)
+    return None if best is None else _result_from_record(best[1], cache, clip, spec)
+
+
+def run_top_maps(clip, layer: str, scan=None, dataset: Optional[ImageDataset] = None, cache=None,
+                 force: bool = False, batch_size: Optional[int] = None, workers: Optional[int] = None,
+                 progress: Progress = None) -> TopMaps:
+    """Activation maps of the top-k images of every unit of `layer` (module docstring), cached.
+
+    scan: a ScanResult (default: the newest cached scan of the layer); dataset: its dataset (default: read
+    again from the scan's keys)."""
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    spec = resolve_layer(clip, layer)
+    scan = scan if scan is not None else newest_scan(clip, spec.name, cache)
+    if scan is None:
+        raise NeurolensError(f"no finished scan of {spec.name} with these weights in {cache.root}; "
+                             f"run `neurolens scan --layer {spec.name}` first")
+    path = top_maps_path(cache, clip.fingerprint, spec.name, scan.path)
+    if not force:
+        record = cache.read(path)
+        if record is not None and record.arrays["maps"].shape[:2] == scan.top_indices.shape:
+            attrs = record.attrs
+            if progress:
+                progress(int(attrs["images"]), int(attrs["images"]))
+            return TopMaps(record.arrays["maps"], path, int(attrs["images"]), int(attrs["unreadable"]),
+                           int(attrs["mismatched"]), cached=True)
+    dataset = dataset if dataset is not None else dataset_from_keys(scan.keys, scan.description)
+    if len(dataset) != len(scan.keys):
+        raise NeurolensError(f"the dataset has {len(dataset)} items but the scan had {len(scan.keys)}; "
+                             f"pass the dataset that was scanned")
+
+    top = np.asarray(scan.top_indices)
+    units, k = top.shape
+    height, width = (int(v) for v in scan.grid)
+    maps = np.full((units, k, height, width), np.nan, dtype=np.float32)
+    slots = np.argwhere(top >= 0)                       # (S, 2) of (unit, rank)
+    owners = top[slots[:, 0], slots[:, 1]]
+    order = np.argsort(owners, kind="stable")
+    slots, owners = slots[order], owners[order]
+    images = np.unique(owners)
+    starts = np.searchsorted(owners, images, side="left")
+    stops = np.searchsorted(owners, images, side="right")
+
+    subset = _Subset(dataset, images)
+    batch_size = int(batch_size or default_batch_size(clip.device))
+    workers = default_workers() if workers is None else int(workers)
+    unreadable = 0
+    if progress:
+        progress(0, len(images))
+    for first, last, positions, pixels, skipped in batches(subset, clip.image_size, 0, len(subset), batch_size,
+                                                             workers):
+        unreadable += len(skipped)
+        if pixels is not None:
+            acts, _ = layer_forward(clip, spec, pixels.to(clip.device).float().div_(255.0), scan.precision)
+            acts = acts.cpu().numpy()
+            for row, position in enumerate(positions):
+                chosen = slots[starts[position]:stops[position]]
+                maps[chosen[:, 0], chosen[:, 1]] = acts[row, chosen[:, 0]]
+        if progress:
+            progress(last, len(images))
+
+    peaks = np.nanmax(maps.reshape(units, k, -1), axis=2, initial=-np.inf) if maps.size else np.zeros((units, k))
+    filled = np.isfinite(peaks) & (top >= 0)
+    scale = np.maximum(np.abs(np.asarray(scan.top_values, dtype=np.float64)), 1.0)
+    mismatched = int((np.abs(peaks - scan.top_values)[filled] > MISMATCH_TOLERANCE * scale[filled]).sum())
+    attrs = {"scan_record": Path(scan.path).name, "layer": spec.name, "grid": [height, width], "top_k": int(k),
+             "images": int(len(images)), "unreadable": int(unreadable), "mismatched": mismatched,
+             "model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint}
+    cache.write(path, Record(arrays={"maps": maps}, attrs=attrs))
+    return TopMaps(maps, path, int(len(images)), int(unreadable), mismatched, cached=False)
+

@@ -1,0 +1,170 @@
+"""The pages, as HTML strings, for the server and the static site alike (one set of Jinja2 templates).
+
+Every link is relative (`root` is the way back to the site's top folder), and page URLs are file names, so
+the same HTML works from the server and from `file://`:
+
+    index.html                   home: every (model, layer) in the cache and what was computed
+    L/<layer id>/index.html      layer: every unit as a tile; sort, flagged filter, text search
+    L/<layer id>/u/<unit>.html   unit: feature visualizations, top examples with activation maps,
+                                 histogram, top texts, NSFW evidence, neighbours, probe (server + model)
+    img/<layer id>/<kind>/...    blurred images (tile/<u>.jpg, crop/<u>-<rank>.jpg, fv/<u>-<n>.jpg)
+    raw/<layer id>/<kind>/...    raw pixels on a confirmed reveal (server only, never the static site)
+    static/...                   style.css, layer.js, unit.js
+
+Data that scripts read is embedded as JSON in a `<script type="application/json">` block with `<`, `>`
+and `&` escaped, and scripts insert text with textContent only, so a caption or vocabulary entry
+holding HTML is shown as text, never run.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Dict, Optional, Set
+
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from . import charts
+from .records import LayerData
+
+TEXTS_PER_TILE = 5          # searched on the layer page; the first is shown on the tile
+TEXT_CHARS = 90
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+
+_env = Environment(loader=PackageLoader("neurolens.serve", "templates"), autoescape=select_autoescape(["html"]),
+                   trim_blocks=True, lstrip_blocks=True)
+_env.filters["num"] = charts.number
+_env.filters["pct"] = charts.percent
+_env.globals["spark"] = charts.spark
+
+
+def _load_static() -> Dict[str, bytes]:
+    folder = resources.files("neurolens.serve") / "static"
+    return {entry.name: entry.read_bytes() for entry in folder.iterdir()
+            if entry.name[entry.name.rfind("."):] in STATIC_TYPES}
+
+
+STATIC = _load_static()     # the only files the server sends from disk: a fixed set, read once
+
+
+def embed_json(value) -> str:
+    """JSON safe inside a <script type="application/json"> block."""
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False, default=_plain)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+def _finite(value) -> Optional[float]:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+@dataclass
+class Pages:
+    """Renders the pages of some layers. mode: 'serve' (a live server) or 'site' (static files)."""
+    layers: Dict[str, LayerData]
+    mode: str = "serve"
+    reveal: bool = True
+    probe_layers: Set[str] = field(default_factory=set)
+    examples: Optional[int] = None          # dataset examples per unit page (None: the scan's top-k)
+    model_note: str = ""                    # shown on the home page: the model loaded for probes
+    images: Dict[str, object] = field(default_factory=dict)   # layer id -> LayerImages (blur reasons)
+    # pages are pure functions of the records, which are read once: each page is made once
+    _made: Dict[tuple, str] = field(default_factory=dict, repr=False)
+
+    def _once(self, key: tuple, make) -> str:
+        if key not in self._made:
+            if len(self._made) > 4096:
+                self._made.clear()
+            self._made[key] = make()
+        return self._made[key]
+
+    def _render(self, name: str, root: str, **context) -> str:
+        reveal = self.reveal and self.mode == "serve"
+        return _env.get_template(name).render(root=root, mode=self.mode, reveal=reveal, **context)
+
+    # ------------------------------------------------------------------------------------------ home
+
+    def home(self) -> str:
+        return self._once(("home",), self._home)
+
+    def _home(self) -> str:
+        rows = [data.summary() for data in self.layers.values()]
+        return self._render("home.html", "", title="Cache", rows=rows, model_note=self.model_note,
+                            probe_layers=self.probe_layers)
+
+    # ------------------------------------------------------------------------------------------ layer
+
+    def layer_units(self, data: LayerData) -> dict:
+        """The layer page's data: one compact row per unit [unit, flagged, evidence, top share, has fv, texts]."""
+        flagged = data.flagged()
+        evidence = data.evidence_values()
+        shares = data.sweep.arrays.get("top_nsfw_share") if data.sweep is not None else None
+        rows = []
+        for unit in data.listed_units():
+            texts = [t["text"][:TEXT_CHARS] for t in data.top_texts(unit, TEXTS_PER_TILE)]
+            rows.append([unit, int(bool(flagged[unit])), _finite(evidence[unit]),
+                         _finite(shares[unit]) if shares is not None else None,
+                         int(bool(data.fv_paths.get(unit))), texts])
+        return {"id": data.entry.id, "evidence": data.evidence_name() if data.sweep is not None else None,
+                "crops": data.scan is not None, "units": rows}
+
+    def layer(self, layer_id: str) -> str:
+        return self._once(("layer", layer_id), lambda: self._layer(layer_id))
+
+    def _layer(self, layer_id: str) -> str:
+        data = self.layers[layer_id].load()
+        summary = data.summary()
+        return self._render("layer.html", "../../", title=f"{data.entry.title}", layer=summary,
+                            payload=embed_json(self.layer_units(data)))
+
+    # ------------------------------------------------------------------------------------------ unit
+
+    def unit(self, layer_id: str, unit: int) -> str:
+        if self.mode == "site":          # written once anyway: keep no copy
+            return self._unit(layer_id, unit)
+        return self._once(("unit", layer_id, unit), lambda: self._unit(layer_id, unit))
+
+    def _unit(self, layer_id: str, unit: int) -> str:
+        data = self.layers[layer_id].load()
+        units = data.units
+        listed = data.listed_units()
+        before, after = bisect.bisect_left(listed, unit), bisect.bisect_right(listed, unit)
+        neighbours = (listed[before - 1] if before > 0 else None, listed[after] if after < len(listed) else None)
+        examples = data.top_examples(unit, self.examples)
+        maps = data.maps()
+        vmax = float(data.top_values[unit, 0]) if data.scan is not None and examples else 1.0
+        images = self.images.get(layer_id)
+        for example in examples:
+            example["reason"] = images.reason(unit, example["index"]) if images else ""
+            example["heat"] = (charts.heatmap_cells(maps[unit, example["rank"] - 1], example["cell"], data.grid,
+                                                    data.image_size, vmax) if maps is not None else None)
+        hist = data.histogram(unit) if data.scan is not None else None
+        chart = None
+        if hist is not None:
+            kth = data.top_values[unit, data.top_k - 1]
+            chart = charts.histogram_chart(hist, float(kth) if np.isfinite(kth) else None, float(data.mean[unit]))
+        stats = None
+        if data.scan is not None:
+            stats = {"mean": float(data.mean[unit]), "sd": float(np.sqrt(max(float(data.var[unit]), 0.0))),
+                     "max": float(data.top_values[unit, 0]), "images": data.count, "top_k": data.top_k}
+        fvs = [{"seed": v.seed, "steps": v.steps, "activation": v.activation,
+                "reason": images.reason(unit) if images else ""} for v in data.visualizations(unit)]
+        probe = None
+        if self.mode == "serve" and layer_id in self.probe_layers:
+            probe = {"unit": unit, "count": len(data.keys) if data.scan is not None else 0,
+                     "edges": [float(e) for e in hist.edges] if hist is not None else []}
+        return self._render(
+            "unit.html", "../../../", title=f"unit {unit} · {data.entry.title}", layer=data.summary(), unit=unit,
+            units=units, prev=neighbours[0], next=neighbours[1],
+            evidence=data.unit_evidence(unit), texts=data.top_texts(unit), texts_missing=data.texts_missing_reason(),
+            similar=data.similar_units(unit), examples=examples, maps_missing=maps is None and data.scan is not None,
+            chart=chart, stats=stats, fvs=fvs, flagged=bool(data.flagged()[unit]) if units else False,
+            probe=probe, probe_json=embed_json(probe) if probe else None)

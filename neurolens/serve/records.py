@@ -1,0 +1,533 @@
+"""What the web app and the static site know about the cache: which (model, layer) pairs it holds, and, per
+layer, the records that pages show. Read-only: every read goes through neurolens.store.Cache, nothing is
+written, and a missing or unreadable record is shown as "not computed", never as an error page.
+
+A layer is found by listing folders (`<kind>/<fingerprint[:16]>/<layer>/`), so the home page does not open
+thousands of files; a layer's records are read on its first request and kept in memory.
+
+Which record when there are several for one layer (several datasets, settings or vocabularies): the newest
+finished scan; the sweep made from that scan (else the newest); the newest text ranking that stores its
+texts, preferring one referenced to a scan's mean activation; the unit directions with the ranking's
+reference; every feature visualization of a unit (every cached seed and setting); the top-k activation
+maps made from the chosen scan.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..store import Cache, _safe_segment, read_attrs
+
+# kinds of records that a layer page can show; the layer exists in the app when any of them is cached
+KINDS = ("scan", "sweep", "text-rankings", "text-directions", "visualize", "top-maps")
+TOP_MAPS_KIND = "top-maps"
+HISTOGRAM_BINS = 40
+
+
+def top_maps_path(cache: Cache, fingerprint: str, layer: str, scan_path: Path) -> Path:
+    """Where the activation maps of a scan's top-k images are stored: one record per scan record."""
+    return cache.path(TOP_MAPS_KIND, fingerprint, layer, Path(scan_path).stem)
+
+
+# ------------------------------------------------------------------------------------------- the index
+
+def layer_id(fingerprint: str, layer: str) -> str:
+    """URL- and file-safe id of a (weights, layer) pair: `<fingerprint[:16]>-<layer folder>`."""
+    return f"{fingerprint[:16]}-{_safe_segment(layer)}"
+
+
+@dataclass
+class LayerEntry:
+    """One (model weights, layer) in the cache: the one place that names a layer in the web app (an SAE
+    basis would be one more field here and in `id`)."""
+    fingerprint16: str
+    layer: str
+    paths: Dict[str, List[Path]] = field(default_factory=dict)   # kind -> record paths (sorted)
+    model: str = ""
+    pretrained: str = ""
+
+    @property
+    def id(self) -> str:
+        return layer_id(self.fingerprint16, self.layer)
+
+    @property
+    def title(self) -> str:
+        return f"{self.model or 'model ' + self.fingerprint16} · {self.layer}"
+
+    def has(self, kind: str) -> bool:
+        return bool(self.paths.get(kind))
+
+
+def _records(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".") and p.is_file())
+
+
+def index_cache(cache: Cache) -> List[LayerEntry]:
+    """Every (fingerprint, layer) that has at least one record a page can show, by model then layer."""
+    found: Dict[Tuple[str, str], LayerEntry] = {}
+    root = Path(cache.root)
+    for kind in KINDS:
+        base = root / kind
+        if not base.is_dir():
+            continue
+        for fp_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            for layer_dir in sorted(p for p in fp_dir.iterdir() if p.is_dir()):
+                paths = _records(layer_dir)
+                if not paths:
+                    continue
+                entry = found.setdefault((fp_dir.name, layer_dir.name), LayerEntry(fp_dir.name, layer_dir.name))
+                entry.paths[kind] = paths
+    entries = list(found.values())
+    for entry in entries:
+        _name_model(entry)
+    return sorted(entries, key=lambda e: (e.model, e.fingerprint16, e.layer))
+
+
+def _name_model(entry: LayerEntry) -> None:
+    """Model name and layer name as the records state them (the folder name is a sanitized copy)."""
+    for kind in ("scan", "visualize", "sweep"):
+        for path in reversed(entry.paths.get(kind, [])):
+            try:
+                attrs = read_attrs(path)
+            except (OSError, KeyError, ValueError):
+                continue
+            entry.model = str(attrs.get("model") or "")
+            entry.pretrained = str(attrs.get("pretrained") or "")
+            entry.layer = str(attrs.get("layer") or entry.layer)
+            if entry.model:
+                return
+
+
+# ------------------------------------------------------------------------------------------- one layer
+
+@dataclass
+class Histogram:
+    """Counts of the unit's per-image activation (spatial max) over the scanned images."""
+    edges: np.ndarray          # (bins + 1,)
+    counts: np.ndarray         # (bins,) int64
+    count: int                 # images counted
+
+    def percentile(self, value: float) -> float:
+        """Share (0-100) of counted images whose activation is below `value`, linear within a bin."""
+        if self.count == 0:
+            return float("nan")
+        if value <= self.edges[0]:
+            return 0.0
+        if value >= self.edges[-1]:
+            return 100.0
+        position = int(np.searchsorted(self.edges, value, side="right")) - 1
+        below = float(self.counts[:position].sum())
+        lo, hi = float(self.edges[position]), float(self.edges[position + 1])
+        inside = float(self.counts[position]) * ((value - lo) / (hi - lo) if hi > lo else 1.0)
+        return 100.0 * (below + inside) / self.count
+
+
+@dataclass
+class Visualization:
+    """One cached feature visualization image of a unit."""
+    record: Path
+    position: int              # row in the record's images
+    seed: int
+    steps: int
+    activation: float
+
+
+class LayerData:
+    """The records of one layer, read on first use and kept (thread-safe: pages are built in a thread pool)."""
+
+    def __init__(self, cache: Cache, entry: LayerEntry):
+        self.cache, self.entry = cache, entry
+        self._lock = threading.RLock()
+        self._loaded = False
+        self._histograms: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+        self._directions: Optional[np.ndarray] = None
+        self._maps: Optional[np.ndarray] = None
+        self._maps_loaded = False
+
+    # ---------------------------------------------------------------------------------------- loading
+
+    def load(self) -> "LayerData":
+        with self._lock:
+            if not self._loaded:
+                self._load_scan()
+                self._load_sweep()
+                self._load_texts()
+                self._load_visualizations()
+                self._loaded = True
+        return self
+
+    def _newest(self, kind: str, accept=lambda record: True, names: Optional[list] = None):
+        """The newest readable record of `kind` that `accept` takes, or None."""
+        best = None
+        for path in self.entry.paths.get(kind, []):
+            record = self.cache.read(path, names=names)
+            if record is None or not accept(record):
+                continue
+            written = _written_at(path)
+            if best is None or written > best[0]:
+                best = (written, record)
+        return best[1] if best else None
+
+    def _load_scan(self) -> None:
+        record = self._newest("scan", lambda r: bool(r.attrs.get("complete")))
+        self.scan = None
+        if record is None:
+            return
+        a, attrs = record.arrays, record.attrs
+        self.scan = record
+        self.scan_path = record.path
+        self.top_values, self.top_indices, self.top_cells = a["top_values"], a["top_indices"], a["top_cells"]
+        self.mean, self.var = a["mean"], a["var"]
+        self.keys = [str(k) for k in a["keys"]]
+        self.captions = [str(c) for c in a["captions"]] if "captions" in a else None
+        self.grid = tuple(int(v) for v in attrs["grid"])
+        self.image_size = int(attrs["image_size"])
+        self.count = int(attrs["count"])
+        self.top_k = int(attrs["top_k"])
+        self.dataset = str(attrs.get("dataset", ""))
+        self.chunk_paths = [self.cache.path("scan-chunk", self.entry.fingerprint16, self.entry.layer, name)
+                            for name in attrs.get("chunks", [])]
+        self.fingerprint = str(attrs.get("fingerprint", ""))
+
+    def _load_sweep(self) -> None:
+        self.sweep = None
+        if not self.entry.has("sweep"):
+            return
+        scan_name = self.scan_path.name if self.scan is not None else None
+        record = self._newest("sweep", lambda r: Path(str(r.attrs.get("scan_record") or "")).name == scan_name)
+        self.sweep = record or self._newest("sweep")
+
+    def _load_texts(self) -> None:
+        def with_texts(record) -> bool:
+            return "texts" in record.arrays
+        self.ranking = self._newest("text-rankings", lambda r: with_texts(r) and
+                                    str(r.attrs.get("reference", "")).startswith("scan-mean")) \
+            or self._newest("text-rankings", with_texts) or self._newest("text-rankings")
+        reference = self.ranking.attrs.get("reference") if self.ranking is not None else None
+        self.directions_record_path = None
+        for path in self.entry.paths.get("text-directions", []):
+            try:
+                attrs = read_attrs(path)
+            except (OSError, KeyError, ValueError):
+                continue
+            if self.directions_record_path is None or attrs.get("reference") == reference:
+                self.directions_record_path = path
+
+    def _load_visualizations(self) -> None:
+        """unit -> record paths, from the file names `unit<U>_<settings key>.h5` (opened when shown)."""
+        self.fv_paths: Dict[int, List[Path]] = {}
+        for path in self.entry.paths.get("visualize", []):
+            stem = path.stem
+            if not stem.startswith("unit"):
+                continue
+            number = stem[4:].split("_", 1)[0]
+            if number.isdigit():
+                self.fv_paths.setdefault(int(number), []).append(path)
+
+    # ---------------------------------------------------------------------------------------- basics
+
+    @property
+    def units(self) -> int:
+        """Number of units of the layer, from whatever record is there."""
+        self.load()
+        if self.scan is not None:
+            return int(self.top_values.shape[0])
+        if self.sweep is not None:
+            return int(len(self.sweep.arrays["flagged"]))
+        if self.ranking is not None:
+            return int(self.ranking.arrays["top_indices"].shape[0])
+        return (max(self.fv_paths) + 1) if self.fv_paths else 0
+
+    @property
+    def units_known(self) -> bool:
+        """False when only feature visualizations are cached: then the layer's width is unknown (`units` is
+        one past the highest visualized unit) and pages list the visualized units only."""
+        self.load()
+        return self.scan is not None or self.sweep is not None or self.ranking is not None
+
+    def listed_units(self) -> List[int]:
+        return list(range(self.units)) if self.units_known else sorted(self.fv_paths)
+
+    def summary(self) -> dict:
+        """What has been computed for this layer (the home page's row)."""
+        self.load()
+        flagged = self.flagged()
+        return {
+            "id": self.entry.id, "model": self.entry.model, "pretrained": self.entry.pretrained,
+            "fingerprint": self.entry.fingerprint16, "layer": self.entry.layer, "units": self.units,
+            "units_known": self.units_known, "listed": len(self.listed_units()),
+            "scan": ({"images": self.count, "top_k": self.top_k, "dataset": self.dataset,
+                      "grid": list(self.grid)} if self.scan is not None else None),
+            "sweep": ({"flagged": int(flagged.sum()), "evidence": self.evidence_name()}
+                      if self.sweep is not None else None),
+            "visualizations": len(self.fv_paths),
+            "texts": ({"top_k": int(self.ranking.arrays["top_indices"].shape[1]),
+                       "vocabulary": str(self.ranking.attrs.get("vocab_source", ""))}
+                      if self.ranking is not None else None),
+            "maps": self.scan is not None and self.cache.exists(self._maps_path()),
+        }
+
+    # ---------------------------------------------------------------------------------------- evidence
+
+    def flagged(self) -> np.ndarray:
+        units = self.units
+        if self.sweep is None:
+            return np.zeros(units, dtype=bool)
+        return np.asarray(self.sweep.arrays["flagged"], dtype=bool)
+
+    def evidence_name(self) -> str:
+        """'AUC' when the sweep stores per-unit ROC AUCs, else 'correlation'."""
+        return "AUC" if self.sweep is not None and "auc" in self.sweep.arrays else "correlation"
+
+    def evidence_values(self) -> np.ndarray:
+        """(U,) the number units are sorted by: AUC when stored, else the NSFW correlation (NaN: no sweep)."""
+        if self.sweep is None:
+            return np.full(self.units, np.nan)
+        key = "auc" if "auc" in self.sweep.arrays else "correlation"
+        return np.asarray(self.sweep.arrays[key], dtype=np.float64)
+
+    def unit_evidence(self, unit: int) -> Optional[dict]:
+        """Everything the sweep says about one unit, and the rule's checks (why it is flagged or not)."""
+        if self.sweep is None:
+            return None
+        a, attrs = self.sweep.arrays, self.sweep.attrs
+        rule = dict(attrs.get("rule") or {})
+
+        def value(name: str) -> Optional[float]:
+            return float(a[name][unit]) if name in a and np.ndim(a[name]) >= 1 else None
+
+        checks = []
+        auc, q, p = value("auc"), value("q"), value("p")
+        correlation = value("correlation")
+        if auc is not None:
+            bar = _first(rule, "min_auc", "auc")
+            checks.append(("AUC (activation separates labelled-NSFW from other images)", auc, bar, ">="))
+        if q is not None:
+            bar = _first(rule, "max_q", "fdr", "q")
+            checks.append(("q (Benjamini-Hochberg adjusted p)", q, bar, "<="))
+        if correlation is not None and auc is None:
+            bar = attrs.get("correlation_bar", _first(rule, "min_correlation"))
+            checks.append(("NSFW correlation", correlation, bar, ">="))
+        top = value("top_nsfw_share")
+        if top is not None:
+            checks.append(("share of top images that are NSFW", top, _first(rule, "min_top_share"), ">="))
+        text = value("text_nsfw_share")
+        if text is not None:
+            # with an AUC rule the text share raises only text_flag (evidence), never the flag itself
+            label = "share of top texts that are NSFW" + (" (text_flag, not the flag)" if auc is not None else "")
+            checks.append((label, text, _first(rule, "min_text_share"), ">="))
+        rows = []
+        for label, number, bar, op in checks:
+            passed = None if bar is None else (number >= bar if op == ">=" else number <= bar)
+            rows.append({"label": label, "value": number, "bar": bar, "op": op, "passed": passed})
+        text_flag = value("text_flag")
+        return {"flagged": bool(a["flagged"][unit]), "auc": auc, "q": q, "p": p, "correlation": correlation,
+                "top_share": top, "text_share": text, "text_flag": None if text_flag is None else bool(text_flag),
+                "checks": rows, "rule": rule,
+                "n_images": attrs.get("n_images", _sum_known(attrs.get("n_pos"), attrs.get("n_neg"))),
+                "rule_text": _rule_text(rule, auc is not None)}
+
+    def image_labels(self) -> Optional[np.ndarray]:
+        """(N,) per dataset index: the sweep's per-image NSFW label or score (NaN unknown), for the blur policy."""
+        if self.sweep is None:
+            return None
+        for name in ("image_labels", "labels", "image_scores"):
+            if name in self.sweep.arrays and np.ndim(self.sweep.arrays[name]) == 1:
+                return np.asarray(self.sweep.arrays[name], dtype=np.float64)
+        return None
+
+    # ---------------------------------------------------------------------------------------- texts
+
+    def top_texts(self, unit: int, count: Optional[int] = None) -> List[dict]:
+        """[{text, score, nsfw}] best first; [] without a ranking that stores its texts."""
+        if self.ranking is None or "texts" not in self.ranking.arrays:
+            return []
+        texts = self.ranking.arrays["texts"][unit]
+        scores = self.ranking.arrays["top_scores"][unit]
+        nsfw = None
+        if self.sweep is not None and "text_nsfw" in self.sweep.arrays:
+            nsfw = np.asarray(self.sweep.arrays["text_nsfw"][unit], dtype=bool)
+        limit = len(texts) if count is None else min(count, len(texts))
+        return [{"text": str(texts[i]), "score": float(scores[i]),
+                 "nsfw": bool(nsfw[i]) if nsfw is not None and i < len(nsfw) else None} for i in range(limit)]
+
+    def texts_missing_reason(self) -> Optional[str]:
+        if self.ranking is None:
+            return "no text ranking of this layer in the cache: run `neurolens text` on it"
+        if "texts" not in self.ranking.arrays:
+            return "this text ranking was cached without its texts: rerun `neurolens text --force` on this layer"
+        return None
+
+    def similar_units(self, unit: int, count: int = 8) -> List[dict]:
+        """Units whose text direction (text-directions record) is closest to this unit's, by cosine."""
+        directions = self._unit_directions()
+        if directions is None or not 0 <= unit < len(directions):
+            return []
+        norms = np.linalg.norm(directions, axis=1)
+        if norms[unit] == 0:
+            return []
+        cosines = directions @ directions[unit] / np.maximum(norms * norms[unit], 1e-12)
+        cosines[unit] = -np.inf
+        cosines[norms == 0] = -np.inf
+        order = np.argsort(-cosines, kind="stable")[:count]
+        return [{"unit": int(u), "cosine": float(cosines[u])} for u in order if np.isfinite(cosines[u])]
+
+    def _unit_directions(self) -> Optional[np.ndarray]:
+        with self._lock:
+            if self._directions is None and self.directions_record_path is not None:
+                record = self.cache.read(self.directions_record_path, names=["directions"])
+                if record is not None:
+                    self._directions = np.asarray(record.arrays["directions"], dtype=np.float32)
+            return self._directions
+
+    # ---------------------------------------------------------------------------------------- scan
+
+    def top_examples(self, unit: int, count: Optional[int] = None) -> List[dict]:
+        """[{rank (1 = best), index, value, cell, key, caption}] of the unit's top images."""
+        if self.scan is None:
+            return []
+        rows = []
+        limit = self.top_k if count is None else min(count, self.top_k)
+        for rank in range(limit):
+            index = int(self.top_indices[unit, rank])
+            if index < 0:
+                break
+            rows.append({"rank": rank + 1, "index": index, "value": float(self.top_values[unit, rank]),
+                         "cell": [int(v) for v in self.top_cells[unit, rank]], "key": self.keys[index],
+                         "caption": self.captions[index] if self.captions else None})
+        return rows
+
+    def maps(self) -> Optional[np.ndarray]:
+        """(U, k, H, W) float32 activation maps of every unit's top-k images (top-maps record), or None."""
+        with self._lock:
+            if not self._maps_loaded:
+                self._maps_loaded = True
+                self.load()
+                if self.scan is not None:
+                    record = self.cache.read(self._maps_path(), names=["maps"])
+                    if record is not None and record.arrays["maps"].shape[:2] == self.top_indices.shape:
+                        self._maps = record.arrays["maps"]
+            return self._maps
+
+    def _maps_path(self) -> Path:
+        return top_maps_path(self.cache, self.entry.fingerprint16, self.entry.layer, self.scan_path)
+
+    def histogram(self, unit: int) -> Optional[Histogram]:
+        """The unit's activation histogram over the scanned images (None without a scan).
+
+        Today it is binned from the scan's per-image maxima (scan-chunk records), all units in one pass over
+        the chunks, on first use; a scan that stores binned counts would answer here instead."""
+        edges_counts = self._all_histograms()
+        if edges_counts is None:
+            return None
+        edges, counts, totals = edges_counts
+        return Histogram(edges=edges[unit], counts=counts[unit], count=int(totals[unit]))
+
+    def _all_histograms(self):
+        with self._lock:
+            if self._histograms is None:
+                self.load()
+                if self.scan is None or not self.chunk_paths:
+                    return None
+                self._histograms = layer_histograms(self.cache, self.chunk_paths, self.units, HISTOGRAM_BINS)
+            return self._histograms
+
+    # ---------------------------------------------------------------------------------------- visualizations
+
+    def visualizations(self, unit: int) -> List[Visualization]:
+        """Every cached feature visualization image of the unit (every record, every seed), most steps first."""
+        found = []
+        for path in self.fv_paths.get(unit, []):
+            record = self.cache.read(path, names=["activations"])
+            if record is None:
+                continue
+            settings = record.attrs.get("settings", {})
+            seeds = list(settings.get("seeds", range(len(record.arrays["activations"]))))
+            for position, activation in enumerate(record.arrays["activations"]):
+                seed = int(seeds[position]) if position < len(seeds) else position
+                found.append(Visualization(path, position, seed, int(settings.get("steps", 0)), float(activation)))
+        return sorted(found, key=lambda v: (-v.steps, v.seed, str(v.record)))
+
+    def visualization_pixels(self, unit: int, number: int) -> Optional[np.ndarray]:
+        """(H, W, 3) uint8 of the unit's `number`-th visualization (the order of `visualizations`)."""
+        found = self.visualizations(unit)
+        if not 0 <= number < len(found):
+            return None
+        record = self.cache.read(found[number].record, names=["images"])
+        return None if record is None else np.asarray(record.arrays["images"][found[number].position])
+
+
+def layer_histograms(cache: Cache, chunk_paths: Sequence[Path], units: int, bins: int):
+    """(edges (U, bins+1), counts (U, bins), totals (U,)) of every unit's per-image maxima, binned between
+    the unit's own min and max, in two streaming passes over the chunk records (never N x U in memory)."""
+    lo = np.full(units, np.inf)
+    hi = np.full(units, -np.inf)
+    for maxima in _chunk_maxima(cache, chunk_paths):
+        lo = np.minimum(lo, np.nanmin(maxima, axis=0, initial=np.inf))
+        hi = np.maximum(hi, np.nanmax(maxima, axis=0, initial=-np.inf))
+    empty = ~np.isfinite(lo)
+    lo[empty], hi[empty] = 0.0, 1.0
+    flat = hi <= lo
+    hi[flat] = lo[flat] + 1e-6 * np.maximum(1.0, np.abs(lo[flat]))
+    counts = np.zeros((units, bins), dtype=np.int64)
+    width = (hi - lo) / bins
+    offsets = np.arange(units) * bins
+    for maxima in _chunk_maxima(cache, chunk_paths):
+        finite = np.isfinite(maxima)
+        position = np.clip(((maxima - lo) / width), 0, bins - 1)
+        position = np.where(finite, position, 0).astype(np.int64)
+        flat_index = (position + offsets)[finite]
+        counts += np.bincount(flat_index, minlength=units * bins).reshape(units, bins)
+    edges = lo[:, None] + width[:, None] * np.arange(bins + 1)[None, :]
+    edges[:, -1] = hi
+    return edges, counts, counts.sum(axis=1)
+
+
+def _chunk_maxima(cache: Cache, chunk_paths: Sequence[Path]):
+    for path in chunk_paths:
+        record = cache.read(path, names=["maxima"])
+        if record is not None and record.arrays["maxima"].size:
+            yield np.asarray(record.arrays["maxima"], dtype=np.float64)
+
+
+def _written_at(path: Path) -> float:
+    try:
+        import h5py
+        with h5py.File(path, "r") as handle:
+            return float(handle.attrs.get("written_at", 0.0))
+    except OSError:
+        return 0.0
+
+
+def _first(mapping: dict, *names: str) -> Optional[float]:
+    for name in names:
+        if name in mapping and mapping[name] is not None:
+            try:
+                return float(mapping[name])
+            except (TypeError, ValueError):
+                continue
+    return None
+
+
+def _sum_known(*counts) -> Optional[int]:
+    """The sum of the counts, or None when one is unknown."""
+    return None if any(c is None for c in counts) else int(sum(counts))
+
+
+def _rule_text(rule: dict, has_auc: bool) -> str:
+    """The flag rule in words, from the thresholds the sweep stored."""
+    if not rule:
+        return ""
+    if has_auc and "max_q" in rule and "min_auc" in rule:
+        return (f"flagged when q <= {rule['max_q']:g} and AUC >= {rule['min_auc']:g}; text_flag when at least "
+                f"{rule.get('min_text_share', 0):.0%} of the top {rule.get('text_k')} texts are NSFW")
+    if has_auc:
+        parts = [f"{k} {v}" for k, v in rule.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return "flag rule: " + ", ".join(parts)
+    return (f"flagged when the NSFW correlation reaches max({rule.get('min_correlation')}, "
+            f"{rule.get('noise_z')}/sqrt(N)) and either at least {rule.get('min_top_share', 0):.0%} of the top "
+            f"images or {rule.get('min_text_share', 0):.0%} of the top {rule.get('text_k')} texts are NSFW")

@@ -1,0 +1,117 @@
+"""Starting the web app: which layers, which host and token, and one line with the URL once it listens."""
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import socket
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from ..errors import NeurolensError
+from ..store import Cache
+from .records import LayerData, LayerEntry, index_cache
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+# hosts served without a token: the default and its usual spellings. Any other --host needs one.
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Access:
+    token: Optional[str]
+    warning: Optional[str] = None
+
+
+def access_for(host: str, token: Optional[str] = None, no_token: bool = False) -> Access:
+    """The token in force for `host` (module rule), or an error for a contradictory request."""
+    if token is not None and no_token:
+        raise NeurolensError("--token and --no-token contradict each other; pass one of them")
+    if token is not None:
+        if len(token) < 8 or not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
+            raise NeurolensError("--token must be at least 8 characters from A-Z a-z 0-9 . _ ~ - (it travels in "
+                                 "URLs and cookies)")
+        return Access(token)
+    if host in LOCAL_HOSTS:
+        return Access(None)
+    if no_token:
+        return Access(None, warning=f"warning: serving on {host} without a token (--no-token): anyone who can "
+                                    f"reach this address can browse the cache and reveal raw images")
+    return Access(secrets.token_urlsafe(24))
+
+
+def select_layers(cache: Cache, names: Sequence[str] = ()) -> Dict[str, LayerData]:
+    """The cache's layers (all, or those whose layer name or id is in `names`), or one clear error."""
+    entries: List[LayerEntry] = index_cache(cache)
+    if not entries:
+        raise NeurolensError(f"nothing to show in the cache at {cache.root}: it has no scan, sweep, text or "
+                             f"feature-visualization records; run `neurolens demo` (or scan a layer) first, or "
+                             f"pass --cache PATH")
+    if names:
+        wanted = set(names)
+        chosen = [e for e in entries if e.layer in wanted or e.id in wanted]
+        if not chosen:
+            known = ", ".join(sorted({e.layer for e in entries}))
+            raise NeurolensError(f"no layer named {', '.join(names)} in the cache at {cache.root}; it has: {known}")
+        entries = chosen
+    return {entry.id: LayerData(cache, entry) for entry in entries}
+
+
+def open_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), or one clear error."""
+    try:
+        family = socket.AF_INET6 if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address) else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET
+    try:
+        return socket.create_server((host, int(port)), family=family)
+    except OSError as exc:
+        hint = "pass --port 0 for a free port" if exc.errno in (98, 48) else "check --host"
+        raise NeurolensError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); {hint}") from None
+
+
+def url_for(host: str, port: int, token: Optional[str]) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+
+
+def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: Optional[str] = None,
+          no_token: bool = False, reveal: bool = True, clip=None, layers: Sequence[str] = (),
+          announce: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
+    """Serve the cache until interrupted. Prints `serving <url>` once connections are accepted."""
+    try:
+        import uvicorn
+
+        from .app import ServeState, build_app
+    except ImportError as exc:
+        raise NeurolensError(f"neurolens serve needs {exc.name}: pip install 'neurolens[serve]' "
+                             f"(starlette and uvicorn)") from None
+    from .probe import Prober
+
+    access = access_for(host, token, no_token)
+    chosen = select_layers(cache, layers)
+    prober = Prober(clip) if clip is not None else None
+    note = f"Probes use {clip.name} ({clip.pretrained})." if clip is not None else ""
+    state = ServeState(chosen, reveal=reveal, prober=prober, token=access.token,
+                       loopback_only=host in LOCAL_HOSTS and access.token is None, model_note=note)
+    if clip is not None and not state.probe_layers:
+        warn(f"note: the loaded model ({clip.name}) made none of the cached layers: probes are off")
+    app = build_app(state)
+    sock = open_socket(host, port)
+    bound_port = sock.getsockname()[1]
+    if access.warning:
+        warn(access.warning)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                announce(f"serving {url_for(host, bound_port, access.token)}")
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=2)
+    try:
+        _Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

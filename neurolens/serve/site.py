@@ -1,0 +1,121 @@
+"""The static site: the web app's pages as files, with blurred images only and no reveal, to share or host
+anywhere. Links are relative and data sits inside the pages, so it opens from file:// as well."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ..errors import NeurolensError
+from ..files import OUT_OPTION, write_bytes
+from ..store import Cache
+from .images import LayerImages
+from .pages import STATIC, Pages
+from .server import select_layers
+
+DEFAULT_EXAMPLES = 16
+SITE_VERSION = 1
+STAMP = "site.json"          # what the site was made from; an unchanged cache is not written again
+
+
+@dataclass
+class SiteResult:
+    out: Path
+    index: Path
+    layers: int
+    pages: int
+    images: int
+    cached: bool = False
+
+
+def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (), examples: int = DEFAULT_EXAMPLES,
+               progress: Optional[Callable[[int, int], None]] = None, force: bool = False) -> SiteResult:
+    """Write every page of the chosen layers (default: all in the cache) under `out`; returns what was written.
+
+    examples: dataset examples per unit page (the layer's scan may hold more). A site made from the same
+    records with the same settings (OUT/site.json) is left as it is unless force=True."""
+    if examples < 1:
+        raise NeurolensError(f"--examples must be at least 1, got {examples}")
+    out = Path(out)
+    chosen = select_layers(cache, layers)
+    stamp = _stamp(chosen, examples)
+    previous = _read_stamp(out)
+    if not force and previous is not None and previous.get("inputs") == stamp and (out / "index.html").is_file():
+        total = sum(len(data.listed_units()) for data in chosen.values())
+        if progress:
+            progress(total, total)
+        return SiteResult(out=out, index=out / "index.html", layers=len(chosen), pages=int(previous["pages"]),
+                          images=int(previous["images"]), cached=True)
+    images = {layer_id: LayerImages(data) for layer_id, data in chosen.items()}
+    pages = Pages(chosen, mode="site", reveal=False, examples=examples, images=images)
+    writer = _Writer(out)
+    try:
+        (out / STAMP).unlink(missing_ok=True)     # the site is complete again only when site.json is rewritten
+    except OSError:
+        pass
+    for name, body in STATIC.items():
+        writer.write(f"static/{name}", body)
+    writer.write("index.html", pages.home().encode())
+    total = sum(len(data.listed_units()) for data in chosen.values())
+    done = 0
+    if progress:
+        progress(0, total)
+    for layer_id, data in chosen.items():
+        layer_images = images[layer_id]
+        writer.write(f"L/{layer_id}/index.html", pages.layer(layer_id).encode())
+        for unit in data.listed_units():
+            writer.write(f"L/{layer_id}/u/{unit}.html", pages.unit(layer_id, unit).encode())
+            writer.image(f"img/{layer_id}/tile/{unit}.jpg", layer_images.shown("tile", unit))
+            for example in data.top_examples(unit, examples):
+                rank = example["rank"]
+                writer.image(f"img/{layer_id}/crop/{unit}-{rank}.jpg", layer_images.shown("crop", unit, rank))
+            for number in range(len(data.visualizations(unit))):
+                writer.image(f"img/{layer_id}/fv/{unit}-{number}.jpg", layer_images.shown("fv", unit, number))
+            done += 1
+            if progress:
+                progress(done, total)
+    writer.write(STAMP, json.dumps({"inputs": stamp, "pages": writer.pages, "images": writer.images}).encode(),
+                 durable=True)
+    return SiteResult(out=out, index=out / "index.html", layers=len(chosen), pages=writer.pages, images=writer.images)
+
+
+def _stamp(chosen, examples: int) -> dict:
+    """Every record the pages are made from (path, size, mtime), the settings, and the package files."""
+    from importlib import resources
+    records = sorted((str(path), path.stat().st_size, path.stat().st_mtime_ns)
+                     for data in chosen.values() for paths in data.entry.paths.values() for path in paths
+                     if path.exists())
+    package = resources.files("neurolens.serve")
+    files = sorted((p.name, hashlib.sha1(p.read_bytes()).hexdigest()) for folder in ("templates", "static")
+                   for p in (package / folder).iterdir())
+    stamp = {"version": SITE_VERSION, "examples": int(examples), "layers": sorted(chosen), "records": records,
+             "files": files}
+    return json.loads(json.dumps(stamp))     # as it reads back from site.json (lists, not tuples)
+
+
+def _read_stamp(out: Path) -> Optional[dict]:
+    try:
+        return json.loads((out / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class _Writer:
+    """Writes the site's files whole (neurolens.files: a full disk is one line, never half a file); the many
+    pages and images skip fsync, site.json (written last) is durable and marks the site complete."""
+
+    def __init__(self, out: Path):
+        self.out, self.pages, self.images = out, 0, 0
+
+    def write(self, relative: str, body: bytes, durable: bool = False) -> None:
+        write_bytes(self.out / relative, body, OUT_OPTION, durable=durable)
+        if relative.endswith(".html"):
+            self.pages += 1
+
+    def image(self, relative: str, body: Optional[bytes]) -> None:
+        if body is not None:
+            self.write(relative, body)
+            self.images += 1

@@ -1,0 +1,107 @@
+// Layer page: every unit as a tile, rendered in pages as you scroll (fast at thousands of units).
+// Sort by NSFW evidence (flagged units first) or by id, filter flagged units, search the top texts.
+// Data comes from the JSON block on the page; text goes in with textContent only.
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("units-data").textContent);
+  var grid = document.getElementById("grid"), more = document.getElementById("more");
+  var sortBox = document.getElementById("sort"), flaggedBox = document.getElementById("flagged");
+  var searchBox = document.getElementById("search"), countBox = document.getElementById("count");
+  var PAGE = 120, shown = 0, list = [];
+  var root = "../../", evidenceName = data.evidence;
+  var U = 0, FLAG = 1, EV = 2, SHARE = 3, FV = 4, TEXTS = 5;
+  var rows = data.units.map(function (r) { r.search = r[TEXTS].join("\n").toLowerCase(); return r; });
+
+  function readHash() {
+    var params = new URLSearchParams(location.hash.slice(1));
+    if (params.get("sort")) sortBox.value = params.get("sort");
+    flaggedBox.checked = params.get("flagged") === "1";
+    searchBox.value = params.get("q") || "";
+  }
+  function writeHash() {
+    var params = new URLSearchParams();
+    if (sortBox.value !== "evidence") params.set("sort", sortBox.value);
+    if (flaggedBox.checked) params.set("flagged", "1");
+    if (searchBox.value) params.set("q", searchBox.value);
+    var text = params.toString();
+    history.replaceState(null, "", text ? "#" + text : location.pathname + location.search);
+  }
+  function evidenceKey(r) { return r[EV] === null ? -Infinity : r[EV]; }
+  function compute() {
+    var query = searchBox.value.trim().toLowerCase(), words = query ? query.split(/\s+/) : [];
+    list = rows.filter(function (r) {
+      if (flaggedBox.checked && !r[FLAG]) return false;
+      for (var i = 0; i < words.length; i++) if (r.search.indexOf(words[i]) < 0) return false;
+      return true;
+    });
+    if (sortBox.value === "unit") list.sort(function (a, b) { return a[U] - b[U]; });
+    else list.sort(function (a, b) {
+      return (b[FLAG] - a[FLAG]) || (evidenceKey(b) - evidenceKey(a)) || (a[U] - b[U]);
+    });
+    countBox.textContent = list.length === rows.length ? rows.length + " units" : list.length + " of " + rows.length + " units";
+    grid.textContent = "";
+    shown = 0;
+    renderMore();
+  }
+  function label(r) {
+    if (r[EV] === null) return "";
+    return evidenceName === "AUC" ? "AUC " + r[EV].toFixed(2) : "r " + (r[EV] >= 0 ? "+" : "") + r[EV].toFixed(2);
+  }
+  function tile(r) {
+    var a = document.createElement("a");
+    a.className = "tile" + (r[FLAG] ? " flagged" : "");
+    a.href = "u/" + r[U] + ".html";
+    a.dataset.unit = r[U];
+    a.dataset.flagged = r[FLAG];
+    var tip = [];
+    if (r[SHARE] !== null) tip.push(Math.round(100 * r[SHARE]) + "% of the top images NSFW");
+    if (r[TEXTS].length) tip.push(r[TEXTS].join("\n"));
+    if (tip.length) a.title = tip.join("\n");
+    var thumb = document.createElement("div"); thumb.className = "thumbwrap";
+    if (data.crops || r[FV]) {
+      var img = document.createElement("img");
+      img.className = "thumb"; img.loading = "lazy"; img.decoding = "async"; img.width = 112; img.height = 112;
+      img.alt = "unit " + r[U] + " (blurred)";
+      img.src = root + "img/" + data.id + "/tile/" + r[U] + ".jpg";
+      thumb.appendChild(img);
+    } else {
+      var none = document.createElement("div");
+      none.className = "thumb none"; none.textContent = "no image cached";
+      thumb.appendChild(none);
+    }
+    if (r[FLAG]) { var chip = document.createElement("span"); chip.className = "chip"; chip.textContent = "flagged"; thumb.appendChild(chip); }
+    if (r[SHARE] !== null) {
+      var share = document.createElement("span"), pct = Math.round(100 * r[SHARE]);
+      share.className = "share"; share.style.width = pct + "%";
+      share.title = pct + "% of the top images are NSFW";
+      thumb.appendChild(share);
+    }
+    var meta = document.createElement("div"); meta.className = "meta";
+    var uid = document.createElement("span"); uid.className = "uid"; uid.textContent = r[U];
+    var ev = document.createElement("span"); ev.className = "ev"; ev.textContent = label(r);
+    meta.appendChild(uid); meta.appendChild(ev);
+    var txt = document.createElement("div"); txt.className = "txt"; txt.textContent = r[TEXTS][0] || "\u00a0";
+    a.appendChild(thumb); a.appendChild(meta); a.appendChild(txt);
+    return a;
+  }
+  function renderMore() {
+    var stop = Math.min(shown + PAGE, list.length), fragment = document.createDocumentFragment();
+    for (var i = shown; i < stop; i++) fragment.appendChild(tile(list[i]));
+    grid.appendChild(fragment);
+    shown = stop;
+    grid.dataset.shown = shown;
+    more.textContent = shown < list.length ? "showing " + shown + " of " + list.length + " · scroll for more" : "";
+    if (!window.__firstRender) window.__firstRender = performance.now();
+  }
+  var observer = new IntersectionObserver(function (entries) {
+    if (entries[0].isIntersecting && shown < list.length) renderMore();
+  }, { rootMargin: "800px" });
+  observer.observe(more);
+  var timer = null;
+  function changed() { writeHash(); compute(); }
+  sortBox.addEventListener("change", changed);
+  flaggedBox.addEventListener("change", changed);
+  searchBox.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(changed, 120); });
+  readHash();
+  compute();
+})();

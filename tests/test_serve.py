@@ -1,0 +1,426 @@
+"""The web app's server, without a browser: what the pages and endpoints return, the blur, reveals, probes,
+the security rules (traversal, tokens, host check, uploads), the static site, and the top-k maps job.
+
+One `neurolens serve` subprocess (127.0.0.1, --port 0, the tiny model loaded for probes) serves the test
+cache (tests/serve_fixture.py) for the module and is stopped at the end; every request is bounded."""
+import http.client
+import io
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import serve_fixture
+from scan_data import bomb_png
+from neurolens.blur import blur_pixels, detail_retained
+from neurolens.datasets import open_dataset, preprocess
+from neurolens.figures import crop_around_cell
+from neurolens.pipelines.scan import find_scan
+from neurolens.store import Cache
+
+TIMEOUT = 60
+PROBE = {"X-Neurolens-Probe": "1"}
+
+
+def request(server, method, path, body=None, headers=None, host=None):
+    """(status, headers, body bytes) of one request sent exactly as written (no path normalization)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    try:
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        connection.putheader("Host", host or f"127.0.0.1:{server.port}")
+        for name, value in (headers or {}).items():
+            connection.putheader(name, value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def fx(serve_cache):
+    return serve_cache
+
+
+@pytest.fixture(scope="module")
+def before(fx):
+    return serve_fixture.snapshot(fx.cache)
+
+
+@pytest.fixture(scope="module")
+def server(fx, before):
+    running = serve_fixture.start_server(fx.cache, "--model", "nl-tiny-RN", "--pretrained", "none")
+    yield running
+    serve_fixture.stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def scan(fx, tiny_clip):
+    return find_scan(tiny_clip, fx.layer, open_dataset(str(fx.dataset)), top_k=8, cache=Cache(fx.cache))
+
+
+@pytest.fixture(scope="module")
+def layer_id(fx, tiny_clip):
+    return f"{tiny_clip.fingerprint[:16]}-{fx.layer}"
+
+
+def raw_crop(fx, scan, unit, rank, pixels=128):
+    """The crop the unit page shows at `rank` (1 = top), made here from the dataset file."""
+    dataset = open_dataset(str(fx.dataset))
+    index = int(scan.top_indices[unit, rank - 1])
+    source = preprocess(dataset.load(index), 64)
+    return crop_around_cell(source, scan.top_cells[unit, rank - 1], scan.grid, pixels)
+
+
+def picture(data):
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def assert_blurred(shown, original, label_rows):
+    """The shown pixels are the blur primitive's output on the original (JPEG error aside), above the label
+    band that blur_with_label writes at the bottom."""
+    top = shown.height - label_rows
+    expected = np.asarray(blur_pixels(original), dtype=np.float64)[:top]
+    assert np.abs(np.asarray(shown, dtype=np.float64)[:top] - expected).mean() < 3.0
+
+
+# ------------------------------------------------------------------------------------------------ pages
+
+def test_startup_line_names_the_url(server):
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", server.url)
+    assert server.port > 0
+
+
+def test_pages_answer_and_list_every_unit(server, fx, layer_id):
+    status, _, home = request(server, "GET", "/")
+    assert status == 200 and layer_id.encode() in home and b"nl-tiny-RN" in home
+    status, _, page = request(server, "GET", f"/L/{layer_id}/index.html")
+    assert status == 200
+    payload = re.search(rb'<script type="application/json" id="units-data">(.*?)</script>', page, re.S).group(1)
+    rows = json.loads(payload)["units"]
+    assert [row[0] for row in rows] == list(range(fx.units))
+    assert {row[0] for row in rows if row[1]} == set(fx.flagged)
+    for unit in (0, fx.flagged[0], fx.units - 1):
+        status, _, body = request(server, "GET", f"/L/{layer_id}/u/{unit}.html")
+        assert status == 200 and f"Unit {unit}".encode() in body
+    assert request(server, "GET", f"/L/{layer_id}/u/{fx.units}.html")[0] == 404
+
+
+def test_every_shown_image_is_blurred_and_raw_needs_a_confirmed_reveal(server, fx, scan, layer_id):
+    unit = fx.flagged[0]
+    shown = picture(request(server, "GET", f"/img/{layer_id}/crop/{unit}-1.jpg")[2])
+    original = raw_crop(fx, scan, unit, 1)
+    band = 108                                   # rows above the label the blur writes at the bottom
+    assert_blurred(shown, original, 20)
+    assert detail_retained(original.crop((0, 0, 128, band)), shown.crop((0, 0, 128, band))) < 0.05
+    # without the reveal header (an <img> tag or a plain link): refused
+    status, _, body = request(server, "GET", f"/raw/{layer_id}/crop/{unit}-1.png")
+    assert status == 403 and b"reveal" in body
+    status, headers, body = request(server, "GET", f"/raw/{layer_id}/crop/{unit}-1.png",
+                                    headers={"X-Neurolens-Reveal": "1"})
+    assert status == 200 and headers["cache-control"] == "no-store"
+    assert np.array_equal(np.asarray(picture(body)), np.asarray(original))
+    # an unflagged unit's crops and every tile are blurred too (blur_all before a reveal)
+    other = next(u for u in range(fx.units) if u not in fx.flagged and u not in fx.visualized)
+    shown = picture(request(server, "GET", f"/img/{layer_id}/crop/{other}-1.jpg")[2])
+    assert_blurred(shown, raw_crop(fx, scan, other, 1), 20)
+    tile = picture(request(server, "GET", f"/img/{layer_id}/tile/{other}.jpg")[2])   # no visualization: the top crop
+    assert_blurred(tile, raw_crop(fx, scan, other, 1, 112), 17)
+    # tiles are never sent raw
+    assert request(server, "GET", f"/raw/{layer_id}/tile/{other}.png", headers={"X-Neurolens-Reveal": "1"})[0] == 404
+
+
+def test_feature_visualizations_are_served_blurred(server, fx, layer_id):
+    unit = fx.visualized[0]
+    status, _, blurred = request(server, "GET", f"/img/{layer_id}/fv/{unit}-0.jpg")
+    raw = request(server, "GET", f"/raw/{layer_id}/fv/{unit}-0.png", headers={"X-Neurolens-Reveal": "1"})[2]
+    assert status == 200
+    assert_blurred(picture(blurred), picture(raw), 30)
+
+
+# ------------------------------------------------------------------------------------------------ security
+
+TRAVERSALS = [
+    "/static/../serve/app.py", "/static/..%2f..%2fapp.py", "/static/%2e%2e/%2e%2e/store.py", "/static/....//app.py",
+    "/../../../../etc/passwd", "/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/static//etc/passwd",
+    "/img/../../../../etc/passwd", "/img/{id}/crop/..%2f..%2f..%2fetc%2fpasswd", "/img/{id}/crop/0-1.jpg/../../x",
+    "/img/{id}/../../../etc/passwd", "/img/%2e%2e/crop/0-1.jpg", "/img/{id}/crop/%00.jpg",
+    "/img/{id}/crop/-1-1.jpg", "/img/{id}/fv/0-99.jpg", "/img/{id}/tile/99999.jpg",
+    "/img/{id}/{keypath}", "/raw/{id}/crop/..%2f..%2f..%2fetc%2fpasswd", "/L/..%2f..%2fetc/index.html",
+    "/L/{id}/u/..%2f..%2f..%2fetc%2fpasswd.html", "/L/{id}/u/-1.html", "/L/..%2f{id}/index.html",
+    "/api/{id}/../../etc/passwd",
+]
+
+
+def test_path_traversal_gets_400_or_404_and_never_file_content(server, fx, scan, layer_id):
+    keypath = scan.keys[0].lstrip("/")               # a real dataset file's path, tried as an image name
+    secrets = [b"root:", b"import ", b"def ", b"\x89PNG"]
+    for template in TRAVERSALS:
+        path = template.replace("{id}", layer_id).replace("{keypath}", keypath)
+        for headers in ({}, {"X-Neurolens-Reveal": "1"}):
+            status, _, body = request(server, "GET", path, headers=headers)
+            assert status in (400, 404), (path, status)
+            assert not any(secret in body for secret in secrets), path
+
+
+def test_host_header_must_be_loopback(server):
+    assert request(server, "GET", "/", host="attacker.example")[0] == 400
+    assert request(server, "GET", "/", host=f"localhost:{server.port}")[0] == 200
+
+
+def test_responses_carry_a_content_security_policy(server):
+    _, headers, _ = request(server, "GET", "/")
+    assert "script-src 'self'" in headers["content-security-policy"]
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_probe_upload_answers_the_units_map_value_and_percentile(server, fx, tiny_clip, scan, layer_id):
+    from neurolens.models import resolve_layer
+    from neurolens.scan import layer_forward
+    unit = fx.flagged[0]
+    upload = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit={unit}", body=png_bytes(upload),
+                              headers={"Content-Type": "application/octet-stream", **PROBE})
+    assert status == 200, body
+    answer = json.loads(body)
+    pixels = torch.from_numpy(np.asarray(preprocess(upload, 64)).transpose(2, 0, 1).copy())[None].float() / 255
+    acts, _ = layer_forward(tiny_clip, resolve_layer(tiny_clip, fx.layer), pixels)
+    expected = acts[0, unit].numpy()
+    assert answer["grid"] == [4, 4]
+    assert np.allclose(np.asarray(answer["map"]), expected, atol=1e-5)
+    assert answer["value"] == pytest.approx(float(expected.max()), abs=1e-5)
+    values = scan.per_image_max()[:, unit]
+    share_below = 100.0 * float((values < answer["value"]).mean())
+    assert abs(answer["percentile"] - share_below) <= 100.0 / 40 * 2 + 1e-6     # within two of 40 bins
+    assert answer["preview"].startswith("data:image/jpeg;base64,")
+
+
+def test_probe_of_a_dataset_item_matches_the_scan(server, fx, scan, layer_id):
+    unit = fx.flagged[0]
+    index = int(scan.top_indices[unit, 0])
+    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit={unit}&index={index}", body=b"",
+                              headers=PROBE)
+    assert status == 200, body
+    assert json.loads(body)["value"] == pytest.approx(float(scan.top_values[unit, 0]), abs=1e-5)
+
+
+@pytest.mark.parametrize("upload, reason", [
+    (b"this is not an image", "not a usable image"),
+    (b"", "empty"),
+    (bomb_png(), "decompression bomb"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "not a usable image"),
+])
+def test_bad_upload_gets_400_with_one_line(server, layer_id, upload, reason):
+    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit=0", body=upload, headers=PROBE)
+    assert status == 400
+    message = json.loads(body)["error"]
+    assert reason in message and "\n" not in message and "Traceback" not in message
+
+
+def test_oversized_upload_is_refused_before_it_is_read(server, layer_id):
+    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit=0", body=b"\0" * (10 * 2 ** 20 + 1),
+                              headers=PROBE)
+    assert status == 400 and "larger than 10 MB" in json.loads(body)["error"]
+
+
+def test_probe_needs_its_header(server, layer_id):
+    """A page on another site could POST a simple request to the server; without the header it is refused."""
+    status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit=0&index=0", body=b"",
+                              headers={"Content-Type": "text/plain"})
+    assert status == 400 and "X-Neurolens-Probe".lower() in json.loads(body)["error"].lower()
+
+
+def test_probe_errors_for_a_bad_unit_or_index(server, fx, layer_id):
+    for query in (f"unit={fx.units}&index=0", "unit=0&index=100000", "unit=x&index=0", "index=0"):
+        status, _, body = request(server, "POST", f"/api/{layer_id}/probe?{query}", body=b"", headers=PROBE)
+        assert status == 400 and json.loads(body)["error"], query
+
+
+def test_requests_never_write_to_the_cache(server, fx, before, layer_id):
+    for path in ("/", f"/L/{layer_id}/index.html", f"/L/{layer_id}/u/{fx.flagged[0]}.html",
+                 f"/img/{layer_id}/tile/3.jpg", f"/img/{layer_id}/crop/3-2.jpg"):
+        assert request(server, "GET", path)[0] == 200
+    assert request(server, "POST", f"/api/{layer_id}/probe?unit=0&index=0", body=b"", headers=PROBE)[0] == 200
+    assert serve_fixture.snapshot(fx.cache) == before
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+def test_no_reveal_never_sends_raw_pixels(fx, layer_id):
+    running = serve_fixture.start_server(fx.cache, "--no-reveal")
+    try:
+        status, _, body = request(running, "GET", f"/raw/{layer_id}/crop/{fx.flagged[0]}-1.png",
+                                  headers={"X-Neurolens-Reveal": "1"})
+        assert status == 403 and b"--no-reveal" in body
+        page = request(running, "GET", f"/L/{layer_id}/u/{fx.flagged[0]}.html")[2]
+        assert b'class="reveal"' not in page and b"reveals off" in page
+        assert b'id="probe"' not in page                     # no model loaded: no probe box
+    finally:
+        serve_fixture.stop_server(running)
+
+
+def test_any_other_host_needs_the_token(fx, layer_id):
+    """127.0.0.2 is on the loopback network (the test stays local) but is not the default host: a token is
+    generated and printed, and every request without it is refused."""
+    running = serve_fixture.start_server(fx.cache, "--host", "127.0.0.2")
+    try:
+        assert running.url.startswith("http://127.0.0.2:") and "?token=" in running.url
+        token = running.url.split("?token=")[1]
+
+        def get(path, headers=None):
+            connection = http.client.HTTPConnection("127.0.0.2", running.port, timeout=TIMEOUT)
+            try:
+                connection.request("GET", path, headers=headers or {})
+                response = connection.getresponse()
+                return response.status, dict(response.getheaders()), response.read()
+            finally:
+                connection.close()
+
+        for path in ("/", f"/L/{layer_id}/index.html", f"/img/{layer_id}/tile/0.jpg", "/static/style.css",
+                     f"/L/{layer_id}/u/0.html?token=wrong-token"):
+            assert get(path)[0] == 403, path
+        status, headers, _ = get(f"/?token={token}")
+        assert status == 303 and headers["location"] == "/" and "HttpOnly" in headers["set-cookie"]
+        cookie = headers["set-cookie"].split(";")[0]
+        assert get(f"/L/{layer_id}/index.html", {"Cookie": cookie})[0] == 200
+        assert get("/", {"Authorization": f"token {token}"})[0] == 200
+        status, headers, _ = get(f"/x%0d%0aX-Evil:%201?token={token}")   # no header injection via the redirect
+        assert status == 303 and "x-evil" not in {k.lower() for k in headers} and "\n" not in headers["location"]
+    finally:
+        serve_fixture.stop_server(running)
+
+
+def test_access_rules():
+    from neurolens.errors import NeurolensError
+    from neurolens.serve.server import access_for
+    assert access_for("127.0.0.1").token is None
+    assert access_for("localhost").token is None
+    generated = access_for("0.0.0.0")
+    assert generated.token and len(generated.token) >= 24
+    assert access_for("0.0.0.0").token != generated.token
+    open_access = access_for("0.0.0.0", no_token=True)
+    assert open_access.token is None and "without a token" in open_access.warning
+    assert access_for("0.0.0.0", token="my-secret-token").token == "my-secret-token"
+    for bad in ("short", "with space in it", "semi;colon;token"):
+        with pytest.raises(NeurolensError):
+            access_for("0.0.0.0", token=bad)
+    with pytest.raises(NeurolensError):
+        access_for("0.0.0.0", token="my-secret-token", no_token=True)
+
+
+def test_empty_cache_is_one_clear_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "neurolens", "serve", "--cache", str(tmp_path), "--port", "0"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nothing to show" in lines[0] and "neurolens demo" in lines[0]
+
+
+def test_busy_port_is_one_clear_line(server, fx):
+    out = subprocess.run([sys.executable, "-m", "neurolens", "serve", "--cache", str(fx.cache), "--port",
+                          str(server.port)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "--port 0" in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+def test_histogram_is_the_scans_per_image_maxima(fx, scan):
+    from neurolens.serve.records import LayerData, index_cache
+    [entry] = index_cache(Cache(fx.cache))
+    data = LayerData(Cache(fx.cache), entry)
+    values = scan.per_image_max()
+    for unit in (0, fx.flagged[0], fx.units - 1):
+        hist = data.histogram(unit)
+        assert hist.count == scan.count == int(hist.counts.sum())
+        expected, _ = np.histogram(values[:, unit], bins=hist.edges)
+        assert np.array_equal(hist.counts, expected)
+        assert hist.percentile(float(values[:, unit].max()) + 1.0) == 100.0
+        assert hist.percentile(float(values[:, unit].min()) - 1.0) == 0.0
+
+
+def test_top_maps_peak_where_the_scan_found_the_top_value(fx, scan, tiny_clip):
+    from neurolens.pipelines.topmaps import run_top_maps
+    result = run_top_maps(tiny_clip, fx.layer, scan=scan, cache=Cache(fx.cache))
+    assert result.cached and result.mismatched == 0 and result.unreadable == 0
+    maps = result.maps
+    assert maps.shape == (fx.units, 8, 4, 4)
+    filled = scan.top_indices >= 0
+    peaks = maps.reshape(fx.units, 8, -1).max(axis=2)
+    assert np.allclose(peaks[filled], scan.top_values[filled], atol=1e-5)
+    cells = maps.reshape(fx.units, 8, -1).argmax(axis=2)
+    rows, cols = cells // 4, cells % 4
+    assert np.array_equal(rows[filled], scan.top_cells[..., 0][filled])
+    assert np.array_equal(cols[filled], scan.top_cells[..., 1][filled])
+
+
+def test_static_site_has_every_unit_and_only_blurred_images(fx, scan, tmp_path, layer_id):
+    from neurolens.serve.site import write_site
+    result = write_site(Cache(fx.cache), tmp_path / "site", examples=4)
+    assert result.pages == 1 + 1 + fx.units and not result.cached
+    page = (tmp_path / "site" / "L" / layer_id / "index.html").read_text()
+    payload = re.search(r'<script type="application/json" id="units-data">(.*?)</script>', page, re.S).group(1)
+    assert [row[0] for row in json.loads(payload)["units"]] == list(range(fx.units))
+    assert not (tmp_path / "site" / "raw").exists()
+    unit_page = (tmp_path / "site" / "L" / layer_id / "u" / f"{fx.flagged[0]}.html").read_text()
+    assert 'class="reveal"' not in unit_page and "/raw/" not in unit_page
+    for unit in (fx.flagged[0], 0):
+        crop = Image.open(tmp_path / "site" / "img" / layer_id / "crop" / f"{unit}-1.jpg").convert("RGB")
+        assert_blurred(crop, raw_crop(fx, scan, unit, 1), 20)
+    assert not list((tmp_path / "site").rglob("*.png"))           # raw images are PNGs; the site has none
+    again = write_site(Cache(fx.cache), tmp_path / "site", examples=4)
+    assert again.cached and again.pages == result.pages
+
+
+def test_pages_of_a_layer_with_only_feature_visualizations(tmp_path, tiny_clip):
+    """A layer with visualize records but no scan, sweep or texts: every page renders and says what is missing."""
+    from neurolens.pipelines.visualize import run_visualize
+    from neurolens.serve.images import LayerImages
+    from neurolens.serve.pages import Pages
+    from neurolens.serve.server import select_layers
+    from neurolens.types import RenderSettings
+    cache = Cache(tmp_path / "cache")
+    run_visualize(tiny_clip, "image_block_4_0", [2, 5], RenderSettings(steps=2, seeds=(0,)), cache=cache)
+    layers = select_layers(cache)
+    [layer_id] = layers
+    pages = Pages(layers, images={layer_id: LayerImages(layers[layer_id])})
+    home = pages.home()
+    assert "not computed" in home and "<strong>2</strong> visualized units" in home
+    rows = json.loads(re.search(r'id="units-data">(.*?)</script>', pages.layer(layer_id), re.S).group(1))
+    assert rows["crops"] is False and [(r[0], r[4]) for r in rows["units"]] == [(2, 1), (5, 1)]
+    page = pages.unit(layer_id, 5)
+    assert "No scan of this layer" in page and "No sweep of this layer" in page and "fv/5-0.jpg" in page
+    images = LayerImages(layers[layer_id])
+    assert images.shown("tile", 5) is not None and images.shown("tile", 3) is None
+
+
+def test_site_on_a_full_disk_is_one_error_and_no_half_file(fx, tmp_path, full_disk):
+    from neurolens.errors import NeurolensError
+    from neurolens.serve.site import write_site
+    disk = full_disk(when=lambda path: "site" in str(path), skip=20)
+    with pytest.raises(NeurolensError, match="no space left"):
+        write_site(Cache(fx.cache), tmp_path / "site", examples=2)
+    assert disk.failed and not (tmp_path / "site" / "site.json").exists()
+    assert not [p for p in (tmp_path / "site").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_serve_without_the_serve_extra_says_what_to_install(fx, monkeypatch):
+    from neurolens.errors import NeurolensError
+    from neurolens.serve.server import serve
+    monkeypatch.setitem(sys.modules, "uvicorn", None)           # as if the serve extra were not installed
+    with pytest.raises(NeurolensError, match=r"pip install 'neurolens\[serve\]'"):
+        serve(Cache(fx.cache), port=0)
