@@ -28,6 +28,7 @@ from typing_extensions import Annotated
 
 from ..errors import NeurolensError
 from ..models.load import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from ..types import RenderSettings
 
 # ------------------------------------------------------------------------------------- single options
 
@@ -35,8 +36,8 @@ ModelOpt = Annotated[str, typer.Option("--model", help="Any open_clip model name
                                                         "nl-tiny-ViT, nl-toy-RN).")]
 PretrainedOpt = Annotated[str, typer.Option(
     "--pretrained",
-    help="open_clip pretrained tag, or 'none' for random weights (seeded; ResNet bn3 weights, which "
-         "open_clip zero-initializes, are re-initialized to 1 so units respond to the input).")]
+    help="open_clip pretrained tag, or 'none' for random weights (seeded; a ResNet's BatchNorms are "
+         "re-initialized to natural-image statistics, so activations are of order 1).")]
 CheckpointOpt = Annotated[Optional[str], typer.Option(
     "--checkpoint", help="Local .pt/.bin/.safetensors weights (read with weights_only / safetensors). "
                          "A neurolens checkpoint carries its model config, so --model is not needed.")]
@@ -318,14 +319,16 @@ SWEEP = OptionSet.of(SweepChoice, vocab=(VocabOpt, "builtin"), top_k=(SweepTopKO
                      caption_terms=(TermsOpt, None), caption_match=(CaptionMatchOpt, "word"))
 
 
+_RENDER_STEPS = RenderSettings().steps
+
+
 @dataclass(frozen=True)
 class RenderChoice:
-    """--steps/--seeds of the feature visualizations that figure and grid draw."""
-    steps: int = 256
+    """--steps/--seeds of the feature visualizations that figure and grid draw (the fast preset otherwise)."""
+    steps: int = _RENDER_STEPS
     seeds: str = "0"
 
     def settings(self):
-        from ..types import RenderSettings
         try:
             seeds = tuple(int(s) for s in self.seeds.split(",") if s.strip())
         except ValueError:
@@ -335,4 +338,4 @@ class RenderChoice:
         return RenderSettings(steps=self.steps, seeds=seeds)
 
 
-RENDER = OptionSet.of(RenderChoice, steps=(StepsOpt, 256), seeds=(SeedsOpt, "0"))
+RENDER = OptionSet.of(RenderChoice, steps=(StepsOpt, _RENDER_STEPS), seeds=(SeedsOpt, "0"))
