@@ -2,6 +2,7 @@
 when everything is cached, and the figure/grid/sweep commands."""
 import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +19,41 @@ from neurolens.unit_scores import FlagRule
 
 from test_sweep import LAYER, dataset_table, stub_scorer, vocab_file  # noqa: F401  (fixtures reused)
 
-# the stub scorer's labels (a fixed function of the image embedding, about half the images positive) stand
-# in for NSFW labels: units that follow it are flagged; 36 images give large q-values, so the bar is q <= 0.2
+# The labels stand in for NSFW labels: a column of the table that marks the 12 images on which one unit of the
+# random model (PLANTED_UNIT) responds most, so that unit follows the labels by construction and is flagged;
+# 36 images give large q-values, so the bar is q <= 0.2
 RULE = FlagRule(max_q=0.2, min_auc=0.8)
 RENDER = RenderSettings(steps=3, seeds=(0, 1))
-PANEL_KW = dict(top_k=8, text_top_k=10, rule=RULE, labels=["zero-shot"])
+PLANTED_UNIT = 7
+PANEL_KW = dict(top_k=8, text_top_k=10, rule=RULE, labels=["column:nsfw=1"])
+
+
+@pytest.fixture(scope="module")
+def panel_table(tiny_clip, dataset_table, tmp_path_factory):  # noqa: F811
+    """dataset_table with an `nsfw` column: 1 on the 12 images where PLANTED_UNIT's spatial maximum is highest."""
+    import csv
+    import shutil
+
+    import torch
+    from neurolens.hooks import forward_to
+    from neurolens.models import resolve_layer
+    root = tmp_path_factory.mktemp("paneldata")
+    source = open_dataset(dataset_table)
+    pixels = torch.stack([torch.from_numpy(np.asarray(preprocess(source.load(i), tiny_clip.image_size), dtype=np.float32))
+                          for i in range(len(source))]).permute(0, 3, 1, 2) / 255
+    spec = resolve_layer(tiny_clip, LAYER)
+    with torch.no_grad():
+        acts = forward_to(tiny_clip.model, tiny_clip.normalize(pixels), [spec])[spec.name]
+    strongest = set(np.argsort(-acts[:, PLANTED_UNIT].amax(dim=(1, 2)).numpy())[:12].tolist())
+    with open(dataset_table, newline="") as handle:
+        rows = list(csv.reader(handle))
+    with open(root / "data.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(rows[0] + ["nsfw"])
+        for index, row in enumerate(rows[1:]):
+            shutil.copy(Path(dataset_table).parent / row[0], root / row[0])
+            writer.writerow(row + [int(index in strongest)])
+    return str(root / "data.csv")
 
 
 @contextmanager
@@ -38,13 +69,13 @@ def count_forwards(model):
 
 
 @pytest.fixture(scope="module")
-def swept(tiny_clip, dataset_table, vocab_file, tmp_path_factory):  # noqa: F811
+def swept(tiny_clip, panel_table, vocab_file, tmp_path_factory):  # noqa: F811
     cache = Cache(tmp_path_factory.mktemp("panelcache"))
     PANEL_KW["vocab"] = vocab_file
-    result = run_sweep(tiny_clip, LAYER, dataset_table, cache=cache, scorer=stub_scorer, write_csv=False, **PANEL_KW)
+    result = run_sweep(tiny_clip, LAYER, panel_table, cache=cache, scorer=stub_scorer, write_csv=False, **PANEL_KW)
     flagged = result.flagged_units
     unflagged = [int(u) for u in result.scores.ranking()[::-1] if not result.scores.flagged[u]]
-    assert flagged and unflagged
+    assert PLANTED_UNIT in flagged and unflagged
     return result, cache, flagged, unflagged
 
 
@@ -66,7 +97,7 @@ def _check_written(tiny_clip, dataset, sweep, path, figure, fvs, blur_on, pixels
             original = Image.fromarray(fvs[placed.unit][placed.source_index]).resize(tile.size, Image.BICUBIC)
             score = None
         flagged = bool(sweep.scores.flagged[placed.unit])
-        # the stub scores are the sweep's labels: 0.5 and above is a positive label
+        # the column labels are the sweep's image scores (0 or 1): 0.5 and above is a positive label
         must_blur = blur_on and (flagged or (score is not None and score >= 0.5))
         if must_blur:
             assert placed.reason is not None
@@ -86,14 +117,14 @@ def _fvs(tiny_clip, cache, units):
     return {r.unit: np.asarray(r.images) for r in run_visualize(tiny_clip, LAYER, units, RENDER, cache=cache)}
 
 
-def test_figure_blurs_flagged_units_and_nsfw_images_and_leaves_the_rest_unchanged(tiny_clip, swept, dataset_table, tmp_path):  # noqa: F811
+def test_figure_blurs_flagged_units_and_nsfw_images_and_leaves_the_rest_unchanged(tiny_clip, swept, panel_table, tmp_path):  # noqa: F811
     sweep, cache, flagged, unflagged = swept
     # an unflagged unit that has both NSFW and clean top images
     mixed = next(u for u in unflagged if 0 < sweep.scores.top_nsfw_share[u] < 1)
     units = [flagged[0], mixed]
-    written = run_figure(tiny_clip, LAYER, units, dataset_table, out=tmp_path, render_settings=RENDER, cache=cache,
+    written = run_figure(tiny_clip, LAYER, units, panel_table, out=tmp_path, render_settings=RENDER, cache=cache,
                          scorer=stub_scorer, **PANEL_KW)
-    dataset = open_dataset(dataset_table)
+    dataset = open_dataset(panel_table)
     fvs = _fvs(tiny_clip, cache, units)
     for (path, figure), unit in zip(written, units):
         assert path.parent == tmp_path and path.name.endswith(f"unit{unit}.png")
@@ -106,47 +137,47 @@ def test_figure_blurs_flagged_units_and_nsfw_images_and_leaves_the_rest_unchange
     assert any(r is None for r in crop_reasons) and any(r is not None for r in crop_reasons)
 
 
-def test_no_blur_writes_raw_pixels_to_a_separate_file(tiny_clip, swept, dataset_table, tmp_path):  # noqa: F811
+def test_no_blur_writes_raw_pixels_to_a_separate_file(tiny_clip, swept, panel_table, tmp_path):  # noqa: F811
     sweep, cache, flagged, _ = swept
-    [(path, figure)] = run_figure(tiny_clip, LAYER, [flagged[0]], dataset_table, out=tmp_path, blur=False,
+    [(path, figure)] = run_figure(tiny_clip, LAYER, [flagged[0]], panel_table, out=tmp_path, blur=False,
                                   render_settings=RENDER, cache=cache, scorer=stub_scorer, **PANEL_KW)
     assert path.name.endswith("_noblur.png") and "NOT BLURRED" in figure.note
     assert all(p.reason is None for p in figure.placed)
-    _check_written(tiny_clip, open_dataset(dataset_table), sweep, path, figure,
+    _check_written(tiny_clip, open_dataset(panel_table), sweep, path, figure,
                    _fvs(tiny_clip, cache, [flagged[0]]), False, None)
 
 
-def test_grid_of_flagged_units_and_chosen_units(tiny_clip, swept, dataset_table, tmp_path):  # noqa: F811
+def test_grid_of_flagged_units_and_chosen_units(tiny_clip, swept, panel_table, tmp_path):  # noqa: F811
     sweep, cache, flagged, unflagged = swept
-    path, figure, shown = run_grid(tiny_clip, LAYER, flagged=True, top=3, dataset=dataset_table, out=tmp_path,
+    path, figure, shown = run_grid(tiny_clip, LAYER, flagged=True, top=3, dataset=panel_table, out=tmp_path,
                                    cache=cache, scorer=stub_scorer, **PANEL_KW)
     assert shown == flagged[:3]
     assert figure.placed and all(p.reason == "flagged unit" for p in figure.placed)
-    _check_written(tiny_clip, open_dataset(dataset_table), sweep, path, figure, {}, True, None)
-    path, figure, shown = run_grid(tiny_clip, LAYER, units=[unflagged[0], flagged[0]], dataset=dataset_table,
+    _check_written(tiny_clip, open_dataset(panel_table), sweep, path, figure, {}, True, None)
+    path, figure, shown = run_grid(tiny_clip, LAYER, units=[unflagged[0], flagged[0]], dataset=panel_table,
                                    out=tmp_path, cache=cache, render_fv=True, render_settings=RENDER,
                                    scorer=stub_scorer, **PANEL_KW)
     assert shown == [unflagged[0], flagged[0]]
     assert {p.kind for p in figure.placed} == {"fv", "crop"}
-    _check_written(tiny_clip, open_dataset(dataset_table), sweep, path, figure,
+    _check_written(tiny_clip, open_dataset(panel_table), sweep, path, figure,
                    _fvs(tiny_clip, cache, shown), True, None)
 
 
-def test_drawing_a_swept_layer_runs_no_forward(tiny_clip, swept, dataset_table, tmp_path):  # noqa: F811
+def test_drawing_a_swept_layer_runs_no_forward(tiny_clip, swept, panel_table, tmp_path):  # noqa: F811
     sweep, cache, flagged, unflagged = swept
     units = [flagged[0], unflagged[0]]
     # right after the sweep, a figure without feature visualization needs nothing but the cache
     with count_forwards(tiny_clip.model) as calls:
-        run_figure(tiny_clip, LAYER, units, dataset_table, out=tmp_path, fv=False, cache=cache, scorer=stub_scorer,
+        run_figure(tiny_clip, LAYER, units, panel_table, out=tmp_path, fv=False, cache=cache, scorer=stub_scorer,
                    **PANEL_KW)
-        run_grid(tiny_clip, LAYER, flagged=True, dataset=dataset_table, out=tmp_path, cache=cache,
+        run_grid(tiny_clip, LAYER, flagged=True, dataset=panel_table, out=tmp_path, cache=cache,
                  scorer=stub_scorer, **PANEL_KW)
     assert calls == []
     # once the feature visualizations are rendered (and scored), the full figure is forward-free too
-    run_figure(tiny_clip, LAYER, units, dataset_table, out=tmp_path, render_settings=RENDER, cache=cache,
+    run_figure(tiny_clip, LAYER, units, panel_table, out=tmp_path, render_settings=RENDER, cache=cache,
                scorer=stub_scorer, **PANEL_KW)
     with count_forwards(tiny_clip.model) as calls:
-        run_figure(tiny_clip, LAYER, units, dataset_table, out=tmp_path, render_settings=RENDER, cache=cache,
+        run_figure(tiny_clip, LAYER, units, panel_table, out=tmp_path, render_settings=RENDER, cache=cache,
                    scorer=stub_scorer, **PANEL_KW)
     assert calls == []
     # the counter does see forwards
