@@ -115,6 +115,30 @@ def learning_rate(settings: RenderSettings, step: int) -> float:
     return floor + (settings.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class BestImages:
+    """The image with the highest clean objective (fp32, full size, no transforms) seen so far, per batch row.
+
+    Optimizing under random jitter, scale and rotation maximizes the unit's activation on average over
+    views; on some units that average rises while the clean image's own activation falls (on a random RN50x4,
+    image_block_4_5 unit 2000 fell from 0.56 to 0.10 over lucent's 512 steps, and below zero under ours).
+    Checking the clean objective every few steps and keeping the best image returns what the unit responds to
+    most among the images the run went through, at the cost of one no-grad forward per check."""
+
+    def __init__(self, score: Callable[[torch.Tensor], torch.Tensor]):
+        self.score = score
+        self.images: Optional[torch.Tensor] = None
+        self.activations: Optional[torch.Tensor] = None
+
+    def offer(self, images: torch.Tensor) -> None:
+        scores = self.score(images)
+        if self.images is None:
+            self.images, self.activations = images.clone(), scores.clone()
+            return
+        better = scores > self.activations
+        self.images[better.to(self.images.device)] = images[better.to(images.device)]
+        self.activations = torch.where(better, scores, self.activations)
+
+
 def build_objective(settings: RenderSettings, layer: str, units: Sequence[int], basis=None) -> Objective:
     """basis: None for the layer's neurons, or a basis (neurolens.sae.basis) whose `objective` gives its units'."""
     batch_units = [unit for unit in units for _ in settings.seeds]
@@ -155,6 +179,8 @@ def render(clip, spec: LayerSpec, units: Sequence[int], settings: RenderSettings
     low_res_steps = int(round(settings.steps * settings.low_res_fraction)) if low_size else 0
     curve = np.zeros((settings.steps, len(batch_seeds)), dtype=np.float32)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    best = BestImages(lambda images: evaluate(clip, spec, settings.objective, batch_units, images, basis)) \
+        if settings.keep_best > 0 else None
 
     with any_input_size(clip.model):  # a ViT off its own size (low-resolution steps, --size) resizes its positions
         for step in range(settings.steps):
@@ -179,7 +205,14 @@ def render(clip, spec: LayerSpec, units: Sequence[int], settings: RenderSettings
             if progress is not None:
                 progress(step + 1, settings.steps)
 
-    final = param().detach()
-    activations = evaluate(clip, spec, settings.objective, batch_units, final, basis).numpy()
+            if best is not None and ((step + 1) % settings.keep_best == 0 or step + 1 == settings.steps):
+                best.offer(param().detach())
+
+    if best is None:
+        final = param().detach()
+        activations = evaluate(clip, spec, settings.objective, batch_units, final, basis)
+    else:
+        final, activations = best.images, best.activations
+    activations = activations.numpy()
     pixels = (final.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return RenderOutput(images=pixels, activations=activations.astype(np.float32), curve=curve)

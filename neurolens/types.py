@@ -37,17 +37,19 @@ class RenderSettings:
     steps: int = 256
     size: int = 0                  # 0: the model's input resolution
     seeds: Tuple[int, ...] = (0,)
-    lr: float = 0.35               # Adam; lucent uses 0.05. Measured on RN50x4 unit 1543 (256 steps): 0.1 never reached
-                                   # lucent's 512-step activation, 0.2 did at step ~224, 0.35 at step ~176
+    lr: float = 0.7                # Adam's peak lr (lucent uses 0.05); the fast defaults (lr, warm-up, decay, low-resolution
+                                   # share, keep_best) were chosen on the TUNING units named in docs/visualize.md
     diversity: float = 0.0         # weight of the diversity term between seeds of one unit
     decay_power: float = 1.0       # Fourier spectrum scaling exponent (lucid's default)
-    low_res_fraction: float = 0.5  # share of steps rendered at reduced resolution (the speed trick)
+    low_res_fraction: float = 0.6  # share of steps rendered at reduced resolution (the speed trick)
     low_res_scale: float = 0.5     # image size of those steps relative to the full size
-    lr_warmup: float = 0.0         # share of steps over which the lr rises linearly to lr
-    lr_decay_start: float = 1.0    # share of steps after which the lr decays (cosine) to lr * lr_final; 1: constant
+    lr_warmup: float = 0.1         # share of steps over which the lr rises linearly to lr
+    lr_decay_start: float = 0.75   # share of steps after which the lr decays (cosine) to lr * lr_final; 1: constant
     lr_final: float = 0.0
     precision: str = "auto"        # auto | fp32 | bf16
     transforms: str = "standard"   # standard | none
+    keep_best: int = 16            # every this many steps the clean activation is checked and the best image kept
+                                   # (render.BestImages); 0: the last image, as lucid/lucent return
 
 
 # Named presets of RenderSettings (`visualize --quality`). fast: the defaults (see docs/visualize.md for
@@ -55,7 +57,7 @@ class RenderSettings:
 # Adam lr 0.05 at full resolution for 4096 steps, several seeds kept apart by the diversity term.
 QUALITY_PRESETS = {
     "fast": {},
-    "microscope": {"steps": 4096, "lr": 0.05, "low_res_fraction": 0.0, "lr_decay_start": 1.0,
+    "microscope": {"steps": 4096, "lr": 0.05, "low_res_fraction": 0.0, "lr_warmup": 0.0, "lr_decay_start": 1.0, "keep_best": 0,
                    "seeds": (0, 1, 2, 3), "diversity": 0.5},
 }
 

@@ -146,3 +146,22 @@ def test_quality_presets():
     assert quality_settings("microscope", steps=3).steps == 3
     with pytest.raises(NeurolensError, match="unknown quality"):
         quality_settings("slow")
+
+
+def test_keep_best_returns_the_best_checked_image_and_its_clean_activation(tiny_clip):
+    """keep_best checks the clean objective every N steps; what is returned is the best of those checks, and
+    its activation is the image's own (re-evaluated here), never below the last image's."""
+    from neurolens.models import resolve_layer
+    from neurolens.render import evaluate, render
+    from neurolens.types import RenderSettings
+    spec = resolve_layer(tiny_clip, "image_block_3_0")
+    seen = []
+    common = dict(steps=12, size=64, seeds=(0, 1), low_res_fraction=0.0, lr=2.0)
+    last = render(tiny_clip, spec, [5], RenderSettings(keep_best=0, **common))
+    kept = render(tiny_clip, spec, [5], RenderSettings(keep_best=4, **common),
+                  on_step=lambda step, current: seen.append(evaluate(tiny_clip, spec, "channel", [5, 5], current())))
+    checks = torch.stack([seen[3], seen[7], seen[11]])            # the states after steps 4, 8 and 12
+    assert np.allclose(kept.activations, checks.max(0).values.numpy(), atol=1e-5)
+    assert (kept.activations >= last.activations - 1e-5).all()
+    again = evaluate(tiny_clip, spec, "channel", [5, 5], torch.from_numpy(kept.images).permute(0, 3, 1, 2).float() / 255)
+    assert np.allclose(again.numpy(), kept.activations, atol=0.05 * np.abs(kept.activations).max() + 1e-3)
