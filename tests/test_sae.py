@@ -26,7 +26,7 @@ from scan_data import write_images
 
 LAYER = "image_block_3_0"   # nl-tiny-RN: 256 channels on a 4x4 grid at 64 px
 TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
-SMALL = SaeTrainSettings(features="2x", k=8, epochs=3, batch_size=64, held_out=0.2)
+SMALL = SaeTrainSettings(features="2x", k=8, epochs=3, batch_size=64, held_out=0.2, sparsity="batchtopk")
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +199,12 @@ def test_sae_that_does_not_fit_the_layer_is_one_line(tmp_path, tiny_clip, images
 # --------------------------------------------------------------------------------------------- training
 
 def test_training_is_deterministic_and_resumes_bit_for_bit(tmp_path, tiny_clip, images):
-    settings = SaeTrainSettings(features="2x", k=8, epochs=2, batch_size=32, held_out=0.2, buffer_vectors=96)
+    settings = SaeTrainSettings(features="2x", k=8, epochs=2, batch_size=32, held_out=0.2, buffer_vectors=96,
+                                sparsity="batchtopk")
     first = run_sae_train(tiny_clip, LAYER, str(images), settings, name="a", cache=Cache(tmp_path / "1"), workers=0)
     again = run_sae_train(tiny_clip, LAYER, str(images), settings, name="a", cache=Cache(tmp_path / "2"), workers=0)
     a, b = load_sae(first.path), load_sae(again.path)
-    assert a.config.architecture == "jumprelu"                 # BatchTopK, the default, saved with its threshold
+    assert a.config.architecture == "jumprelu"                 # BatchTopK, saved with its threshold
     for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     # 16 training images x 16 cells = 256 vectors per epoch in chunks of 96 vectors (6 images): 3 chunks
@@ -344,6 +345,14 @@ def test_sparsity_option_topk_and_the_settings_key(tmp_path, tiny_clip, images):
                                    "gated", "--cache", str(tmp_path / "c"), "--workers", "0"])
     assert bad.exit_code == 2 and "--sparsity must be batchtopk or topk" in bad.output
     assert "Traceback" not in bad.output
+    batch = CliRunner().invoke(app, ["sae", "train", *TINY, "--layer", LAYER, "--dataset", str(images), "--features",
+                                     "512", "--k", "8", "--epochs", "1", "--batch-size", "64", "--held-out", "0.2",
+                                     "--sparsity", "batchtopk", "--cache", str(tmp_path / "c"), "--workers", "0",
+                                     "--json"])
+    assert batch.exit_code == 0, batch.output
+    summary = json.loads(batch.stdout)
+    assert summary["name"].startswith("batchtopk-512-k8-") and summary["settings"]["sparsity"] == "batchtopk"
+    assert load_sae(summary["path"]).config.architecture == "jumprelu"
 
 
 def test_explained_variance_and_embedding_cosine_are_what_they_say(tmp_path, tiny_clip, images):

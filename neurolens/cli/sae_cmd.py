@@ -27,7 +27,7 @@ def _number(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-@sae_app.command("train", short_help="Train a BatchTopK or TopK SAE on a layer (streamed, resumable) and print its "
+@sae_app.command("train", short_help="Train a TopK or BatchTopK SAE on a layer (streamed, resumable) and print its "
                                      "quality report.")
 @command
 @uses(model=MODEL, data=DATASET)
@@ -38,11 +38,10 @@ def train(
                                           "(8x) or a number of features (4096).")] = "8x",
     k: Annotated[int, typer.Option("--k", help="Active features per vector: exactly k with --sparsity topk, k on "
                                    "average with batchtopk.")] = 32,
-    sparsity: Annotated[str, typer.Option("--sparsity", help="batchtopk: each batch keeps its k x batch-size largest "
+    sparsity: Annotated[str, typer.Option("--sparsity", help="topk: exactly k active features per vector, saved as "
+                                          "a TopK SAE; batchtopk: each batch keeps its k x batch-size largest "
                                           "activations (k per vector on average), saved as a JumpReLU SAE with one "
-                                          "global threshold estimated at the end of training (features fire more "
-                                          "selectively); topk: exactly k per vector, saved as a TopK SAE.")
-                        ] = "batchtopk",
+                                          "global threshold estimated at the end of training.")] = "topk",
     out: Annotated[Optional[str], typer.Option("--out", help="Name of the SAE (letters, digits, . _ -); default "
                                                "<sparsity>-<features>-k<k>-<hash of the settings>.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training images; 0 = as many as give "
@@ -64,8 +63,8 @@ def train(
 ) -> None:
     """Train a sparse autoencoder on a layer: every spatial cell (ResNet) or patch token (ViT) of the dataset's
     images is one sample, streamed from the model into a shuffled in-memory buffer (nothing is written to disk
-    but the SAE). ReLU encoder, BatchTopK (default: k active features per vector on average over each batch,
-    saved as a JumpReLU SAE with one global threshold) or TopK (--sparsity topk: exactly k), unit-norm decoder
+    but the SAE). ReLU encoder, TopK (default: exactly k active features per vector) or BatchTopK (--sparsity
+    batchtopk: k on average over each batch, saved as a JumpReLU SAE with one global threshold), unit-norm decoder
     rows, a pre-encoder bias, and the AuxK loss for dead features. Resumes from its last checkpoint after an
     interruption; prints the quality report (held-out explained variance, L0 of the saved SAE, dead share,
     embedding cosine with the layer replaced by its reconstruction) and saves the SAE in SAELens's layout next

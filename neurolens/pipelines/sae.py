@@ -97,7 +97,7 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
                   images_per_forward: Optional[int] = None, workers: Optional[int] = None, precision: str = "fp32",
                   checkpoint_seconds: float = 30.0, stop_after_chunks: Optional[int] = None,
                   quality_progress: Progress = None) -> SaeTrainResult:
-    """Train (or read the cached) BatchTopK or TopK SAE (settings.sparsity) of `layer` over `dataset`; see the
+    """Train (or read the cached) TopK or BatchTopK SAE (settings.sparsity) of `layer` over `dataset`; see the
     module docstring.
 
     progress(done, total) counts training vectors; on_metrics(dict) gets loss, explained_variance and dead_share
