@@ -407,7 +407,11 @@ def train_loop(stream: ActivationStream, settings: SaeTrainSettings, d_sae: int,
     if trainer.batch_topk and state.threshold is None:
         # on the final weights, over the first chunk of the last epoch (in memory when every vector fits; one
         # chunk's forward otherwise): a full-size, shuffled sample of training vectors
-        _, calibration = next(stream.epoch(epochs - 1, 0))
+        chunks = stream.epoch(epochs - 1, 0)
+        try:
+            _, calibration = next(chunks)
+        finally:
+            chunks.close()   # the rest of the epoch is not needed (no model forward for it)
         state.threshold = trainer.estimate_threshold(calibration)
     if checkpoint_path is not None:
         write_checkpoint(checkpoint_path, trainer.checkpoint(key))
