@@ -70,6 +70,8 @@ def timed_forward(clip, spec, dataset, batch_size):
         for first in range(0, len(pixels), batch_size):
             images = pixels[first:first + batch_size].to(clip.device).float().div_(255.0)
             forward_to(clip.model, clip.normalize(images), [spec])
+    if clip.device.type == "cuda":
+        torch.cuda.synchronize()  # queued kernels belong to the timed forwards
     return time.perf_counter() - start
 
 
@@ -143,7 +145,7 @@ def main() -> None:
         dataset = open_dataset(str(tmp / "n"))
         from neurolens.hooks import forward_to
         with torch.no_grad():  # warm-up: first-call allocations are not part of either timing
-            forward_to(clip.model, clip.normalize(torch.rand(1, 3, clip.image_size, clip.image_size)), [spec])
+            forward_to(clip.model, clip.normalize(torch.rand(1, 3, clip.image_size, clip.image_size, device=clip.device)), [spec])
         scan_s, fp32 = timed_scan(clip, args.layer, dataset, args, "fp32", tmp / "cache32")
         forward_s = timed_forward(clip, spec, dataset, args.batch_size)
         report.update(scan_img_s=args.n / scan_s, forward_img_s=args.n / forward_s)

@@ -30,6 +30,7 @@ def visualize(
     diversity: Annotated[Optional[float], typer.Option("--diversity", min=0.0, help=f"Weight of the diversity term between the seeds of a unit (fast: {_FAST.diversity}).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help=f"Adam's (peak) learning rate (fast: {_FAST.lr}).")] = None,
     low_res_fraction: Annotated[Optional[float], typer.Option("--low-res-fraction", min=0.0, max=1.0, help=f"Share of steps optimized at lower resolution, where the layer's grid allows (speed) (fast: {_FAST.low_res_fraction}).")] = None,
+    keep_best: Annotated[Optional[int], typer.Option("--keep-best", min=0, help=f"Check the clean activation every N steps and keep the best image; 0: the last image (fast: {_FAST.keep_best}, microscope: {_MICROSCOPE.keep_best}).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = _FAST.precision,
     out: Annotated[str, typer.Option("--out", help="Folder for the PNGs.")] = "outputs/visualize",
     force: ForceOpt = False,
@@ -58,7 +59,7 @@ def visualize(
     from ..pipelines.visualize import run_visualize
 
     chosen = dict(steps=steps, seeds=tuple(seed) if seed else None, lr=lr, diversity=diversity,
-                  low_res_fraction=low_res_fraction)
+                  low_res_fraction=low_res_fraction, keep_best=keep_best)
     settings = quality_settings(quality, objective=objective, size=size, precision=precision,
                                 **{name: value for name, value in chosen.items() if value is not None})
     if no_blur:
