@@ -27,7 +27,8 @@ def _number(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-@sae_app.command("train", short_help="Train a TopK SAE on a layer (streamed, resumable) and print its quality report.")
+@sae_app.command("train", short_help="Train a TopK or BatchTopK SAE on a layer (streamed, resumable) and print its "
+                                     "quality report.")
 @command
 @uses(model=MODEL, data=DATASET)
 def train(
@@ -35,9 +36,14 @@ def train(
     data: DatasetChoice = None,
     features: Annotated[str, typer.Option("--features", help="Dictionary size: a multiple of the layer's channels "
                                           "(8x) or a number of features (4096).")] = "8x",
-    k: Annotated[int, typer.Option("--k", help="Active features per vector (TopK).")] = 32,
+    k: Annotated[int, typer.Option("--k", help="Active features per vector: exactly k with --sparsity topk, k on "
+                                   "average with batchtopk.")] = 32,
+    sparsity: Annotated[str, typer.Option("--sparsity", help="topk: exactly k active features per vector, saved as "
+                                          "a TopK SAE; batchtopk: each batch keeps its k x batch-size largest "
+                                          "activations (k per vector on average), saved as a JumpReLU SAE with one "
+                                          "global threshold estimated at the end of training.")] = "topk",
     out: Annotated[Optional[str], typer.Option("--out", help="Name of the SAE (letters, digits, . _ -); default "
-                                               "topk-<features>-k<k>-<hash of the settings>.")] = None,
+                                               "<sparsity>-<features>-k<k>-<hash of the settings>.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training images; 0 = as many as give "
                                         "2M training vectors (at least 1).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Vectors (cells / patch tokens) per optimizer step.")] = 1024,
@@ -55,19 +61,21 @@ def train(
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a TopK sparse autoencoder on a layer: every spatial cell (ResNet) or patch token (ViT) of the
-    dataset's images is one sample, streamed from the model into a shuffled in-memory buffer (nothing is written
-    to disk but the SAE). ReLU encoder, TopK, unit-norm decoder rows, a pre-encoder bias, and the AuxK loss for
-    dead features. Resumes from its last checkpoint after an interruption; prints the quality report (held-out
-    explained variance, L0, dead share, embedding cosine with the layer replaced by its reconstruction) and
-    saves the SAE in SAELens's layout next to the cache. Use it anywhere with --sae NAME.
+    """Train a sparse autoencoder on a layer: every spatial cell (ResNet) or patch token (ViT) of the dataset's
+    images is one sample, streamed from the model into a shuffled in-memory buffer (nothing is written to disk
+    but the SAE). ReLU encoder, TopK (default: exactly k active features per vector) or BatchTopK (--sparsity
+    batchtopk: k on average over each batch, saved as a JumpReLU SAE with one global threshold), unit-norm decoder
+    rows, a pre-encoder bias, and the AuxK loss for dead features. Resumes from its last checkpoint after an
+    interruption; prints the quality report (held-out explained variance, L0 of the saved SAE, dead share,
+    embedding cosine with the layer replaced by its reconstruction) and saves the SAE in SAELens's layout next
+    to the cache. Use it anywhere with --sae NAME.
 
     Example:  neurolens sae train --layer image_block_4_5 --dataset photos/ --features 8x --k 32 --out nsfw8x
     """
     from ..pipelines.sae import run_sae_train
     from ..sae.train import SaeTrainSettings
     settings = SaeTrainSettings(features=features, k=k, epochs=epochs, batch_size=batch_size, lr=lr,
-                                held_out=held_out, seed=seed)
+                                held_out=held_out, seed=seed, sparsity=sparsity)
     clip = model.load(quiet=as_json)
     dataset = data.open()
     with progress_bar(f"sae train {layer}", enabled=not as_json) as update:

@@ -26,7 +26,7 @@ from ..sae.buffer import ActivationStream, split_images
 from ..sae.io import read_config, save_sae
 from ..sae.quality import QualityReport, evaluate
 from ..sae.registry import as_cache, check_name, is_complete, sae_folder
-from ..sae.train import SaeTrainSettings, default_buffer_vectors, plan, resolve_features, resolved_lr, train_loop
+from ..sae.train import SPARSITIES, SaeTrainSettings, default_buffer_vectors, plan, resolve_features, resolved_lr, train_loop
 from ..scan import PRECISIONS, default_batch_size, default_workers
 from ..store import settings_key
 
@@ -87,6 +87,8 @@ def _check(settings: SaeTrainSettings, d_sae: int, precision: str) -> None:
         raise NeurolensError(f"--held-out must be a share in [0, 1), got {settings.held_out}")
     if settings.lr < 0:
         raise NeurolensError(f"--lr must be positive (or 0 for the default), got {settings.lr}")
+    if settings.sparsity not in SPARSITIES:
+        raise NeurolensError(f"--sparsity must be {' or '.join(SPARSITIES)}, got {settings.sparsity!r}")
 
 
 def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = None,
@@ -95,7 +97,8 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
                   images_per_forward: Optional[int] = None, workers: Optional[int] = None, precision: str = "fp32",
                   checkpoint_seconds: float = 30.0, stop_after_chunks: Optional[int] = None,
                   quality_progress: Progress = None) -> SaeTrainResult:
-    """Train (or read the cached) TopK SAE of `layer` over `dataset`; see the module docstring.
+    """Train (or read the cached) TopK or BatchTopK SAE (settings.sparsity) of `layer` over `dataset`; see the
+    module docstring.
 
     progress(done, total) counts training vectors; on_metrics(dict) gets loss, explained_variance and dead_share
     after every chunk; quality_progress counts held-out images while the quality report is computed."""
@@ -105,7 +108,7 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
     d_sae = resolve_features(spec.channels, settings.features)
     _check(settings, d_sae, precision)
     key = train_key(clip, spec, dataset, settings, d_sae, precision)
-    name = check_name(name or f"topk-{d_sae}-k{settings.k}-{key[:8]}")
+    name = check_name(name or f"{settings.sparsity}-{d_sae}-k{settings.k}-{key[:8]}")
     folder = sae_folder(cache, clip, spec.name, name)
     checkpoint = folder / CHECKPOINT_NAME
 
@@ -142,7 +145,8 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
             "held_out_images": int(len(held_images)), "skipped": len(trainer.state.skipped),
             "settings": settings.as_dict(), "features": d_sae, "lr": resolved_lr(settings, d_sae),
             "dead_after": dead_after, "epochs": epochs, "vectors": trainer.state.seen, "precision": precision,
-            "dead_feature_handling": "auxk", "quality": quality.to_dict(), "seconds": round(loop.seconds, 2),
+            "dead_feature_handling": "auxk", "sparsity": settings.sparsity,
+            "inference_threshold": trainer.state.threshold, "quality": quality.to_dict(), "seconds": round(loop.seconds, 2),
             "history": trainer.state.history, "created": time.time()}
     save_sae(loop.sae, folder, {"model_name": clip.name, "hook_name": spec.name, "neurolens": info})
     checkpoint.unlink(missing_ok=True)
@@ -161,7 +165,8 @@ def _cached_result(clip, spec, folder: Path, name: str, settings: SaeTrainSettin
         embedding_cosine=_num(q.get("embedding_cosine")), held_out_images=int(q.get("held_out_images") or 0),
         held_out_vectors=int(q.get("held_out_vectors") or 0), dead_after=int(q.get("dead_after") or 0))
     sae = load_sae(folder, device=clip.device)
-    return SaeTrainResult(name=name, path=folder, layer=spec.name, features=sae.d_sae, k=int(sae.k or 0),
+    # a BatchTopK SAE is saved as jumprelu, which has no k: k is that of the (matching) settings
+    return SaeTrainResult(name=name, path=folder, layer=spec.name, features=sae.d_sae, k=int(sae.k or settings.k),
                           quality=quality, settings=settings, cached=True,
                           vectors=int(info.get("vectors") or 0), epochs=int(info.get("epochs") or 0),
                           skipped=int(info.get("skipped") or 0), basis=SaeBasis(sae, name, spec, folder).id,

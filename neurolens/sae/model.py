@@ -140,10 +140,13 @@ class SparseAutoencoder(nn.Module):
         """Dense (..., d_sae) activations -> (..., d_in) in the normalized space (no n^-1)."""
         return z @ self.W_dec + self.b_dec
 
-    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor, bias: bool = True) -> torch.Tensor:
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor, bias: bool = True,
+                      offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """sum_j values[n, j] * W_dec[indices[n, j]] (+ b_dec) for (N, k) values and indices, without forming
-        the (N, d_sae) matrix (embedding_bag: one pass over the k decoder rows of each input)."""
-        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum")
+        the (N, d_sae) matrix (embedding_bag: one pass over the k decoder rows of each input). With `offsets`,
+        values and indices are 1-D and input n's features are those from offsets[n] to offsets[n + 1] (any
+        number per input)."""
+        out = F.embedding_bag(indices, self.W_dec, offsets, per_sample_weights=values, mode="sum")
         return out + self.b_dec if bias else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
