@@ -8,8 +8,8 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import app, command, print_json, progress_bar
-from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, TopKOpt, uses
+from .app import app, command, open_basis, print_json, progress_bar
+from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, SaeOpt, TopKOpt, uses
 from ..models.load import DEFAULT_MODEL
 
 LayersOpt = Annotated[Optional[List[str]], typer.Option(
@@ -29,6 +29,7 @@ def maps(
         "--dataset", help="The scanned dataset (default: the newest cached scan of the layer, whose images are "
                           "found again from its record).")] = None,
     top_k: TopKOpt = 32,
+    sae: SaeOpt = None,
     model: ModelChoice = None,
     force: ForceOpt = False,
     cache: CacheOpt = None,
@@ -36,8 +37,11 @@ def maps(
 ) -> None:
     """Store the activation maps of every unit's top-k dataset images (one forward per distinct image), so
     `serve` and `site` draw where each unit fired without a model. --top-k (with --dataset) names the scan.
+    With --sae, the maps of that SAE's features on their own top images (the SAE applied to every cell),
+    from the feature scan (`neurolens scan --sae`).
 
     Example:  neurolens maps --layer image_block_4_5
+    Example:  neurolens maps --layer image_block_4_5 --sae rn8x
     Example:  neurolens maps --checkpoint toy.pt --layer image_block_4_0 --dataset pairs.parquet
     """
     from ..errors import NeurolensError
@@ -47,21 +51,24 @@ def maps(
 
     clip = model.load(quiet=as_json)
     store = Cache(cache)
+    basis = open_basis(clip, layer, sae, store)
+    option = f" --sae {sae}" if sae else ""
     scan = None
     if dataset is not None:
-        scan = find_scan(clip, layer, dataset, top_k=top_k, cache=store)
+        scan = find_scan(clip, layer, dataset, top_k=top_k, cache=store, basis=basis)
         if scan is None:
-            raise NeurolensError(f"no finished scan of {layer} over {dataset} (top-k {top_k}) with these weights; "
-                                 f"run `neurolens scan` first")
+            raise NeurolensError(f"no finished scan of {layer}{option} over {dataset} (top-k {top_k}) with these "
+                                 f"weights; run `neurolens scan --layer {layer}{option}` first")
     with progress_bar("maps", enabled=not as_json) as progress:
-        result = run_top_maps(clip, layer, scan=scan, cache=store, force=force, progress=progress)
+        result = run_top_maps(clip, layer, scan=scan, cache=store, force=force, progress=progress, basis=basis)
     summary = {"record": str(result.path), "images": result.images, "unreadable": result.unreadable,
-               "mismatched": result.mismatched, "cached": result.cached}
+               "mismatched": result.mismatched, "cached": result.cached, "basis": basis.id}
     if as_json:
         print_json(summary)
         return
-    typer.echo(f"{'cached' if result.cached else 'stored'}: activation maps of the top images ({result.images} "
-               f"images) -> {Path(result.path)}")
+    what = "units" if sae is None else f"features of SAE {basis.name}"
+    typer.echo(f"{'cached' if result.cached else 'stored'}: activation maps of the {what}' top images "
+               f"({result.images} images) -> {Path(result.path)}")
     if result.unreadable or result.mismatched:
         typer.echo(f"warning: {result.unreadable} image(s) unreadable and {result.mismatched} map(s) whose peak "
                    f"differs from the scan: the dataset changed since the scan; rerun the scan with --force",
@@ -87,7 +94,7 @@ def serve(
 ) -> None:
     """A local web app over the cache: every layer, every unit (sorted by NSFW evidence), each unit's feature
     visualizations, top dataset examples with where the unit fired, activation histogram, top texts and
-    NSFW evidence. Every image is blurred; one image at a time can be revealed on purpose (a click, then a
+    NSFW evidence; the features of every SAE with cached results get the same pages. Every image is blurred; one image at a time can be revealed on purpose (a click, then a
     confirmation) unless --no-reveal. With --model or --checkpoint it also answers live probes. Prints
     `serving http://...` once it accepts connections; Ctrl-C stops it.
 
