@@ -91,7 +91,7 @@ def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, toke
 
     access = access_for(host, token, no_token)
     chosen = select_layers(cache, layers)
-    prober = Prober(clip) if clip is not None else None
+    prober = Prober(clip, cache) if clip is not None else None
     note = f"Probes use {clip.name} ({clip.pretrained})." if clip is not None else ""
     state = ServeState(chosen, reveal=reveal, prober=prober, token=access.token,
                        loopback_only=host in LOCAL_HOSTS and access.token is None, model_note=note)
