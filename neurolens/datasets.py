@@ -48,14 +48,24 @@ class ImageDataset:
     captions: Optional[List[str]] = None
     table: Optional[str] = None          # the parquet/CSV file of a table dataset (other columns: labels)
     # how to read each item: ('file', path) | ('tar', shard, offset, size) | ('builtin', name)
+    # | ('skip', reason): an item known to be unusable before reading it (an img2dataset row whose download failed)
     _sources: List[Tuple] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def slice(self, first: int, last: int, description: str = "") -> "ImageDataset":
+        """Items [first, last) as a dataset of their own (item i is item first + i of this one)."""
+        return ImageDataset(keys=self.keys[first:last], identity=_identity([self.identity, first, last]),
+                            description=description or f"items {first}..{last - 1} of {self.description}",
+                            captions=self.captions[first:last] if self.captions is not None else None,
+                            _sources=self._sources[first:last])
+
     def read_bytes(self, i: int) -> bytes:
         source = self._sources[i]
         kind = source[0]
+        if kind == "skip":
+            raise BadImage(source[1])
         try:
             if kind == "file":
                 with open(source[1], "rb") as handle:
@@ -179,18 +189,13 @@ def open_dataset(source: Optional[str] = None, image_column: str = "image", capt
         if not path.is_file():
             raise DatasetError(f"dataset table {text} does not exist; give a parquet/CSV file, a folder of images or tar shards")
         return _table_dataset(path, image_column, caption_column)
-    if lower.endswith(".tar") or any(ch in text for ch in "*?[{"):
-        shards = _expand_shards(text)
-        if not shards:
-            raise DatasetError(f"no tar shard matches {text}; give existing .tar files, a folder of images or a table")
+    shards = tar_shards(text)
+    if shards is not None:
         return _tar_dataset(shards, text)
     if path.is_dir():
         files = _list_images(path)
         if files:
             return _folder_dataset(path, files)
-        shards = sorted(str(p) for p in path.rglob("*.tar") if p.is_file())
-        if shards:
-            return _tar_dataset(shards, text)
         raise DatasetError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) or .tar shards found under {text}")
     if path.is_file() and lower.endswith(IMAGE_EXTENSIONS):
         return _folder_dataset(path.parent, [path])
@@ -198,12 +203,40 @@ def open_dataset(source: Optional[str] = None, image_column: str = "image", capt
                        f"omit --dataset to use the built-in sample images")
 
 
+def tar_shards(source: str) -> Optional[List[str]]:
+    """The sorted shard paths when `source` names tar shards (a .tar path, a glob or `{000..009}` pattern, or a
+    folder with no images but .tar files under it, such as img2dataset's output); None for other sources."""
+    text = str(source)
+    if text.lower().endswith(".tar") or any(ch in text for ch in "*?[{"):
+        shards = _expand_shards(text)
+        if not shards:
+            raise DatasetError(f"no tar shard matches {text}; give existing .tar files, a folder of images or a table")
+        return shards
+    path = Path(text).expanduser()
+    if path.is_dir() and not _has_image(path):
+        shards = sorted(str(p) for p in path.rglob("*.tar") if p.is_file())
+        return shards or None
+    return None
+
+
+class IdentityHash:
+    """A dataset identity built part by part (so a caller can feed one shard's parts at a time)."""
+
+    def __init__(self, parts: Sequence[object] = ()):
+        self._digest = hashlib.sha1()
+        self.update(parts)
+
+    def update(self, parts: Sequence[object]) -> None:
+        for part in parts:
+            self._digest.update(repr(part).encode())
+            self._digest.update(b"\0")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()[:20]
+
+
 def _identity(parts: Sequence[object]) -> str:
-    digest = hashlib.sha1()
-    for part in parts:
-        digest.update(repr(part).encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:20]
+    return IdentityHash(parts).hexdigest()
 
 
 def _stat(path: str) -> Tuple[int, int]:
@@ -239,6 +272,15 @@ def _list_images(root: Path) -> List[Path]:
         names = [n for n in files + dirs if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
         found.extend(Path(folder) / n for n in sorted(names))
     return sorted(set(found), key=lambda p: str(p))
+
+
+def _has_image(root: Path) -> bool:
+    """Whether _list_images(root) would list anything (stops at the first entry)."""
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS) for n in files + dirs):
+            return True
+    return False
 
 
 def _folder_dataset(root: Path, files: List[Path]) -> ImageDataset:
@@ -309,7 +351,9 @@ def dataset_column(dataset: ImageDataset, name: str) -> List[object]:
                                f"name an existing column in --labels column:NAME")
         return list(rows[name])
     tar_items = [source for source in dataset._sources if source and source[0] == "tar"]
-    if tar_items and len(tar_items) == len(dataset.keys):
+    # img2dataset rows whose download failed have no member (their value is None: they are skipped anyway)
+    failed = [source for source in dataset._sources if source and source[0] == "skip"]
+    if tar_items and len(tar_items) + len(failed) == len(dataset.keys):
         values = _tar_json_field(dataset.keys, name)
         if any(v is not None for v in values):
             return values
@@ -369,30 +413,115 @@ def _expand_shards(pattern: str) -> List[str]:
     return sorted(dict.fromkeys(str(Path(f).resolve()) for f in found))
 
 
+@dataclass
+class ShardListing:
+    """The items of one tar shard in order: what a worker needs to read them (keys, captions, sources) and the
+    parts the dataset identity hashes. Concatenated in shard order they are the tar dataset."""
+    shard: str
+    keys: List[str]
+    captions: List[str]
+    sources: List[Tuple]
+    parts: List[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def dataset(self) -> ImageDataset:
+        """This shard alone as a dataset (item i = the shard's item i)."""
+        return ImageDataset(keys=self.keys, identity=_identity(self.parts), captions=self.captions,
+                            description=f"tar shard {self.shard} ({len(self.keys)} items)", _sources=self.sources)
+
+
+def list_tar_shard(shard: str) -> ShardListing:
+    """The samples of one webdataset shard: members sharing a basename up to the first dot form one sample; its
+    image member is the item, and a .txt/.caption member (or .json 'caption') is its caption.
+
+    With an img2dataset parquet beside the shard (`00000.parquet` with `key` and `status` columns) the items
+    are the parquet's rows in order: a `success` row is its tar sample, any other status is an item skipped
+    with that status as the reason (img2dataset writes no member for it); tar samples the parquet does not
+    list follow, in member order."""
+    try:
+        with tarfile.open(shard, "r:") as archive:
+            samples = []  # (stem, image member, caption) in member order
+            for stem, group in _sample_groups(archive).items():
+                image = next((m for m in group if m.name.lower().endswith(IMAGE_EXTENSIONS)), None)
+                if image is not None:
+                    samples.append((stem, image, _tar_caption(archive, group)))
+    except (tarfile.TarError, OSError) as exc:
+        raise DatasetError(f"tar shard {shard} cannot be read ({exc}); remove or repair it") from None
+    listing = ShardListing(shard, [], [], [], [])
+
+    def add_sample(image: tarfile.TarInfo, caption: str) -> None:
+        listing.keys.append(f"{shard}:{image.name}")
+        listing.sources.append(("tar", shard, image.offset_data, image.size))
+        listing.parts.append(f"{shard}:{image.name}|{image.size}")
+        listing.captions.append(caption)
+
+    rows = _img2dataset_rows(shard)
+    if rows is None:
+        for _, image, caption in samples:
+            add_sample(image, caption)
+        return listing
+    by_key = {os.path.basename(stem): (image, caption) for stem, image, caption in samples}
+    listed = set()
+    for key, status, error, row_caption in rows:
+        if status == "success" and key in by_key and key not in listed:
+            listed.add(key)
+            add_sample(*by_key[key])
+            continue
+        reason = (f"img2dataset status {status}" + (f": {error}" if error else "")) if status != "success" \
+            else f"listed as success in {Path(shard).with_suffix('.parquet').name} but not in the shard"
+        listing.keys.append(f"{shard}:{key}")
+        listing.sources.append(("skip", reason))
+        listing.parts.append(f"{shard}:{key}|{status}")
+        listing.captions.append(row_caption)
+    for stem, image, caption in samples:
+        if os.path.basename(stem) not in listed:
+            add_sample(image, caption)
+    return listing
+
+
+def _img2dataset_rows(shard: str) -> Optional[List[Tuple[str, str, str, str]]]:
+    """(key, status, error message, caption) per row of the img2dataset parquet beside `shard`, or None when
+    there is none (a parquet without key/status columns is not img2dataset's and is ignored)."""
+    path = Path(shard).with_suffix(".parquet")
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+    try:
+        names = pq.read_schema(str(path)).names
+        if "key" not in names or "status" not in names:
+            return None
+        wanted = [c for c in ("key", "status", "error_message", "caption") if c in names]
+        table = pq.read_table(str(path), columns=wanted).to_pydict()
+    except Exception as exc:
+        raise DatasetError(f"img2dataset parquet {path} cannot be read ({exc}); remove or repair it") from None
+    count = len(table["key"])
+    column = lambda name: table.get(name) or [None] * count  # noqa: E731
+    return [("" if k is None else str(k), "" if s is None else str(s), "" if e is None else str(e),
+             "" if c is None else str(c))
+            for k, s, e, c in zip(table["key"], table["status"], column("error_message"), column("caption"))]
+
+
+def tar_description(shards: Sequence[str], source: str, items: int) -> str:
+    return f"{len(shards)} tar shard(s) {source} ({items} images)"
+
+
 def _tar_dataset(shards: List[str], source: str) -> ImageDataset:
-    """Samples of webdataset shards: members sharing a basename up to the first dot form one sample; its image
-    member is the item, and a .txt/.caption member (or .json 'caption') is its caption."""
     keys: List[str] = []
     sources: List[Tuple] = []
     captions: List[str] = []
-    parts: List[object] = ["tar"]
+    identity = IdentityHash(["tar"])
     for shard in shards:
-        try:
-            with tarfile.open(shard, "r:") as archive:
-                for stem, group in _sample_groups(archive).items():
-                    image = next((m for m in group if m.name.lower().endswith(IMAGE_EXTENSIONS)), None)
-                    if image is None:
-                        continue
-                    keys.append(f"{shard}:{image.name}")
-                    sources.append(("tar", shard, image.offset_data, image.size))
-                    parts.append(f"{shard}:{image.name}|{image.size}")
-                    captions.append(_tar_caption(archive, group))
-        except (tarfile.TarError, OSError) as exc:
-            raise DatasetError(f"tar shard {shard} cannot be read ({exc}); remove or repair it") from None
+        listing = list_tar_shard(shard)
+        keys += listing.keys
+        sources += listing.sources
+        captions += listing.captions
+        identity.update(listing.parts)
     if not keys:
         raise DatasetError(f"no image members found in the tar shards of {source}")
-    return ImageDataset(keys=keys, identity=_identity(parts), captions=captions,
-                        description=f"{len(shards)} tar shard(s) {source} ({len(keys)} images)", _sources=sources)
+    return ImageDataset(keys=keys, identity=identity.hexdigest(), captions=captions,
+                        description=tar_description(shards, source, len(keys)), _sources=sources)
 
 
 def _sample_groups(archive: tarfile.TarFile) -> dict:

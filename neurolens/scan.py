@@ -4,7 +4,10 @@ a bad item is caught inside the worker and reported back with its reason, never 
 
 Per image and unit the activation is the spatial max of the unit's map (Microscope's dataset samples),
 and the (row, col) of that max is kept for the crop. Batches are fixed index ranges [start + j*bs, ...),
-so a scan resumed from any batch boundary, or split into shards and merged, gives the same result.
+so a scan resumed from any batch boundary, or split into shards and merged, gives the same result. Every
+forward runs on batch_size rows (padded when bad items or the end leave fewer), so an image's values do not
+depend on which images share its batch (see layer_forward): another engine that forwards the same batch size
+(engines/ray_scan.py) gets the same values.
 No disk I/O here: `on_batch` hands each batch's per-image values to the caller (pipelines/scan.py).
 """
 from __future__ import annotations
@@ -137,6 +140,23 @@ class BatchOutput:
 
 # ---------------------------------------------------------------------------------------------- decoding
 
+def decode_item(dataset: ImageDataset, index: int, size: int) -> Tuple[Optional[np.ndarray], str]:
+    """(uint8 (3,S,S) array, "") for a readable item, (None, reason) for a bad one; never raises."""
+    array, reason, _ = decode_item_with_image(dataset, index, size)
+    return array, reason
+
+
+def decode_item_with_image(dataset: ImageDataset, index: int, size: int):
+    """decode_item, plus the decoded RGB PIL image (None for a bad item), for what else looks at it."""
+    try:
+        image = dataset.load(index)
+        return preprocess_array(image, size), "", image
+    except BadImage as exc:
+        return None, str(exc), None
+    except Exception as exc:  # a decoder bug on one file must not end the scan either
+        return None, f"cannot decode ({type(exc).__name__}: {exc})", None
+
+
 class _Decoded(torch.utils.data.Dataset):
     """Item i -> (i, uint8 (3,S,S) array or None, reason). Runs in DataLoader workers."""
 
@@ -147,12 +167,7 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        try:
-            return index, preprocess_array(self.dataset.load(index), self.size), ""
-        except BadImage as exc:
-            return index, None, str(exc)
-        except Exception as exc:  # a decoder bug on one file must not end the scan either
-            return index, None, f"cannot decode ({type(exc).__name__}: {exc})"
+        return (index, *decode_item(self.dataset, index, self.size))
 
 
 class _Ranges(torch.utils.data.Sampler):
@@ -199,11 +214,21 @@ def _autocast(clip, precision: str):
 
 
 def layer_forward(clip, spec: LayerSpec, images01: torch.Tensor, precision: str = "fp32",
-                  embeddings: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  embeddings: bool = False, pad_to: Optional[int] = None
+                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(acts (B,C,H,W) float32, L2-normalized embeddings (B,D) float32 or None) for images in [0,1].
 
     Without embeddings the forward stops right after the layer; with them it runs to the image embedding
-    and a non-stopping hook keeps the layer."""
+    and a non-stopping hook keeps the layer.
+
+    pad_to: run the forward on at least this many rows (black images appended, their outputs dropped).
+    Kernels may round differently at another batch size (oneDNN's convolutions do for a batch of one, by
+    ~1e-8; cuDNN picks its algorithm by shape), so forwards of one fixed size give an image the same values
+    whichever images, and how many, share its batch: scans split or batched differently then agree exactly,
+    the order of identical images in a top-k included."""
+    count = int(images01.shape[0])
+    if pad_to is not None and count < pad_to:
+        images01 = torch.cat([images01, images01.new_zeros((pad_to - count, *images01.shape[1:]))])
     normalized = clip.normalize(images01)
     with torch.no_grad(), _autocast(clip, precision):
         with capture(clip.model, [spec], stop=not embeddings) as captured:
@@ -211,12 +236,12 @@ def layer_forward(clip, spec: LayerSpec, images01: torch.Tensor, precision: str 
                 output = clip.model.visual(normalized)
             except StopForward:
                 output = None
-    acts = captured[spec.name].float()
+    acts = captured[spec.name].float()[:count]
     if acts.dim() == 2:
         acts = acts[:, :, None, None]
     emb = None
     if embeddings:
-        emb = torch.nn.functional.normalize(output.float(), dim=-1)
+        emb = torch.nn.functional.normalize(output.float()[:count], dim=-1)
     return acts, emb
 
 
@@ -252,7 +277,7 @@ def scan_range(clip, spec: LayerSpec, dataset: ImageDataset, start: int = 0, sto
         emb = None
         if pixels is not None:
             images = pixels.to(clip.device).float().div_(255.0)
-            acts, emb_t = layer_forward(clip, spec, images, precision, embeddings)
+            acts, emb_t = layer_forward(clip, spec, images, precision, embeddings, pad_to=batch_size)
             index_t = torch.as_tensor(indices, dtype=torch.int64, device=clip.device)
             maxima = stats.add(acts, index_t).cpu().numpy()
             for basis in bases:

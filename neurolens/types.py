@@ -41,9 +41,31 @@ class RenderSettings:
                                    # lucent's 512-step activation, 0.2 did at step ~224, 0.35 at step ~176
     diversity: float = 0.0         # weight of the diversity term between seeds of one unit
     decay_power: float = 1.0       # Fourier spectrum scaling exponent (lucid's default)
-    low_res_fraction: float = 0.5  # share of steps rendered at half resolution (the speed trick)
+    low_res_fraction: float = 0.5  # share of steps rendered at reduced resolution (the speed trick)
+    low_res_scale: float = 0.5     # image size of those steps relative to the full size
+    lr_warmup: float = 0.0         # share of steps over which the lr rises linearly to lr
+    lr_decay_start: float = 1.0    # share of steps after which the lr decays (cosine) to lr * lr_final; 1: constant
+    lr_final: float = 0.0
     precision: str = "auto"        # auto | fp32 | bf16
     transforms: str = "standard"   # standard | none
+
+
+# Named presets of RenderSettings (`visualize --quality`). fast: the defaults (see docs/visualize.md for
+# what they were tuned on and the benchmark). microscope: as OpenAI Microscope / lucid rendered, i.e. lucid's
+# Adam lr 0.05 at full resolution for 4096 steps, several seeds kept apart by the diversity term.
+QUALITY_PRESETS = {
+    "fast": {},
+    "microscope": {"steps": 4096, "lr": 0.05, "low_res_fraction": 0.0, "lr_decay_start": 1.0,
+                   "seeds": (0, 1, 2, 3), "diversity": 0.5},
+}
+
+
+def quality_settings(quality: str = "fast", **overrides) -> RenderSettings:
+    """The RenderSettings of a preset, with any field replaced by `overrides`."""
+    if quality not in QUALITY_PRESETS:
+        from .errors import NeurolensError
+        raise NeurolensError(f"unknown quality {quality!r}; use one of {', '.join(QUALITY_PRESETS)}")
+    return RenderSettings(**{**QUALITY_PRESETS[quality], **overrides})
 
 
 @dataclass

@@ -203,14 +203,16 @@ def unit_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, 
 
 def score_units(scan, labels: np.ndarray, text_nsfw: Optional[np.ndarray] = None, rule: FlagRule = FlagRule(),
                 top_k: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None,
-                memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS, sources: Sequence[str] = ()
-                ) -> UnitScores:
+                memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS, sources: Sequence[str] = (),
+                statistics=None) -> UnitScores:
     """Every unit's scores from one scan and the per-image labels (N,) (1, 0, NaN unknown).
 
     text_nsfw: (U, k_text) bool, whether each of the unit's ranked top texts is NSFW (None: text shares
-    are 0); top_k: how many of the scan's top images count for top_nsfw_share (default: all)."""
+    are 0); top_k: how many of the scan's top images count for top_nsfw_share (default: all);
+    statistics: the units' unit_stats.UnitStatsResult when already computed (a fused sweep on Ray
+    accumulates it during its scan; the scan then need not keep per-image values)."""
     units = int(scan.channels)
-    result = unit_statistics(scan, labels, memory, bins, progress)
+    result = statistics if statistics is not None else unit_statistics(scan, labels, memory, bins, progress)
     text_share = text_shares(text_nsfw, units, rule)
     return UnitScores(auc=result.auc, p=result.p, q=result.q, correlation=result.correlation,
                       top_nsfw_share=top_share(scan.top_indices, labels, top_k), text_nsfw_share=text_share,

@@ -1,24 +1,52 @@
-"""Benchmark: neurolens' feature visualization against torch-lucent's render_vis, same model/layer/unit/size/seed.
+"""Benchmark: neurolens' feature visualization against torch-lucent's render_vis, unit by unit. Prints ONE JSON line.
 
-Prints one JSON line: lucent_s, neurolens_s, lucent_activation, neurolens_activation,
-time_to_lucent_activation_s, speedup (= lucent_s / time_to_lucent_activation_s), and the settings.
+For every unit, both tools optimize the same objective (the mean over positions of the unit's channel at the
+layer, e.g. image_block_4_5's pre-ReLU residual sum) on the same CLIP-normalized input, with the forward
+stopped after the layer, from the same seed:
 
-Both optimize the same objective: the mean over positions of the unit's channel at the layer (for
-image_block_4_5: the pre-ReLU residual sum), on the same CLIP-normalized input, with the forward stopped
-after the layer. Activations are always measured the same way: the objective of the final image, fp32,
-full size, no transforms. lucent runs with its usual render_vis settings: param.image(size) (Fourier,
-decorrelated colour), transform.standard_transforms, Adam lr 0.05, `--lucent-steps` steps.
-neurolens' time to lucent's activation counts only optimization time: the clean-image evaluations made
-every `--eval-every` steps to find that moment are excluded from the clock.
+- lucent as users run it (torch-lucent 0.1.8 `render_vis` defaults): `param.image(size)` (Fourier,
+  decorrelated colour), `transform.standard_transforms`, Adam lr 0.05, 512 steps (`--lucent-steps`);
+- neurolens with the settings of `--quality` (default `fast`, the defaults of `neurolens visualize`).
 
-Example:  python scripts/bench_visualize.py --model RN50x4 --layer image_block_4_5 --unit 1543
+Activations are measured the same way for both: the objective of the final image, fp32, full size, no
+transforms. neurolens' image is evaluated every `--eval-every` steps; those evaluations are not counted
+in its time. Per unit:
+
+    lucent_s                      lucent's time for its 512 steps
+    neurolens_s                   neurolens' time for all its steps
+    time_to_lucent_activation_s   neurolens' time until its image first reaches lucent's final activation
+    speedup                       lucent_s / time_to_lucent_activation_s (null: never reached)
+    lucent_activation, neurolens_activation (full precision), activation_ratio (neurolens / lucent; null
+                                  where lucent's activation is not positive)
+
+and over all units: median_speedup and min_speedup (a unit that never reaches lucent counts as speedup 0),
+all_reached, all_at_or_above_lucent (neurolens' final activation >= lucent's on every unit). `--clock wall`
+(default) times with time.perf_counter; `--clock cpu` with time.process_time (steadier on a shared machine).
+
+Units: `--units` of `--model`/`--layer` (random weights by default: `--pretrained none`), plus
+`--toy-flagged N`: the first N units that the NSFW sweep flags on the trained toy CLIP (the demo's data,
+training and sweep; trained once under `--work`), image_block_4_0. The units the defaults were tuned on
+(TUNING_UNITS) are refused: report only units the defaults never saw.
+
+Resumable: every finished unit is appended to `--results` (JSON lines, default under `--work`); a rerun
+with the same settings reuses those records and only runs the missing units.
+
+    # the evaluation set (about an hour on a quiet 2-core machine):
+    python scripts/bench_visualize.py --units 226 383 923 1670 1799 2123 --toy-flagged 6
+    # a check of the script end to end in a minute or two (tiny random model, short runs, small toy):
+    python scripts/bench_visualize.py --quick
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
+import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,7 +55,14 @@ import torch  # noqa: E402
 from neurolens.hooks import forward_to  # noqa: E402
 from neurolens.models import load_clip, resolve_layer  # noqa: E402
 from neurolens.render import evaluate, render  # noqa: E402
-from neurolens.types import RenderSettings  # noqa: E402
+from neurolens.types import quality_settings  # noqa: E402
+
+# The units the defaults were chosen on (see docs): never part of a reported evaluation.
+TUNING_UNITS = {
+    ("RN50x4", "image_block_4_5"): (1543, 100, 2000),
+    ("toy", "image_block_4_0"): (84, 166, 50, 486),   # the toy's first four flagged units (demo settings, seed 0)
+}
+TOY_LAYER = "image_block_4_0"
 
 
 class StopAtLayer(torch.nn.Module):
@@ -48,7 +83,12 @@ def remove_all_hooks(model: torch.nn.Module) -> None:
         module._forward_hooks.clear()
 
 
-def run_lucent(clip, spec, unit, size, steps, seed):
+class Clock:
+    def __init__(self, kind: str):
+        self.now = time.process_time if kind == "cpu" else time.perf_counter
+
+
+def run_lucent(clip, spec, unit, size, steps, seed, clock):
     try:
         from lucent.optvis import objectives, param, render as lucent_render, transform
     except ImportError:
@@ -57,73 +97,180 @@ def run_lucent(clip, spec, unit, size, steps, seed):
     wrapper = StopAtLayer(clip, spec).eval()
     objective = objectives.Objective(lambda hook: -wrapper.last[:, unit].mean())
     torch.manual_seed(seed)
-    started = time.perf_counter()
-    images = lucent_render.render_vis(
-        wrapper, objective, param_f=lambda: param.image(size), transforms=transform.standard_transforms,
-        thresholds=(steps,), preprocess=False, show_image=False, progress=False, fixed_image_size=size)
-    seconds = time.perf_counter() - started
-    remove_all_hooks(clip.model)
+    started = clock.now()
+    try:
+        images = lucent_render.render_vis(
+            wrapper, objective, param_f=lambda: param.image(size), transforms=transform.standard_transforms,
+            thresholds=(steps,), preprocess=False, show_image=False, progress=False, fixed_image_size=size)
+    finally:
+        seconds = clock.now() - started
+        remove_all_hooks(clip.model)
     final = torch.from_numpy(images[-1]).permute(0, 3, 1, 2).to(clip.device)
     return seconds, float(evaluate(clip, spec, "channel", [unit], final)[0])
 
 
-def run_neurolens(clip, spec, unit, settings, target, eval_every):
-    excluded = [0.0]
-    reached = [None]
-    started = time.perf_counter()
+def run_neurolens(clip, spec, unit, settings, target, eval_every, clock):
+    excluded, reached = [0.0], [None]
+    started = clock.now()
 
     def on_step(step, current_images):
         if (step + 1) % eval_every and step + 1 != settings.steps:
             return
-        pause = time.perf_counter()
+        pause = clock.now()
         value = float(evaluate(clip, spec, "channel", [unit], current_images())[0])
         if reached[0] is None and value >= target:
             reached[0] = pause - started - excluded[0]
-        excluded[0] += time.perf_counter() - pause
+        excluded[0] += clock.now() - pause
 
     output = render(clip, spec, [unit], settings, on_step=on_step)
-    seconds = time.perf_counter() - started - excluded[0]
+    seconds = clock.now() - started - excluded[0]
     return seconds, float(output.activations[0]), reached[0]
 
 
+def toy_checkpoint_and_flagged(work: Path, quick: bool):
+    """The trained toy CLIP (the demo's settings, or a small one with --quick) and its flagged units in rank order."""
+    from neurolens.pipelines.demo import DemoSettings, toy_dataset, toy_model
+    from neurolens.pipelines.sweep import run_sweep
+    from neurolens.store import Cache
+    from neurolens.toy.train import TrainSettings
+
+    settings = DemoSettings(images=400, train=TrainSettings(epochs=1)) if quick else DemoSettings()
+    root = work / ("toy-quick" if quick else "toy")
+    data = toy_dataset(root, settings=settings.data_settings())
+    checkpoint, _, _ = toy_model(root, data, settings.data_settings(), settings.train_settings())
+    clip = load_clip(checkpoint=str(checkpoint), device="cpu")
+    sweep = run_sweep(clip, TOY_LAYER, str(data), vocab=f"{data}:caption", top_k=settings.top_k,
+                      text_top_k=settings.text_top_k, cache=Cache(root / "cache"), out=root / "flags",
+                      labels=list(settings.labels), detector=settings.detector)
+    units = sweep.flagged_units or [int(u) for u in sweep.scores.ranking()]
+    return checkpoint, units, bool(sweep.flagged_units)
+
+
+def record_key(entry: dict) -> str:
+    return hashlib.sha1(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_results(path: Path) -> dict:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                done[record["key"]] = record
+            except (ValueError, KeyError):
+                continue  # a line cut by an interruption: that unit runs again
+    return done
+
+
+def summarize(records: list) -> dict:
+    speedups = [r["speedup"] or 0.0 for r in records]
+    return {
+        "median_speedup": round(statistics.median(speedups), 2) if speedups else None,
+        "min_speedup": round(min(speedups), 2) if speedups else None,
+        "all_reached": all(r["speedup"] is not None for r in records),
+        "all_at_or_above_lucent": all(r["neurolens_activation"] >= r["lucent_activation"] for r in records),
+    }
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="RN50x4")
+    parser.add_argument("--pretrained", default="none")
     parser.add_argument("--layer", default="image_block_4_5")
-    parser.add_argument("--unit", type=int, default=1543)
+    parser.add_argument("--units", type=int, nargs="*", default=[])
+    parser.add_argument("--toy-flagged", type=int, default=0, metavar="N",
+                        help="add the toy CLIP's first N flagged units (tuning units skipped)")
     parser.add_argument("--size", type=int, default=0, help="0: the model's input size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quality", default="fast", help="neurolens preset: fast | microscope")
     parser.add_argument("--lucent-steps", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=None, help="neurolens steps (default: its default)")
-    parser.add_argument("--lr", type=float, default=None, help="neurolens lr (default: its default)")
-    parser.add_argument("--low-res-fraction", type=float, default=None)
-    parser.add_argument("--eval-every", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--work", default="outputs/bench_visualize", help="toy model, sweep cache, results")
+    parser.add_argument("--results", default=None, help="JSON-lines file of finished units (default: WORK/results.jsonl)")
+    parser.add_argument("--quick", action="store_true",
+                        help="check the script: nl-tiny-RN units 3 10, 16 lucent steps, a small toy, 2 flagged units")
     args = parser.parse_args()
 
-    clip = load_clip(args.model, "none", device=args.device)
-    spec = resolve_layer(clip, args.layer)
-    size = args.size or clip.image_size
-    defaults = RenderSettings()
-    settings = RenderSettings(steps=args.steps or defaults.steps, size=size, seeds=(args.seed,),
-                              precision=args.precision, lr=args.lr or defaults.lr,
-                              low_res_fraction=defaults.low_res_fraction if args.low_res_fraction is None
-                              else args.low_res_fraction)
-    lucent_s, lucent_activation = run_lucent(clip, spec, args.unit, size, args.lucent_steps, args.seed)
-    neurolens_s, neurolens_activation, reached_s = run_neurolens(clip, spec, args.unit, settings,
-                                                                 lucent_activation, args.eval_every)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = Path(args.results) if args.results else work / ("results-quick.jsonl" if args.quick else "results.jsonl")
+    if args.quick:
+        args.model, args.layer, args.units, args.lucent_steps = "nl-tiny-RN", "image_block_3_0", [3, 10], 16
+        args.toy_flagged = args.toy_flagged or 2
+
+    settings_overrides = {"steps": 16} if args.quick else {}
+    jobs = []  # (label, clip loader, layer, units)
+    if args.units:
+        jobs.append((args.model, lambda: load_clip(args.model, args.pretrained, device=args.device), args.layer,
+                     list(dict.fromkeys(args.units))))
+    if args.toy_flagged:
+        checkpoint, flagged, any_flagged = toy_checkpoint_and_flagged(work, args.quick)
+        tuning = set(TUNING_UNITS.get(("toy", TOY_LAYER), ()))
+        chosen = [u for u in flagged if u not in tuning][:args.toy_flagged]
+        if not any_flagged:
+            print(f"note: the toy sweep flagged no unit; using its top-ranked units {chosen}", file=sys.stderr)
+        jobs.append(("toy", lambda: load_clip(checkpoint=str(checkpoint), device=args.device), TOY_LAYER, chosen))
+    if not jobs:
+        parser.error("give --units and/or --toy-flagged N (or --quick)")
+
+    done = load_results(results_path)
+    records = []
+    for label, loader, layer, units in jobs:
+        clip = loader()
+        spec = resolve_layer(clip, layer)
+        tuning = set(TUNING_UNITS.get((label, spec.name), ()))
+        if tuning & set(units):
+            parser.error(f"{label} {spec.name} units {sorted(tuning & set(units))} were used to tune the defaults; "
+                         f"benchmark other units")
+        size = args.size or clip.image_size
+        settings = quality_settings(args.quality, size=size, seeds=(args.seed,), precision=args.precision,
+                                    **settings_overrides)
+        for unit in units:
+            identity = {"model": label, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint,
+                        "layer": spec.name, "unit": unit, "size": size, "seed": args.seed,
+                        "lucent_steps": args.lucent_steps, "settings": dataclasses.asdict(settings),
+                        "eval_every": args.eval_every, "clock": args.clock, "device": str(clip.device),
+                        "threads": torch.get_num_threads()}
+            key = record_key(identity)
+            if key in done:
+                records.append(done[key])
+                print(f"{label} unit {unit}: from {results_path}", file=sys.stderr)
+                continue
+            clock = Clock(args.clock)
+            lucent_s, lucent_activation = run_lucent(clip, spec, unit, size, args.lucent_steps, args.seed, clock)
+            neurolens_s, neurolens_activation, reached_s = run_neurolens(
+                clip, spec, unit, settings, lucent_activation, args.eval_every, clock)
+            record = dict(key=key, model=label, layer=spec.name, unit=unit,
+                          lucent_s=round(lucent_s, 3), neurolens_s=round(neurolens_s, 3),
+                          time_to_lucent_activation_s=None if reached_s is None else round(reached_s, 3),
+                          speedup=None if reached_s is None else round(lucent_s / reached_s, 3),
+                          lucent_activation=lucent_activation, neurolens_activation=neurolens_activation,
+                          activation_ratio=(neurolens_activation / lucent_activation if lucent_activation > 0
+                                            else None),
+                          load_avg=round(os.getloadavg()[0], 2), identity=identity)
+            with results_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            records.append(record)
+            print(f"{label} unit {unit}: lucent {lucent_s:.1f} s -> {lucent_activation:.6g}; neurolens "
+                  f"{neurolens_s:.1f} s -> {neurolens_activation:.6g}; speedup {record['speedup']}", file=sys.stderr)
+
+    settings_shown = dataclasses.asdict(settings)
+    settings_shown.pop("size"), settings_shown.pop("seeds")
     print(json.dumps({
-        "lucent_s": round(lucent_s, 2),
-        "neurolens_s": round(neurolens_s, 2),
-        "lucent_activation": round(lucent_activation, 4),
-        "neurolens_activation": round(neurolens_activation, 4),
-        "time_to_lucent_activation_s": None if reached_s is None else round(reached_s, 2),
-        "speedup": None if reached_s is None else round(lucent_s / reached_s, 2),
-        "model": args.model, "layer": spec.name, "unit": args.unit, "size": size, "seed": args.seed,
-        "lucent_steps": args.lucent_steps, "neurolens_steps": settings.steps, "neurolens_lr": settings.lr,
-        "low_res_fraction": settings.low_res_fraction, "precision": settings.precision,
-        "device": str(clip.device), "threads": torch.get_num_threads(),
+        "benchmark": "visualize", "quality": args.quality, **summarize(records),
+        "units": [{k: r[k] for k in ("model", "layer", "unit", "lucent_s", "neurolens_s", "time_to_lucent_activation_s",
+                                     "speedup", "lucent_activation", "neurolens_activation", "activation_ratio")}
+                  for r in records],
+        "per_model": {label: summarize([r for r in records if r["model"] == label]) for label, *_ in jobs},
+        "neurolens_settings": settings_shown, "lucent_steps": args.lucent_steps, "seed": args.seed,
+        "clock": args.clock, "device": args.device, "threads": torch.get_num_threads(), "results": str(results_path),
+        "torch": torch.__version__, "cpus": os.cpu_count(), "load_avg": round(os.getloadavg()[0], 2),
     }))
 
 

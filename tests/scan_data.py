@@ -86,3 +86,59 @@ def make_bad_corpus(folder: Path) -> Dict[str, List[str]]:
     (folder / "folder.jpg").mkdir()                      # unreadable: a directory with an image name
     os.symlink(folder / "does-not-exist.jpg", folder / "vanished.jpg")  # unreadable: the target is gone
     return {"readable": sorted(readable), "bad": sorted(list(bad) + ["folder.jpg", "vanished.jpg"])}
+
+
+def _add_member(archive, name: str, data: bytes) -> None:
+    import tarfile
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_img2dataset(folder: Path, rows_per_shard: List[int], start_seed: int = 0, size=(96, 80),
+                      bad_every: int = 0, nsfw_every: int = 0) -> Dict[str, object]:
+    """img2dataset's webdataset output: per shard NNNNN.tar (KEY.jpg, KEY.txt, KEY.json) and NNNNN.parquet
+    (url, caption, key, status, error_message, width, height), keys NNNNNRRRR.
+
+    In every shard, row 1 failed to download (no member, status failed_to_download). With bad_every=n, every
+    n-th row (from row 2) is a bad member listed as success: a zero-byte file, a truncated JPEG, or text.
+    With nsfw_every=n, every n-th image (by seed) has a caption with a lexicon word and the LAION-style
+    column NSFW = "NSFW" (in the parquet and the .json), the others "UNLIKELY".
+    Returns {'rows': total rows, 'failed': keys of failed rows, 'bad': keys of bad members}."""
+    import json
+    import tarfile
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder.mkdir(parents=True, exist_ok=True)
+    failed, bad, seed = [], [], start_seed
+    for shard, count in enumerate(rows_per_shard):
+        table = {"url": [], "caption": [], "key": [], "status": [], "error_message": [], "width": [], "height": [],
+                 "NSFW": []}
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as archive:
+            for row in range(count):
+                key = f"{shard:05d}{row:04d}"
+                positive = bool(nsfw_every) and seed % nsfw_every == 0
+                caption = f"{'a nude ' if positive else ''}synthetic picture {seed}"
+                nsfw = "NSFW" if positive else "UNLIKELY"
+                status, error = "success", None
+                if row == 1:
+                    status, error = "failed_to_download", "HTTP Error 404: Not Found"
+                    failed.append(key)
+                else:
+                    image = synthetic_image(seed, size)
+                    data = encoded(image, "JPEG", quality=90)
+                    if bad_every and row >= 2 and (row - 2) % bad_every == 0:
+                        data = [b"", data[: len(data) // 2], b"not an image\n" * 10][len(bad) % 3]
+                        bad.append(key)
+                    _add_member(archive, f"{key}.jpg", data)
+                    _add_member(archive, f"{key}.txt", caption.encode())
+                    _add_member(archive, f"{key}.json", json.dumps({"key": key, "caption": caption,
+                                                                   "status": status, "NSFW": nsfw}).encode())
+                for name, value in (("url", f"https://example.invalid/{key}.jpg"), ("caption", caption),
+                                    ("key", key), ("status", status), ("error_message", error),
+                                    ("width", size[0]), ("height", size[1]), ("NSFW", nsfw)):
+                    table[name].append(value)
+                seed += 1
+        pq.write_table(pa.table(table), folder / f"{shard:05d}.parquet")
+    (folder / "00000_stats.json").write_text("{}")
+    return {"rows": sum(rows_per_shard), "failed": failed, "bad": bad}

@@ -169,3 +169,26 @@ def test_tile_grid_layout():
     assert grid.height > 2 * 32
     with pytest.raises(ValueError):
         tile_grid(tiles, ["x"], columns=2)
+
+
+def test_img2dataset_output_folder(tmp_path):
+    from scan_data import write_img2dataset
+    made = write_img2dataset(tmp_path / "laion", [5, 4], bad_every=2)
+    ds = open_dataset(str(tmp_path / "laion"))
+    assert len(ds) == made["rows"] == 9                       # every parquet row is an item, in row order
+    names = [key.rsplit(":", 1)[1] for key in ds.keys]
+    assert names[:3] == ["000000000.jpg", "000000001", "000000002.jpg"] and names[5] == "000010000.jpg"
+    assert ds.captions[1] == "synthetic picture 1"            # a failed row keeps its parquet caption
+    reasons = {}
+    for i in range(len(ds)):
+        try:
+            ds.load(i)
+        except BadImage as exc:
+            reasons[names[i].split(".")[0]] = str(exc)
+    assert set(reasons) == set(made["failed"]) | set(made["bad"])
+    assert reasons["000000001"] == "img2dataset status failed_to_download: HTTP Error 404: Not Found"
+    # the parquet's statuses are part of the identity: the same tars without it are another dataset
+    plain = open_dataset(str(tmp_path / "laion" / "*.tar"))
+    assert plain.identity == ds.identity
+    (tmp_path / "laion" / "00001.parquet").unlink()
+    assert open_dataset(str(tmp_path / "laion")).identity != ds.identity

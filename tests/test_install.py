@@ -99,7 +99,9 @@ def test_every_import_is_a_declared_dependency():
     optional = {"nudenet": "nudenet",   # imported only by neurolens/labels/nudenet.py, which checks for it first
                 # the web server: imported only once `neurolens serve` starts (serve/server.py says which
                 # extra to install when they are missing); the static site needs neither
-                "starlette": "serve", "uvicorn": "serve"}
+                "starlette": "serve", "uvicorn": "serve",
+                # --engine ray: imported only by neurolens/engines/ray_scan.py, which checks for it first
+                "ray": "ray"}
     imports = _third_party_imports()
     assert {"torch", "open_clip", "scipy"} <= set(imports)
     for module, files in sorted(imports.items()):

@@ -11,7 +11,7 @@ from neurolens.models import load_clip, read_checkpoint, save_checkpoint
 def test_random_weights_are_seeded_and_respond_to_input(tiny_clip):
     again = load_clip("nl-tiny-RN", "none", device="cpu")
     assert again.fingerprint == tiny_clip.fingerprint
-    assert any("bn3" in note for note in tiny_clip.notes)
+    assert any("BatchNorm" in note for note in tiny_clip.notes)
     bn3 = [m.weight for n, m in tiny_clip.model.named_modules() if n.endswith("bn3") and "layer" in n]
     assert bn3 and all(torch.all(w != 0) for w in bn3)
     x = torch.rand(2, 3, 64, 64)

@@ -104,3 +104,45 @@ def test_render_is_deterministic_and_batch_independent(tiny_clip):
     assert np.array_equal(first.images, second.images)
     assert np.abs(first.images[2:].astype(int) - alone.images.astype(int)).max() <= 1
     assert first.images.shape == (4, 64, 64, 3) and first.curve.shape == (8, 4)
+
+
+def test_learning_rate_schedule_warms_up_holds_and_decays():
+    from neurolens.render import learning_rate
+    settings = RenderSettings(steps=100, lr=0.5, lr_warmup=0.1, lr_decay_start=0.6, lr_final=0.2)
+    rates = [learning_rate(settings, step) for step in range(100)]
+    assert rates[0] == pytest.approx(0.5 / 11) and rates[9] == pytest.approx(0.5 * 10 / 11)
+    assert all(rate == 0.5 for rate in rates[10:61])
+    assert all(later < earlier for earlier, later in zip(rates[60:], rates[61:]))
+    assert rates[-1] == pytest.approx(0.1)
+    constant = RenderSettings(steps=50, lr=0.3, lr_warmup=0.0, lr_decay_start=1.0)
+    assert {learning_rate(constant, step) for step in range(50)} == {0.3}
+
+
+def test_low_resolution_steps_only_where_the_layer_keeps_a_grid(tiny_clip):
+    """tiny RN at 64 px: image_block_2_0 is 8x8 (4x4 at 32 px: low-resolution steps run), image_block_4_0 is
+    2x2 (1x1 at half size: skipped, every step at full size)."""
+    from neurolens.render import low_res_size
+    assert low_res_size(tiny_clip, resolve_layer(tiny_clip, "image_block_2_0"), 64, 0.5) == 32
+    assert low_res_size(tiny_clip, resolve_layer(tiny_clip, "image_block_4_0"), 64, 0.5) == 0
+    for layer, low_steps in [("image_block_2_0", 3), ("image_block_4_0", 0)]:
+        sizes = []
+        handle = tiny_clip.model.visual.conv1.register_forward_hook(lambda m, a, out: sizes.append(out.shape[-1]))
+        try:
+            render(tiny_clip, resolve_layer(tiny_clip, layer), [3],
+                   RenderSettings(steps=6, low_res_fraction=0.5, low_res_scale=0.5))
+        finally:
+            handle.remove()
+        steps = sizes[:6]  # the final evaluation adds one full-size forward
+        assert steps == [16] * low_steps + [32] * (6 - low_steps), layer
+
+
+def test_quality_presets():
+    from neurolens.errors import NeurolensError
+    from neurolens.types import quality_settings
+    assert quality_settings("fast") == RenderSettings()
+    microscope = quality_settings("microscope")
+    assert microscope.steps == 4096 and len(microscope.seeds) >= 2 and microscope.diversity > 0
+    assert microscope.lr == 0.05 and microscope.low_res_fraction == 0
+    assert quality_settings("microscope", steps=3).steps == 3
+    with pytest.raises(NeurolensError, match="unknown quality"):
+        quality_settings("slow")

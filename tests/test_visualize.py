@@ -71,6 +71,21 @@ def test_cli_visualize_json_and_cache(tmp_path):
     assert [r["activation"] for r in again["results"]] == [r["activation"] for r in rows]
 
 
+def test_cli_visualize_microscope_preset_with_an_override(tmp_path):
+    """--quality microscope renders every seed of the preset (kept apart by diversity); --steps overrides it."""
+    from neurolens.types import quality_settings
+    seeds = quality_settings("microscope").seeds
+    args = ["visualize", *TINY, "--layer", "image_block_4_0", "--unit", "3", "--quality", "microscope",
+            "--steps", "2", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [r["seed"] for r in rows] == list(seeds) and len(rows) >= 2
+    bad = CliRunner().invoke(app, ["visualize", *TINY, "--layer", "image_block_4_0", "--unit", "3", "--quality",
+                                   "best", "--cache", str(tmp_path / "cache")])
+    assert bad.exit_code == 2 and "unknown quality" in bad.output
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--layer", "image_block_4_9", "--unit", "1"], "closest"),
     (["--layer", "image_block_4_0", "--unit", "512"], "0 to 511"),

@@ -102,9 +102,15 @@ def _to_builtin(value: Any) -> Any:
 
 @contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """Yields a callback(done, total) for library loops; draws a rich bar on stderr when enabled."""
+    """Yields a callback(done, total) for library loops; draws a rich bar on stderr when enabled.
+
+    The callback's `note(text)` shows a line of detail after the description (e.g. a Ray scan's images/s,
+    shards done and items skipped)."""
     if not enabled:
-        yield lambda done, total, description=None: None
+        def ignore(done: int, total: int, description: Optional[str] = None) -> None:
+            return None
+        ignore.note = lambda text: None
+        yield ignore
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -121,6 +127,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
             else:
                 progress.update(task, completed=done, total=total, description=description)
 
+        update.note = lambda text: progress.update(task, description=f"{description} ({text})")
         yield update
 
 

@@ -28,6 +28,7 @@ from typing_extensions import Annotated
 
 from ..errors import NeurolensError
 from ..models.load import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from ..types import RenderSettings
 
 # ------------------------------------------------------------------------------------- single options
 
@@ -35,8 +36,8 @@ ModelOpt = Annotated[str, typer.Option("--model", help="Any open_clip model name
                                                         "nl-tiny-ViT, nl-toy-RN).")]
 PretrainedOpt = Annotated[str, typer.Option(
     "--pretrained",
-    help="open_clip pretrained tag, or 'none' for random weights (seeded; ResNet bn3 weights, which "
-         "open_clip zero-initializes, are re-initialized to 1 so units respond to the input).")]
+    help="open_clip pretrained tag, or 'none' for random weights (seeded; a ResNet's BatchNorms are "
+         "re-initialized to natural-image statistics, so activations are of order 1).")]
 CheckpointOpt = Annotated[Optional[str], typer.Option(
     "--checkpoint", help="Local .pt/.bin/.safetensors weights (read with weights_only / safetensors). "
                          "A neurolens checkpoint carries its model config, so --model is not needed.")]
@@ -173,11 +174,70 @@ class LoaderChoice:
     workers: Optional[int] = None
 
 
+EngineOpt = Annotated[str, typer.Option("--engine", help="process: scan in this process (DataLoader workers "
+                                        "decode); ray: on Ray Data (decode tasks, a model actor pool, a GPU per "
+                                        "actor where there are GPUs), resumable shard by shard. Needs "
+                                        "`pip install neurolens[ray]`.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: the Ray cluster "
+                                                      "to join (e.g. ray://head:10001 or auto); default: start a "
+                                                      "local Ray on loopback and stop it afterwards.")]
+ActorsOpt = Annotated[int, typer.Option("--actors", help="With --engine ray: model actors (each loads the model "
+                                                         "once; one GPU each where the cluster has GPUs).")]
+GpusPerActorOpt = Annotated[Optional[float], typer.Option("--gpus-per-actor", help="With --engine ray: GPUs per "
+                                                          "actor (default 1 where the cluster has GPUs, else 0).")]
+CpusPerActorOpt = Annotated[float, typer.Option("--cpus-per-actor", help="With --engine ray: CPUs reserved per "
+                                                "actor (also its torch threads); decode tasks use the rest.")]
+ShardSizeOpt = Annotated[Optional[int], typer.Option("--shard-size", help="With --engine ray: items per shard when "
+                                                     "a folder or table is cut into shards (default 10000; tar "
+                                                     "shards are shards as they are).")]
+KeepPerImageOpt = Annotated[bool, typer.Option("--keep-per-image", help="With --engine ray: also store every "
+                                               "image's per-unit maxima (float16, one record per shard); without "
+                                               "it nothing grows with the number of images but the item list.")]
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """--engine and the Ray engine's options."""
+    engine: str = "process"
+    ray_address: Optional[str] = None
+    actors: int = 1
+    gpus_per_actor: Optional[float] = None
+    cpus_per_actor: float = 1.0
+    shard_size: Optional[int] = None
+    keep_per_image: bool = False
+
+    @property
+    def ray(self) -> bool:
+        if self.engine not in ("process", "ray"):
+            raise NeurolensError(f"unknown --engine {self.engine!r}; use process or ray")
+        return self.engine == "ray"
+
+    def ray_options(self, batch_size: Optional[int] = None):
+        from ..engines.ray_scan import RayOptions
+        sharding = {"shard_size": self.shard_size} if self.shard_size is not None else {}
+        return RayOptions(address=self.ray_address, actors=self.actors, batch_size=batch_size,
+                          gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, **sharding)
+
+    def check_process_only(self, **used: bool) -> None:
+        """One line for options that only the in-process engine has (used: --option -> given)."""
+        given = [name for name, value in used.items() if value]
+        if self.ray and given:
+            raise NeurolensError(f"{', '.join(given)} cannot be used with --engine ray; drop it or use "
+                                 f"--engine process")
+        if not self.ray and self.keep_per_image:
+            raise NeurolensError("--keep-per-image is for scan --engine ray (the in-process scan always keeps "
+                                 "per-image values)")
+
+
 MODEL = OptionSet.of(ModelChoice, model=(ModelOpt, DEFAULT_MODEL), pretrained=(PretrainedOpt, DEFAULT_PRETRAINED),
                      checkpoint=(CheckpointOpt, None), device=(DeviceOpt, "auto"))
 DATASET = OptionSet.of(DatasetChoice, dataset=(DatasetOpt, None), image_column=(ImageColumnOpt, "image"),
                        caption_column=(CaptionColumnOpt, "caption"))
 LOADER = OptionSet.of(LoaderChoice, batch_size=(BatchOpt, None), workers=(WorkersOpt, None))
+ENGINE = OptionSet.of(EngineChoice, engine=(EngineOpt, "process"), ray_address=(RayAddressOpt, None),
+                      actors=(ActorsOpt, 1), gpus_per_actor=(GpusPerActorOpt, None),
+                      cpus_per_actor=(CpusPerActorOpt, 1.0), shard_size=(ShardSizeOpt, None),
+                      keep_per_image=(KeepPerImageOpt, False))
 
 
 # ------------------------------------------------------------------------------- NSFW sweep and drawing
@@ -259,14 +319,16 @@ SWEEP = OptionSet.of(SweepChoice, vocab=(VocabOpt, "builtin"), top_k=(SweepTopKO
                      caption_terms=(TermsOpt, None), caption_match=(CaptionMatchOpt, "word"))
 
 
+_RENDER_STEPS = RenderSettings().steps
+
+
 @dataclass(frozen=True)
 class RenderChoice:
-    """--steps/--seeds of the feature visualizations that figure and grid draw."""
-    steps: int = 256
+    """--steps/--seeds of the feature visualizations that figure and grid draw (the fast preset otherwise)."""
+    steps: int = _RENDER_STEPS
     seeds: str = "0"
 
     def settings(self):
-        from ..types import RenderSettings
         try:
             seeds = tuple(int(s) for s in self.seeds.split(",") if s.strip())
         except ValueError:
@@ -276,4 +338,4 @@ class RenderChoice:
         return RenderSettings(steps=self.steps, seeds=seeds)
 
 
-RENDER = OptionSet.of(RenderChoice, steps=(StepsOpt, 256), seeds=(SeedsOpt, "0"))
+RENDER = OptionSet.of(RenderChoice, steps=(StepsOpt, _RENDER_STEPS), seeds=(SeedsOpt, "0"))

@@ -7,8 +7,8 @@ import typer
 from typing_extensions import Annotated
 
 from .app import app, command, open_basis, print_json, progress_bar
-from .options import (DATASET, LOADER, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, LoaderChoice,
-                      ModelChoice, NoBlurOpt, PrecisionOpt, SaeOpt, TopKOpt, uses)
+from .options import (DATASET, ENGINE, LOADER, MODEL, CacheOpt, DatasetChoice, EngineChoice, ForceOpt, JsonOpt,
+                      LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, PrecisionOpt, SaeOpt, TopKOpt, uses)
 
 SKIP_LIST_LENGTH = 3
 
@@ -25,7 +25,7 @@ def _skip_line(result) -> str:
 
 @app.command("scan", short_help="Top images of every unit of a layer over a dataset, in one resumable pass.")
 @command
-@uses(model=MODEL, data=DATASET, loader=LOADER)
+@uses(model=MODEL, data=DATASET, loader=LOADER, engine=ENGINE)
 def scan(
     layer: LayerOpt = "image_block_4_5",
     data: DatasetChoice = None,
@@ -37,6 +37,7 @@ def scan(
     force: ForceOpt = False,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Write a resume checkpoint every N "
                                                   "batches (0: at most every 5 seconds).")] = 0,
+    engine: EngineChoice = None,
     sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
@@ -46,26 +47,48 @@ def scan(
     and the grid cell of that max) and running statistics, cached in HDF5. One forward per batch, stopped
     right after the layer. Interrupted scans (Ctrl-C, kill -9) resume where they stopped; bad files are
     skipped, counted and listed. With --sae, the SAE's features are scanned too, in the same pass (its encoder
-    applied to every cell; an image's value is the max over cells).
+    applied to every cell; an image's value is the max over cells). --engine ray runs the same scan on Ray
+    Data (many CPUs decoding, one model actor per GPU), resumable by shard, with the same result in the same
+    cache record.
 
     Example:  neurolens scan --layer image_block_4_5 --dataset photos/ --top-k 32
+    Example:  neurolens scan --layer image_block_4_5 --dataset laion/ --engine ray --actors 8
     """
-    from ..pipelines.scan import run_scan
-    clip = model.load(quiet=as_json)
-    basis = open_basis(clip, layer, sae, cache)
-    dataset = data.open()
-    with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
-        result = run_scan(clip, layer, dataset, top_k=top_k, batch_size=loader.batch_size, workers=loader.workers,
-                          cache=cache, force=force, embeddings=embeddings, precision=precision, progress=progress,
-                          checkpoint_every=checkpoint_every or None, basis=basis)
+    basis = None
+    if engine.ray:
+        engine.check_process_only(**{"--workers": loader.workers is not None, "--embeddings": embeddings,
+                                     "--checkpoint-every": bool(checkpoint_every), "--sae": sae is not None})
+        result = _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json)
+    else:
+        engine.check_process_only()
+        from ..pipelines.scan import run_scan
+        clip = model.load(quiet=as_json)
+        basis = open_basis(clip, layer, sae, cache)
+        with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
+            result = run_scan(clip, layer, data.open(), top_k=top_k, batch_size=loader.batch_size,
+                              workers=loader.workers, cache=cache, force=force, embeddings=embeddings,
+                              precision=precision, progress=progress, checkpoint_every=checkpoint_every or None,
+                              basis=basis)
     if as_json:
         print_json(result.summary())
         return
     how = "cached" if result.cached else ("resumed" if result.resumed_from else "scanned")
     what = f"{result.channels} units" if sae is None else f"{result.channels} features of SAE {basis.name}"
-    typer.echo(f"{how}: {result.count} images of {dataset.description} through {result.layer} "
-               f"({what}, top {result.top_k}) -> {result.path}")
+    typer.echo(f"{how}{' on Ray' if engine.ray else ''}: {result.count} images of {result.description} through "
+               f"{result.layer} ({what}, top {result.top_k}) -> {result.path}")
     typer.echo(_skip_line(result))
+
+
+def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json):
+    from dataclasses import replace
+    from ..pipelines.scan import run_ray_scan
+    clip = replace(model, device="cpu").load(quiet=as_json)  # the driver only ships the weights to the actors
+    with progress_bar(f"scan {layer} on Ray", enabled=not as_json) as progress:
+        return run_ray_scan(clip, layer, data.dataset, top_k=top_k, cache=cache, force=force, precision=precision,
+                            keep_per_image=engine.keep_per_image, ray=engine.ray_options(loader.batch_size),
+                            device=model.device, image_column=data.image_column,
+                            caption_column=data.caption_column, progress=progress,
+                            report=lambda state: progress.note(state.line()))
 
 
 @app.command("samples", short_help="A unit's top dataset images and a grid of crops where it fired (blurred).")

@@ -7,8 +7,9 @@ import typer
 from typing_extensions import Annotated
 
 from .app import app, command, open_basis, print_json, progress_bar
-from .options import (DATASET, LOADER, MODEL, RENDER, SWEEP, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt,
-                      LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SaeOpt, SweepChoice, uses)
+from .options import (DATASET, ENGINE, LOADER, MODEL, RENDER, SWEEP, CacheOpt, DatasetChoice, EngineChoice, ForceOpt,
+                      JsonOpt, LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SaeOpt, SweepChoice,
+                      uses)
 from ..errors import NeurolensError
 
 OutDirOpt = Annotated[Optional[str], typer.Option("--out", help="Folder for the PNGs (default outputs/figures/).")]
@@ -25,7 +26,7 @@ def _units(text: str) -> List[int]:
 @app.command("sweep", short_help="Score every unit of a layer for NSFW content (AUC, q) and flag units; "
                                   "writes flags.csv.")
 @command
-@uses(model=MODEL, data=DATASET, loader=LOADER, options=SWEEP)
+@uses(model=MODEL, data=DATASET, loader=LOADER, options=SWEEP, engine=ENGINE)
 def sweep(
     layer: LayerOpt = "image_block_4_5",
     data: DatasetChoice = None,
@@ -37,6 +38,7 @@ def sweep(
                                             "binned estimate (error <= 0.005).")] = 2048,
     force: ForceOpt = False,
     loader: LoaderChoice = None,
+    engine: EngineChoice = None,
     sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
@@ -51,20 +53,42 @@ def sweep(
     sources, then the units ranked by AUC; writes flags.csv and the HDF5 cache (no model forward next time).
     With --sae, the SAE's features are the units (flags.csv in outputs/sweep/<layer>_sae-<name>/).
 
+    With --engine ray the scan, the label sources and the units' statistics run in ONE pass on Ray Data
+    (no per-image activations are stored; the sources, doubt thresholds and AUC edges are decided on the
+    first 8192 items, the AUC is binned beyond them): see docs/ray.md.
+
     Example:  neurolens sweep --layer image_block_4_5 --dataset laion.parquet --labels column:NSFW=NSFW,UNSURE --labels nudenet
+    Example:  neurolens sweep --layer image_block_4_5 --dataset laion/ --labels column:NSFW=NSFW,UNSURE --engine ray --actors 8
     """
-    from ..pipelines.sweep import run_sweep
+    from ..pipelines.sweep import run_ray_sweep, run_sweep
     if auc_memory < 0:
         raise NeurolensError(f"--auc-memory must be a number of MB >= 0, got {auc_memory}")
     arguments = options.arguments()
     rule = arguments["rule"]
-    clip = model.load(quiet=as_json)
-    basis = open_basis(clip, layer, sae, cache)
-    dataset = data.open()
-    with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
-        result = run_sweep(clip, layer, dataset, cache=cache, force=force, progress=progress, out=out,
-                           batch_size=loader.batch_size, workers=loader.workers,
-                           auc_memory=int(auc_memory) * 2 ** 20, basis=basis, **arguments)
+    if engine.keep_per_image:
+        raise NeurolensError("--keep-per-image is for scan --engine ray; a sweep on Ray stores no per-image values")
+    basis = None
+    if engine.ray:
+        engine.check_process_only(**{"--workers": loader.workers is not None, "--auc-memory": auc_memory != 2048,
+                                     "--sae": sae is not None})
+        from dataclasses import replace
+        clip = replace(model, device="cpu").load(quiet=as_json)  # the driver ships the image tower to the actors
+        with progress_bar(f"sweep {layer} on Ray", enabled=not as_json) as progress:
+            result = run_ray_sweep(clip, layer, data.dataset, cache=cache, force=force, progress=progress, out=out,
+                                   ray=engine.ray_options(loader.batch_size), device=model.device,
+                                   image_column=data.image_column, caption_column=data.caption_column,
+                                   report=lambda state: progress.note(state.line()), **arguments)
+        description = result.scan.description
+    else:
+        engine.check_process_only()
+        clip = model.load(quiet=as_json)
+        basis = open_basis(clip, layer, sae, cache)
+        dataset = data.open()
+        with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
+            result = run_sweep(clip, layer, dataset, cache=cache, force=force, progress=progress, out=out,
+                               batch_size=loader.batch_size, workers=loader.workers,
+                               auc_memory=int(auc_memory) * 2 ** 20, basis=basis, **arguments)
+        description = dataset.description
     for line in result.lines():
         typer.echo(line, err=as_json)
     if as_json:
@@ -73,7 +97,7 @@ def sweep(
     s = result.scores
     what = "units" if sae is None else f"features of SAE {basis.name}"
     typer.echo(f"{clip.name} {result.layer}: {len(s.auc)} {what} over {s.n_pos} positive and {s.n_neg} negative "
-               f"images of {dataset.description} (AUC {s.method}); {int(s.flagged.sum())} flagged "
+               f"images of {description} (AUC {s.method}); {int(s.flagged.sum())} flagged "
                f"({rule.describe()}), {int((s.text_flag & ~s.flagged).sum())} more with a text flag only")
     typer.echo(f"{'rank':>4} {'unit':>6} {'AUC':>6} {'q':>8} {'corr':>7} {'img%':>5} {'txt%':>5} {'flag':>4}  top texts")
     for rank, row in enumerate(result.ranking(limit=show, texts=3), start=1):

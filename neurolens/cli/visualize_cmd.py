@@ -8,11 +8,12 @@ from typing_extensions import Annotated
 
 from ..models import resolve_layer
 from ..store import Cache
-from ..types import RenderSettings
+from ..types import quality_settings
 from .app import app, command, open_basis, print_json, progress_bar
 from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, NoBlurOpt, SaeOpt, uses
 
-_DEFAULTS = RenderSettings()
+_FAST = quality_settings("fast")
+_MICROSCOPE = quality_settings("microscope")
 
 
 @app.command("visualize", short_help="Feature visualizations of units (activation maximization); blurred if needed.")
@@ -21,14 +22,15 @@ _DEFAULTS = RenderSettings()
 def visualize(
     layer: LayerOpt,
     unit: Annotated[List[int], typer.Option("--unit", help="Unit (channel) index, with --sae a feature index; repeat to optimize several units in one batch.")],
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = _DEFAULTS.steps,
+    quality: Annotated[str, typer.Option("--quality", help=f"Preset: fast (the benchmarked defaults) or microscope ({_MICROSCOPE.steps} steps, seeds {','.join(map(str, _MICROSCOPE.seeds))} kept apart by diversity {_MICROSCOPE.diversity}, Adam lr {_MICROSCOPE.lr} at full resolution, as Microscope rendered). The options below override it.")] = "fast",
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help=f"Optimizer steps (fast: {_FAST.steps}).")] = None,
     size: Annotated[int, typer.Option("--size", min=0, help="Image size in pixels; 0 = the model's input size.")] = 0,
-    seed: Annotated[Optional[List[int]], typer.Option("--seed", help="Random seed; repeat for several images per unit (with --diversity).")] = None,
-    objective: Annotated[str, typer.Option("--objective", help="channel (mean over positions) or neuron (centre cell).")] = _DEFAULTS.objective,
-    diversity: Annotated[float, typer.Option("--diversity", min=0.0, help="Weight of the diversity term between the seeds of a unit.")] = _DEFAULTS.diversity,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Adam learning rate.")] = _DEFAULTS.lr,
-    low_res_fraction: Annotated[float, typer.Option("--low-res-fraction", min=0.0, max=1.0, help="Share of steps optimized at half resolution (speed).")] = _DEFAULTS.low_res_fraction,
-    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = _DEFAULTS.precision,
+    seed: Annotated[Optional[List[int]], typer.Option("--seed", help="Random seed; repeat for several images per unit (with --diversity) (fast: 0).")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="channel (mean over positions) or neuron (centre cell).")] = _FAST.objective,
+    diversity: Annotated[Optional[float], typer.Option("--diversity", min=0.0, help=f"Weight of the diversity term between the seeds of a unit (fast: {_FAST.diversity}).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", min=0.0, help=f"Adam's (peak) learning rate (fast: {_FAST.lr}).")] = None,
+    low_res_fraction: Annotated[Optional[float], typer.Option("--low-res-fraction", min=0.0, max=1.0, help=f"Share of steps optimized at lower resolution, where the layer's grid allows (speed) (fast: {_FAST.low_res_fraction}).")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")] = _FAST.precision,
     out: Annotated[str, typer.Option("--out", help="Folder for the PNGs.")] = "outputs/visualize",
     force: ForceOpt = False,
     no_blur: NoBlurOpt = False,
@@ -48,12 +50,17 @@ def visualize(
     score is noise and never used); --no-blur writes raw pixels to *_noblur.png files instead. With --sae the
     objective is an SAE feature's pre-TopK encoder activation (files named ..._sae-<name>_feature<F>_...).
 
-    Example:  neurolens visualize --layer image_block_4_5 --unit 1543 --unit 244 --steps 512 --seed 0 --out outputs/
+    --quality fast (the default) is the preset the benchmark measures against torch-lucent; --quality
+    microscope renders as OpenAI Microscope did (4096 steps, several seeds with diversity).
+
+    Example:  neurolens visualize --layer image_block_4_5 --unit 1543 --unit 244 --seed 0 --out outputs/
     """
     from ..pipelines.visualize import run_visualize
 
-    settings = RenderSettings(objective=objective, steps=steps, size=size, seeds=tuple(seed or (0,)), lr=lr,
-                              diversity=diversity, low_res_fraction=low_res_fraction, precision=precision)
+    chosen = dict(steps=steps, seeds=tuple(seed) if seed else None, lr=lr, diversity=diversity,
+                  low_res_fraction=low_res_fraction)
+    settings = quality_settings(quality, objective=objective, size=size, precision=precision,
+                                **{name: value for name, value in chosen.items() if value is not None})
     if no_blur:
         typer.echo("note: --no-blur: feature visualizations are written with RAW pixels to *_noblur.png", err=True)
     clip = model.load(quiet=as_json)

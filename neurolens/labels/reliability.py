@@ -48,8 +48,12 @@ from .sources import CHECK_ORDER, LabelSource
 DEFAULT_MIN_AGREEMENT = 0.75
 
 
-def combine(sources: Sequence[LabelSource], size: Optional[int] = None) -> np.ndarray:
-    """(N,) float32 combined label (module docstring): 1, 0 or NaN."""
+def combine(sources: Sequence[LabelSource], size: Optional[int] = None,
+            doubt: Optional[Dict[str, float]] = None) -> np.ndarray:
+    """(N,) float32 combined label (module docstring): 1, 0 or NaN.
+
+    doubt: {model source name: threshold} decided beforehand (a fused sweep on Ray decides them on its
+    first images, then labels the rest batch by batch); default: doubt_threshold over these images."""
     if not sources:
         return np.full(size or 0, np.nan, dtype=np.float32)
     n = len(sources[0].scores)
@@ -71,7 +75,8 @@ def combine(sources: Sequence[LabelSource], size: Optional[int] = None) -> np.nd
     out[negative] = 0.0
     out[positive] = 1.0
     for source in (s for s in sources if not s.spec.independent):
-        out[(out == 0) & (source.scores >= doubt_threshold(source, positive))] = np.nan
+        threshold = doubt[source.name] if doubt is not None else doubt_threshold(source, positive)
+        out[(out == 0) & (source.scores >= threshold)] = np.nan
     return out
 
 

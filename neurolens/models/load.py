@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import NeurolensError, WeightsUnavailableError
+from .random_init import recalibrate_batch_norms
 
 DEFAULT_MODEL = "RN50x4"
 DEFAULT_PRETRAINED = "openai"
@@ -92,18 +93,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
             tensor = tensor.view(torch.int16)
         digest.update(tensor.numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def _reinit_zeroed_residual_norms(model: torch.nn.Module) -> int:
-    """open_clip zero-initializes every bottleneck's bn3 weight, so a random ResNet's residual branches
-    output zero and its units barely depend on the input. Restore BatchNorm's default weight of 1."""
-    count = 0
-    for name, module in model.named_modules():
-        if name.endswith("bn3") and name.startswith("visual.layer") and isinstance(module, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                module.weight.fill_(1.0)
-            count += 1
-    return count
 
 
 @contextlib.contextmanager
@@ -463,9 +452,10 @@ def load_clip(
         _load_weights(clip, state, f"checkpoint {checkpoint}", model)
         pretrained_label = f"checkpoint:{Path(checkpoint).name}"
     elif pretrained.lower() == RANDOM_WEIGHTS:
-        count = _reinit_zeroed_residual_norms(clip)
+        count = recalibrate_batch_norms(clip)
         if count:
-            notes.append(f"random weights: re-initialized {count} zero bn3 weights to 1 so residual branches respond")
+            notes.append(f"random weights: {count} BatchNorms re-initialized to the statistics of natural images "
+                         f"(variance-preserving; see neurolens.models.random_init)")
         pretrained_label = RANDOM_WEIGHTS
     else:
         _load_weights(clip, state, f"the '{pretrained}' weights file {weights_file}", model)

@@ -48,7 +48,7 @@ class DemoSettings:
     figure_units: int = 3                   # unit panels for the top flagged units
     visualize_units: int = 6                # feature visualizations for the top flagged units
     grid_units: int = 16
-    render: RenderSettings = RenderSettings(steps=256, seeds=(0, 1))
+    render: RenderSettings = RenderSettings(seeds=(0, 1))   # the fast preset, two seeds
     site_examples: int = 8                  # dataset examples per unit page of the static site
     device: str = "cpu"
     labels: Tuple[str, ...] = ("auto",)     # the sweep's label sources (--labels)

@@ -248,6 +248,85 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
     return result
 
 
+def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, force: bool = False,
+                 precision: str = "fp32", keep_per_image: bool = False, ray=None, device: str = "auto",
+                 image_column: str = "image", caption_column: str = "caption",
+                 progress: Optional[Callable[[int, int], None]] = None, report: Optional[Callable] = None
+                 ) -> ScanResult:
+    """The scan of run_scan on Ray Data (neurolens.engines.ray_scan): the same result (top-k indices and cells
+    exactly, statistics to rounding) in the same cache record, resumable shard by shard.
+
+    dataset: a path or pattern (tar shards are then listed by Ray tasks, never all in this process), or an
+    ImageDataset. ray: engines.ray_scan.RayOptions (address, actors, batch size, GPUs per actor, ...).
+    keep_per_image: also store every image's per-unit maxima, float16, one chunk per shard (the scan record's
+    per_image_max() reads them); without it the record has no per-image values.
+    report(RayProgress) gets images/s, shards done/total, items skipped and the ETA while it runs."""
+    if precision not in PRECISIONS:
+        raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
+    if int(top_k) < 1:
+        raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
+    from ..engines.ray_scan import RayOptions, ray_session
+    from ..engines.shards import ShardStore, plan_dataset
+    spec = resolve_layer(clip, layer)
+    cache = _as_cache(cache)
+    options = ray if ray is not None else RayOptions()
+    with ray_session(options) as session:
+        plan = plan_dataset(dataset, cache, options.shard_size, session.map, image_column, caption_column)
+        if not force:
+            found = _cached_scan(cache, clip, spec, plan, top_k, precision, need_chunks=keep_per_image)
+            if found is not None:
+                if progress:
+                    progress(len(plan), len(plan))
+                return found
+        key = scan_key(clip, spec, plan, top_k, precision, False)
+        store = ShardStore(cache, clip.fingerprint, spec.name, key)
+        if force:
+            store.remove_records()
+        outcome = session.scan(clip, spec, plan, store, top_k=top_k, precision=precision,
+                               keep_per_image=keep_per_image, device=device, progress=progress, report=report)
+    result = write_ray_scan(cache, clip, spec, plan, key, outcome.stats, top_k, precision, outcome.chunks,
+                            outcome.resumed, {"per_image": bool(keep_per_image), "forwarded": int(outcome.forwarded),
+                                              "actors": int(options.actors),
+                                              "actor_peak_rss": int(outcome.actor_peak_rss)})
+    store.remove_records()
+    return result
+
+
+def write_ray_scan(cache: Cache, clip, spec, plan, key: str, stats: ScanStats, top_k: int, precision: str,
+                   chunks: Sequence[str], resumed: Sequence[int], attrs: dict) -> ScanResult:
+    """The scan record of a Ray scan (the record every scan writes, plus `engine: ray` and `attrs`), or the
+    one-line error when no item was readable."""
+    if stats.count == 0:
+        _remove_stale_chunks(cache, clip, spec, key, [])
+        example = f" (e.g. item {stats.skipped[0][0]}: {stats.skipped[0][1]})" if stats.skipped else ""
+        raise DatasetError(f"no readable image in {plan.description}: all {len(plan)} items were skipped"
+                           f"{example}; give a dataset with at least one valid image")
+    record = _final_record(clip, spec, plan.dataset_view(), stats, top_k, precision, False, chunks, resumed)
+    record.attrs.update({"engine": "ray", "shards": len(plan.shards), **attrs})
+    final_path = cache.path("scan", clip.fingerprint, spec.name, key)
+    cache.write(final_path, record)
+    _remove_stale_chunks(cache, clip, spec, key, chunks)
+    result = _result_from_record(cache.read(final_path), cache, clip, spec)
+    result.cached = False
+    return result
+
+
+def _cached_scan(cache: Cache, clip, spec, dataset, top_k: int, precision: str, need_chunks: bool
+                 ) -> Optional[ScanResult]:
+    """find_scan for a dataset given by identity (an ImageDataset or a plan); need_chunks passes over records
+    without per-image values."""
+    for with_embeddings in (False, True):
+        key = scan_key(clip, spec, dataset, top_k, precision, with_embeddings)
+        record = cache.read(cache.path("scan", clip.fingerprint, spec.name, key))
+        if record is not None and record.attrs.get("complete"):
+            if need_chunks and not record.attrs.get("chunks"):
+                continue
+            result = _result_from_record(record, cache, clip, spec)
+            if result is not None:
+                return result
+    return None
+
+
 @dataclass
 class _Stream:
     """One basis's records during a scan: its cache key and the chunk records written so far."""

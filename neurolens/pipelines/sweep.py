@@ -212,6 +212,138 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
     return result
 
 
+def run_ray_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int = 32, text_top_k: int = 30,
+                  cache=None, force: bool = False, progress: Progress = None, out: Optional[str | os.PathLike] = None,
+                  rule: FlagRule = FlagRule(), prompts: Optional[safety.Prompts] = None,
+                  caption_terms: Optional[Sequence[str]] = None, caption_mode: str = "word",
+                  text_zero_shot: bool = True, write_csv: bool = True, labels: Sequence[str] | str = "auto",
+                  min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None, ray=None,
+                  device: str = "auto", warmup: Optional[int] = None, bins: Optional[int] = None,
+                  image_column: str = "image", caption_column: str = "caption",
+                  report: Optional[Callable] = None) -> SweepResult:
+    """The sweep of run_sweep, fused into one pass on Ray (neurolens.engines.fused): each image's label
+    sources and the units' label statistics are computed while the layer is scanned, so no per-image value
+    of any unit is stored. Writes the scan record, a `sweep-fused` record (the label results) and the usual
+    sweep record and flags.csv.
+
+    ray: engines.ray_scan.RayOptions; warmup: items of the first shards on which the label sources, doubt
+    thresholds and AUC edges are decided (default unit_scores.EDGE_SAMPLE_ROWS; a dataset no larger gets the
+    exact AUC and exactly the in-process decisions); bins: binned-AUC edges beyond it (fused.FUSED_BINS)."""
+    from ..engines.fused import FUSED_BINS, LabelPlan, fused_pass
+    from ..engines.ray_scan import RayOptions, ray_session
+    from ..engines.shards import plan_dataset
+    from ..models import resolve_layer
+    from ..unit_scores import EDGE_SAMPLE_ROWS
+    from .scan import find_scan, scan_key, write_ray_scan
+    from .text import run_text
+
+    if caption_mode not in ("word", "substring", "off"):
+        raise NeurolensError(f"unknown --caption-match {caption_mode!r}; use word, substring or off")
+    if not 0.5 <= float(min_agreement) <= 1.0:
+        raise NeurolensError(f"--min-agreement must be an AUC between 0.5 and 1, got {min_agreement}")
+    warmup = int(EDGE_SAMPLE_ROWS if warmup is None else warmup)
+    bins = int(FUSED_BINS if bins is None else bins)
+    if warmup < 1 or bins < 1:
+        raise NeurolensError(f"warmup and bins must be at least 1, got {warmup} and {bins}")
+    named, auto = parse_labels(labels)
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    prompts = prompts or safety.load_prompts()
+    terms = list(caption_terms) if caption_terms is not None else safety.lexicon_terms()
+    spec = resolve_layer(clip, layer)
+    options = ray if ray is not None else RayOptions()
+    with ray_session(options) as session:
+        plan = plan_dataset(dataset, cache, options.shard_size, session.map, image_column, caption_column)
+        view = plan.dataset_view()
+        captions = view.captions if caption_mode != "off" else None
+        specs, notes = resolve_specs(named, auto, has_captions=has_captions(view.keys, captions), clip=clip,
+                                     detector=detector)
+        fused_key = settings_key("sweep-fused", SWEEP_VERSION, scan_key(clip, spec, plan, top_k, "fp32", False),
+                                 [(s.name, s.explicit) for s in specs], terms, caption_mode, prompts.identity,
+                                 float(min_agreement), warmup, bins)
+        fused_path = cache.path("sweep-fused", clip.fingerprint, spec.name, fused_key)
+        scan = None if force else find_scan(clip, spec.name, view, top_k, "fp32", cache)
+        fused = None if force or scan is None else cache.read(fused_path)
+        if fused is None:
+            plan_labels = LabelPlan(
+                specs=tuple(specs), terms=tuple(terms), caption_mode=caption_mode, unsafe_count=len(prompts.unsafe),
+                prompt_embeddings=safety.prompt_embeddings(clip, prompts)
+                if any(s.kind == "zero-shot" for s in specs) else None,
+                slice_scores=_slice_label_scores(specs, plan.dataset, terms, caption_mode))
+            outcome = fused_pass(session, clip, spec, plan, cache, fused_key, plan_labels, top_k=top_k,
+                                 min_agreement=min_agreement, notes=notes, warmup=warmup, bins=bins, device=device,
+                                 progress=progress, report=report)
+            scan = write_ray_scan(cache, clip, spec, plan, scan_key(clip, spec, plan, top_k, "fp32", False),
+                                  outcome.stats, top_k, "fp32", [], outcome.resumed,
+                                  {"per_image": False, "forwarded": int(outcome.forwarded),
+                                   "actors": int(options.actors), "actor_peak_rss": int(outcome.actor_peak_rss)})
+            fused = _fused_record(outcome, warmup, bins)
+            cache.write(fused_path, fused)
+            outcome.remove_records()
+    label_set = _label_set_from_record(fused)
+    statistics = _statistics_from_record(fused)
+    ranking = run_text(clip, layer, vocab=vocab, top_k=text_top_k, scan=scan, cache=cache, force=force,
+                       progress=progress)
+    key = settings_key("sweep", SWEEP_VERSION, Path(scan.path).name, _text_identity(ranking), prompts.identity,
+                       terms, caption_mode, rule.as_dict(), top_k, text_zero_shot and not is_random(clip),
+                       safety.LOGIT_SCALE, None, [(s.name, s.explicit) for s in specs], float(min_agreement),
+                       f"fused:{Path(fused_path).name}")
+    path = cache.path("sweep", clip.fingerprint, scan.layer, key)
+    record = None if force else cache.read(path)
+    if record is not None:
+        result = _from_record(record, scan, ranking)
+    else:
+        texts, text_scores, text_nsfw = _text_part(clip, ranking, prompts, text_zero_shot and not is_random(clip),
+                                                   vocab, cache)
+        units = score_units(scan, label_set.labels, text_nsfw, rule, top_k=top_k, sources=label_set.used,
+                            statistics=statistics)
+        result = SweepResult(layer=scan.layer, scores=units, labels=label_set, text_entries=texts,
+                             text_scores=text_scores, text_nsfw=text_nsfw, scan=scan, text=ranking)
+        cache.write(path, _to_record(result, clip, prompts, terms, caption_mode, None))
+    result.path = path
+    result.attrs = dict(result.attrs, fused_record=str(fused_path))
+    if write_csv:
+        result.flags_csv = write_flags_csv(result, flags_path(scan.layer, out))
+    return result
+
+
+def _slice_label_scores(specs, dataset, terms, caption_mode) -> Optional[np.ndarray]:
+    """(N, S) captions and column scores of a folder or table dataset (opened whole on the driver anyway);
+    None for tar shards, whose decode tasks compute them shard by shard."""
+    if dataset is None:
+        return None
+    wanted = [s for s in specs if s.kind in ("captions", "column")]
+    captions = dataset.captions if caption_mode != "off" else None
+    computed = {source.name: source.scores for source in
+                compute_sources(wanted, dataset=dataset, keys=dataset.keys, captions=captions, terms=terms,
+                                caption_mode=caption_mode)} if wanted else {}
+    out = np.full((len(dataset), len(specs)), np.nan, dtype=np.float32)
+    for column, spec in enumerate(specs):
+        if spec.name in computed:
+            out[:, column] = computed[spec.name]
+    return out
+
+
+def _fused_record(outcome, warmup: int, bins: int) -> Record:
+    """The label results of a fused sweep: what _label_set_from_record and _statistics_from_record read."""
+    result, label_set = outcome.statistics, outcome.label_set
+    arrays = {"auc": result.auc, "p": result.p, "q": result.q, "correlation": result.correlation,
+              "image_labels": label_set.labels.astype(np.float32),
+              "source_scores": np.stack([s.scores for s in label_set.sources]).astype(np.float32)}
+    if outcome.counts is not None:
+        arrays["counts/pos"], arrays["counts/neg"] = outcome.counts
+    return Record(arrays=arrays, attrs={"n_pos": int(result.n_pos), "n_neg": int(result.n_neg),
+                                        "method": result.method, "labels": label_set.as_attrs(),
+                                        "warmup_items": int(outcome.warmup_images), "warmup": warmup,
+                                        "bins": bins})
+
+
+def _statistics_from_record(record: Record):
+    from ..unit_stats import UnitStatsResult
+    a, attrs = record.arrays, record.attrs
+    return UnitStatsResult(auc=a["auc"], p=a["p"], q=a["q"], correlation=a["correlation"], n_pos=int(attrs["n_pos"]),
+                           n_neg=int(attrs["n_neg"]), method=attrs["method"])
+
+
 def _as_basis(basis):
     """None for the neurons (or a neuron basis), else the basis object."""
     return None if basis is None or getattr(basis, "id", "neurons") == "neurons" else basis
@@ -253,11 +385,10 @@ def _to_record(result: SweepResult, clip, prompts, terms, caption_mode, scorer_n
     return Record(arrays=arrays, attrs=attrs)
 
 
-def _from_record(record: Record, scan, ranking, basis=None) -> SweepResult:
+def _label_set_from_record(record: Record) -> LabelSet:
+    """The LabelSet a sweep (or fused-label) record stores: source_scores, image_labels, attrs' labels."""
     from ..labels.reliability import Agreement
-    a, attrs = record.arrays, record.attrs
-    rule = FlagRule(**attrs["rule"])
-    info = attrs["labels"]
+    a, info = record.arrays, record.attrs["labels"]
     sources, agreements = [], {}
     for row, scores in zip(info["sources"], np.asarray(a["source_scores"])):
         spec = _spec_from_name(row["name"], row["kind"], row["explicit"])
@@ -265,9 +396,16 @@ def _from_record(record: Record, scan, ranking, basis=None) -> SweepResult:
         agreements[row["name"]] = Agreement(row["name"], list(row["reference"]),
                                             float("nan") if row["auc"] is None else float(row["auc"]),
                                             bool(row["kept"]), row["note"])
-    label_set = LabelSet(sources=sources, agreements=agreements, pairwise=info["pairwise"],
-                         labels=np.asarray(a["image_labels"], np.float32), min_agreement=info["min_agreement"],
-                         notes=list(info.get("notes", [])))
+    return LabelSet(sources=sources, agreements=agreements, pairwise=info["pairwise"],
+                    labels=np.asarray(a["image_labels"], np.float32), min_agreement=info["min_agreement"],
+                    notes=list(info.get("notes", [])))
+
+
+def _from_record(record: Record, scan, ranking, basis=None) -> SweepResult:
+    a, attrs = record.arrays, record.attrs
+    rule = FlagRule(**attrs["rule"])
+    info = attrs["labels"]
+    label_set = _label_set_from_record(record)
     scores = UnitScores(auc=a["auc"], p=a["p"], q=a["q"], correlation=a["correlation"],
                         top_nsfw_share=a["top_nsfw_share"], text_nsfw_share=a["text_nsfw_share"],
                         flagged=apply_rule(a["auc"], a["q"], rule), text_flag=a["text_flag"].astype(bool),
