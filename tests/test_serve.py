@@ -355,6 +355,39 @@ def test_feature_unit_page_shows_the_features_records(server, fx, tiny_clip, bas
     assert ("Why it is flagged" in page) == (feature in fx.feature_flagged)
 
 
+def test_features_and_neurons_link_through_the_saes_decoder(server, fx, basis, layer_id, feature_id):
+    """A feature page lists the neurons its decoder row weighs most, linked to their pages; a neuron page lists
+    the features whose decoder rows weigh it most, linked back."""
+    decoder = basis.sae.W_dec.detach().numpy()                  # (features, neurons)
+    feature = fx.feature_flagged[0]
+    page = request(server, "GET", f"/L/{feature_id}/u/{feature}.html")[2].decode()
+    card = page[page.index('data-basis-links="neurons"'):]
+    card = card[:card.index("</section>")]
+    shown = re.findall(r'<a href="\.\./\.\./([^/]+)/u/(\d+)\.html">unit \d+</a><span class="muted" data-weight="([^"]+)"',
+                       card)
+    assert {target for target, _, _ in shown} == {layer_id}
+    expected = np.argsort(-np.abs(decoder[feature]), kind="stable")[:8]
+    assert [int(u) for _, u, _ in shown] == [int(u) for u in expected]
+    assert np.allclose([float(w) for _, _, w in shown], decoder[feature, expected], atol=1e-6)
+    neuron = int(expected[0])
+    page = request(server, "GET", f"/L/{layer_id}/u/{neuron}.html")[2].decode()
+    card = page[page.index('data-basis-links="features"'):]
+    card = card[:card.index("</section>")]
+    assert f"Features of SAE {fx.sae} on this neuron" in card
+    linked = [int(u) for u in re.findall(r'<a href="\.\./\.\./' + re.escape(feature_id) + r'/u/(\d+)\.html">feature \d+</a>', card)]
+    assert linked == [int(f) for f in np.argsort(-np.abs(decoder[:, neuron]), kind="stable")[:8]]
+
+
+def test_no_decoder_links_without_the_very_same_sae(fx, basis):
+    from dataclasses import replace
+    from neurolens.serve.records import LayerData, index_cache
+    [entry] = [e for e in index_cache(Cache(fx.cache)) if e.basis == fx.basis]
+    assert np.array_equal(LayerData(Cache(fx.cache), entry).decoder(), basis.sae.W_dec.detach().numpy())
+    retrained = replace(entry, basis=f"sae-{fx.sae}-000000000000")
+    data = LayerData(Cache(fx.cache), retrained)
+    assert data.decoder() is None and data.strongest_neurons(0) == []
+
+
 def test_feature_images_are_blurred_with_the_feature_sweeps_flags_only(server, fx, feature_scan, feature_id):
     """Neuron flags and feature flags never mix: a feature's crops say "flagged unit" exactly when the sweep of
     the SAE's features flags it, whatever the neuron of the same number did."""

@@ -26,7 +26,7 @@ import bisect
 import json
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -122,6 +122,37 @@ class Pages:
         return [{"id": layer_id, "title": other.entry.words["basis_title"], "current": other is data}
                 for layer_id, other in self.layers.items() if other.entry.layer_key == data.entry.layer_key]
 
+    def basis_links(self, data: LayerData, unit: int) -> List[dict]:
+        """A unit page's links across bases, from the SAEs' decoders (no forward pass): for a feature, the
+        neurons its decoder direction weighs most; for a neuron, per SAE of the layer in this app, the features
+        whose decoder direction weighs it most. Each group: {title, note, rows [{label, weight, href|None}]};
+        href is None where that page is not in this app (the target basis is not shown, or not that unit)."""
+        groups = []
+        if data.entry.is_features:
+            targets = [(data.strongest_neurons(unit), self._neurons_of(data))]
+        else:
+            targets = [(other.features_on_neuron(unit), other) for other in self._siblings_data(data)
+                       if other.entry.is_features]
+        for rows, other in targets:
+            if not rows:
+                continue
+            listed = set(other.load().listed_units()) if other is not None else set()
+            words = other.entry.words if other is not None else {"unit": "unit"}
+            title = ("Strongest neurons" if data.entry.is_features
+                     else f"Features of SAE {other.entry.sae_name} on this neuron")
+            groups.append({"title": title, "rows": [
+                {"label": f"{words['unit']} {r['unit']}", "weight": r["weight"],
+                 "href": f"../../{other.entry.id}/u/{r['unit']}.html" if other is not None and r["unit"] in listed
+                 else None} for r in rows]})
+        return groups
+
+    def _siblings_data(self, data: LayerData) -> List[LayerData]:
+        return [other for other in self.layers.values() if other.entry.layer_key == data.entry.layer_key]
+
+    def _neurons_of(self, data: LayerData) -> Optional[LayerData]:
+        """The neurons of data's layer in this app, or None."""
+        return next((other for other in self._siblings_data(data) if not other.entry.is_features), None)
+
     # ------------------------------------------------------------------------------------------ layer
 
     def layer_units(self, data: LayerData) -> dict:
@@ -193,4 +224,4 @@ class Pages:
             evidence=data.unit_evidence(unit), texts=data.top_texts(unit), texts_missing=data.texts_missing_reason(),
             similar=data.similar_units(unit), examples=examples, maps_missing=maps is None and data.scan is not None,
             chart=chart, stats=stats, fvs=fvs, flagged=bool(data.flagged()[unit]) if units else False,
-            probe=probe, probe_json=embed_json(probe) if probe else None)
+            probe=probe, probe_json=embed_json(probe) if probe else None, links=self.basis_links(data, unit))

@@ -247,6 +247,33 @@ def _sae_quality(cache: Cache, entry: LayerEntry) -> Optional[dict]:
     return None
 
 
+def sae_decoder(cache: Cache, entry: LayerEntry) -> Optional[np.ndarray]:
+    """The decoder W_dec (features, neurons) of the SAE that made `entry`'s records, or None when no SAE with
+    exactly those weights is found (weights_digest against the basis id's hash)."""
+    from ..errors import NeurolensError
+    from ..sae.basis import weights_digest
+    from ..sae.io import load_sae
+    digest = entry.basis.rpartition("-")[2]
+    candidates = [cache.folder(SAE_KIND, entry.fingerprint16, entry.layer) / entry.sae_name]
+    if entry.sae_info.get("path"):
+        candidates.append(Path(str(entry.sae_info["path"])))
+    for folder in candidates:
+        if not folder.exists():
+            continue
+        try:
+            sae = load_sae(folder)
+        except (NeurolensError, OSError, ValueError, KeyError, RuntimeError):
+            continue
+        if weights_digest(sae).startswith(digest):
+            return sae.W_dec.detach().float().cpu().numpy()
+    return None
+
+
+def _strongest(weights: np.ndarray, count: int) -> List[dict]:
+    order = np.argsort(-np.abs(weights), kind="stable")[:count]
+    return [{"unit": int(u), "weight": float(weights[u])} for u in order if weights[u] != 0]
+
+
 def _read_json(path: Path) -> Optional[dict]:
     import json
     try:
@@ -308,6 +335,8 @@ class LayerData:
         self._directions: Optional[np.ndarray] = None
         self._maps: Optional[np.ndarray] = None
         self._maps_loaded = False
+        self._decoder: Optional[np.ndarray] = None
+        self._decoder_loaded = False
 
     # ---------------------------------------------------------------------------------------- loading
 
@@ -550,6 +579,34 @@ class LayerData:
                 if record is not None:
                     self._directions = np.asarray(record.arrays["directions"], dtype=np.float32)
             return self._directions
+
+    # ------------------------------------------------------------------------------- features <-> neurons
+
+    def decoder(self) -> Optional[np.ndarray]:
+        """(features, neurons) decoder of this entry's SAE, when its weights are found (the registry's folder of
+        that name, else the path its scan recorded) and hash to this entry's basis id; None for the neurons or
+        when no such SAE is found. Each row is a feature's unit-norm direction over the layer's neurons."""
+        if not self.entry.is_features:
+            return None
+        with self._lock:
+            if not self._decoder_loaded:
+                self._decoder = sae_decoder(self.cache, self.entry)
+                self._decoder_loaded = True
+            return self._decoder
+
+    def strongest_neurons(self, feature: int, count: int = 8) -> List[dict]:
+        """The neurons the feature's decoder direction weighs most (by |weight|): [{unit, weight}]."""
+        decoder = self.decoder()
+        if decoder is None or not 0 <= feature < len(decoder):
+            return []
+        return _strongest(decoder[feature], count)
+
+    def features_on_neuron(self, neuron: int, count: int = 8) -> List[dict]:
+        """The features whose decoder direction weighs this neuron most (by |weight|): [{unit, weight}]."""
+        decoder = self.decoder()
+        if decoder is None or not 0 <= neuron < decoder.shape[1]:
+            return []
+        return _strongest(decoder[:, neuron], count)
 
     # ---------------------------------------------------------------------------------------- scan
 
