@@ -210,17 +210,22 @@ def png_bytes(image):
     return buffer.getvalue()
 
 
-def test_probe_upload_answers_the_units_map_value_and_percentile(server, fx, tiny_clip, scan, layer_id):
+def probe_upload(server, tiny_clip, fx, layer_id, unit, upload):
+    """The server's probe answer for `upload`, and the layer's activations on it computed here."""
     from neurolens.models import resolve_layer
     from neurolens.scan import layer_forward
-    unit = fx.flagged[0]
-    upload = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
     status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit={unit}", body=png_bytes(upload),
                               headers={"Content-Type": "application/octet-stream", **PROBE})
     assert status == 200, body
-    answer = json.loads(body)
     pixels = torch.from_numpy(np.asarray(preprocess(upload, 64)).transpose(2, 0, 1).copy())[None].float() / 255
     acts, _ = layer_forward(tiny_clip, resolve_layer(tiny_clip, fx.layer), pixels)
+    return json.loads(body), acts
+
+
+def test_probe_upload_answers_the_units_map_value_and_percentile(server, fx, tiny_clip, scan, layer_id):
+    unit = fx.flagged[0]
+    upload = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    answer, acts = probe_upload(server, tiny_clip, fx, layer_id, unit, upload)
     expected = acts[0, unit].numpy()
     assert answer["grid"] == [4, 4]
     assert np.allclose(np.asarray(answer["map"]), expected, atol=1e-5)
@@ -442,16 +447,9 @@ def test_maps_command_takes_an_sae(fx):
 
 
 def test_probe_of_a_feature_computes_the_features_map(server, fx, tiny_clip, basis, feature_scan, feature_id):
-    from neurolens.models import resolve_layer
-    from neurolens.scan import layer_forward
     feature = fx.feature_flagged[0]
     upload = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    status, _, body = request(server, "POST", f"/api/{feature_id}/probe?unit={feature}", body=png_bytes(upload),
-                              headers={"Content-Type": "application/octet-stream", **PROBE})
-    assert status == 200, body
-    answer = json.loads(body)
-    pixels = torch.from_numpy(np.asarray(preprocess(upload, 64)).transpose(2, 0, 1).copy())[None].float() / 255
-    acts, _ = layer_forward(tiny_clip, resolve_layer(tiny_clip, fx.layer), pixels)
+    answer, acts = probe_upload(server, tiny_clip, fx, feature_id, feature, upload)
     expected = basis.activations(acts)[0, feature].numpy()
     assert answer["unit_word"] == "feature" and answer["grid"] == [4, 4]
     assert np.allclose(np.asarray(answer["map"]), expected, atol=1e-5)
