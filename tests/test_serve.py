@@ -608,6 +608,26 @@ def test_static_site_has_every_unit_and_only_blurred_images(fx, scan, tmp_path, 
     assert again.cached and again.pages == result.pages
 
 
+def test_site_of_one_basis_writes_only_its_pages(fx, tmp_path, layer_id, feature_id):
+    """`site --basis tiny`: the SAE's feature pages only; its feature pages name their strongest neurons without
+    links (the neuron pages are not in this site); an unknown basis is one clear line."""
+    from typer.testing import CliRunner
+    from neurolens.cli import app
+    out = tmp_path / "site"
+    result = CliRunner().invoke(app, ["site", "--out", str(out), "--basis", fx.sae, "--examples", "2",
+                                      "--cache", str(fx.cache), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["layers"] == 1 and summary["pages"] == 1 + 1 + fx.features
+    assert sorted(p.name for p in (out / "L").iterdir()) == [feature_id]
+    page = (out / "L" / feature_id / "u" / f"{fx.feature_flagged[0]}.html").read_text()
+    card = page[page.index('data-basis-links="neurons"'):]
+    assert re.search(r"<span>unit \d+</span>", card) and layer_id + "/" not in card
+    assert 'class="bases"' not in page                       # one basis in this site: no switch
+    bad = CliRunner().invoke(app, ["site", "--out", str(tmp_path / "bad"), "--basis", "nope", "--cache", str(fx.cache)])
+    assert bad.exit_code == 2 and "no basis named nope" in bad.output and f"neurons, {fx.sae}" in bad.output
+
+
 def test_pages_of_a_layer_with_only_feature_visualizations(tmp_path, tiny_clip):
     """A layer with visualize records but no scan, sweep or texts: every page renders and says what is missing."""
     from neurolens.pipelines.visualize import run_visualize

@@ -14,6 +14,9 @@ from ..models.load import DEFAULT_MODEL
 
 LayersOpt = Annotated[Optional[List[str]], typer.Option(
     "--layer", help="Only this layer (repeatable; a layer name, or a layer id from the home page). Default: all.")]
+BasesOpt = Annotated[Optional[List[str]], typer.Option(
+    "--basis", help="Only this basis of each layer (repeatable): 'neurons', or the name of an SAE whose features "
+                    "have cached results. Default: every basis.")]
 # serve loads a model only when asked to (for live probes): --model has no default there
 PROBE_MODEL = MODEL.replace(model=(Annotated[Optional[str], typer.Option(
     "--model", help="Load this open_clip model for live probes (test an image on a unit); with --checkpoint "
@@ -90,16 +93,20 @@ def serve(
     no_reveal: Annotated[bool, typer.Option("--no-reveal", help="Turn off per-image reveals: raw pixels are "
                                                                 "never sent.")] = False,
     layer: LayersOpt = None,
+    basis: BasesOpt = None,
     model: ModelChoice = None,
 ) -> None:
     """A local web app over the cache: every layer, every unit (sorted by NSFW evidence), each unit's feature
     visualizations, top dataset examples with where the unit fired, activation histogram, top texts and
-    NSFW evidence; the features of every SAE with cached results get the same pages. Every image is blurred; one image at a time can be revealed on purpose (a click, then a
-    confirmation) unless --no-reveal. With --model or --checkpoint it also answers live probes. Prints
-    `serving http://...` once it accepts connections; Ctrl-C stops it.
+    NSFW evidence. The features of every SAE with cached results (`neurolens sweep --sae NAME`) get the same
+    pages, one basis switch away from the layer's neurons (--basis picks some). Every image is blurred; one
+    image at a time can be revealed on purpose (a click, then a confirmation) unless --no-reveal. With
+    --model or --checkpoint it also answers live probes (of features too: the SAE is loaded by its name).
+    Prints `serving http://...` once it accepts connections; Ctrl-C stops it.
 
     Example:  neurolens serve --cache outputs/cache
     Example:  neurolens serve --checkpoint toy.pt --port 0 --no-reveal
+    Example:  neurolens serve --layer image_block_4_5 --basis rn8x
     """
     from ..serve.server import serve as run_server
     from ..store import Cache
@@ -108,7 +115,7 @@ def serve(
     if model.model or model.checkpoint:
         clip = replace(model, model=model.model or DEFAULT_MODEL).load()
     run_server(Cache(cache), host=host, port=port, token=token, no_token=no_token, reveal=not no_reveal,
-               clip=clip, layers=layer or (), announce=lambda line: typer.echo(line),
+               clip=clip, layers=layer or (), bases=basis or (), announce=lambda line: typer.echo(line),
                warn=lambda line: typer.echo(line, err=True))
 
 
@@ -117,23 +124,27 @@ def serve(
 def site(
     out: Annotated[str, typer.Option("--out", help="Folder to write the site into (index.html at its top).")] = "outputs/site",
     layer: LayersOpt = None,
+    basis: BasesOpt = None,
     examples: Annotated[int, typer.Option("--examples", help="Dataset examples per unit page.")] = 16,
     force: ForceOpt = False,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The web app's pages as static files, with blurred images only and no reveal: share them or host them
-    anywhere; they open from file:// too. A site made from the same records is left as it is (--force).
+    anywhere; they open from file:// too. SAE features get pages as in `serve`; --basis picks the bases (a
+    site of an 8x SAE on RN50x4's image_block_4_5 has 20480 feature pages). A site made from the same
+    records is left as it is (--force).
 
     Example:  neurolens site --out outputs/site
     Example:  neurolens site --out site/ --layer image_block_4_5 --examples 32
+    Example:  neurolens site --out site/ --layer image_block_4_5 --basis neurons --basis rn8x
     """
     from ..serve.site import write_site
     from ..store import Cache
 
     with progress_bar("site", enabled=not as_json) as progress:
         result = write_site(Cache(cache), out, layers=layer or (), examples=examples, progress=progress,
-                            force=force)
+                            force=force, bases=basis or ())
     if as_json:
         print_json({"index": str(result.index), "layers": result.layers, "pages": result.pages,
                     "images": result.images, "cached": result.cached})

@@ -92,6 +92,11 @@ class LayerEntry:
         return str(self.sae_info.get("name") or sae_name_of(self.basis))
 
     @property
+    def basis_name(self) -> str:
+        """How `serve --basis` / `site --basis` name this basis: "neurons" or the SAE's name."""
+        return self.sae_name if self.is_features else NEURONS
+
+    @property
     def title(self) -> str:
         return f"{self.model or 'model ' + self.fingerprint16} · {self.layer}" + \
             (f" · SAE {self.sae_name}" if self.is_features else "")

@@ -32,15 +32,17 @@ class SiteResult:
 
 
 def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (), examples: int = DEFAULT_EXAMPLES,
-               progress: Optional[Callable[[int, int], None]] = None, force: bool = False) -> SiteResult:
-    """Write every page of the chosen layers (default: all in the cache) under `out`; returns what was written.
+               progress: Optional[Callable[[int, int], None]] = None, force: bool = False,
+               bases: Sequence[str] = ()) -> SiteResult:
+    """Write every page of the chosen layers (default: all in the cache) and bases ("neurons" or SAE names;
+    default: all) under `out`; returns what was written.
 
     examples: dataset examples per unit page (the layer's scan may hold more). A site made from the same
     records with the same settings (OUT/site.json) is left as it is unless force=True."""
     if examples < 1:
         raise NeurolensError(f"--examples must be at least 1, got {examples}")
     out = Path(out)
-    chosen = select_layers(cache, layers)
+    chosen = select_layers(cache, layers, bases)
     stamp = _stamp(chosen, examples)
     previous = _read_stamp(out)
     if not force and previous is not None and previous.get("inputs") == stamp and (out / "index.html").is_file():
