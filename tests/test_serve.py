@@ -628,6 +628,21 @@ def test_site_of_one_basis_writes_only_its_pages(fx, tmp_path, layer_id, feature
     assert bad.exit_code == 2 and "no basis named nope" in bad.output and f"neurons, {fx.sae}" in bad.output
 
 
+def test_site_is_written_again_when_the_sae_changes(fx, tmp_path):
+    """The feature-neuron links come from the SAE's weights: a site made before the SAE's files changed is
+    not left as it is."""
+    import os
+    import shutil
+    from neurolens.serve.site import write_site
+    cache = tmp_path / "cache"
+    shutil.copytree(fx.cache, cache)
+    first = write_site(Cache(cache), tmp_path / "site", examples=1, bases=[fx.sae])
+    assert not first.cached and write_site(Cache(cache), tmp_path / "site", examples=1, bases=[fx.sae]).cached
+    weights = cache / "sae" / fx.clip.fingerprint[:16] / fx.layer / fx.sae / "sae_weights.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert not write_site(Cache(cache), tmp_path / "site", examples=1, bases=[fx.sae]).cached
+
+
 def test_pages_of_a_layer_with_only_feature_visualizations(tmp_path, tiny_clip):
     """A layer with visualize records but no scan, sweep or texts: every page renders and says what is missing."""
     from neurolens.pipelines.visualize import run_visualize

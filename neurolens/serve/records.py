@@ -252,6 +252,17 @@ def _sae_quality(cache: Cache, entry: LayerEntry) -> Optional[dict]:
     return None
 
 
+def sae_candidates(cache: Cache, entry: LayerEntry) -> List[Path]:
+    """Where the SAE of a feature entry may be: the registry's folder of its name, then the path its scan
+    recorded (an SAE made elsewhere). Empty for the neurons."""
+    if not entry.is_features:
+        return []
+    candidates = [cache.folder(SAE_KIND, entry.fingerprint16, entry.layer) / entry.sae_name]
+    if entry.sae_info.get("path"):
+        candidates.append(Path(str(entry.sae_info["path"])))
+    return candidates
+
+
 def sae_decoder(cache: Cache, entry: LayerEntry) -> Optional[np.ndarray]:
     """The decoder W_dec (features, neurons) of the SAE that made `entry`'s records, or None when no SAE with
     exactly those weights is found (weights_digest against the basis id's hash)."""
@@ -259,10 +270,7 @@ def sae_decoder(cache: Cache, entry: LayerEntry) -> Optional[np.ndarray]:
     from ..sae.basis import weights_digest
     from ..sae.io import load_sae
     digest = entry.basis.rpartition("-")[2]
-    candidates = [cache.folder(SAE_KIND, entry.fingerprint16, entry.layer) / entry.sae_name]
-    if entry.sae_info.get("path"):
-        candidates.append(Path(str(entry.sae_info["path"])))
-    for folder in candidates:
+    for folder in sae_candidates(cache, entry):
         if not folder.exists():
             continue
         try:
