@@ -1,7 +1,8 @@
 """A small cache for the web-app tests: the tiny RN model (random weights) over 96 generated toy images
 (a quarter of them showing the planted pattern), with every record kind the pages show: scan (with
 per-image maxima), text ranking (the captions as vocabulary), sweep, feature visualizations of a few
-units, and the top-k activation maps. Built in about 10 s on one core.
+units, and the top-k activation maps; and the same again for the 64 features of a tiny TopK SAE trained
+on the layer (3 epochs over the 96 images). Built in about 10 s on one core.
 
 The sweep's label source is the generator's `planted` column (`--labels column:planted`), so the flagged
 units are the ones that respond to the planted pattern."""
@@ -15,6 +16,7 @@ import numpy as np
 
 LAYER = "image_block_3_0"
 IMAGES = 96
+SAE = "tiny"
 
 
 @dataclass
@@ -27,6 +29,11 @@ class Fixture:
     flagged: List[int]
     visualized: List[int]
     planted: np.ndarray
+    sae: str = SAE                  # the SAE's name
+    basis: str = ""                 # its basis id (sae-<name>-<hash>)
+    features: int = 0
+    feature_flagged: List[int] = None
+    feature_visualized: List[int] = None
 
 
 def build(root: Path, clip) -> Fixture:
@@ -35,7 +42,9 @@ def build(root: Path, clip) -> Fixture:
     from neurolens.pipelines.scan import run_scan
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.pipelines.topmaps import run_top_maps
+    from neurolens.pipelines.sae import run_sae_train
     from neurolens.pipelines.visualize import run_visualize
+    from neurolens.sae import SaeTrainSettings, load_basis
     from neurolens.store import Cache
     from neurolens.toy.generate import ToySettings, write_dataset
     from neurolens.types import RenderSettings
@@ -53,8 +62,20 @@ def build(root: Path, clip) -> Fixture:
     visualized = sorted(set(flagged[:2]) | {0})
     run_visualize(clip, LAYER, visualized, RenderSettings(steps=8, seeds=(0, 1)), cache=cache)
     run_top_maps(clip, LAYER, scan=scan, cache=cache, workers=0)
+
+    # the features of a tiny SAE: trained, swept (scan + texts + sweep), two visualized, their top maps
+    run_sae_train(clip, LAYER, dataset, SaeTrainSettings(features="64", k=8, epochs=3, batch_size=64, held_out=0.2),
+                  name=SAE, cache=cache, workers=0)
+    basis = load_basis(clip, LAYER, SAE, cache)
+    feature_sweep = run_sweep(clip, LAYER, dataset, vocab=f"{parquet}:caption", top_k=8, text_top_k=10, cache=cache,
+                              labels=("column:planted",), workers=0, write_csv=False, basis=basis)
+    feature_flagged = feature_sweep.flagged_units
+    feature_visualized = sorted(set(feature_flagged[:1]) | {0})
+    run_visualize(clip, LAYER, feature_visualized, RenderSettings(steps=8, seeds=(0, 1)), cache=cache, basis=basis)
+    run_top_maps(clip, LAYER, cache=cache, workers=0, basis=basis)
     return Fixture(cache=root / "cache", dataset=parquet, clip=clip, layer=LAYER, units=scan.channels,
-                   flagged=flagged, visualized=visualized, planted=planted)
+                   flagged=flagged, visualized=visualized, planted=planted, basis=basis.id, features=basis.units,
+                   feature_flagged=feature_flagged, feature_visualized=feature_visualized)
 
 
 # ------------------------------------------------------------------------------------------ a live server

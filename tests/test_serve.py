@@ -71,6 +71,27 @@ def layer_id(fx, tiny_clip):
     return f"{tiny_clip.fingerprint[:16]}-{fx.layer}"
 
 
+@pytest.fixture(scope="module")
+def basis(fx, tiny_clip):
+    from neurolens.sae import load_basis
+    return load_basis(tiny_clip, fx.layer, fx.sae, Cache(fx.cache))
+
+
+@pytest.fixture(scope="module")
+def feature_scan(fx, tiny_clip, basis):
+    return find_scan(tiny_clip, fx.layer, open_dataset(str(fx.dataset)), top_k=8, cache=Cache(fx.cache), basis=basis)
+
+
+@pytest.fixture(scope="module")
+def feature_id(fx, tiny_clip):
+    """The layer id of the SAE's features: the neurons' id, then '~' and the basis id."""
+    return f"{tiny_clip.fingerprint[:16]}-{fx.layer}~{fx.basis}"
+
+
+def payload(page: bytes) -> dict:
+    return json.loads(re.search(rb'<script type="application/json" id="units-data">(.*?)</script>', page, re.S).group(1))
+
+
 def raw_crop(fx, scan, unit, rank, pixels=128):
     """The crop the unit page shows at `rank` (1 = top), made here from the dataset file."""
     dataset = open_dataset(str(fx.dataset))
@@ -189,17 +210,22 @@ def png_bytes(image):
     return buffer.getvalue()
 
 
-def test_probe_upload_answers_the_units_map_value_and_percentile(server, fx, tiny_clip, scan, layer_id):
+def probe_upload(server, tiny_clip, fx, layer_id, unit, upload):
+    """The server's probe answer for `upload`, and the layer's activations on it computed here."""
     from neurolens.models import resolve_layer
     from neurolens.scan import layer_forward
-    unit = fx.flagged[0]
-    upload = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
     status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit={unit}", body=png_bytes(upload),
                               headers={"Content-Type": "application/octet-stream", **PROBE})
     assert status == 200, body
-    answer = json.loads(body)
     pixels = torch.from_numpy(np.asarray(preprocess(upload, 64)).transpose(2, 0, 1).copy())[None].float() / 255
     acts, _ = layer_forward(tiny_clip, resolve_layer(tiny_clip, fx.layer), pixels)
+    return json.loads(body), acts
+
+
+def test_probe_upload_answers_the_units_map_value_and_percentile(server, fx, tiny_clip, scan, layer_id):
+    unit = fx.flagged[0]
+    upload = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    answer, acts = probe_upload(server, tiny_clip, fx, layer_id, unit, upload)
     expected = acts[0, unit].numpy()
     assert answer["grid"] == [4, 4]
     assert np.allclose(np.asarray(answer["map"]), expected, atol=1e-5)
@@ -257,6 +283,198 @@ def test_requests_never_write_to_the_cache(server, fx, before, layer_id):
         assert request(server, "GET", path)[0] == 200
     assert request(server, "POST", f"/api/{layer_id}/probe?unit=0&index=0", body=b"", headers=PROBE)[0] == 200
     assert serve_fixture.snapshot(fx.cache) == before
+
+
+# ------------------------------------------------------------------------------------------------ SAE features
+
+def test_home_lists_each_basis_of_the_layer_with_the_saes_quality_report(server, fx, layer_id, feature_id):
+    status, _, home = request(server, "GET", "/")
+    assert status == 200
+    cards = re.findall(rb'<a class="layer-card[^"]*" href="L/([^/"]+)/index.html"[^>]*data-basis="([^"]+)"', home)
+    assert [(c.decode(), b.decode()) for c, b in cards] == [(layer_id, "neurons"), (feature_id, fx.basis)]
+    feature_card = home[home.index(b'data-basis="' + fx.basis.encode()):]
+    feature_card = feature_card[:feature_card.index(b"</a>")].decode()
+    assert f"SAE {fx.sae}" in feature_card and f"<strong>{fx.features}</strong> features" in feature_card
+    assert f"{len(fx.feature_flagged)} flagged" in feature_card
+    config = json.loads((fx.cache / "sae" / fx.clip.fingerprint[:16] / fx.layer / fx.sae / "cfg.json").read_text())
+    quality = config["metadata"]["neurolens"]["quality"]
+    shown = dict(re.findall(r"<dt>([^<]+)</dt><dd>([^<]+)", feature_card))
+    assert float(shown["explained variance"]) == pytest.approx(quality["explained_variance"], abs=5e-4)
+    assert float(shown["L0"]) == pytest.approx(quality["l0"], rel=5e-3)
+    assert shown["dead"] == f"{100 * quality['dead_share']:.0f}%"
+    assert float(shown["embedding cosine"]) == pytest.approx(quality["embedding_cosine"], abs=5e-5)
+    assert "model loaded with this SAE" in feature_card                    # probes load the SAE too
+
+
+def test_feature_layer_page_lists_every_feature_with_the_feature_sweeps_flags(server, fx, feature_id):
+    status, _, page = request(server, "GET", f"/L/{feature_id}/index.html")
+    assert status == 200
+    text = page.decode()
+    assert f"features of SAE {fx.sae}" in text and f"{fx.features} features" in text
+    data = payload(page)
+    assert data["unit_word"] == "feature" and [row[0] for row in data["units"]] == list(range(fx.features))
+    assert {row[0] for row in data["units"] if row[1]} == set(fx.feature_flagged)
+    # the layer's neurons are one click away, and the neuron page links back to the features
+    assert f'href="../../L/{feature_id.split("~")[0]}/index.html"' in text
+    neurons = request(server, "GET", f"/L/{feature_id.split('~')[0]}/index.html")[2].decode()
+    assert f'href="../../L/{feature_id}/index.html">SAE {fx.sae}</a>' in neurons
+
+
+def test_feature_unit_page_shows_the_features_records(server, fx, tiny_clip, basis, feature_scan, feature_id):
+    from neurolens.models import resolve_layer
+    from neurolens.pipelines.text import find_text, unit_directions_cached
+    feature = fx.feature_visualized[-1]
+    status, _, body = request(server, "GET", f"/L/{feature_id}/u/{feature}.html")
+    assert status == 200
+    page = body.decode()
+    # a reader sees at once that this is an SAE feature, not a neuron
+    assert f"<title>feature {feature} of SAE {fx.sae} · nl-tiny-RN" in page
+    assert f"Feature {feature} <span class=\"of-sae\">of SAE {fx.sae}</span>" in page
+    assert f"<span>feature {feature}</span>" in page and "Unit " not in page
+    # crops: the feature scan's top images, in order, with their activations and the feature's maps
+    shots = re.findall(r'data-kind="crop"[^>]*data-index="(\d+)" data-rank="\d+" data-value="([^"]+)"', page)
+    assert [int(i) for i, _ in shots] == [int(i) for i in feature_scan.top_indices[feature]]
+    assert np.allclose([float(v) for _, v in shots], feature_scan.top_values[feature], rtol=1e-5)
+    assert page.count('<svg class="mini"') == len(shots)
+    # feature visualizations of every seed
+    assert f"fv/{feature}-0.jpg" in page and f"fv/{feature}-1.jpg" in page
+    # texts: the feature ranking's (decoder directions)
+    ranking = find_text(tiny_clip, fx.layer, f"{fx.dataset}:caption", top_k=10, scan=feature_scan,
+                        cache=Cache(fx.cache), basis=basis)
+    texts = re.findall(r'<li class="[^"]*" data-score="([^"]+)" data-rank="\d+">\s*<span class="tbar"[^>]*></span>\s*'
+                       r'<span class="t">([^<]*)</span>', page)
+    assert [t for _, t in texts] == [ranking.entries[int(i)] for i in ranking.top_indices[feature]]
+    # histogram: the feature scan's per-image maxima
+    bars = [int(c) for c in re.findall(r'<rect class="bar[^"]*"[^>]*data-count="(\d+)"', page)]
+    assert sum(bars) == feature_scan.count
+    # similar features: by cosine of the features' text directions
+    directions, cached = unit_directions_cached(tiny_clip, resolve_layer(tiny_clip, fx.layer), feature_scan,
+                                                Cache(fx.cache), basis=basis)
+    assert cached
+    norms = np.linalg.norm(directions, axis=1)
+    cosines = directions @ directions[feature] / np.maximum(norms * norms[feature], 1e-12)
+    cosines[feature] = -np.inf
+    similar = [int(u) for u in re.findall(r'<li><a href="(\d+)\.html">feature \d+</a>', page)]
+    assert similar == [int(u) for u in np.argsort(-cosines, kind="stable")[:8]]
+    # the feature sweep's evidence
+    assert ("Why it is flagged" in page) == (feature in fx.feature_flagged)
+
+
+def test_features_and_neurons_link_through_the_saes_decoder(server, fx, basis, layer_id, feature_id):
+    """A feature page lists the neurons its decoder row weighs most, linked to their pages; a neuron page lists
+    the features whose decoder rows weigh it most, linked back."""
+    decoder = basis.sae.W_dec.detach().numpy()                  # (features, neurons)
+    feature = fx.feature_flagged[0]
+    page = request(server, "GET", f"/L/{feature_id}/u/{feature}.html")[2].decode()
+    card = page[page.index('data-basis-links="neurons"'):]
+    card = card[:card.index("</section>")]
+    shown = re.findall(r'<a href="\.\./\.\./([^/]+)/u/(\d+)\.html">unit \d+</a><span class="muted" data-weight="([^"]+)"',
+                       card)
+    assert {target for target, _, _ in shown} == {layer_id}
+    expected = np.argsort(-np.abs(decoder[feature]), kind="stable")[:8]
+    assert [int(u) for _, u, _ in shown] == [int(u) for u in expected]
+    assert np.allclose([float(w) for _, _, w in shown], decoder[feature, expected], atol=1e-6)
+    neuron = int(expected[0])
+    page = request(server, "GET", f"/L/{layer_id}/u/{neuron}.html")[2].decode()
+    card = page[page.index('data-basis-links="features"'):]
+    card = card[:card.index("</section>")]
+    assert f"Features of SAE {fx.sae} on this neuron" in card
+    linked = [int(u) for u in re.findall(r'<a href="\.\./\.\./' + re.escape(feature_id) + r'/u/(\d+)\.html">feature \d+</a>', card)]
+    assert linked == [int(f) for f in np.argsort(-np.abs(decoder[:, neuron]), kind="stable")[:8]]
+
+
+def test_no_decoder_links_without_the_very_same_sae(fx, basis):
+    from dataclasses import replace
+    from neurolens.serve.records import LayerData, index_cache
+    [entry] = [e for e in index_cache(Cache(fx.cache)) if e.basis == fx.basis]
+    assert np.array_equal(LayerData(Cache(fx.cache), entry).decoder(), basis.sae.W_dec.detach().numpy())
+    retrained = replace(entry, basis=f"sae-{fx.sae}-000000000000")
+    data = LayerData(Cache(fx.cache), retrained)
+    assert data.decoder() is None and data.strongest_neurons(0) == []
+
+
+def test_feature_images_are_blurred_with_the_feature_sweeps_flags_only(server, fx, feature_scan, feature_id):
+    """Neuron flags and feature flags never mix: a feature's crops say "flagged unit" exactly when the sweep of
+    the SAE's features flags it, whatever the neuron of the same number did."""
+    from neurolens.serve.images import LayerImages
+    from neurolens.serve.server import select_layers
+    images = LayerImages(select_layers(Cache(fx.cache), [feature_id])[feature_id])
+    flagged_by_reason = {f for f in range(fx.features)
+                         if images.reason(f, int(feature_scan.top_indices[f, 0])) == "flagged unit"}
+    assert flagged_by_reason == set(fx.feature_flagged)
+    assert flagged_by_reason != set(fx.flagged) & set(range(fx.features))   # mixing would show here
+    feature = fx.feature_flagged[0]
+    page = request(server, "GET", f"/L/{feature_id}/u/{feature}.html")[2].decode()
+    assert set(re.findall(r'data-kind="crop"[^>]*data-reason="([^"]*)"', page)) == {"flagged unit"}
+    shown = picture(request(server, "GET", f"/img/{feature_id}/crop/{feature}-1.jpg")[2])
+    original = raw_crop(fx, feature_scan, feature, 1)
+    assert_blurred(shown, original, 20)
+    assert request(server, "GET", f"/raw/{feature_id}/crop/{feature}-1.png")[0] == 403
+    status, _, body = request(server, "GET", f"/raw/{feature_id}/crop/{feature}-1.png",
+                              headers={"X-Neurolens-Reveal": "1"})
+    assert status == 200 and np.array_equal(np.asarray(picture(body)), np.asarray(original))
+    fv = request(server, "GET", f"/img/{feature_id}/fv/{feature}-0.jpg")
+    raw_fv = request(server, "GET", f"/raw/{feature_id}/fv/{feature}-0.png", headers={"X-Neurolens-Reveal": "1"})
+    assert fv[0] == 200 and raw_fv[0] == 200
+    assert_blurred(picture(fv[2]), picture(raw_fv[2]), 30)
+    assert request(server, "GET", f"/L/{feature_id}/u/{fx.features}.html")[0] == 404
+
+
+def test_feature_top_maps_are_the_features_maps(fx, tiny_clip, basis, feature_scan, scan):
+    from neurolens.errors import NeurolensError
+    from neurolens.pipelines.topmaps import run_top_maps
+    result = run_top_maps(tiny_clip, fx.layer, cache=Cache(fx.cache), basis=basis)   # the newest feature scan
+    assert result.cached and result.mismatched == 0 and result.maps.shape == (fx.features, 8, 4, 4)
+    assert result.path != run_top_maps(tiny_clip, fx.layer, scan=scan, cache=Cache(fx.cache)).path
+    filled = feature_scan.top_indices >= 0
+    flat = result.maps.reshape(fx.features, 8, -1)
+    assert np.allclose(flat.max(axis=2)[filled], feature_scan.top_values[filled], atol=1e-5)
+    cells = flat.argmax(axis=2)
+    assert np.array_equal((cells // 4)[filled], feature_scan.top_cells[..., 0][filled])
+    assert np.array_equal((cells % 4)[filled], feature_scan.top_cells[..., 1][filled])
+    with pytest.raises(NeurolensError, match="pass the scan of the same basis"):
+        run_top_maps(tiny_clip, fx.layer, scan=scan, cache=Cache(fx.cache), basis=basis)
+
+
+def test_maps_command_takes_an_sae(fx):
+    from typer.testing import CliRunner
+    from neurolens.cli import app
+    result = CliRunner().invoke(app, ["maps", "--model", "nl-tiny-RN", "--pretrained", "none", "--layer", fx.layer,
+                                      "--sae", fx.sae, "--cache", str(fx.cache), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["basis"] == fx.basis and summary["cached"] is True and summary["mismatched"] == 0
+
+
+def test_probe_of_a_feature_computes_the_features_map(server, fx, tiny_clip, basis, feature_scan, feature_id):
+    feature = fx.feature_flagged[0]
+    upload = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    answer, acts = probe_upload(server, tiny_clip, fx, feature_id, feature, upload)
+    expected = basis.activations(acts)[0, feature].numpy()
+    assert answer["unit_word"] == "feature" and answer["grid"] == [4, 4]
+    assert np.allclose(np.asarray(answer["map"]), expected, atol=1e-5)
+    assert all(0 <= u["unit"] < fx.features for u in answer["top_units"])
+    index = int(feature_scan.top_indices[feature, 0])
+    status, _, body = request(server, "POST", f"/api/{feature_id}/probe?unit={feature}&index={index}", body=b"",
+                              headers=PROBE)
+    assert status == 200 and json.loads(body)["value"] == pytest.approx(float(feature_scan.top_values[feature, 0]),
+                                                                         abs=1e-5)
+    status, _, body = request(server, "POST", f"/api/{feature_id}/probe?unit={fx.features}&index=0", body=b"",
+                              headers=PROBE)
+    assert status == 400 and "feature" in json.loads(body)["error"]
+
+
+def test_a_feature_layer_is_not_probed_without_the_very_same_sae(fx, tiny_clip):
+    """Probes of features need the SAE the records were made with: another SAE under the name is refused."""
+    from dataclasses import replace
+    from neurolens.serve.probe import Prober
+    from neurolens.serve.records import LayerData, index_cache
+    [entry] = [e for e in index_cache(Cache(fx.cache)) if e.basis == fx.basis]
+    prober = Prober(tiny_clip, Cache(fx.cache))
+    assert prober.matches(LayerData(Cache(fx.cache), entry))
+    retrained = replace(entry, basis=f"sae-{fx.sae}-000000000000")
+    assert not prober.matches(LayerData(Cache(fx.cache), retrained))
+    assert f"SAE {fx.sae}" in prober.reasons[retrained.id] and "same weights" in prober.reasons[retrained.id]
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -339,12 +557,16 @@ def test_busy_port_is_one_clear_line(server, fx):
 
 # ------------------------------------------------------------------------------------------------ records
 
-def test_histogram_is_the_scans_per_image_maxima(fx, scan):
+@pytest.mark.parametrize("which", ["neurons", "features"])
+def test_histogram_is_the_scans_per_image_maxima(fx, scan, feature_scan, which):
     from neurolens.serve.records import LayerData, index_cache
-    [entry] = index_cache(Cache(fx.cache))
+    entries = {entry.basis: entry for entry in index_cache(Cache(fx.cache))}
+    assert sorted(entries) == sorted(["neurons", fx.basis])
+    entry = entries["neurons" if which == "neurons" else fx.basis]
+    scan = scan if which == "neurons" else feature_scan
     data = LayerData(Cache(fx.cache), entry)
     values = scan.per_image_max()
-    for unit in (0, fx.flagged[0], fx.units - 1):
+    for unit in (0, scan.channels - 1):
         hist = data.histogram(unit)
         assert hist.count == scan.count == int(hist.counts.sum())
         expected, _ = np.histogram(values[:, unit], bins=hist.edges)
@@ -371,7 +593,7 @@ def test_top_maps_peak_where_the_scan_found_the_top_value(fx, scan, tiny_clip):
 def test_static_site_has_every_unit_and_only_blurred_images(fx, scan, tmp_path, layer_id):
     from neurolens.serve.site import write_site
     result = write_site(Cache(fx.cache), tmp_path / "site", examples=4)
-    assert result.pages == 1 + 1 + fx.units and not result.cached
+    assert result.pages == 1 + 2 + fx.units + fx.features and not result.cached   # home, two layer pages, units
     page = (tmp_path / "site" / "L" / layer_id / "index.html").read_text()
     payload = re.search(r'<script type="application/json" id="units-data">(.*?)</script>', page, re.S).group(1)
     assert [row[0] for row in json.loads(payload)["units"]] == list(range(fx.units))
@@ -384,6 +606,41 @@ def test_static_site_has_every_unit_and_only_blurred_images(fx, scan, tmp_path, 
     assert not list((tmp_path / "site").rglob("*.png"))           # raw images are PNGs; the site has none
     again = write_site(Cache(fx.cache), tmp_path / "site", examples=4)
     assert again.cached and again.pages == result.pages
+
+
+def test_site_of_one_basis_writes_only_its_pages(fx, tmp_path, layer_id, feature_id):
+    """`site --basis tiny`: the SAE's feature pages only; its feature pages name their strongest neurons without
+    links (the neuron pages are not in this site); an unknown basis is one clear line."""
+    from typer.testing import CliRunner
+    from neurolens.cli import app
+    out = tmp_path / "site"
+    result = CliRunner().invoke(app, ["site", "--out", str(out), "--basis", fx.sae, "--examples", "2",
+                                      "--cache", str(fx.cache), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["layers"] == 1 and summary["pages"] == 1 + 1 + fx.features
+    assert sorted(p.name for p in (out / "L").iterdir()) == [feature_id]
+    page = (out / "L" / feature_id / "u" / f"{fx.feature_flagged[0]}.html").read_text()
+    card = page[page.index('data-basis-links="neurons"'):]
+    assert re.search(r"<span>unit \d+</span>", card) and layer_id + "/" not in card
+    assert 'class="bases"' not in page                       # one basis in this site: no switch
+    bad = CliRunner().invoke(app, ["site", "--out", str(tmp_path / "bad"), "--basis", "nope", "--cache", str(fx.cache)])
+    assert bad.exit_code == 2 and "no basis named nope" in bad.output and f"neurons, {fx.sae}" in bad.output
+
+
+def test_site_is_written_again_when_the_sae_changes(fx, tmp_path):
+    """The feature-neuron links come from the SAE's weights: a site made before the SAE's files changed is
+    not left as it is."""
+    import os
+    import shutil
+    from neurolens.serve.site import write_site
+    cache = tmp_path / "cache"
+    shutil.copytree(fx.cache, cache)
+    first = write_site(Cache(cache), tmp_path / "site", examples=1, bases=[fx.sae])
+    assert not first.cached and write_site(Cache(cache), tmp_path / "site", examples=1, bases=[fx.sae]).cached
+    weights = cache / "sae" / fx.clip.fingerprint[:16] / fx.layer / fx.sae / "sae_weights.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert not write_site(Cache(cache), tmp_path / "site", examples=1, bases=[fx.sae]).cached
 
 
 def test_pages_of_a_layer_with_only_feature_visualizations(tmp_path, tiny_clip):

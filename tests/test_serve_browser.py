@@ -4,8 +4,10 @@ reachable, so the system chromium is launched through executable_path; .ci/run i
 Navigates home -> layer -> unit over the test cache (tests/serve_fixture.py), records every request the
 page makes, and checks what a person sees: every unit listed, flagged units first, the unit page's crops,
 texts and histogram equal to the cache, every image blurred with no raw request before a reveal, a reveal
-that shows the raw pixels, a probe upload's heat map, and the static site from file:// with the same unit
-count. Screenshots of the layer and unit pages go to outputs/serve-screenshots/ (CI artifacts)."""
+that shows the raw pixels, a probe upload's heat map, the static site from file:// with the same unit
+count, and an SAE's features browsed the same way (with the links to their strongest neurons and the basis
+switch). Screenshots of the layer and unit pages (neurons and features) go to outputs/serve-screenshots/
+(CI artifacts)."""
 import base64
 import json
 import shutil
@@ -219,3 +221,48 @@ def test_static_site_opens_from_file_url_with_the_same_units(page, fx, tmp_path)
     assert page.locator(".reveal").count() == 0 and page.locator("#probe").count() == 0
     assert all(u.startswith("file://") for u in page.requests)
     assert page.errors == []
+
+
+def test_sae_features_in_a_browser(page, server, fx, tiny_clip):
+    """Home -> the SAE's card -> every feature listed, the feature sweep's flags first -> a feature page with
+    the feature scan's crops, all blurred with no raw request -> its strongest neuron -> back through the basis
+    switch. Screenshots of the feature layer and feature pages go with the others."""
+    from neurolens.sae import load_basis
+    basis = load_basis(tiny_clip, fx.layer, fx.sae, Cache(fx.cache))
+    feature_scan = find_scan(tiny_clip, fx.layer, open_dataset(str(fx.dataset)), top_k=8, cache=Cache(fx.cache),
+                             basis=basis)
+    page.goto(server.url)
+    page.click(f'.layer-card[data-basis="{fx.basis}"]')
+    page.wait_for_selector("#grid .tile")
+    features = load_all_tiles(page, fx.features)
+    assert sorted(features) == list(range(fx.features))
+    assert page.text_content("#count") == f"{fx.features} features"
+    flags = page.eval_on_selector_all("#grid .tile", "tiles => tiles.map(t => t.dataset.flagged === '1')")
+    count = sum(flags)
+    assert count == len(fx.feature_flagged) > 0 and all(flags[:count]) and not any(flags[count:])
+    assert sorted(features[:count]) == sorted(fx.feature_flagged)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(SCREENSHOTS / "feature-layer.png"))
+
+    feature = fx.feature_flagged[0]
+    page.click(f'#grid .tile[data-unit="{feature}"]')
+    page.wait_for_selector("#examples .shot")
+    page.wait_for_load_state("networkidle")
+    assert page.text_content("h1").startswith(f"Feature {feature}")
+    shots = page.eval_on_selector_all("#examples .shot", "s => s.map(x => +x.dataset.index)")
+    assert shots == [int(i) for i in feature_scan.top_indices[feature]]
+    sources = page.eval_on_selector_all("img:not(#probe-img)", "imgs => imgs.map(i => i.getAttribute('src'))")
+    assert sources and all("/img/" in s and s.endswith(".jpg") for s in sources)
+    assert not [u for u in page.requests if "/raw/" in u]
+    page.screenshot(path=str(SCREENSHOTS / "feature.png"), full_page=True)
+
+    strongest = int(np.argmax(np.abs(basis.sae.W_dec.detach().numpy()[feature])))
+    page.click('[data-basis-links="neurons"] li:first-child a')
+    page.wait_for_selector("#examples .shot")
+    assert page.url.endswith(f"{fx.clip.fingerprint[:16]}-{fx.layer}/u/{strongest}.html")
+    assert page.text_content("h1").startswith(f"Unit {strongest}")
+    page.click(".bases a.basis")                          # the switch: this layer's features
+    page.wait_for_selector("#grid .tile")
+    assert page.text_content("#count") == f"{fx.features} features"
+    assert not [u for u in page.requests if "/raw/" in u] and page.errors == []

@@ -110,7 +110,7 @@ def build_app(state: ServeState) -> Starlette:
         data = state.layers[layer_id]
         await run_in_threadpool(data.load)
         if number is None or not 0 <= number < data.units:
-            return _text(404, "no such unit in this layer")
+            return _text(404, f"no such {data.entry.words['unit']} in this layer")
         await run_in_threadpool(state.images, layer_id)   # the page names each image's blur reason
         return _html(await run_in_threadpool(state.pages.unit, layer_id, number))
 
@@ -145,12 +145,12 @@ def build_app(state: ServeState) -> Starlette:
             return JSONResponse({"error": "no model is loaded: start neurolens serve with --model or --checkpoint"},
                                 status_code=400)
         if layer_id not in state.probe_layers:
-            return JSONResponse({"error": "the loaded model's weights are not the ones this layer was computed "
-                                          "with"}, status_code=400)
+            reason = state.prober.reasons.get(layer_id, "the loaded model cannot probe this layer")
+            return JSONResponse({"error": reason}, status_code=400)
         try:
             unit_number = _int(request.query_params.get("unit", ""))
             if unit_number is None:
-                raise ProbeError("give the unit to probe as ?unit=N")
+                raise ProbeError(f"give the {state.layers[layer_id].entry.words['unit']} to probe as ?unit=N")
             index = request.query_params.get("index")
             images = await run_in_threadpool(state.images, layer_id)
             if index is not None:

@@ -62,7 +62,8 @@ class LayerImages:
         self.data = data.load()
         self.dataset = dataset_from_keys(data.keys, data.dataset) if data.scan is not None else None
         flagged = set(int(u) for u in np.flatnonzero(data.flagged()))
-        flagged |= flagged_in_cache(data.cache, data.entry.fingerprint16, data.entry.layer)
+        # every cached sweep of this layer and basis: a feature's flags come from sweeps of that SAE's features
+        flagged |= flagged_in_cache(data.cache, data.entry.fingerprint16, data.entry.layer, data.entry.basis)
         self.flagged = flagged
         self.policy = BlurPolicy(True, blur_all=True, flagged=flagged, image_labels=data.image_labels(),
                                  detector=False, zero_shot=False)

@@ -1,9 +1,14 @@
 """The pages, as HTML strings, for the server and the static site alike (one set of Jinja2 templates).
 
+A layer id names a basis too (records.layer_id): `<fp16>-<layer>` is the layer's neurons and
+`<fp16>-<layer>~sae-<name>-<hash>` the features of one SAE, whose pages are the same templates worded by
+`LayerEntry.words` ("feature 320 of SAE x").
+
 Every link is relative (`root` is the way back to the site's top folder), and page URLs are file names, so
 the same HTML works from the server and from `file://`:
 
-    index.html                   home: every (model, layer) in the cache and what was computed
+    index.html                   home: every (model, layer) in the cache, each basis (neurons, SAEs) with
+                                 what was computed
     L/<layer id>/index.html      layer: every unit as a tile; sort, flagged filter, text search
     L/<layer id>/u/<unit>.html   unit: feature visualizations, top examples with activation maps,
                                  histogram, top texts, NSFW evidence, neighbours, probe (server + model)
@@ -21,13 +26,13 @@ import bisect
 import json
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import charts
-from .records import LayerData
+from .records import LayerData, trained_saes
 
 TEXTS_PER_TILE = 5          # searched on the layer page; the first is shown on the tile
 TEXT_CHARS = 90
@@ -96,9 +101,57 @@ class Pages:
         return self._once(("home",), self._home)
 
     def _home(self) -> str:
-        rows = [data.summary() for data in self.layers.values()]
-        return self._render("home.html", "", title="Cache", rows=rows, model_note=self.model_note,
-                            probe_layers=self.probe_layers)
+        """One group per (weights, layer): a card per basis (the neurons, each SAE) with what was computed,
+        and the SAEs trained for the layer that nothing was computed with yet."""
+        groups: Dict[tuple, dict] = {}
+        for data in self.layers.values():
+            summary = data.summary()
+            group = groups.setdefault(data.entry.layer_key, {
+                "model": summary["model"], "layer": summary["layer"], "fingerprint": summary["fingerprint"],
+                "pretrained": summary["pretrained"], "rows": [], "cache": data.cache})
+            group["rows"].append(summary)
+        for group in groups.values():
+            shown = {row["sae"] for row in group["rows"] if row["sae"]}
+            group["pending"] = [sae for sae in trained_saes(group.pop("cache"), group["fingerprint"], group["layer"])
+                                if sae.name not in shown]
+        return self._render("home.html", "", title="Cache", groups=list(groups.values()),
+                            model_note=self.model_note, probe_layers=self.probe_layers)
+
+    def siblings(self, data: LayerData) -> list:
+        """The other bases of the same (weights, layer) in this app: the layer page's basis switch."""
+        return [{"id": layer_id, "title": other.entry.words["basis_title"], "current": other is data}
+                for layer_id, other in self.layers.items() if other.entry.layer_key == data.entry.layer_key]
+
+    def basis_links(self, data: LayerData, unit: int) -> List[dict]:
+        """A unit page's links across bases, from the SAEs' decoders (no forward pass): for a feature, the
+        neurons its decoder direction weighs most; for a neuron, per SAE of the layer in this app, the features
+        whose decoder direction weighs it most. Each group: {title, note, rows [{label, weight, href|None}]};
+        href is None where that page is not in this app (the target basis is not shown, or not that unit)."""
+        groups = []
+        if data.entry.is_features:
+            targets = [(data.strongest_neurons(unit), self._neurons_of(data))]
+        else:
+            targets = [(other.features_on_neuron(unit), other) for other in self._siblings_data(data)
+                       if other.entry.is_features]
+        for rows, other in targets:
+            if not rows:
+                continue
+            listed = set(other.load().listed_units()) if other is not None else set()
+            words = other.entry.words if other is not None else {"unit": "unit"}
+            title = ("Strongest neurons" if data.entry.is_features
+                     else f"Features of SAE {other.entry.sae_name} on this neuron")
+            groups.append({"title": title, "rows": [
+                {"label": f"{words['unit']} {r['unit']}", "weight": r["weight"],
+                 "href": f"../../{other.entry.id}/u/{r['unit']}.html" if other is not None and r["unit"] in listed
+                 else None} for r in rows]})
+        return groups
+
+    def _siblings_data(self, data: LayerData) -> List[LayerData]:
+        return [other for other in self.layers.values() if other.entry.layer_key == data.entry.layer_key]
+
+    def _neurons_of(self, data: LayerData) -> Optional[LayerData]:
+        """The neurons of data's layer in this app, or None."""
+        return next((other for other in self._siblings_data(data) if not other.entry.is_features), None)
 
     # ------------------------------------------------------------------------------------------ layer
 
@@ -114,7 +167,8 @@ class Pages:
                          _finite(shares[unit]) if shares is not None else None,
                          int(bool(data.fv_paths.get(unit))), texts])
         return {"id": data.entry.id, "evidence": data.evidence_name() if data.sweep is not None else None,
-                "crops": data.scan is not None, "units": rows}
+                "crops": data.scan is not None, "unit_word": data.entry.words["unit"],
+                "units_word": data.entry.words["units"], "units": rows}
 
     def layer(self, layer_id: str) -> str:
         return self._once(("layer", layer_id), lambda: self._layer(layer_id))
@@ -122,8 +176,8 @@ class Pages:
     def _layer(self, layer_id: str) -> str:
         data = self.layers[layer_id].load()
         summary = data.summary()
-        return self._render("layer.html", "../../", title=f"{data.entry.title}", layer=summary,
-                            payload=embed_json(self.layer_units(data)))
+        return self._render("layer.html", "../../", title=f"{data.entry.title}", layer=summary, w=data.entry.words,
+                            siblings=self.siblings(data), payload=embed_json(self.layer_units(data)))
 
     # ------------------------------------------------------------------------------------------ unit
 
@@ -160,11 +214,14 @@ class Pages:
         probe = None
         if self.mode == "serve" and layer_id in self.probe_layers:
             probe = {"unit": unit, "count": len(data.keys) if data.scan is not None else 0,
+                     "unit_word": data.entry.words["unit"],
                      "edges": [float(e) for e in hist.edges] if hist is not None else []}
+        entry = data.entry
         return self._render(
-            "unit.html", "../../../", title=f"unit {unit} · {data.entry.title}", layer=data.summary(), unit=unit,
+            "unit.html", "../../../", title=f"{entry.label(unit)} · {entry.model or entry.fingerprint16} · {entry.layer}",
+            layer=data.summary(), unit=unit, w=entry.words, unit_label=entry.label(unit), siblings=self.siblings(data),
             units=units, prev=neighbours[0], next=neighbours[1],
             evidence=data.unit_evidence(unit), texts=data.top_texts(unit), texts_missing=data.texts_missing_reason(),
             similar=data.similar_units(unit), examples=examples, maps_missing=maps is None and data.scan is not None,
             chart=chart, stats=stats, fvs=fvs, flagged=bool(data.flagged()[unit]) if units else False,
-            probe=probe, probe_json=embed_json(probe) if probe else None)
+            probe=probe, probe_json=embed_json(probe) if probe else None, links=self.basis_links(data, unit))

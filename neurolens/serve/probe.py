@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import threading
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -29,32 +29,71 @@ class ProbeError(NeurolensError):
 
 
 class Prober:
-    """Runs probes with one loaded model; one forward at a time (the model is shared by every request)."""
+    """Runs probes with one loaded model; one forward at a time (the model is shared by every request).
 
-    def __init__(self, clip):
-        self.clip = clip
+    For an SAE entry the prober also loads that SAE (neurolens.sae.load_basis, by the name it was trained
+    under in the cache's registry, else from the path its scan recorded) and probes only when the loaded SAE
+    is the very one the records were made with (same basis id, which hashes the weights)."""
+
+    def __init__(self, clip, cache=None):
+        self.clip, self.cache = clip, cache
         self._lock = threading.Lock()
+        self._bases: Dict[str, object] = {}       # entry id -> basis (neurolens.sae)
+        self.reasons: Dict[str, str] = {}         # entry id -> why it cannot be probed
 
     def matches(self, data: LayerData) -> bool:
-        """True when the loaded weights are the ones the layer's records were made with."""
+        """True when the loaded weights (and, for features, the SAE) are the ones the records were made with."""
         data.load()
-        if not self.clip.fingerprint.startswith(data.entry.fingerprint16):
+        entry = data.entry
+        if not self.clip.fingerprint.startswith(entry.fingerprint16):
+            self.reasons[entry.id] = "the loaded model's weights are not the ones this layer was computed with"
             return False
         if data.scan is None:
+            self.reasons[entry.id] = "this layer has no scan in the cache, so a probe has nothing to compare with"
             return False
         try:
-            resolve_layer(self.clip, data.entry.layer)
+            resolve_layer(self.clip, entry.layer)
         except NeurolensError:
+            self.reasons[entry.id] = f"the loaded model has no layer {entry.layer}"
             return False
+        basis = self._load_basis(entry)
+        if basis is None:
+            return False
+        self._bases[entry.id] = basis
         return True
 
-    def activations(self, layer: str, image: Image.Image, precision: str = "fp32") -> np.ndarray:
-        """(C, H, W) float32 activation of every unit of `layer` on `image` (CLIP's preprocessing)."""
+    def _load_basis(self, entry):
+        from ..sae import load_basis
+        if not entry.is_features:
+            return load_basis(self.clip, entry.layer, None)
+        tried = []
+        for reference in (entry.sae_name, entry.sae_info.get("path")):
+            if not reference or reference in tried:
+                continue
+            tried.append(reference)
+            try:
+                basis = load_basis(self.clip, entry.layer, reference, self.cache, name=entry.sae_name)
+            except NeurolensError:
+                continue
+            if basis.id == entry.basis:
+                return basis
+        self.reasons[entry.id] = (f"the SAE {entry.sae_name} that made these records ({entry.basis}) was not found "
+                                  f"with the same weights (looked for: {', '.join(map(str, tried)) or 'nothing'})")
+        return None
+
+    def activations(self, data: LayerData, image: Image.Image, precision: str = "fp32") -> np.ndarray:
+        """(U, H, W) float32 activation of every unit of the entry's basis (neurons or SAE features) on `image`
+        (CLIP's preprocessing)."""
+        layer = data.entry.layer
         spec = resolve_layer(self.clip, layer)
+        basis = self._bases.get(data.entry.id)
+        if basis is None:
+            raise ProbeError(self.reasons.get(data.entry.id, "this layer cannot be probed with the loaded model"))
         pixels = torch.from_numpy(preprocess_array(image, self.clip.image_size))[None].float().div_(255.0)
-        with self._lock:
+        with self._lock, torch.no_grad():
             acts, _ = layer_forward(self.clip, spec, pixels.to(self.clip.device), precision)
-        return acts[0].cpu().numpy()
+            units = basis.activations(acts)
+        return units[0].float().cpu().numpy()
 
 
 def decode_upload(data: bytes) -> Image.Image:
@@ -82,11 +121,14 @@ def dataset_item(images: LayerImages, index: str) -> Image.Image:
 
 def answer(prober: Prober, images: LayerImages, unit: int, image: Image.Image) -> dict:
     """The probe's JSON: the unit's map, its value (spatial max) and percentile in the dataset, the units the
-    image drives hardest by percentile, and the image as the page shows it (blurred)."""
+    image drives hardest by percentile, and the image as the page shows it (blurred). For an SAE entry the
+    units are its features: the SAE applied to the layer's activation on every cell."""
     data = images.data
+    words = data.entry.words
     if not 0 <= unit < data.units:
-        raise ProbeError(f"unit {unit} is not in this layer (0 to {data.units - 1})")
-    acts = prober.activations(data.entry.layer, image, str(data.scan.attrs.get("precision", "fp32")))
+        raise ProbeError(f"{words['unit']} {unit} is not in this {'layer' if not data.entry.is_features else 'SAE'} "
+                         f"(0 to {data.units - 1})")
+    acts = prober.activations(data, image, str(data.scan.attrs.get("precision", "fp32")))
     maxima = acts.reshape(acts.shape[0], -1).max(axis=1)
     percentiles = np.full(len(maxima), np.nan)
     for u in range(len(maxima)):
@@ -96,7 +138,7 @@ def answer(prober: Prober, images: LayerImages, unit: int, image: Image.Image) -
     ranked = sorted(range(len(maxima)), key=lambda u: (-np.nan_to_num(percentiles[u], nan=-1.0), -maxima[u], u))
     preview = images.preview(preprocess(image, data.image_size))
     return {
-        "unit": int(unit), "value": float(maxima[unit]), "percentile": _finite(percentiles[unit]),
+        "unit": int(unit), "unit_word": words["unit"], "value": float(maxima[unit]), "percentile": _finite(percentiles[unit]),
         "grid": [int(acts.shape[1]), int(acts.shape[2])], "map": acts[unit].astype(float).tolist(),
         "vmax": float(data.top_values[unit, 0]),
         "top_units": [{"unit": int(u), "value": float(maxima[u]), "percentile": _finite(percentiles[u])}

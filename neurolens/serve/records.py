@@ -1,11 +1,16 @@
-"""What the web app and the static site know about the cache: which (model, layer) pairs it holds, and, per
-layer, the records that pages show. Read-only: every read goes through neurolens.store.Cache, nothing is
-written, and a missing or unreadable record is shown as "not computed", never as an error page.
+"""What the web app and the static site know about the cache: which (model, layer, basis) it holds, and, per
+one of them, the records that pages show. Read-only: every read goes through neurolens.store.Cache, nothing
+is written, and a missing or unreadable record is shown as "not computed", never as an error page.
 
-A layer is found by listing folders (`<kind>/<fingerprint[:16]>/<layer>/`), so the home page does not open
-thousands of files; a layer's records are read on its first request and kept in memory.
+A basis is the layer's neurons or the features of one SAE (neurolens.sae.basis). Records of both live in the
+same folder (`<kind>/<fingerprint[:16]>/<layer>/`); a record's `basis` attr says whose units it holds (the
+neurons when absent), and feature visualizations are named `sae-<name>_feature<F>_...`. Each (model, layer,
+basis) is one `LayerEntry`, the one place that names it and its units, and has its own layer id, pages and
+images, so everything below works on features as on neurons. Folders are listed and only the few scan,
+sweep, text and map records' attrs are opened, so the home page does not open thousands of files; an
+entry's records are read on its first request and kept in memory.
 
-Which record when there are several for one layer (several datasets, settings or vocabularies): the newest
+Which record when there are several for one layer and basis (several datasets, settings or vocabularies): the newest
 finished scan; the sweep made from that scan (else the newest); the newest text ranking that stores its
 texts, preferring one referenced to a scan's mean activation; the unit directions with the ranking's
 reference; every feature visualization of a unit (every cached seed and setting); the top-k activation
@@ -24,6 +29,7 @@ from ..store import Cache, _safe_segment, read_attrs
 
 # kinds of records that a layer page can show; the layer exists in the app when any of them is cached
 KINDS = ("scan", "sweep", "text-rankings", "text-directions", "visualize", "top-maps")
+SAE_KIND = "sae"           # where neurolens.sae.registry keeps trained SAEs
 TOP_MAPS_KIND = "top-maps"
 HISTOGRAM_BINS = 40
 
@@ -35,28 +41,78 @@ def top_maps_path(cache: Cache, fingerprint: str, layer: str, scan_path: Path) -
 
 # ------------------------------------------------------------------------------------------- the index
 
-def layer_id(fingerprint: str, layer: str) -> str:
-    """URL- and file-safe id of a (weights, layer) pair: `<fingerprint[:16]>-<layer folder>`."""
-    return f"{fingerprint[:16]}-{_safe_segment(layer)}"
+NEURONS = "neurons"
+BASIS_SEPARATOR = "~"       # in a layer id, between the layer and an SAE basis (never in a layer folder name)
+
+
+def layer_id(fingerprint: str, layer: str, basis: str = NEURONS) -> str:
+    """URL- and file-safe id of a (weights, layer, basis): `<fingerprint[:16]>-<layer folder>` for the neurons,
+    `<fingerprint[:16]>-<layer folder>~<basis id>` for an SAE's features (basis id `sae-<name>-<hash>`)."""
+    base = f"{fingerprint[:16]}-{_safe_segment(layer)}"
+    return base if basis == NEURONS else f"{base}{BASIS_SEPARATOR}{_safe_segment(basis)}"
+
+
+def sae_name_of(basis: str) -> str:
+    """The SAE's name in a basis id `sae-<name>-<12 hex digits>` (neurolens.sae.basis), '' for the neurons."""
+    if basis == NEURONS or not basis.startswith("sae-"):
+        return ""
+    name, _, digest = basis[4:].rpartition("-")
+    return name if name and len(digest) == 12 else basis[4:]
 
 
 @dataclass
 class LayerEntry:
-    """One (model weights, layer) in the cache: the one place that names a layer in the web app (an SAE
-    basis would be one more field here and in `id`)."""
+    """One (model weights, layer, basis) in the cache: the one place in the web app that names a layer and
+    its units. The basis is the layer's neurons, or the features of one SAE (neurolens.sae.basis): every
+    page, tile, breadcrumb and command hint takes its words from here ("unit 5" / "feature 320 of SAE x")."""
     fingerprint16: str
     layer: str
     paths: Dict[str, List[Path]] = field(default_factory=dict)   # kind -> record paths (sorted)
     model: str = ""
     pretrained: str = ""
+    basis: str = NEURONS                 # "neurons" or the SAE basis id the records were made with
+    sae_info: dict = field(default_factory=dict)   # the SAE as its scan described it (basis.describe())
+    sae_quality: Optional[dict] = None   # the SAE's quality report (cfg.json or the scan's description)
 
     @property
     def id(self) -> str:
-        return layer_id(self.fingerprint16, self.layer)
+        return layer_id(self.fingerprint16, self.layer, self.basis)
+
+    @property
+    def layer_key(self) -> Tuple[str, str]:
+        """The (weights, layer) this entry belongs to, whatever its basis."""
+        return self.fingerprint16, self.layer
+
+    @property
+    def is_features(self) -> bool:
+        return self.basis != NEURONS
+
+    @property
+    def sae_name(self) -> str:
+        return str(self.sae_info.get("name") or sae_name_of(self.basis))
+
+    @property
+    def basis_name(self) -> str:
+        """How `serve --basis` / `site --basis` name this basis: "neurons" or the SAE's name."""
+        return self.sae_name if self.is_features else NEURONS
 
     @property
     def title(self) -> str:
-        return f"{self.model or 'model ' + self.fingerprint16} · {self.layer}"
+        return f"{self.model or 'model ' + self.fingerprint16} · {self.layer}" + \
+            (f" · SAE {self.sae_name}" if self.is_features else "")
+
+    @property
+    def words(self) -> dict:
+        """How pages name this entry's units and what to run for them."""
+        if not self.is_features:
+            return {"unit": "unit", "units": "units", "Unit": "Unit", "Units": "Units", "basis": "neurons",
+                    "basis_title": "neurons", "option": ""}
+        return {"unit": "feature", "units": "features", "Unit": "Feature", "Units": "Features", "basis": "sae",
+                "basis_title": f"SAE {self.sae_name}", "option": f" --sae {self.sae_name}"}
+
+    def label(self, unit: int) -> str:
+        """'unit 5' or 'feature 320 of SAE x' (neurolens.sae.basis names them so too)."""
+        return f"unit {int(unit)}" if not self.is_features else f"feature {int(unit)} of SAE {self.sae_name}"
 
     def has(self, kind: str) -> bool:
         return bool(self.paths.get(kind))
@@ -66,10 +122,31 @@ def _records(folder: Path) -> List[Path]:
     return sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".") and p.is_file())
 
 
+def _attrs(path: Path) -> dict:
+    try:
+        return dict(read_attrs(path))
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def _visualization_owner(path: Path) -> Optional[str]:
+    """From a visualize record's file name (pipelines.visualize.record_path): NEURONS for `unit<U>_...`, the SAE
+    name for `sae-<name>_feature<F>_...`, None for anything else."""
+    stem = path.stem
+    if stem.startswith("unit"):
+        return NEURONS
+    if stem.startswith("sae-") and "_feature" in stem:
+        return stem[4:stem.rindex("_feature")]
+    return None
+
+
 def index_cache(cache: Cache) -> List[LayerEntry]:
-    """Every (fingerprint, layer) that has at least one record a page can show, by model then layer."""
-    found: Dict[Tuple[str, str], LayerEntry] = {}
+    """Every (fingerprint, layer, basis) that has at least one record a page can show, by model, layer, then
+    neurons before SAEs. A record's basis is its `basis` attr (no attr: the neurons); feature visualizations
+    are told apart by file name (their attrs are read only when an SAE name has several bases here)."""
+    found: Dict[Tuple[str, str, str], LayerEntry] = {}
     root = Path(cache.root)
+    layer_dirs: Dict[Tuple[str, str], Dict[str, List[Path]]] = {}
     for kind in KINDS:
         base = root / kind
         if not base.is_dir():
@@ -77,29 +154,153 @@ def index_cache(cache: Cache) -> List[LayerEntry]:
         for fp_dir in sorted(p for p in base.iterdir() if p.is_dir()):
             for layer_dir in sorted(p for p in fp_dir.iterdir() if p.is_dir()):
                 paths = _records(layer_dir)
-                if not paths:
+                if paths:
+                    layer_dirs.setdefault((fp_dir.name, layer_dir.name), {})[kind] = paths
+    for (fp16, folder), kinds in layer_dirs.items():
+        by_basis: Dict[str, Dict[str, List[Path]]] = {}
+        scan_info: Dict[str, dict] = {}
+        for kind, paths in kinds.items():
+            if kind == "visualize":
+                continue
+            for path in paths:
+                attrs = _attrs(path)
+                basis = str(attrs.get("basis") or NEURONS)
+                by_basis.setdefault(basis, {}).setdefault(kind, []).append(path)
+                if kind == "scan" and basis != NEURONS and isinstance(attrs.get("basis_info"), dict):
+                    scan_info[basis] = attrs["basis_info"]
+        named: Dict[str, List[str]] = {}
+        for basis in by_basis:
+            named.setdefault(sae_name_of(basis), []).append(basis)
+        for path in kinds.get("visualize", []):
+            owner = _visualization_owner(path)
+            if owner is None:
+                continue
+            if owner == NEURONS:
+                basis = NEURONS
+            elif len(named.get(owner, [])) == 1:
+                basis = named[owner][0]           # checked again when the record is opened (LayerData)
+            else:
+                basis = str(_attrs(path).get("basis") or "")
+                if not basis.startswith("sae-"):
                     continue
-                entry = found.setdefault((fp_dir.name, layer_dir.name), LayerEntry(fp_dir.name, layer_dir.name))
-                entry.paths[kind] = paths
+            by_basis.setdefault(basis, {}).setdefault("visualize", []).append(path)
+        for basis, paths in by_basis.items():
+            entry = LayerEntry(fp16, folder, basis=basis, sae_info=scan_info.get(basis, {}))
+            entry.paths = {kind: sorted(p) for kind, p in paths.items()}
+            found[(fp16, folder, basis)] = entry
     entries = list(found.values())
     for entry in entries:
         _name_model(entry)
-    return sorted(entries, key=lambda e: (e.model, e.fingerprint16, e.layer))
+    names = {(e.fingerprint16, _safe_segment(e.layer)): (e.model, e.pretrained, e.layer) for e in entries if e.model}
+    for entry in entries:
+        if not entry.model and (entry.fingerprint16, _safe_segment(entry.layer)) in names:
+            entry.model, entry.pretrained, entry.layer = names[(entry.fingerprint16, _safe_segment(entry.layer))]
+        if entry.is_features:
+            entry.sae_quality = _sae_quality(cache, entry)
+    return sorted(entries, key=lambda e: (e.model, e.fingerprint16, e.layer, e.is_features, e.sae_name, e.basis))
 
 
 def _name_model(entry: LayerEntry) -> None:
     """Model name and layer name as the records state them (the folder name is a sanitized copy)."""
     for kind in ("scan", "visualize", "sweep"):
         for path in reversed(entry.paths.get(kind, [])):
-            try:
-                attrs = read_attrs(path)
-            except (OSError, KeyError, ValueError):
+            attrs = _attrs(path)
+            if not attrs:
                 continue
             entry.model = str(attrs.get("model") or "")
             entry.pretrained = str(attrs.get("pretrained") or "")
             entry.layer = str(attrs.get("layer") or entry.layer)
             if entry.model:
                 return
+
+
+@dataclass
+class TrainedSae:
+    """An SAE trained for a (weights, layer) of the cache (`<cache>/sae/<fp16>/<layer>/<name>/cfg.json`)."""
+    name: str
+    features: Optional[int]
+    k: Optional[int]
+    quality: Optional[dict]
+
+
+def trained_saes(cache: Cache, fingerprint16: str, layer: str) -> List[TrainedSae]:
+    """The SAEs `neurolens sae train` saved for this weights and layer, from their cfg.json (no weights read)."""
+    folder = cache.folder(SAE_KIND, fingerprint16, layer)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        config = _read_json(path / "cfg.json") if path.is_dir() and (path / "sae_weights.safetensors").is_file() \
+            else None
+        if config is None:
+            continue
+        info = (config.get("metadata") or {}).get("neurolens") or {}
+        found.append(TrainedSae(path.name, _int_or_none(config.get("d_sae")), _int_or_none(config.get("k")),
+                                info.get("quality") if isinstance(info.get("quality"), dict) else None))
+    return found
+
+
+def _sae_quality(cache: Cache, entry: LayerEntry) -> Optional[dict]:
+    """The quality report of the entry's SAE: as its scan recorded it (the very weights the records were made
+    with), else from the trained SAE of that name when its size agrees."""
+    quality = entry.sae_info.get("quality")
+    if isinstance(quality, dict):
+        return quality
+    for sae in trained_saes(cache, entry.fingerprint16, entry.layer):
+        if sae.name == entry.sae_name and entry.sae_info.get("units") in (None, sae.features):
+            return sae.quality
+    return None
+
+
+def sae_candidates(cache: Cache, entry: LayerEntry) -> List[Path]:
+    """Where the SAE of a feature entry may be: the registry's folder of its name, then the path its scan
+    recorded (an SAE made elsewhere). Empty for the neurons."""
+    if not entry.is_features:
+        return []
+    candidates = [cache.folder(SAE_KIND, entry.fingerprint16, entry.layer) / entry.sae_name]
+    if entry.sae_info.get("path"):
+        candidates.append(Path(str(entry.sae_info["path"])))
+    return candidates
+
+
+def sae_decoder(cache: Cache, entry: LayerEntry) -> Optional[np.ndarray]:
+    """The decoder W_dec (features, neurons) of the SAE that made `entry`'s records, or None when no SAE with
+    exactly those weights is found (weights_digest against the basis id's hash)."""
+    from ..errors import NeurolensError
+    from ..sae.basis import weights_digest
+    from ..sae.io import load_sae
+    digest = entry.basis.rpartition("-")[2]
+    for folder in sae_candidates(cache, entry):
+        if not folder.exists():
+            continue
+        try:
+            sae = load_sae(folder)
+        except (NeurolensError, OSError, ValueError, KeyError, RuntimeError):
+            continue
+        if weights_digest(sae).startswith(digest):
+            return sae.W_dec.detach().float().cpu().numpy()
+    return None
+
+
+def _strongest(weights: np.ndarray, count: int) -> List[dict]:
+    order = np.argsort(-np.abs(weights), kind="stable")[:count]
+    return [{"unit": int(u), "weight": float(weights[u])} for u in order if weights[u] != 0]
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    import json
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _int_or_none(value) -> Optional[int]:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------- one layer
@@ -147,6 +348,8 @@ class LayerData:
         self._directions: Optional[np.ndarray] = None
         self._maps: Optional[np.ndarray] = None
         self._maps_loaded = False
+        self._decoder: Optional[np.ndarray] = None
+        self._decoder_loaded = False
 
     # ---------------------------------------------------------------------------------------- loading
 
@@ -218,13 +421,16 @@ class LayerData:
                 self.directions_record_path = path
 
     def _load_visualizations(self) -> None:
-        """unit -> record paths, from the file names `unit<U>_<settings key>.h5` (opened when shown)."""
+        """unit -> record paths, from the file names `unit<U>_<settings key>.h5` (neurons) or
+        `sae-<name>_feature<F>_<settings key>.h5` (features) (opened when shown)."""
         self.fv_paths: Dict[int, List[Path]] = {}
         for path in self.entry.paths.get("visualize", []):
             stem = path.stem
-            if not stem.startswith("unit"):
-                continue
-            number = stem[4:].split("_", 1)[0]
+            if self.entry.is_features:
+                marker = f"sae-{self.entry.sae_name}_feature"
+                number = stem[len(marker):].split("_", 1)[0] if stem.startswith(marker) else ""
+            else:
+                number = stem[4:].split("_", 1)[0] if stem.startswith("unit") else ""
             if number.isdigit():
                 self.fv_paths.setdefault(int(number), []).append(path)
 
@@ -256,9 +462,12 @@ class LayerData:
         """What has been computed for this layer (the home page's row)."""
         self.load()
         flagged = self.flagged()
+        entry = self.entry
         return {
-            "id": self.entry.id, "model": self.entry.model, "pretrained": self.entry.pretrained,
-            "fingerprint": self.entry.fingerprint16, "layer": self.entry.layer, "units": self.units,
+            "id": entry.id, "model": entry.model, "pretrained": entry.pretrained,
+            "fingerprint": entry.fingerprint16, "layer": entry.layer, "units": self.units,
+            "basis": entry.basis, "sae": entry.sae_name if entry.is_features else None, "words": entry.words,
+            "quality": entry.sae_quality, "sae_k": entry.sae_info.get("k"),
             "units_known": self.units_known, "listed": len(self.listed_units()),
             "scan": ({"images": self.count, "top_k": self.top_k, "dataset": self.dataset,
                       "grid": list(self.grid)} if self.scan is not None else None),
@@ -384,6 +593,34 @@ class LayerData:
                     self._directions = np.asarray(record.arrays["directions"], dtype=np.float32)
             return self._directions
 
+    # ------------------------------------------------------------------------------- features <-> neurons
+
+    def decoder(self) -> Optional[np.ndarray]:
+        """(features, neurons) decoder of this entry's SAE, when its weights are found (the registry's folder of
+        that name, else the path its scan recorded) and hash to this entry's basis id; None for the neurons or
+        when no such SAE is found. Each row is a feature's unit-norm direction over the layer's neurons."""
+        if not self.entry.is_features:
+            return None
+        with self._lock:
+            if not self._decoder_loaded:
+                self._decoder = sae_decoder(self.cache, self.entry)
+                self._decoder_loaded = True
+            return self._decoder
+
+    def strongest_neurons(self, feature: int, count: int = 8) -> List[dict]:
+        """The neurons the feature's decoder direction weighs most (by |weight|): [{unit, weight}]."""
+        decoder = self.decoder()
+        if decoder is None or not 0 <= feature < len(decoder):
+            return []
+        return _strongest(decoder[feature], count)
+
+    def features_on_neuron(self, neuron: int, count: int = 8) -> List[dict]:
+        """The features whose decoder direction weighs this neuron most (by |weight|): [{unit, weight}]."""
+        decoder = self.decoder()
+        if decoder is None or not 0 <= neuron < decoder.shape[1]:
+            return []
+        return _strongest(decoder[:, neuron], count)
+
     # ---------------------------------------------------------------------------------------- scan
 
     def top_examples(self, unit: int, count: Optional[int] = None) -> List[dict]:
@@ -443,8 +680,8 @@ class LayerData:
         found = []
         for path in self.fv_paths.get(unit, []):
             record = self.cache.read(path, names=["activations"])
-            if record is None:
-                continue
+            if record is None or str(record.attrs.get("basis") or NEURONS) != self.entry.basis:
+                continue       # another SAE of the same name (retrained): not this basis's feature
             settings = record.attrs.get("settings", {})
             seeds = list(settings.get("seeds", range(len(record.arrays["activations"]))))
             for position, activation in enumerate(record.arrays["activations"]):

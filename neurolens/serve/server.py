@@ -41,8 +41,9 @@ def access_for(host: str, token: Optional[str] = None, no_token: bool = False) -
     return Access(secrets.token_urlsafe(24))
 
 
-def select_layers(cache: Cache, names: Sequence[str] = ()) -> Dict[str, LayerData]:
-    """The cache's layers (all, or those whose layer name or id is in `names`), or one clear error."""
+def select_layers(cache: Cache, names: Sequence[str] = (), bases: Sequence[str] = ()) -> Dict[str, LayerData]:
+    """The cache's layers (all, or those whose layer name or id is in `names`), each in the bases named in
+    `bases` ("neurons" or an SAE's name; default: every basis), or one clear error."""
     entries: List[LayerEntry] = index_cache(cache)
     if not entries:
         raise NeurolensError(f"nothing to show in the cache at {cache.root}: it has no scan, sweep, text or "
@@ -54,6 +55,13 @@ def select_layers(cache: Cache, names: Sequence[str] = ()) -> Dict[str, LayerDat
         if not chosen:
             known = ", ".join(sorted({e.layer for e in entries}))
             raise NeurolensError(f"no layer named {', '.join(names)} in the cache at {cache.root}; it has: {known}")
+        entries = chosen
+    if bases:
+        wanted = set(bases)
+        chosen = [e for e in entries if e.basis_name in wanted]
+        if not chosen:
+            known = ", ".join(sorted({e.basis_name for e in entries}))
+            raise NeurolensError(f"no basis named {', '.join(bases)} in the chosen layers; they have: {known}")
         entries = chosen
     return {entry.id: LayerData(cache, entry) for entry in entries}
 
@@ -78,7 +86,7 @@ def url_for(host: str, port: int, token: Optional[str]) -> str:
 
 def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: Optional[str] = None,
           no_token: bool = False, reveal: bool = True, clip=None, layers: Sequence[str] = (),
-          announce: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
+          bases: Sequence[str] = (), announce: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
     """Serve the cache until interrupted. Prints `serving <url>` once connections are accepted."""
     try:
         import uvicorn
@@ -90,8 +98,8 @@ def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, toke
     from .probe import Prober
 
     access = access_for(host, token, no_token)
-    chosen = select_layers(cache, layers)
-    prober = Prober(clip) if clip is not None else None
+    chosen = select_layers(cache, layers, bases)
+    prober = Prober(clip, cache) if clip is not None else None
     note = f"Probes use {clip.name} ({clip.pretrained})." if clip is not None else ""
     state = ServeState(chosen, reveal=reveal, prober=prober, token=access.token,
                        loopback_only=host in LOCAL_HOSTS and access.token is None, model_note=note)

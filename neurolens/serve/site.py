@@ -14,6 +14,7 @@ from ..files import OUT_OPTION, write_bytes
 from ..store import Cache
 from .images import LayerImages
 from .pages import STATIC, Pages
+from .records import sae_candidates
 from .server import select_layers
 
 DEFAULT_EXAMPLES = 16
@@ -32,15 +33,17 @@ class SiteResult:
 
 
 def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (), examples: int = DEFAULT_EXAMPLES,
-               progress: Optional[Callable[[int, int], None]] = None, force: bool = False) -> SiteResult:
-    """Write every page of the chosen layers (default: all in the cache) under `out`; returns what was written.
+               progress: Optional[Callable[[int, int], None]] = None, force: bool = False,
+               bases: Sequence[str] = ()) -> SiteResult:
+    """Write every page of the chosen layers (default: all in the cache) and bases ("neurons" or SAE names;
+    default: all) under `out`; returns what was written.
 
     examples: dataset examples per unit page (the layer's scan may hold more). A site made from the same
     records with the same settings (OUT/site.json) is left as it is unless force=True."""
     if examples < 1:
         raise NeurolensError(f"--examples must be at least 1, got {examples}")
     out = Path(out)
-    chosen = select_layers(cache, layers)
+    chosen = select_layers(cache, layers, bases)
     stamp = _stamp(chosen, examples)
     previous = _read_stamp(out)
     if not force and previous is not None and previous.get("inputs") == stamp and (out / "index.html").is_file():
@@ -83,11 +86,15 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
 
 
 def _stamp(chosen, examples: int) -> dict:
-    """Every record the pages are made from (path, size, mtime), the settings, and the package files."""
+    """Every record the pages are made from (path, size, mtime), the SAE files whose decoders link features and
+    neurons, the settings, and the package files."""
     from importlib import resources
-    records = sorted((str(path), path.stat().st_size, path.stat().st_mtime_ns)
-                     for data in chosen.values() for paths in data.entry.paths.values() for path in paths
-                     if path.exists())
+    inputs = [path for data in chosen.values() for paths in data.entry.paths.values() for path in paths]
+    for data in chosen.values():
+        for found in sae_candidates(data.cache, data.entry):
+            inputs.extend(sorted(p for p in found.iterdir() if not p.name.startswith(".")) if found.is_dir()
+                          else [found])
+    records = sorted((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in inputs if path.is_file())
     package = resources.files("neurolens.serve")
     files = sorted((p.name, hashlib.sha1(p.read_bytes()).hexdigest()) for folder in ("templates", "static")
                    for p in (package / folder).iterdir())

@@ -1,4 +1,4 @@
-// Layer page: every unit as a tile, rendered in pages as you scroll (fast at thousands of units).
+// Layer page: every unit (a neuron, or an SAE's feature) as a tile, rendered in pages as you scroll (fast at thousands of units).
 // Sort by NSFW evidence (flagged units first) or by id, filter flagged units, search the top texts.
 // Data comes from the JSON block on the page; text goes in with textContent only.
 (function () {
@@ -9,6 +9,7 @@
   var searchBox = document.getElementById("search"), countBox = document.getElementById("count");
   var PAGE = 120, shown = 0, list = [];
   var root = "../../", evidenceName = data.evidence;
+  var unitWord = data.unit_word || "unit", unitsWord = data.units_word || "units";   // "feature(s)" for an SAE
   var U = 0, FLAG = 1, EV = 2, SHARE = 3, FV = 4, TEXTS = 5;
   var rows = data.units.map(function (r) { r.search = r[TEXTS].join("\n").toLowerCase(); return r; });
 
@@ -38,7 +39,7 @@
     else list.sort(function (a, b) {
       return (b[FLAG] - a[FLAG]) || (evidenceKey(b) - evidenceKey(a)) || (a[U] - b[U]);
     });
-    countBox.textContent = list.length === rows.length ? rows.length + " units" : list.length + " of " + rows.length + " units";
+    countBox.textContent = list.length === rows.length ? rows.length + " " + unitsWord : list.length + " of " + rows.length + " " + unitsWord;
     grid.textContent = "";
     shown = 0;
     renderMore();
@@ -49,7 +50,7 @@
   }
   function tile(r) {
     var a = document.createElement("a");
-    a.className = "tile" + (r[FLAG] ? " flagged" : "");
+    a.className = "tile" + (r[FLAG] ? " flagged" : "") + (unitWord === "feature" ? " feature" : "");
     a.href = "u/" + r[U] + ".html";
     a.dataset.unit = r[U];
     a.dataset.flagged = r[FLAG];
@@ -61,7 +62,7 @@
     if (data.crops || r[FV]) {
       var img = document.createElement("img");
       img.className = "thumb"; img.loading = "lazy"; img.decoding = "async"; img.width = 112; img.height = 112;
-      img.alt = "unit " + r[U] + " (blurred)";
+      img.alt = unitWord + " " + r[U] + " (blurred)";
       img.src = root + "img/" + data.id + "/tile/" + r[U] + ".jpg";
       thumb.appendChild(img);
     } else {

@@ -110,7 +110,7 @@
     top.textContent = "";
     answer.top_units.forEach(function (u) {
       var li = document.createElement("li"), a = document.createElement("a"), s = document.createElement("span");
-      a.href = u.unit + ".html"; a.textContent = "unit " + u.unit;
+      a.href = u.unit + ".html"; a.textContent = (answer.unit_word || "unit") + " " + u.unit;
       s.className = "muted"; s.textContent = u.percentile === null ? "" : u.percentile.toFixed(1);
       li.appendChild(a); li.appendChild(s); top.appendChild(li);
     });
