@@ -4,7 +4,7 @@ The Python API: every operation of the CLI as a function returning numpy arrays 
 Importing neurolens never imports typer or rich."""
 from .errors import NeurolensError
 from .models import LoadedClip, check_unit, load_clip, registry_for, resolve_layer
-from .store import Cache
+from .storage.cache import Cache
 
 __version__ = "0.1.0"
 
@@ -13,31 +13,31 @@ __all__ = [
 ]
 
 # audits (the paper's cosine-threshold probe and caption string-match audit)
-from .audit import AuditResult, TermAudit, audit_captions  # noqa: E402
-from .similarity import PairScore, image_text_similarity, similarity_matrix  # noqa: E402
+from .audit.captions import AuditResult, TermAudit, audit_captions  # noqa: E402
+from .audit.similarity import PairScore, image_text_similarity, similarity_matrix  # noqa: E402
 
 __all__ += ["audit_captions", "AuditResult", "TermAudit", "image_text_similarity", "similarity_matrix", "PairScore"]
 
 # feature visualization
 from .pipelines.visualize import run_visualize  # noqa: E402
-from .render import render  # noqa: E402
+from .render.loop import render  # noqa: E402
 from .types import LayerSpec, RenderResult, RenderSettings  # noqa: E402
-from . import objectives  # noqa: E402
+from .render import objectives  # noqa: E402
 
 __all__ += ["run_visualize", "render", "RenderSettings", "RenderResult", "LayerSpec", "objectives"]
 
 # text feature visualization
 from .pipelines.text import TextRanking, run_text  # noqa: E402
-from .text import encode_texts, unit_directions  # noqa: E402
-from .vocab import Vocabulary, load_vocab  # noqa: E402
+from .text.encode import encode_texts, unit_directions  # noqa: E402
+from .text.vocab import Vocabulary, load_vocab  # noqa: E402
 
 __all__ += ["run_text", "TextRanking", "encode_texts", "unit_directions", "load_vocab", "Vocabulary"]
 
 # dataset scans and samples
-from .datasets import ImageDataset, open_dataset  # noqa: E402
+from .datasets.dataset import ImageDataset, open_dataset  # noqa: E402
 from .pipelines.samples import run_samples  # noqa: E402
 from .pipelines.scan import ScanResult, run_scan  # noqa: E402
-from .scan import ScanStats, scan_shard  # noqa: E402
+from .engines.local import ScanStats, scan_shard  # noqa: E402
 
 __all__ += ["open_dataset", "ImageDataset", "run_scan", "ScanResult", "run_samples", "scan_shard", "ScanStats"]
 
@@ -52,9 +52,9 @@ __all__ += ["run_demo", "DemoSettings", "DemoReport", "train_toy", "TrainSetting
 
 # NSFW sweep, scores and blurred figures
 from .pipelines.sweep import SweepResult, run_figure, run_grid, run_sweep  # noqa: E402
-from .safety import (IMAGE_NSFW_THRESHOLD, caption_nsfw_matches, nsfw_scores_for_embeddings,  # noqa: E402
-                     nsfw_scores_for_images, text_nsfw_scores)
-from .unit_scores import FlagRule, UnitScores  # noqa: E402
+from .labels.zero_shot import (IMAGE_NSFW_THRESHOLD, caption_nsfw_matches, nsfw_scores_for_embeddings,  # noqa: E402
+                               nsfw_scores_for_images, text_nsfw_scores)
+from .scoring.units import FlagRule, UnitScores  # noqa: E402
 
 __all__ += ["run_sweep", "SweepResult", "run_figure", "run_grid", "nsfw_scores_for_images",
             "nsfw_scores_for_embeddings", "caption_nsfw_matches", "text_nsfw_scores", "IMAGE_NSFW_THRESHOLD",

@@ -3,7 +3,7 @@
 Generates a LAION-400M-style metadata set (SAMPLE_ID, URL, TEXT, LICENSE, NSFW, similarity, WIDTH, HEIGHT)
 of --rows rows in --files files, written chunk by chunk with pyarrow (generation memory stays bounded),
 then, in this one process:
-  1. neurolens.audit.audit_captions(files, 3 terms)         -> neurolens_rows_s
+  1. neurolens.audit.captions.audit_captions(files, 3 terms)         -> neurolens_rows_s
   2. a pandas baseline: for each file, pandas.read_parquet(TEXT, URL, NSFW) and a Python loop over the
      rows doing the same string match                          -> pandas_rows_s
 and checks that both give the same counts. Prints ONE JSON line:
@@ -167,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from neurolens.audit import audit_captions, default_nsfw_terms
+    from neurolens.audit.captions import audit_captions, default_nsfw_terms
 
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="neurolens-bench-audit-", dir="/tmp"))
     try:

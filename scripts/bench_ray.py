@@ -76,7 +76,7 @@ def child(args) -> None:
     import torch
     torch.set_num_threads(args.threads)
     from neurolens.models import load_clip
-    from neurolens.store import Cache
+    from neurolens.storage.cache import Cache
     clip = load_clip(args.model, "none", device="cpu" if args.engine == "ray" else args.device)
     cache = Cache(args.cache)
     reports = []
@@ -86,7 +86,7 @@ def child(args) -> None:
         result = run_scan(clip, args.layer, args.data, top_k=args.top_k, batch_size=args.batch_size,
                           workers=args.workers, cache=cache, force=True)
     else:
-        from neurolens.engines.ray_scan import RayOptions
+        from neurolens.engines.ray.scan import RayOptions
         from neurolens.pipelines.scan import run_ray_scan
         result = run_ray_scan(clip, args.layer, args.data, top_k=args.top_k, cache=cache, force=True,
                               device=args.device, report=reports.append,
@@ -120,8 +120,8 @@ def run_child(args, model: str, layer: str, data: Path, cache: Path, engine: str
 
 def decode_rate(data: Path, image_size: int, items: int = 64) -> float:
     """Images/s of decode + preprocess on one core (process time of this single-threaded loop)."""
-    from neurolens.datasets import list_tar_shard
-    from neurolens.scan import decode_item
+    from neurolens.datasets.dataset import list_tar_shard
+    from neurolens.engines.local import decode_item
     dataset = list_tar_shard(str(sorted(data.glob("*.tar"))[0])).dataset()
     count = min(items, len(dataset))
     start = time.process_time()
@@ -135,7 +135,7 @@ def merge_ms(model: str, layer: str, batch: int, top_k: int) -> float:
     import pickle
     import torch
     from neurolens.models import load_clip, resolve_layer
-    from neurolens.scan import ScanStats
+    from neurolens.engines.local import ScanStats
     torch.set_num_threads(1)
     spec = resolve_layer(load_clip(model, "none", device="cpu"), layer)
     part = ScanStats.empty(spec, top_k)
@@ -205,7 +205,7 @@ def main() -> None:
         args.small_model, args.small_n, args.large_n, args.shard_rows = "nl-tiny-RN", 96, 8, 32
         args.image_size, args.batch_size = 128, 8
 
-    from neurolens.engines.ray_scan import loopback_only
+    from neurolens.engines.ray.scan import loopback_only
     ray = loopback_only()
     context = ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="error")
     address = context.address_info["gcs_address"]

@@ -61,8 +61,8 @@ def timed_scan(clip, layer, dataset, args, precision, cache_dir):
 
 def timed_forward(clip, spec, dataset, batch_size):
     import torch
-    from neurolens.datasets import preprocess_array
-    from neurolens.hooks import forward_to
+    from neurolens.datasets.dataset import preprocess_array
+    from neurolens.activations.hooks import forward_to
     pixels = torch.from_numpy(np.stack([preprocess_array(dataset.load(i), clip.image_size)
                                         for i in range(len(dataset))]))
     start = time.perf_counter()
@@ -132,7 +132,7 @@ def main() -> None:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    from neurolens.datasets import open_dataset
+    from neurolens.datasets.dataset import open_dataset
     from neurolens.models import load_clip, resolve_layer
 
     report = {"model": args.model, "layer": args.layer, "n": args.n, "batch_size": args.batch_size,
@@ -143,7 +143,7 @@ def main() -> None:
         clip = load_clip(args.model, args.pretrained, device=args.device)
         spec = resolve_layer(clip, args.layer)
         dataset = open_dataset(str(tmp / "n"))
-        from neurolens.hooks import forward_to
+        from neurolens.activations.hooks import forward_to
         with torch.no_grad():  # warm-up: first-call allocations are not part of either timing
             forward_to(clip.model, clip.normalize(torch.rand(1, 3, clip.image_size, clip.image_size, device=clip.device)), [spec])
         scan_s, fp32 = timed_scan(clip, args.layer, dataset, args, "fp32", tmp / "cache32")

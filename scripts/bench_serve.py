@@ -5,7 +5,7 @@ feature layer page's first render, and the server time of feature and neuron uni
 loads and hashes the SAE's weights for the feature <-> neuron links). Prints ONE JSON line.
 
 The cache is synthetic (no model needed): generated JPEG images, scan / scan-chunk / text-ranking / sweep
-records with the layout the real jobs write, through neurolens.store, and for the features a random SAE in
+records with the layout the real jobs write, through neurolens.storage.cache, and for the features a random SAE in
 the registry (SAELens layout) with records keyed by its basis id. Traffic goes to 127.0.0.1 only, and
 every loop is bounded in count and time.
 
@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import serve_fixture  # noqa: E402  (start_server / stop_server)
 
-from neurolens.store import Cache, Record  # noqa: E402
+from neurolens.storage.cache import Cache, Record  # noqa: E402
 
 FINGERPRINT = "bench0123456789abcdef0123456789ab"
 LAYER = "image_block_4_5"

@@ -1,5 +1,5 @@
 """Benchmark of the sweep's scoring after the scan: zero-shot NSFW scores of N image embeddings, then the
-per-unit statistics (AUC, Mann-Whitney p, BH q, correlation; neurolens.unit_stats) over an (N, U) activation
+per-unit statistics (AUC, Mann-Whitney p, BH q, correlation; neurolens.scoring.statistics) over an (N, U) activation
 matrix read in chunk-sized blocks, on the exact path (every row kept, ranked per unit) and on the streaming
 binned path (histograms over quantile edges from a sample of rows), each in its own process so that its
 peak RSS is its own. Prints ONE JSON line.
@@ -40,7 +40,7 @@ def labels(args):
 def run_path(args) -> dict:
     """One path in this process: generate blocks, accumulate, compute the result; time and peak RSS."""
     import torch
-    from neurolens.unit_stats import UnitLabelStats, quantile_edges
+    from neurolens.scoring.statistics import UnitLabelStats, quantile_edges
     torch.set_num_threads(args.threads)
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     generate_s = 0.0
@@ -82,7 +82,7 @@ def _first_blocks(args):
 
 
 def zero_shot(args) -> float:
-    from neurolens.safety import zero_shot_scores
+    from neurolens.labels.zero_shot import zero_shot_scores
     rng = np.random.default_rng(0)
     prompts = rng.normal(size=(args.prompts, args.dim)).astype(np.float32)
     prompts /= np.linalg.norm(prompts, axis=1, keepdims=True)

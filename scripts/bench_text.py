@@ -2,7 +2,7 @@
 
 full_s       encoding the vocabulary sample with open_clip's CLIP.encode_text (all 77 positions), in
              vocabulary order, batches of --batch-size
-truncated_s  the same token ids with neurolens.text.encode_tokens: sorted by length, each batch run only up
+truncated_s  the same token ids with neurolens.text.encode.encode_tokens: sorted by length, each batch run only up
              to its longest end-of-text token (tokenization, common to both, is timed separately)
 speedup      full_s / truncated_s
 rank_all_units_s  with the embeddings in hand: every unit's direction of --layer (the Jacobian, D backward
@@ -41,8 +41,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from neurolens.models import load_clip, resolve_layer
-    from neurolens.text import encode_tokens, tokenize, top_k_texts, unit_directions
-    from neurolens.vocab import builtin_vocab
+    from neurolens.text.encode import encode_tokens, tokenize, top_k_texts, unit_directions
+    from neurolens.text.vocab import builtin_vocab
 
     clip = load_clip(args.model, "none", device="cpu")
     entries = builtin_vocab().entries

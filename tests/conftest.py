@@ -35,7 +35,7 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def natural_images():
     """scikit-image's bundled sample images (offline), as float (N,3,64,64) in [0,1]."""
-    from neurolens.builtin import builtin_images
+    from neurolens.datasets.builtin import builtin_images
     import torch
     return torch.from_numpy(builtin_images(size=64))
 

@@ -6,10 +6,10 @@ import resource
 
 import torch
 
-from neurolens.engines.ray_scan import RayOptions
+from neurolens.engines.ray.scan import RayOptions
 from neurolens.models import load_clip
 from neurolens.pipelines.scan import run_ray_scan
-from neurolens.store import Cache
+from neurolens.storage.cache import Cache
 
 
 def main() -> None:

@@ -38,14 +38,14 @@ class Fixture:
 
 def build(root: Path, clip) -> Fixture:
     import pyarrow.parquet as pq
-    from neurolens.datasets import open_dataset
+    from neurolens.datasets.dataset import open_dataset
     from neurolens.pipelines.scan import run_scan
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.pipelines.topmaps import run_top_maps
     from neurolens.pipelines.sae import run_sae_train
     from neurolens.pipelines.visualize import run_visualize
     from neurolens.sae import SaeTrainSettings, load_basis
-    from neurolens.store import Cache
+    from neurolens.storage.cache import Cache
     from neurolens.toy.generate import ToySettings, write_dataset
     from neurolens.types import RenderSettings
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from neurolens import blur
-from neurolens.builtin import builtin_samples
+from neurolens.labels import blur
+from neurolens.datasets.builtin import builtin_samples
 
 
 def _synthetic_patterns(size):

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from neurolens import blur, safety
+from neurolens.labels import blur, zero_shot as safety
 from neurolens.labels import nudenet
 from neurolens.labels.policy import BlurPolicy
 from neurolens.pipelines import visualize as job
-from neurolens.store import Cache
+from neurolens.storage.cache import Cache
 from neurolens.types import RenderSettings
 
 LAYER = "image_block_4_0"

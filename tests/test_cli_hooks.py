@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 import neurolens.models
 from neurolens.cli import app
-from neurolens.hooks import hook_count
+from neurolens.activations.hooks import hook_count
 
 TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from neurolens.datasets import BadImage, MAX_IMAGE_PIXELS, decode_image, open_dataset, preprocess, to_rgb
+from neurolens.datasets.dataset import (BadImage, MAX_IMAGE_PIXELS, decode_image, open_dataset, preprocess, to_rgb)
 from neurolens.errors import DatasetError
-from neurolens.figures import cell_center, crop_around_cell, tile_grid
+from neurolens.display.figures import cell_center, crop_around_cell, tile_grid
 from scan_data import bomb_png, encoded, make_bad_corpus, synthetic_image, write_images
 
 

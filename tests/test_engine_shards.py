@@ -3,10 +3,10 @@ group records come back on a rerun, each shard once."""
 import numpy as np
 import torch
 
-from neurolens.datasets import open_dataset
-from neurolens.engines.shards import ShardStore, plan_dataset
-from neurolens.scan import ScanStats
-from neurolens.store import Cache
+from neurolens.datasets.dataset import open_dataset
+from neurolens.engines.ray.shards import ShardStore, plan_dataset
+from neurolens.engines.local import ScanStats
+from neurolens.storage.cache import Cache
 from neurolens.types import LayerSpec
 from scan_data import write_img2dataset, write_images
 

@@ -1,4 +1,4 @@
-"""neurolens.files: whole-or-nothing writes, one clear error on a failing disk, formula-safe CSV cells."""
+"""neurolens.storage.files: whole-or-nothing writes, one clear error on a failing disk, formula-safe CSV cells."""
 import csv
 import errno
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neurolens import files
+from neurolens.storage import files
 from neurolens.errors import NeurolensError
-from neurolens.store import Cache, Record
+from neurolens.storage.cache import Cache, Record
 
 
 def test_write_replaces_whole_and_leaves_no_temporary_file(tmp_path):

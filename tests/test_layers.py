@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from neurolens.errors import UnitOutOfRangeError, UnknownLayerError
-from neurolens.hooks import capture, forward_to, hook_count
+from neurolens.activations.hooks import capture, forward_to, hook_count
 from neurolens.models import check_unit, registry_for
 
 

@@ -6,8 +6,8 @@ import copy
 import numpy as np
 import torch
 
-from neurolens import text as textlib
-from neurolens.hooks import forward_to, inject, sequence_first
+from neurolens.text import encode as textlib
+from neurolens.activations.hooks import forward_to, inject, sequence_first
 from neurolens.models import registry_for
 
 

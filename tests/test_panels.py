@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from neurolens import blur, safety
-from neurolens.datasets import open_dataset, preprocess
-from neurolens.figures import crop_around_cell
+from neurolens.labels import blur, zero_shot as safety
+from neurolens.datasets.dataset import open_dataset, preprocess
+from neurolens.display.figures import crop_around_cell
 from neurolens.pipelines.sweep import run_figure, run_grid, run_sweep
-from neurolens.store import Cache
+from neurolens.storage.cache import Cache
 from neurolens.types import RenderSettings
-from neurolens.unit_scores import FlagRule
+from neurolens.scoring.units import FlagRule
 
 from test_sweep import LAYER, dataset_table, stub_scorer, vocab_file  # noqa: F401  (fixtures reused)
 
@@ -35,7 +35,7 @@ def panel_table(tiny_clip, dataset_table, tmp_path_factory):  # noqa: F811
     import shutil
 
     import torch
-    from neurolens.hooks import forward_to
+    from neurolens.activations.hooks import forward_to
     from neurolens.models import resolve_layer
     root = tmp_path_factory.mktemp("paneldata")
     source = open_dataset(dataset_table)

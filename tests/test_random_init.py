@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurolens.hooks import forward_to
+from neurolens.activations.hooks import forward_to
 from neurolens.models import load_clip, resolve_layer
 from neurolens.models.random_init import calibration_batch
 

@@ -1,4 +1,4 @@
-"""The Ray engine (neurolens.engines.ray_scan) against the single-process scan, on img2dataset shards made
+"""The Ray engine (neurolens.engines.ray.scan) against the single-process scan, on img2dataset shards made
 here (bad members and failed downloads included), on a local Ray that this module starts on loopback with
 2 CPUs and shuts down.
 
@@ -17,10 +17,10 @@ import pytest
 
 ray = pytest.importorskip("ray")  # in the test extra; the single-process scan needs no Ray (test_no_ray_needed)
 
-from neurolens.engines.ray_scan import RayOptions, loopback_only  # noqa: E402
+from neurolens.engines.ray.scan import RayOptions, loopback_only  # noqa: E402
 
 from neurolens.pipelines.scan import find_scan, run_ray_scan, run_scan  # noqa: E402
-from neurolens.store import Cache  # noqa: E402
+from neurolens.storage.cache import Cache  # noqa: E402
 from scan_data import write_img2dataset  # noqa: E402
 
 LAYER = "image_block_3_0"   # nl-tiny-RN: 256 units on a 4x4 grid at 64 px
@@ -273,7 +273,7 @@ def test_fused_sweep_equals_the_in_process_sweep(tiny_clip, ray_cluster, sweep_d
     else:
         assert ours.method == "binned" and "decided on the first" in " ".join(result.lines())
         # pairs of one interval bin count half: the error is at most half the largest share of negatives
-        # (or of positives) in one interval bin (neurolens.unit_stats), here read from the run's own counts
+        # (or of positives) in one interval bin (neurolens.scoring.statistics), here read from the run's own counts
         pos, neg = fused.arrays["counts/pos"][:, 0::2], fused.arrays["counts/neg"][:, 0::2]
         bound = 0.5 * np.minimum(pos.max(axis=1) / ours.n_pos, neg.max(axis=1) / ours.n_neg)
         assert np.all(np.abs(ours.auc - theirs.auc) <= bound + 1e-12)
@@ -307,7 +307,7 @@ def test_cli_sweep_engine_ray(ray_cluster, sweep_data, tmp_path):
 def test_unreachable_ray_address_is_one_line():
     """(In a fresh process: this one is already connected.)"""
     script = """
-from neurolens.engines.ray_scan import RayOptions, ray_session
+from neurolens.engines.ray.scan import RayOptions, ray_session
 from neurolens.errors import NeurolensError
 try:
     with ray_session(RayOptions(address="127.0.0.1:1")):

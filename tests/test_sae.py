@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.datasets import open_dataset
-from neurolens.hooks import forward_to, hook_count
+from neurolens.datasets.dataset import open_dataset
+from neurolens.activations.hooks import forward_to, hook_count
 from neurolens.models import resolve_layer
 from neurolens.pipelines.sae import run_sae_train
 from neurolens.pipelines.scan import run_scan
 from neurolens.sae import SaeConfig, SparseAutoencoder, load_basis, load_sae, save_sae
 from neurolens.sae.io import CFG_NAME, WEIGHTS_NAME
 from neurolens.sae.train import SaeTrainSettings
-from neurolens.store import Cache
+from neurolens.storage.cache import Cache
 from scan_data import write_images
 
 LAYER = "image_block_3_0"   # nl-tiny-RN: 256 channels on a 4x4 grid at 64 px
@@ -415,7 +415,7 @@ def test_scan_with_features_matches_brute_force_in_one_pass(tiny_clip, images, t
     np.testing.assert_array_equal(neurons.mean_map, features.mean_map)   # the layer's mean map in both
 
     spec = resolve_layer(tiny_clip, LAYER)
-    from neurolens.datasets import preprocess_array
+    from neurolens.datasets.dataset import preprocess_array
     pixels = torch.from_numpy(np.stack([preprocess_array(dataset.load(i), 64) for i in range(len(dataset))])).float() / 255
     acts = forward_to(tiny_clip.model, tiny_clip.normalize(pixels), [spec])[spec.name]
     with torch.no_grad():
@@ -462,7 +462,7 @@ def test_interrupted_feature_scan_resumes_to_the_same_result(tiny_clip, images, 
 
 def test_feature_visualization_raises_the_pre_topk_activation_and_names_files(tiny_clip, trained, tmp_path):
     from neurolens.pipelines.visualize import run_visualize
-    from neurolens.render import evaluate
+    from neurolens.render.loop import evaluate
     from neurolens.types import RenderSettings
     result, cache = trained
     basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)
@@ -487,7 +487,7 @@ def test_feature_visualization_raises_the_pre_topk_activation_and_names_files(ti
 
 def test_feature_text_directions_are_decoder_directions_through_the_jacobian(tiny_clip, trained, tmp_path):
     from neurolens.pipelines.text import run_text, unit_directions_cached
-    from neurolens.text import image_jacobian
+    from neurolens.text.encode import image_jacobian
     result, cache = trained
     basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)
     spec = resolve_layer(tiny_clip, LAYER)
@@ -580,7 +580,7 @@ def test_sweep_figure_and_grid_over_features(tiny_clip, images, trained, tmp_pat
     import csv
     from neurolens.labels.policy import flagged_in_cache
     from neurolens.pipelines.sweep import flags_path, run_figure, run_grid, run_sweep
-    from neurolens.unit_scores import FlagRule
+    from neurolens.scoring.units import FlagRule
     result, cache = trained
     basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)
     table = tmp_path / "data.csv"

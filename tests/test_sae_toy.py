@@ -27,13 +27,13 @@ def planted_auc(values: np.ndarray, planted: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """The demo's toy model and data, an SAE trained on them, and the held-out truth set's activations."""
-    from neurolens.hooks import forward_to
+    from neurolens.activations.hooks import forward_to
     from neurolens.models import load_clip, resolve_layer
     from neurolens.pipelines.demo import DemoSettings, toy_dataset, toy_model
     from neurolens.pipelines.sae import run_sae_train
     from neurolens.sae import load_basis
     from neurolens.sae.train import SaeTrainSettings
-    from neurolens.store import Cache
+    from neurolens.storage.cache import Cache
     from neurolens.toy.generate import generate_pairs
 
     root = Path(tmp_path_factory.mktemp("toy-sae"))
@@ -108,9 +108,9 @@ def test_planted_feature_is_zero_on_99_percent_of_ordinary_images(toy):
 def test_visualization_of_the_planted_feature_beats_every_dataset_image(toy):
     """The feature visualization's objective (the feature's pre-TopK activation, mean over cells) is higher than
     that of every one of the demo's 3000 images."""
-    from neurolens.datasets import open_dataset, preprocess_array
+    from neurolens.datasets.dataset import open_dataset, preprocess_array
     from neurolens.pipelines.visualize import run_visualize
-    from neurolens.render import evaluate
+    from neurolens.render.loop import evaluate
     from neurolens.models import resolve_layer
     from neurolens.types import RenderSettings
     clip, basis = toy["clip"], toy["basis"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neurolens import safety
+from neurolens.labels import zero_shot as safety
 from neurolens.errors import NeurolensError
 from neurolens.models.embed import eval_transform
 
@@ -95,7 +95,7 @@ def test_text_scores_combine_lexicon_and_zero_shot(tiny_clip):
 
 
 def test_one_rule_for_term_and_prompt_files(tmp_path):
-    from neurolens import audit
+    from neurolens.audit import captions as audit
     listed = tmp_path / "terms.txt"
     listed.write_text("# a comment line\n  porn \n\n   # an indented comment\nphoto #tag\nf*ck\n", encoding="utf-8")
     expected = ["porn", "photo #tag", "f*ck"]
@@ -106,7 +106,7 @@ def test_one_rule_for_term_and_prompt_files(tmp_path):
 
 def test_nsfw_scores_and_similarity_share_the_models_own_preprocessing(tiny_clip):
     import open_clip
-    from neurolens.similarity import cosine_matrix
+    from neurolens.audit.similarity import cosine_matrix
     image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (90, 60, 3), dtype=np.uint8))
     _, _, preprocess = open_clip.create_model_and_transforms("nl-tiny-RN", pretrained=None)
     with torch.no_grad():

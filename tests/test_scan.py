@@ -15,12 +15,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.datasets import BadImage, open_dataset, preprocess_array
-from neurolens.hooks import hook_count
+from neurolens.datasets.dataset import BadImage, open_dataset, preprocess_array
+from neurolens.activations.hooks import hook_count
 from neurolens.models import resolve_layer
 from neurolens.pipelines.scan import find_scan, run_scan
-from neurolens.scan import ScanStats, brute_force_maxima, rank_order, scan_shard
-from neurolens.store import Cache
+from neurolens.engines.local import ScanStats, brute_force_maxima, rank_order, scan_shard
+from neurolens.storage.cache import Cache
 from scan_data import make_bad_corpus, write_images
 
 LAYER = "image_block_3_0"   # nl-tiny-RN: a 4x4 grid at 64 px, so cells matter
@@ -72,7 +72,7 @@ def brute_force(clip, layer, dataset, k):
     per_image = np.full((len(dataset), units), np.nan, np.float32)
     per_image[readable] = values
     with torch.no_grad():
-        from neurolens.hooks import forward_to
+        from neurolens.activations.hooks import forward_to
         acts = forward_to(clip.model, clip.normalize(images), [spec])[spec.name].double()
     return dict(values=top_values, indices=top_indices, cells=top_cells, per_image=per_image,
                 mean=values.astype(np.float64).mean(0), var=values.astype(np.float64).var(0),
@@ -284,7 +284,7 @@ def test_bf16_scan_is_cached_apart_and_close(tiny_clip, tmp_path):
 
 
 def test_samples_command_json_grid_and_blur(tiny_clip, tmp_path, fake_detector):
-    from neurolens.datasets import preprocess
+    from neurolens.datasets.dataset import preprocess
     runner = CliRunner()
     base = ["samples", *TINY, "--layer", LAYER, "--unit", "3", "--cache", str(tmp_path / "c"), "--top-k", "5"]
     fake = fake_detector(lambda rgb: True)         # fires on everything: every crop of the grid is blurred

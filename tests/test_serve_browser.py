@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 import serve_fixture
-from neurolens.datasets import open_dataset, preprocess
-from neurolens.figures import crop_around_cell
+from neurolens.datasets.dataset import open_dataset, preprocess
+from neurolens.display.figures import crop_around_cell
 from neurolens.pipelines.scan import find_scan
-from neurolens.store import Cache
+from neurolens.storage.cache import Cache
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "outputs" / "serve-screenshots"

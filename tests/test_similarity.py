@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from neurolens.builtin import BUILTIN_DESCRIPTIONS, builtin_image
+from neurolens.datasets.builtin import BUILTIN_DESCRIPTIONS, builtin_image
 from neurolens.cli import app
-from neurolens.similarity import (LabeledImage, builtin_pairs, cosine_matrix, image_text_similarity, pair_scores,
-                                  similarity_matrix)
+from neurolens.audit.similarity import (LabeledImage, builtin_pairs, cosine_matrix, image_text_similarity,
+                                        pair_scores, similarity_matrix)
 
 TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
 TEXTS = ["This is a portrait of an astronaut with the American flag",
@@ -145,7 +145,7 @@ def test_matrix_from_a_folder(tmp_path, no_detector):
 
 
 def test_image_files_go_through_the_dataset_decoder(tmp_path):
-    from neurolens.similarity import load_image_folder, load_image_ref
+    from neurolens.audit.similarity import load_image_folder, load_image_ref
     from neurolens.errors import NeurolensError
     from scan_data import bomb_png
     rgba = Image.new("RGBA", (6, 4), (10, 200, 30, 255))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from neurolens.unit_scores import FlagRule, apply_rule, top_share
+from neurolens.scoring.units import FlagRule, apply_rule, top_share
 
 LAYER = "image_block_4_0"
 
@@ -89,7 +89,7 @@ def test_run_sweep_statistics_equal_brute_force_and_scipy_flags_csv_and_cache(ti
                                                                                 tmp_path):
     from scipy.stats import false_discovery_control
     from neurolens.pipelines.sweep import run_sweep
-    from neurolens.store import Cache
+    from neurolens.storage.cache import Cache
     cache = Cache(tmp_path / "cache")
     out = tmp_path / "out"
     ticks = []
@@ -149,7 +149,7 @@ def test_run_sweep_statistics_equal_brute_force_and_scipy_flags_csv_and_cache(ti
 
 def test_binned_path_matches_the_exact_one(tiny_clip, dataset_table, vocab_file, tmp_path):
     from neurolens.pipelines.sweep import run_sweep
-    from neurolens.store import Cache
+    from neurolens.storage.cache import Cache
     kw = dict(vocab=vocab_file, top_k=8, text_top_k=10, cache=Cache(tmp_path / "c"), labels=["captions"],
               write_csv=False)
     exact = run_sweep(tiny_clip, LAYER, dataset_table, **kw)
@@ -161,7 +161,7 @@ def test_binned_path_matches_the_exact_one(tiny_clip, dataset_table, vocab_file,
 def test_a_dataset_without_positives_flags_nothing_and_says_what_to_do(tiny_clip, dataset_table, vocab_file,
                                                                        tmp_path):
     from neurolens.pipelines.sweep import run_sweep
-    from neurolens.store import Cache
+    from neurolens.storage.cache import Cache
     result = run_sweep(tiny_clip, LAYER, dataset_table, vocab=vocab_file, top_k=8, text_top_k=10,
                        cache=Cache(tmp_path / "c"), labels=["captions"], caption_terms=["zebra"], write_csv=False)
     assert result.scores.n_pos == 0 and not result.scores.flagged.any() and np.isnan(result.scores.auc).all()

@@ -52,13 +52,13 @@ def targets(tmp_path_factory):
 
 
 def _shipped_safe():
-    from neurolens import safety
+    from neurolens.labels import zero_shot as safety
     return safety.load_prompts().safe
 
 
 def _sweep(targets, **options):
     from neurolens.pipelines.sweep import run_sweep
-    from neurolens.store import Cache
+    from neurolens.storage.cache import Cache
     root, parquet, clip, _ = targets
     return run_sweep(clip, LAYER, parquet, vocab=f"{parquet}:caption", cache=Cache(root / "cache"), detector=False,
                      write_csv=False, **options)
@@ -67,7 +67,7 @@ def _sweep(targets, **options):
 @pytest.mark.slow
 @pytest.mark.parametrize("prompts", ["shipped", "safe list overlapping the captions"])
 def test_flags_on_a_second_dataset_with_label_noise_hold_precision_and_recall(targets, prompts):
-    from neurolens import safety
+    from neurolens.labels import zero_shot as safety
     root, _, _, planted = targets
     chosen = safety.load_prompts() if prompts == "shipped" else safety.load_prompts(safe_file=root / "safe.txt")
     result = _sweep(targets, prompts=chosen)
@@ -88,7 +88,7 @@ def test_reliability_check_on_the_toy_drops_useless_prompts_and_keeps_good_ones(
     """Zero-shot with prompts that say nothing about the planted concept (the unsafe list is half of the safe
     list, shuffled) is dropped; with the safe list overlapping the captions (measured agreement 0.88 to 0.95
     on three trainings) it is kept."""
-    from neurolens import safety
+    from neurolens.labels import zero_shot as safety
     root = targets[0]
     safe = _shipped_safe()
     order = np.random.default_rng(0).permutation(len(safe))
@@ -110,7 +110,7 @@ if __name__ == "__main__":   # python tests/test_sweep_toy.py ROOT SEED: precisi
     import json
     import sys
     import pyarrow.parquet as pq
-    from neurolens import safety
+    from neurolens.labels import zero_shot as safety
     from neurolens.models import load_clip
     from neurolens.toy.generate import ToySettings, write_dataset
     from neurolens.toy.train import TrainSettings, train_toy

@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from neurolens import text as textlib
+from neurolens.text import encode as textlib
 from neurolens.cli import app
 from neurolens.errors import NeurolensError
-from neurolens.hooks import forward_to, hook_count, inject
+from neurolens.activations.hooks import forward_to, hook_count, inject
 from neurolens.models import registry_for, resolve_layer
 from neurolens.pipelines.text import find_text, run_text
-from neurolens.vocab import builtin_vocab, load_vocab
+from neurolens.text.vocab import builtin_vocab, load_vocab
 
 TEXTS = ["a dog", "", "x", "a photo of a cat sitting on a red sofa next to the window",
          "Golden Retriever!!", "the quick brown fox jumps over the lazy dog " * 12,  # longer than 77 tokens

@@ -1,10 +1,10 @@
-"""The per-unit statistics (neurolens.unit_stats) against brute force and scipy, and their merges."""
+"""The per-unit statistics (neurolens.scoring.statistics) against brute force and scipy, and their merges."""
 import numpy as np
 import pytest
 from scipy import stats
 
-from neurolens.unit_stats import (BinnedAUC, Correlation, ExactAUC, UnitLabelStats, bh_qvalues, mann_whitney_p,
-                                  quantile_edges)
+from neurolens.scoring.statistics import (BinnedAUC, Correlation, ExactAUC, UnitLabelStats, bh_qvalues,
+                                          mann_whitney_p, quantile_edges)
 
 
 def brute_auc(x, positive):

@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.hooks import hook_count
+from neurolens.activations.hooks import hook_count
 from neurolens.pipelines import visualize as job
-from neurolens.store import Cache
+from neurolens.storage.cache import Cache
 from neurolens.types import RenderSettings
 
 SETTINGS = RenderSettings(steps=6, seeds=(0, 1))

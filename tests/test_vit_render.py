@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from neurolens.hooks import forward_to, hook_count
+from neurolens.activations.hooks import forward_to, hook_count
 from neurolens.models import load_clip, resolve_layer
 from neurolens.models.resize import any_input_size, resize_positions
-from neurolens.render import evaluate, low_res_size, render
+from neurolens.render.loop import evaluate, low_res_size, render
 from neurolens.types import RenderSettings
 
 

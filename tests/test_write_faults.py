@@ -16,9 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.datasets import open_dataset
+from neurolens.datasets.dataset import open_dataset
 from neurolens.pipelines.scan import find_scan, run_scan
-from neurolens.store import Cache
+from neurolens.storage.cache import Cache
 from scan_data import write_images
 from test_scan import assert_identical
 from test_sweep import dataset_table, vocab_file  # noqa: F401  (fixtures reused)

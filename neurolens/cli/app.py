@@ -12,7 +12,7 @@ import typer
 import typer.core
 
 from ..errors import NeurolensError
-from ..files import WRITE_ERRNOS, write_error
+from ..storage.files import WRITE_ERRNOS, write_error
 # the shared options live in options.py; these names stay importable from here
 from .options import CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt  # noqa: F401
 
@@ -61,7 +61,7 @@ def command(func: Callable) -> Callable:
         except NeurolensError as exc:
             fail(str(exc))
         except OSError as exc:
-            # a write that did not go through neurolens.files (a library's own file I/O): still one line
+            # a write that did not go through neurolens.storage.files (a library's own file I/O): still one line
             if exc.errno not in WRITE_ERRNOS:
                 raise
             fail(str(write_error(exc.filename or "a file", exc, option=None)))

@@ -9,7 +9,7 @@ from typing_extensions import Annotated
 from .app import app, command, print_json, progress_bar
 from .options import MODEL, JsonOpt, ModelChoice, uses
 from ..errors import NeurolensError
-from ..files import save_png
+from ..storage.files import save_png
 from ..labels.policy import BlurPolicy
 
 DEFAULT_MATRIX_OUT = "outputs/similarity.png"
@@ -52,7 +52,7 @@ def similarity_cmd(
 
     Example:  neurolens similarity --matrix --out outputs/similarity.png
     """
-    from .. import similarity as sim
+    from ..audit import similarity as sim
 
     if not matrix:
         if images != "builtin" or captions:
@@ -137,7 +137,7 @@ def audit_captions_cmd(
 
     Example:  neurolens audit-captions 'laion400m/*.parquet' --term desi --term nun --term latina
     """
-    from .. import audit
+    from ..audit import captions as audit
 
     with progress_bar("auditing captions", enabled=not as_json) as progress:
         result = audit.audit_captions(sources, term, nsfw_terms, memory_limit=memory_limit, threads=threads,

@@ -163,7 +163,7 @@ class DatasetChoice:
 
     def open(self):
         """The ImageDataset (a bad path or table: one line, exit 2)."""
-        from ..datasets import open_dataset
+        from ..datasets.dataset import open_dataset
         return open_dataset(self.dataset, image_column=self.image_column, caption_column=self.caption_column)
 
 
@@ -213,7 +213,7 @@ class EngineChoice:
         return self.engine == "ray"
 
     def ray_options(self, batch_size: Optional[int] = None):
-        from ..engines.ray_scan import RayOptions
+        from ..engines.ray.scan import RayOptions
         sharding = {"shard_size": self.shard_size} if self.shard_size is not None else {}
         return RayOptions(address=self.ray_address, actors=self.actors, batch_size=batch_size,
                           gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, **sharding)
@@ -292,7 +292,7 @@ class SweepChoice:
     caption_match: str = "word"
 
     def rule(self):
-        from ..unit_scores import FlagRule
+        from ..scoring.units import FlagRule
         if not 0.0 <= self.min_text_share <= 1.0:
             raise NeurolensError(f"--min-text-share must be a share between 0 and 1, got {self.min_text_share}")
         if not 0.0 < self.max_q <= 1.0:
@@ -303,7 +303,7 @@ class SweepChoice:
 
     def arguments(self) -> Dict[str, Any]:
         """Keyword arguments of run_sweep / run_figure / run_grid (the files are read, the rule checked)."""
-        from .. import safety
+        from ..labels import zero_shot as safety
         rule = self.rule()
         return dict(vocab=self.vocab, top_k=self.top_k, text_top_k=self.text_top_k, rule=rule,
                     labels=list(self.labels or ["auto"]), min_agreement=self.min_agreement,

@@ -50,7 +50,7 @@ def maps(
     from ..errors import NeurolensError
     from ..pipelines.scan import find_scan
     from ..pipelines.topmaps import run_top_maps
-    from ..store import Cache
+    from ..storage.cache import Cache
 
     clip = model.load(quiet=as_json)
     store = Cache(cache)
@@ -109,7 +109,7 @@ def serve(
     Example:  neurolens serve --layer image_block_4_5 --basis rn8x
     """
     from ..serve.server import serve as run_server
-    from ..store import Cache
+    from ..storage.cache import Cache
 
     clip = None
     if model.model or model.checkpoint:
@@ -140,7 +140,7 @@ def site(
     Example:  neurolens site --out site/ --layer image_block_4_5 --basis neurons --basis rn8x
     """
     from ..serve.site import write_site
-    from ..store import Cache
+    from ..storage.cache import Cache
 
     with progress_bar("site", enabled=not as_json) as progress:
         result = write_site(Cache(cache), out, layers=layer or (), examples=examples, progress=progress,

@@ -48,7 +48,7 @@ def text(
     """
     from ..models import resolve_layer
     from ..pipelines.text import find_text, run_text, text_embeddings, unit_directions_cached
-    from ..vocab import load_vocab
+    from ..text.vocab import load_vocab
 
     vocabulary = load_vocab(vocab)
     if top_k < 1:

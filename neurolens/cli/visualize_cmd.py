@@ -7,7 +7,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..models import resolve_layer
-from ..store import Cache
+from ..storage.cache import Cache
 from ..types import quality_settings
 from .app import app, command, open_basis, print_json, progress_bar
 from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, NoBlurOpt, SaeOpt, uses

@@ -41,7 +41,7 @@ from typing import Collection, Dict, Iterable, Optional, Set, Tuple
 import numpy as np
 from PIL import Image
 
-from ..blur import maybe_blur
+from .blur import maybe_blur
 from . import nudenet
 
 # A label at or above this counts as positive (labels are 0/1, or scores in [0, 1]).
@@ -75,7 +75,7 @@ def flagged_in_cache(cache, fingerprint: str, layer: str, basis: str = "neurons"
 
 
 def _segment(text: str) -> str:
-    from ..store import _safe_segment
+    from ..storage.cache import _safe_segment
     return _safe_segment(text)
 
 
@@ -105,7 +105,7 @@ class BlurPolicy:
         `cache`: a store.Cache, a folder, or None for the default cache. basis: None for the neurons, or a basis
         of the layer (SAE features): its units are what `unit` means, and its sweeps give the flags."""
         from ..models import resolve_layer
-        from ..store import Cache
+        from ..storage.cache import Cache
         cache = cache if isinstance(cache, Cache) else Cache(cache)
         name = resolve_layer(clip, layer).name
         basis_id = getattr(basis, "id", None) or "neurons"
@@ -153,7 +153,7 @@ class BlurPolicy:
         return f"NudeNet {score:.2f}" if score is not None and score >= nudenet.FIRE_THRESHOLD else None
 
     def _zero_shot_reason(self, image: Image.Image) -> Optional[str]:
-        from .. import safety
+        from . import zero_shot as safety
         score = self.zero_shot_score(image)
         return f"NSFW score {score:.2f}" if score is not None and score >= safety.IMAGE_NSFW_THRESHOLD else None
 
@@ -163,16 +163,16 @@ class BlurPolicy:
         """NudeNet's image-level score (labels.nudenet), or None when the detector is off or not installed."""
         if not self.detector:
             return None
-        from ..store import settings_key
+        from ..storage.cache import settings_key
         return self._score("nudenet", settings_key("nudenet", nudenet.version()), image,
                            lambda img: float(nudenet.image_scores([img])[0]))
 
     def zero_shot_score(self, image: Image.Image) -> Optional[float]:
-        """The inspected model's zero-shot NSFW score (neurolens.safety), or None when that branch is off
+        """The inspected model's zero-shot NSFW score (neurolens.labels.zero_shot), or None when that branch is off
         (random weights, no model, or zero_shot=False)."""
         if not self.zero_shot:
             return None
-        from .. import safety
+        from . import zero_shot as safety
         prompts = self.prompts or safety.load_prompts()
         return self._score("fv-nsfw", self.clip.fingerprint, image,
                            lambda img: float(safety.nsfw_scores_for_images(self.clip, [img], prompts)[0]),
@@ -181,7 +181,7 @@ class BlurPolicy:
     def _score(self, kind: str, owner: str, image: Image.Image, compute, *identity) -> float:
         """compute(image), kept per pixel hash in memory and, with a cache, in a `kind` record of `owner`."""
         from ..errors import NeurolensError
-        from ..store import Record, settings_key
+        from ..storage.cache import Record, settings_key
         digest = _pixel_digest(image)
         if (kind, digest) in self._scores:
             return self._scores[(kind, digest)]

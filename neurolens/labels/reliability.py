@@ -91,7 +91,7 @@ def doubt_threshold(source: LabelSource, positive: np.ndarray) -> float:
 
 def source_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of scores against a 0/1/NaN label over the images both know; NaN without both classes."""
-    from ..unit_stats import ExactAUC
+    from ..scoring.statistics import ExactAUC
     acc = ExactAUC(1)
     acc.add(np.asarray(scores, dtype=np.float32).reshape(-1, 1), np.asarray(labels, dtype=np.float64))
     return float(acc.result().auc[0])

@@ -11,7 +11,7 @@
                           among its exposed-body classes, positive at >= nudenet.FIRE_THRESHOLD;
                           independent of the inspected model; scores cached per dataset (`nudenet_scores`)
     zero-shot             the inspected model's zero-shot score against the unsafe/safe prompt lists
-                          (neurolens.safety), positive at >= IMAGE_NSFW_THRESHOLD; never for a
+                          (neurolens.labels.zero_shot), positive at >= IMAGE_NSFW_THRESHOLD; never for a
                           random-weights model
     auto (default)        captions where the dataset has captions, NudeNet where installed, zero-shot where
                           the model is trained; every source `auto` adds may be dropped by the reliability
@@ -130,7 +130,7 @@ def caption_matches(keys: Sequence[str], captions: Optional[Sequence[str]], term
                     mode: str = "word") -> np.ndarray:
     """(N,) bool: the caption (in `mode`) or the key, when it is a URL (always substring: URLs run words
     together, 'freexxxvideos.com'), contains one of `terms` (default: the paper's 7, safety.default_terms)."""
-    from .. import safety
+    from . import zero_shot as safety
     keys = list(keys)
     matched = np.zeros(len(keys), dtype=bool)
     if captions is not None and mode != "off":
@@ -150,7 +150,7 @@ def captions_source(spec: LabelSpec, keys: Sequence[str], captions: Optional[Seq
                     terms: Optional[Sequence[str]] = None, mode: str = "word") -> LabelSource:
     """1 where the caption or URL matches a term (default: the whole lexicon), 0 where it does not, NaN
     where there is neither a caption nor a URL."""
-    from .. import safety
+    from . import zero_shot as safety
     terms = list(terms) if terms is not None else safety.lexicon_terms()
     matched = caption_matches(keys, captions, terms, mode)
     scores = matched.astype(np.float32)
@@ -169,7 +169,7 @@ _FALSE = {"false", "no", "n", "f", "0", "negative"}
 
 def column_source(spec: LabelSpec, dataset) -> LabelSource:
     """The dataset column's values as labels (module docstring)."""
-    from ..datasets import dataset_column
+    from ..datasets.dataset import dataset_column
     values = dataset_column(dataset, spec.column)
     scores = np.full(len(values), np.nan, dtype=np.float32)
     wanted = {v.lower() for v in spec.values}
@@ -205,8 +205,8 @@ def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optiona
     so a second sweep (any layer, any model) does not run the detector again, and an interrupted run
     keeps the chunks it finished."""
     from importlib.metadata import version
-    from ..datasets import BadImage
-    from ..store import Record, settings_key
+    from ..datasets.dataset import BadImage
+    from ..storage.cache import Record, settings_key
     from . import nudenet
 
     if not nudenet.available():
@@ -255,7 +255,7 @@ def zero_shot_source(spec: LabelSpec, clip, embeddings: Optional[np.ndarray], pr
                      scorer=None) -> LabelSource:
     """The inspected model's zero-shot score of the scan's image embeddings (NaN rows: skipped items).
     scorer(clip, embeddings) -> (N,) replaces it (tests inject known scores)."""
-    from .. import safety
+    from . import zero_shot as safety
     from .policy import is_random
     if is_random(clip) and scorer is None:
         raise NeurolensError("zero-shot labels need trained weights: a random-weights model's zero-shot score "

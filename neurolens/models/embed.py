@@ -1,6 +1,6 @@
 """CLIP image embeddings through the full image tower, with the model's own evaluation preprocessing.
 
-The one place that turns PIL images into embeddings for the NSFW scores (neurolens.safety), the blur
+The one place that turns PIL images into embeddings for the NSFW scores (neurolens.labels.zero_shot), the blur
 policy's zero-shot branch and the similarity probe: open_clip's evaluation transform as the model was
 configured (its input size, resize mode, interpolation and fill colour from open_clip's preprocess config,
 and the model's mean/std), then model.encode_image, L2-normalized."""

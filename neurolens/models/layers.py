@@ -79,7 +79,7 @@ class LayerRegistry:
                 self._by_name[alias] = spec
 
     def _measure(self, candidates: Sequence[dict]) -> List[LayerSpec]:
-        from ..hooks import to_feature_map
+        from ..activations.hooks import to_feature_map
 
         shapes: Dict[str, tuple] = {}
         order: Dict[str, int] = {}

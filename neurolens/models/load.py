@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..data import MODEL_CONFIGS
 from ..errors import NeurolensError, WeightsUnavailableError
 from .random_init import recalibrate_batch_norms
 
@@ -37,7 +38,7 @@ DEFAULT_PRETRAINED = "openai"
 RANDOM_WEIGHTS = "none"
 RANDOM_SEED = 0
 
-_CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "model_configs"
+_CONFIG_DIR = MODEL_CONFIGS
 _registered = False
 
 
@@ -485,8 +486,8 @@ def save_checkpoint(clip: torch.nn.Module, path: str | os.PathLike, model_name: 
                     model_config: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None,
                     option: str = "--out") -> Path:
     """Save a state dict that load_clip(checkpoint=...) reads with weights_only=True; carries its config.
-    Written atomically (neurolens.files); `option` is what a failed write tells the user to change."""
-    from ..files import write_bytes
+    Written atomically (neurolens.storage.files); `option` is what a failed write tells the user to change."""
+    from ..storage.files import write_bytes
     path = Path(path)
     blob: Dict[str, Any] = {"state_dict": {k: v.detach().cpu() for k, v in clip.state_dict().items()},
                             "model_name": model_name}

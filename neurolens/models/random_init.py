@@ -11,7 +11,7 @@ The variance-preserving re-initialization here is data-dependent, like LSUV or a
 after training: every BatchNorm of the image tower gets bias 0 and weight 1, except the last BatchNorm of
 each residual branch (a bottleneck's `bn3`), whose weight is 1/sqrt(n) for the n blocks of its stage; and
 its running mean and variance are set to the per-channel mean and variance of its own input over one fixed
-batch of natural images (scikit-image's bundled samples, neurolens.builtin), in one forward in which the
+batch of natural images (scikit-image's bundled samples, neurolens.datasets.builtin), in one forward in which the
 BatchNorms before it are already re-initialized. On that batch every BatchNorm's output then has mean 0 and
 variance weight^2 per channel: each stage starts from a unit-variance shortcut and its n branches add 1/n
 each, so the residual stream's variance stays between 1 and 2 at every block, and a random RN50x4's units
@@ -35,7 +35,7 @@ from typing import List
 
 import torch
 
-CALIBRATION_IMAGES = 20  # all of neurolens.builtin's samples
+CALIBRATION_IMAGES = 20  # all of neurolens.datasets.builtin's samples
 
 
 def _batch_norms(module: torch.nn.Module) -> List[torch.nn.modules.batchnorm._BatchNorm]:
@@ -44,7 +44,7 @@ def _batch_norms(module: torch.nn.Module) -> List[torch.nn.modules.batchnorm._Ba
 
 def calibration_batch(size: int) -> torch.Tensor:
     """The fixed natural images (float (N, 3, size, size) in [0, 1]) whose statistics the BatchNorms take."""
-    from ..builtin import builtin_images
+    from ..datasets.builtin import builtin_images
     return torch.from_numpy(builtin_images(size)[:CALIBRATION_IMAGES])
 
 

@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..files import CACHE_OPTION, WriteError, ensure_folder, write_text
-from ..store import Cache, settings_key
+from ..storage.files import CACHE_OPTION, WriteError, ensure_folder, write_text
+from ..storage.cache import Cache, settings_key
 from ..toy.generate import ToySettings, planted_words, write_dataset
 from ..toy.train import TrainSettings
 from ..types import RenderSettings
@@ -188,7 +188,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         path = toy_dataset(cache.root, settings=settings.data_settings(), progress=stage_progress("data"))
         report.dataset = str(path)
         state["vocab"] = f"{path}:caption" if settings.vocab == "captions" else settings.vocab
-        from ..datasets import open_dataset
+        from ..datasets.dataset import open_dataset
         state["dataset"] = open_dataset(str(path))
         import pyarrow.parquet as pq
         state["planted"] = np.asarray(pq.read_table(path, columns=["planted"]).column("planted").to_pylist(), bool)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
-from ..datasets import ImageDataset, open_dataset
+from ..datasets.dataset import ImageDataset, open_dataset
 from ..errors import NeurolensError
 from ..models import resolve_layer
 from ..sae.basis import SaeBasis
@@ -27,8 +27,8 @@ from ..sae.io import read_config, save_sae
 from ..sae.quality import QualityReport, evaluate
 from ..sae.registry import as_cache, check_name, is_complete, sae_folder
 from ..sae.train import SPARSITIES, SaeTrainSettings, default_buffer_vectors, plan, resolve_features, resolved_lr, train_loop
-from ..scan import PRECISIONS, default_batch_size, default_workers
-from ..store import settings_key
+from ..engines.local import PRECISIONS, default_batch_size, default_workers
+from ..storage.cache import settings_key
 
 SAE_TRAIN_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
-from ..datasets import BadImage, ImageDataset, open_dataset, preprocess
+from ..datasets.dataset import BadImage, ImageDataset, open_dataset, preprocess
 from ..errors import NeurolensError
-from ..files import save_png
-from ..figures import crop_around_cell, tile_grid
+from ..storage.files import save_png
+from ..display.figures import crop_around_cell, tile_grid
 from ..labels.policy import BlurPolicy, blur_note
 from ..models import check_unit, resolve_layer
 from .scan import ScanResult, run_scan

@@ -24,11 +24,11 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..datasets import ImageDataset, open_dataset
+from ..datasets.dataset import ImageDataset, open_dataset
 from ..errors import DatasetError, NeurolensError
 from ..models import resolve_layer
-from ..scan import BatchOutput, PRECISIONS, ScanStats, default_batch_size, default_workers, scan_range
-from ..store import Cache, Record, settings_key
+from ..engines.local import (BatchOutput, PRECISIONS, ScanStats, default_batch_size, default_workers, scan_range)
+from ..storage.cache import Cache, Record, settings_key
 
 SCAN_VERSION = 1
 NEURONS = "neurons"
@@ -253,7 +253,7 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
                  image_column: str = "image", caption_column: str = "caption",
                  progress: Optional[Callable[[int, int], None]] = None, report: Optional[Callable] = None
                  ) -> ScanResult:
-    """The scan of run_scan on Ray Data (neurolens.engines.ray_scan): the same result (top-k indices and cells
+    """The scan of run_scan on Ray Data (neurolens.engines.ray.scan): the same result (top-k indices and cells
     exactly, statistics to rounding) in the same cache record, resumable shard by shard.
 
     dataset: a path or pattern (tar shards are then listed by Ray tasks, never all in this process), or an
@@ -265,8 +265,8 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
         raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
     if int(top_k) < 1:
         raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
-    from ..engines.ray_scan import RayOptions, ray_session
-    from ..engines.shards import ShardStore, plan_dataset
+    from ..engines.ray.scan import RayOptions, ray_session
+    from ..engines.ray.shards import ShardStore, plan_dataset
     spec = resolve_layer(clip, layer)
     cache = _as_cache(cache)
     options = ray if ray is not None else RayOptions()

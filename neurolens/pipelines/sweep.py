@@ -27,14 +27,14 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import safety
+from ..labels import zero_shot as safety
 from ..errors import NeurolensError
 from ..labels.policy import is_random
 from ..labels.reliability import DEFAULT_MIN_AGREEMENT, LabelSet, check_reliability
 from ..labels.sources import (LabelSource, LabelSpec, compute_sources, has_captions, parse_labels,
                               resolve_specs)
-from ..store import Cache, Record, settings_key
-from ..unit_scores import DEFAULT_AUC_MEMORY, FlagRule, UnitScores, apply_rule, score_units
+from ..storage.cache import Cache, Record, settings_key
+from ..scoring.units import DEFAULT_AUC_MEMORY, FlagRule, UnitScores, apply_rule, score_units
 
 SWEEP_VERSION = 2
 DEFAULT_OUT = Path("outputs") / "sweep"
@@ -123,7 +123,7 @@ def _text_part(clip, ranking, prompts, zero_shot: bool, vocab, cache: Cache
         embeddings = None
         if zero_shot:
             try:  # the vocabulary's embeddings are cached by the text job: no text forward here
-                from ..vocab import load_vocab
+                from ..text.vocab import load_vocab
                 from .text import text_embeddings
                 all_embeddings, _, _ = text_embeddings(clip, load_vocab(vocab) if isinstance(vocab, str) else vocab,
                                                        cache)
@@ -147,7 +147,7 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
               workers: Optional[int] = None, write_csv: bool = True, labels: Sequence[str] | str = "auto",
               min_agreement: float = DEFAULT_MIN_AGREEMENT, detector: Optional[bool] = None,
               auc_memory: int = DEFAULT_AUC_MEMORY, basis=None) -> SweepResult:
-    """Sweep every unit of `layer` for NSFW content (see neurolens.unit_scores for the statistics and
+    """Sweep every unit of `layer` for NSFW content (see neurolens.scoring.units for the statistics and
     neurolens.labels for the label sources).
 
     labels: `--labels` values ("auto", "captions", "column:NAME[=V1,V2]", "nudenet", "zero-shot");
@@ -158,7 +158,7 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
     basis: None for the neurons, or a basis of the layer (neurolens.sae.load_basis): its units (SAE features)
     are swept, from a scan of the same pass as the neurons' and the decoder directions' texts; the record says
     which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default."""
-    from ..datasets import ImageDataset, open_dataset
+    from ..datasets.dataset import ImageDataset, open_dataset
     from .scan import run_scan
     from .text import run_text
 
@@ -221,7 +221,7 @@ def run_ray_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k:
                   device: str = "auto", warmup: Optional[int] = None, bins: Optional[int] = None,
                   image_column: str = "image", caption_column: str = "caption",
                   report: Optional[Callable] = None) -> SweepResult:
-    """The sweep of run_sweep, fused into one pass on Ray (neurolens.engines.fused): each image's label
+    """The sweep of run_sweep, fused into one pass on Ray (neurolens.engines.ray.fused): each image's label
     sources and the units' label statistics are computed while the layer is scanned, so no per-image value
     of any unit is stored. Writes the scan record, a `sweep-fused` record (the label results) and the usual
     sweep record and flags.csv.
@@ -229,11 +229,11 @@ def run_ray_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k:
     ray: engines.ray_scan.RayOptions; warmup: items of the first shards on which the label sources, doubt
     thresholds and AUC edges are decided (default unit_scores.EDGE_SAMPLE_ROWS; a dataset no larger gets the
     exact AUC and exactly the in-process decisions); bins: binned-AUC edges beyond it (fused.FUSED_BINS)."""
-    from ..engines.fused import FUSED_BINS, LabelPlan, fused_pass
-    from ..engines.ray_scan import RayOptions, ray_session
-    from ..engines.shards import plan_dataset
+    from ..engines.ray.fused import FUSED_BINS, LabelPlan, fused_pass
+    from ..engines.ray.scan import RayOptions, ray_session
+    from ..engines.ray.shards import plan_dataset
     from ..models import resolve_layer
-    from ..unit_scores import EDGE_SAMPLE_ROWS
+    from ..scoring.units import EDGE_SAMPLE_ROWS
     from .scan import find_scan, scan_key, write_ray_scan
     from .text import run_text
 
@@ -338,7 +338,7 @@ def _fused_record(outcome, warmup: int, bins: int) -> Record:
 
 
 def _statistics_from_record(record: Record):
-    from ..unit_stats import UnitStatsResult
+    from ..scoring.statistics import UnitStatsResult
     a, attrs = record.arrays, record.attrs
     return UnitStatsResult(auc=a["auc"], p=a["p"], q=a["q"], correlation=a["correlation"], n_pos=int(attrs["n_pos"]),
                            n_neg=int(attrs["n_neg"]), method=attrs["method"])
@@ -354,7 +354,7 @@ def _basis_fields(basis) -> dict:
 
 
 def _exact_bytes(scan) -> int:
-    from ..unit_stats import ExactAUC
+    from ..scoring.statistics import ExactAUC
     return ExactAUC.bytes_needed(len(scan.keys), int(scan.channels))
 
 
@@ -460,10 +460,10 @@ def flags_header(result: SweepResult) -> List[str]:
 def write_flags_csv(result: SweepResult, path: Path, texts: int = 3) -> Path:
     """One row per unit, ranked by AUC, after '#' comment lines naming the label sources and the rule (skip
     lines starting with '#' to read it, e.g. pandas.read_csv(path, skiprows=<their count>)). Written
-    atomically; every cell goes through neurolens.files.csv_cell (no spreadsheet formula can run)."""
+    atomically; every cell goes through neurolens.storage.files.csv_cell (no spreadsheet formula can run)."""
     import csv
     import io
-    from ..files import csv_cell, write_text
+    from ..storage.files import csv_cell, write_text
     buffer = io.StringIO(newline="")
     for line in flags_header(result):
         buffer.write(line + "\n")
@@ -544,9 +544,9 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
     """One PNG panel per unit under `out` (default outputs/figures/), from the cached sweep (swept first if
     needed). Returns (path, panels.Figure) per unit. Blurred as blur_policy() says; raw pixels (blur=False)
     go to *_noblur.png. basis: an SAE basis draws its features (files ..._sae-<name>_feature<F>.png)."""
-    from ..datasets import ImageDataset, open_dataset
-    from ..files import save_png
-    from ..panels import PanelOptions, unit_panel
+    from ..datasets.dataset import ImageDataset, open_dataset
+    from ..storage.files import save_png
+    from ..display.panels import PanelOptions, unit_panel
     from ..types import RenderSettings
 
     cache = cache if isinstance(cache, Cache) else Cache(cache)
@@ -583,9 +583,9 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
     """Many units in one PNG: `units`, else the sweep's flagged units (flagged=True), else the `top` units by
     AUC; at most `top`. Feature visualizations are shown when cached (render_fv renders them). basis: an SAE
     basis draws its features (file ..._sae-<name>_grid_...png)."""
-    from ..datasets import ImageDataset, open_dataset
-    from ..files import save_png
-    from ..panels import PanelOptions, units_grid
+    from ..datasets.dataset import ImageDataset, open_dataset
+    from ..storage.files import save_png
+    from ..display.panels import PanelOptions, units_grid
     from ..types import RenderSettings
 
     if int(top) < 1:

@@ -21,11 +21,11 @@ from typing import Callable, List, Optional, Union
 
 import numpy as np
 
-from .. import text as textlib
+from ..text import encode as textlib
 from ..errors import NeurolensError
 from ..models import resolve_layer
-from ..store import Cache, Record, settings_key
-from ..vocab import Vocabulary, load_vocab
+from ..storage.cache import Cache, Record, settings_key
+from ..text.vocab import Vocabulary, load_vocab
 
 TEXT_VERSION = 1
 NEUTRAL_REFERENCE = "neutral-grey-0.5"

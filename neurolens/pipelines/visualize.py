@@ -9,11 +9,11 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..files import save_png
+from ..storage.files import save_png
 from ..labels.policy import BlurPolicy
 from ..models.layers import check_unit, resolve_layer
-from ..render import render, resolve_precision
-from ..store import Cache, Record, settings_key
+from ..render.loop import render, resolve_precision
+from ..storage.cache import Cache, Record, settings_key
 from ..types import RenderResult, RenderSettings
 
 KIND = "visualize"

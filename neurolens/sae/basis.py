@@ -16,7 +16,7 @@ For an SAE feature f (W_enc, b_enc, W_dec, b_dec in SAELens's layout, see model.
                            gradient everywhere, where z_f is flat zero outside the top k
   text direction           J W_dec[f] normalized: the derivative of the image embedding when the layer moves
                            along the feature's decoder direction on every cell, with J the Jacobian that gives
-                           the neurons' directions (neurolens.text)
+                           the neurons' directions (neurolens.text.encode)
 `load_basis` is the one call that turns `--sae NAME_OR_PATH` (or nothing: neurons) into a basis.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NeurolensError, UnitOutOfRangeError
-from ..objectives import Objective, unit_objective
+from ..render.objectives import Objective, unit_objective
 from ..types import LayerSpec
 from .model import SparseAutoencoder
 

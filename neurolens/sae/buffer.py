@@ -21,8 +21,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..datasets import ImageDataset
-from ..scan import image_batches, layer_forward
+from ..datasets.dataset import ImageDataset
+from ..engines.local import image_batches, layer_forward
 from ..types import LayerSpec
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..datasets import ImageDataset
-from ..hooks import inject
-from ..scan import image_batches, layer_forward
+from ..datasets.dataset import ImageDataset
+from ..activations.hooks import inject
+from ..engines.local import image_batches, layer_forward
 from ..types import LayerSpec
 from .buffer import cell_vectors
 from .model import SparseAutoencoder

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Tuple, Union
 
 from ..errors import NeurolensError
-from ..store import Cache
+from ..storage.cache import Cache
 from .io import CFG_NAME, WEIGHTS_NAME
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

@@ -1,7 +1,7 @@
 """The web app (Starlette): pages, blurred images, reveals and probes over one cache folder.
 
 Security model
-- Requests only read: pages and images come from cache records (neurolens.store); the only computation is
+- Requests only read: pages and images come from cache records (neurolens.storage.cache); the only computation is
   a probe's forward pass, which writes nothing.
 - Images are addressed as (layer id, kind, unit, number). A layer id is looked up in the index of the
   cache (unknown ids are 404), numbers are parsed as integers, and no part of a request is ever used as

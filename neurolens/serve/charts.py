@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..figures import crop_box
+from ..display.figures import crop_box
 from .records import Histogram
 
 HIST_WIDTH, HIST_HEIGHT = 320, 120      # SVG user units of the plot area

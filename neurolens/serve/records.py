@@ -1,5 +1,5 @@
 """What the web app and the static site know about the cache: which (model, layer, basis) it holds, and, per
-one of them, the records that pages show. Read-only: every read goes through neurolens.store.Cache, nothing
+one of them, the records that pages show. Read-only: every read goes through neurolens.storage.cache.Cache, nothing
 is written, and a missing or unreadable record is shown as "not computed", never as an error page.
 
 A basis is the layer's neurons or the features of one SAE (neurolens.sae.basis). Records of both live in the
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..store import Cache, _safe_segment, read_attrs
+from ..storage.cache import Cache, _safe_segment, read_attrs
 
 # kinds of records that a layer page can show; the layer exists in the app when any of them is cached
 KINDS = ("scan", "sweep", "text-rankings", "text-directions", "visualize", "top-maps")

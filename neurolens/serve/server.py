@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import NeurolensError
-from ..store import Cache
+from ..storage.cache import Cache
 from .records import LayerData, LayerEntry, index_cache
 
 DEFAULT_HOST = "127.0.0.1"

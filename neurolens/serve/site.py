@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import NeurolensError
-from ..files import OUT_OPTION, write_bytes
-from ..store import Cache
+from ..storage.files import OUT_OPTION, write_bytes
+from ..storage.cache import Cache
 from .images import LayerImages
 from .pages import STATIC, Pages
 from .records import sae_candidates
@@ -111,7 +111,7 @@ def _read_stamp(out: Path) -> Optional[dict]:
 
 
 class _Writer:
-    """Writes the site's files whole (neurolens.files: a full disk is one line, never half a file); the many
+    """Writes the site's files whole (neurolens.storage.files: a full disk is one line, never half a file); the many
     pages and images skip fsync, site.json (written last) is durable and marks the site complete."""
 
     def __init__(self, out: Path):

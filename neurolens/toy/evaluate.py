@@ -52,7 +52,7 @@ class ZeroShotReport:
 
 def _encode_texts(clip, texts: List[str]) -> torch.Tensor:
     """L2-normalized embeddings of texts (each distinct text encoded once, truncated like every text job)."""
-    from ..text import encode_texts
+    from ..text.encode import encode_texts
     unique = sorted(set(texts))
     table = dict(zip(unique, torch.from_numpy(encode_texts(clip, unique))))
     return torch.stack([table[t] for t in texts])
@@ -152,7 +152,7 @@ class FlagQuality:
 
 def planted_auc(maxima: np.ndarray, planted: np.ndarray) -> np.ndarray:
     """(U,) each unit's ROC AUC of planted against ordinary images (rows of maxima: images; NaN rows skipped)."""
-    from ..unit_stats import ExactAUC
+    from ..scoring.statistics import ExactAUC
     maxima = np.asarray(maxima, dtype=np.float32)
     stats = ExactAUC(maxima.shape[1])
     stats.add(maxima, np.asarray(planted, dtype=np.float64))

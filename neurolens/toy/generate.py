@@ -33,6 +33,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..data import NSFW_TERMS
+
 GENERATOR_VERSION = 2
 
 COLOURS = {
@@ -89,7 +91,7 @@ def style_of(name: str) -> Style:
 
 def planted_words() -> List[str]:
     """The lexicon words used in planted captions (neurolens/data/nsfw_terms.txt without wildcards)."""
-    path = Path(__file__).resolve().parent.parent / "data" / "nsfw_terms.txt"
+    path = NSFW_TERMS
     words = []
     for line in path.read_text().splitlines():
         word = line.split("#", 1)[0].strip().lower()
@@ -330,7 +332,7 @@ def write_dataset(out_dir: str | os.PathLike, settings: ToySettings = ToySetting
                 return parquet
         except (OSError, ValueError):
             pass
-    from ..files import CACHE_OPTION, atomic_path, save_png, write_text
+    from ..storage.files import CACHE_OPTION, atomic_path, save_png, write_text
     data = generate_pairs(settings.n, settings.size, settings.planted_share, settings.seed, progress=progress,
                           style=settings.style, caption_noise=settings.caption_noise)
     rel_paths = []

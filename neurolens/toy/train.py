@@ -99,7 +99,7 @@ def build_model(name: str, seed: int) -> torch.nn.Module:
 def encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """model.encode_text on tokens cut to their real length (exact under the causal mask), unnormalized,
     with gradients (training uses it)."""
-    from ..text import encode_tokens_truncated, pool_positions
+    from ..text.encode import encode_tokens_truncated, pool_positions
     return encode_tokens_truncated(model, tokens, pool_positions(model, tokens))
 
 
@@ -116,7 +116,7 @@ def load_pairs(source: str, image_column: str = "image", caption_column: str = "
     """(images uint8 (N,size,size,3), captions, skipped) from a parquet/CSV of image paths and captions.
 
     Image paths are relative to the table's folder. Unreadable images are skipped and counted."""
-    from ..datasets import BadImage, open_dataset, preprocess_array
+    from ..datasets.dataset import BadImage, open_dataset, preprocess_array
     dataset = open_dataset(source, image_column=image_column, caption_column=caption_column)
     if dataset.captions is None:
         raise DatasetError(f"{source} has no caption column {caption_column!r}; training needs captions: "

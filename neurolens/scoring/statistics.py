@@ -1,7 +1,7 @@
 """Per-unit statistics of activations against a binary image label, as MERGEABLE accumulators.
 
 Every accumulator has `add(values, labels)`, `merge(other)`, `state_dict()`, `load_state_dict(state)` and
-`result()`, in the style of neurolens.stats: a sweep can be split into shards (Ray workers, SAE feature
+`result()`, in the style of neurolens.activations.stats: a sweep can be split into shards (Ray workers, SAE feature
 blocks, resumed runs) whose accumulators are merged, and the result does not depend on how rows were split
 or ordered. `values` is (B, U) (one row per image, one column per unit: e.g. each image's spatial-max
 activation), `labels` is (B,) (>= 0.5 positive, < 0.5 negative, NaN unknown). Rows with an unknown label

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import NeurolensError
-from .hooks import forward_to, inject
-from .types import LayerSpec
+from ..errors import NeurolensError
+from ..activations.hooks import forward_to, inject
+from ..types import LayerSpec
 
 Progress = Optional[Callable[[int, int], None]]
 NEUTRAL_GREY = 0.5

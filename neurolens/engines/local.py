@@ -20,10 +20,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .datasets import BadImage, ImageDataset, preprocess_array
-from .hooks import StopForward, capture
-from .stats import MeanMap, Moments, TopK
-from .types import LayerSpec
+from ..datasets.dataset import BadImage, ImageDataset, preprocess_array
+from ..activations.hooks import StopForward, capture
+from ..activations.stats import MeanMap, Moments, TopK
+from ..types import LayerSpec
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -259,7 +259,7 @@ def scan_range(clip, spec: LayerSpec, dataset: ImageDataset, start: int = 0, sto
     `activations(acts (B,C,H,W)) -> (B,units,H,W)` (SAE features: neurolens.sae.basis); each gets its
     statistics in stats.bases[id] and its per-image maxima in BatchOutput.basis_maxima[id]."""
     if precision not in PRECISIONS:
-        from .errors import NeurolensError
+        from ..errors import NeurolensError
         raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
     stop = len(dataset) if stop is None else min(stop, len(dataset))
     batch_size = int(batch_size or default_batch_size(clip.device))

@@ -25,11 +25,11 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from ..datasets import (IdentityHash, ImageDataset, ShardListing, list_tar_shard, open_dataset, tar_description,
-                        tar_shards)
-from ..errors import DatasetError, NeurolensError
-from ..scan import ScanStats
-from ..store import Cache, Record, settings_key
+from ...datasets.dataset import (IdentityHash, ImageDataset, ShardListing, list_tar_shard, open_dataset,
+                                 tar_description, tar_shards)
+from ...errors import DatasetError, NeurolensError
+from ..local import ScanStats
+from ...storage.cache import Cache, Record, settings_key
 
 LISTING_VERSION = 1
 DEFAULT_SHARD_SIZE = 10_000  # items per shard when a folder or table is cut into slices

@@ -1,6 +1,6 @@
 """The HDF5 cache: a folder of small HDF5 records, each written whole or not at all.
 
-Every record is one .h5 file, built in memory and written by neurolens.files (a temporary name, fsync,
+Every record is one .h5 file, built in memory and written by neurolens.storage.files (a temporary name, fsync,
 os.replace), so a crash or kill -9 mid-write never damages a record that was there before, a reader never
 sees a half-written one, and a full disk ends the command with one line instead of a crash. Keys hash
 everything a result depends on (model fingerprint, layer, settings), so the same request reads the cache

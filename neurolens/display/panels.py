@@ -7,7 +7,7 @@ image's label: + positive, - negative, ? unknown), and the top texts with their 
 A grid is one row per unit: a feature visualization and the top crops.
 
 Blur: the caller's BlurPolicy (neurolens.labels.policy) decides for every tile; crops are judged on their
-whole source image. Blurring is done on the pixels before they are pasted (neurolens.blur), with a label
+whole source image. Blurring is done on the pixels before they are pasted (neurolens.labels.blur), with a label
 saying why. Nothing here runs the model when the sweep and the renders are cached (the policy keeps its
 detector and zero-shot scores in the cache).
 """
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .figures import crop_around_cell, fit_text, font
-from .labels.policy import BlurPolicy, blur_note
+from ..labels.policy import BlurPolicy, blur_note
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -133,7 +133,7 @@ def nsfw_lines(sweep, unit: int) -> List[Tuple[str, Tuple[int, int, int]]]:
 def unit_crops(sweep, dataset, unit: int, count: int, pixels: int, image_size: int):
     """(dataset index, activation, crop, source image) of the unit's top images, from the cached scan and the
     dataset files."""
-    from .datasets import BadImage, preprocess
+    from ..datasets.dataset import BadImage, preprocess
     scan = sweep.scan
     out = []
     for rank in range(min(count, scan.top_k)):

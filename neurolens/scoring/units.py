@@ -15,7 +15,7 @@ spatial-max activation of unit u (ScanResult.per_image_max()):
     flagged_u   = q_u <= max_q AND auc_u >= min_auc                     (defaults 0.01 and 0.8)
     text_flag_u = text_nsfw_share_u >= min_text_share                   (default 0.3; never `flagged`)
 
-(definitions of AUC, p and q: neurolens.unit_stats). Units are ranked by AUC, highest first. The
+(definitions of AUC, p and q: neurolens.scoring.statistics). Units are ranked by AUC, highest first. The
 statistics stream over the scan's chunk records: exact AUC when the kept rows fit `memory` bytes
 (ExactAUC.bytes_needed), else the binned estimate (BinnedAUC, edges from a sample of rows).
 """
@@ -26,8 +26,8 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import NeurolensError
-from .unit_stats import DEFAULT_BINS, ExactAUC, UnitLabelStats, quantile_edges
+from ..errors import NeurolensError
+from .statistics import DEFAULT_BINS, ExactAUC, UnitLabelStats, quantile_edges
 
 DEFAULT_AUC_MEMORY = 2 * 2 ** 30        # bytes the exact AUC may keep (20k images x 2560 units: 0.2 GB)
 EDGE_SAMPLE_ROWS = 8192                 # rows sampled for the binned path's quantile edges
@@ -183,7 +183,7 @@ def text_shares(text_nsfw: Optional[np.ndarray], units: int, rule: FlagRule) -> 
 
 def unit_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS,
                     progress: Optional[Callable[[int, int], None]] = None):
-    """neurolens.unit_stats.UnitStatsResult of every unit of the scan against the per-image labels (N,):
+    """neurolens.scoring.statistics.UnitStatsResult of every unit of the scan against the per-image labels (N,):
     exact when the scan's rows fit `memory` bytes, else binned with edges from a sample of the scan."""
     labels = np.asarray(labels, dtype=np.float64)
     units = int(scan.channels)

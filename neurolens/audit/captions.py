@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import DatasetError, NeurolensError
-from .safety import default_terms, read_list
+from ..errors import DatasetError, NeurolensError
+from ..labels.zero_shot import default_terms, read_list
 
 TEXT_COLUMN = "TEXT"
 URL_COLUMN = "URL"
@@ -259,7 +259,7 @@ def _run_with_progress(con, query: str, params: list, progress: Optional[Callabl
 def write_csv(result: AuditResult, path: str | os.PathLike) -> Path:
     """term,n_match,n_nsfw,pct_nsfw,nsfw_flag_counts (the last as a JSON object), one row per term."""
     import json
-    from .files import write_csv as write_rows
+    from ..storage.files import write_csv as write_rows
     rows = ([row.term, row.n_match, row.n_nsfw, None if row.pct_nsfw is None else float(f"{row.pct_nsfw:.6g}"),
              json.dumps(row.nsfw_flag_counts, ensure_ascii=False)] for row in result.terms)
     return write_rows(path, ["term", "n_match", "n_nsfw", "pct_nsfw", "nsfw_flag_counts"], rows, option="--csv")

@@ -35,17 +35,17 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import NeurolensError
+from ..data import NSFW_PROMPTS_SAFE, NSFW_PROMPTS_UNSAFE, NSFW_TERMS
+from ..errors import NeurolensError
 
 LOGIT_SCALE = 100.0
 IMAGE_NSFW_THRESHOLD = 0.5
 TEXT_NSFW_THRESHOLD = 0.5
 PAPER_TERM_COUNT = 7
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-UNSAFE_PROMPTS_FILE = DATA_DIR / "nsfw_prompts_unsafe.txt"
-SAFE_PROMPTS_FILE = DATA_DIR / "nsfw_prompts_safe.txt"
-TERMS_FILE = DATA_DIR / "nsfw_terms.txt"
+UNSAFE_PROMPTS_FILE = NSFW_PROMPTS_UNSAFE
+SAFE_PROMPTS_FILE = NSFW_PROMPTS_SAFE
+TERMS_FILE = NSFW_TERMS
 
 # Inflections a term may carry in mode="word" (sex -> sexy, sexual; porn -> porno, pornography; rape -> raped).
 _WORD_SUFFIXES = ("s", "es", "y", "ier", "iest", "ies", "ual", "ually", "uality", "o", "os", "ography",
@@ -110,7 +110,7 @@ _PROMPT_CACHE: Dict[Tuple[str, str], np.ndarray] = {}
 def encode_text_list(clip, texts: Sequence[str]) -> np.ndarray:
     """(N,D) float32 L2-normalized text embeddings: TEXT's encode_texts when present, else open_clip's."""
     try:
-        from .text import encode_texts  # truncated encoding, shared with the text rankings
+        from ..text.encode import encode_texts  # truncated encoding, shared with the text rankings
     except ImportError:
         encode_texts = None
     if encode_texts is not None:
@@ -160,7 +160,7 @@ def nsfw_scores_for_images(clip, pil_images: Sequence, prompts: Optional[Prompts
                            logit_scale: float = LOGIT_SCALE, batch_size: int = 64) -> np.ndarray:
     """(N,) zero-shot NSFW scores of PIL images (models.embed.image_embeddings: the model's own evaluation
     preprocessing and one full forward per batch)."""
-    from .models.embed import image_embeddings
+    from ..models.embed import image_embeddings
     pil_images = list(pil_images)
     if not pil_images:
         return np.zeros(0, np.float32)

@@ -104,6 +104,6 @@ OBJECTIVES = {"channel": channel, "neuron": neuron}
 
 def unit_objective(kind: str, layer: str, units: Sequence[int]) -> Objective:
     if kind not in OBJECTIVES:
-        from .errors import NeurolensError
+        from ..errors import NeurolensError
         raise NeurolensError(f"unknown objective {kind!r}; use one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[kind](layer, units)

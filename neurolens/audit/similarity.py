@@ -16,10 +16,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .datasets import BadImage, decode_image
-from .errors import DatasetError, NeurolensError
-from .figures import fit_text
-from .models.embed import image_embeddings
+from ..datasets.dataset import BadImage, decode_image
+from ..errors import DatasetError, NeurolensError
+from ..display.figures import fit_text
+from ..models.embed import image_embeddings
 
 LAION_THRESHOLD = 0.3
 SAMPLE_PREFIX = "sample:"
@@ -51,7 +51,7 @@ def builtin_caption(description: str) -> str:
 
 def load_image_ref(ref: str) -> LabeledImage:
     """'sample:NAME' (a built-in scikit-image sample) or a path to an image file."""
-    from .builtin import builtin_image
+    from ..datasets.builtin import builtin_image
     if ref.startswith(SAMPLE_PREFIX):
         return LabeledImage(ref, builtin_image(ref[len(SAMPLE_PREFIX):]), True)
     if not os.path.isfile(ref):
@@ -75,7 +75,7 @@ def read_image_file(path: str | os.PathLike) -> Image.Image:
 
 def builtin_pairs() -> Tuple[List[LabeledImage], List[str]]:
     """The built-in samples and their captions ('This is <description>'), in the same order."""
-    from .builtin import builtin_samples
+    from ..datasets.builtin import builtin_samples
     images, captions = [], []
     for name, image, description in builtin_samples():
         images.append(LabeledImage(SAMPLE_PREFIX + name, image, True))
@@ -191,8 +191,8 @@ def draw_similarity_matrix(
     the cosine printed in every cell, cells with cosine >= threshold outlined in red, and a legend line.
 
     `blur[i]`: why thumbnail i is blurred (the blur policy's reason; None: shown as it is). Blurring is done
-    on the written pixels (neurolens.blur) with the reason as its label."""
-    from .blur import maybe_blur
+    on the written pixels (neurolens.labels.blur) with the reason as its label."""
+    from ..labels.blur import maybe_blur
 
     n_img, n_cap = len(images), len(captions)
     if cosines.shape != (n_img, n_cap):
@@ -260,7 +260,7 @@ def similarity_matrix(clip, images: Sequence[LabeledImage], captions: Sequence[s
     as the blur policy says (neurolens.labels.policy: the detector, a trained model's zero-shot score, or
     blurred as not judged when nothing can judge them); the built-in samples as they are.
     blur_user_images=False shows raw pixels."""
-    from .labels.policy import BlurPolicy
+    from ..labels.policy import BlurPolicy
     cosines = cosine_matrix(clip, [im.image for im in images], list(captions), progress=progress)
     policy = BlurPolicy(blur_user_images, clip=clip, cache=cache)
     reasons = [policy.reason_image(None, None, im.image, bundled=im.builtin) for im in images]

@@ -44,7 +44,7 @@ def builtin_image(name: str) -> Image.Image:
     import skimage.data
 
     if name not in BUILTIN_DESCRIPTIONS:
-        from .errors import NeurolensError
+        from ..errors import NeurolensError
         raise NeurolensError(f"unknown built-in image {name!r}; choose one of {', '.join(builtin_names())}")
     array = np.asarray(getattr(skimage.data, name)())
     if array.dtype == bool:

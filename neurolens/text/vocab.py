@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
-from .errors import NeurolensError
+from ..errors import NeurolensError
 
 BUILTIN = "builtin"
 BUILTIN_VERSION = 1

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
-from .errors import NeurolensError
+from ..errors import NeurolensError
 
 OUT_OPTION = "--out"
 CACHE_OPTION = "--cache"

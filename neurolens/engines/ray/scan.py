@@ -35,9 +35,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import NeurolensError
-from ..models.load import weights_fingerprint
-from ..scan import ScanStats, decode_item_with_image, default_batch_size, layer_forward
+from ...errors import NeurolensError
+from ...models.load import weights_fingerprint
+from ..local import ScanStats, decode_item_with_image, default_batch_size, layer_forward
 from .shards import DEFAULT_SHARD_SIZE, DatasetPlan, PlannedShard, ShardStore
 
 # With this set before Ray starts, a local Ray takes 127.0.0.1 as its node address and every server it starts
@@ -527,8 +527,8 @@ class _ModelActor:
                  precision: str, keep_per_image: bool, labels=None):
         import ray
         import torch
-        from ..models import resolve_layer
-        from ..models.load import LoadedClip, resolve_device
+        from ...models import resolve_layer
+        from ...models.load import LoadedClip, resolve_device
         torch.set_num_threads(threads)
         if isinstance(model, ray.ObjectRef):  # Ray Data passes constructor arguments as they are
             model = ray.get(model)

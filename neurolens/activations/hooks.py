@@ -7,7 +7,7 @@ from typing import Dict, Iterator, Sequence
 
 import torch
 
-from .types import CAPTURE_INPUT, LayerSpec
+from ..types import CAPTURE_INPUT, LayerSpec
 
 
 class StopForward(Exception):

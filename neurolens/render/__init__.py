@@ -1,0 +1,1 @@
+"""Feature visualization: objectives, the Fourier parameterization and the optimization loop."""

@@ -1,0 +1,1 @@
+"""Scores of units against per-image labels: AUC, Mann-Whitney p, BH q, correlation, and the flag rule."""

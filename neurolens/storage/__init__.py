@@ -1,0 +1,1 @@
+"""Bytes on disk: whole-or-nothing file writes and the HDF5 cache store."""

@@ -1,0 +1,1 @@
+"""Text: vocabularies, the text encoder and unit directions in the joint embedding space."""
