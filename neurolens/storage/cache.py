@@ -16,9 +16,10 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import h5py
 import numpy as np
@@ -41,7 +42,6 @@ def settings_key(*parts: Any) -> str:
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
         return asdict(value)
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
@@ -72,8 +72,15 @@ class Cache:
         return self.root / _safe_segment(kind) / fingerprint[:16] / _safe_segment(layer) / f"{_safe_segment(key)}.h5"
 
     def folder(self, kind: str, fingerprint: str, layer: str) -> Path:
-        """The folder of a kind's non-HDF5 artifacts (e.g. SAEs) of one model and layer."""
+        """The folder of one kind's records (or non-HDF5 artifacts, e.g. SAEs) of one model and layer."""
         return self.root / _safe_segment(kind) / fingerprint[:16] / _safe_segment(layer)
+
+    def layer_records(self, kind: str, fingerprint: str, layer: str) -> List[Path]:
+        """Every record of `kind` of one model and layer, sorted by name (temporary files of a write skipped)."""
+        folder = self.folder(kind, fingerprint, layer)
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".") and p.is_file())
 
     def exists(self, path: Path) -> bool:
         return Path(path).is_file()
@@ -92,9 +99,7 @@ class Cache:
         if not path.is_file():
             return None
         try:
-            # records are immutable once renamed into place, so no HDF5 file lock is needed (and a lock can
-            # fail on read-only or network filesystems, which would make every read look like a miss)
-            with h5py.File(path, "r", locking=False) as handle:
+            with open_record(path) as handle:
                 if int(handle.attrs.get("schema_version", -1)) != SCHEMA_VERSION:
                     return None
                 attrs = json.loads(handle.attrs["attrs_json"])
@@ -151,6 +156,28 @@ def _dataset_names(handle: h5py.File) -> list:
     return names
 
 
-def read_attrs(path: Path) -> Mapping[str, Any]:
+@contextmanager
+def open_record(path: Path) -> Iterator[h5py.File]:
+    """The record file at `path`, open for reading: the ONE place neurolens opens an HDF5 file it reads (every
+    reader goes through here, so how a file is opened, and what is refused, is decided once).
+
+    Records are immutable once renamed into place, so no HDF5 file lock is taken (a lock can fail on read-only
+    or network filesystems, which would make every read look like a miss). Raises OSError when the file is
+    missing or not HDF5."""
     with h5py.File(path, "r", locking=False) as handle:
+        yield handle
+
+
+def read_attrs(path: Path) -> Mapping[str, Any]:
+    """A record's attributes without its arrays (raises OSError, KeyError or ValueError when unreadable)."""
+    with open_record(path) as handle:
         return json.loads(handle.attrs["attrs_json"])
+
+
+def written_at(path: Path) -> float:
+    """When the record was written (its `written_at` attribute, seconds since the epoch), 0.0 when unreadable."""
+    try:
+        with open_record(path) as handle:
+            return float(handle.attrs.get("written_at", 0.0))
+    except (OSError, ValueError, TypeError):
+        return 0.0
