@@ -36,7 +36,8 @@ __all__ += ["run_text", "TextRanking", "encode_texts", "unit_directions", "load_
 # dataset scans and samples
 from .datasets.dataset import ImageDataset, open_dataset  # noqa: E402
 from .pipelines.samples import run_samples  # noqa: E402
-from .pipelines.scan import ScanResult, run_scan  # noqa: E402
+from .pipelines.scan import run_scan  # noqa: E402
+from .records.scan import ScanResult  # noqa: E402
 from .engines.local import ScanStats, scan_shard  # noqa: E402
 
 __all__ += ["open_dataset", "ImageDataset", "run_scan", "ScanResult", "run_samples", "scan_shard", "ScanStats"]
@@ -70,7 +71,8 @@ __all__ += ["run_sae_train", "SaeTrainResult", "SaeTrainSettings", "load_basis",
 
 # the web app's data: activation maps of the top images, and the static site (the server itself is
 # neurolens.serve.server.serve, which needs the serve extra)
-from .pipelines.topmaps import TopMaps, run_top_maps  # noqa: E402
+from .pipelines.topmaps import run_top_maps  # noqa: E402
+from .records.maps import TopMaps  # noqa: E402
 from .serve.site import SiteResult, write_site  # noqa: E402
 
 __all__ += ["run_top_maps", "TopMaps", "write_site", "SiteResult"]

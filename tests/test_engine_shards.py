@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from neurolens.datasets.dataset import open_dataset
-from neurolens.engines.ray.shards import ShardStore, plan_dataset
+from neurolens.engines.ray.shards import plan_dataset
+from neurolens.records.shards import ShardStore
 from neurolens.engines.local import ScanStats
 from neurolens.storage.cache import Cache
 from neurolens.types import LayerSpec

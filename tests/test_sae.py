@@ -19,7 +19,7 @@ from neurolens.models import resolve_layer
 from neurolens.pipelines.sae import run_sae_train
 from neurolens.pipelines.scan import run_scan
 from neurolens.sae import SaeConfig, SparseAutoencoder, load_basis, load_sae, save_sae
-from neurolens.sae.io import CFG_NAME, WEIGHTS_NAME
+from neurolens.records.sae import CFG_NAME, WEIGHTS_NAME
 from neurolens.sae.train import SaeTrainSettings
 from neurolens.storage.cache import Cache
 from scan_data import write_images

@@ -125,13 +125,15 @@ def list_command(
     Example:  neurolens sae list --layer image_block_4_5
     """
     from ..models import resolve_layer
+    from ..records.keys import as_cache
+    from ..records.sae import sae_folder
     from ..sae.io import read_config
-    from ..sae.registry import as_cache, list_saes, sae_folder
+    from ..sae.registry import list_saes
     clip = model.load(quiet=as_json)
     spec = resolve_layer(clip, layer)
     rows = []
     for name in list_saes(clip, spec.name, cache):
-        folder = sae_folder(as_cache(cache), clip, spec.name, name)
+        folder = sae_folder(as_cache(cache), clip.fingerprint, spec.name, name)
         cfg = read_config(folder)
         info = (cfg.get("metadata") or {}).get("neurolens") or {}
         quality = info.get("quality") or {}

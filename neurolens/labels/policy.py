@@ -25,7 +25,7 @@ dataset image i shown for unit u (a crop or thumbnail of one of its top images; 
   Images that ship with neurolens (scikit-image's samples, `bundled=True`) are shown as they are.
 
 Detector and zero-shot scores are kept per pixel hash, in memory and (with a cache) in the cache
-(`nudenet/` and `fv-nsfw/` records), so drawing the same images again runs neither the detector nor the
+(neurolens.records.labels), so drawing the same images again runs neither the detector nor the
 model.
 
 `blur_all=True` (the web app before a reveal, the static site) blurs every image, with the reason the
@@ -41,8 +41,13 @@ from typing import Collection, Dict, Iterable, Optional, Set, Tuple
 import numpy as np
 from PIL import Image
 
+from ..errors import NeurolensError
+from ..records import labels as label_records
+from ..records.keys import NEURONS, as_cache, basis_id
+from ..storage.cache import _safe_segment
 from .blur import maybe_blur
 from . import nudenet
+from . import zero_shot as safety
 
 # A label at or above this counts as positive (labels are 0/1, or scores in [0, 1]).
 LABEL_POSITIVE = 0.5
@@ -56,12 +61,12 @@ def is_random(clip) -> bool:
     return clip is not None and str(getattr(clip, "pretrained", "")) == "none"
 
 
-def flagged_in_cache(cache, fingerprint: str, layer: str, basis: str = "neurons") -> Set[int]:
+def flagged_in_cache(cache, fingerprint: str, layer: str, basis: str = NEURONS) -> Set[int]:
     """Units flagged in ANY cached sweep of `layer` made with these weights (every dataset swept), of one
     basis: the neurons, or an SAE's features (basis id, neurolens.sae.basis; a sweep record's `basis` attr)."""
     if cache is None:
         return set()
-    folder = Path(cache.root) / "sweep" / fingerprint[:16] / _segment(layer)
+    folder = Path(cache.root) / "sweep" / fingerprint[:16] / _safe_segment(layer)
     flagged: Set[int] = set()
     if not folder.is_dir():
         return flagged
@@ -69,14 +74,9 @@ def flagged_in_cache(cache, fingerprint: str, layer: str, basis: str = "neurons"
         if path.name.startswith("."):
             continue
         record = cache.read(path, names=["flagged"])
-        if record is not None and "flagged" in record.arrays and record.attrs.get("basis", "neurons") == basis:
+        if record is not None and "flagged" in record.arrays and record.attrs.get("basis", NEURONS) == basis:
             flagged.update(int(u) for u in np.flatnonzero(np.asarray(record.arrays["flagged"], dtype=bool)))
     return flagged
-
-
-def _segment(text: str) -> str:
-    from ..storage.cache import _safe_segment
-    return _safe_segment(text)
 
 
 class BlurPolicy:
@@ -104,12 +104,10 @@ class BlurPolicy:
         """The policy for one layer: the caller's flagged units plus those of every cached sweep of it.
         `cache`: a store.Cache, a folder, or None for the default cache. basis: None for the neurons, or a basis
         of the layer (SAE features): its units are what `unit` means, and its sweeps give the flags."""
-        from ..models import resolve_layer
-        from ..storage.cache import Cache
-        cache = cache if isinstance(cache, Cache) else Cache(cache)
+        from ..models import resolve_layer  # lazy: models imports torch and open_clip; the CLI imports this module
+        cache = as_cache(cache)
         name = resolve_layer(clip, layer).name
-        basis_id = getattr(basis, "id", None) or "neurons"
-        found = flagged_in_cache(cache, clip.fingerprint, name, basis_id) if blur else set()
+        found = flagged_in_cache(cache, clip.fingerprint, name, basis_id(basis)) if blur else set()
         return cls(blur, clip=clip, cache=cache, flagged=set(flagged) | found, **options)
 
     # ------------------------------------------------------------------------------------- decisions
@@ -153,7 +151,6 @@ class BlurPolicy:
         return f"NudeNet {score:.2f}" if score is not None and score >= nudenet.FIRE_THRESHOLD else None
 
     def _zero_shot_reason(self, image: Image.Image) -> Optional[str]:
-        from . import zero_shot as safety
         score = self.zero_shot_score(image)
         return f"NSFW score {score:.2f}" if score is not None and score >= safety.IMAGE_NSFW_THRESHOLD else None
 
@@ -163,40 +160,38 @@ class BlurPolicy:
         """NudeNet's image-level score (labels.nudenet), or None when the detector is off or not installed."""
         if not self.detector:
             return None
-        from ..storage.cache import settings_key
-        return self._score("nudenet", settings_key("nudenet", nudenet.version()), image,
-                           lambda img: float(nudenet.image_scores([img])[0]))
+        detector_version = nudenet.version()
+        return self._score("detector", image, lambda img: float(nudenet.image_scores([img])[0]),
+                           lambda digest: label_records.detector_score_path(self.cache, detector_version, digest))
 
     def zero_shot_score(self, image: Image.Image) -> Optional[float]:
         """The inspected model's zero-shot NSFW score (neurolens.labels.zero_shot), or None when that branch is off
         (random weights, no model, or zero_shot=False)."""
         if not self.zero_shot:
             return None
-        from . import zero_shot as safety
         prompts = self.prompts or safety.load_prompts()
-        return self._score("fv-nsfw", self.clip.fingerprint, image,
+        return self._score("zero-shot", image,
                            lambda img: float(safety.nsfw_scores_for_images(self.clip, [img], prompts)[0]),
-                           prompts.identity, safety.LOGIT_SCALE)
+                           lambda digest: label_records.zero_shot_score_path(
+                               self.cache, self.clip.fingerprint, digest, prompts.identity, safety.LOGIT_SCALE))
 
-    def _score(self, kind: str, owner: str, image: Image.Image, compute, *identity) -> float:
-        """compute(image), kept per pixel hash in memory and, with a cache, in a `kind` record of `owner`."""
-        from ..errors import NeurolensError
-        from ..storage.cache import Record, settings_key
+    def _score(self, scorer: str, image: Image.Image, compute, path_of) -> float:
+        """compute(image), kept per pixel hash in memory and, with a cache, in the record path_of(pixel hash)."""
         digest = _pixel_digest(image)
-        if (kind, digest) in self._scores:
-            return self._scores[(kind, digest)]
+        if (scorer, digest) in self._scores:
+            return self._scores[(scorer, digest)]
         path = None
         if self.cache is not None:
-            path = self.cache.path(kind, owner, "images", settings_key(digest, *identity))
-            record = self.cache.read(path)
-            if record is not None and "score" in record.attrs:
-                self._scores[(kind, digest)] = float(record.attrs["score"])
-                return self._scores[(kind, digest)]
+            path = path_of(digest)
+            cached = label_records.read_score(self.cache, path)
+            if cached is not None:
+                self._scores[(scorer, digest)] = cached
+                return cached
         score = float(compute(image))
-        self._scores[(kind, digest)] = score
+        self._scores[(scorer, digest)] = score
         if path is not None:
             try:
-                self.cache.write(path, Record(arrays={}, attrs={"score": score}))
+                label_records.write_score(self.cache, path, score)
             except (NeurolensError, OSError):   # a score we cannot keep is computed again next time
                 pass
         return score

@@ -28,12 +28,16 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..datasets.dataset import BadImage, dataset_column
 from ..errors import NeurolensError
+from ..records import labels as label_records
+from . import nudenet
+from . import zero_shot as safety
+from .policy import is_random
 
 KINDS = ("captions", "column", "nudenet", "zero-shot")
 # Checked for agreement least trusted first, so a bad source never judges a better one.
 CHECK_ORDER = ("zero-shot", "nudenet", "captions", "column")
-NUDENET_CHUNK = 1024          # images per NudeNet cache record: an interrupted run keeps what it finished
 Progress = Optional[Callable[[int, int], None]]
 
 
@@ -130,7 +134,6 @@ def caption_matches(keys: Sequence[str], captions: Optional[Sequence[str]], term
                     mode: str = "word") -> np.ndarray:
     """(N,) bool: the caption (in `mode`) or the key, when it is a URL (always substring: URLs run words
     together, 'freexxxvideos.com'), contains one of `terms` (default: the paper's 7, safety.default_terms)."""
-    from . import zero_shot as safety
     keys = list(keys)
     matched = np.zeros(len(keys), dtype=bool)
     if captions is not None and mode != "off":
@@ -150,7 +153,6 @@ def captions_source(spec: LabelSpec, keys: Sequence[str], captions: Optional[Seq
                     terms: Optional[Sequence[str]] = None, mode: str = "word") -> LabelSource:
     """1 where the caption or URL matches a term (default: the whole lexicon), 0 where it does not, NaN
     where there is neither a caption nor a URL."""
-    from . import zero_shot as safety
     terms = list(terms) if terms is not None else safety.lexicon_terms()
     matched = caption_matches(keys, captions, terms, mode)
     scores = matched.astype(np.float32)
@@ -169,7 +171,6 @@ _FALSE = {"false", "no", "n", "f", "0", "negative"}
 
 def column_source(spec: LabelSpec, dataset) -> LabelSource:
     """The dataset column's values as labels (module docstring)."""
-    from ..datasets.dataset import dataset_column
     values = dataset_column(dataset, spec.column)
     scores = np.full(len(values), np.nan, dtype=np.float32)
     wanted = {v.lower() for v in spec.values}
@@ -197,30 +198,23 @@ def column_source(spec: LabelSpec, dataset) -> LabelSource:
 # -------------------------------------------------------------------------------------------- NudeNet
 
 def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optional[np.ndarray] = None) -> np.ndarray:
-    """(N,) NudeNet image scores of every dataset item (NaN for unreadable or skipped ones), cached in
-    chunk records of NUDENET_CHUNK images keyed by the dataset identity and the NudeNet version:
-
-        labels-nudenet/<dataset identity[:16]>/images/<key>-<first index>.h5    scores (n,) float32
-
-    so a second sweep (any layer, any model) does not run the detector again, and an interrupted run
-    keeps the chunks it finished."""
-    from importlib.metadata import version
-    from ..datasets.dataset import BadImage
-    from ..storage.cache import Record, settings_key
-    from . import nudenet
-
+    """(N,) NudeNet image scores of every dataset item (NaN for unreadable or skipped ones), cached in chunk
+    records of NUDENET_CHUNK images keyed by the dataset identity and the NudeNet version
+    (neurolens.records.labels), so a second sweep (any layer, any model) does not run the detector again, and
+    an interrupted run keeps the chunks it finished."""
     if not nudenet.available():
         raise NeurolensError("--labels nudenet needs the nudenet package; pip install nudenet==3.4.2")
     total = len(dataset)
     scores = np.full(total, np.nan, dtype=np.float32)
-    key = settings_key("nudenet", version("nudenet"), sorted(nudenet.EXPOSED), NUDENET_CHUNK)
+    detector_version = nudenet.version()
+    key = label_records.nudenet_chunk_key(detector_version, nudenet.EXPOSED)
     done = 0
-    for first in range(0, total, NUDENET_CHUNK):
-        last = min(total, first + NUDENET_CHUNK)
-        path = cache.path("labels-nudenet", dataset.identity, "images", f"{key}-{first}") if cache else None
-        record = cache.read(path) if path is not None else None
-        if record is not None and len(record.arrays.get("scores", ())) == last - first:
-            scores[first:last] = record.arrays["scores"]
+    for first in range(0, total, label_records.NUDENET_CHUNK):
+        last = min(total, first + label_records.NUDENET_CHUNK)
+        path = label_records.nudenet_chunk_path(cache, dataset.identity, key, first) if cache else None
+        cached = label_records.read_nudenet_chunk(cache, path, last - first) if path is not None else None
+        if cached is not None:
+            scores[first:last] = cached
         else:
             for i in range(first, last):
                 if skip is not None and skip[i]:
@@ -233,9 +227,8 @@ def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optiona
                 if progress is not None and (i + 1 - first) % 16 == 0:
                     progress(done + i + 1 - first, total)
             if path is not None:
-                cache.write(path, Record(arrays={"scores": scores[first:last]},
-                                         attrs={"first": first, "dataset": dataset.description,
-                                                "nudenet": version("nudenet")}))
+                label_records.write_nudenet_chunk(cache, path, scores[first:last], first, dataset.description,
+                                                  detector_version)
         done = last
         if progress is not None:
             progress(done, total)
@@ -244,7 +237,6 @@ def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optiona
 
 def nudenet_source(spec: LabelSpec, dataset, cache=None, progress: Progress = None,
                    skip: Optional[np.ndarray] = None) -> LabelSource:
-    from . import nudenet
     return LabelSource(spec, nudenet_scores(dataset, cache, progress, skip), nudenet.FIRE_THRESHOLD,
                        f"highest exposed-class confidence, fires at >= {nudenet.FIRE_THRESHOLD}")
 
@@ -255,8 +247,6 @@ def zero_shot_source(spec: LabelSpec, clip, embeddings: Optional[np.ndarray], pr
                      scorer=None) -> LabelSource:
     """The inspected model's zero-shot score of the scan's image embeddings (NaN rows: skipped items).
     scorer(clip, embeddings) -> (N,) replaces it (tests inject known scores)."""
-    from . import zero_shot as safety
-    from .policy import is_random
     if is_random(clip) and scorer is None:
         raise NeurolensError("zero-shot labels need trained weights: a random-weights model's zero-shot score "
                              "is noise; use --labels captions, column:NAME or nudenet")
@@ -283,8 +273,6 @@ def resolve_specs(named: Sequence[LabelSpec], auto: bool, *, has_captions: bool,
 
     auto adds (not explicit) captions when the dataset has captions, nudenet when installed (detector=None)
     and not turned off (detector=False), zero-shot when the model is trained (or a scorer is given)."""
-    from . import nudenet
-    from .policy import is_random
     specs = list(named)
     notes: List[str] = []
     kinds = {s.kind for s in specs}

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..storage.files import CACHE_OPTION, WriteError, ensure_folder, write_text
+from ..records.keys import as_cache
 from ..storage.cache import Cache, settings_key
 from ..toy.generate import ToySettings, planted_words, write_dataset
 from ..toy.train import TrainSettings
@@ -157,7 +158,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
     started = time.perf_counter()
     out = Path(out)
     ensure_folder(out)
-    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    cache = as_cache(cache)
     report = DemoReport(out=out, stages={name: Stage(name) for name in STAGES})
     state: dict = {}
 

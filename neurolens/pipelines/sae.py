@@ -1,6 +1,6 @@
 """Train an SAE on one layer of a model over a dataset, cache-or-compute, resumable.
 
-The SAE lands next to the cache, keyed by the model fingerprint and the layer (neurolens/sae/registry.py):
+The SAE lands next to the cache, keyed by the model fingerprint and the layer (neurolens/records/sae.py):
 
     <cache>/sae/<fingerprint[:16]>/<layer>/<name>/cfg.json, sae_weights.safetensors   SAELens's layout
     <cache>/sae/<fingerprint[:16]>/<layer>/<name>/checkpoint.pt                       while training
@@ -23,9 +23,10 @@ from ..errors import NeurolensError
 from ..models import resolve_layer
 from ..sae.basis import SaeBasis
 from ..sae.buffer import ActivationStream, split_images
-from ..sae.io import read_config, save_sae
+from ..records.keys import as_cache
+from ..records.sae import check_name, is_complete, sae_folder
+from ..sae.io import load_sae, read_config, save_sae
 from ..sae.quality import QualityReport, evaluate
-from ..sae.registry import as_cache, check_name, is_complete, sae_folder
 from ..sae.train import SPARSITIES, SaeTrainSettings, default_buffer_vectors, plan, resolve_features, resolved_lr, train_loop
 from ..engines.local import PRECISIONS, default_batch_size, default_workers
 from ..storage.cache import settings_key
@@ -109,7 +110,7 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
     _check(settings, d_sae, precision)
     key = train_key(clip, spec, dataset, settings, d_sae, precision)
     name = check_name(name or f"{settings.sparsity}-{d_sae}-k{settings.k}-{key[:8]}")
-    folder = sae_folder(cache, clip, spec.name, name)
+    folder = sae_folder(cache, clip.fingerprint, spec.name, name)
     checkpoint = folder / CHECKPOINT_NAME
 
     if is_complete(folder) and not force:
@@ -157,7 +158,6 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
 
 
 def _cached_result(clip, spec, folder: Path, name: str, settings: SaeTrainSettings, info: dict) -> SaeTrainResult:
-    from ..sae.io import load_sae
     q = info.get("quality") or {}
     quality = QualityReport(
         explained_variance=_num(q.get("explained_variance")), l0=_num(q.get("l0")),

@@ -17,7 +17,10 @@ from ..storage.files import save_png
 from ..display.figures import crop_around_cell, tile_grid
 from ..labels.policy import BlurPolicy, blur_note
 from ..models import check_unit, resolve_layer
-from .scan import ScanResult, run_scan
+from ..records.keys import as_basis
+from ..records.scan import ScanResult
+from ..records.visualize import unit_tag
+from .scan import run_scan
 
 CROP_PIXELS = 128
 GRID_COLUMNS = 8
@@ -61,7 +64,7 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
     crops are centred on the cell where the feature fired hardest, and the default file is
     outputs/samples/<layer>_sae-<name>_feature<F>.png."""
     spec = resolve_layer(clip, layer)
-    basis = None if basis is None or getattr(basis, "id", "neurons") == "neurons" else basis
+    basis = as_basis(basis)
     if basis is None:
         check_unit(spec, unit)
     else:
@@ -89,7 +92,7 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
     result.blur_note = blur_note(reasons, policy.blur)
     labels = [f"#{r['rank']}  {r['score']:.3g}" for r in rows]
     label = f"unit {unit}" if basis is None else basis.label(unit)
-    tag = f"unit{unit}" if basis is None else basis.tag(unit)
+    tag = unit_tag(unit, basis)
     title = f"{clip.name} {spec.name} {label}: top {len(rows)} of {scan.count} images"
     grid = tile_grid(crops, labels, columns=min(GRID_COLUMNS, len(crops)), title=title)
     path = Path(out) if out else Path("outputs") / "samples" / f"{spec.name}_{tag}.png"

@@ -1,15 +1,9 @@
 """Cache-or-compute text feature visualization for every unit of a layer at once.
 
-Cache records (one HDF5 file each; <fp> is the model fingerprint's first 16 hex digits):
-  text-embeddings/<fp>/text/<key>.h5     embeddings (N,D) float32 L2-normalized, one row per vocabulary
-                                         entry; key = (vocabulary identity, encoder version)
-  text-directions/<fp>/<layer>/<key>.h5  directions (C,D) float32, the unit directions; key = (layer's
-                                         capture point, reference identity, version). Reused by every
-                                         vocabulary and top-k.
-  text-rankings/<fp>/<layer>/<key>.h5    top_indices (C,k) int64 and top_scores (C,k) float32, best first;
-                                         key = (vocabulary identity, reference identity, top-k, version)
-A vocabulary's identity is a hash of its entries (same content, same cache, whatever the file name); a
-reference's identity is `neutral-grey-0.5` or `scan-mean-<hash of the mean map's bytes>`.
+Three records (neurolens.records.text): the vocabulary's text embeddings (per model), the layer's unit
+directions (per reference activation, reused by every vocabulary and top-k) and the ranking (per vocabulary,
+reference and top-k). A reference's identity is `neutral-grey-0.5` or `scan-mean-<hash of the mean map's
+bytes>`.
 """
 from __future__ import annotations
 
@@ -24,10 +18,11 @@ import numpy as np
 from ..text import encode as textlib
 from ..errors import NeurolensError
 from ..models import resolve_layer
-from ..storage.cache import Cache, Record, settings_key
+from ..records import text as text_records
+from ..records.keys import NEURONS, as_basis, as_cache, basis_id
+from ..storage.cache import Cache
 from ..text.vocab import Vocabulary, load_vocab
 
-TEXT_VERSION = 1
 NEUTRAL_REFERENCE = "neutral-grey-0.5"
 Progress = Optional[Callable[[int, int], None]]
 
@@ -48,17 +43,13 @@ class TextRanking:
     directions_cached: bool = False
     path: Optional[Path] = None
     timings: dict = field(default_factory=dict)
-    basis: str = "neurons"             # whose units: "neurons" or an SAE basis id (neurolens.sae.basis)
+    basis: str = NEURONS               # whose units: "neurons" or an SAE basis id (neurolens.sae.basis)
 
     def rows(self, unit: int, limit: Optional[int] = None) -> List[dict]:
         """JSON-able rows {unit, rank, score, text}, rank 1 = highest cosine."""
         count = self.top_indices.shape[1] if limit is None else min(limit, self.top_indices.shape[1])
         return [{"unit": int(unit), "rank": rank + 1, "score": float(self.top_scores[unit, rank]),
                  "text": self.entries[int(self.top_indices[unit, rank])]} for rank in range(count)]
-
-
-def _as_cache(cache: Union[Cache, str, None]) -> Cache:
-    return cache if isinstance(cache, Cache) else Cache(cache)
 
 
 def reference_identity(scan=None) -> str:
@@ -79,65 +70,48 @@ def text_embeddings(clip, vocab: Vocabulary, cache=None, force: bool = False, ba
                     progress: Progress = None) -> "tuple[np.ndarray, bool, Path]":
     """The vocabulary's (N,D) text embeddings from the cache, or encoded (truncated) and cached.
     Returns (embeddings, cached, record path)."""
-    cache = _as_cache(cache)
-    key = settings_key("text-embeddings", TEXT_VERSION, vocab.identity)
-    path = cache.path("text-embeddings", clip.fingerprint, "text", key)
+    cache = as_cache(cache)
+    path = text_records.embeddings_path(cache, clip.fingerprint, vocab.identity)
     if not force:
-        record = cache.read(path)
-        if record is not None and record.arrays.get("embeddings", np.empty(0)).shape[:1] == (len(vocab),):
+        embeddings = text_records.read_embeddings(cache, path, len(vocab))
+        if embeddings is not None:
             if progress is not None:
                 progress(len(vocab), len(vocab))
-            return record.arrays["embeddings"].astype(np.float32, copy=False), True, path
+            return embeddings, True, path
     embeddings = textlib.encode_texts(clip, vocab.entries, batch_size=batch_size, progress=progress)
-    cache.write(path, Record(arrays={"embeddings": embeddings},
-                             attrs={"vocab_identity": vocab.identity, "vocab_source": vocab.source,
-                                    "count": len(vocab), "model": clip.name, "fingerprint": clip.fingerprint}))
+    text_records.write_embeddings(cache, path, embeddings, vocab, clip)
     return embeddings, False, path
-
-
-def _basis_parts(basis) -> list:
-    """Extra key parts: none for the neurons (their keys stay what they always were), the basis id otherwise."""
-    return [] if basis is None else [basis.id]
 
 
 def _units(spec, basis) -> int:
     return spec.channels if basis is None else basis.units
 
 
-def _as_basis(basis):
-    return None if basis is None or getattr(basis, "id", "neurons") == "neurons" else basis
-
-
 def unit_directions_cached(clip, spec, scan=None, cache=None, force: bool = False,
                            progress: Progress = None, basis=None) -> "tuple[np.ndarray, bool]":
     """(U,D) unit directions at the reference (the scan's mean map, else the neutral image), cached.
     basis: None for the neurons; an SAE basis gives each feature's decoder direction through the same Jacobian."""
-    cache = _as_cache(cache)
-    basis = _as_basis(basis)
+    cache = as_cache(cache)
+    basis = as_basis(basis)
     ref_id = reference_identity(scan)
-    key = settings_key("text-directions", TEXT_VERSION, spec.hook_module, spec.capture, ref_id, *_basis_parts(basis))
-    path = cache.path("text-directions", clip.fingerprint, spec.name, key)
-    units = _units(spec, basis)
+    path = text_records.directions_path(cache, clip.fingerprint, spec, ref_id, basis)
     if not force:
-        record = cache.read(path)
-        if record is not None and record.arrays.get("directions", np.empty(0)).shape[:1] == (units,):
-            return record.arrays["directions"], True
+        directions = text_records.read_directions(cache, path, _units(spec, basis))
+        if directions is not None:
+            return directions, True
     reference_map = None if scan is None else scan.mean_map
     if basis is None:
         directions = textlib.unit_directions(clip, spec, reference_map=reference_map, progress=progress)
     else:
         jacobian = textlib.image_jacobian(clip, spec, reference_map, progress=progress)
         directions = np.asarray(basis.directions(jacobian), dtype=np.float32)
-    cache.write(path, Record(arrays={"directions": directions},
-                             attrs={"layer": spec.name, "reference": ref_id, "basis": basis.id if basis else "neurons",
-                                    "reference_description": reference_description(scan)}))
+    text_records.write_directions(cache, path, directions, spec.name, ref_id, reference_description(scan), basis)
     return directions, False
 
 
 def _ranking_path(clip, spec, vocab: Vocabulary, top_k: int, scan, cache: Cache, basis=None) -> Path:
-    key = settings_key("text-rankings", TEXT_VERSION, spec.hook_module, spec.capture, vocab.identity,
-                       reference_identity(scan), int(top_k), *_basis_parts(basis))
-    return cache.path("text-rankings", clip.fingerprint, spec.name, key)
+    return text_records.ranking_path(cache, clip.fingerprint, spec, vocab.identity, reference_identity(scan), top_k,
+                                     basis)
 
 
 def _prepare(clip, layer: str, vocab, top_k: int, scan):
@@ -153,21 +127,20 @@ def _prepare(clip, layer: str, vocab, top_k: int, scan):
 def _ranking(spec, vocab: Vocabulary, scan, path: Path, basis=None, **fields) -> TextRanking:
     return TextRanking(layer=spec.name, entries=vocab.entries, reference=reference_identity(scan),
                        reference_description=reference_description(scan), vocab_source=vocab.source,
-                       vocab_identity=vocab.identity, path=path, basis=basis.id if basis else "neurons", **fields)
+                       vocab_identity=vocab.identity, path=path, basis=basis_id(basis), **fields)
 
 
 def find_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k: int = 30, scan=None,
               cache=None, basis=None) -> Optional[TextRanking]:
     """The cached ranking for these settings, or None."""
     spec, vocab, top_k = _prepare(clip, layer, vocab, top_k, scan)
-    cache = _as_cache(cache)
-    basis = _as_basis(basis)
+    cache = as_cache(cache)
+    basis = as_basis(basis)
     path = _ranking_path(clip, spec, vocab, top_k, scan, cache, basis)
-    record = cache.read(path)
-    if record is None or record.arrays.get("top_indices", np.empty((0, 0))).shape != (_units(spec, basis), top_k):
+    found = text_records.read_ranking(cache, path, _units(spec, basis), top_k)
+    if found is None:
         return None
-    return _ranking(spec, vocab, scan, path, basis, top_indices=record.arrays["top_indices"].astype(np.int64),
-                    top_scores=record.arrays["top_scores"].astype(np.float32), cached=True,
+    return _ranking(spec, vocab, scan, path, basis, top_indices=found[0], top_scores=found[1], cached=True,
                     embeddings_cached=True, directions_cached=True)
 
 
@@ -182,8 +155,8 @@ def run_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k:
     new vocabulary reuses the directions and a new layer reuses the embeddings.
     basis: None for neurons, or a basis of the layer (neurolens.sae.load_basis) whose units are ranked."""
     spec, vocab, top_k = _prepare(clip, layer, vocab, top_k, scan)
-    cache = _as_cache(cache)
-    basis = _as_basis(basis)
+    cache = as_cache(cache)
+    basis = as_basis(basis)
     if not force:
         found = find_text(clip, spec.name, vocab, top_k, scan, cache, basis)
         if found is not None:
@@ -198,14 +171,8 @@ def run_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k:
     indices, scores = textlib.top_k_texts(directions, embeddings, top_k, device=clip.device)
     ranked = time.perf_counter()
     path = _ranking_path(clip, spec, vocab, top_k, scan, cache, basis)
-    # the ranked texts themselves, so readers of the cache (the web app, the static site) need no vocabulary
-    texts = np.asarray([[vocab.entries[int(i)] for i in row] for row in np.asarray(indices)], dtype=object)
-    cache.write(path, Record(arrays={"top_indices": indices, "top_scores": scores, "texts": texts},
-                             attrs={"layer": spec.name, "vocab_identity": vocab.identity, "vocab_source": vocab.source,
-                                    "basis": basis.id if basis else "neurons",
-                                    "reference": reference_identity(scan),
-                                    "reference_description": reference_description(scan),
-                                    "top_k": top_k, "count": len(vocab)}))
+    text_records.write_ranking(cache, path, indices, scores, top_k, spec.name, vocab, reference_identity(scan),
+                               reference_description(scan), basis)
     return _ranking(spec, vocab, scan, path, basis, top_indices=indices, top_scores=scores, cached=False,
                     embeddings_cached=embeddings_cached, directions_cached=directions_cached,
                     timings={"encode_s": encoded - started, "directions_s": directed - encoded,

@@ -5,19 +5,12 @@ One job after a scan: the union of all units' top-k images is run through the mo
 truncated forward as the scan, neurolens.engines.local.layer_forward), and for every (unit, rank) the unit's H x W
 map on that image is kept. With a basis (SAE features, neurolens.sae.load_basis) the units are its features
 and a map is the feature's activation on every cell: the basis applied to the layer's maps, exactly as the
-feature scan computed it. One record per scan record (a feature scan is a record of its own):
-
-    top-maps/<fp>/<layer>/<scan record name>.h5
-        maps (U, k, H, W) float32   (NaN where the slot is empty or the image can no longer be read)
-        attrs: scan_record, layer, basis, grid, top_k, images (the union's size), unreadable, mismatched
-               (slots whose map maximum differs from the scan's top value: the file changed since the scan)
+feature scan computed it. One record per scan record (neurolens.records.maps).
 
 The scan's images are found again from its record (its `keys`), so no --dataset is needed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,26 +20,12 @@ from ..datasets.dataset import ImageDataset, dataset_from_keys
 from ..errors import NeurolensError
 from ..models import resolve_layer
 from ..engines.local import batches, default_batch_size, default_workers, layer_forward
-from ..serve.records import top_maps_path
-from ..storage.cache import Cache, Record, read_attrs
+from ..records.keys import NEURONS, as_basis, as_cache, basis_id
+from ..records.maps import TopMaps, read_top_maps, top_maps_path, write_top_maps
+from ..records.scan import newest_scan
 
 Progress = Optional[Callable[[int, int], None]]
-NEURONS = "neurons"
 MISMATCH_TOLERANCE = 1e-3      # relative to the unit's top value: more than float rounding between forwards
-
-
-@dataclass
-class TopMaps:
-    maps: np.ndarray          # (U, k, H, W) float32
-    path: Path
-    images: int               # distinct images run
-    unreadable: int
-    mismatched: int
-    cached: bool
-
-
-def _basis_id(basis) -> str:
-    return NEURONS if basis is None else str(getattr(basis, "id", NEURONS))
 
 
 class _Subset:
@@ -62,28 +41,6 @@ class _Subset:
         return self.dataset.load(self.indices[position])
 
 
-def newest_scan(clip, layer: str, cache: Cache, basis=None):
-    """The newest finished scan of `layer` with these weights in the cache, of the neurons (basis None) or of
-    `basis`'s units, or None."""
-    from .scan import _result_from_record
-    spec = resolve_layer(clip, layer)
-    wanted = _basis_id(basis)
-    folder = cache.path("scan", clip.fingerprint, spec.name, "x").parent
-    best = None
-    for path in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
-        if path.name.startswith("."):
-            continue
-        try:
-            attrs = read_attrs(path)          # attrs first: only the chosen record's arrays are read
-        except (OSError, KeyError, ValueError):
-            continue
-        if not attrs.get("complete") or str(attrs.get("basis", NEURONS)) != wanted:
-            continue
-        if best is None or path.stat().st_mtime > best[0]:
-            best = (path.stat().st_mtime, path)
-    return None if best is None else _result_from_record(cache.read(best[1]), cache, clip, spec)
-
-
 def run_top_maps(clip, layer: str, scan=None, dataset: Optional[ImageDataset] = None, cache=None,
                  force: bool = False, batch_size: Optional[int] = None, workers: Optional[int] = None,
                  progress: Progress = None, basis=None) -> TopMaps:
@@ -92,26 +49,24 @@ def run_top_maps(clip, layer: str, scan=None, dataset: Optional[ImageDataset] = 
     scan: a ScanResult (default: the newest cached scan of the layer and basis); dataset: its dataset
     (default: read again from the scan's keys); basis: None for the neurons, or a basis of the layer
     (neurolens.sae.load_basis) whose units' maps are wanted (the scan must be of that basis)."""
-    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    cache = as_cache(cache)
     spec = resolve_layer(clip, layer)
-    basis = None if _basis_id(basis) == NEURONS else basis
-    scan = scan if scan is not None else newest_scan(clip, spec.name, cache, basis)
+    basis = as_basis(basis)
+    scan = scan if scan is not None else newest_scan(cache, clip.fingerprint, spec.name, basis)
     if scan is None:
         option = "" if basis is None else f" --sae {basis.name}"
         raise NeurolensError(f"no finished scan of {spec.name}{option} with these weights in {cache.root}; "
                              f"run `neurolens scan --layer {spec.name}{option}` first")
-    if str(getattr(scan, "basis", NEURONS)) != _basis_id(basis):
-        raise NeurolensError(f"the scan holds the units of {scan.basis}, not of {_basis_id(basis)}; pass the scan "
+    if str(getattr(scan, "basis", NEURONS)) != basis_id(basis):
+        raise NeurolensError(f"the scan holds the units of {scan.basis}, not of {basis_id(basis)}; pass the scan "
                              f"of the same basis")
     path = top_maps_path(cache, clip.fingerprint, spec.name, scan.path)
     if not force:
-        record = cache.read(path)
-        if record is not None and record.arrays["maps"].shape[:2] == scan.top_indices.shape:
-            attrs = record.attrs
+        found = read_top_maps(cache, path, scan.top_indices.shape)
+        if found is not None:
             if progress:
-                progress(int(attrs["images"]), int(attrs["images"]))
-            return TopMaps(record.arrays["maps"], path, int(attrs["images"]), int(attrs["unreadable"]),
-                           int(attrs["mismatched"]), cached=True)
+                progress(found.images, found.images)
+            return found
     dataset = dataset if dataset is not None else dataset_from_keys(scan.keys, scan.description)
     if len(dataset) != len(scan.keys):
         raise NeurolensError(f"the dataset has {len(dataset)} items but the scan had {len(scan.keys)}; "
@@ -154,10 +109,5 @@ def run_top_maps(clip, layer: str, scan=None, dataset: Optional[ImageDataset] = 
     filled = np.isfinite(peaks) & (top >= 0)
     scale = np.maximum(np.abs(np.asarray(scan.top_values, dtype=np.float64)), 1.0)
     mismatched = int((np.abs(peaks - scan.top_values)[filled] > MISMATCH_TOLERANCE * scale[filled]).sum())
-    attrs = {"scan_record": Path(scan.path).name, "layer": spec.name, "basis": _basis_id(basis),
-             "grid": [height, width], "top_k": int(k),
-             "images": int(len(images)), "unreadable": int(unreadable), "mismatched": mismatched,
-             "model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint}
-    cache.write(path, Record(arrays={"maps": maps}, attrs=attrs))
-    return TopMaps(maps, path, int(len(images)), int(unreadable), mismatched, cached=False)
+    return write_top_maps(cache, path, maps, clip, spec.name, scan.path, basis, len(images), unreadable, mismatched)
 

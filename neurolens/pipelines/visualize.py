@@ -1,4 +1,5 @@
-"""Feature visualizations, cache-or-compute: one HDF5 record per (model, layer, unit, settings)."""
+"""Feature visualizations, cache-or-compute: one HDF5 record per (model, layer, unit, settings)
+(neurolens.records.visualize)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,11 +13,12 @@ from PIL import Image
 from ..storage.files import save_png
 from ..labels.policy import BlurPolicy
 from ..models.layers import check_unit, resolve_layer
+from ..records.keys import as_basis, as_cache
+from ..records.visualize import record_path, unit_tag, visualization_record
 from ..render.loop import render, resolve_precision
-from ..storage.cache import Cache, Record, settings_key
+from ..storage.cache import Cache, Record
 from ..types import RenderResult, RenderSettings
 
-KIND = "visualize"
 DEFAULT_OUT = Path("outputs") / "visualize"
 MAX_BATCH_IMAGES = 16  # (unit, seed) images optimized together; more units are done in further batches
 
@@ -29,23 +31,6 @@ def resolved_settings(clip, settings: RenderSettings) -> RenderSettings:
         seeds=tuple(int(s) for s in settings.seeds),
         precision=resolve_precision(settings.precision, clip.device),
     )
-
-
-def _is_neurons(basis) -> bool:
-    return basis is None or getattr(basis, "id", "neurons") == "neurons"
-
-
-def unit_tag(unit: int, basis=None) -> str:
-    """How file names name a unit: unit<U>, or sae-<name>_feature<F> for an SAE basis."""
-    return f"unit{int(unit)}" if _is_neurons(basis) else basis.tag(unit)
-
-
-def record_path(cache: Cache, clip, layer: str, unit: int, settings: RenderSettings, basis=None) -> Path:
-    parts = [clip.fingerprint, layer, unit, dataclasses.asdict(settings)]
-    if not _is_neurons(basis):   # neuron records keep the key they always had
-        parts.append(basis.id)
-    key = settings_key(*parts)
-    return cache.path(KIND, clip.fingerprint, layer, f"{unit_tag(unit, basis)}_{key}")
 
 
 def _result_from_record(record: Record, layer: str, unit: int, settings: RenderSettings, clip) -> RenderResult:
@@ -67,9 +52,9 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
     *_noblur.png files. `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur).
     basis: None for neurons, or a basis of the layer (neurolens.sae.load_basis): `units` are then its
     features, the objective is the feature's pre-TopK encoder activation, and keys and file names say so."""
-    cache = cache or Cache()
+    cache = as_cache(cache)
     spec = resolve_layer(clip, layer)
-    basis = None if _is_neurons(basis) else basis
+    basis = as_basis(basis)
     units = list(dict.fromkeys(int(u) for u in units))
     for unit in units:
         if basis is None:
@@ -101,15 +86,8 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
         seeds = len(settings.seeds)
         for position, unit in enumerate(batch):
             rows = slice(position * seeds, (position + 1) * seeds)
-            record = Record(
-                arrays={"images": output.images[rows], "activations": output.activations[rows],
-                        "curve": output.curve[:, rows]},
-                attrs={"model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint,
-                       "layer": spec.name, "module": spec.module, "unit": unit,
-                       "basis": basis.id if basis is not None else "neurons",
-                       "settings": dataclasses.asdict(settings), "batch_units": batch,
-                       "seconds_for_batch": elapsed, "created": time.time()},
-            )
+            record = visualization_record(clip, spec, unit, settings, output.images[rows],
+                                          output.activations[rows], output.curve[:, rows], batch, elapsed, basis)
             cache.write(record_path(cache, clip, spec.name, unit, settings, basis), record)
             results[unit] = RenderResult(layer=spec.name, unit=unit, seeds=settings.seeds,
                                          images=record.arrays["images"], activations=record.arrays["activations"],

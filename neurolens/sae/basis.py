@@ -30,11 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NeurolensError, UnitOutOfRangeError
+from ..models import resolve_layer
+from ..records.keys import NEURONS, as_cache
+from ..records.sae import sae_folder
+from ..records.visualize import unit_tag
 from ..render.objectives import Objective, unit_objective
 from ..types import LayerSpec
+from .io import load_sae, read_config
 from .model import SparseAutoencoder
-
-NEURONS = "neurons"
+from .registry import list_saes, locate
 
 
 class NeuronBasis:
@@ -60,7 +64,7 @@ class NeuronBasis:
         return F.normalize(torch.as_tensor(jacobian).float().t(), dim=-1).numpy()
 
     def tag(self, unit: int) -> str:
-        return f"unit{int(unit)}"
+        return unit_tag(unit)
 
     def label(self, unit: int) -> str:
         return f"unit {int(unit)}"
@@ -144,7 +148,7 @@ class SaeBasis:
     # ----------------------------------------------------------------------------------- naming
 
     def tag(self, unit: int) -> str:
-        return f"sae-{self.name}_feature{int(unit)}"
+        return unit_tag(unit, self)
 
     def label(self, unit: int) -> str:
         return f"feature {int(unit)} of SAE {self.name}"
@@ -190,7 +194,6 @@ def load_basis(clip, layer: str, sae: Union[None, str, Path, SparseAutoencoder, 
     layer (`neurolens sae train --out NAME`); a path -> an SAE folder made anywhere (SAELens or Prisma layout);
     a SparseAutoencoder -> its features (named `name`). Raises NeurolensError with one line when the SAE is
     missing or does not fit the layer."""
-    from ..models import resolve_layer
     spec = resolve_layer(clip, layer)
     if sae is None or isinstance(sae, NeuronBasis):
         return NeuronBasis(spec)
@@ -200,8 +203,6 @@ def load_basis(clip, layer: str, sae: Union[None, str, Path, SparseAutoencoder, 
         return sae
     if isinstance(sae, SparseAutoencoder):
         return SaeBasis(sae.to(clip.device), name or "custom", spec)
-    from .io import load_sae
-    from .registry import locate
     path, found_name, _ = locate(clip, spec.name, str(sae), cache)
     model = load_sae(path, device=clip.device)
     return SaeBasis(model, name or found_name, spec, path)
@@ -211,14 +212,11 @@ def available_bases(clip, layer: str, cache=None) -> list:
     """What a page can offer for `layer`: the neurons, then every SAE trained for this model and layer, as
     JSON-able dicts {sae (the value for load_basis / --sae; None for neurons), kind, name, units, label,
     quality}. Reads only the SAEs' cfg.json files (no weights)."""
-    from ..models import resolve_layer
-    from .io import read_config
-    from .registry import as_cache, list_saes, sae_folder
     spec = resolve_layer(clip, layer)
     rows = [{"sae": None, "kind": NEURONS, "name": "", "units": spec.channels, "label": f"{spec.channels} neurons",
              "quality": None}]
     for name in list_saes(clip, spec.name, cache):
-        cfg = read_config(sae_folder(as_cache(cache), clip, spec.name, name))
+        cfg = read_config(sae_folder(as_cache(cache), clip.fingerprint, spec.name, name))
         info = (cfg.get("metadata") or {}).get("neurolens") or {}
         rows.append({"sae": name, "kind": "sae", "name": name, "units": cfg.get("d_sae"),
                      "label": f"SAE {name}: {cfg.get('d_sae')} features, k={cfg.get('k')}",

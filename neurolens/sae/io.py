@@ -24,16 +24,18 @@ import json
 import os
 import re
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ..errors import NeurolensError
+from ..records.sae import CFG_NAME, WEIGHTS_NAME
 from .model import SaeConfig, SparseAutoencoder
 
-CFG_NAME = "cfg.json"
-WEIGHTS_NAME = "sae_weights.safetensors"
 PRISMA_CFG_NAME = "config.json"
 SAELENS_FORMAT_VERSION = "6.0.0"   # the cfg.json layout written (SAELens reads metadata.sae_lens_version)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,7 +45,6 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 
 def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
     """Write `sae` to `folder` in SAELens's layout; returns the folder. metadata is merged into cfg.json's."""
-    from safetensors.torch import save_file
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
         return asdict(value)
     raise TypeError(f"cannot write {type(value).__name__} to cfg.json")
 
@@ -138,8 +138,6 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Spa
 
 def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:

@@ -1,53 +1,21 @@
-"""Where SAEs live: next to the cache, keyed by the model fingerprint and the layer,
-
-    <cache root>/sae/<model fingerprint[:16]>/<layer>/<name>/cfg.json, sae_weights.safetensors
-
-and how `--sae NAME_OR_PATH` finds one: an existing path is read as an SAE folder (or weights file) made
-anywhere, SAELens's or Prisma's included; anything else is a name under this model and layer."""
+"""How `--sae NAME_OR_PATH` finds an SAE: a name of an SAE trained for this model and layer (kept beside the
+cache, keyed by the weights fingerprint and the layer: neurolens.records.sae), else an existing path, read as
+an SAE folder (or weights file) made anywhere, SAELens's or Prisma's included."""
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import List, Tuple, Union
+from typing import List, Tuple
 
 from ..errors import NeurolensError
-from ..storage.cache import Cache
-from .io import CFG_NAME, WEIGHTS_NAME
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-KIND = "sae"
-
-
-def as_cache(cache: Union[Cache, str, os.PathLike, None]) -> Cache:
-    return cache if isinstance(cache, Cache) else Cache(cache)
-
-
-def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(str(name)):
-        raise NeurolensError(f"SAE name {name!r} is not usable: use letters, digits, '.', '_' and '-' "
-                             f"(at most 100), starting with a letter or digit")
-    return str(name)
-
-
-def layer_folder(cache: Cache, clip, layer: str) -> Path:
-    return cache.folder(KIND, clip.fingerprint, layer)
-
-
-def sae_folder(cache: Cache, clip, layer: str, name: str) -> Path:
-    return layer_folder(cache, clip, layer) / check_name(name)
-
-
-def is_complete(folder: Path) -> bool:
-    return (folder / CFG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+from ..records.keys import as_cache
+from ..records.sae import NAME_PATTERN, is_complete, saved_names, sae_folder
 
 
 def list_saes(clip, layer: str, cache=None) -> List[str]:
     """Names of the finished SAEs of this model and layer."""
-    folder = layer_folder(as_cache(cache), clip, layer)
-    if not folder.is_dir():
-        return []
-    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and is_complete(entry))
+    return saved_names(as_cache(cache), clip.fingerprint, layer)
 
 
 def locate(clip, layer: str, sae: str, cache=None) -> Tuple[Path, str, bool]:
@@ -57,7 +25,7 @@ def locate(clip, layer: str, sae: str, cache=None) -> Tuple[Path, str, bool]:
     path = Path(text).expanduser()
     looks_like_path = os.sep in text or text.startswith(".") or path.suffix in (".safetensors", ".pt")
     if not looks_like_path and NAME_PATTERN.match(text):
-        folder = sae_folder(as_cache(cache), clip, layer, text)
+        folder = sae_folder(as_cache(cache), clip.fingerprint, layer, text)
         if is_complete(folder):
             return folder, text, True
     if path.exists():
@@ -66,7 +34,7 @@ def locate(clip, layer: str, sae: str, cache=None) -> Tuple[Path, str, bool]:
     if looks_like_path or not NAME_PATTERN.match(text):
         raise NeurolensError(f"no SAE at {text}: the path does not exist (give an SAE folder with cfg.json, or a "
                              f"name from `neurolens sae list`)")
-    folder = sae_folder(as_cache(cache), clip, layer, text)
+    folder = sae_folder(as_cache(cache), clip.fingerprint, layer, text)
     known = list_saes(clip, layer, cache)
     hint = f"SAEs of this model and layer: {', '.join(known)}" if known else \
         f"none is trained for this model and layer yet; run `neurolens sae train --layer {layer} ...`"

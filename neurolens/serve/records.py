@@ -25,23 +25,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..storage.cache import Cache, _safe_segment, read_attrs
+from ..records.keys import NEURONS
+from ..records.maps import top_maps_path
+from ..storage.cache import Cache, _safe_segment, read_attrs, written_at
 
 # kinds of records that a layer page can show; the layer exists in the app when any of them is cached
 KINDS = ("scan", "sweep", "text-rankings", "text-directions", "visualize", "top-maps")
 SAE_KIND = "sae"           # where neurolens.sae.registry keeps trained SAEs
-TOP_MAPS_KIND = "top-maps"
 HISTOGRAM_BINS = 40
-
-
-def top_maps_path(cache: Cache, fingerprint: str, layer: str, scan_path: Path) -> Path:
-    """Where the activation maps of a scan's top-k images are stored: one record per scan record."""
-    return cache.path(TOP_MAPS_KIND, fingerprint, layer, Path(scan_path).stem)
 
 
 # ------------------------------------------------------------------------------------------- the index
 
-NEURONS = "neurons"
 BASIS_SEPARATOR = "~"       # in a layer id, between the layer and an SAE basis (never in a layer folder name)
 
 
@@ -370,7 +365,7 @@ class LayerData:
             record = self.cache.read(path, names=names)
             if record is None or not accept(record):
                 continue
-            written = _written_at(path)
+            written = written_at(path)
             if best is None or written > best[0]:
                 best = (written, record)
         return best[1] if best else None
@@ -729,15 +724,6 @@ def _chunk_maxima(cache: Cache, chunk_paths: Sequence[Path]):
         record = cache.read(path, names=["maxima"])
         if record is not None and record.arrays["maxima"].size:
             yield np.asarray(record.arrays["maxima"], dtype=np.float64)
-
-
-def _written_at(path: Path) -> float:
-    try:
-        import h5py
-        with h5py.File(path, "r") as handle:
-            return float(handle.attrs.get("written_at", 0.0))
-    except OSError:
-        return 0.0
 
 
 def _first(mapping: dict, *names: str) -> Optional[float]:

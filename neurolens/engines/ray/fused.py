@@ -26,6 +26,7 @@ import numpy as np
 
 from ...errors import DatasetError, NeurolensError
 from ...labels.sources import LabelSource, LabelSpec, captions_source, column_source
+from ...records.shards import ShardStore
 
 FUSED_BINS = 128          # binned-AUC edges of a fused sweep: per-call counts stay small to ship
 YES_NO_THRESHOLD = 0.5    # captions and column sources score 0/1 (or a column's own number): positive at 0.5
@@ -333,7 +334,6 @@ def fused_pass(session, clip, spec, plan, cache, key: str, labels: LabelPlan, *,
     first the shards that hold the first `warmup` items (their per-image maxima kept), then, with the
     sources, doubt thresholds and AUC edges decided on them, the rest. Both parts are resumable by shard."""
     from ...labels.reliability import LabelSet
-    from .shards import ShardStore
     warm, items = [], 0
     for shard in plan.shards:
         if items >= warmup and warm:

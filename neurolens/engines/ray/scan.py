@@ -38,7 +38,8 @@ import numpy as np
 from ...errors import NeurolensError
 from ...models.load import weights_fingerprint
 from ..local import ScanStats, decode_item_with_image, default_batch_size, layer_forward
-from .shards import DEFAULT_SHARD_SIZE, DatasetPlan, PlannedShard, ShardStore
+from ...records.shards import ShardStore
+from .shards import DEFAULT_SHARD_SIZE, DatasetPlan, PlannedShard
 
 # With this set before Ray starts, a local Ray takes 127.0.0.1 as its node address and every server it starts
 # (GCS, raylet, object manager, workers) listens on loopback only; otherwise they listen on all interfaces.
