@@ -34,7 +34,8 @@ from .text.vocab import Vocabulary, load_vocab  # noqa: E402
 __all__ += ["run_text", "TextRanking", "encode_texts", "unit_directions", "load_vocab", "Vocabulary"]
 
 # dataset scans and samples
-from .datasets.dataset import ImageDataset, open_dataset  # noqa: E402
+from .datasets.types import ImageDataset  # noqa: E402
+from .datasets.open import open_dataset  # noqa: E402
 from .pipelines.samples import run_samples  # noqa: E402
 from .pipelines.scan import ScanResult, run_scan  # noqa: E402
 from .engines.local import ScanStats, scan_shard  # noqa: E402

@@ -16,7 +16,7 @@ For each model (a small one and RN50x4, random weights, at small N) on the same 
   <m>_laion400m_actor_hours   413e6 / ray1_stream_img_s / 3600: EXTRAPOLATED hours for LAION-400M per
                           actor (divide by the number of GPUs/actors; assumes decode keeps up)
   <m>_decode_img_s_per_core   images/s one CPU core decodes and preprocesses to the model's input size
-                          (scan.decode_item, process time, the same JPEGs): CPU cores a GPU needs =
+                          (datasets.decode.decode_item, process time, the same JPEGs): CPU cores a GPU needs =
                           its stream rate / this
   merge_ms                driver CPU time to merge one actor call's partial result of the large model's
                           layer (what caps the total rate at rows-per-call / merge_ms)
@@ -120,8 +120,8 @@ def run_child(args, model: str, layer: str, data: Path, cache: Path, engine: str
 
 def decode_rate(data: Path, image_size: int, items: int = 64) -> float:
     """Images/s of decode + preprocess on one core (process time of this single-threaded loop)."""
-    from neurolens.datasets.dataset import list_tar_shard
-    from neurolens.engines.local import decode_item
+    from neurolens.datasets.tar import list_tar_shard
+    from neurolens.datasets.decode import decode_item
     dataset = list_tar_shard(str(sorted(data.glob("*.tar"))[0])).dataset()
     count = min(items, len(dataset))
     start = time.process_time()

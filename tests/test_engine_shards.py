@@ -3,7 +3,7 @@ group records come back on a rerun, each shard once."""
 import numpy as np
 import torch
 
-from neurolens.datasets.dataset import open_dataset
+from neurolens.datasets.open import open_dataset
 from neurolens.engines.ray.shards import ShardStore, plan_dataset
 from neurolens.engines.local import ScanStats
 from neurolens.storage.cache import Cache

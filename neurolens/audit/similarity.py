@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..datasets.dataset import BadImage, decode_image
+from ..datasets.decode import BadImage, decode_image
 from ..errors import DatasetError, NeurolensError
 from ..display.figures import fit_text
 from ..models.embed import image_embeddings

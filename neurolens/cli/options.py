@@ -163,7 +163,7 @@ class DatasetChoice:
 
     def open(self):
         """The ImageDataset (a bad path or table: one line, exit 2)."""
-        from ..datasets.dataset import open_dataset
+        from ..datasets.open import open_dataset
         return open_dataset(self.dataset, image_column=self.image_column, caption_column=self.caption_column)
 
 

@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..datasets.dataset import BadImage, ImageDataset, preprocess_array
+from ..datasets.decode import decode_item
+from ..datasets.types import ImageDataset
 from ..activations.hooks import StopForward, capture
 from ..activations.stats import MeanMap, Moments, TopK
 from ..types import LayerSpec
@@ -139,23 +140,6 @@ class BatchOutput:
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-
-def decode_item(dataset: ImageDataset, index: int, size: int) -> Tuple[Optional[np.ndarray], str]:
-    """(uint8 (3,S,S) array, "") for a readable item, (None, reason) for a bad one; never raises."""
-    array, reason, _ = decode_item_with_image(dataset, index, size)
-    return array, reason
-
-
-def decode_item_with_image(dataset: ImageDataset, index: int, size: int):
-    """decode_item, plus the decoded RGB PIL image (None for a bad item), for what else looks at it."""
-    try:
-        image = dataset.load(index)
-        return preprocess_array(image, size), "", image
-    except BadImage as exc:
-        return None, str(exc), None
-    except Exception as exc:  # a decoder bug on one file must not end the scan either
-        return None, f"cannot decode ({type(exc).__name__}: {exc})", None
-
 
 class _Decoded(torch.utils.data.Dataset):
     """Item i -> (i, uint8 (3,S,S) array or None, reason). Runs in DataLoader workers."""

@@ -169,7 +169,7 @@ _FALSE = {"false", "no", "n", "f", "0", "negative"}
 
 def column_source(spec: LabelSpec, dataset) -> LabelSource:
     """The dataset column's values as labels (module docstring)."""
-    from ..datasets.dataset import dataset_column
+    from ..datasets.table import dataset_column
     values = dataset_column(dataset, spec.column)
     scores = np.full(len(values), np.nan, dtype=np.float32)
     wanted = {v.lower() for v in spec.values}
@@ -205,7 +205,7 @@ def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optiona
     so a second sweep (any layer, any model) does not run the detector again, and an interrupted run
     keeps the chunks it finished."""
     from importlib.metadata import version
-    from ..datasets.dataset import BadImage
+    from ..datasets.decode import BadImage
     from ..storage.cache import Record, settings_key
     from . import nudenet
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
-from ..datasets.dataset import ImageDataset, open_dataset
+from ..datasets.types import ImageDataset
+from ..datasets.open import open_dataset
 from ..errors import NeurolensError
 from ..models import resolve_layer
 from ..sae.basis import SaeBasis

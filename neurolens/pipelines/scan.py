@@ -24,7 +24,8 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..datasets.dataset import ImageDataset, open_dataset
+from ..datasets.types import ImageDataset
+from ..datasets.open import open_dataset
 from ..errors import DatasetError, NeurolensError
 from ..models import resolve_layer
 from ..engines.local import (BatchOutput, PRECISIONS, ScanStats, default_batch_size, default_workers, scan_range)

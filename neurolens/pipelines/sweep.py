@@ -158,7 +158,8 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
     basis: None for the neurons, or a basis of the layer (neurolens.sae.load_basis): its units (SAE features)
     are swept, from a scan of the same pass as the neurons' and the decoder directions' texts; the record says
     which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default."""
-    from ..datasets.dataset import ImageDataset, open_dataset
+    from ..datasets.types import ImageDataset
+    from ..datasets.open import open_dataset
     from .scan import run_scan
     from .text import run_text
 
@@ -544,7 +545,8 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
     """One PNG panel per unit under `out` (default outputs/figures/), from the cached sweep (swept first if
     needed). Returns (path, panels.Figure) per unit. Blurred as blur_policy() says; raw pixels (blur=False)
     go to *_noblur.png. basis: an SAE basis draws its features (files ..._sae-<name>_feature<F>.png)."""
-    from ..datasets.dataset import ImageDataset, open_dataset
+    from ..datasets.types import ImageDataset
+    from ..datasets.open import open_dataset
     from ..storage.files import save_png
     from ..display.panels import PanelOptions, unit_panel
     from ..types import RenderSettings
@@ -583,7 +585,8 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
     """Many units in one PNG: `units`, else the sweep's flagged units (flagged=True), else the `top` units by
     AUC; at most `top`. Feature visualizations are shown when cached (render_fv renders them). basis: an SAE
     basis draws its features (file ..._sae-<name>_grid_...png)."""
-    from ..datasets.dataset import ImageDataset, open_dataset
+    from ..datasets.types import ImageDataset
+    from ..datasets.open import open_dataset
     from ..storage.files import save_png
     from ..display.panels import PanelOptions, units_grid
     from ..types import RenderSettings

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..datasets.dataset import ImageDataset, dataset_from_keys
+from ..datasets.types import ImageDataset
+from ..datasets.open import dataset_from_keys
 from ..errors import NeurolensError
 from ..models import resolve_layer
 from ..engines.local import batches, default_batch_size, default_workers, layer_forward

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..datasets.dataset import ImageDataset
+from ..datasets.types import ImageDataset
 from ..activations.hooks import inject
 from ..engines.local import image_batches, layer_forward
 from ..types import LayerSpec

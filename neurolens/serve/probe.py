@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..datasets.dataset import BadImage, decode_image, preprocess_array, preprocess
+from ..datasets.decode import BadImage, decode_image, preprocess_array, preprocess
 from ..errors import NeurolensError
 from ..models import resolve_layer
 from ..engines.local import layer_forward

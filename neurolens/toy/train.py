@@ -116,7 +116,8 @@ def load_pairs(source: str, image_column: str = "image", caption_column: str = "
     """(images uint8 (N,size,size,3), captions, skipped) from a parquet/CSV of image paths and captions.
 
     Image paths are relative to the table's folder. Unreadable images are skipped and counted."""
-    from ..datasets.dataset import BadImage, open_dataset, preprocess_array
+    from ..datasets.decode import BadImage, preprocess_array
+    from ..datasets.open import open_dataset
     dataset = open_dataset(source, image_column=image_column, caption_column=caption_column)
     if dataset.captions is None:
         raise DatasetError(f"{source} has no caption column {caption_column!r}; training needs captions: "

@@ -37,7 +37,8 @@ import numpy as np
 
 from ...errors import NeurolensError
 from ...models.load import weights_fingerprint
-from ..local import ScanStats, decode_item_with_image, default_batch_size, layer_forward
+from ..local import ScanStats, default_batch_size, layer_forward
+from ...datasets.decode import decode_item_with_image
 from .shards import DEFAULT_SHARD_SIZE, DatasetPlan, PlannedShard, ShardStore
 
 # With this set before Ray starts, a local Ray takes 127.0.0.1 as its node address and every server it starts

@@ -25,8 +25,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from ...datasets.dataset import (IdentityHash, ImageDataset, ShardListing, list_tar_shard, open_dataset,
-                                 tar_description, tar_shards)
+from ...datasets.types import IdentityHash, ImageDataset
+from ...datasets.tar import ShardListing, list_tar_shard, tar_description, tar_shards
+from ...datasets.open import open_dataset
 from ...errors import DatasetError, NeurolensError
 from ..local import ScanStats
 from ...storage.cache import Cache, Record, settings_key
