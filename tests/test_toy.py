@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from neurolens.cli import app
 from neurolens.models import load_clip
-from neurolens.models.load import weights_fingerprint
+from neurolens.models.build import weights_fingerprint
 from neurolens.toy.generate import ToySettings, generate_pairs, planted_words, write_dataset
 from neurolens.toy.train import TrainSettings, train_clip, train_toy
 

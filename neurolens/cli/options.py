@@ -27,7 +27,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..errors import NeurolensError
-from ..models.load import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from ..models.build import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from ..types import RenderSettings
 
 # ------------------------------------------------------------------------------------- single options

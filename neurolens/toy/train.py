@@ -73,7 +73,7 @@ def _threads(count: int):
 def model_config(name: str) -> Dict:
     """The open_clip config (a dict) of a model name, bundled configs included."""
     import open_clip
-    from ..models.load import register_bundled_configs
+    from ..models.build import register_bundled_configs
     register_bundled_configs()
     config = open_clip.get_model_config(name)
     if config is None:
@@ -214,7 +214,8 @@ def train_toy(dataset: str, out: str | os.PathLike, settings: TrainSettings = Tr
     """Train a small CLIP on a parquet/CSV of image paths and captions and save it to `out`.
 
     The checkpoint carries its model config, so load_clip(checkpoint=out) needs no model name."""
-    from ..models.load import save_checkpoint, weights_fingerprint
+    from ..models.checkpoint import save_checkpoint
+    from ..models.build import weights_fingerprint
     config = model_config(settings.model)
     size = int(config["vision_cfg"]["image_size"])
     started = time.perf_counter()

@@ -36,7 +36,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ...errors import NeurolensError
-from ...models.load import weights_fingerprint
+from ...models.build import weights_fingerprint
 from ..local import ScanStats, default_batch_size, layer_forward
 from ...datasets.decode import decode_item_with_image
 from .shards import DEFAULT_SHARD_SIZE, DatasetPlan, PlannedShard, ShardStore
@@ -529,7 +529,7 @@ class _ModelActor:
         import ray
         import torch
         from ...models import resolve_layer
-        from ...models.load import LoadedClip, resolve_device
+        from ...models.build import LoadedClip, resolve_device
         torch.set_num_threads(threads)
         if isinstance(model, ray.ObjectRef):  # Ray Data passes constructor arguments as they are
             model = ray.get(model)
