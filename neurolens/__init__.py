@@ -38,7 +38,8 @@ from .datasets.types import ImageDataset  # noqa: E402
 from .datasets.open import open_dataset  # noqa: E402
 from .pipelines.samples import run_samples  # noqa: E402
 from .pipelines.scan import ScanResult, run_scan  # noqa: E402
-from .engines.local import ScanStats, scan_shard  # noqa: E402
+from .activations.stats import ScanStats  # noqa: E402
+from .engines.local import scan_shard  # noqa: E402
 
 __all__ += ["open_dataset", "ImageDataset", "run_scan", "ScanResult", "run_samples", "scan_shard", "ScanStats"]
 

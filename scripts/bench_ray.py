@@ -135,7 +135,7 @@ def merge_ms(model: str, layer: str, batch: int, top_k: int) -> float:
     import pickle
     import torch
     from neurolens.models import load_clip, resolve_layer
-    from neurolens.engines.local import ScanStats
+    from neurolens.activations.stats import ScanStats
     torch.set_num_threads(1)
     spec = resolve_layer(load_clip(model, "none", device="cpu"), layer)
     part = ScanStats.empty(spec, top_k)

@@ -5,7 +5,7 @@ import torch
 
 from neurolens.datasets.open import open_dataset
 from neurolens.engines.ray.shards import ShardStore, plan_dataset
-from neurolens.engines.local import ScanStats
+from neurolens.activations.stats import ScanStats
 from neurolens.storage.cache import Cache
 from neurolens.types import LayerSpec
 from scan_data import write_img2dataset, write_images

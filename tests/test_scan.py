@@ -20,7 +20,9 @@ from neurolens.datasets.open import open_dataset
 from neurolens.activations.hooks import hook_count
 from neurolens.models import resolve_layer
 from neurolens.pipelines.scan import find_scan, run_scan
-from neurolens.engines.local import ScanStats, brute_force_maxima, rank_order, scan_shard
+from neurolens.activations.stats import ScanStats
+from neurolens.activations.forward import brute_force_maxima, rank_order
+from neurolens.engines.local import scan_shard
 from neurolens.storage.cache import Cache
 from scan_data import make_bad_corpus, write_images
 

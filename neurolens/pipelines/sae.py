@@ -28,7 +28,8 @@ from ..sae.io import read_config, save_sae
 from ..sae.quality import QualityReport, evaluate
 from ..sae.registry import as_cache, check_name, is_complete, sae_folder
 from ..sae.train import SPARSITIES, SaeTrainSettings, default_buffer_vectors, plan, resolve_features, resolved_lr, train_loop
-from ..engines.local import PRECISIONS, default_batch_size, default_workers
+from ..activations.forward import PRECISIONS
+from ..engines.local import default_batch_size, default_workers
 from ..storage.cache import settings_key
 
 SAE_TRAIN_VERSION = 1

@@ -28,7 +28,9 @@ from ..datasets.types import ImageDataset
 from ..datasets.open import open_dataset
 from ..errors import DatasetError, NeurolensError
 from ..models import resolve_layer
-from ..engines.local import (BatchOutput, PRECISIONS, ScanStats, default_batch_size, default_workers, scan_range)
+from ..activations.stats import BatchOutput, ScanStats
+from ..activations.forward import PRECISIONS
+from ..engines.local import default_batch_size, default_workers, scan_range
 from ..storage.cache import Cache, Record, settings_key
 
 SCAN_VERSION = 1

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from ..datasets.types import ImageDataset
-from ..engines.local import image_batches, layer_forward
+from ..engines.local import image_batches
+from ..activations.forward import layer_forward
 from ..types import LayerSpec
 
 

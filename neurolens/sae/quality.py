@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from ..datasets.types import ImageDataset
 from ..activations.hooks import inject
-from ..engines.local import image_batches, layer_forward
+from ..engines.local import image_batches
+from ..activations.forward import layer_forward
 from ..types import LayerSpec
 from .buffer import cell_vectors
 from .model import SparseAutoencoder

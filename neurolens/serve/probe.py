@@ -16,7 +16,7 @@ from PIL import Image
 from ..datasets.decode import BadImage, decode_image, preprocess_array, preprocess
 from ..errors import NeurolensError
 from ..models import resolve_layer
-from ..engines.local import layer_forward
+from ..activations.forward import layer_forward
 from .images import LayerImages
 from .records import LayerData
 

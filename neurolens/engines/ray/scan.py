@@ -37,7 +37,9 @@ import numpy as np
 
 from ...errors import NeurolensError
 from ...models.build import weights_fingerprint
-from ..local import ScanStats, default_batch_size, layer_forward
+from ...activations.stats import ScanStats
+from ..local import default_batch_size
+from ...activations.forward import layer_forward
 from ...datasets.decode import decode_item_with_image
 from .shards import DEFAULT_SHARD_SIZE, DatasetPlan, PlannedShard, ShardStore
 

@@ -29,7 +29,7 @@ from ...datasets.types import IdentityHash, ImageDataset
 from ...datasets.tar import ShardListing, list_tar_shard, tar_description, tar_shards
 from ...datasets.open import open_dataset
 from ...errors import DatasetError, NeurolensError
-from ..local import ScanStats
+from ...activations.stats import ScanStats
 from ...storage.cache import Cache, Record, settings_key
 
 LISTING_VERSION = 1
