@@ -86,7 +86,7 @@ def child(args) -> None:
         result = run_scan(clip, args.layer, args.data, top_k=args.top_k, batch_size=args.batch_size,
                           workers=args.workers, cache=cache, force=True)
     else:
-        from neurolens.engines.ray.scan import RayOptions
+        from neurolens.engines.ray.session import RayOptions
         from neurolens.pipelines.scan import run_ray_scan
         result = run_ray_scan(clip, args.layer, args.data, top_k=args.top_k, cache=cache, force=True,
                               device=args.device, report=reports.append,
@@ -131,7 +131,7 @@ def decode_rate(data: Path, image_size: int, items: int = 64) -> float:
 
 
 def merge_ms(model: str, layer: str, batch: int, top_k: int) -> float:
-    """Driver CPU ms to load and merge one partial result (what _Merger does per actor call)."""
+    """Driver CPU ms to load and merge one partial result (what merge.ShardMerger does per actor call)."""
     import pickle
     import torch
     from neurolens.models import load_clip, resolve_layer
@@ -205,7 +205,7 @@ def main() -> None:
         args.small_model, args.small_n, args.large_n, args.shard_rows = "nl-tiny-RN", 96, 8, 32
         args.image_size, args.batch_size = 128, 8
 
-    from neurolens.engines.ray.scan import loopback_only
+    from neurolens.engines.ray.session import loopback_only
     ray = loopback_only()
     context = ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="error")
     address = context.address_info["gcs_address"]

@@ -213,7 +213,7 @@ class EngineChoice:
         return self.engine == "ray"
 
     def ray_options(self, batch_size: Optional[int] = None):
-        from ..engines.ray.scan import RayOptions
+        from ..engines.ray.session import RayOptions
         sharding = {"shard_size": self.shard_size} if self.shard_size is not None else {}
         return RayOptions(address=self.ray_address, actors=self.actors, batch_size=batch_size,
                           gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, **sharding)

@@ -256,11 +256,11 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
                  image_column: str = "image", caption_column: str = "caption",
                  progress: Optional[Callable[[int, int], None]] = None, report: Optional[Callable] = None
                  ) -> ScanResult:
-    """The scan of run_scan on Ray Data (neurolens.engines.ray.scan): the same result (top-k indices and cells
+    """The scan of run_scan on Ray Data (neurolens.engines.ray.session): the same result (top-k indices and cells
     exactly, statistics to rounding) in the same cache record, resumable shard by shard.
 
     dataset: a path or pattern (tar shards are then listed by Ray tasks, never all in this process), or an
-    ImageDataset. ray: engines.ray_scan.RayOptions (address, actors, batch size, GPUs per actor, ...).
+    ImageDataset. ray: engines.ray.session.RayOptions (address, actors, batch size, GPUs per actor, ...).
     keep_per_image: also store every image's per-unit maxima, float16, one chunk per shard (the scan record's
     per_image_max() reads them); without it the record has no per-image values.
     report(RayProgress) gets images/s, shards done/total, items skipped and the ETA while it runs."""
@@ -268,7 +268,7 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
         raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
     if int(top_k) < 1:
         raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
-    from ..engines.ray.scan import RayOptions, ray_session
+    from ..engines.ray.session import RayOptions, ray_session
     from ..engines.ray.shards import ShardStore, plan_dataset
     spec = resolve_layer(clip, layer)
     cache = _as_cache(cache)

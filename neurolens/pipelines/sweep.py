@@ -231,7 +231,7 @@ def run_ray_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k:
     thresholds and AUC edges are decided (default unit_scores.EDGE_SAMPLE_ROWS; a dataset no larger gets the
     exact AUC and exactly the in-process decisions); bins: binned-AUC edges beyond it (fused.FUSED_BINS)."""
     from ..engines.ray.fused import FUSED_BINS, LabelPlan, fused_pass
-    from ..engines.ray.scan import RayOptions, ray_session
+    from ..engines.ray.session import RayOptions, ray_session
     from ..engines.ray.shards import plan_dataset
     from ..models import resolve_layer
     from ..scoring.units import EDGE_SAMPLE_ROWS
