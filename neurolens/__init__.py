@@ -54,8 +54,9 @@ __all__ += ["run_demo", "DemoSettings", "DemoReport", "train_toy", "TrainSetting
 
 # NSFW sweep, scores and blurred figures
 from .pipelines.sweep import SweepResult, run_figure, run_grid, run_sweep  # noqa: E402
-from .labels.zero_shot import (IMAGE_NSFW_THRESHOLD, caption_nsfw_matches, nsfw_scores_for_embeddings,  # noqa: E402
-                               nsfw_scores_for_images, text_nsfw_scores)
+from .labels.zero_shot import (IMAGE_NSFW_THRESHOLD, nsfw_scores_for_embeddings, nsfw_scores_for_images,  # noqa: E402
+                               text_nsfw_scores)
+from .labels.lexicon import caption_nsfw_matches  # noqa: E402
 from .scoring.units import FlagRule, UnitScores  # noqa: E402
 
 __all__ += ["run_sweep", "SweepResult", "run_figure", "run_grid", "nsfw_scores_for_images",

@@ -27,6 +27,7 @@ import typer
 from typing_extensions import Annotated
 
 from ..errors import NeurolensError
+from ..labels.lexicon import read_list
 from ..models.build import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from ..types import RenderSettings
 
@@ -308,7 +309,7 @@ class SweepChoice:
         return dict(vocab=self.vocab, top_k=self.top_k, text_top_k=self.text_top_k, rule=rule,
                     labels=list(self.labels or ["auto"]), min_agreement=self.min_agreement,
                     prompts=safety.load_prompts(self.unsafe_prompts, self.safe_prompts),
-                    caption_terms=safety.read_list(self.caption_terms) if self.caption_terms else None,
+                    caption_terms=read_list(self.caption_terms) if self.caption_terms else None,
                     caption_mode=self.caption_match)
 
 
