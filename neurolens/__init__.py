@@ -28,7 +28,8 @@ __all__ += ["run_visualize", "render", "RenderSettings", "RenderResult", "LayerS
 
 # text feature visualization
 from .pipelines.text import TextRanking, run_text  # noqa: E402
-from .text.encode import encode_texts, unit_directions  # noqa: E402
+from .text.encode import encode_texts  # noqa: E402
+from .text.directions import unit_directions  # noqa: E402
 from .text.vocab import Vocabulary, load_vocab  # noqa: E402
 
 __all__ += ["run_text", "TextRanking", "encode_texts", "unit_directions", "load_vocab", "Vocabulary"]

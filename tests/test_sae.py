@@ -487,7 +487,7 @@ def test_feature_visualization_raises_the_pre_topk_activation_and_names_files(ti
 
 def test_feature_text_directions_are_decoder_directions_through_the_jacobian(tiny_clip, trained, tmp_path):
     from neurolens.pipelines.text import run_text, unit_directions_cached
-    from neurolens.text.encode import image_jacobian
+    from neurolens.text.directions import image_jacobian
     result, cache = trained
     basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)
     spec = resolve_layer(tiny_clip, LAYER)
