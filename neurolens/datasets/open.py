@@ -73,5 +73,5 @@ def dataset_from_keys(keys: Sequence[str], description: str = "") -> ImageDatase
             sources.append(("tar", shard, offset, size) if size >= 0 else ("file", key))
             continue
         sources.append(("file", key))
-    return ImageDataset(keys=keys, identity=identity_of(["keys"] + keys), description=description or f"{len(keys)} items",
-                        captions=None, _sources=sources)
+    return ImageDataset(keys=keys, identity=identity_of(["keys"] + keys),
+                        description=description or f"{len(keys)} items", captions=None, _sources=sources)

@@ -29,7 +29,8 @@ def table_dataset(path: Path, image_column: str, caption_column: str) -> ImageDa
         raise DatasetError(f"{path} has no rows; give a table with one image path per row")
     return ImageDataset(
         keys=keys,
-        identity=identity_of(["table", str(path.resolve()), image_column] + [f"{k}|{s}|{m}" for k, (s, m) in zip(keys, stats)]),
+        identity=identity_of(["table", str(path.resolve()), image_column]
+                             + [f"{k}|{s}|{m}" for k, (s, m) in zip(keys, stats)]),
         description=f"table {path} ({len(keys)} images, column {image_column!r})",
         captions=[("" if c is None else str(c)) for c in captions] if captions is not None else None,
         table=str(path.resolve()),

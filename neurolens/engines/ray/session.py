@@ -72,7 +72,7 @@ class RayOptions:
     actors: int = 1                        # model actors (each loads the model once)
     batch_size: Optional[int] = None       # images per forward (default 64 with a GPU, 16 without)
     batches_per_call: int = 8              # forwards per actor call: one partial result per call to merge
-    compact_every: int = 256               # finished shards per group record (engines.shards.ShardStore)
+    compact_every: int = 256               # finished shards per group record (engines.ray.shards.ShardStore)
     gpus_per_actor: Optional[float] = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0            # CPUs reserved per actor; also its torch threads (at least 1)
     shard_size: int = DEFAULT_SHARD_SIZE   # items per shard when a folder or table is cut into slices
@@ -215,7 +215,7 @@ class RaySession:
         subset = list(plan.shards if shards is None else shards)
         extension = LabelMerger(labels, spec.channels) if labels is not None else None
         merger = ShardMerger(plan, subset, store, empty, keep_per_image, int(self.options.compact_every),
-                         time.monotonic(), progress, report, extension, done_before)
+                             time.monotonic(), progress, report, extension, done_before)
         resumed = merger.resume()
         todo = [shard for shard in subset if shard.index not in merger.finished]
         for shard in [s for s in todo if s.count == 0]:
@@ -235,7 +235,7 @@ class RaySession:
                               actor_peak_rss=merger.actor_peak_rss, actor_pids=sorted(merger.actor_pids),
                               labels=merger.extra_total, records=list(merger.records))
 
-    def _run(self, clip, spec, todo: List[PlannedShard], merger: "ShardMerger", top_k: int, precision: str,
+    def _run(self, clip, spec, todo: List[PlannedShard], merger: ShardMerger, top_k: int, precision: str,
              keep_per_image: bool, device: str, labels) -> None:
         ray = self.ray
         options = self.options
