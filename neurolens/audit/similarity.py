@@ -23,6 +23,7 @@ from ..datasets.types import IMAGE_EXTENSIONS
 from ..errors import DatasetError, NeurolensError
 from ..display.figures import fit_text
 from ..labels.blur import maybe_blur
+from ..labels.policy import BlurPolicy
 from ..models.embed import image_embeddings
 from ..text.encode import encode_texts
 
@@ -248,7 +249,6 @@ def similarity_matrix(clip, images: Sequence[LabeledImage], captions: Sequence[s
     as the blur policy says (neurolens.labels.policy: the detector, a trained model's zero-shot score, or
     blurred as not judged when nothing can judge them); the built-in samples as they are.
     blur_user_images=False shows raw pixels."""
-    from ..labels.policy import BlurPolicy
     cosines = cosine_matrix(clip, [im.image for im in images], list(captions), progress=progress)
     policy = BlurPolicy(blur_user_images, clip=clip, cache=cache)
     reasons = [policy.reason_image(None, None, im.image, bundled=im.builtin) for im in images]

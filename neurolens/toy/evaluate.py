@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..scoring.statistics import ExactAUC
 from ..text.encode import encode_texts
 from .generate import BACKGROUNDS, COUNTS, POSITIONS, full_caption, generate_pairs, planted_words, style_of
 
@@ -152,7 +153,6 @@ class FlagQuality:
 
 def planted_auc(maxima: np.ndarray, planted: np.ndarray) -> np.ndarray:
     """(U,) each unit's ROC AUC of planted against ordinary images (rows of maxima: images; NaN rows skipped)."""
-    from ..scoring.statistics import ExactAUC
     maxima = np.asarray(maxima, dtype=np.float32)
     stats = ExactAUC(maxima.shape[1])
     stats.add(maxima, np.asarray(planted, dtype=np.float64))
