@@ -28,17 +28,20 @@ __all__ += ["run_visualize", "render", "RenderSettings", "RenderResult", "LayerS
 
 # text feature visualization
 from .pipelines.text import TextRanking, run_text  # noqa: E402
-from .text.encode import encode_texts, unit_directions  # noqa: E402
+from .text.encode import encode_texts  # noqa: E402
+from .text.directions import unit_directions  # noqa: E402
 from .text.vocab import Vocabulary, load_vocab  # noqa: E402
 
 __all__ += ["run_text", "TextRanking", "encode_texts", "unit_directions", "load_vocab", "Vocabulary"]
 
 # dataset scans and samples
-from .datasets.dataset import ImageDataset, open_dataset  # noqa: E402
+from .datasets.types import ImageDataset  # noqa: E402
+from .datasets.open import open_dataset  # noqa: E402
 from .pipelines.samples import run_samples  # noqa: E402
 from .pipelines.scan import run_scan  # noqa: E402
 from .records.scan import ScanResult  # noqa: E402
-from .engines.local import ScanStats, scan_shard  # noqa: E402
+from .activations.stats import ScanStats  # noqa: E402
+from .engines.local import scan_shard  # noqa: E402
 
 __all__ += ["open_dataset", "ImageDataset", "run_scan", "ScanResult", "run_samples", "scan_shard", "ScanStats"]
 
@@ -53,8 +56,9 @@ __all__ += ["run_demo", "DemoSettings", "DemoReport", "train_toy", "TrainSetting
 
 # NSFW sweep, scores and blurred figures
 from .pipelines.sweep import SweepResult, run_figure, run_grid, run_sweep  # noqa: E402
-from .labels.zero_shot import (IMAGE_NSFW_THRESHOLD, caption_nsfw_matches, nsfw_scores_for_embeddings,  # noqa: E402
-                               nsfw_scores_for_images, text_nsfw_scores)
+from .labels.zero_shot import (IMAGE_NSFW_THRESHOLD, nsfw_scores_for_embeddings, nsfw_scores_for_images,  # noqa: E402
+                               text_nsfw_scores)
+from .labels.lexicon import caption_nsfw_matches  # noqa: E402
 from .scoring.units import FlagRule, UnitScores  # noqa: E402
 
 __all__ += ["run_sweep", "SweepResult", "run_figure", "run_grid", "nsfw_scores_for_images",

@@ -167,7 +167,8 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from neurolens.audit.captions import audit_captions, default_nsfw_terms
+    from neurolens.audit.captions import audit_captions
+    from neurolens.labels.lexicon import default_terms as default_nsfw_terms
 
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="neurolens-bench-audit-", dir="/tmp"))
     try:

@@ -16,7 +16,7 @@ For each model (a small one and RN50x4, random weights, at small N) on the same 
   <m>_laion400m_actor_hours   413e6 / ray1_stream_img_s / 3600: EXTRAPOLATED hours for LAION-400M per
                           actor (divide by the number of GPUs/actors; assumes decode keeps up)
   <m>_decode_img_s_per_core   images/s one CPU core decodes and preprocesses to the model's input size
-                          (scan.decode_item, process time, the same JPEGs): CPU cores a GPU needs =
+                          (datasets.decode.decode_item, process time, the same JPEGs): CPU cores a GPU needs =
                           its stream rate / this
   merge_ms                driver CPU time to merge one actor call's partial result of the large model's
                           layer (what caps the total rate at rows-per-call / merge_ms)
@@ -86,7 +86,7 @@ def child(args) -> None:
         result = run_scan(clip, args.layer, args.data, top_k=args.top_k, batch_size=args.batch_size,
                           workers=args.workers, cache=cache, force=True)
     else:
-        from neurolens.engines.ray.scan import RayOptions
+        from neurolens.engines.ray.session import RayOptions
         from neurolens.pipelines.scan import run_ray_scan
         result = run_ray_scan(clip, args.layer, args.data, top_k=args.top_k, cache=cache, force=True,
                               device=args.device, report=reports.append,
@@ -120,8 +120,8 @@ def run_child(args, model: str, layer: str, data: Path, cache: Path, engine: str
 
 def decode_rate(data: Path, image_size: int, items: int = 64) -> float:
     """Images/s of decode + preprocess on one core (process time of this single-threaded loop)."""
-    from neurolens.datasets.dataset import list_tar_shard
-    from neurolens.engines.local import decode_item
+    from neurolens.datasets.tar import list_tar_shard
+    from neurolens.datasets.decode import decode_item
     dataset = list_tar_shard(str(sorted(data.glob("*.tar"))[0])).dataset()
     count = min(items, len(dataset))
     start = time.process_time()
@@ -131,11 +131,11 @@ def decode_rate(data: Path, image_size: int, items: int = 64) -> float:
 
 
 def merge_ms(model: str, layer: str, batch: int, top_k: int) -> float:
-    """Driver CPU ms to load and merge one partial result (what _Merger does per actor call)."""
+    """Driver CPU ms to load and merge one partial result (what merge.ShardMerger does per actor call)."""
     import pickle
     import torch
     from neurolens.models import load_clip, resolve_layer
-    from neurolens.engines.local import ScanStats
+    from neurolens.activations.stats import ScanStats
     torch.set_num_threads(1)
     spec = resolve_layer(load_clip(model, "none", device="cpu"), layer)
     part = ScanStats.empty(spec, top_k)
@@ -205,7 +205,7 @@ def main() -> None:
         args.small_model, args.small_n, args.large_n, args.shard_rows = "nl-tiny-RN", 96, 8, 32
         args.image_size, args.batch_size = 128, 8
 
-    from neurolens.engines.ray.scan import loopback_only
+    from neurolens.engines.ray.session import loopback_only
     ray = loopback_only()
     context = ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="error")
     address = context.address_info["gcs_address"]

@@ -81,7 +81,7 @@ def bench_target(name: str, args) -> dict:
     import numpy as np
     import torch
     from bench_scan import write_jpegs
-    from neurolens.datasets.dataset import open_dataset
+    from neurolens.datasets.open import open_dataset
     from neurolens.models import load_clip, resolve_layer
     from neurolens.pipelines.scan import run_scan
     from neurolens.sae import SaeBasis

@@ -61,7 +61,7 @@ def timed_scan(clip, layer, dataset, args, precision, cache_dir):
 
 def timed_forward(clip, spec, dataset, batch_size):
     import torch
-    from neurolens.datasets.dataset import preprocess_array
+    from neurolens.datasets.decode import preprocess_array
     from neurolens.activations.hooks import forward_to
     pixels = torch.from_numpy(np.stack([preprocess_array(dataset.load(i), clip.image_size)
                                         for i in range(len(dataset))]))
@@ -132,7 +132,7 @@ def main() -> None:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    from neurolens.datasets.dataset import open_dataset
+    from neurolens.datasets.open import open_dataset
     from neurolens.models import load_clip, resolve_layer
 
     report = {"model": args.model, "layer": args.layer, "n": args.n, "batch_size": args.batch_size,

@@ -41,7 +41,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from neurolens.models import load_clip, resolve_layer
-    from neurolens.text.encode import encode_tokens, tokenize, top_k_texts, unit_directions
+    from neurolens.text.encode import encode_tokens, tokenize
+    from neurolens.text.directions import top_k_texts, unit_directions
     from neurolens.text.vocab import builtin_vocab
 
     clip = load_clip(args.model, "none", device="cpu")

@@ -38,7 +38,7 @@ class Fixture:
 
 def build(root: Path, clip) -> Fixture:
     import pyarrow.parquet as pq
-    from neurolens.datasets.dataset import open_dataset
+    from neurolens.datasets.open import open_dataset
     from neurolens.pipelines.scan import run_scan
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.pipelines.topmaps import run_top_maps

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from neurolens.audit.captions import (NULL_FLAG, audit_captions, build_query, default_nsfw_terms, nsfw_like_pattern,
-                                      parse_terms)
+from neurolens.audit.captions import (NULL_FLAG, audit_captions, build_query, nsfw_like_pattern, parse_terms)
+from neurolens.labels.lexicon import default_terms as default_nsfw_terms
 from neurolens.cli import app
 from neurolens.errors import NeurolensError
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from neurolens.cli import app
 from neurolens.errors import NeurolensError
 from neurolens.models import load_clip, save_checkpoint
-from neurolens.models import load as loadlib
+from neurolens.models import pretrained as pretrainedlib
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = json.loads((ROOT / "neurolens/data/model_configs/nl-tiny-RN.json").read_text())
@@ -93,7 +93,7 @@ def test_hostile_cached_pretrained_file_never_runs(hostile, tmp_path, monkeypatc
     (repo / "refs" / "main").write_text("0" * 40)
     (snapshot / "open_clip_pytorch_model.bin").write_bytes(files["zip"].read_bytes())
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    assert loadlib._cached_pretrained_file(open_clip.get_pretrained_cfg("RN50x4", "openai")) == \
+    assert pretrainedlib._cached_pretrained_file(open_clip.get_pretrained_cfg("RN50x4", "openai")) == \
         str(snapshot / "open_clip_pytorch_model.bin")
     message = _refused(lambda: load_clip("RN50x4", "openai", device="cpu"), marker)
     assert "open_clip_pytorch_model.bin" in message and "never runs code" in message
@@ -109,8 +109,8 @@ def test_hostile_downloaded_pretrained_file_never_runs(hostile, tmp_path, monkey
         return str(files["zip"])
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(loadlib, "_cached_pretrained_file", lambda cfg: None)
-    monkeypatch.setattr(loadlib, "_network_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(pretrainedlib, "_cached_pretrained_file", lambda cfg: None)
+    monkeypatch.setattr(pretrainedlib, "_network_reachable", lambda timeout=2.0: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     message = _refused(lambda: load_clip("RN50x4", "openai", device="cpu"), marker)
     assert fetched and fetched[0][1].endswith(".safetensors")   # the safetensors copy is asked for first

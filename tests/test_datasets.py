@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from neurolens.datasets.dataset import (BadImage, MAX_IMAGE_PIXELS, decode_image, open_dataset, preprocess, to_rgb)
+from neurolens.datasets.decode import BadImage, MAX_IMAGE_PIXELS, decode_image, preprocess, to_rgb
+from neurolens.datasets.open import open_dataset
 from neurolens.errors import DatasetError
 from neurolens.display.figures import cell_center, crop_around_cell, tile_grid
 from scan_data import bomb_png, encoded, make_bad_corpus, synthetic_image, write_images

@@ -3,10 +3,10 @@ group records come back on a rerun, each shard once."""
 import numpy as np
 import torch
 
-from neurolens.datasets.dataset import open_dataset
+from neurolens.datasets.open import open_dataset
 from neurolens.engines.ray.shards import plan_dataset
 from neurolens.records.shards import ShardStore
-from neurolens.engines.local import ScanStats
+from neurolens.activations.stats import ScanStats
 from neurolens.storage.cache import Cache
 from neurolens.types import LayerSpec
 from scan_data import write_img2dataset, write_images

@@ -100,7 +100,7 @@ def test_every_import_is_a_declared_dependency():
                 # the web server: imported only once `neurolens serve` starts (serve/server.py says which
                 # extra to install when they are missing); the static site needs neither
                 "starlette": "serve", "uvicorn": "serve",
-                # --engine ray: imported only by neurolens/engines/ray_scan.py, which checks for it first
+                # --engine ray: imported only inside neurolens/engines/ray/ (session.import_ray checks for it first)
                 "ray": "ray"}
     imports = _third_party_imports()
     assert {"torch", "open_clip", "scipy"} <= set(imports)

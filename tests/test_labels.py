@@ -48,7 +48,7 @@ def test_captions_source_marks_missing_captions_unknown():
 
 
 def test_column_source_values_numbers_and_errors(tmp_path):
-    from neurolens.datasets.dataset import open_dataset
+    from neurolens.datasets.open import open_dataset
     from PIL import Image
     rows = [("NSFW", "0.9", "true"), ("UNLIKELY", "0.1", "false"), ("UNSURE", "", ""), ("", "0.6", "yes")]
     with open(tmp_path / "t.csv", "w", newline="") as handle:
@@ -140,7 +140,7 @@ def test_nudenet_runs_offline_its_scores_reach_the_sweep_record_and_are_cached(t
                                                                               tmp_path, monkeypatch):
     """The plumbing, not the detector's accuracy: NudeNet's per-image scores of the synthetic images are the
     nudenet source of the sweep record, and a second sweep (another rule: a new record) does not run it."""
-    from neurolens.datasets.dataset import open_dataset
+    from neurolens.datasets.open import open_dataset
     from neurolens.labels import nudenet
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.storage.cache import Cache
@@ -172,7 +172,7 @@ def test_column_source_reads_the_json_members_of_tar_shards(tmp_path):
     import json
     import tarfile
     from PIL import Image
-    from neurolens.datasets.dataset import open_dataset
+    from neurolens.datasets.open import open_dataset
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as archive:
         for i, value in enumerate(["NSFW", "UNLIKELY", None, "UNSURE"]):

@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from neurolens.errors import WeightsUnavailableError
-from neurolens.models import load as loadlib
+from neurolens.models import pretrained as pretrainedlib
 from neurolens.models import load_clip
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
@@ -29,7 +29,7 @@ def probes(monkeypatch):
 
 
 def test_probe_asks_the_hub_without_a_proxy(probes):
-    assert loadlib._network_reachable() is False
+    assert pretrainedlib._network_reachable() is False
     assert probes == [("huggingface.co", 443)]
 
 
@@ -41,30 +41,30 @@ def test_probe_asks_the_hub_without_a_proxy(probes):
 ])
 def test_probe_asks_hf_endpoint(probes, monkeypatch, endpoint, expected):
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    loadlib._network_reachable()
+    pretrainedlib._network_reachable()
     assert probes == [expected]
 
 
 @pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy", "ALL_PROXY"])
 def test_probe_asks_the_proxy_when_one_is_set(probes, monkeypatch, variable):
     monkeypatch.setenv(variable, "http://proxy.corp.example:3128")
-    loadlib._network_reachable()
+    pretrainedlib._network_reachable()
     assert probes == [("proxy.corp.example", 3128)]
 
 
 def test_proxy_details(probes, monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://upper.example:1111")
     monkeypatch.setenv("https_proxy", "http://user:secret@lower.example:2222")   # lower case wins, as in requests
-    loadlib._network_reachable()
+    pretrainedlib._network_reachable()
     monkeypatch.setenv("https_proxy", "lower.example")                            # no scheme, no port
-    loadlib._network_reachable()
+    pretrainedlib._network_reachable()
     monkeypatch.setenv("HF_ENDPOINT", "https://hf.internal.example")
     monkeypatch.setenv("NO_PROXY", "internal.example,localhost")                 # the hub bypasses the proxy
-    loadlib._network_reachable()
+    pretrainedlib._network_reachable()
     monkeypatch.delenv("NO_PROXY")
     monkeypatch.setenv("HF_ENDPOINT", "http://plain.example")                    # http endpoint: http proxy only
     monkeypatch.setenv("http_proxy", "http://http-proxy.example:8000")
-    loadlib._network_reachable()
+    pretrainedlib._network_reachable()
     assert probes == [("lower.example", 2222), ("lower.example", 80), ("hf.internal.example", 443),
                       ("http-proxy.example", 8000)]
 
@@ -80,7 +80,7 @@ def test_probe_says_reachable_when_the_connection_opens(monkeypatch):
         return contextlib.nullcontext()
 
     monkeypatch.setattr(socket, "create_connection", accept)
-    assert loadlib._network_reachable(timeout=1.5) is True
+    assert pretrainedlib._network_reachable(timeout=1.5) is True
     assert calls == [(("proxy.corp.example", 3128), 1.5)]
 
 
@@ -111,7 +111,7 @@ def test_reachable_probe_but_failed_download_is_one_clear_error(no_cached_weight
         asked.append(filename)
         raise OSError("connection reset (test)")
 
-    monkeypatch.setattr(loadlib, "_network_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(pretrainedlib, "_network_reachable", lambda timeout=2.0: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail_download)
     with pytest.raises(WeightsUnavailableError, match="the download failed") as info:
         load_clip("RN50x4", "openai", device="cpu")

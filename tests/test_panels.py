@@ -10,7 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from neurolens.labels import blur, zero_shot as safety
-from neurolens.datasets.dataset import open_dataset, preprocess
+from neurolens.datasets.open import open_dataset
+from neurolens.datasets.decode import preprocess
 from neurolens.display.figures import crop_around_cell
 from neurolens.pipelines.sweep import run_figure, run_grid, run_sweep
 from neurolens.storage.cache import Cache

@@ -1,4 +1,4 @@
-"""The Ray engine (neurolens.engines.ray.scan) against the single-process scan, on img2dataset shards made
+"""The Ray engine (neurolens.engines.ray) against the single-process scan, on img2dataset shards made
 here (bad members and failed downloads included), on a local Ray that this module starts on loopback with
 2 CPUs and shuts down.
 
@@ -17,7 +17,7 @@ import pytest
 
 ray = pytest.importorskip("ray")  # in the test extra; the single-process scan needs no Ray (test_no_ray_needed)
 
-from neurolens.engines.ray.scan import RayOptions, loopback_only  # noqa: E402
+from neurolens.engines.ray.session import RayOptions, loopback_only  # noqa: E402
 
 from neurolens.pipelines.scan import find_scan, run_ray_scan, run_scan  # noqa: E402
 from neurolens.storage.cache import Cache  # noqa: E402
@@ -125,7 +125,7 @@ def test_killed_actor_is_restarted_and_nothing_is_counted_twice(tiny_clip, ray_c
     def kill_an_actor(state):
         if killed or state.forwarded == 0:
             return
-        actors = [p for p in ray_processes() if "_ModelActor" in " ".join(p.cmdline())]
+        actors = [p for p in ray_processes() if "ModelActor" in " ".join(p.cmdline())]
         addresses.update(listening_addresses(ray_processes()))
         if actors and state.images_done < state.images_total:
             os.kill(actors[0].pid, signal.SIGKILL)
@@ -307,7 +307,7 @@ def test_cli_sweep_engine_ray(ray_cluster, sweep_data, tmp_path):
 def test_unreachable_ray_address_is_one_line():
     """(In a fresh process: this one is already connected.)"""
     script = """
-from neurolens.engines.ray.scan import RayOptions, ray_session
+from neurolens.engines.ray.session import RayOptions, ray_session
 from neurolens.errors import NeurolensError
 try:
     with ray_session(RayOptions(address="127.0.0.1:1")):

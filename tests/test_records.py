@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from neurolens.datasets.dataset import open_dataset
+from neurolens.datasets.open import open_dataset
 from neurolens.labels import nudenet
 from neurolens.labels.policy import BlurPolicy
 from neurolens.labels.sources import nudenet_scores

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.datasets.dataset import open_dataset
+from neurolens.datasets.open import open_dataset
 from neurolens.activations.hooks import forward_to, hook_count
 from neurolens.models import resolve_layer
 from neurolens.pipelines.sae import run_sae_train
@@ -415,7 +415,7 @@ def test_scan_with_features_matches_brute_force_in_one_pass(tiny_clip, images, t
     np.testing.assert_array_equal(neurons.mean_map, features.mean_map)   # the layer's mean map in both
 
     spec = resolve_layer(tiny_clip, LAYER)
-    from neurolens.datasets.dataset import preprocess_array
+    from neurolens.datasets.decode import preprocess_array
     pixels = torch.from_numpy(np.stack([preprocess_array(dataset.load(i), 64) for i in range(len(dataset))])).float() / 255
     acts = forward_to(tiny_clip.model, tiny_clip.normalize(pixels), [spec])[spec.name]
     with torch.no_grad():
@@ -487,7 +487,7 @@ def test_feature_visualization_raises_the_pre_topk_activation_and_names_files(ti
 
 def test_feature_text_directions_are_decoder_directions_through_the_jacobian(tiny_clip, trained, tmp_path):
     from neurolens.pipelines.text import run_text, unit_directions_cached
-    from neurolens.text.encode import image_jacobian
+    from neurolens.text.directions import image_jacobian
     result, cache = trained
     basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)
     spec = resolve_layer(tiny_clip, LAYER)

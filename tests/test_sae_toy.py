@@ -108,7 +108,8 @@ def test_planted_feature_is_zero_on_99_percent_of_ordinary_images(toy):
 def test_visualization_of_the_planted_feature_beats_every_dataset_image(toy):
     """The feature visualization's objective (the feature's pre-TopK activation, mean over cells) is higher than
     that of every one of the demo's 3000 images."""
-    from neurolens.datasets.dataset import open_dataset, preprocess_array
+    from neurolens.datasets.open import open_dataset
+    from neurolens.datasets.decode import preprocess_array
     from neurolens.pipelines.visualize import run_visualize
     from neurolens.render.loop import evaluate
     from neurolens.models import resolve_layer

@@ -4,9 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from neurolens.labels import zero_shot as safety
+from neurolens.labels import lexicon, zero_shot as safety
 from neurolens.errors import NeurolensError
 from neurolens.models.embed import eval_transform
+from neurolens.text.encode import encode_texts
 
 
 def test_shipped_prompt_lists_are_words_and_unsafe_is_the_minority():
@@ -51,7 +52,7 @@ def test_image_scores_equal_embedding_scores_through_the_full_forward(tiny_clip)
 def test_prompt_embeddings_are_cached_per_fingerprint(tiny_clip, monkeypatch):
     prompts = safety.Prompts(["nsfw thing"], ["a cat", "a dog"])
     first = safety.prompt_embeddings(tiny_clip, prompts)
-    monkeypatch.setattr(safety, "encode_text_list", lambda *a: pytest.fail("encoded twice"))
+    monkeypatch.setattr(safety, "encode_texts", lambda *a: pytest.fail("encoded twice"))
     assert safety.prompt_embeddings(tiny_clip, prompts) is first
     assert first.shape == (3, 32)
     np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1, rtol=1e-5)
@@ -71,19 +72,19 @@ def test_user_prompt_files_override_and_bad_files_are_one_line_errors(tmp_path):
 
 
 def test_caption_match_is_the_papers_filter():
-    assert safety.default_terms() == ["porn", "hot", "adult", "xxx", "sex", "f*ck", "rape"]
+    assert lexicon.default_terms() == ["porn", "hot", "adult", "xxx", "sex", "f*ck", "rape"]
     texts = ["PORNO site", "a hot day", "Adult Swim", "www.xxx.com", "sexual", "what the fuck", "F4ck",
              "rapeseed oil", "a photo of a cat", None, "", "a dog"]
-    got = safety.caption_nsfw_matches(texts)
+    got = lexicon.caption_nsfw_matches(texts)
     assert got.tolist() == [True] * 8 + [True, False, False, False]   # substring: "photo" contains "hot"
-    word = safety.caption_nsfw_matches(texts, mode="word")
+    word = lexicon.caption_nsfw_matches(texts, mode="word")
     assert word.tolist() == [True, True, True, True, True, True, True, False, False, False, False, False]
-    assert safety.caption_nsfw_matches(["a grape", "hotel", "sexy", "raped"], mode="word").tolist() == \
+    assert lexicon.caption_nsfw_matches(["a grape", "hotel", "sexy", "raped"], mode="word").tolist() == \
         [False, False, True, True]
-    assert safety.caption_nsfw_matches(["kitten"], terms=["kit*en"]).tolist() == [True]
-    assert safety.caption_nsfw_matches(["kiten"], terms=["kit*en"]).tolist() == [False]
+    assert lexicon.caption_nsfw_matches(["kitten"], terms=["kit*en"]).tolist() == [True]
+    assert lexicon.caption_nsfw_matches(["kiten"], terms=["kit*en"]).tolist() == [False]
     with pytest.raises(NeurolensError):
-        safety.caption_nsfw_matches(["x"], mode="fuzzy")
+        lexicon.caption_nsfw_matches(["x"], mode="fuzzy")
 
 
 def test_text_scores_combine_lexicon_and_zero_shot(tiny_clip):
@@ -99,7 +100,7 @@ def test_one_rule_for_term_and_prompt_files(tmp_path):
     listed = tmp_path / "terms.txt"
     listed.write_text("# a comment line\n  porn \n\n   # an indented comment\nphoto #tag\nf*ck\n", encoding="utf-8")
     expected = ["porn", "photo #tag", "f*ck"]
-    assert safety.read_list(listed) == expected
+    assert lexicon.read_list(listed) == expected
     assert audit.parse_terms(str(listed)) == expected            # the audit reads term files the same way
     assert safety.load_prompts(listed, listed).unsafe == expected
 
@@ -113,5 +114,5 @@ def test_nsfw_scores_and_similarity_share_the_models_own_preprocessing(tiny_clip
         direct = torch.nn.functional.normalize(tiny_clip.model.encode_image(preprocess(image)[None]), dim=-1).numpy()
     np.testing.assert_allclose(safety.nsfw_scores_for_images(tiny_clip, [image]),
                                safety.nsfw_scores_for_embeddings(tiny_clip, direct), atol=1e-5)
-    text = safety.encode_text_list(tiny_clip, ["a cat"])
+    text = encode_texts(tiny_clip, ["a cat"])
     np.testing.assert_allclose(cosine_matrix(tiny_clip, [image], ["a cat"]), direct @ text.T, atol=1e-4)

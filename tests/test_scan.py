@@ -15,11 +15,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.datasets.dataset import BadImage, open_dataset, preprocess_array
+from neurolens.datasets.decode import BadImage, preprocess_array
+from neurolens.datasets.open import open_dataset
 from neurolens.activations.hooks import hook_count
 from neurolens.models import resolve_layer
 from neurolens.pipelines.scan import find_scan, run_scan
-from neurolens.engines.local import ScanStats, brute_force_maxima, rank_order, scan_shard
+from neurolens.activations.stats import ScanStats
+from neurolens.activations.forward import brute_force_maxima, rank_order
+from neurolens.engines.local import scan_shard
 from neurolens.storage.cache import Cache
 from scan_data import make_bad_corpus, write_images
 
@@ -284,7 +287,7 @@ def test_bf16_scan_is_cached_apart_and_close(tiny_clip, tmp_path):
 
 
 def test_samples_command_json_grid_and_blur(tiny_clip, tmp_path, fake_detector):
-    from neurolens.datasets.dataset import preprocess
+    from neurolens.datasets.decode import preprocess
     runner = CliRunner()
     base = ["samples", *TINY, "--layer", LAYER, "--unit", "3", "--cache", str(tmp_path / "c"), "--top-k", "5"]
     fake = fake_detector(lambda rgb: True)         # fires on everything: every crop of the grid is blurred

@@ -18,7 +18,8 @@ from PIL import Image
 import serve_fixture
 from scan_data import bomb_png
 from neurolens.labels.blur import blur_pixels, detail_retained
-from neurolens.datasets.dataset import open_dataset, preprocess
+from neurolens.datasets.open import open_dataset
+from neurolens.datasets.decode import preprocess
 from neurolens.display.figures import crop_around_cell
 from neurolens.pipelines.scan import find_scan
 from neurolens.storage.cache import Cache
@@ -213,7 +214,7 @@ def png_bytes(image):
 def probe_upload(server, tiny_clip, fx, layer_id, unit, upload):
     """The server's probe answer for `upload`, and the layer's activations on it computed here."""
     from neurolens.models import resolve_layer
-    from neurolens.engines.local import layer_forward
+    from neurolens.activations.forward import layer_forward
     status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit={unit}", body=png_bytes(upload),
                               headers={"Content-Type": "application/octet-stream", **PROBE})
     assert status == 200, body

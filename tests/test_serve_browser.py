@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 import serve_fixture
-from neurolens.datasets.dataset import open_dataset, preprocess
+from neurolens.datasets.open import open_dataset
+from neurolens.datasets.decode import preprocess
 from neurolens.display.figures import crop_around_cell
 from neurolens.pipelines.scan import find_scan
 from neurolens.storage.cache import Cache

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from neurolens.text import encode as textlib
+from neurolens.text import directions as directionlib, encode as textlib
 from neurolens.cli import app
 from neurolens.errors import NeurolensError
 from neurolens.activations.hooks import forward_to, hook_count, inject
@@ -125,6 +125,26 @@ def test_untruncatable_towers_fall_back_to_encode_text(tiny_clip):
     np.testing.assert_allclose(textlib.encode_texts(clip, TEXTS[:4]), _reference_encode(clip, TEXTS[:4]), atol=1e-5)
 
 
+
+def test_every_job_that_embeds_texts_uses_the_one_encoder(tiny_clip):
+    """The zero-shot prompts, the similarity probe and the toy's zero-shot check get encode_texts' embeddings,
+    which match open_clip's own encode_text."""
+    from neurolens.audit.similarity import cosine_matrix
+    from neurolens.datasets.builtin import builtin_image
+    from neurolens.labels import zero_shot
+    from neurolens.models.embed import image_embeddings
+    from neurolens.toy import evaluate
+    texts = ["a photo of a cat", "an astronaut", "a cup of coffee on a saucer", "x"]
+    expected = textlib.encode_texts(tiny_clip, texts)
+    np.testing.assert_allclose(expected, _reference_encode(tiny_clip, texts), atol=1e-5)
+    prompts = zero_shot.Prompts(texts[:1], texts[1:])
+    np.testing.assert_allclose(zero_shot.prompt_embeddings(tiny_clip, prompts), expected, atol=1e-6)
+    np.testing.assert_allclose(evaluate._encode_texts(tiny_clip, texts).numpy(), expected, atol=1e-6)
+    image = builtin_image("astronaut")
+    np.testing.assert_allclose(cosine_matrix(tiny_clip, [image], texts),
+                               image_embeddings(tiny_clip, [image]) @ expected.T, atol=1e-6)
+
+
 # -------------------------------------------------------------------------------------- unit directions
 
 @pytest.fixture(scope="module")
@@ -142,9 +162,9 @@ def test_directions_equal_finite_differences(tiny64, natural_images, layer):
     images = tiny64.normalize(natural_images[:1].double())
     with torch.no_grad():
         reference = forward_to(tiny64.model, images, [spec])[spec.name][0]
-    jacobian = textlib.image_jacobian(tiny64, spec, reference_map=reference.numpy(), chunk_rows=16)
+    jacobian = directionlib.image_jacobian(tiny64, spec, reference_map=reference.numpy(), chunk_rows=16)
     reference = torch.as_tensor(reference.numpy().astype(np.float32), dtype=torch.float64)  # what J used
-    probe = textlib.neutral_image(tiny64)
+    probe = directionlib.neutral_image(tiny64)
 
     def embed(activation):
         with torch.no_grad(), inject(tiny64.model, spec, activation[None]):
@@ -163,9 +183,9 @@ def test_directions_equal_finite_differences(tiny64, natural_images, layer):
 
 def test_direction_batching_strategies_agree(tiny_clip):
     spec = resolve_layer(tiny_clip, "image_block_4_0")
-    one_batch = textlib.unit_directions(tiny_clip, spec)
-    chunked = textlib.unit_directions(tiny_clip, spec, chunk_rows=5)
-    replicated = F.normalize(textlib.image_jacobian(tiny_clip, spec, chunk_rows=6,
+    one_batch = directionlib.unit_directions(tiny_clip, spec)
+    chunked = directionlib.unit_directions(tiny_clip, spec, chunk_rows=5)
+    replicated = F.normalize(directionlib.image_jacobian(tiny_clip, spec, chunk_rows=6,
                                                     batched_backward=False).t(), dim=-1).numpy()
     assert one_batch.shape == (spec.channels, 32)
     np.testing.assert_allclose(chunked, one_batch, atol=1e-6)
@@ -179,25 +199,25 @@ def test_neutral_reference_is_the_grey_image_activation(tiny_clip):
     grey = tiny_clip.normalize(torch.full((1, 3, 64, 64), 0.5))
     with torch.no_grad():
         expected = forward_to(tiny_clip.model, grey, [spec])[spec.name][0]
-    torch.testing.assert_close(textlib.neutral_reference(tiny_clip, spec), expected)
+    torch.testing.assert_close(directionlib.neutral_reference(tiny_clip, spec), expected)
     with pytest.raises(NeurolensError, match="reference activation has shape"):
-        textlib.unit_directions(tiny_clip, spec, reference_map=np.zeros((3, 2, 2)))
+        directionlib.unit_directions(tiny_clip, spec, reference_map=np.zeros((3, 2, 2)))
 
 
 # ------------------------------------------------------------------------------------------------ ranking
 
 def test_streamed_top_k_equals_brute_force(tiny_clip):
     spec = resolve_layer(tiny_clip, "image_block_4_0_relu")
-    directions = textlib.unit_directions(tiny_clip, spec)
+    directions = directionlib.unit_directions(tiny_clip, spec)
     vocab = builtin_vocab().entries[::150][:300]
     embeddings = textlib.encode_texts(tiny_clip, vocab, batch_size=64)
-    indices, scores = textlib.top_k_texts(directions, embeddings, k=10, chunk=37)
+    indices, scores = directionlib.top_k_texts(directions, embeddings, k=10, chunk=37)
     brute = directions @ embeddings.T
     expected = np.argsort(-brute, axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(brute, expected, axis=1), atol=1e-5)
     assert np.all(np.diff(scores, axis=1) <= 0)
-    all_k, _ = textlib.top_k_texts(directions, embeddings, k=1000)        # k larger than the vocabulary
+    all_k, _ = directionlib.top_k_texts(directions, embeddings, k=1000)        # k larger than the vocabulary
     assert all_k.shape == (spec.channels, 300)
 
 
@@ -213,7 +233,7 @@ def test_run_text_caches_embeddings_directions_and_rankings(tiny_clip, cache_dir
         raise AssertionError("recomputed instead of reading the cache")
 
     monkeypatch.setattr(textlib, "encode_texts", boom)
-    monkeypatch.setattr(textlib, "unit_directions", boom)
+    monkeypatch.setattr(directionlib, "unit_directions", boom)
     again = run_text(tiny_clip, "image_block_4_0", str(words), top_k=5, cache=cache_dir)
     assert again.cached
     np.testing.assert_array_equal(again.top_indices, first.top_indices)
@@ -236,9 +256,9 @@ def test_scan_mean_map_is_the_reference(tiny_clip, cache_dir, tmp_path):
     neutral = run_text(tiny_clip, "image_block_4_0", str(words), top_k=5, cache=cache_dir)
     assert ranking.reference.startswith("scan-mean-") and "mean activation map" in ranking.reference_description
     assert ranking.path != neutral.path
-    directions = textlib.unit_directions(tiny_clip, spec, reference_map=scan.mean_map)
+    directions = directionlib.unit_directions(tiny_clip, spec, reference_map=scan.mean_map)
     embeddings = textlib.encode_texts(tiny_clip, load_vocab(str(words)).entries)
-    expected, _ = textlib.top_k_texts(directions, embeddings, k=5)
+    expected, _ = directionlib.top_k_texts(directions, embeddings, k=5)
     np.testing.assert_array_equal(ranking.top_indices, expected)
 
 
@@ -293,7 +313,7 @@ def test_cli_dataset_reference_scans_and_says_so(cache_dir, tmp_path):
 
 def test_vit_token_layers_get_directions(tiny_vit):
     spec = resolve_layer(tiny_vit, "image_resblock_0")     # tokens: the class token is kept, patches replaced
-    batched = textlib.unit_directions(tiny_vit, spec)
-    replicated = F.normalize(textlib.image_jacobian(tiny_vit, spec, batched_backward=False).t(), dim=-1).numpy()
+    batched = directionlib.unit_directions(tiny_vit, spec)
+    replicated = F.normalize(directionlib.image_jacobian(tiny_vit, spec, batched_backward=False).t(), dim=-1).numpy()
     np.testing.assert_allclose(batched, replicated, atol=1e-5)
     assert (np.linalg.norm(batched, axis=1) > 0.99).all() and hook_count(tiny_vit.model) == 0

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from neurolens.cli import app
 from neurolens.models import load_clip
-from neurolens.models.load import weights_fingerprint
+from neurolens.models.build import weights_fingerprint
 from neurolens.toy.generate import ToySettings, generate_pairs, planted_words, write_dataset
 from neurolens.toy.train import TrainSettings, train_clip, train_toy
 
@@ -49,7 +49,7 @@ def test_generator_share_zero_and_one_and_bad_share():
 
 
 def test_written_dataset_is_read_by_open_dataset_and_reused(tmp_path):
-    from neurolens.datasets.dataset import open_dataset
+    from neurolens.datasets.open import open_dataset
     settings = ToySettings(n=40, seed=1)
     parquet = write_dataset(tmp_path / "toy", settings)
     dataset = open_dataset(str(parquet))

@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.datasets.dataset import open_dataset
+from neurolens.datasets.open import open_dataset
 from neurolens.pipelines.scan import find_scan, run_scan
 from neurolens.storage.cache import Cache
 from scan_data import write_images

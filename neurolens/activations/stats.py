@@ -3,14 +3,18 @@ load_state_dict and merge, so a scan can stop and resume, or be split into shard
 
 They hold torch tensors on the scan's device (updates are a few tensor ops per batch, no Python loop over
 units); state_dict gives numpy arrays for the HDF5 cache. Memory is O(units x k), independent of the
-number of images.
+number of images. ScanStats is what a scan accumulates (TopK, Moments and MeanMap of a layer, the skip list,
+other bases); BatchOutput is what one batch of a scan hands to its caller.
 """
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from ..types import LayerSpec
 
 _NO_INDEX = torch.iinfo(torch.int64).max  # sorts empty slots after every real dataset index
 
@@ -142,3 +146,105 @@ class MeanMap:
     def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
         self.count = int(np.asarray(state["count"]))
         self.total = torch.as_tensor(np.asarray(state["total"], dtype=np.float64), device=self.total.device)
+
+
+@dataclass
+class ScanStats:
+    """Everything a scan accumulates; O(units x k + C x H x W) memory.
+
+    `bases` holds the statistics of other bases of the same layer (e.g. SAE features, see neurolens.sae.basis)
+    computed from the same forward: one ScanStats per basis id, without a mean map of its own (the layer's
+    mean map is this one's)."""
+    topk: TopK
+    moments: Moments
+    mean_map: Optional[MeanMap]
+    grid: Tuple[int, int]
+    skipped: List[Tuple[int, str]] = field(default_factory=list)  # (dataset index, reason)
+    bases: Dict[str, "ScanStats"] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, spec: LayerSpec, top_k: int, device: torch.device | str = "cpu",
+              units: Optional[int] = None) -> "ScanStats":
+        """Statistics of the layer's channels, or with `units` of another basis of that many units (no mean map)."""
+        channels, height, width = spec.channels, max(1, spec.height), max(1, spec.width)
+        count = channels if units is None else int(units)
+        mean_map = MeanMap((channels, height, width), device) if units is None else None
+        return cls(TopK(count, top_k, device), Moments(count, device), mean_map, (height, width))
+
+    @property
+    def count(self) -> int:
+        return self.moments.count
+
+    def add(self, acts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """acts: (B, C, H, W) float32 of the images with dataset `indices`; returns their spatial max (B, C)."""
+        flat = acts.flatten(2)
+        values, cells = flat.max(dim=2)  # first maximal cell on ties, like numpy's argmax
+        self.topk.add(values, indices, cells)
+        self.moments.add(values)
+        if self.mean_map is not None:
+            self.mean_map.add(acts)
+        return values
+
+    def merge(self, other: "ScanStats") -> "ScanStats":
+        self.topk.merge(other.topk)
+        self.moments.merge(other.moments)
+        if self.mean_map is not None and other.mean_map is not None:
+            self.mean_map.merge(other.mean_map)
+        self.skipped = sorted(self.skipped + other.skipped)
+        for basis_id, stats in other.bases.items():
+            if basis_id in self.bases:
+                self.bases[basis_id].merge(stats)
+            else:
+                self.bases[basis_id] = stats
+        return self
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        state = {f"topk/{k}": v for k, v in self.topk.state_dict().items()}
+        state.update({f"moments/{k}": v for k, v in self.moments.state_dict().items()})
+        if self.mean_map is not None:
+            state.update({f"mean_map/{k}": v for k, v in self.mean_map.state_dict().items()})
+        state["skipped/indices"] = np.asarray([i for i, _ in self.skipped], dtype=np.int64)
+        state["skipped/reasons"] = np.asarray([r for _, r in self.skipped] or [""], dtype=object)[: len(self.skipped)]
+        for basis_id, stats in self.bases.items():
+            state.update({f"bases/{basis_id}/{k}": v for k, v in stats.state_dict().items()
+                          if not k.startswith("skipped/")})
+        return state
+
+    def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
+        def part(prefix: str) -> Dict[str, np.ndarray]:
+            return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + "/")}
+        self.topk.load_state_dict(part("topk"))
+        self.moments.load_state_dict(part("moments"))
+        if self.mean_map is not None:
+            self.mean_map.load_state_dict(part("mean_map"))
+        indices = np.asarray(state.get("skipped/indices", np.zeros(0, np.int64)), dtype=np.int64)
+        reasons = list(state.get("skipped/reasons", []))
+        self.skipped = [(int(i), str(r)) for i, r in zip(indices, reasons)]
+        nested = part("bases")
+        for basis_id in sorted({key.split("/", 1)[0] for key in nested}):
+            basis_state = {k[len(basis_id) + 1:]: v for k, v in nested.items() if k.startswith(basis_id + "/")}
+            units, k = np.asarray(basis_state["topk/values"]).shape
+            device = self.topk.values.device
+            stats = ScanStats(TopK(units, k, device), Moments(units, device), None, self.grid)
+            stats.load_state_dict(basis_state)
+            self.bases[basis_id] = stats
+
+    def cells_rc(self) -> np.ndarray:
+        """Top-k cells as (U, k, 2) int32 (row, col); -1 for empty slots."""
+        flat = self.topk.cells.cpu().numpy()
+        width = self.grid[1]
+        rc = np.stack([flat // width, flat % width], axis=-1).astype(np.int32)
+        rc[flat < 0] = -1
+        return rc
+
+
+@dataclass
+class BatchOutput:
+    """What one batch produced, handed to `on_batch` (the pipeline writes it to the cache)."""
+    start: int                        # the batch covers dataset indices [start, stop)
+    stop: int
+    indices: np.ndarray               # (b,) the readable images among them
+    maxima: np.ndarray                # (b, units) float32 spatial max per image and unit
+    embeddings: Optional[np.ndarray]  # (b, D) float32 L2-normalized, when asked for
+    skipped: List[Tuple[int, str]]
+    basis_maxima: Dict[str, np.ndarray] = field(default_factory=dict)  # basis id -> (b, units) of that basis

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import DatasetError, NeurolensError
-from ..labels.zero_shot import default_terms, read_list
+from ..labels.lexicon import default_terms, read_list
 
 TEXT_COLUMN = "TEXT"
 URL_COLUMN = "URL"
@@ -60,15 +60,10 @@ class AuditResult:
     absent_columns: Dict[str, List[str]] = field(default_factory=dict)  # optional column -> files without it
 
 
-def default_nsfw_terms() -> List[str]:
-    """The paper's seven string-match terms: porn, hot, adult, xxx, sex, f*ck, rape (read from the lexicon)."""
-    return default_terms()
-
-
 def parse_terms(value: str | Sequence[str] | None) -> List[str]:
     """A comma-separated string, a path to a term file, or a list -> the distinct non-empty terms, in order."""
     if value is None:
-        return default_nsfw_terms()
+        return default_terms()   # the paper's seven: porn, hot, adult, xxx, sex, f*ck, rape
     if isinstance(value, str):
         items = read_list(value) if os.path.isfile(value) else value.split(",")
     else:

@@ -2,7 +2,8 @@
 
 cosine(image, text) = <e_i / |e_i|, e_t / |e_t|>, where e_i = model.encode_image(preprocess(image)) with the
 model's own open_clip evaluation preprocessing (resize the short side, centre-crop, normalize with the
-model's mean/std) and e_t = model.encode_text(tokenizer([text])). No logit scale, no softmax.
+model's mean/std; neurolens.models.embed.image_embeddings) and e_t = model.encode_text(tokenizer([text]))
+(neurolens.text.encode.encode_texts, which equals it to float rounding). No logit scale, no softmax.
 A pair passes when cosine >= threshold (LAION-400M kept pairs with cosine >= 0.3 under ViT-B/32; cosines
 are model-dependent, so the same cut-off means different things for other models).
 """
@@ -16,15 +17,19 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..datasets.dataset import BadImage, decode_image
+from ..datasets.builtin import builtin_image, builtin_samples
+from ..datasets.decode import BadImage, decode_image
+from ..datasets.types import IMAGE_EXTENSIONS
 from ..errors import DatasetError, NeurolensError
 from ..display.figures import fit_text
+from ..labels.blur import maybe_blur
+from ..labels.policy import BlurPolicy
 from ..models.embed import image_embeddings
+from ..text.encode import encode_texts
 
 LAION_THRESHOLD = 0.3
 SAMPLE_PREFIX = "sample:"
 CAPTION_PREFIX = "This is "      # CLIP's notebook turns each description into "This is <description>"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,6 @@ def builtin_caption(description: str) -> str:
 
 def load_image_ref(ref: str) -> LabeledImage:
     """'sample:NAME' (a built-in scikit-image sample) or a path to an image file."""
-    from ..datasets.builtin import builtin_image
     if ref.startswith(SAMPLE_PREFIX):
         return LabeledImage(ref, builtin_image(ref[len(SAMPLE_PREFIX):]), True)
     if not os.path.isfile(ref):
@@ -75,7 +79,6 @@ def read_image_file(path: str | os.PathLike) -> Image.Image:
 
 def builtin_pairs() -> Tuple[List[LabeledImage], List[str]]:
     """The built-in samples and their captions ('This is <description>'), in the same order."""
-    from ..datasets.builtin import builtin_samples
     images, captions = [], []
     for name, image, description in builtin_samples():
         images.append(LabeledImage(SAMPLE_PREFIX + name, image, True))
@@ -89,7 +92,7 @@ def load_image_folder(folder: str, limit: Optional[int] = None) -> Tuple[List[La
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"{folder} is not a folder; give --images DIR or --images builtin")
-    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if limit is not None:
         paths = paths[:limit]
     images, captions, bad = [], [], []
@@ -103,7 +106,7 @@ def load_image_folder(folder: str, limit: Optional[int] = None) -> Tuple[List[La
         sidecar = path.with_suffix(".txt")
         captions.append(sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None)
     if not images:
-        raise DatasetError(f"{folder} holds no readable images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DatasetError(f"{folder} holds no readable images ({', '.join(IMAGE_EXTENSIONS)})")
     return images, captions, bad
 
 
@@ -117,24 +120,12 @@ def read_captions(path: str) -> List[str]:
     return captions
 
 
-def text_embeddings(clip, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-    """(N, D) float32 L2-normalized CLIP text embeddings (full context length, as open_clip tokenizes)."""
-    import torch
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = clip.tokenizer(list(texts[start:start + batch_size])).to(clip.device)
-        with torch.no_grad():
-            emb = clip.model.encode_text(tokens).float()
-        out.append(torch.nn.functional.normalize(emb, dim=-1).cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
-
-
 def cosine_matrix(clip, images: Sequence[Image.Image], texts: Sequence[str],
                   progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
     """(n_images, n_texts) float32 cosines between CLIP image and text embeddings."""
     if not images or not texts:
         raise NeurolensError("need at least one image and one text to compare")
-    return image_embeddings(clip, images, progress=progress) @ text_embeddings(clip, texts).T
+    return image_embeddings(clip, images, progress=progress) @ encode_texts(clip, texts).T
 
 
 def pair_scores(labels: Sequence[str], texts: Sequence[str], cosines: np.ndarray,
@@ -192,8 +183,6 @@ def draw_similarity_matrix(
 
     `blur[i]`: why thumbnail i is blurred (the blur policy's reason; None: shown as it is). Blurring is done
     on the written pixels (neurolens.labels.blur) with the reason as its label."""
-    from ..labels.blur import maybe_blur
-
     n_img, n_cap = len(images), len(captions)
     if cosines.shape != (n_img, n_cap):
         raise ValueError(f"cosines shape {cosines.shape} != ({n_img}, {n_cap})")
@@ -260,7 +249,6 @@ def similarity_matrix(clip, images: Sequence[LabeledImage], captions: Sequence[s
     as the blur policy says (neurolens.labels.policy: the detector, a trained model's zero-shot score, or
     blurred as not judged when nothing can judge them); the built-in samples as they are.
     blur_user_images=False shows raw pixels."""
-    from ..labels.policy import BlurPolicy
     cosines = cosine_matrix(clip, [im.image for im in images], list(captions), progress=progress)
     policy = BlurPolicy(blur_user_images, clip=clip, cache=cache)
     reasons = [policy.reason_image(None, None, im.image, bundled=im.builtin) for im in images]

@@ -27,7 +27,8 @@ import typer
 from typing_extensions import Annotated
 
 from ..errors import NeurolensError
-from ..models.load import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from ..labels.lexicon import read_list
+from ..models.build import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from ..types import RenderSettings
 
 # ------------------------------------------------------------------------------------- single options
@@ -163,7 +164,7 @@ class DatasetChoice:
 
     def open(self):
         """The ImageDataset (a bad path or table: one line, exit 2)."""
-        from ..datasets.dataset import open_dataset
+        from ..datasets.open import open_dataset
         return open_dataset(self.dataset, image_column=self.image_column, caption_column=self.caption_column)
 
 
@@ -213,7 +214,7 @@ class EngineChoice:
         return self.engine == "ray"
 
     def ray_options(self, batch_size: Optional[int] = None):
-        from ..engines.ray.scan import RayOptions
+        from ..engines.ray.session import RayOptions
         sharding = {"shard_size": self.shard_size} if self.shard_size is not None else {}
         return RayOptions(address=self.ray_address, actors=self.actors, batch_size=batch_size,
                           gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, **sharding)
@@ -308,7 +309,7 @@ class SweepChoice:
         return dict(vocab=self.vocab, top_k=self.top_k, text_top_k=self.text_top_k, rule=rule,
                     labels=list(self.labels or ["auto"]), min_agreement=self.min_agreement,
                     prompts=safety.load_prompts(self.unsafe_prompts, self.safe_prompts),
-                    caption_terms=safety.read_list(self.caption_terms) if self.caption_terms else None,
+                    caption_terms=read_list(self.caption_terms) if self.caption_terms else None,
                     caption_mode=self.caption_match)
 
 

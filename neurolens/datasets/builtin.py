@@ -7,7 +7,10 @@ from functools import lru_cache
 from typing import List, Tuple
 
 import numpy as np
+import skimage.data
 from PIL import Image
+
+from ..errors import NeurolensError
 
 # name -> description, in the style of CLIP's "Interacting with CLIP" notebook.
 BUILTIN_DESCRIPTIONS = {
@@ -41,10 +44,7 @@ def builtin_names() -> List[str]:
 @lru_cache(maxsize=None)
 def builtin_image(name: str) -> Image.Image:
     """One sample as an RGB PIL image."""
-    import skimage.data
-
     if name not in BUILTIN_DESCRIPTIONS:
-        from ..errors import NeurolensError
         raise NeurolensError(f"unknown built-in image {name!r}; choose one of {', '.join(builtin_names())}")
     array = np.asarray(getattr(skimage.data, name)())
     if array.dtype == bool:

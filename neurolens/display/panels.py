@@ -133,7 +133,7 @@ def nsfw_lines(sweep, unit: int) -> List[Tuple[str, Tuple[int, int, int]]]:
 def unit_crops(sweep, dataset, unit: int, count: int, pixels: int, image_size: int):
     """(dataset index, activation, crop, source image) of the unit's top images, from the cached scan and the
     dataset files."""
-    from ..datasets.dataset import BadImage, preprocess
+    from ..datasets.decode import BadImage, preprocess
     scan = sweep.scan
     out = []
     for rank in range(min(count, scan.top_k)):

@@ -28,11 +28,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..datasets.dataset import BadImage, dataset_column
+from ..datasets.decode import BadImage
+from ..datasets.table import dataset_column
 from ..errors import NeurolensError
 from ..records import labels as label_records
 from . import nudenet
 from . import zero_shot as safety
+from .lexicon import caption_nsfw_matches, lexicon_terms
 from .policy import is_random
 
 KINDS = ("captions", "column", "nudenet", "zero-shot")
@@ -133,14 +135,14 @@ class LabelSource:
 def caption_matches(keys: Sequence[str], captions: Optional[Sequence[str]], terms: Optional[Sequence[str]],
                     mode: str = "word") -> np.ndarray:
     """(N,) bool: the caption (in `mode`) or the key, when it is a URL (always substring: URLs run words
-    together, 'freexxxvideos.com'), contains one of `terms` (default: the paper's 7, safety.default_terms)."""
+    together, 'freexxxvideos.com'), contains one of `terms` (default: the paper's 7, lexicon.default_terms)."""
     keys = list(keys)
     matched = np.zeros(len(keys), dtype=bool)
     if captions is not None and mode != "off":
-        matched |= safety.caption_nsfw_matches(captions, terms, mode=mode)
+        matched |= caption_nsfw_matches(captions, terms, mode=mode)
     urls = [k if str(k).lower().startswith(("http://", "https://")) else None for k in keys]
     if any(urls):
-        matched |= safety.caption_nsfw_matches(urls, terms, mode="substring")
+        matched |= caption_nsfw_matches(urls, terms, mode="substring")
     return matched
 
 
@@ -153,7 +155,7 @@ def captions_source(spec: LabelSpec, keys: Sequence[str], captions: Optional[Seq
                     terms: Optional[Sequence[str]] = None, mode: str = "word") -> LabelSource:
     """1 where the caption or URL matches a term (default: the whole lexicon), 0 where it does not, NaN
     where there is neither a caption nor a URL."""
-    terms = list(terms) if terms is not None else safety.lexicon_terms()
+    terms = list(terms) if terms is not None else lexicon_terms()
     matched = caption_matches(keys, captions, terms, mode)
     scores = matched.astype(np.float32)
     is_url = np.array([str(k).lower().startswith(("http://", "https://")) for k in keys], dtype=bool)

@@ -189,7 +189,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         path = toy_dataset(cache.root, settings=settings.data_settings(), progress=stage_progress("data"))
         report.dataset = str(path)
         state["vocab"] = f"{path}:caption" if settings.vocab == "captions" else settings.vocab
-        from ..datasets.dataset import open_dataset
+        from ..datasets.open import open_dataset
         state["dataset"] = open_dataset(str(path))
         import pyarrow.parquet as pq
         state["planted"] = np.asarray(pq.read_table(path, columns=["planted"]).column("planted").to_pylist(), bool)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
-from ..datasets.dataset import ImageDataset, open_dataset
+from ..datasets.types import ImageDataset
+from ..datasets.open import open_dataset
 from ..errors import NeurolensError
 from ..models import resolve_layer
 from ..sae.basis import SaeBasis
@@ -28,7 +29,8 @@ from ..records.sae import check_name, is_complete, sae_folder
 from ..sae.io import load_sae, read_config, save_sae
 from ..sae.quality import QualityReport, evaluate
 from ..sae.train import SPARSITIES, SaeTrainSettings, default_buffer_vectors, plan, resolve_features, resolved_lr, train_loop
-from ..engines.local import PRECISIONS, default_batch_size, default_workers
+from ..activations.forward import PRECISIONS
+from ..engines.local import default_batch_size, default_workers
 from ..storage.cache import settings_key
 
 SAE_TRAIN_VERSION = 1

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
-from ..datasets.dataset import BadImage, ImageDataset, open_dataset, preprocess
+from ..datasets.decode import BadImage, preprocess
+from ..datasets.types import ImageDataset
+from ..datasets.open import open_dataset
 from ..errors import NeurolensError
 from ..storage.files import save_png
 from ..display.figures import crop_around_cell, tile_grid

@@ -15,11 +15,14 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..datasets.dataset import ImageDataset, open_dataset
+from ..datasets.types import ImageDataset
+from ..datasets.open import open_dataset
 from ..errors import DatasetError, NeurolensError
 from ..models import resolve_layer
-from ..engines.local import (BatchOutput, PRECISIONS, ScanStats, default_batch_size, default_workers, scan_range)
-from ..engines.ray.scan import RayOptions, ray_session
+from ..activations.stats import BatchOutput, ScanStats
+from ..activations.forward import PRECISIONS
+from ..engines.local import default_batch_size, default_workers, scan_range
+from ..engines.ray.session import RayOptions, ray_session
 from ..engines.ray.shards import plan_dataset
 from ..records import scan as scan_records
 from ..records.keys import NEURONS, as_basis, as_cache
@@ -131,11 +134,11 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
                  image_column: str = "image", caption_column: str = "caption",
                  progress: Optional[Callable[[int, int], None]] = None, report: Optional[Callable] = None
                  ) -> ScanResult:
-    """The scan of run_scan on Ray Data (neurolens.engines.ray.scan): the same result (top-k indices and cells
+    """The scan of run_scan on Ray Data (neurolens.engines.ray.session): the same result (top-k indices and cells
     exactly, statistics to rounding) in the same cache record, resumable shard by shard.
 
     dataset: a path or pattern (tar shards are then listed by Ray tasks, never all in this process), or an
-    ImageDataset. ray: engines.ray_scan.RayOptions (address, actors, batch size, GPUs per actor, ...).
+    ImageDataset. ray: engines.ray.session.RayOptions (address, actors, batch size, GPUs per actor, ...).
     keep_per_image: also store every image's per-unit maxima, float16, one chunk per shard (the scan record's
     per_image_max() reads them); without it the record has no per-image values.
     report(RayProgress) gets images/s, shards done/total, items skipped and the ETA while it runs."""

@@ -158,7 +158,8 @@ def run_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k: int
     basis: None for the neurons, or a basis of the layer (neurolens.sae.load_basis): its units (SAE features)
     are swept, from a scan of the same pass as the neurons' and the decoder directions' texts; the record says
     which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default."""
-    from ..datasets.dataset import ImageDataset, open_dataset
+    from ..datasets.types import ImageDataset
+    from ..datasets.open import open_dataset
     from .scan import run_scan
     from .text import run_text
 
@@ -230,11 +231,12 @@ def run_ray_sweep(clip, layer: str, dataset=None, vocab: str = "builtin", top_k:
     thresholds and AUC edges are decided (default unit_scores.EDGE_SAMPLE_ROWS; a dataset no larger gets the
     exact AUC and exactly the in-process decisions); bins: binned-AUC edges beyond it (fused.FUSED_BINS)."""
     from ..engines.ray.fused import FUSED_BINS, LabelPlan, fused_pass
-    from ..engines.ray.scan import RayOptions, ray_session
+    from ..engines.ray.session import RayOptions, ray_session
     from ..engines.ray.shards import plan_dataset
     from ..models import resolve_layer
     from ..scoring.units import EDGE_SAMPLE_ROWS
-    from .scan import find_scan, scan_key, write_ray_scan
+    from .scan import find_scan, write_ray_scan
+    from ..records.scan import scan_key
     from .text import run_text
 
     if caption_mode not in ("word", "substring", "off"):
@@ -544,7 +546,8 @@ def run_figure(clip, layer: str, units: Sequence[int], dataset=None, vocab: str 
     """One PNG panel per unit under `out` (default outputs/figures/), from the cached sweep (swept first if
     needed). Returns (path, panels.Figure) per unit. Blurred as blur_policy() says; raw pixels (blur=False)
     go to *_noblur.png. basis: an SAE basis draws its features (files ..._sae-<name>_feature<F>.png)."""
-    from ..datasets.dataset import ImageDataset, open_dataset
+    from ..datasets.types import ImageDataset
+    from ..datasets.open import open_dataset
     from ..storage.files import save_png
     from ..display.panels import PanelOptions, unit_panel
     from ..types import RenderSettings
@@ -583,7 +586,8 @@ def run_grid(clip, layer: str, units: Optional[Sequence[int]] = None, flagged: b
     """Many units in one PNG: `units`, else the sweep's flagged units (flagged=True), else the `top` units by
     AUC; at most `top`. Feature visualizations are shown when cached (render_fv renders them). basis: an SAE
     basis draws its features (file ..._sae-<name>_grid_...png)."""
-    from ..datasets.dataset import ImageDataset, open_dataset
+    from ..datasets.types import ImageDataset
+    from ..datasets.open import open_dataset
     from ..storage.files import save_png
     from ..display.panels import PanelOptions, units_grid
     from ..types import RenderSettings

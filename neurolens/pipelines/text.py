@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Union
 
 import numpy as np
 
-from ..text import encode as textlib
+from ..text import directions as directionlib, encode as textlib
 from ..errors import NeurolensError
 from ..models import resolve_layer
 from ..records import text as text_records
@@ -101,9 +101,9 @@ def unit_directions_cached(clip, spec, scan=None, cache=None, force: bool = Fals
             return directions, True
     reference_map = None if scan is None else scan.mean_map
     if basis is None:
-        directions = textlib.unit_directions(clip, spec, reference_map=reference_map, progress=progress)
+        directions = directionlib.unit_directions(clip, spec, reference_map=reference_map, progress=progress)
     else:
-        jacobian = textlib.image_jacobian(clip, spec, reference_map, progress=progress)
+        jacobian = directionlib.image_jacobian(clip, spec, reference_map, progress=progress)
         directions = np.asarray(basis.directions(jacobian), dtype=np.float32)
     text_records.write_directions(cache, path, directions, spec.name, ref_id, reference_description(scan), basis)
     return directions, False
@@ -168,7 +168,7 @@ def run_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k:
     directions, directions_cached = unit_directions_cached(clip, spec, scan, cache, force=force,
                                                            progress=direction_progress, basis=basis)
     directed = time.perf_counter()
-    indices, scores = textlib.top_k_texts(directions, embeddings, top_k, device=clip.device)
+    indices, scores = directionlib.top_k_texts(directions, embeddings, top_k, device=clip.device)
     ranked = time.perf_counter()
     path = _ranking_path(clip, spec, vocab, top_k, scan, cache, basis)
     text_records.write_ranking(cache, path, indices, scores, top_k, spec.name, vocab, reference_identity(scan),

@@ -16,7 +16,7 @@ One HDF5 file each (<fp> is the weights fingerprint's first 16 hex digits):
                                             (a scan chunk, neurolens.records.scan)
 A shard here is anything with index, name, offset (global index of its first item), count and identity
 (neurolens.engines.ray.shards.PlannedShard); statistics anything with state_dict / load_state_dict
-(neurolens.engines.local.ScanStats).
+(neurolens.activations.stats.ScanStats).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ LISTING_KIND = "dataset-listing"
 LISTING_VERSION = 1
 
 Shard = Any          # neurolens.engines.ray.shards.PlannedShard (not imported: the engine imports this module)
-ScanStats = Any      # neurolens.engines.local.ScanStats
+ScanStats = Any      # neurolens.activations.stats.ScanStats
 
 
 # ------------------------------------------------------------------------------------- tar shard listings

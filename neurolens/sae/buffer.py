@@ -21,8 +21,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..datasets.dataset import ImageDataset
-from ..engines.local import image_batches, layer_forward
+from ..datasets.types import ImageDataset
+from ..engines.local import image_batches
+from ..activations.forward import layer_forward
 from ..types import LayerSpec
 
 

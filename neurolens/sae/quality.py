@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..datasets.dataset import ImageDataset
+from ..datasets.types import ImageDataset
 from ..activations.hooks import inject
-from ..engines.local import image_batches, layer_forward
+from ..engines.local import image_batches
+from ..activations.forward import layer_forward
 from ..types import LayerSpec
 from .buffer import cell_vectors
 from .model import SparseAutoencoder

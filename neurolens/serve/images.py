@@ -19,7 +19,8 @@ from typing import Callable, Hashable, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ..datasets.dataset import BadImage, dataset_from_keys, preprocess
+from ..datasets.decode import BadImage, preprocess
+from ..datasets.open import dataset_from_keys
 from ..display.figures import crop_around_cell
 from ..labels.policy import BlurPolicy, flagged_in_cache
 from .records import LayerData

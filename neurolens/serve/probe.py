@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..datasets.dataset import BadImage, decode_image, preprocess_array, preprocess
+from ..datasets.decode import BadImage, decode_image, preprocess_array, preprocess
 from ..errors import NeurolensError
 from ..models import resolve_layer
-from ..engines.local import layer_forward
+from ..activations.forward import layer_forward
 from .images import LayerImages
 from .records import LayerData
 

@@ -1,1 +1,2 @@
-"""Text: vocabularies, the text encoder and unit directions in the joint embedding space."""
+"""Text: vocab (vocabularies), encode (the one text encoder) and directions (unit directions in the joint
+embedding space, top-k texts per unit)."""

@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..scoring.statistics import ExactAUC
+from ..text.encode import encode_texts
 from .generate import BACKGROUNDS, COUNTS, POSITIONS, full_caption, generate_pairs, planted_words, style_of
 
 HELD_OUT_SEED_OFFSET = 1_000_003      # held-out images use seed + this, never the training seed
@@ -52,7 +54,6 @@ class ZeroShotReport:
 
 def _encode_texts(clip, texts: List[str]) -> torch.Tensor:
     """L2-normalized embeddings of texts (each distinct text encoded once, truncated like every text job)."""
-    from ..text.encode import encode_texts
     unique = sorted(set(texts))
     table = dict(zip(unique, torch.from_numpy(encode_texts(clip, unique))))
     return torch.stack([table[t] for t in texts])
@@ -152,7 +153,6 @@ class FlagQuality:
 
 def planted_auc(maxima: np.ndarray, planted: np.ndarray) -> np.ndarray:
     """(U,) each unit's ROC AUC of planted against ordinary images (rows of maxima: images; NaN rows skipped)."""
-    from ..scoring.statistics import ExactAUC
     maxima = np.asarray(maxima, dtype=np.float32)
     stats = ExactAUC(maxima.shape[1])
     stats.add(maxima, np.asarray(planted, dtype=np.float64))

@@ -33,7 +33,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data import NSFW_TERMS
+from ..labels.lexicon import lexicon_terms
 
 GENERATOR_VERSION = 2
 
@@ -90,14 +90,10 @@ def style_of(name: str) -> Style:
 
 
 def planted_words() -> List[str]:
-    """The lexicon words used in planted captions (neurolens/data/nsfw_terms.txt without wildcards)."""
-    path = NSFW_TERMS
-    words = []
-    for line in path.read_text().splitlines():
-        word = line.split("#", 1)[0].strip().lower()
-        if word and "*" not in word and word not in _EXCLUDED_TERMS and " " not in word:
-            words.append(word)
-    return words
+    """The lexicon words used in planted captions (neurolens/data/nsfw_terms.txt without wildcards, phrases and
+    _EXCLUDED_TERMS), lower-cased."""
+    words = [term.lower() for term in lexicon_terms()]
+    return [word for word in words if "*" not in word and word not in _EXCLUDED_TERMS and " " not in word]
 
 
 @dataclass

@@ -73,7 +73,7 @@ def _threads(count: int):
 def model_config(name: str) -> Dict:
     """The open_clip config (a dict) of a model name, bundled configs included."""
     import open_clip
-    from ..models.load import register_bundled_configs
+    from ..models.build import register_bundled_configs
     register_bundled_configs()
     config = open_clip.get_model_config(name)
     if config is None:
@@ -116,7 +116,8 @@ def load_pairs(source: str, image_column: str = "image", caption_column: str = "
     """(images uint8 (N,size,size,3), captions, skipped) from a parquet/CSV of image paths and captions.
 
     Image paths are relative to the table's folder. Unreadable images are skipped and counted."""
-    from ..datasets.dataset import BadImage, open_dataset, preprocess_array
+    from ..datasets.decode import BadImage, preprocess_array
+    from ..datasets.open import open_dataset
     dataset = open_dataset(source, image_column=image_column, caption_column=caption_column)
     if dataset.captions is None:
         raise DatasetError(f"{source} has no caption column {caption_column!r}; training needs captions: "
@@ -213,7 +214,8 @@ def train_toy(dataset: str, out: str | os.PathLike, settings: TrainSettings = Tr
     """Train a small CLIP on a parquet/CSV of image paths and captions and save it to `out`.
 
     The checkpoint carries its model config, so load_clip(checkpoint=out) needs no model name."""
-    from ..models.load import save_checkpoint, weights_fingerprint
+    from ..models.checkpoint import save_checkpoint
+    from ..models.build import weights_fingerprint
     config = model_config(settings.model)
     size = int(config["vision_cfg"]["image_size"])
     started = time.perf_counter()

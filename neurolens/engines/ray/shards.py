@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from ...datasets.dataset import (IdentityHash, ImageDataset, ShardListing, list_tar_shard, open_dataset,
-                                 tar_description, tar_shards)
+from ...datasets.types import IdentityHash, ImageDataset
+from ...datasets.tar import ShardListing, list_tar_shard, tar_description, tar_shards
+from ...datasets.open import open_dataset
 from ...errors import DatasetError, NeurolensError
 from ...records.shards import listing_keys_and_captions, listing_path, read_listing, write_listing
 from ...storage.cache import Cache
