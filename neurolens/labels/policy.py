@@ -41,42 +41,20 @@ from typing import Collection, Dict, Iterable, Optional, Set, Tuple
 import numpy as np
 from PIL import Image
 
-from .blur import maybe_blur
+from ..errors import NeurolensError
+from ..models import resolve_layer
+from ..records.sweep import flagged_in_cache
+from ..storage.cache import Cache, Record, settings_key
 from . import nudenet
+from . import zero_shot as safety
+from .blur import maybe_blur
+from .sources import is_random
 
 # A label at or above this counts as positive (labels are 0/1, or scores in [0, 1]).
 LABEL_POSITIVE = 0.5
 NOT_JUDGED = "not judged"
 HIDDEN = "hidden until revealed"
 NOBLUR_SUFFIX = "_noblur"
-
-
-def is_random(clip) -> bool:
-    """True when the model has random weights (`--pretrained none` without a checkpoint)."""
-    return clip is not None and str(getattr(clip, "pretrained", "")) == "none"
-
-
-def flagged_in_cache(cache, fingerprint: str, layer: str, basis: str = "neurons") -> Set[int]:
-    """Units flagged in ANY cached sweep of `layer` made with these weights (every dataset swept), of one
-    basis: the neurons, or an SAE's features (basis id, neurolens.sae.basis; a sweep record's `basis` attr)."""
-    if cache is None:
-        return set()
-    folder = Path(cache.root) / "sweep" / fingerprint[:16] / _segment(layer)
-    flagged: Set[int] = set()
-    if not folder.is_dir():
-        return flagged
-    for path in sorted(folder.glob("*.h5")):
-        if path.name.startswith("."):
-            continue
-        record = cache.read(path, names=["flagged"])
-        if record is not None and "flagged" in record.arrays and record.attrs.get("basis", "neurons") == basis:
-            flagged.update(int(u) for u in np.flatnonzero(np.asarray(record.arrays["flagged"], dtype=bool)))
-    return flagged
-
-
-def _segment(text: str) -> str:
-    from ..storage.cache import _safe_segment
-    return _safe_segment(text)
 
 
 class BlurPolicy:
@@ -104,8 +82,6 @@ class BlurPolicy:
         """The policy for one layer: the caller's flagged units plus those of every cached sweep of it.
         `cache`: a store.Cache, a folder, or None for the default cache. basis: None for the neurons, or a basis
         of the layer (SAE features): its units are what `unit` means, and its sweeps give the flags."""
-        from ..models import resolve_layer
-        from ..storage.cache import Cache
         cache = cache if isinstance(cache, Cache) else Cache(cache)
         name = resolve_layer(clip, layer).name
         basis_id = getattr(basis, "id", None) or "neurons"
@@ -153,7 +129,6 @@ class BlurPolicy:
         return f"NudeNet {score:.2f}" if score is not None and score >= nudenet.FIRE_THRESHOLD else None
 
     def _zero_shot_reason(self, image: Image.Image) -> Optional[str]:
-        from . import zero_shot as safety
         score = self.zero_shot_score(image)
         return f"NSFW score {score:.2f}" if score is not None and score >= safety.IMAGE_NSFW_THRESHOLD else None
 
@@ -163,7 +138,6 @@ class BlurPolicy:
         """NudeNet's image-level score (labels.nudenet), or None when the detector is off or not installed."""
         if not self.detector:
             return None
-        from ..storage.cache import settings_key
         return self._score("nudenet", settings_key("nudenet", nudenet.version()), image,
                            lambda img: float(nudenet.image_scores([img])[0]))
 
@@ -172,7 +146,6 @@ class BlurPolicy:
         (random weights, no model, or zero_shot=False)."""
         if not self.zero_shot:
             return None
-        from . import zero_shot as safety
         prompts = self.prompts or safety.load_prompts()
         return self._score("fv-nsfw", self.clip.fingerprint, image,
                            lambda img: float(safety.nsfw_scores_for_images(self.clip, [img], prompts)[0]),
@@ -180,8 +153,6 @@ class BlurPolicy:
 
     def _score(self, kind: str, owner: str, image: Image.Image, compute, *identity) -> float:
         """compute(image), kept per pixel hash in memory and, with a cache, in a `kind` record of `owner`."""
-        from ..errors import NeurolensError
-        from ..storage.cache import Record, settings_key
         digest = _pixel_digest(image)
         if (kind, digest) in self._scores:
             return self._scores[(kind, digest)]

@@ -24,17 +24,28 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..datasets.dataset import BadImage, dataset_column
 from ..errors import NeurolensError
+from ..storage.cache import Record, settings_key
+from . import nudenet
+from . import zero_shot as safety
 
 KINDS = ("captions", "column", "nudenet", "zero-shot")
 # Checked for agreement least trusted first, so a bad source never judges a better one.
 CHECK_ORDER = ("zero-shot", "nudenet", "captions", "column")
 NUDENET_CHUNK = 1024          # images per NudeNet cache record: an interrupted run keeps what it finished
 Progress = Optional[Callable[[int, int], None]]
+
+
+def is_random(clip) -> bool:
+    """True when the model has random weights (`--pretrained none` without a checkpoint): its zero-shot
+    score is noise, so it is never a label source (and never judges an image for the blur policy)."""
+    return clip is not None and str(getattr(clip, "pretrained", "")) == "none"
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,6 @@ def caption_matches(keys: Sequence[str], captions: Optional[Sequence[str]], term
                     mode: str = "word") -> np.ndarray:
     """(N,) bool: the caption (in `mode`) or the key, when it is a URL (always substring: URLs run words
     together, 'freexxxvideos.com'), contains one of `terms` (default: the paper's 7, safety.default_terms)."""
-    from . import zero_shot as safety
     keys = list(keys)
     matched = np.zeros(len(keys), dtype=bool)
     if captions is not None and mode != "off":
@@ -150,7 +160,6 @@ def captions_source(spec: LabelSpec, keys: Sequence[str], captions: Optional[Seq
                     terms: Optional[Sequence[str]] = None, mode: str = "word") -> LabelSource:
     """1 where the caption or URL matches a term (default: the whole lexicon), 0 where it does not, NaN
     where there is neither a caption nor a URL."""
-    from . import zero_shot as safety
     terms = list(terms) if terms is not None else safety.lexicon_terms()
     matched = caption_matches(keys, captions, terms, mode)
     scores = matched.astype(np.float32)
@@ -169,7 +178,6 @@ _FALSE = {"false", "no", "n", "f", "0", "negative"}
 
 def column_source(spec: LabelSpec, dataset) -> LabelSource:
     """The dataset column's values as labels (module docstring)."""
-    from ..datasets.dataset import dataset_column
     values = dataset_column(dataset, spec.column)
     scores = np.full(len(values), np.nan, dtype=np.float32)
     wanted = {v.lower() for v in spec.values}
@@ -204,10 +212,6 @@ def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optiona
 
     so a second sweep (any layer, any model) does not run the detector again, and an interrupted run
     keeps the chunks it finished."""
-    from importlib.metadata import version
-    from ..datasets.dataset import BadImage
-    from ..storage.cache import Record, settings_key
-    from . import nudenet
 
     if not nudenet.available():
         raise NeurolensError("--labels nudenet needs the nudenet package; pip install nudenet==3.4.2")
@@ -244,7 +248,6 @@ def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optiona
 
 def nudenet_source(spec: LabelSpec, dataset, cache=None, progress: Progress = None,
                    skip: Optional[np.ndarray] = None) -> LabelSource:
-    from . import nudenet
     return LabelSource(spec, nudenet_scores(dataset, cache, progress, skip), nudenet.FIRE_THRESHOLD,
                        f"highest exposed-class confidence, fires at >= {nudenet.FIRE_THRESHOLD}")
 
@@ -255,8 +258,6 @@ def zero_shot_source(spec: LabelSpec, clip, embeddings: Optional[np.ndarray], pr
                      scorer=None) -> LabelSource:
     """The inspected model's zero-shot score of the scan's image embeddings (NaN rows: skipped items).
     scorer(clip, embeddings) -> (N,) replaces it (tests inject known scores)."""
-    from . import zero_shot as safety
-    from .policy import is_random
     if is_random(clip) and scorer is None:
         raise NeurolensError("zero-shot labels need trained weights: a random-weights model's zero-shot score "
                              "is noise; use --labels captions, column:NAME or nudenet")
@@ -283,8 +284,6 @@ def resolve_specs(named: Sequence[LabelSpec], auto: bool, *, has_captions: bool,
 
     auto adds (not explicit) captions when the dataset has captions, nudenet when installed (detector=None)
     and not turned off (detector=False), zero-shot when the model is trained (or a scorer is given)."""
-    from . import nudenet
-    from .policy import is_random
     specs = list(named)
     notes: List[str] = []
     kinds = {s.kind for s in specs}
