@@ -117,6 +117,8 @@ class SweepSettings:
 
 def sweep_settings(settings: Optional[SweepSettings] = None, **options) -> SweepSettings:
     """`settings` (default: SweepSettings()) with the older API's keyword arguments applied (SweepSettings.updated)."""
+    if settings is not None and not isinstance(settings, SweepSettings):
+        raise TypeError(f"settings must be a SweepSettings, got {type(settings).__name__}; pass vocab=... by keyword")
     settings = settings if settings is not None else SweepSettings()
     return settings.updated(**options) if options else settings
 

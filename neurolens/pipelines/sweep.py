@@ -298,8 +298,8 @@ def run_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] 
     basis: None for the neurons, or a basis of the layer (neurolens.sae.load_basis): its units (SAE features)
     are swept, from a scan of the same pass as the neurons' and the decoder directions' texts; the record says
     which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default."""
-    return sweep(clip, layer, dataset, _settings(settings, options), LocalEngine(batch_size, workers), cache=cache,
-                 force=force, progress=progress, out=out, write_csv=write_csv, scorer=scorer, basis=basis)
+    return sweep(clip, layer, dataset, sweep_settings(settings, **options), LocalEngine(batch_size, workers),
+                 cache=cache, force=force, progress=progress, out=out, write_csv=write_csv, scorer=scorer, basis=basis)
 
 
 def run_ray_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] = None, *, cache=None,
@@ -312,14 +312,8 @@ def run_ray_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettin
     of any unit is stored. Writes the scan record, a `sweep-fused` record (the label results) and the usual
     sweep record and flags.csv. settings / options: as run_sweep; ray, warmup, bins: RayEngine."""
     engine = RayEngine(ray, device, warmup, bins, image_column, caption_column, report)
-    return sweep(clip, layer, dataset, _settings(settings, options), engine, cache=cache, force=force,
+    return sweep(clip, layer, dataset, sweep_settings(settings, **options), engine, cache=cache, force=force,
                  progress=progress, out=out, write_csv=write_csv)
-
-
-def _settings(settings, options: dict) -> SweepSettings:
-    if settings is not None and not isinstance(settings, SweepSettings):
-        raise TypeError(f"settings must be a SweepSettings, got {type(settings).__name__}; pass vocab=... by keyword")
-    return sweep_settings(settings, **options)
 
 
 # ------------------------------------------------------------------------------------------- texts
