@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..records.sweep import SweepResult
+from ..records.sweep import NEURONS, SweepResult
 from ..storage.files import csv_cell, write_text
 from .scan import _as_basis
 
@@ -39,7 +39,7 @@ def _rounded(value: Optional[float], digits: int, significant: bool = False) -> 
 def flags_header(result: SweepResult) -> List[str]:
     """The comment lines at the top of flags.csv (each starts with '#'): the label sources and the rule."""
     s = result.scores
-    what = result.layer if result.basis == "neurons" else \
+    what = result.layer if result.basis == NEURONS else \
         f"the features of SAE {result.basis_name} on {result.layer} (basis {result.basis}; unit = feature)"
     lines = [f"# neurolens sweep of {what}: {s.n_pos} positive and {s.n_neg} negative images, "
              f"AUC {s.method}; flagged when {s.rule.describe()}"]
