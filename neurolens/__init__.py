@@ -55,13 +55,17 @@ __all__ += ["run_demo", "DemoSettings", "DemoReport", "train_toy", "TrainSetting
             "generate_pairs", "write_dataset", "ToySettings", "zero_shot_accuracy", "ZeroShotReport"]
 
 # NSFW sweep, scores and blurred figures
-from .pipelines.sweep import SweepResult, run_figure, run_grid, run_sweep  # noqa: E402
+from .pipelines.figures import run_figure, run_grid  # noqa: E402
+from .pipelines.settings import LabelSettings, SweepSettings  # noqa: E402
+from .records.sweep import SweepResult  # noqa: E402
+from .pipelines.sweep import run_ray_sweep, run_sweep  # noqa: E402
 from .labels.zero_shot import (IMAGE_NSFW_THRESHOLD, nsfw_scores_for_embeddings, nsfw_scores_for_images,  # noqa: E402
                                text_nsfw_scores)
 from .labels.lexicon import caption_nsfw_matches  # noqa: E402
 from .scoring.units import FlagRule, UnitScores  # noqa: E402
 
-__all__ += ["run_sweep", "SweepResult", "run_figure", "run_grid", "nsfw_scores_for_images",
+__all__ += ["run_sweep", "run_ray_sweep", "SweepSettings", "LabelSettings", "SweepResult", "run_figure", "run_grid",
+            "nsfw_scores_for_images",
             "nsfw_scores_for_embeddings", "caption_nsfw_matches", "text_nsfw_scores", "IMAGE_NSFW_THRESHOLD",
             "FlagRule", "UnitScores"]
 

@@ -13,7 +13,8 @@ from neurolens.labels import blur, zero_shot as safety
 from neurolens.datasets.open import open_dataset
 from neurolens.datasets.decode import preprocess
 from neurolens.display.figures import crop_around_cell
-from neurolens.pipelines.sweep import run_figure, run_grid, run_sweep
+from neurolens.pipelines.figures import run_figure, run_grid
+from neurolens.pipelines.sweep import run_sweep
 from neurolens.storage.cache import Cache
 from neurolens.types import RenderSettings
 from neurolens.scoring.units import FlagRule

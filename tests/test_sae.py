@@ -578,8 +578,10 @@ def test_sweep_figure_and_grid_over_features(tiny_clip, images, trained, tmp_pat
     the labels; the record, flags.csv, the panels and the grid say which basis they hold; the blur policy reads
     the features' flags only for features."""
     import csv
-    from neurolens.labels.policy import flagged_in_cache
-    from neurolens.pipelines.sweep import flags_path, run_figure, run_grid, run_sweep
+    from neurolens.records.sweep import flagged_in_cache
+    from neurolens.pipelines.figures import run_figure, run_grid
+    from neurolens.pipelines.flags import flags_path
+    from neurolens.pipelines.sweep import run_sweep
     from neurolens.scoring.units import FlagRule
     result, cache = trained
     basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)

@@ -173,3 +173,170 @@ def test_bad_options_are_one_line_errors(tiny_clip, dataset_table):
     from neurolens.pipelines.sweep import run_sweep
     with pytest.raises(NeurolensError, match="caption-match"):
         run_sweep(tiny_clip, LAYER, dataset_table, caption_mode="fuzzy")
+
+
+# ------------------------------------------------------------------------------- settings and engines
+
+def test_the_cli_sweep_options_build_one_sweep_settings(tmp_path):
+    from neurolens.cli.options import SWEEP, uses
+    from neurolens.errors import NeurolensError
+    from neurolens.labels import zero_shot as safety
+    from neurolens.pipelines.settings import LabelSettings, SweepSettings
+    seen = {}
+
+    @uses(settings=SWEEP)
+    def command(settings: SweepSettings = None):
+        seen["settings"] = settings
+
+    defaults = {name: default for name, _, default in SWEEP.options}
+    command(**defaults)
+    assert seen["settings"] == SweepSettings()
+    terms, unsafe = tmp_path / "terms.txt", tmp_path / "unsafe.txt"
+    terms.write_text("zebra\n# a comment\nokapi\n")
+    unsafe.write_text("a bad photo\n")
+    command(**{**defaults, "vocab": "v.txt", "top_k": 5, "labels": ["captions", "column:NSFW=NSFW"],
+               "min_agreement": 0.6, "max_q": 0.05, "min_auc": 0.7, "min_text_share": 0.5,
+               "unsafe_prompts": str(unsafe), "caption_terms": str(terms), "caption_match": "substring",
+               "auc_memory": 1})
+    settings = seen["settings"]
+    assert settings == SweepSettings(
+        vocab="v.txt", top_k=5, rule=FlagRule(max_q=0.05, min_auc=0.7, min_text_share=0.5), auc_memory=2 ** 20,
+        labels=LabelSettings(sources=("captions", "column:NSFW=NSFW"), min_agreement=0.6, caption_mode="substring",
+                             caption_terms=("zebra", "okapi"), unsafe_prompts=("a bad photo",)))
+    prompts = settings.labels.prompts()
+    assert prompts.unsafe == ["a bad photo"] and prompts.safe == safety.load_prompts().safe
+    assert settings.labels.terms() == ["zebra", "okapi"]
+    for option, value, words in [("min_auc", 0.3, "--min-auc"), ("max_q", 0.0, "--max-q"),
+                                 ("min_text_share", 2.0, "--min-text-share"), ("caption_match", "fuzzy", "caption-match"),
+                                 ("min_agreement", 0.2, "--min-agreement"), ("labels", ["bogus"], "unknown label source"),
+                                 ("auc_memory", -1, "--auc-memory"), ("caption_terms", str(tmp_path / "no.txt"), "no.txt")]:
+        with pytest.raises(NeurolensError, match=words):
+            command(**{**defaults, option: value})
+
+
+def test_older_keyword_arguments_map_onto_sweep_settings():
+    from neurolens.labels import zero_shot as safety
+    from neurolens.pipelines.settings import LabelSettings, SweepSettings, sweep_settings
+    rule = FlagRule(max_q=0.2, min_auc=0.9)
+    old = sweep_settings(vocab="v.txt", top_k=4, text_top_k=3, rule=rule, labels="captions", min_agreement=0.7,
+                         detector=False, caption_terms=["zebra"], caption_mode="off", text_zero_shot=False,
+                         prompts=safety.Prompts(["u"], ["s"]), auc_memory=0)
+    assert old == SweepSettings(vocab="v.txt", top_k=4, text_top_k=3, rule=rule, text_zero_shot=False, auc_memory=0,
+                                labels=LabelSettings(sources=("captions",), min_agreement=0.7, detector=False,
+                                                     caption_terms=("zebra",), caption_mode="off",
+                                                     unsafe_prompts=("u",), safe_prompts=("s",)))
+    # keyword arguments apply over a settings object; prompts=None is the shipped lists again
+    assert sweep_settings(old, top_k=9, prompts=None).labels.unsafe_prompts is None
+    assert sweep_settings(old, top_k=9).top_k == 9 and sweep_settings(old, top_k=9).labels == old.labels
+    with pytest.raises(TypeError, match="top_kk"):
+        sweep_settings(top_kk=3)
+
+
+def test_settings_and_older_keyword_arguments_find_the_same_record(tiny_clip, dataset_table, vocab_file, tmp_path):
+    from neurolens.pipelines.settings import LabelSettings, SweepSettings
+    from neurolens.pipelines.sweep import run_sweep
+    from neurolens.storage.cache import Cache
+    cache = Cache(tmp_path / "c")
+    old = run_sweep(tiny_clip, LAYER, dataset_table, vocab=vocab_file, top_k=8, text_top_k=10, cache=cache,
+                    labels=["captions"], rule=FlagRule(max_q=1.0, min_auc=0.75), write_csv=False)
+    settings = SweepSettings(vocab=vocab_file, top_k=8, text_top_k=10, rule=FlagRule(max_q=1.0, min_auc=0.75),
+                             labels=LabelSettings(sources=("captions",)))
+    new = run_sweep(tiny_clip, LAYER, dataset_table, settings, cache=cache, write_csv=False)
+    assert not old.cached and new.cached and new.path == old.path
+    np.testing.assert_array_equal(new.scores.flagged, old.scores.flagged)
+    with pytest.raises(TypeError, match="SweepSettings"):
+        run_sweep(tiny_clip, LAYER, dataset_table, vocab_file)
+
+
+def test_both_engines_run_the_one_sweep_code_path(monkeypatch):
+    """run_sweep and run_ray_sweep differ only in the engine they hand to `sweep` (no Ray needed to see it)."""
+    from neurolens.pipelines import sweep as module
+    from neurolens.pipelines.settings import SweepSettings
+    calls = []
+    monkeypatch.setattr(module, "sweep", lambda *args, **kwargs: calls.append((args, kwargs)))
+    module.run_sweep("clip", LAYER, "data", top_k=5, labels=["captions"], workers=0, out="o")
+    module.run_ray_sweep("clip", LAYER, "data", top_k=5, labels=["captions"], out="o", warmup=8)
+    (local_args, local_kw), (ray_args, ray_kw) = calls
+    assert isinstance(local_args[4], module.LocalEngine) and isinstance(ray_args[4], module.RayEngine)
+    assert local_args[:4] == ray_args[:4] == ("clip", LAYER, "data", SweepSettings(top_k=5).updated(labels=["captions"]))
+    assert local_kw["out"] == ray_kw["out"] == "o" and ray_args[4].warmup == 8
+
+
+def test_label_results_read_back_from_a_fused_record_give_the_same_sweep(tiny_clip, dataset_table, vocab_file,
+                                                                          tmp_path):
+    """The Ray engine's ending: its label set and statistics come back from a `sweep-fused` record; fed those
+    (here: the in-process ones, written and read back), the shared ending gives the in-process sweep."""
+    from types import SimpleNamespace
+    from neurolens.pipelines.settings import LabelSettings, SweepSettings
+    from neurolens.pipelines.sweep import LocalEngine, sweep
+    from neurolens.records import sweep as records
+    from neurolens.storage.cache import Cache
+    settings = SweepSettings(vocab=vocab_file, top_k=8, text_top_k=10, labels=LabelSettings(sources=("captions",)))
+    cache = Cache(tmp_path / "c")
+    local = sweep(tiny_clip, LAYER, dataset_table, settings, LocalEngine(workers=0), cache=cache, write_csv=False)
+
+    class Replayed(LocalEngine):
+        """In-process scan; label results through a fused record, as RayEngine reads them."""
+        def open(self, job, dataset):
+            opened = super().open(job, dataset)
+
+            class Wrapped:
+                def __enter__(inner):
+                    run = opened.__enter__()
+                    computed = run.labels
+
+                    def labels(scan):
+                        label_set, statistics = computed(scan)
+                        outcome = SimpleNamespace(statistics=statistics, label_set=label_set, counts=None,
+                                                  warmup_images=len(label_set.labels))
+                        path = cache.write(tmp_path / "fused.h5", records.fused_record(outcome, 8192, 128))
+                        fused = cache.read(path)
+                        return records.label_set_from_record(fused), records.statistics_from_record(fused)
+                    run.labels, run.method = labels, lambda scan: "replayed"
+                    return run
+
+                def __exit__(inner, *exc):
+                    return opened.__exit__(*exc)
+            return Wrapped()
+
+    replayed = sweep(tiny_clip, LAYER, dataset_table, settings, Replayed(workers=0), cache=cache, write_csv=False)
+    assert replayed.path != local.path and not replayed.cached
+    for name in ("auc", "p", "q", "correlation", "top_nsfw_share", "text_nsfw_share", "flagged", "text_flag"):
+        np.testing.assert_array_equal(getattr(replayed.scores, name), getattr(local.scores, name))
+    np.testing.assert_array_equal(replayed.image_labels, local.image_labels)
+    assert replayed.labels.as_attrs() == local.labels.as_attrs() and replayed.lines() == local.lines()
+
+
+def test_sweep_record_readers_answer_for_new_and_old_records(tiny_clip, dataset_table, vocab_file, tmp_path):
+    from neurolens.records.sweep import flagged_in_cache
+    from neurolens.pipelines.sweep import run_sweep
+    from neurolens.records import sweep as records
+    from neurolens.storage.cache import Cache, Record
+    cache = Cache(tmp_path / "c")
+    result = run_sweep(tiny_clip, LAYER, dataset_table, vocab=vocab_file, top_k=8, text_top_k=10, cache=cache,
+                       labels=["captions"], rule=FlagRule(max_q=1.0, min_auc=0.75), write_csv=False)
+    record = cache.read(result.path)
+    units = result.scan.channels
+    assert records.sweep_paths(cache, tiny_clip.fingerprint, LAYER) == [result.path]
+    assert flagged_in_cache(cache, tiny_clip.fingerprint, LAYER) == set(result.flagged_units) != set()
+    assert flagged_in_cache(cache, tiny_clip.fingerprint, LAYER, "sae-other-0123456789ab") == set()
+    np.testing.assert_array_equal(records.flagged(record, units), result.scores.flagged)
+    assert records.evidence_name(record) == "AUC" and records.unit_count(record) == units
+    np.testing.assert_array_equal(records.evidence_values(record, units), result.scores.auc)
+    np.testing.assert_array_equal(records.image_labels(record), result.image_labels)
+    unit = result.flagged_units[0]
+    evidence = records.unit_evidence(record, unit)
+    assert evidence["flagged"] and evidence["n_images"] == 36
+    assert evidence["rule_text"] == ("flagged when q <= 1 and AUC >= 0.75; text_flag when at least 30% of the top "
+                                     "10 texts are NSFW")
+    assert [c["passed"] for c in evidence["checks"][:2]] == [True, True]
+    # a record from before the AUC rule: a correlation rule, no auc, no labels
+    old = Record(arrays={"flagged": np.array([True, False]), "correlation": np.array([0.4, 0.1]),
+                         "image_scores": np.array([0.9, 0.1])},
+                 attrs={"rule": {"min_correlation": 0.3, "noise_z": 3.0, "min_top_share": 0.5, "min_text_share": 0.3,
+                                 "text_k": 10}})
+    assert records.evidence_name(old) == "correlation" and records.image_labels(old).tolist() == [0.9, 0.1]
+    evidence = records.unit_evidence(old, 0)
+    assert evidence["n_images"] is None and evidence["checks"][0]["label"] == "NSFW correlation"
+    assert evidence["rule_text"].startswith("flagged when the NSFW correlation reaches max(0.3, 3.0/sqrt(N))")
+    assert records.unit_evidence(None, 0) is None and not records.flagged(None, 3).any()

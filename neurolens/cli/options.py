@@ -21,14 +21,18 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import typer
 from typing_extensions import Annotated
 
+from ..datasets.open import open_dataset
+from ..engines.ray.session import RayOptions
 from ..errors import NeurolensError
 from ..labels.lexicon import read_list
 from ..models.build import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from ..pipelines.settings import LabelSettings, SweepSettings
+from ..scoring.units import FlagRule
 from ..types import RenderSettings
 
 # ------------------------------------------------------------------------------------- single options
@@ -164,7 +168,6 @@ class DatasetChoice:
 
     def open(self):
         """The ImageDataset (a bad path or table: one line, exit 2)."""
-        from ..datasets.open import open_dataset
         return open_dataset(self.dataset, image_column=self.image_column, caption_column=self.caption_column)
 
 
@@ -214,7 +217,6 @@ class EngineChoice:
         return self.engine == "ray"
 
     def ray_options(self, batch_size: Optional[int] = None):
-        from ..engines.ray.session import RayOptions
         sharding = {"shard_size": self.shard_size} if self.shard_size is not None else {}
         return RayOptions(address=self.ray_address, actors=self.actors, batch_size=batch_size,
                           gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, **sharding)
@@ -276,48 +278,41 @@ StepsOpt = Annotated[int, typer.Option("--steps", help="Optimization steps of a 
 SeedsOpt = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of the feature visualizations.")]
 
 
-@dataclass(frozen=True)
-class SweepChoice:
-    """The sweep's inputs, label sources and flag rule, as the sweep, figure and grid commands take them."""
-    vocab: str = "builtin"
-    top_k: int = 32
-    text_top_k: int = 30
-    labels: Optional[Tuple[str, ...]] = None
-    min_agreement: float = 0.75
-    max_q: float = 0.01
-    min_auc: float = 0.8
-    min_text_share: float = 0.3
-    unsafe_prompts: Optional[str] = None
-    safe_prompts: Optional[str] = None
-    caption_terms: Optional[str] = None
-    caption_match: str = "word"
+AucMemoryOpt = Annotated[int, typer.Option("--auc-memory", help="MB the exact AUC may keep; beyond it, a streaming "
+                                           "binned estimate (error <= 0.005).")]
 
-    def rule(self):
-        from ..scoring.units import FlagRule
-        if not 0.0 <= self.min_text_share <= 1.0:
-            raise NeurolensError(f"--min-text-share must be a share between 0 and 1, got {self.min_text_share}")
-        if not 0.0 < self.max_q <= 1.0:
-            raise NeurolensError(f"--max-q must be a q-value in (0, 1], got {self.max_q}")
-        if not 0.5 <= self.min_auc <= 1.0:
-            raise NeurolensError(f"--min-auc must be an AUC between 0.5 and 1, got {self.min_auc}")
-        return FlagRule(max_q=self.max_q, min_auc=self.min_auc, min_text_share=self.min_text_share)
-
-    def arguments(self) -> Dict[str, Any]:
-        """Keyword arguments of run_sweep / run_figure / run_grid (the files are read, the rule checked)."""
-        from ..labels import zero_shot as safety
-        rule = self.rule()
-        return dict(vocab=self.vocab, top_k=self.top_k, text_top_k=self.text_top_k, rule=rule,
-                    labels=list(self.labels or ["auto"]), min_agreement=self.min_agreement,
-                    prompts=safety.load_prompts(self.unsafe_prompts, self.safe_prompts),
-                    caption_terms=read_list(self.caption_terms) if self.caption_terms else None,
-                    caption_mode=self.caption_match)
+_SWEEP = SweepSettings()           # the defaults of every sweep option
+_AUC_MEMORY_MB = _SWEEP.auc_memory // 2 ** 20
 
 
-SWEEP = OptionSet.of(SweepChoice, vocab=(VocabOpt, "builtin"), top_k=(SweepTopKOpt, 32),
-                     text_top_k=(TextTopKOpt, 30), labels=(LabelsOpt, None), min_agreement=(MinAgreementOpt, 0.75),
-                     max_q=(MaxQOpt, 0.01), min_auc=(MinAucOpt, 0.8), min_text_share=(MinTextOpt, 0.3),
-                     unsafe_prompts=(UnsafeOpt, None), safe_prompts=(SafeOpt, None),
-                     caption_terms=(TermsOpt, None), caption_match=(CaptionMatchOpt, "word"))
+def sweep_settings(vocab: str = _SWEEP.vocab, top_k: int = _SWEEP.top_k, text_top_k: int = _SWEEP.text_top_k,
+                   labels: Optional[List[str]] = None, min_agreement: float = _SWEEP.labels.min_agreement,
+                   max_q: float = _SWEEP.rule.max_q, min_auc: float = _SWEEP.rule.min_auc,
+                   min_text_share: float = _SWEEP.rule.min_text_share, unsafe_prompts: Optional[str] = None,
+                   safe_prompts: Optional[str] = None, caption_terms: Optional[str] = None,
+                   caption_match: str = _SWEEP.labels.caption_mode, auc_memory: int = _AUC_MEMORY_MB) -> SweepSettings:
+    """The SweepSettings of the sweep, figure and grid commands: the prompt and term files are read, every
+    value is checked (one line naming the option)."""
+    if auc_memory < 0:
+        raise NeurolensError(f"--auc-memory must be a number of MB >= 0, got {auc_memory}")
+    label_settings = LabelSettings(
+        sources=tuple(labels or ("auto",)), min_agreement=min_agreement, caption_mode=caption_match,
+        caption_terms=read_list(caption_terms) if caption_terms else None,
+        unsafe_prompts=read_list(unsafe_prompts) if unsafe_prompts else None,
+        safe_prompts=read_list(safe_prompts) if safe_prompts else None)
+    rule = FlagRule(max_q=max_q, min_auc=min_auc, min_text_share=min_text_share)
+    return SweepSettings(vocab=vocab, top_k=top_k, text_top_k=text_top_k, rule=rule, labels=label_settings,
+                         auc_memory=int(auc_memory) * 2 ** 20)
+
+
+SWEEP = OptionSet.of(sweep_settings, vocab=(VocabOpt, _SWEEP.vocab), top_k=(SweepTopKOpt, _SWEEP.top_k),
+                     text_top_k=(TextTopKOpt, _SWEEP.text_top_k), labels=(LabelsOpt, None),
+                     min_agreement=(MinAgreementOpt, _SWEEP.labels.min_agreement),
+                     max_q=(MaxQOpt, _SWEEP.rule.max_q), min_auc=(MinAucOpt, _SWEEP.rule.min_auc),
+                     min_text_share=(MinTextOpt, _SWEEP.rule.min_text_share), unsafe_prompts=(UnsafeOpt, None),
+                     safe_prompts=(SafeOpt, None), caption_terms=(TermsOpt, None),
+                     caption_match=(CaptionMatchOpt, _SWEEP.labels.caption_mode),
+                     auc_memory=(AucMemoryOpt, _AUC_MEMORY_MB))
 
 
 _RENDER_STEPS = RenderSettings().steps

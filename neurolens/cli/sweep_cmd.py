@@ -1,6 +1,7 @@
 """neurolens sweep, neurolens figure, neurolens grid"""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional
 
 import typer
@@ -8,9 +9,11 @@ from typing_extensions import Annotated
 
 from .app import app, command, open_basis, print_json, progress_bar
 from .options import (DATASET, ENGINE, LOADER, MODEL, RENDER, SWEEP, CacheOpt, DatasetChoice, EngineChoice, ForceOpt,
-                      JsonOpt, LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SaeOpt, SweepChoice,
-                      uses)
+                      JsonOpt, LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SaeOpt, uses)
 from ..errors import NeurolensError
+from ..pipelines.figures import run_figure, run_grid
+from ..pipelines.settings import SweepSettings
+from ..pipelines.sweep import run_ray_sweep, run_sweep
 
 OutDirOpt = Annotated[Optional[str], typer.Option("--out", help="Folder for the PNGs (default outputs/figures/).")]
 NO_BLUR_LINE = "note: --no-blur: images are written with RAW pixels, nothing is blurred (may show NSFW content)"
@@ -26,16 +29,14 @@ def _units(text: str) -> List[int]:
 @app.command("sweep", short_help="Score every unit of a layer for NSFW content (AUC, q) and flag units; "
                                   "writes flags.csv.")
 @command
-@uses(model=MODEL, data=DATASET, loader=LOADER, options=SWEEP, engine=ENGINE)
+@uses(model=MODEL, data=DATASET, loader=LOADER, settings=SWEEP, engine=ENGINE)
 def sweep(
     layer: LayerOpt = "image_block_4_5",
     data: DatasetChoice = None,
-    options: SweepChoice = None,
+    settings: SweepSettings = None,
     show: Annotated[int, typer.Option("--show", help="Units printed (text output).")] = 20,
     out: Annotated[Optional[str], typer.Option("--out", help="flags.csv path or folder "
                                                "(default outputs/sweep/<layer>/flags.csv).")] = None,
-    auc_memory: Annotated[int, typer.Option("--auc-memory", help="MB the exact AUC may keep; beyond it, a streaming "
-                                            "binned estimate (error <= 0.005).")] = 2048,
     force: ForceOpt = False,
     loader: LoaderChoice = None,
     engine: EngineChoice = None,
@@ -60,24 +61,20 @@ def sweep(
     Example:  neurolens sweep --layer image_block_4_5 --dataset laion.parquet --labels column:NSFW=NSFW,UNSURE --labels nudenet
     Example:  neurolens sweep --layer image_block_4_5 --dataset laion/ --labels column:NSFW=NSFW,UNSURE --engine ray --actors 8
     """
-    from ..pipelines.sweep import run_ray_sweep, run_sweep
-    if auc_memory < 0:
-        raise NeurolensError(f"--auc-memory must be a number of MB >= 0, got {auc_memory}")
-    arguments = options.arguments()
-    rule = arguments["rule"]
+    rule = settings.rule
     if engine.keep_per_image:
         raise NeurolensError("--keep-per-image is for scan --engine ray; a sweep on Ray stores no per-image values")
     basis = None
     if engine.ray:
-        engine.check_process_only(**{"--workers": loader.workers is not None, "--auc-memory": auc_memory != 2048,
+        engine.check_process_only(**{"--workers": loader.workers is not None,
+                                     "--auc-memory": settings.auc_memory != SweepSettings().auc_memory,
                                      "--sae": sae is not None})
-        from dataclasses import replace
         clip = replace(model, device="cpu").load(quiet=as_json)  # the driver ships the image tower to the actors
         with progress_bar(f"sweep {layer} on Ray", enabled=not as_json) as progress:
-            result = run_ray_sweep(clip, layer, data.dataset, cache=cache, force=force, progress=progress, out=out,
-                                   ray=engine.ray_options(loader.batch_size), device=model.device,
+            result = run_ray_sweep(clip, layer, data.dataset, settings, cache=cache, force=force, progress=progress,
+                                   out=out, ray=engine.ray_options(loader.batch_size), device=model.device,
                                    image_column=data.image_column, caption_column=data.caption_column,
-                                   report=lambda state: progress.note(state.line()), **arguments)
+                                   report=lambda state: progress.note(state.line()))
         description = result.scan.description
     else:
         engine.check_process_only()
@@ -85,9 +82,8 @@ def sweep(
         basis = open_basis(clip, layer, sae, cache)
         dataset = data.open()
         with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
-            result = run_sweep(clip, layer, dataset, cache=cache, force=force, progress=progress, out=out,
-                               batch_size=loader.batch_size, workers=loader.workers,
-                               auc_memory=int(auc_memory) * 2 ** 20, basis=basis, **arguments)
+            result = run_sweep(clip, layer, dataset, settings, cache=cache, force=force, progress=progress, out=out,
+                               batch_size=loader.batch_size, workers=loader.workers, basis=basis)
         description = dataset.description
     for line in result.lines():
         typer.echo(line, err=as_json)
@@ -113,7 +109,7 @@ def sweep(
 
 @app.command("figure", short_help="One Microscope-style panel per unit (feature vis., crops, texts); blurred.")
 @command
-@uses(model=MODEL, data=DATASET, options=SWEEP, render=RENDER)
+@uses(model=MODEL, data=DATASET, settings=SWEEP, render=RENDER)
 def figure(
     unit: Annotated[List[int], typer.Option("--unit", help="Unit index, with --sae a feature index (repeat for "
                                             "several panels).")],
@@ -123,7 +119,7 @@ def figure(
     no_fv: Annotated[bool, typer.Option("--no-fv", help="Leave out the feature visualization (no rendering).")] = False,
     render: RenderChoice = None,
     data: DatasetChoice = None,
-    options: SweepChoice = None,
+    settings: SweepSettings = None,
     sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
@@ -135,17 +131,15 @@ def figure(
 
     Example:  neurolens figure --layer image_block_4_5 --unit 1543 --out figures/
     """
-    from ..pipelines.sweep import run_figure
-    arguments = options.arguments()
-    settings = render.settings()
+    render_settings = render.settings()
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
     clip = model.load()
     basis = open_basis(clip, layer, sae, cache)
     dataset = data.open()
     with progress_bar(f"figure {layer}") as progress:
-        written = run_figure(clip, layer, unit, dataset, out=out, blur=not no_blur, fv=not no_fv,
-                             render_settings=settings, cache=cache, progress=progress, basis=basis, **arguments)
+        written = run_figure(clip, layer, unit, dataset, settings, out=out, blur=not no_blur, fv=not no_fv,
+                             render_settings=render_settings, cache=cache, progress=progress, basis=basis)
     for path, fig in written:
         typer.echo(f"{path}  ({fig.note})")
     if no_blur:
@@ -154,7 +148,7 @@ def figure(
 
 @app.command("grid", short_help="Many units in one PNG, one row each (flagged or chosen units); blurred.")
 @command
-@uses(model=MODEL, data=DATASET, options=SWEEP, render=RENDER)
+@uses(model=MODEL, data=DATASET, settings=SWEEP, render=RENDER)
 def grid(
     layer: LayerOpt = "image_block_4_5",
     flagged: Annotated[bool, typer.Option("--flagged", help="The sweep's flagged units (by AUC).")] = False,
@@ -167,7 +161,7 @@ def grid(
                                             "cached (default: show only cached ones).")] = False,
     render: RenderChoice = None,
     data: DatasetChoice = None,
-    options: SweepChoice = None,
+    settings: SweepSettings = None,
     sae: SaeOpt = None,
     model: ModelChoice = None,
     cache: CacheOpt = None,
@@ -178,21 +172,19 @@ def grid(
 
     Example:  neurolens grid --layer image_block_4_5 --flagged --top 64 --out figures/
     """
-    from ..pipelines.sweep import run_grid
-    arguments = options.arguments()
     chosen = _units(units) if units else None
     if chosen is not None and not chosen:
         raise NeurolensError("--units needs at least one unit number, e.g. --units 1,2,3")
-    settings = render.settings()
+    render_settings = render.settings()
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
     clip = model.load()
     basis = open_basis(clip, layer, sae, cache)
     dataset = data.open()
     with progress_bar(f"grid {layer}") as progress:
-        path, fig, shown = run_grid(clip, layer, chosen, flagged=flagged, top=top, dataset=dataset, out=out,
-                                    blur=not no_blur, render_fv=render_fv, render_settings=settings, cache=cache,
-                                    progress=progress, basis=basis, **arguments)
+        path, fig, shown = run_grid(clip, layer, chosen, flagged=flagged, top=top, dataset=dataset, settings=settings,
+                                    out=out, blur=not no_blur, render_fv=render_fv, render_settings=render_settings,
+                                    cache=cache, progress=progress, basis=basis)
     typer.echo(f"{path}  ({len(shown)} {basis.unit_word}s: {', '.join(map(str, shown[:20]))}"
                f"{' ...' if len(shown) > 20 else ''})")
     typer.echo(fig.note)

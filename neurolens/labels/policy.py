@@ -42,41 +42,20 @@ import numpy as np
 from PIL import Image
 
 from ..errors import NeurolensError
+from ..models import resolve_layer
 from ..records import labels as label_records
-from ..records.keys import NEURONS, as_cache, basis_id
-from ..storage.cache import _safe_segment
-from .blur import maybe_blur
+from ..records.keys import as_cache, basis_id
+from ..records.sweep import flagged_in_cache
 from . import nudenet
 from . import zero_shot as safety
+from .blur import maybe_blur
+from .sources import is_random
 
 # A label at or above this counts as positive (labels are 0/1, or scores in [0, 1]).
 LABEL_POSITIVE = 0.5
 NOT_JUDGED = "not judged"
 HIDDEN = "hidden until revealed"
 NOBLUR_SUFFIX = "_noblur"
-
-
-def is_random(clip) -> bool:
-    """True when the model has random weights (`--pretrained none` without a checkpoint)."""
-    return clip is not None and str(getattr(clip, "pretrained", "")) == "none"
-
-
-def flagged_in_cache(cache, fingerprint: str, layer: str, basis: str = NEURONS) -> Set[int]:
-    """Units flagged in ANY cached sweep of `layer` made with these weights (every dataset swept), of one
-    basis: the neurons, or an SAE's features (basis id, neurolens.sae.basis; a sweep record's `basis` attr)."""
-    if cache is None:
-        return set()
-    folder = Path(cache.root) / "sweep" / fingerprint[:16] / _safe_segment(layer)
-    flagged: Set[int] = set()
-    if not folder.is_dir():
-        return flagged
-    for path in sorted(folder.glob("*.h5")):
-        if path.name.startswith("."):
-            continue
-        record = cache.read(path, names=["flagged"])
-        if record is not None and "flagged" in record.arrays and record.attrs.get("basis", NEURONS) == basis:
-            flagged.update(int(u) for u in np.flatnonzero(np.asarray(record.arrays["flagged"], dtype=bool)))
-    return flagged
 
 
 class BlurPolicy:
@@ -104,7 +83,6 @@ class BlurPolicy:
         """The policy for one layer: the caller's flagged units plus those of every cached sweep of it.
         `cache`: a store.Cache, a folder, or None for the default cache. basis: None for the neurons, or a basis
         of the layer (SAE features): its units are what `unit` means, and its sweeps give the flags."""
-        from ..models import resolve_layer  # lazy: models imports torch and open_clip; the CLI imports this module
         cache = as_cache(cache)
         name = resolve_layer(clip, layer).name
         found = flagged_in_cache(cache, clip.fingerprint, name, basis_id(basis)) if blur else set()

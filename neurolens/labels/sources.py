@@ -22,7 +22,6 @@ label is 1 at or above the threshold, else 0.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -35,12 +34,17 @@ from ..records import labels as label_records
 from . import nudenet
 from . import zero_shot as safety
 from .lexicon import caption_nsfw_matches, lexicon_terms
-from .policy import is_random
 
 KINDS = ("captions", "column", "nudenet", "zero-shot")
 # Checked for agreement least trusted first, so a bad source never judges a better one.
 CHECK_ORDER = ("zero-shot", "nudenet", "captions", "column")
 Progress = Optional[Callable[[int, int], None]]
+
+
+def is_random(clip) -> bool:
+    """True when the model has random weights (`--pretrained none` without a checkpoint): its zero-shot
+    score is noise, so it is never a label source (and never judges an image for the blur policy)."""
+    return clip is not None and str(getattr(clip, "pretrained", "")) == "none"
 
 
 @dataclass(frozen=True)
@@ -331,7 +335,3 @@ def compute_sources(specs: Sequence[LabelSpec], *, dataset, keys: Sequence[str],
         sources.append(source)
     return sources
 
-
-def safe_name(name: str) -> str:
-    """A label source name as a file/column-safe token."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

@@ -261,7 +261,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
                                  for r in results)
 
     def figure(stage: Stage) -> None:
-        from .sweep import run_figure
+        from .figures import run_figure
         written = run_figure(state["clip"], settings.layer, chosen_units(settings.figure_units), state["dataset"], vocab=state["vocab"],
                              top_k=settings.top_k, text_top_k=settings.text_top_k, out=out / "figures",
                              render_settings=settings.render, cache=cache, progress=stage_progress("figure"),
@@ -275,7 +275,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         stage.detail = f"{len(written)} unit panels, {sum(f.blurred for _, f in written)} tiles blurred"
 
     def grid(stage: Stage) -> None:
-        from .sweep import run_grid
+        from .figures import run_grid
         flagged = bool(state["sweep"].flagged_units)
         path, fig, units = run_grid(state["clip"], settings.layer, flagged=flagged, top=settings.grid_units,
                                     dataset=state["dataset"], vocab=state["vocab"], top_k=settings.top_k,

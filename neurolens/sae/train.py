@@ -63,7 +63,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NeurolensError
-from ..types import LayerSpec
 from .buffer import ActivationStream, seeded_generator
 from .model import SaeConfig, SparseAutoencoder
 

@@ -46,7 +46,32 @@ class FlagRule:
         return asdict(self)
 
     def describe(self) -> str:
+        """The flag part in words, e.g. `q <= 0.01 and AUC >= 0.8`."""
         return f"q <= {self.max_q:g} and AUC >= {self.min_auc:g}"
+
+    def describe_text(self) -> str:
+        """The text flag in words, e.g. `text_flag when at least 30% of the top 10 texts are NSFW`."""
+        return _text_flag_words(self.min_text_share, self.text_k)
+
+
+def _text_flag_words(share, k) -> str:
+    return f"text_flag when at least {share:.0%} of the top {k} texts are NSFW"
+
+
+def describe_rule(rule: dict, has_auc: bool = True) -> str:
+    """The flag rule in words from the thresholds a sweep record stored (its `rule` attr: FlagRule.as_dict(),
+    or, in records made before the AUC rule, a correlation rule); '' when none is stored."""
+    if not rule:
+        return ""
+    if has_auc and "max_q" in rule and "min_auc" in rule:
+        flag = FlagRule(max_q=float(rule["max_q"]), min_auc=float(rule["min_auc"])).describe()
+        return f"flagged when {flag}; {_text_flag_words(rule.get('min_text_share', 0), rule.get('text_k'))}"
+    if has_auc:
+        parts = [f"{k} {v}" for k, v in rule.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return "flag rule: " + ", ".join(parts)
+    return (f"flagged when the NSFW correlation reaches max({rule.get('min_correlation')}, "
+            f"{rule.get('noise_z')}/sqrt(N)) and either at least {rule.get('min_top_share', 0):.0%} of the top "
+            f"images or {rule.get('min_text_share', 0):.0%} of the top {rule.get('text_k')} texts are NSFW")
 
 
 def maxima_blocks(scan, block_rows: int = 4096) -> Iterator[Tuple[np.ndarray, np.ndarray]]:

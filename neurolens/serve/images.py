@@ -22,7 +22,8 @@ from PIL import Image
 from ..datasets.decode import BadImage, preprocess
 from ..datasets.open import dataset_from_keys
 from ..display.figures import crop_around_cell
-from ..labels.policy import BlurPolicy, flagged_in_cache
+from ..labels.policy import BlurPolicy
+from ..records.sweep import flagged_in_cache
 from .records import LayerData
 
 CROP_PIXELS = 128          # dataset crops (unit page), as Microscope showed them

@@ -18,6 +18,7 @@ maps made from the chosen scan.
 """
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import NeurolensError
+from ..records import sweep as sweep_records
+from ..records.sweep import SWEEP_KIND
+from ..sae.basis import weights_digest
+from ..sae.io import load_sae
 from ..records.keys import NEURONS
 from ..records.maps import top_maps_path
-from ..storage.cache import Cache, _safe_segment, read_attrs, written_at
+from ..storage.cache import Cache, safe_segment, read_attrs, written_at
 
 # kinds of records that a layer page can show; the layer exists in the app when any of them is cached
-KINDS = ("scan", "sweep", "text-rankings", "text-directions", "visualize", "top-maps")
+KINDS = ("scan", SWEEP_KIND, "text-rankings", "text-directions", "visualize", "top-maps")
 SAE_KIND = "sae"           # where neurolens.sae.registry keeps trained SAEs
 HISTOGRAM_BINS = 40
 
@@ -43,8 +49,8 @@ BASIS_SEPARATOR = "~"       # in a layer id, between the layer and an SAE basis 
 def layer_id(fingerprint: str, layer: str, basis: str = NEURONS) -> str:
     """URL- and file-safe id of a (weights, layer, basis): `<fingerprint[:16]>-<layer folder>` for the neurons,
     `<fingerprint[:16]>-<layer folder>~<basis id>` for an SAE's features (basis id `sae-<name>-<hash>`)."""
-    base = f"{fingerprint[:16]}-{_safe_segment(layer)}"
-    return base if basis == NEURONS else f"{base}{BASIS_SEPARATOR}{_safe_segment(basis)}"
+    base = f"{fingerprint[:16]}-{safe_segment(layer)}"
+    return base if basis == NEURONS else f"{base}{BASIS_SEPARATOR}{safe_segment(basis)}"
 
 
 def sae_name_of(basis: str) -> str:
@@ -186,10 +192,10 @@ def index_cache(cache: Cache) -> List[LayerEntry]:
     entries = list(found.values())
     for entry in entries:
         _name_model(entry)
-    names = {(e.fingerprint16, _safe_segment(e.layer)): (e.model, e.pretrained, e.layer) for e in entries if e.model}
+    names = {(e.fingerprint16, safe_segment(e.layer)): (e.model, e.pretrained, e.layer) for e in entries if e.model}
     for entry in entries:
-        if not entry.model and (entry.fingerprint16, _safe_segment(entry.layer)) in names:
-            entry.model, entry.pretrained, entry.layer = names[(entry.fingerprint16, _safe_segment(entry.layer))]
+        if not entry.model and (entry.fingerprint16, safe_segment(entry.layer)) in names:
+            entry.model, entry.pretrained, entry.layer = names[(entry.fingerprint16, safe_segment(entry.layer))]
         if entry.is_features:
             entry.sae_quality = _sae_quality(cache, entry)
     return sorted(entries, key=lambda e: (e.model, e.fingerprint16, e.layer, e.is_features, e.sae_name, e.basis))
@@ -197,7 +203,7 @@ def index_cache(cache: Cache) -> List[LayerEntry]:
 
 def _name_model(entry: LayerEntry) -> None:
     """Model name and layer name as the records state them (the folder name is a sanitized copy)."""
-    for kind in ("scan", "visualize", "sweep"):
+    for kind in ("scan", "visualize", SWEEP_KIND):
         for path in reversed(entry.paths.get(kind, [])):
             attrs = _attrs(path)
             if not attrs:
@@ -261,9 +267,6 @@ def sae_candidates(cache: Cache, entry: LayerEntry) -> List[Path]:
 def sae_decoder(cache: Cache, entry: LayerEntry) -> Optional[np.ndarray]:
     """The decoder W_dec (features, neurons) of the SAE that made `entry`'s records, or None when no SAE with
     exactly those weights is found (weights_digest against the basis id's hash)."""
-    from ..errors import NeurolensError
-    from ..sae.basis import weights_digest
-    from ..sae.io import load_sae
     digest = entry.basis.rpartition("-")[2]
     for folder in sae_candidates(cache, entry):
         if not folder.exists():
@@ -283,7 +286,6 @@ def _strongest(weights: np.ndarray, count: int) -> List[dict]:
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    import json
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -393,11 +395,11 @@ class LayerData:
 
     def _load_sweep(self) -> None:
         self.sweep = None
-        if not self.entry.has("sweep"):
+        if not self.entry.has(SWEEP_KIND):
             return
         scan_name = self.scan_path.name if self.scan is not None else None
-        record = self._newest("sweep", lambda r: Path(str(r.attrs.get("scan_record") or "")).name == scan_name)
-        self.sweep = record or self._newest("sweep")
+        record = self._newest(SWEEP_KIND, lambda r: sweep_records.made_from_scan(r) == scan_name)
+        self.sweep = record or self._newest(SWEEP_KIND)
 
     def _load_texts(self) -> None:
         def with_texts(record) -> bool:
@@ -438,7 +440,7 @@ class LayerData:
         if self.scan is not None:
             return int(self.top_values.shape[0])
         if self.sweep is not None:
-            return int(len(self.sweep.arrays["flagged"]))
+            return sweep_records.unit_count(self.sweep)
         if self.ranking is not None:
             return int(self.ranking.arrays["top_indices"].shape[0])
         return (max(self.fv_paths) + 1) if self.fv_paths else 0
@@ -478,71 +480,19 @@ class LayerData:
     # ---------------------------------------------------------------------------------------- evidence
 
     def flagged(self) -> np.ndarray:
-        units = self.units
-        if self.sweep is None:
-            return np.zeros(units, dtype=bool)
-        return np.asarray(self.sweep.arrays["flagged"], dtype=bool)
+        return sweep_records.flagged(self.sweep, self.units)
 
     def evidence_name(self) -> str:
-        """'AUC' when the sweep stores per-unit ROC AUCs, else 'correlation'."""
-        return "AUC" if self.sweep is not None and "auc" in self.sweep.arrays else "correlation"
+        return sweep_records.evidence_name(self.sweep)
 
     def evidence_values(self) -> np.ndarray:
-        """(U,) the number units are sorted by: AUC when stored, else the NSFW correlation (NaN: no sweep)."""
-        if self.sweep is None:
-            return np.full(self.units, np.nan)
-        key = "auc" if "auc" in self.sweep.arrays else "correlation"
-        return np.asarray(self.sweep.arrays[key], dtype=np.float64)
+        return sweep_records.evidence_values(self.sweep, self.units)
 
     def unit_evidence(self, unit: int) -> Optional[dict]:
-        """Everything the sweep says about one unit, and the rule's checks (why it is flagged or not)."""
-        if self.sweep is None:
-            return None
-        a, attrs = self.sweep.arrays, self.sweep.attrs
-        rule = dict(attrs.get("rule") or {})
-
-        def value(name: str) -> Optional[float]:
-            return float(a[name][unit]) if name in a and np.ndim(a[name]) >= 1 else None
-
-        checks = []
-        auc, q, p = value("auc"), value("q"), value("p")
-        correlation = value("correlation")
-        if auc is not None:
-            bar = _first(rule, "min_auc", "auc")
-            checks.append(("AUC (activation separates labelled-NSFW from other images)", auc, bar, ">="))
-        if q is not None:
-            bar = _first(rule, "max_q", "fdr", "q")
-            checks.append(("q (Benjamini-Hochberg adjusted p)", q, bar, "<="))
-        if correlation is not None and auc is None:
-            bar = attrs.get("correlation_bar", _first(rule, "min_correlation"))
-            checks.append(("NSFW correlation", correlation, bar, ">="))
-        top = value("top_nsfw_share")
-        if top is not None:
-            checks.append(("share of top images that are NSFW", top, _first(rule, "min_top_share"), ">="))
-        text = value("text_nsfw_share")
-        if text is not None:
-            # with an AUC rule the text share raises only text_flag (evidence), never the flag itself
-            label = "share of top texts that are NSFW" + (" (text_flag, not the flag)" if auc is not None else "")
-            checks.append((label, text, _first(rule, "min_text_share"), ">="))
-        rows = []
-        for label, number, bar, op in checks:
-            passed = None if bar is None else (number >= bar if op == ">=" else number <= bar)
-            rows.append({"label": label, "value": number, "bar": bar, "op": op, "passed": passed})
-        text_flag = value("text_flag")
-        return {"flagged": bool(a["flagged"][unit]), "auc": auc, "q": q, "p": p, "correlation": correlation,
-                "top_share": top, "text_share": text, "text_flag": None if text_flag is None else bool(text_flag),
-                "checks": rows, "rule": rule,
-                "n_images": attrs.get("n_images", _sum_known(attrs.get("n_pos"), attrs.get("n_neg"))),
-                "rule_text": _rule_text(rule, auc is not None)}
+        return sweep_records.unit_evidence(self.sweep, unit)
 
     def image_labels(self) -> Optional[np.ndarray]:
-        """(N,) per dataset index: the sweep's per-image NSFW label or score (NaN unknown), for the blur policy."""
-        if self.sweep is None:
-            return None
-        for name in ("image_labels", "labels", "image_scores"):
-            if name in self.sweep.arrays and np.ndim(self.sweep.arrays[name]) == 1:
-                return np.asarray(self.sweep.arrays[name], dtype=np.float64)
-        return None
+        return sweep_records.image_labels(self.sweep)
 
     # ---------------------------------------------------------------------------------------- texts
 
@@ -552,9 +502,7 @@ class LayerData:
             return []
         texts = self.ranking.arrays["texts"][unit]
         scores = self.ranking.arrays["top_scores"][unit]
-        nsfw = None
-        if self.sweep is not None and "text_nsfw" in self.sweep.arrays:
-            nsfw = np.asarray(self.sweep.arrays["text_nsfw"][unit], dtype=bool)
+        nsfw = sweep_records.text_marks(self.sweep, unit)
         limit = len(texts) if count is None else min(count, len(texts))
         return [{"text": str(texts[i]), "score": float(scores[i]),
                  "nsfw": bool(nsfw[i]) if nsfw is not None and i < len(nsfw) else None} for i in range(limit)]
@@ -726,31 +674,3 @@ def _chunk_maxima(cache: Cache, chunk_paths: Sequence[Path]):
             yield np.asarray(record.arrays["maxima"], dtype=np.float64)
 
 
-def _first(mapping: dict, *names: str) -> Optional[float]:
-    for name in names:
-        if name in mapping and mapping[name] is not None:
-            try:
-                return float(mapping[name])
-            except (TypeError, ValueError):
-                continue
-    return None
-
-
-def _sum_known(*counts) -> Optional[int]:
-    """The sum of the counts, or None when one is unknown."""
-    return None if any(c is None for c in counts) else int(sum(counts))
-
-
-def _rule_text(rule: dict, has_auc: bool) -> str:
-    """The flag rule in words, from the thresholds the sweep stored."""
-    if not rule:
-        return ""
-    if has_auc and "max_q" in rule and "min_auc" in rule:
-        return (f"flagged when q <= {rule['max_q']:g} and AUC >= {rule['min_auc']:g}; text_flag when at least "
-                f"{rule.get('min_text_share', 0):.0%} of the top {rule.get('text_k')} texts are NSFW")
-    if has_auc:
-        parts = [f"{k} {v}" for k, v in rule.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return "flag rule: " + ", ".join(parts)
-    return (f"flagged when the NSFW correlation reaches max({rule.get('min_correlation')}, "
-            f"{rule.get('noise_z')}/sqrt(N)) and either at least {rule.get('min_top_share', 0):.0%} of the top "
-            f"images or {rule.get('min_text_share', 0):.0%} of the top {rule.get('text_k')} texts are NSFW")

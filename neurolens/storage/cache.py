@@ -60,7 +60,8 @@ class Record:
     path: Optional[Path] = None
 
 
-def _safe_segment(text: str) -> str:
+def safe_segment(text: str) -> str:
+    """`text` as one file-name segment: letters, digits, - _ . kept, anything else _ (never empty)."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text)) or "_"
 
 
@@ -69,11 +70,11 @@ class Cache:
         self.root = Path(root) if root is not None else default_cache_root()
 
     def path(self, kind: str, fingerprint: str, layer: str, key: str) -> Path:
-        return self.root / _safe_segment(kind) / fingerprint[:16] / _safe_segment(layer) / f"{_safe_segment(key)}.h5"
+        return self.root / safe_segment(kind) / fingerprint[:16] / safe_segment(layer) / f"{safe_segment(key)}.h5"
 
     def folder(self, kind: str, fingerprint: str, layer: str) -> Path:
         """The folder of one kind's records (or non-HDF5 artifacts, e.g. SAEs) of one model and layer."""
-        return self.root / _safe_segment(kind) / fingerprint[:16] / _safe_segment(layer)
+        return self.root / safe_segment(kind) / fingerprint[:16] / safe_segment(layer)
 
     def layer_records(self, kind: str, fingerprint: str, layer: str) -> List[Path]:
         """Every record of `kind` of one model and layer, sorted by name (temporary files of a write skipped)."""
