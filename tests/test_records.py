@@ -26,7 +26,9 @@ from neurolens.records import text as text_records
 from neurolens.records import visualize as fv_records
 from neurolens.records.keys import NEURONS, as_basis, as_cache, basis_id, basis_parts
 from neurolens.sae import SaeConfig, SparseAutoencoder, list_saes, load_basis, locate, save_sae
-from neurolens.serve.records import LayerData, index_cache, trained_saes
+from neurolens.serve.layer import LayerData
+from neurolens.records.index import index_cache
+from neurolens.records.sae import trained_saes
 from neurolens.storage.cache import Cache, Record, read_attrs, settings_key, written_at
 from neurolens.types import RenderSettings
 from scan_data import write_images

@@ -386,7 +386,8 @@ def test_features_and_neurons_link_through_the_saes_decoder(server, fx, basis, l
 
 def test_no_decoder_links_without_the_very_same_sae(fx, basis):
     from dataclasses import replace
-    from neurolens.serve.records import LayerData, index_cache
+    from neurolens.serve.layer import LayerData
+    from neurolens.records.index import index_cache
     [entry] = [e for e in index_cache(Cache(fx.cache)) if e.basis == fx.basis]
     assert np.array_equal(LayerData(Cache(fx.cache), entry).decoder(), basis.sae.W_dec.detach().numpy())
     retrained = replace(entry, basis=f"sae-{fx.sae}-000000000000")
@@ -469,7 +470,8 @@ def test_a_feature_layer_is_not_probed_without_the_very_same_sae(fx, tiny_clip):
     """Probes of features need the SAE the records were made with: another SAE under the name is refused."""
     from dataclasses import replace
     from neurolens.serve.probe import Prober
-    from neurolens.serve.records import LayerData, index_cache
+    from neurolens.serve.layer import LayerData
+    from neurolens.records.index import index_cache
     [entry] = [e for e in index_cache(Cache(fx.cache)) if e.basis == fx.basis]
     prober = Prober(tiny_clip, Cache(fx.cache))
     assert prober.matches(LayerData(Cache(fx.cache), entry))
@@ -560,7 +562,8 @@ def test_busy_port_is_one_clear_line(server, fx):
 
 @pytest.mark.parametrize("which", ["neurons", "features"])
 def test_histogram_is_the_scans_per_image_maxima(fx, scan, feature_scan, which):
-    from neurolens.serve.records import LayerData, index_cache
+    from neurolens.serve.layer import LayerData
+    from neurolens.records.index import index_cache
     entries = {entry.basis: entry for entry in index_cache(Cache(fx.cache))}
     assert sorted(entries) == sorted(["neurons", fx.basis])
     entry = entries["neurons" if which == "neurons" else fx.basis]

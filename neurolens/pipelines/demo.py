@@ -311,7 +311,7 @@ def _top_maps(state: dict, settings: DemoSettings, cache: Cache, stage: Stage, p
 
 def _site(state: dict, settings: DemoSettings, cache: Cache, out: Path, stage: Stage, progress) -> None:
     """The static site of the inspected layer (blurred images only): OUT/site/index.html."""
-    from ..serve.records import layer_id
+    from ..records.index import layer_id
     from ..serve.site import write_site
     result = write_site(cache, out / "site", layers=[layer_id(state["clip"].fingerprint, settings.layer)],
                         examples=settings.site_examples, progress=progress)

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from .images import KINDS, LayerImages
 from .pages import STATIC, STATIC_TYPES, Pages
 from .probe import MAX_UPLOAD_BYTES, ProbeError, Prober, answer, dataset_item, decode_upload
-from .records import LayerData
+from .layer import LayerData
 
 COOKIE = "neurolens_token"
 REVEAL_HEADER = "x-neurolens-reveal"

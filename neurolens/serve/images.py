@@ -24,7 +24,7 @@ from ..datasets.open import dataset_from_keys
 from ..display.figures import crop_around_cell
 from ..labels.policy import BlurPolicy
 from ..records.sweep import flagged_in_cache
-from .records import LayerData
+from .layer import LayerData
 
 CROP_PIXELS = 128          # dataset crops (unit page), as Microscope showed them
 FV_PIXELS = 192            # feature visualizations (unit page)

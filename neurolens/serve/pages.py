@@ -32,7 +32,8 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import charts
-from .records import LayerData, trained_saes
+from .layer import LayerData
+from ..records.sae import trained_saes
 
 TEXTS_PER_TILE = 5          # searched on the layer page; the first is shown on the tile
 TEXT_CHARS = 90

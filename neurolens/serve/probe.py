@@ -18,7 +18,7 @@ from ..errors import NeurolensError
 from ..models import resolve_layer
 from ..activations.forward import layer_forward
 from .images import LayerImages
-from .records import LayerData
+from .layer import LayerData
 
 MAX_UPLOAD_BYTES = 10 * 2 ** 20
 TOP_UNITS = 8

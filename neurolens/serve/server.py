@@ -10,7 +10,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import NeurolensError
 from ..storage.cache import Cache
-from .records import LayerData, LayerEntry, index_cache
+from .layer import LayerData
+from ..records.index import LayerEntry, index_cache
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765

@@ -14,7 +14,7 @@ from ..storage.files import OUT_OPTION, write_bytes
 from ..storage.cache import Cache
 from .images import LayerImages
 from .pages import STATIC, Pages
-from .records import sae_candidates
+from .layer import sae_candidates
 from .server import select_layers
 
 DEFAULT_EXAMPLES = 16

@@ -19,7 +19,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import h5py
 import numpy as np
@@ -82,6 +82,14 @@ class Cache:
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".") and p.is_file())
+
+    def layers_of(self, kind: str) -> List[Tuple[str, str]]:
+        """(fingerprint[:16], layer folder name) of every model and layer with a folder of `kind`, sorted."""
+        base = self.root / safe_segment(kind)
+        if not base.is_dir():
+            return []
+        return [(fp.name, layer.name) for fp in sorted(p for p in base.iterdir() if p.is_dir())
+                for layer in sorted(p for p in fp.iterdir() if p.is_dir())]
 
     def exists(self, path: Path) -> bool:
         return Path(path).is_file()

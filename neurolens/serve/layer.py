@@ -1,306 +1,39 @@
-"""What the web app and the static site know about the cache: which (model, layer, basis) it holds, and, per
-one of them, the records that pages show. Read-only: every read goes through neurolens.storage.cache.Cache, nothing
-is written, and a missing or unreadable record is shown as "not computed", never as an error page.
+"""One layer (and basis) of the cache as the web app and the static site show it: its records read on first use
+and kept in memory (thread-safe: pages are built in a thread pool), and what pages ask of them (top examples,
+histograms, texts, evidence, visualizations, SAE links). Read-only: every record is read through its module in
+neurolens.records, nothing is written, and a missing or unreadable record is shown as "not computed", never
+as an error page.
 
-A basis is the layer's neurons or the features of one SAE (neurolens.sae.basis). Records of both live in the
-same folder (`<kind>/<fingerprint[:16]>/<layer>/`); a record's `basis` attr says whose units it holds (the
-neurons when absent), and feature visualizations are named `sae-<name>_feature<F>_...`. Each (model, layer,
-basis) is one `LayerEntry`, the one place that names it and its units, and has its own layer id, pages and
-images, so everything below works on features as on neurons. Folders are listed and only the few scan,
-sweep, text and map records' attrs are opened, so the home page does not open thousands of files; an
-entry's records are read on its first request and kept in memory.
-
-Which record when there are several for one layer and basis (several datasets, settings or vocabularies): the newest
-finished scan; the sweep made from that scan (else the newest); the newest text ranking that stores its
+Which record when there are several for one layer and basis (several datasets, settings or vocabularies): the
+newest finished scan; the sweep made from that scan (else the newest); the newest text ranking that stores its
 texts, preferring one referenced to a scan's mean activation; the unit directions with the ranking's
-reference; every feature visualization of a unit (every cached seed and setting); the top-k activation
-maps made from the chosen scan.
+reference; every feature visualization of a unit (every cached seed and setting); the top-k activation maps
+made from the chosen scan.
 """
 from __future__ import annotations
 
-import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import NeurolensError
+from ..records import sae as sae_records
+from ..records import scan as scan_records
 from ..records import sweep as sweep_records
-from ..records.sweep import SWEEP_KIND
+from ..records import text as text_records
+from ..records import visualize as visualize_records
+from ..records.index import LayerEntry
+from ..records.keys import NEURONS
+from ..records.maps import read_maps_array, top_maps_path
 from ..sae.basis import weights_digest
 from ..sae.io import load_sae
-from ..records.keys import NEURONS
-from ..records.maps import top_maps_path
-from ..storage.cache import Cache, safe_segment, read_attrs, written_at
+from ..storage.cache import Cache, read_attrs, written_at
 
-# kinds of records that a layer page can show; the layer exists in the app when any of them is cached
-KINDS = ("scan", SWEEP_KIND, "text-rankings", "text-directions", "visualize", "top-maps")
-SAE_KIND = "sae"           # where neurolens.sae.registry keeps trained SAEs
 HISTOGRAM_BINS = 40
 
-
-# ------------------------------------------------------------------------------------------- the index
-
-BASIS_SEPARATOR = "~"       # in a layer id, between the layer and an SAE basis (never in a layer folder name)
-
-
-def layer_id(fingerprint: str, layer: str, basis: str = NEURONS) -> str:
-    """URL- and file-safe id of a (weights, layer, basis): `<fingerprint[:16]>-<layer folder>` for the neurons,
-    `<fingerprint[:16]>-<layer folder>~<basis id>` for an SAE's features (basis id `sae-<name>-<hash>`)."""
-    base = f"{fingerprint[:16]}-{safe_segment(layer)}"
-    return base if basis == NEURONS else f"{base}{BASIS_SEPARATOR}{safe_segment(basis)}"
-
-
-def sae_name_of(basis: str) -> str:
-    """The SAE's name in a basis id `sae-<name>-<12 hex digits>` (neurolens.sae.basis), '' for the neurons."""
-    if basis == NEURONS or not basis.startswith("sae-"):
-        return ""
-    name, _, digest = basis[4:].rpartition("-")
-    return name if name and len(digest) == 12 else basis[4:]
-
-
-@dataclass
-class LayerEntry:
-    """One (model weights, layer, basis) in the cache: the one place in the web app that names a layer and
-    its units. The basis is the layer's neurons, or the features of one SAE (neurolens.sae.basis): every
-    page, tile, breadcrumb and command hint takes its words from here ("unit 5" / "feature 320 of SAE x")."""
-    fingerprint16: str
-    layer: str
-    paths: Dict[str, List[Path]] = field(default_factory=dict)   # kind -> record paths (sorted)
-    model: str = ""
-    pretrained: str = ""
-    basis: str = NEURONS                 # "neurons" or the SAE basis id the records were made with
-    sae_info: dict = field(default_factory=dict)   # the SAE as its scan described it (basis.describe())
-    sae_quality: Optional[dict] = None   # the SAE's quality report (cfg.json or the scan's description)
-
-    @property
-    def id(self) -> str:
-        return layer_id(self.fingerprint16, self.layer, self.basis)
-
-    @property
-    def layer_key(self) -> Tuple[str, str]:
-        """The (weights, layer) this entry belongs to, whatever its basis."""
-        return self.fingerprint16, self.layer
-
-    @property
-    def is_features(self) -> bool:
-        return self.basis != NEURONS
-
-    @property
-    def sae_name(self) -> str:
-        return str(self.sae_info.get("name") or sae_name_of(self.basis))
-
-    @property
-    def basis_name(self) -> str:
-        """How `serve --basis` / `site --basis` name this basis: "neurons" or the SAE's name."""
-        return self.sae_name if self.is_features else NEURONS
-
-    @property
-    def title(self) -> str:
-        return f"{self.model or 'model ' + self.fingerprint16} · {self.layer}" + \
-            (f" · SAE {self.sae_name}" if self.is_features else "")
-
-    @property
-    def words(self) -> dict:
-        """How pages name this entry's units and what to run for them."""
-        if not self.is_features:
-            return {"unit": "unit", "units": "units", "Unit": "Unit", "Units": "Units", "basis": "neurons",
-                    "basis_title": "neurons", "option": ""}
-        return {"unit": "feature", "units": "features", "Unit": "Feature", "Units": "Features", "basis": "sae",
-                "basis_title": f"SAE {self.sae_name}", "option": f" --sae {self.sae_name}"}
-
-    def label(self, unit: int) -> str:
-        """'unit 5' or 'feature 320 of SAE x' (neurolens.sae.basis names them so too)."""
-        return f"unit {int(unit)}" if not self.is_features else f"feature {int(unit)} of SAE {self.sae_name}"
-
-    def has(self, kind: str) -> bool:
-        return bool(self.paths.get(kind))
-
-
-def _records(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".") and p.is_file())
-
-
-def _attrs(path: Path) -> dict:
-    try:
-        return dict(read_attrs(path))
-    except (OSError, KeyError, ValueError):
-        return {}
-
-
-def _visualization_owner(path: Path) -> Optional[str]:
-    """From a visualize record's file name (pipelines.visualize.record_path): NEURONS for `unit<U>_...`, the SAE
-    name for `sae-<name>_feature<F>_...`, None for anything else."""
-    stem = path.stem
-    if stem.startswith("unit"):
-        return NEURONS
-    if stem.startswith("sae-") and "_feature" in stem:
-        return stem[4:stem.rindex("_feature")]
-    return None
-
-
-def index_cache(cache: Cache) -> List[LayerEntry]:
-    """Every (fingerprint, layer, basis) that has at least one record a page can show, by model, layer, then
-    neurons before SAEs. A record's basis is its `basis` attr (no attr: the neurons); feature visualizations
-    are told apart by file name (their attrs are read only when an SAE name has several bases here)."""
-    found: Dict[Tuple[str, str, str], LayerEntry] = {}
-    root = Path(cache.root)
-    layer_dirs: Dict[Tuple[str, str], Dict[str, List[Path]]] = {}
-    for kind in KINDS:
-        base = root / kind
-        if not base.is_dir():
-            continue
-        for fp_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-            for layer_dir in sorted(p for p in fp_dir.iterdir() if p.is_dir()):
-                paths = _records(layer_dir)
-                if paths:
-                    layer_dirs.setdefault((fp_dir.name, layer_dir.name), {})[kind] = paths
-    for (fp16, folder), kinds in layer_dirs.items():
-        by_basis: Dict[str, Dict[str, List[Path]]] = {}
-        scan_info: Dict[str, dict] = {}
-        for kind, paths in kinds.items():
-            if kind == "visualize":
-                continue
-            for path in paths:
-                attrs = _attrs(path)
-                basis = str(attrs.get("basis") or NEURONS)
-                by_basis.setdefault(basis, {}).setdefault(kind, []).append(path)
-                if kind == "scan" and basis != NEURONS and isinstance(attrs.get("basis_info"), dict):
-                    scan_info[basis] = attrs["basis_info"]
-        named: Dict[str, List[str]] = {}
-        for basis in by_basis:
-            named.setdefault(sae_name_of(basis), []).append(basis)
-        for path in kinds.get("visualize", []):
-            owner = _visualization_owner(path)
-            if owner is None:
-                continue
-            if owner == NEURONS:
-                basis = NEURONS
-            elif len(named.get(owner, [])) == 1:
-                basis = named[owner][0]           # checked again when the record is opened (LayerData)
-            else:
-                basis = str(_attrs(path).get("basis") or "")
-                if not basis.startswith("sae-"):
-                    continue
-            by_basis.setdefault(basis, {}).setdefault("visualize", []).append(path)
-        for basis, paths in by_basis.items():
-            entry = LayerEntry(fp16, folder, basis=basis, sae_info=scan_info.get(basis, {}))
-            entry.paths = {kind: sorted(p) for kind, p in paths.items()}
-            found[(fp16, folder, basis)] = entry
-    entries = list(found.values())
-    for entry in entries:
-        _name_model(entry)
-    names = {(e.fingerprint16, safe_segment(e.layer)): (e.model, e.pretrained, e.layer) for e in entries if e.model}
-    for entry in entries:
-        if not entry.model and (entry.fingerprint16, safe_segment(entry.layer)) in names:
-            entry.model, entry.pretrained, entry.layer = names[(entry.fingerprint16, safe_segment(entry.layer))]
-        if entry.is_features:
-            entry.sae_quality = _sae_quality(cache, entry)
-    return sorted(entries, key=lambda e: (e.model, e.fingerprint16, e.layer, e.is_features, e.sae_name, e.basis))
-
-
-def _name_model(entry: LayerEntry) -> None:
-    """Model name and layer name as the records state them (the folder name is a sanitized copy)."""
-    for kind in ("scan", "visualize", SWEEP_KIND):
-        for path in reversed(entry.paths.get(kind, [])):
-            attrs = _attrs(path)
-            if not attrs:
-                continue
-            entry.model = str(attrs.get("model") or "")
-            entry.pretrained = str(attrs.get("pretrained") or "")
-            entry.layer = str(attrs.get("layer") or entry.layer)
-            if entry.model:
-                return
-
-
-@dataclass
-class TrainedSae:
-    """An SAE trained for a (weights, layer) of the cache (`<cache>/sae/<fp16>/<layer>/<name>/cfg.json`)."""
-    name: str
-    features: Optional[int]
-    k: Optional[int]
-    quality: Optional[dict]
-
-
-def trained_saes(cache: Cache, fingerprint16: str, layer: str) -> List[TrainedSae]:
-    """The SAEs `neurolens sae train` saved for this weights and layer, from their cfg.json (no weights read)."""
-    folder = cache.folder(SAE_KIND, fingerprint16, layer)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in sorted(folder.iterdir()):
-        config = _read_json(path / "cfg.json") if path.is_dir() and (path / "sae_weights.safetensors").is_file() \
-            else None
-        if config is None:
-            continue
-        info = (config.get("metadata") or {}).get("neurolens") or {}
-        found.append(TrainedSae(path.name, _int_or_none(config.get("d_sae")), _int_or_none(config.get("k")),
-                                info.get("quality") if isinstance(info.get("quality"), dict) else None))
-    return found
-
-
-def _sae_quality(cache: Cache, entry: LayerEntry) -> Optional[dict]:
-    """The quality report of the entry's SAE: as its scan recorded it (the very weights the records were made
-    with), else from the trained SAE of that name when its size agrees."""
-    quality = entry.sae_info.get("quality")
-    if isinstance(quality, dict):
-        return quality
-    for sae in trained_saes(cache, entry.fingerprint16, entry.layer):
-        if sae.name == entry.sae_name and entry.sae_info.get("units") in (None, sae.features):
-            return sae.quality
-    return None
-
-
-def sae_candidates(cache: Cache, entry: LayerEntry) -> List[Path]:
-    """Where the SAE of a feature entry may be: the registry's folder of its name, then the path its scan
-    recorded (an SAE made elsewhere). Empty for the neurons."""
-    if not entry.is_features:
-        return []
-    candidates = [cache.folder(SAE_KIND, entry.fingerprint16, entry.layer) / entry.sae_name]
-    if entry.sae_info.get("path"):
-        candidates.append(Path(str(entry.sae_info["path"])))
-    return candidates
-
-
-def sae_decoder(cache: Cache, entry: LayerEntry) -> Optional[np.ndarray]:
-    """The decoder W_dec (features, neurons) of the SAE that made `entry`'s records, or None when no SAE with
-    exactly those weights is found (weights_digest against the basis id's hash)."""
-    digest = entry.basis.rpartition("-")[2]
-    for folder in sae_candidates(cache, entry):
-        if not folder.exists():
-            continue
-        try:
-            sae = load_sae(folder)
-        except (NeurolensError, OSError, ValueError, KeyError, RuntimeError):
-            continue
-        if weights_digest(sae).startswith(digest):
-            return sae.W_dec.detach().float().cpu().numpy()
-    return None
-
-
-def _strongest(weights: np.ndarray, count: int) -> List[dict]:
-    order = np.argsort(-np.abs(weights), kind="stable")[:count]
-    return [{"unit": int(u), "weight": float(weights[u])} for u in order if weights[u] != 0]
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _int_or_none(value) -> Optional[int]:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-# ------------------------------------------------------------------------------------------- one layer
 
 @dataclass
 class Histogram:
@@ -373,7 +106,7 @@ class LayerData:
         return best[1] if best else None
 
     def _load_scan(self) -> None:
-        record = self._newest("scan", lambda r: bool(r.attrs.get("complete")))
+        record = self._newest(scan_records.KIND, lambda r: bool(r.attrs.get("complete")))
         self.scan = None
         if record is None:
             return
@@ -389,27 +122,27 @@ class LayerData:
         self.count = int(attrs["count"])
         self.top_k = int(attrs["top_k"])
         self.dataset = str(attrs.get("dataset", ""))
-        self.chunk_paths = [self.cache.path("scan-chunk", self.entry.fingerprint16, self.entry.layer, name)
-                            for name in attrs.get("chunks", [])]
+        self.chunk_paths = scan_records.chunk_paths(self.cache, record)
         self.fingerprint = str(attrs.get("fingerprint", ""))
 
     def _load_sweep(self) -> None:
         self.sweep = None
-        if not self.entry.has(SWEEP_KIND):
+        if not self.entry.has(sweep_records.SWEEP_KIND):
             return
         scan_name = self.scan_path.name if self.scan is not None else None
-        record = self._newest(SWEEP_KIND, lambda r: sweep_records.made_from_scan(r) == scan_name)
-        self.sweep = record or self._newest(SWEEP_KIND)
+        record = self._newest(sweep_records.SWEEP_KIND, lambda r: sweep_records.made_from_scan(r) == scan_name)
+        self.sweep = record or self._newest(sweep_records.SWEEP_KIND)
 
     def _load_texts(self) -> None:
         def with_texts(record) -> bool:
             return "texts" in record.arrays
-        self.ranking = self._newest("text-rankings", lambda r: with_texts(r) and
+        rankings = text_records.RANKINGS_KIND
+        self.ranking = self._newest(rankings, lambda r: with_texts(r) and
                                     str(r.attrs.get("reference", "")).startswith("scan-mean")) \
-            or self._newest("text-rankings", with_texts) or self._newest("text-rankings")
+            or self._newest(rankings, with_texts) or self._newest(rankings)
         reference = self.ranking.attrs.get("reference") if self.ranking is not None else None
         self.directions_record_path = None
-        for path in self.entry.paths.get("text-directions", []):
+        for path in self.entry.paths.get(text_records.DIRECTIONS_KIND, []):
             try:
                 attrs = read_attrs(path)
             except (OSError, KeyError, ValueError):
@@ -421,15 +154,11 @@ class LayerData:
         """unit -> record paths, from the file names `unit<U>_<settings key>.h5` (neurons) or
         `sae-<name>_feature<F>_<settings key>.h5` (features) (opened when shown)."""
         self.fv_paths: Dict[int, List[Path]] = {}
-        for path in self.entry.paths.get("visualize", []):
-            stem = path.stem
-            if self.entry.is_features:
-                marker = f"sae-{self.entry.sae_name}_feature"
-                number = stem[len(marker):].split("_", 1)[0] if stem.startswith(marker) else ""
-            else:
-                number = stem[4:].split("_", 1)[0] if stem.startswith("unit") else ""
-            if number.isdigit():
-                self.fv_paths.setdefault(int(number), []).append(path)
+        owner = self.entry.sae_name if self.entry.is_features else NEURONS
+        for path in self.entry.paths.get(visualize_records.KIND, []):
+            name = visualize_records.parse_name(path)
+            if name is not None and name.owner == owner:
+                self.fv_paths.setdefault(name.unit, []).append(path)
 
     # ---------------------------------------------------------------------------------------- basics
 
@@ -531,9 +260,9 @@ class LayerData:
     def _unit_directions(self) -> Optional[np.ndarray]:
         with self._lock:
             if self._directions is None and self.directions_record_path is not None:
-                record = self.cache.read(self.directions_record_path, names=["directions"])
-                if record is not None:
-                    self._directions = np.asarray(record.arrays["directions"], dtype=np.float32)
+                directions = text_records.read_directions(self.cache, self.directions_record_path)
+                if directions is not None:
+                    self._directions = np.asarray(directions, dtype=np.float32)
             return self._directions
 
     # ------------------------------------------------------------------------------- features <-> neurons
@@ -588,9 +317,7 @@ class LayerData:
                 self._maps_loaded = True
                 self.load()
                 if self.scan is not None:
-                    record = self.cache.read(self._maps_path(), names=["maps"])
-                    if record is not None and record.arrays["maps"].shape[:2] == self.top_indices.shape:
-                        self._maps = record.arrays["maps"]
+                    self._maps = read_maps_array(self.cache, self._maps_path(), self.top_indices.shape)
             return self._maps
 
     def _maps_path(self) -> Path:
@@ -622,9 +349,9 @@ class LayerData:
         """Every cached feature visualization image of the unit (every record, every seed), most steps first."""
         found = []
         for path in self.fv_paths.get(unit, []):
-            record = self.cache.read(path, names=["activations"])
-            if record is None or str(record.attrs.get("basis") or NEURONS) != self.entry.basis:
-                continue       # another SAE of the same name (retrained): not this basis's feature
+            record = visualize_records.read_visualization(self.cache, path, ["activations"], self.entry.basis)
+            if record is None:
+                continue       # unreadable, or another SAE of the same name (retrained): not this basis's feature
             settings = record.attrs.get("settings", {})
             seeds = list(settings.get("seeds", range(len(record.arrays["activations"]))))
             for position, activation in enumerate(record.arrays["activations"]):
@@ -637,7 +364,7 @@ class LayerData:
         found = self.visualizations(unit)
         if not 0 <= number < len(found):
             return None
-        record = self.cache.read(found[number].record, names=["images"])
+        record = visualize_records.read_visualization(self.cache, found[number].record, ["images"])
         return None if record is None else np.asarray(record.arrays["images"][found[number].position])
 
 
@@ -674,3 +401,33 @@ def _chunk_maxima(cache: Cache, chunk_paths: Sequence[Path]):
             yield np.asarray(record.arrays["maxima"], dtype=np.float64)
 
 
+def sae_candidates(cache: Cache, entry: LayerEntry) -> List[Path]:
+    """Where the SAE of a feature entry may be: the registry's folder of its name, then the path its scan
+    recorded (an SAE made elsewhere). Empty for the neurons."""
+    if not entry.is_features:
+        return []
+    candidates = [sae_records.layer_folder(cache, entry.fingerprint16, entry.layer) / entry.sae_name]
+    if entry.sae_info.get("path"):
+        candidates.append(Path(str(entry.sae_info["path"])))
+    return candidates
+
+
+def sae_decoder(cache: Cache, entry: LayerEntry) -> Optional[np.ndarray]:
+    """The decoder W_dec (features, neurons) of the SAE that made `entry`'s records, or None when no SAE with
+    exactly those weights is found (weights_digest against the basis id's hash)."""
+    digest = entry.basis.rpartition("-")[2]
+    for folder in sae_candidates(cache, entry):
+        if not folder.exists():
+            continue
+        try:
+            sae = load_sae(folder)
+        except (NeurolensError, OSError, ValueError, KeyError, RuntimeError):
+            continue
+        if weights_digest(sae).startswith(digest):
+            return sae.W_dec.detach().float().cpu().numpy()
+    return None
+
+
+def _strongest(weights: np.ndarray, count: int) -> List[dict]:
+    order = np.argsort(-np.abs(weights), kind="stable")[:count]
+    return [{"unit": int(u), "weight": float(weights[u])} for u in order if weights[u] != 0]
