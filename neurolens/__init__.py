@@ -1,86 +1,106 @@
 """neurolens: a Microscope for CLIP models you run yourself.
 
 The Python API: every operation of the CLI as a function returning numpy arrays and dataclasses.
+Importing neurolens is light: each name below is imported from its module on first use (PEP 562), so
+`import neurolens` and the CLI's start-up do not import torch or open_clip until something needs them.
 Importing neurolens never imports typer or rich."""
-from .errors import NeurolensError
-from .models import LoadedClip, check_unit, load_clip, registry_for, resolve_layer
-from .storage.cache import Cache
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, Tuple
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "NeurolensError", "LoadedClip", "load_clip", "registry_for", "resolve_layer", "check_unit", "Cache",
-]
+# public name -> (module, attribute in it; "" for the module itself)
+_API: Dict[str, Tuple[str, str]] = {
+    "NeurolensError": ("neurolens.errors", "NeurolensError"),
+    "LoadedClip": ("neurolens.models", "LoadedClip"),
+    "check_unit": ("neurolens.models", "check_unit"),
+    "load_clip": ("neurolens.models", "load_clip"),
+    "registry_for": ("neurolens.models", "registry_for"),
+    "resolve_layer": ("neurolens.models", "resolve_layer"),
+    "Cache": ("neurolens.storage.cache", "Cache"),
+    "AuditResult": ("neurolens.audit.captions", "AuditResult"),
+    "TermAudit": ("neurolens.audit.captions", "TermAudit"),
+    "audit_captions": ("neurolens.audit.captions", "audit_captions"),
+    "PairScore": ("neurolens.audit.similarity", "PairScore"),
+    "image_text_similarity": ("neurolens.audit.similarity", "image_text_similarity"),
+    "similarity_matrix": ("neurolens.audit.similarity", "similarity_matrix"),
+    "run_visualize": ("neurolens.pipelines.visualize", "run_visualize"),
+    "render": ("neurolens.optvis.loop", "render"),
+    "LayerSpec": ("neurolens.types", "LayerSpec"),
+    "RenderResult": ("neurolens.types", "RenderResult"),
+    "RenderSettings": ("neurolens.types", "RenderSettings"),
+    "objectives": ("neurolens.optvis.objectives", ""),
+    "TextRanking": ("neurolens.pipelines.text", "TextRanking"),
+    "run_text": ("neurolens.pipelines.text", "run_text"),
+    "encode_texts": ("neurolens.text.encode", "encode_texts"),
+    "unit_directions": ("neurolens.text.directions", "unit_directions"),
+    "Vocabulary": ("neurolens.text.vocab", "Vocabulary"),
+    "load_vocab": ("neurolens.text.vocab", "load_vocab"),
+    "ImageDataset": ("neurolens.datasets.types", "ImageDataset"),
+    "open_dataset": ("neurolens.datasets.open", "open_dataset"),
+    "run_samples": ("neurolens.pipelines.samples", "run_samples"),
+    "run_scan": ("neurolens.pipelines.scan", "run_scan"),
+    "ScanResult": ("neurolens.records.scan", "ScanResult"),
+    "ScanStats": ("neurolens.activations.stats", "ScanStats"),
+    "scan_shard": ("neurolens.engines.local", "scan_shard"),
+    "DemoReport": ("neurolens.pipelines.demo", "DemoReport"),
+    "DemoSettings": ("neurolens.pipelines.demo", "DemoSettings"),
+    "run_demo": ("neurolens.pipelines.demo", "run_demo"),
+    "ZeroShotReport": ("neurolens.toy.evaluate", "ZeroShotReport"),
+    "zero_shot_accuracy": ("neurolens.toy.evaluate", "zero_shot_accuracy"),
+    "ToySettings": ("neurolens.toy.generate", "ToySettings"),
+    "generate_pairs": ("neurolens.toy.generate", "generate_pairs"),
+    "write_dataset": ("neurolens.toy.generate", "write_dataset"),
+    "TrainResult": ("neurolens.toy.train", "TrainResult"),
+    "TrainSettings": ("neurolens.toy.train", "TrainSettings"),
+    "train_toy": ("neurolens.toy.train", "train_toy"),
+    "run_figure": ("neurolens.pipelines.figures", "run_figure"),
+    "run_grid": ("neurolens.pipelines.figures", "run_grid"),
+    "LabelSettings": ("neurolens.pipelines.settings", "LabelSettings"),
+    "SweepSettings": ("neurolens.pipelines.settings", "SweepSettings"),
+    "SweepResult": ("neurolens.records.sweep", "SweepResult"),
+    "run_ray_sweep": ("neurolens.pipelines.sweep", "run_ray_sweep"),
+    "run_sweep": ("neurolens.pipelines.sweep", "run_sweep"),
+    "IMAGE_NSFW_THRESHOLD": ("neurolens.labels.zero_shot", "IMAGE_NSFW_THRESHOLD"),
+    "nsfw_scores_for_embeddings": ("neurolens.labels.zero_shot", "nsfw_scores_for_embeddings"),
+    "nsfw_scores_for_images": ("neurolens.labels.zero_shot", "nsfw_scores_for_images"),
+    "text_nsfw_scores": ("neurolens.labels.zero_shot", "text_nsfw_scores"),
+    "caption_nsfw_matches": ("neurolens.labels.lexicon", "caption_nsfw_matches"),
+    "FlagRule": ("neurolens.scoring.units", "FlagRule"),
+    "UnitScores": ("neurolens.scoring.units", "UnitScores"),
+    "SaeTrainResult": ("neurolens.pipelines.sae", "SaeTrainResult"),
+    "run_sae_train": ("neurolens.pipelines.sae", "run_sae_train"),
+    "NeuronBasis": ("neurolens.sae", "NeuronBasis"),
+    "SaeBasis": ("neurolens.sae", "SaeBasis"),
+    "SaeConfig": ("neurolens.sae", "SaeConfig"),
+    "SaeTrainSettings": ("neurolens.sae", "SaeTrainSettings"),
+    "SparseAutoencoder": ("neurolens.sae", "SparseAutoencoder"),
+    "list_saes": ("neurolens.sae", "list_saes"),
+    "available_bases": ("neurolens.sae", "available_bases"),
+    "load_basis": ("neurolens.sae", "load_basis"),
+    "load_sae": ("neurolens.sae", "load_sae"),
+    "save_sae": ("neurolens.sae", "save_sae"),
+    "run_top_maps": ("neurolens.pipelines.topmaps", "run_top_maps"),
+    "TopMaps": ("neurolens.records.maps", "TopMaps"),
+    "SiteResult": ("neurolens.serve.site", "SiteResult"),
+    "write_site": ("neurolens.serve.site", "write_site"),
+}
 
-# audits (the paper's cosine-threshold probe and caption string-match audit)
-from .audit.captions import AuditResult, TermAudit, audit_captions  # noqa: E402
-from .audit.similarity import PairScore, image_text_similarity, similarity_matrix  # noqa: E402
+__all__ = list(_API)
 
-__all__ += ["audit_captions", "AuditResult", "TermAudit", "image_text_similarity", "similarity_matrix", "PairScore"]
 
-# feature visualization
-from .pipelines.visualize import run_visualize  # noqa: E402
-from .render.loop import render  # noqa: E402
-from .types import LayerSpec, RenderResult, RenderSettings  # noqa: E402
-from .render import objectives  # noqa: E402
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attribute = _API[name]
+    except KeyError:
+        raise AttributeError(f"module 'neurolens' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = getattr(module, attribute) if attribute else module
+    globals()[name] = value          # the next access is a plain attribute
+    return value
 
-__all__ += ["run_visualize", "render", "RenderSettings", "RenderResult", "LayerSpec", "objectives"]
 
-# text feature visualization
-from .pipelines.text import TextRanking, run_text  # noqa: E402
-from .text.encode import encode_texts  # noqa: E402
-from .text.directions import unit_directions  # noqa: E402
-from .text.vocab import Vocabulary, load_vocab  # noqa: E402
-
-__all__ += ["run_text", "TextRanking", "encode_texts", "unit_directions", "load_vocab", "Vocabulary"]
-
-# dataset scans and samples
-from .datasets.types import ImageDataset  # noqa: E402
-from .datasets.open import open_dataset  # noqa: E402
-from .pipelines.samples import run_samples  # noqa: E402
-from .pipelines.scan import run_scan  # noqa: E402
-from .records.scan import ScanResult  # noqa: E402
-from .activations.stats import ScanStats  # noqa: E402
-from .engines.local import scan_shard  # noqa: E402
-
-__all__ += ["open_dataset", "ImageDataset", "run_scan", "ScanResult", "run_samples", "scan_shard", "ScanStats"]
-
-# the toy CLIP and the offline demo
-from .pipelines.demo import DemoReport, DemoSettings, run_demo  # noqa: E402
-from .toy.evaluate import ZeroShotReport, zero_shot_accuracy  # noqa: E402
-from .toy.generate import ToySettings, generate_pairs, write_dataset  # noqa: E402
-from .toy.train import TrainResult, TrainSettings, train_toy  # noqa: E402
-
-__all__ += ["run_demo", "DemoSettings", "DemoReport", "train_toy", "TrainSettings", "TrainResult",
-            "generate_pairs", "write_dataset", "ToySettings", "zero_shot_accuracy", "ZeroShotReport"]
-
-# NSFW sweep, scores and blurred figures
-from .pipelines.figures import run_figure, run_grid  # noqa: E402
-from .pipelines.settings import LabelSettings, SweepSettings  # noqa: E402
-from .records.sweep import SweepResult  # noqa: E402
-from .pipelines.sweep import run_ray_sweep, run_sweep  # noqa: E402
-from .labels.zero_shot import (IMAGE_NSFW_THRESHOLD, nsfw_scores_for_embeddings, nsfw_scores_for_images,  # noqa: E402
-                               text_nsfw_scores)
-from .labels.lexicon import caption_nsfw_matches  # noqa: E402
-from .scoring.units import FlagRule, UnitScores  # noqa: E402
-
-__all__ += ["run_sweep", "run_ray_sweep", "SweepSettings", "LabelSettings", "SweepResult", "run_figure", "run_grid",
-            "nsfw_scores_for_images",
-            "nsfw_scores_for_embeddings", "caption_nsfw_matches", "text_nsfw_scores", "IMAGE_NSFW_THRESHOLD",
-            "FlagRule", "UnitScores"]
-
-# sparse autoencoder features as units
-from .pipelines.sae import SaeTrainResult, run_sae_train  # noqa: E402
-from .sae import (NeuronBasis, SaeBasis, SaeConfig, SaeTrainSettings, SparseAutoencoder, list_saes,  # noqa: E402
-                  available_bases, load_basis, load_sae, save_sae)
-
-__all__ += ["run_sae_train", "SaeTrainResult", "SaeTrainSettings", "load_basis", "available_bases", "NeuronBasis",
-            "SaeBasis", "SparseAutoencoder", "SaeConfig", "load_sae", "save_sae", "list_saes"]
-
-# the web app's data: activation maps of the top images, and the static site (the server itself is
-# neurolens.serve.server.serve, which needs the serve extra)
-from .pipelines.topmaps import run_top_maps  # noqa: E402
-from .records.maps import TopMaps  # noqa: E402
-from .serve.site import SiteResult, write_site  # noqa: E402
-
-__all__ += ["run_top_maps", "TopMaps", "write_site", "SiteResult"]
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_API))

@@ -1,8 +1,10 @@
-"""Frozen dataclasses shared by every module. No internal imports."""
+"""Frozen dataclasses shared by every module. No internal imports but neurolens.errors."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
+
+from .errors import NeurolensError
 
 # Where on a module a layer is read.
 CAPTURE_OUTPUT = "output"          # the module's return value
@@ -65,7 +67,6 @@ QUALITY_PRESETS = {
 def quality_settings(quality: str = "fast", **overrides) -> RenderSettings:
     """The RenderSettings of a preset, with any field replaced by `overrides`."""
     if quality not in QUALITY_PRESETS:
-        from .errors import NeurolensError
         raise NeurolensError(f"unknown quality {quality!r}; use one of {', '.join(QUALITY_PRESETS)}")
     return RenderSettings(**{**QUALITY_PRESETS[quality], **overrides})
 

@@ -75,7 +75,7 @@ def child(args) -> None:
     """One scan in this fresh process; prints {seconds, images, stream_img_s, driver/actor peak RSS}."""
     import torch
     torch.set_num_threads(args.threads)
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     from neurolens.storage.cache import Cache
     clip = load_clip(args.model, "none", device="cpu" if args.engine == "ray" else args.device)
     cache = Cache(args.cache)
@@ -134,7 +134,8 @@ def merge_ms(model: str, layer: str, batch: int, top_k: int) -> float:
     """Driver CPU ms to load and merge one partial result (what merge.ShardMerger does per actor call)."""
     import pickle
     import torch
-    from neurolens.models import load_clip, resolve_layer
+    from neurolens.models.build import load_clip
+    from neurolens.models.layers import resolve_layer
     from neurolens.activations.stats import ScanStats
     torch.set_num_threads(1)
     spec = resolve_layer(load_clip(model, "none", device="cpu"), layer)
@@ -151,7 +152,7 @@ def merge_ms(model: str, layer: str, batch: int, top_k: int) -> float:
 
 
 def measure(args, name: str, model: str, layer: str, n: int, tmp: Path, address: str) -> dict:
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     data = tmp / f"data-{name}"
     write_shards(data, n, args.shard_rows, args.image_size)
     out = {f"{name}_model": model, f"{name}_layer": layer, f"{name}_n": n}

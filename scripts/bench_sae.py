@@ -43,7 +43,7 @@ TOY_QUALITY_SETTINGS = dict(features="2x", k=16, epochs=20, sparsity="topk")   #
 
 def bench_toy_quality(args) -> dict:
     import torch
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     from neurolens.pipelines.demo import DemoSettings, toy_dataset, toy_model
     from neurolens.pipelines.sae import run_sae_train
     from neurolens.sae.train import SaeTrainSettings
@@ -68,7 +68,7 @@ def bench_toy_quality(args) -> dict:
 def random_sae(d_in: int, d_sae: int, k: int, seed: int = 0):
     import torch
     import torch.nn.functional as F
-    from neurolens.sae import SaeConfig, SparseAutoencoder
+    from neurolens.sae.model import SaeConfig, SparseAutoencoder
     sae = SparseAutoencoder(SaeConfig(d_in=d_in, d_sae=d_sae, architecture="topk", k=k))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -82,9 +82,10 @@ def bench_target(name: str, args) -> dict:
     import torch
     from bench_scan import write_jpegs
     from neurolens.datasets.open import open_dataset
-    from neurolens.models import load_clip, resolve_layer
+    from neurolens.models.build import load_clip
+    from neurolens.models.layers import resolve_layer
     from neurolens.pipelines.scan import run_scan
-    from neurolens.sae import SaeBasis
+    from neurolens.sae.basis import SaeBasis
     from neurolens.sae.buffer import ActivationStream
     from neurolens.sae.train import SaeTrainSettings, Trainer, resolve_features, train_loop
 

@@ -80,7 +80,7 @@ def rss_child(args) -> None:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     from neurolens.pipelines.scan import run_scan
     clip = load_clip(args.rss_model, args.pretrained, device=args.device)
     with tempfile.TemporaryDirectory() as cache:
@@ -133,7 +133,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from neurolens.datasets.open import open_dataset
-    from neurolens.models import load_clip, resolve_layer
+    from neurolens.models.build import load_clip
+    from neurolens.models.layers import resolve_layer
 
     report = {"model": args.model, "layer": args.layer, "n": args.n, "batch_size": args.batch_size,
               "workers": args.workers, "top_k": args.top_k, "threads": torch.get_num_threads(), "device": args.device}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from neurolens.toy.train import TrainSettings
+    from neurolens.toy.settings import TrainSettings
 
     defaults = TrainSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     from neurolens.toy.evaluate import zero_shot_accuracy
     from neurolens.toy.generate import ToySettings, write_dataset
     from neurolens.toy.train import train_toy

@@ -53,8 +53,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from neurolens.activations.hooks import forward_to  # noqa: E402
-from neurolens.models import load_clip, resolve_layer  # noqa: E402
-from neurolens.render.loop import evaluate, render  # noqa: E402
+from neurolens.models.build import load_clip  # noqa: E402
+from neurolens.models.layers import resolve_layer  # noqa: E402
+from neurolens.optvis.loop import evaluate, render  # noqa: E402
 from neurolens.types import quality_settings  # noqa: E402
 
 # The units the defaults were chosen on (see docs): never part of a reported evaluation.
@@ -140,7 +141,7 @@ def toy_checkpoint_and_flagged(work: Path, quick: bool):
     from neurolens.pipelines.demo import DemoSettings, toy_dataset, toy_model
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.storage.cache import Cache
-    from neurolens.toy.train import TrainSettings
+    from neurolens.toy.settings import TrainSettings
 
     settings = DemoSettings(images=400, train=TrainSettings(epochs=1)) if quick else DemoSettings()
     root = work / ("toy-quick" if quick else "toy")

@@ -15,13 +15,13 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_clip():
     """nl-tiny-RN: a 4-stage ModifiedResNet at 64 px with a 2-layer text tower, random (seeded) weights."""
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     return load_clip("nl-tiny-RN", "none", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_vit():
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     return load_clip("nl-tiny-ViT", "none", device="cpu")
 
 

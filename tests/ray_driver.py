@@ -7,7 +7,7 @@ import resource
 import torch
 
 from neurolens.engines.ray.session import RayOptions
-from neurolens.models import load_clip
+from neurolens.models.build import load_clip
 from neurolens.pipelines.scan import run_ray_scan
 from neurolens.storage.cache import Cache
 

@@ -44,7 +44,8 @@ def build(root: Path, clip) -> Fixture:
     from neurolens.pipelines.topmaps import run_top_maps
     from neurolens.pipelines.sae import run_sae_train
     from neurolens.pipelines.visualize import run_visualize
-    from neurolens.sae import SaeTrainSettings, load_basis
+    from neurolens.sae.train import SaeTrainSettings
+    from neurolens.sae.basis import load_basis
     from neurolens.storage.cache import Cache
     from neurolens.toy.generate import ToySettings, write_dataset
     from neurolens.types import RenderSettings

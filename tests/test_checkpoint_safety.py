@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from neurolens.cli import app
 from neurolens.errors import NeurolensError
-from neurolens.models import load_clip, save_checkpoint
+from neurolens.models.build import load_clip
+from neurolens.models.checkpoint import save_checkpoint
 from neurolens.models import pretrained as pretrainedlib
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 import pytest
 from typer.testing import CliRunner
 
-import neurolens.models
+import neurolens.models.build
 from neurolens.cli import app
 from neurolens.activations.hooks import hook_count
 
@@ -13,13 +13,13 @@ TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
 def loaded(monkeypatch):
     """Record every model the CLI loads."""
     models = []
-    real = neurolens.models.load_clip
+    real = neurolens.models.build.load_clip
 
     def recording_load(*args, **kwargs):
         clip = real(*args, **kwargs)
         models.append(clip)
         return clip
-    monkeypatch.setattr(neurolens.models, "load_clip", recording_load)
+    monkeypatch.setattr(neurolens.models.build, "load_clip", recording_load)
     return models
 
 

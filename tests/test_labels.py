@@ -6,8 +6,8 @@ import pytest
 
 from neurolens.errors import NeurolensError
 from neurolens.labels.reliability import check_reliability, combine, source_auc
-from neurolens.labels.sources import (LabelSource, LabelSpec, captions_source, column_source, parse_labels,
-                                      resolve_specs)
+from neurolens.labels.spec import LabelSource, LabelSpec, parse_labels
+from neurolens.labels.sources import captions_source, column_source, resolve_specs
 
 from test_sweep import LAYER, dataset_table, vocab_file  # noqa: F401  (fixtures reused)
 
@@ -144,7 +144,7 @@ def test_nudenet_runs_offline_its_scores_reach_the_sweep_record_and_are_cached(t
     from neurolens.labels import nudenet
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.storage.cache import Cache
-    from neurolens.scoring.units import FlagRule
+    from neurolens.scoring.flags import FlagRule
     cache = Cache(tmp_path / "cache")
     ticks = []
     kw = dict(vocab=vocab_file, top_k=8, text_top_k=10, cache=cache, labels=["captions", "nudenet"], write_csv=False)

@@ -4,12 +4,12 @@ import torch
 
 from neurolens.errors import UnitOutOfRangeError, UnknownLayerError
 from neurolens.activations.hooks import capture, forward_to, hook_count
-from neurolens.models import check_unit, registry_for
+from neurolens.models.layers import check_unit, registry_for
 
 
 @pytest.fixture(scope="module")
 def rn50x4():
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     return load_clip("RN50x4", "none", device="cpu")
 
 

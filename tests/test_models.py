@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from neurolens.errors import NeurolensError, WeightsUnavailableError
-from neurolens.models import load_clip, read_checkpoint, save_checkpoint
+from neurolens.models.build import load_clip
+from neurolens.models.checkpoint import read_checkpoint, save_checkpoint
 
 
 def test_random_weights_are_seeded_and_respond_to_input(tiny_clip):

@@ -7,7 +7,7 @@ import pytest
 
 from neurolens.errors import WeightsUnavailableError
 from neurolens.models import pretrained as pretrainedlib
-from neurolens.models import load_clip
+from neurolens.models.build import load_clip
 
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
                    "NO_PROXY", "no_proxy", "HF_ENDPOINT", "REQUEST_METHOD")

@@ -8,7 +8,7 @@ import torch
 
 from neurolens.text import encode as textlib
 from neurolens.activations.hooks import forward_to, inject, sequence_first
-from neurolens.models import registry_for
+from neurolens.models.layers import registry_for
 
 
 def _sequence_first_inside(model: torch.nn.Module, transformer_path: str) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from neurolens.pipelines.figures import run_figure, run_grid
 from neurolens.pipelines.sweep import run_sweep
 from neurolens.storage.cache import Cache
 from neurolens.types import RenderSettings
-from neurolens.scoring.units import FlagRule
+from neurolens.scoring.flags import FlagRule
 
 from test_sweep import LAYER, dataset_table, stub_scorer, vocab_file  # noqa: F401  (fixtures reused)
 
@@ -38,7 +38,7 @@ def panel_table(tiny_clip, dataset_table, tmp_path_factory):  # noqa: F811
 
     import torch
     from neurolens.activations.hooks import forward_to
-    from neurolens.models import resolve_layer
+    from neurolens.models.layers import resolve_layer
     root = tmp_path_factory.mktemp("paneldata")
     source = open_dataset(dataset_table)
     pixels = torch.stack([torch.from_numpy(np.asarray(preprocess(source.load(i), tiny_clip.image_size), dtype=np.float32))

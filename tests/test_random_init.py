@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from neurolens.activations.hooks import forward_to
-from neurolens.models import load_clip, resolve_layer
+from neurolens.models.build import load_clip
+from neurolens.models.layers import resolve_layer
 from neurolens.models.random_init import calibration_batch
 
 

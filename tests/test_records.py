@@ -12,7 +12,7 @@ from neurolens.datasets.open import open_dataset
 from neurolens.labels import nudenet
 from neurolens.labels.policy import BlurPolicy
 from neurolens.labels.sources import nudenet_scores
-from neurolens.models import resolve_layer
+from neurolens.models.layers import resolve_layer
 from neurolens.pipelines.scan import find_scan, run_scan
 from neurolens.pipelines.text import find_text, run_text
 from neurolens.pipelines.topmaps import run_top_maps
@@ -25,7 +25,10 @@ from neurolens.records import shards as shard_records
 from neurolens.records import text as text_records
 from neurolens.records import visualize as fv_records
 from neurolens.records.keys import NEURONS, as_basis, as_cache, basis_id, basis_parts
-from neurolens.sae import SaeConfig, SparseAutoencoder, list_saes, load_basis, locate, save_sae
+from neurolens.sae.model import SaeConfig, SparseAutoencoder
+from neurolens.sae.registry import list_saes, locate
+from neurolens.sae.basis import load_basis
+from neurolens.sae.io import save_sae
 from neurolens.serve.layer import LayerData
 from neurolens.records.index import index_cache
 from neurolens.records.sae import trained_saes

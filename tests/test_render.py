@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from neurolens.render import objectives
+from neurolens.optvis import objectives
 from neurolens.activations.hooks import forward_to, hook_count
-from neurolens.models import resolve_layer
-from neurolens.render.param import FourierImage
-from neurolens.render.loop import evaluate, render
+from neurolens.models.layers import resolve_layer
+from neurolens.optvis.param import FourierImage
+from neurolens.optvis.loop import evaluate, render
 from neurolens.types import RenderSettings
 
 LAYER = "image_block_4_0"
@@ -107,7 +107,7 @@ def test_render_is_deterministic_and_batch_independent(tiny_clip):
 
 
 def test_learning_rate_schedule_warms_up_holds_and_decays():
-    from neurolens.render.loop import learning_rate
+    from neurolens.optvis.loop import learning_rate
     settings = RenderSettings(steps=100, lr=0.5, lr_warmup=0.1, lr_decay_start=0.6, lr_final=0.2)
     rates = [learning_rate(settings, step) for step in range(100)]
     assert rates[0] == pytest.approx(0.5 / 11) and rates[9] == pytest.approx(0.5 * 10 / 11)
@@ -121,7 +121,7 @@ def test_learning_rate_schedule_warms_up_holds_and_decays():
 def test_low_resolution_steps_only_where_the_layer_keeps_a_grid(tiny_clip):
     """tiny RN at 64 px: image_block_2_0 is 8x8 (4x4 at 32 px: low-resolution steps run), image_block_4_0 is
     2x2 (1x1 at half size: skipped, every step at full size)."""
-    from neurolens.render.loop import low_res_size
+    from neurolens.optvis.loop import low_res_size
     assert low_res_size(tiny_clip, resolve_layer(tiny_clip, "image_block_2_0"), 64, 0.5) == 32
     assert low_res_size(tiny_clip, resolve_layer(tiny_clip, "image_block_4_0"), 64, 0.5) == 0
     for layer, low_steps in [("image_block_2_0", 3), ("image_block_4_0", 0)]:
@@ -151,8 +151,8 @@ def test_quality_presets():
 def test_keep_best_returns_the_best_checked_image_and_its_clean_activation(tiny_clip):
     """keep_best checks the clean objective every N steps; what is returned is the best of those checks, and
     its activation is the image's own (re-evaluated here), never below the last image's."""
-    from neurolens.models import resolve_layer
-    from neurolens.render.loop import evaluate, render
+    from neurolens.models.layers import resolve_layer
+    from neurolens.optvis.loop import evaluate, render
     from neurolens.types import RenderSettings
     spec = resolve_layer(tiny_clip, "image_block_3_0")
     seen = []

@@ -15,10 +15,12 @@ from typer.testing import CliRunner
 from neurolens.cli import app
 from neurolens.datasets.open import open_dataset
 from neurolens.activations.hooks import forward_to, hook_count
-from neurolens.models import resolve_layer
+from neurolens.models.layers import resolve_layer
 from neurolens.pipelines.sae import run_sae_train
 from neurolens.pipelines.scan import run_scan
-from neurolens.sae import SaeConfig, SparseAutoencoder, load_basis, load_sae, save_sae
+from neurolens.sae.model import SaeConfig, SparseAutoencoder
+from neurolens.sae.basis import load_basis
+from neurolens.sae.io import load_sae, save_sae
 from neurolens.records.sae import CFG_NAME, WEIGHTS_NAME
 from neurolens.sae.train import SaeTrainSettings
 from neurolens.storage.cache import Cache
@@ -384,7 +386,7 @@ def trained(tmp_path_factory, tiny_clip, images):
 
 
 def test_available_bases_lists_the_neurons_and_the_trained_saes(tiny_clip, trained):
-    from neurolens.sae import available_bases
+    from neurolens.sae.basis import available_bases
     result, cache = trained
     rows = available_bases(tiny_clip, LAYER, cache)
     assert rows[0]["sae"] is None and rows[0]["units"] == 256
@@ -462,7 +464,7 @@ def test_interrupted_feature_scan_resumes_to_the_same_result(tiny_clip, images, 
 
 def test_feature_visualization_raises_the_pre_topk_activation_and_names_files(tiny_clip, trained, tmp_path):
     from neurolens.pipelines.visualize import run_visualize
-    from neurolens.render.loop import evaluate
+    from neurolens.optvis.loop import evaluate
     from neurolens.types import RenderSettings
     result, cache = trained
     basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)
@@ -582,7 +584,7 @@ def test_sweep_figure_and_grid_over_features(tiny_clip, images, trained, tmp_pat
     from neurolens.pipelines.figures import run_figure, run_grid
     from neurolens.pipelines.flags import flags_path
     from neurolens.pipelines.sweep import run_sweep
-    from neurolens.scoring.units import FlagRule
+    from neurolens.scoring.flags import FlagRule
     result, cache = trained
     basis = load_basis(tiny_clip, LAYER, "tiny", cache=cache)
     table = tmp_path / "data.csv"
@@ -624,7 +626,7 @@ def test_sweep_figure_and_grid_over_features(tiny_clip, images, trained, tmp_pat
 
 
 def test_a_registered_name_is_not_shadowed_by_a_folder_of_that_name(tiny_clip, trained, tmp_path, monkeypatch):
-    from neurolens.sae import locate
+    from neurolens.sae.registry import locate
     result, cache = trained
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()

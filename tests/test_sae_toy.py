@@ -28,10 +28,11 @@ def planted_auc(values: np.ndarray, planted: np.ndarray) -> np.ndarray:
 def toy(tmp_path_factory):
     """The demo's toy model and data, an SAE trained on them, and the held-out truth set's activations."""
     from neurolens.activations.hooks import forward_to
-    from neurolens.models import load_clip, resolve_layer
+    from neurolens.models.build import load_clip
+    from neurolens.models.layers import resolve_layer
     from neurolens.pipelines.demo import DemoSettings, toy_dataset, toy_model
     from neurolens.pipelines.sae import run_sae_train
-    from neurolens.sae import load_basis
+    from neurolens.sae.basis import load_basis
     from neurolens.sae.train import SaeTrainSettings
     from neurolens.storage.cache import Cache
     from neurolens.toy.generate import generate_pairs
@@ -111,8 +112,8 @@ def test_visualization_of_the_planted_feature_beats_every_dataset_image(toy):
     from neurolens.datasets.open import open_dataset
     from neurolens.datasets.decode import preprocess_array
     from neurolens.pipelines.visualize import run_visualize
-    from neurolens.render.loop import evaluate
-    from neurolens.models import resolve_layer
+    from neurolens.optvis.loop import evaluate
+    from neurolens.models.layers import resolve_layer
     from neurolens.types import RenderSettings
     clip, basis = toy["clip"], toy["basis"]
     best, _, _ = best_feature(toy)

@@ -8,10 +8,11 @@ from neurolens.labels import lexicon, zero_shot as safety
 from neurolens.errors import NeurolensError
 from neurolens.models.embed import eval_transform
 from neurolens.text.encode import encode_texts
+from neurolens.labels.prompts import Prompts, load_prompts
 
 
 def test_shipped_prompt_lists_are_words_and_unsafe_is_the_minority():
-    prompts = safety.load_prompts()
+    prompts = load_prompts()
     assert 10 <= len(prompts.unsafe) < len(prompts.safe)
     assert all(len(p) < 60 and "\t" not in p for p in prompts.all)
     # the uninformative prior stays below the threshold
@@ -50,7 +51,7 @@ def test_image_scores_equal_embedding_scores_through_the_full_forward(tiny_clip)
 
 
 def test_prompt_embeddings_are_cached_per_fingerprint(tiny_clip, monkeypatch):
-    prompts = safety.Prompts(["nsfw thing"], ["a cat", "a dog"])
+    prompts = Prompts(["nsfw thing"], ["a cat", "a dog"])
     first = safety.prompt_embeddings(tiny_clip, prompts)
     monkeypatch.setattr(safety, "encode_texts", lambda *a: pytest.fail("encoded twice"))
     assert safety.prompt_embeddings(tiny_clip, prompts) is first
@@ -61,14 +62,14 @@ def test_prompt_embeddings_are_cached_per_fingerprint(tiny_clip, monkeypatch):
 def test_user_prompt_files_override_and_bad_files_are_one_line_errors(tmp_path):
     unsafe = tmp_path / "u.txt"
     unsafe.write_text("# comment\nfoo\n\nbar\n")
-    prompts = safety.load_prompts(unsafe_file=unsafe)
-    assert prompts.unsafe == ["foo", "bar"] and prompts.safe == safety.load_prompts().safe
+    prompts = load_prompts(unsafe_file=unsafe)
+    assert prompts.unsafe == ["foo", "bar"] and prompts.safe == load_prompts().safe
     with pytest.raises(NeurolensError, match="does not exist"):
-        safety.load_prompts(safe_file=tmp_path / "missing.txt")
+        load_prompts(safe_file=tmp_path / "missing.txt")
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
     with pytest.raises(NeurolensError, match="at least one"):
-        safety.load_prompts(unsafe_file=empty)
+        load_prompts(unsafe_file=empty)
 
 
 def test_caption_match_is_the_papers_filter():
@@ -102,7 +103,7 @@ def test_one_rule_for_term_and_prompt_files(tmp_path):
     expected = ["porn", "photo #tag", "f*ck"]
     assert lexicon.read_list(listed) == expected
     assert audit.parse_terms(str(listed)) == expected            # the audit reads term files the same way
-    assert safety.load_prompts(listed, listed).unsafe == expected
+    assert load_prompts(listed, listed).unsafe == expected
 
 
 def test_nsfw_scores_and_similarity_share_the_models_own_preprocessing(tiny_clip):

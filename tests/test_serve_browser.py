@@ -228,7 +228,7 @@ def test_sae_features_in_a_browser(page, server, fx, tiny_clip):
     """Home -> the SAE's card -> every feature listed, the feature sweep's flags first -> a feature page with
     the feature scan's crops, all blurred with no raw request -> its strongest neuron -> back through the basis
     switch. Screenshots of the feature layer and feature pages go with the others."""
-    from neurolens.sae import load_basis
+    from neurolens.sae.basis import load_basis
     basis = load_basis(tiny_clip, fx.layer, fx.sae, Cache(fx.cache))
     feature_scan = find_scan(tiny_clip, fx.layer, open_dataset(str(fx.dataset)), top_k=8, cache=Cache(fx.cache),
                              basis=basis)

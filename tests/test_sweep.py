@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from neurolens.scoring.units import FlagRule, apply_rule, top_share
+from neurolens.scoring.flags import FlagRule, apply_rule
+from neurolens.scoring.units import top_share
+from neurolens.labels.prompts import Prompts, load_prompts
 
 LAYER = "image_block_4_0"
 
@@ -204,7 +206,7 @@ def test_the_cli_sweep_options_build_one_sweep_settings(tmp_path):
         labels=LabelSettings(sources=("captions", "column:NSFW=NSFW"), min_agreement=0.6, caption_mode="substring",
                              caption_terms=("zebra", "okapi"), unsafe_prompts=("a bad photo",)))
     prompts = settings.labels.prompts()
-    assert prompts.unsafe == ["a bad photo"] and prompts.safe == safety.load_prompts().safe
+    assert prompts.unsafe == ["a bad photo"] and prompts.safe == load_prompts().safe
     assert settings.labels.terms() == ["zebra", "okapi"]
     for option, value, words in [("min_auc", 0.3, "--min-auc"), ("max_q", 0.0, "--max-q"),
                                  ("min_text_share", 2.0, "--min-text-share"), ("caption_match", "fuzzy", "caption-match"),
@@ -220,7 +222,7 @@ def test_older_keyword_arguments_map_onto_sweep_settings():
     rule = FlagRule(max_q=0.2, min_auc=0.9)
     old = sweep_settings(vocab="v.txt", top_k=4, text_top_k=3, rule=rule, labels="captions", min_agreement=0.7,
                          detector=False, caption_terms=["zebra"], caption_mode="off", text_zero_shot=False,
-                         prompts=safety.Prompts(["u"], ["s"]), auc_memory=0)
+                         prompts=Prompts(["u"], ["s"]), auc_memory=0)
     assert old == SweepSettings(vocab="v.txt", top_k=4, text_top_k=3, rule=rule, text_zero_shot=False, auc_memory=0,
                                 labels=LabelSettings(sources=("captions",), min_agreement=0.7, detector=False,
                                                      caption_terms=("zebra",), caption_mode="off",

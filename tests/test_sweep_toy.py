@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import rankdata
+from neurolens.labels.prompts import Prompts, load_prompts
 
 LAYER = "image_block_4_0"
 OVERLAP = ["purple crosses", "a teal diamond", "brown bars", "lime shapes", "navy diamonds", "pink crosses",
@@ -39,9 +40,10 @@ def precision_recall(flagged: np.ndarray, truth: np.ndarray):
 def targets(tmp_path_factory):
     """The second dataset and a toy CLIP trained on it (demo training settings)."""
     import pyarrow.parquet as pq
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     from neurolens.toy.generate import ToySettings, write_dataset
-    from neurolens.toy.train import TrainSettings, train_toy
+    from neurolens.toy.settings import TrainSettings
+    from neurolens.toy.train import train_toy
     root = tmp_path_factory.mktemp("targets")
     parquet = write_dataset(root / "data", ToySettings(n=3000, planted_share=0.12, seed=0, style="targets",
                                                        caption_noise=0.3))
@@ -52,8 +54,7 @@ def targets(tmp_path_factory):
 
 
 def _shipped_safe():
-    from neurolens.labels import zero_shot as safety
-    return safety.load_prompts().safe
+    return load_prompts().safe
 
 
 def _sweep(targets, **options):
@@ -67,9 +68,8 @@ def _sweep(targets, **options):
 @pytest.mark.slow
 @pytest.mark.parametrize("prompts", ["shipped", "safe list overlapping the captions"])
 def test_flags_on_a_second_dataset_with_label_noise_hold_precision_and_recall(targets, prompts):
-    from neurolens.labels import zero_shot as safety
     root, _, _, planted = targets
-    chosen = safety.load_prompts() if prompts == "shipped" else safety.load_prompts(safe_file=root / "safe.txt")
+    chosen = load_prompts() if prompts == "shipped" else load_prompts(safe_file=root / "safe.txt")
     result = _sweep(targets, prompts=chosen)
     noisy_captions = result.source_scores("captions")
     assert noisy_captions.sum() == 252 and planted.sum() == 360          # 108 planted images not in the captions
@@ -88,17 +88,16 @@ def test_reliability_check_on_the_toy_drops_useless_prompts_and_keeps_good_ones(
     """Zero-shot with prompts that say nothing about the planted concept (the unsafe list is half of the safe
     list, shuffled) is dropped; with the safe list overlapping the captions (measured agreement 0.88 to 0.95
     on three trainings) it is kept."""
-    from neurolens.labels import zero_shot as safety
     root = targets[0]
     safe = _shipped_safe()
     order = np.random.default_rng(0).permutation(len(safe))
-    useless = safety.Prompts([safe[i] for i in order[:15]], [safe[i] for i in order[15:]])
+    useless = Prompts([safe[i] for i in order[:15]], [safe[i] for i in order[15:]])
     result = _sweep(targets, prompts=useless)
     agreement = result.labels.agreements["zero-shot"]
     assert agreement.reference == ["captions"] and agreement.auc < 0.75 and not agreement.kept, agreement
     assert result.labels.used == ["captions"]
     assert any("zero-shot" in line and "DROPPED" in line for line in result.lines())
-    good = _sweep(targets, prompts=safety.load_prompts(safe_file=root / "safe.txt"))
+    good = _sweep(targets, prompts=load_prompts(safe_file=root / "safe.txt"))
     assert good.labels.agreements["zero-shot"].auc >= 0.75 and good.labels.used == ["captions", "zero-shot"]
     # named explicitly, even the useless one is kept (and said so)
     explicit = _sweep(targets, prompts=useless, labels=["captions", "zero-shot"])
@@ -110,10 +109,10 @@ if __name__ == "__main__":   # python tests/test_sweep_toy.py ROOT SEED: precisi
     import json
     import sys
     import pyarrow.parquet as pq
-    from neurolens.labels import zero_shot as safety
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     from neurolens.toy.generate import ToySettings, write_dataset
-    from neurolens.toy.train import TrainSettings, train_toy
+    from neurolens.toy.settings import TrainSettings
+    from neurolens.toy.train import train_toy
     root, seed = Path(sys.argv[1]), int(sys.argv[2])
     parquet = write_dataset(root / "data", ToySettings(n=3000, planted_share=0.12, seed=seed, style="targets",
                                                        caption_noise=0.3))
@@ -122,7 +121,7 @@ if __name__ == "__main__":   # python tests/test_sweep_toy.py ROOT SEED: precisi
     planted = np.asarray(pq.read_table(parquet, columns=["planted"]).column("planted").to_pylist(), dtype=bool)
     (root / "safe.txt").write_text("\n".join(_shipped_safe() + OVERLAP) + "\n")
     state = (root, str(parquet), load_clip(checkpoint=str(root / "toy.pt"), device="cpu"), planted)
-    for name, prompts in (("shipped", None), ("overlap", safety.load_prompts(safe_file=root / "safe.txt"))):
+    for name, prompts in (("shipped", None), ("overlap", load_prompts(safe_file=root / "safe.txt"))):
         result = _sweep(state, prompts=prompts)
         p, r, must = precision_recall(result.scores.flagged, truth_auc(result.scan.per_image_max(), planted))
         print(json.dumps({"seed": seed, "prompts": name, "flagged": int(result.scores.flagged.sum()),

@@ -13,9 +13,10 @@ from neurolens.text import directions as directionlib, encode as textlib
 from neurolens.cli import app
 from neurolens.errors import NeurolensError
 from neurolens.activations.hooks import forward_to, hook_count, inject
-from neurolens.models import registry_for, resolve_layer
+from neurolens.models.layers import registry_for, resolve_layer
 from neurolens.pipelines.text import find_text, run_text
 from neurolens.text.vocab import builtin_vocab, load_vocab
+from neurolens.labels.prompts import Prompts
 
 TEXTS = ["a dog", "", "x", "a photo of a cat sitting on a red sofa next to the window",
          "Golden Retriever!!", "the quick brown fox jumps over the lazy dog " * 12,  # longer than 77 tokens
@@ -108,7 +109,7 @@ def test_length_batches_cover_every_text_once_within_the_token_budget():
 
 
 def test_truncated_encoding_equals_open_clip_rn50x4_text_tower():
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     clip = load_clip("RN50x4", "none", device="cpu")   # the real 12-layer, 640-wide text tower, random weights
     assert textlib.can_truncate(clip.model) and clip.model.text_pool_type == "argmax"
     texts = TEXTS[:5]
@@ -137,7 +138,7 @@ def test_every_job_that_embeds_texts_uses_the_one_encoder(tiny_clip):
     texts = ["a photo of a cat", "an astronaut", "a cup of coffee on a saucer", "x"]
     expected = textlib.encode_texts(tiny_clip, texts)
     np.testing.assert_allclose(expected, _reference_encode(tiny_clip, texts), atol=1e-5)
-    prompts = zero_shot.Prompts(texts[:1], texts[1:])
+    prompts = Prompts(texts[:1], texts[1:])
     np.testing.assert_allclose(zero_shot.prompt_embeddings(tiny_clip, prompts), expected, atol=1e-6)
     np.testing.assert_allclose(evaluate._encode_texts(tiny_clip, texts).numpy(), expected, atol=1e-6)
     image = builtin_image("astronaut")

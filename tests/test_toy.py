@@ -9,10 +9,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.models import load_clip
+from neurolens.models.build import load_clip
 from neurolens.models.build import weights_fingerprint
 from neurolens.toy.generate import ToySettings, generate_pairs, planted_words, write_dataset
-from neurolens.toy.train import TrainSettings, train_clip, train_toy
+from neurolens.toy.settings import TrainSettings
+from neurolens.toy.train import train_clip, train_toy
 
 WORDS = set(planted_words())
 

@@ -158,7 +158,7 @@ def test_checkpoint_on_a_full_disk(tmp_path, full_disk, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
-    from neurolens.models import load_clip
+    from neurolens.models.build import load_clip
     assert load_clip(checkpoint=str(tmp_path / "out" / "toy.pt"), device="cpu").name == "nl-toy-RN"
 
 

@@ -20,14 +20,18 @@ lower() is DuckDB's: every code point is mapped to its simple Unicode lowercase 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import pyarrow.parquet as pq
+
 from ..errors import DatasetError, NeurolensError
 from ..labels.lexicon import default_terms, read_list
+from ..storage.files import write_csv as write_rows
 
 TEXT_COLUMN = "TEXT"
 URL_COLUMN = "URL"
@@ -98,7 +102,6 @@ def expand_sources(sources: Iterable[str]) -> List[str]:
 
 def _file_columns(path: str) -> List[str]:
     """Column names from the parquet footer (reads no data)."""
-    import pyarrow.parquet as pq
     return list(pq.read_schema(path).names)
 
 
@@ -253,8 +256,6 @@ def _run_with_progress(con, query: str, params: list, progress: Optional[Callabl
 
 def write_csv(result: AuditResult, path: str | os.PathLike) -> Path:
     """term,n_match,n_nsfw,pct_nsfw,nsfw_flag_counts (the last as a JSON object), one row per term."""
-    import json
-    from ..storage.files import write_csv as write_rows
     rows = ([row.term, row.n_match, row.n_nsfw, None if row.pct_nsfw is None else float(f"{row.pct_nsfw:.6g}"),
              json.dumps(row.nsfw_flag_counts, ensure_ascii=False)] for row in result.terms)
     return write_rows(path, ["term", "n_match", "n_nsfw", "pct_nsfw", "nsfw_flag_counts"], rows, option="--csv")

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import typer
 import typer.core
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import NeurolensError
 from ..storage.files import WRITE_ERRNOS, write_error
-# the shared options live in options.py; these names stay importable from here
-from .options import CacheOpt, CheckpointOpt, DeviceOpt, JsonOpt, ModelOpt, PretrainedOpt  # noqa: F401
 
 # `neurolens --help` lists the commands in the order of a session's work; commands not named here (added
 # later) come before train-toy, in the order they were registered.
@@ -71,19 +71,9 @@ def command(func: Callable) -> Callable:
     return wrapper
 
 
-def open_model(model: str, pretrained: str, checkpoint: Optional[str], device: str, quiet: bool = False):
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..models import load_clip
-    clip = load_clip(model=model, pretrained=pretrained, checkpoint=checkpoint, device=device)
-    if not quiet:
-        for note in clip.notes:
-            typer.echo(f"note: {note}", err=True)
-    return clip
-
-
 def open_basis(clip, layer: str, sae: Optional[str], cache: Optional[str]):
     """The units of `layer` to work on: its neurons (sae None) or the features of the SAE `sae`."""
-    from ..sae import load_basis
+    from ..sae.basis import load_basis  # lazy: SAEs import torch; --help must not
     return load_basis(clip, layer, sae, cache=cache)
 
 
@@ -92,7 +82,6 @@ def print_json(value: Any) -> None:
 
 
 def _to_builtin(value: Any) -> Any:
-    import numpy as np
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -112,8 +101,6 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
         ignore.note = lambda text: None
         yield ignore
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())

@@ -6,11 +6,10 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import app, command, print_json, progress_bar
-from .options import MODEL, JsonOpt, ModelChoice, uses
 from ..errors import NeurolensError
 from ..storage.files import save_png
-from ..labels.policy import BlurPolicy
+from .app import app, command, print_json, progress_bar
+from .options import MODEL, JsonOpt, ModelChoice, uses
 
 DEFAULT_MATRIX_OUT = "outputs/similarity.png"
 
@@ -92,6 +91,7 @@ def similarity_cmd(
     with progress_bar("embedding images", enabled=not as_json) as progress:
         result = sim.similarity_matrix(clip, items, caption_list, threshold, blur_user_images=not no_blur,
                                        progress=progress)
+    from ..labels.policy import BlurPolicy  # lazy: keeps `neurolens --help` free of torch
     path = save_png(result.figure, BlurPolicy(not no_blur).output_path(out))
     if as_json:
         print_json([s.as_dict() for s in result.scores(threshold)])

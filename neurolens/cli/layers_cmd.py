@@ -5,7 +5,6 @@ import typer
 
 from .app import app, command, print_json
 from .options import MODEL, JsonOpt, ModelChoice, uses
-from ..models import registry_for
 
 
 @app.command("layers", short_help="A model's layer names, module paths, channels and spatial sizes.")
@@ -21,6 +20,7 @@ def layers(
 
     Example:  neurolens layers --model RN50x4
     """
+    from ..models.layers import registry_for  # lazy: keeps `neurolens --help` free of torch
     clip = model.load(quiet=True)
     rows = [dict(name=s.name, aliases=list(s.aliases), module=s.module, channels=s.channels,
                  height=s.height, width=s.width) for s in registry_for(clip).layers]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -27,12 +28,11 @@ import typer
 from typing_extensions import Annotated
 
 from ..datasets.open import open_dataset
-from ..engines.ray.session import RayOptions
 from ..errors import NeurolensError
 from ..labels.lexicon import read_list
-from ..models.build import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from ..models.names import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from ..pipelines.settings import LabelSettings, SweepSettings
-from ..scoring.units import FlagRule
+from ..scoring.flags import FlagRule
 from ..types import RenderSettings
 
 # ------------------------------------------------------------------------------------- single options
@@ -155,8 +155,13 @@ class ModelChoice:
 
     def load(self, quiet: bool = False):
         """The LoadedClip (its notes, e.g. about random weights, go to stderr unless quiet)."""
-        from .app import open_model
-        return open_model(self.model, self.pretrained, self.checkpoint, self.device, quiet=quiet)
+        from ..models.build import load_clip  # lazy: torch and open_clip only when a command loads a model
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        clip = load_clip(model=self.model, pretrained=self.pretrained, checkpoint=self.checkpoint, device=self.device)
+        if not quiet:
+            for note in clip.notes:
+                typer.echo(f"note: {note}", err=True)
+        return clip
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,7 @@ class EngineChoice:
         return self.engine == "ray"
 
     def ray_options(self, batch_size: Optional[int] = None):
+        from ..engines.ray.session import RayOptions  # lazy: the Ray engine imports torch; --help must not
         sharding = {"shard_size": self.shard_size} if self.shard_size is not None else {}
         return RayOptions(address=self.ray_address, actors=self.actors, batch_size=batch_size,
                           gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, **sharding)

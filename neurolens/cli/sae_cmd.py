@@ -7,8 +7,8 @@ import typer
 from typing_extensions import Annotated
 
 from .app import app, command, print_json, progress_bar
-from .options import (DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice,
-                      PrecisionOpt, WorkersOpt, uses)
+from .options import (DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice, PrecisionOpt,
+                      WorkersOpt, uses)
 
 sae_app = typer.Typer(
     name="sae", no_args_is_help=True, add_completion=False,
@@ -124,7 +124,7 @@ def list_command(
 
     Example:  neurolens sae list --layer image_block_4_5
     """
-    from ..models import resolve_layer
+    from ..models.layers import resolve_layer
     from ..records.keys import as_cache
     from ..records.sae import sae_folder
     from ..sae.io import read_config

@@ -8,9 +8,9 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
+from ..models.names import DEFAULT_MODEL
 from .app import app, command, open_basis, print_json, progress_bar
 from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, SaeOpt, TopKOpt, uses
-from ..models.build import DEFAULT_MODEL
 
 LayersOpt = Annotated[Optional[List[str]], typer.Option(
     "--layer", help="Only this layer (repeatable; a layer name, or a layer id from the home page). Default: all.")]

@@ -7,13 +7,11 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
+from ..errors import NeurolensError
+from ..pipelines.settings import SweepSettings
 from .app import app, command, open_basis, print_json, progress_bar
 from .options import (DATASET, ENGINE, LOADER, MODEL, RENDER, SWEEP, CacheOpt, DatasetChoice, EngineChoice, ForceOpt,
                       JsonOpt, LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SaeOpt, uses)
-from ..errors import NeurolensError
-from ..pipelines.figures import run_figure, run_grid
-from ..pipelines.settings import SweepSettings
-from ..pipelines.sweep import run_ray_sweep, run_sweep
 
 OutDirOpt = Annotated[Optional[str], typer.Option("--out", help="Folder for the PNGs (default outputs/figures/).")]
 NO_BLUR_LINE = "note: --no-blur: images are written with RAW pixels, nothing is blurred (may show NSFW content)"
@@ -61,6 +59,7 @@ def sweep(
     Example:  neurolens sweep --layer image_block_4_5 --dataset laion.parquet --labels column:NSFW=NSFW,UNSURE --labels nudenet
     Example:  neurolens sweep --layer image_block_4_5 --dataset laion/ --labels column:NSFW=NSFW,UNSURE --engine ray --actors 8
     """
+    from ..pipelines.sweep import run_ray_sweep, run_sweep  # lazy: keeps `neurolens --help` free of torch
     rule = settings.rule
     if engine.keep_per_image:
         raise NeurolensError("--keep-per-image is for scan --engine ray; a sweep on Ray stores no per-image values")
@@ -131,6 +130,7 @@ def figure(
 
     Example:  neurolens figure --layer image_block_4_5 --unit 1543 --out figures/
     """
+    from ..pipelines.figures import run_figure  # lazy: keeps `neurolens --help` free of torch
     render_settings = render.settings()
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
@@ -172,6 +172,7 @@ def grid(
 
     Example:  neurolens grid --layer image_block_4_5 --flagged --top 64 --out figures/
     """
+    from ..pipelines.figures import run_grid  # lazy: keeps `neurolens --help` free of torch
     chosen = _units(units) if units else None
     if chosen is not None and not chosen:
         raise NeurolensError("--units needs at least one unit number, e.g. --units 1,2,3")

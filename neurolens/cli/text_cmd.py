@@ -46,7 +46,7 @@ def text(
 
     Example:  neurolens text --layer image_block_4_5 --unit 1543 --top-k 30
     """
-    from ..models import resolve_layer
+    from ..models.layers import resolve_layer
     from ..pipelines.text import find_text, run_text, text_embeddings, unit_directions_cached
     from ..text.vocab import load_vocab
 

@@ -9,8 +9,9 @@ from typing import Callable, Iterator, Optional
 import typer
 from typing_extensions import Annotated
 
-from .app import CacheOpt, DeviceOpt, JsonOpt, app, command, print_json
-from ..toy.train import DEFAULT_TOY_MODEL, TrainSettings
+from ..toy.settings import DEFAULT_TOY_MODEL, TrainSettings
+from .app import app, command, print_json
+from .options import CacheOpt, DeviceOpt, JsonOpt
 
 _T = TrainSettings()
 
@@ -61,7 +62,7 @@ def train_toy(
     Example:  neurolens train-toy --dataset pairs.parquet --out mine.pt --caption-column text
     """
     from ..errors import NeurolensError
-    from ..models import load_clip
+    from ..models.build import load_clip
     from ..pipelines.demo import toy_dataset
     from ..storage.cache import default_cache_root
     from ..toy.evaluate import zero_shot_accuracy

@@ -6,7 +6,6 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from ..models import resolve_layer
 from ..storage.cache import Cache
 from ..types import quality_settings
 from .app import app, command, open_basis, print_json, progress_bar
@@ -64,6 +63,7 @@ def visualize(
                                 **{name: value for name, value in chosen.items() if value is not None})
     if no_blur:
         typer.echo("note: --no-blur: feature visualizations are written with RAW pixels to *_noblur.png", err=True)
+    from ..models.layers import resolve_layer  # lazy: keeps `neurolens --help` free of torch
     clip = model.load(quiet=as_json)
     resolve_layer(clip, layer)  # bad layer, SAE or unit: one line before any work starts
     basis = open_basis(clip, layer, sae, cache)

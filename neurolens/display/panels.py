@@ -19,8 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .figures import crop_around_cell, fit_text, font
+from ..datasets.decode import BadImage, preprocess
 from ..labels.policy import BlurPolicy, blur_note
+from .figures import crop_around_cell, fit_text, font
 
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -133,7 +134,6 @@ def nsfw_lines(sweep, unit: int) -> List[Tuple[str, Tuple[int, int, int]]]:
 def unit_crops(sweep, dataset, unit: int, count: int, pixels: int, image_size: int):
     """(dataset index, activation, crop, source image) of the unit's top images, from the cached scan and the
     dataset files."""
-    from ..datasets.decode import BadImage, preprocess
     scan = sweep.scan
     out = []
     for rank in range(min(count, scan.top_k)):

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from scipy import ndimage
 
 BLUR_CELLS = 5          # the image is reduced to at most 5x5 colour cells before blurring
 LABEL_HEIGHT_FRACTION = 0.16
@@ -55,8 +57,6 @@ def maybe_blur(image: Image.Image, reason: Optional[str]) -> Image.Image:
 
 def detail_retained(original: Image.Image, blurred: Image.Image) -> float:
     """Fine-detail energy of `blurred` over that of `original` (same size): the recognizability measure."""
-    import numpy as np
-    from scipy import ndimage
 
     def detail(img: Image.Image) -> "np.ndarray":
         array = np.asarray(img.convert("RGB"), dtype=np.float64)
@@ -68,8 +68,6 @@ def detail_retained(original: Image.Image, blurred: Image.Image) -> float:
 
 def edge_correlation(original: Image.Image, blurred: Image.Image) -> float:
     """Pearson correlation of the Sobel edge magnitudes of two same-size images (0 when one is flat)."""
-    import numpy as np
-    from scipy import ndimage
 
     def edges(img: Image.Image) -> "np.ndarray":
         gray = np.asarray(img.convert("L"), dtype=np.float64)

@@ -10,6 +10,7 @@ and every function here says so instead of guessing."""
 from __future__ import annotations
 
 from functools import lru_cache
+from importlib.metadata import version as package_version
 from typing import List, Sequence
 
 import numpy as np
@@ -35,7 +36,6 @@ def available() -> bool:
 def version() -> str:
     """The installed NudeNet version (scores are cached per version), or 'none'."""
     try:
-        from importlib.metadata import version as package_version
         return package_version("nudenet")
     except Exception:
         return "none"

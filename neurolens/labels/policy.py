@@ -42,14 +42,14 @@ import numpy as np
 from PIL import Image
 
 from ..errors import NeurolensError
-from ..models import resolve_layer
+from ..models.layers import resolve_layer
 from ..records import labels as label_records
 from ..records.keys import as_cache, basis_id
 from ..records.sweep import flagged_in_cache
-from . import nudenet
-from . import zero_shot as safety
+from . import nudenet, zero_shot as safety
 from .blur import maybe_blur
-from .sources import is_random
+from .prompts import IMAGE_NSFW_THRESHOLD, LOGIT_SCALE, load_prompts
+from .spec import is_random
 
 # A label at or above this counts as positive (labels are 0/1, or scores in [0, 1]).
 LABEL_POSITIVE = 0.5
@@ -130,7 +130,7 @@ class BlurPolicy:
 
     def _zero_shot_reason(self, image: Image.Image) -> Optional[str]:
         score = self.zero_shot_score(image)
-        return f"NSFW score {score:.2f}" if score is not None and score >= safety.IMAGE_NSFW_THRESHOLD else None
+        return f"NSFW score {score:.2f}" if score is not None and score >= IMAGE_NSFW_THRESHOLD else None
 
     # ------------------------------------------------------------------------------------- scores
 
@@ -147,11 +147,11 @@ class BlurPolicy:
         (random weights, no model, or zero_shot=False)."""
         if not self.zero_shot:
             return None
-        prompts = self.prompts or safety.load_prompts()
+        prompts = self.prompts or load_prompts()
         return self._score("zero-shot", image,
                            lambda img: float(safety.nsfw_scores_for_images(self.clip, [img], prompts)[0]),
                            lambda digest: label_records.zero_shot_score_path(
-                               self.cache, self.clip.fingerprint, digest, prompts.identity, safety.LOGIT_SCALE))
+                               self.cache, self.clip.fingerprint, digest, prompts.identity, LOGIT_SCALE))
 
     def _score(self, scorer: str, image: Image.Image, compute, path_of) -> float:
         """compute(image), kept per pixel hash in memory and, with a cache, in the record path_of(pixel hash)."""

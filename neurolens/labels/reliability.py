@@ -43,9 +43,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .sources import CHECK_ORDER, LabelSource
-
-DEFAULT_MIN_AGREEMENT = 0.75
+from ..scoring.statistics import ExactAUC
+from .spec import CHECK_ORDER, DEFAULT_MIN_AGREEMENT, LabelSource
 
 
 def combine(sources: Sequence[LabelSource], size: Optional[int] = None,
@@ -91,7 +90,6 @@ def doubt_threshold(source: LabelSource, positive: np.ndarray) -> float:
 
 def source_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of scores against a 0/1/NaN label over the images both know; NaN without both classes."""
-    from ..scoring.statistics import ExactAUC
     acc = ExactAUC(1)
     acc.add(np.asarray(scores, dtype=np.float32).reshape(-1, 1), np.asarray(labels, dtype=np.float64))
     return float(acc.result().auc[0])

@@ -22,7 +22,6 @@ label is 1 at or above the threshold, else 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,107 +30,13 @@ from ..datasets.decode import BadImage
 from ..datasets.table import dataset_column
 from ..errors import NeurolensError
 from ..records import labels as label_records
-from . import nudenet
-from . import zero_shot as safety
+from . import nudenet, zero_shot as safety
 from .lexicon import caption_nsfw_matches, lexicon_terms
+from .prompts import IMAGE_NSFW_THRESHOLD, load_prompts
+from .spec import LabelSource, LabelSpec, is_random
 
-KINDS = ("captions", "column", "nudenet", "zero-shot")
-# Checked for agreement least trusted first, so a bad source never judges a better one.
-CHECK_ORDER = ("zero-shot", "nudenet", "captions", "column")
 Progress = Optional[Callable[[int, int], None]]
 
-
-def is_random(clip) -> bool:
-    """True when the model has random weights (`--pretrained none` without a checkpoint): its zero-shot
-    score is noise, so it is never a label source (and never judges an image for the blur policy)."""
-    return clip is not None and str(getattr(clip, "pretrained", "")) == "none"
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    """One requested source. explicit: named by the user (never dropped by the reliability check)."""
-    kind: str
-    column: Optional[str] = None
-    values: Tuple[str, ...] = ()
-    explicit: bool = True
-
-    @property
-    def name(self) -> str:
-        if self.kind != "column":
-            return self.kind
-        return f"column:{self.column}" + (f"={','.join(self.values)}" if self.values else "")
-
-    @property
-    def independent(self) -> bool:
-        """True when the source does not come from the inspected model."""
-        return self.kind != "zero-shot"
-
-
-def parse_labels(specs: Sequence[str] | str | None) -> Tuple[List[LabelSpec], bool]:
-    """(the explicitly named sources, whether `auto` was asked) from --labels values; none at all = auto."""
-    if specs is None or isinstance(specs, str):
-        specs = [specs] if specs else []
-    named: List[LabelSpec] = []
-    auto = not specs
-    for text in specs:
-        text = str(text).strip()
-        if text == "auto":
-            auto = True
-            continue
-        spec = _parse_one(text)
-        if spec.name not in {s.name for s in named}:
-            named.append(spec)
-    return named, auto
-
-
-def _parse_one(text: str) -> LabelSpec:
-    lower = text.lower()
-    if lower in ("captions", "caption"):
-        return LabelSpec("captions")
-    if lower in ("nudenet", "zero-shot", "zeroshot", "zero_shot"):
-        return LabelSpec("zero-shot" if lower.startswith("zero") else "nudenet")
-    if lower.startswith("column:"):
-        body = text.split(":", 1)[1]
-        name, equals, values = body.partition("=")
-        name = name.strip()
-        if not name:
-            raise NeurolensError(f"--labels {text!r} names no column; write column:NAME or column:NAME=V1,V2")
-        chosen = tuple(v.strip() for v in values.split(",") if v.strip())
-        if equals and not chosen:
-            raise NeurolensError(f"--labels {text!r} lists no value after '='; write e.g. column:NSFW=NSFW,UNSURE")
-        return LabelSpec("column", column=name, values=chosen)
-    raise NeurolensError(f"unknown label source {text!r}; use auto, captions, column:NAME[=V1,V2], nudenet or "
-                         f"zero-shot")
-
-
-@dataclass
-class LabelSource:
-    """A computed source: scores (N,) float32 in [0, 1], NaN unknown; label = score >= threshold."""
-    spec: LabelSpec
-    scores: np.ndarray
-    threshold: float
-    detail: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def labels(self) -> np.ndarray:
-        """(N,) float32: 1 positive, 0 negative, NaN unknown."""
-        scores = np.asarray(self.scores, dtype=np.float32)
-        out = np.full(scores.shape, np.nan, dtype=np.float32)
-        known = np.isfinite(scores)
-        out[known] = (scores[known] >= self.threshold).astype(np.float32)
-        return out
-
-    @property
-    def counts(self) -> Tuple[int, int, int]:
-        """(positive, negative, unknown) images."""
-        labels = self.labels
-        positive = int(np.nansum(labels == 1))
-        unknown = int(np.isnan(labels).sum())
-        return positive, len(labels) - positive - unknown, unknown
 
 
 # ------------------------------------------------------------------------------------------- captions
@@ -258,7 +163,7 @@ def zero_shot_source(spec: LabelSpec, clip, embeddings: Optional[np.ndarray], pr
                              "is noise; use --labels captions, column:NAME or nudenet")
     if embeddings is None:
         raise NeurolensError("the scan has no image embeddings; rerun the sweep with --force")
-    prompts = prompts or safety.load_prompts()
+    prompts = prompts or load_prompts()
     scores = np.full(len(embeddings), np.nan, dtype=np.float32)
     rows = np.flatnonzero(np.isfinite(embeddings).all(axis=1))
     if len(rows):
@@ -267,8 +172,8 @@ def zero_shot_source(spec: LabelSpec, clip, embeddings: Optional[np.ndarray], pr
         else:
             scores[rows] = np.asarray(scorer(clip, embeddings[rows]), dtype=np.float32)
     name = "prompts " + prompts.identity if scorer is None else f"scorer {getattr(scorer, '__qualname__', scorer)}"
-    return LabelSource(spec, scores, safety.IMAGE_NSFW_THRESHOLD,
-                       f"{name}, positive at >= {safety.IMAGE_NSFW_THRESHOLD}")
+    return LabelSource(spec, scores, IMAGE_NSFW_THRESHOLD,
+                       f"{name}, positive at >= {IMAGE_NSFW_THRESHOLD}")
 
 
 # ------------------------------------------------------------------------------------------ resolving

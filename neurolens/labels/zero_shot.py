@@ -24,51 +24,17 @@ blurred is decided by neurolens.labels.policy.
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..data import NSFW_PROMPTS_SAFE, NSFW_PROMPTS_UNSAFE
 from ..errors import NeurolensError
 from ..models.embed import image_embeddings
 from ..text.encode import encode_texts
-from .lexicon import caption_nsfw_matches, lexicon_terms, read_list
-
-LOGIT_SCALE = 100.0
-IMAGE_NSFW_THRESHOLD = 0.5
-TEXT_NSFW_THRESHOLD = 0.5
-
-UNSAFE_PROMPTS_FILE = NSFW_PROMPTS_UNSAFE
-SAFE_PROMPTS_FILE = NSFW_PROMPTS_SAFE
-
+from .lexicon import caption_nsfw_matches, lexicon_terms
+from .prompts import LOGIT_SCALE, Prompts, load_prompts
 
 # --------------------------------------------------------------------------------------------- prompts
-
-class Prompts:
-    """The unsafe and safe prompt lists used by the zero-shot scores."""
-
-    def __init__(self, unsafe: Sequence[str], safe: Sequence[str]):
-        if not unsafe or not safe:
-            raise NeurolensError("the NSFW prompt lists need at least one unsafe and one safe prompt; "
-                                 "check --unsafe-prompts / --safe-prompts")
-        self.unsafe = list(unsafe)
-        self.safe = list(safe)
-
-    @property
-    def all(self) -> List[str]:
-        return self.unsafe + self.safe
-
-    @property
-    def identity(self) -> str:
-        text = "\n".join(self.unsafe) + "\n--\n" + "\n".join(self.safe)
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-def load_prompts(unsafe_file: Optional[str | Path] = None, safe_file: Optional[str | Path] = None) -> Prompts:
-    """The shipped prompt lists, or the user's files (--unsafe-prompts / --safe-prompts)."""
-    return Prompts(read_list(unsafe_file or UNSAFE_PROMPTS_FILE), read_list(safe_file or SAFE_PROMPTS_FILE))
 
 
 # ------------------------------------------------------------------------------- prompt embeddings

@@ -22,13 +22,9 @@ import torch
 from ..data import MODEL_CONFIGS
 from ..errors import NeurolensError
 from .checkpoint import read_checkpoint, register_checkpoint_config
+from .names import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_SEED, RANDOM_WEIGHTS
 from .pretrained import pretrained_weights_file, weights_unavailable
 from .random_init import recalibrate_batch_norms
-
-DEFAULT_MODEL = "RN50x4"
-DEFAULT_PRETRAINED = "openai"
-RANDOM_WEIGHTS = "none"
-RANDOM_SEED = 0
 
 _CONFIG_DIR = MODEL_CONFIGS
 _registered = False

@@ -73,7 +73,7 @@ def read_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], D
                 meta = None
             if not isinstance(meta, dict):
                 raise NeurolensError(f"checkpoint {path} has unreadable neurolens metadata (not a JSON object); "
-                                     f"save it again with neurolens.models.save_checkpoint")
+                                     f"save it again with neurolens.models.checkpoint.save_checkpoint")
         return state, meta
     if is_torchscript_archive(path):
         raise NeurolensError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 
 def eval_transform(clip):
@@ -24,7 +25,6 @@ def eval_transform(clip):
 def image_embeddings(clip, images: Sequence, batch_size: int = 32,
                      progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
     """(N, D) float32 L2-normalized embeddings of PIL images (converted to RGB)."""
-    import torch
     images = list(images)
     transform = eval_transform(clip)
     chunks = []

@@ -21,6 +21,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from ..activations.hooks import to_feature_map
 from ..errors import UnitOutOfRangeError, UnknownLayerError
 from ..types import CAPTURE_INPUT, CAPTURE_OUTPUT, LayerSpec
 
@@ -79,7 +80,6 @@ class LayerRegistry:
                 self._by_name[alias] = spec
 
     def _measure(self, candidates: Sequence[dict]) -> List[LayerSpec]:
-        from ..activations.hooks import to_feature_map
 
         shapes: Dict[str, tuple] = {}
         order: Dict[str, int] = {}

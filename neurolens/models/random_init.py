@@ -35,6 +35,8 @@ from typing import List
 
 import torch
 
+from ..datasets.builtin import builtin_images
+
 CALIBRATION_IMAGES = 20  # all of neurolens.datasets.builtin's samples
 
 
@@ -44,7 +46,6 @@ def _batch_norms(module: torch.nn.Module) -> List[torch.nn.modules.batchnorm._Ba
 
 def calibration_batch(size: int) -> torch.Tensor:
     """The fixed natural images (float (N, 3, size, size) in [0, 1]) whose statistics the BatchNorms take."""
-    from ..datasets.builtin import builtin_images
     return torch.from_numpy(builtin_images(size)[:CALIBRATION_IMAGES])
 
 

@@ -22,11 +22,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..storage.files import CACHE_OPTION, WriteError, ensure_folder, write_text
 from ..records.keys import as_cache
 from ..storage.cache import Cache, settings_key
+from ..storage.files import CACHE_OPTION, WriteError, ensure_folder, write_text
 from ..toy.generate import ToySettings, planted_words, write_dataset
-from ..toy.train import TrainSettings
+from ..toy.settings import TrainSettings
 from ..types import RenderSettings
 
 StageProgress = Optional[Callable[[str, int, int], None]]
@@ -129,7 +129,8 @@ def toy_model(cache_root: Path, dataset: Path, data: ToySettings, train: TrainSe
 
     The summary holds the training figures and the zero-shot report (neurolens.toy.evaluate)."""
     import torch
-    from ..models import load_clip
+
+    from ..models.build import load_clip
     from ..toy.evaluate import zero_shot_accuracy
     from ..toy.train import train_toy
 
@@ -197,7 +198,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         stage.outputs.append(str(path))
 
     def train(stage: Stage) -> None:
-        from ..models import load_clip
+        from ..models.build import load_clip
         checkpoint, summary, trained = toy_model(cache.root, Path(report.dataset), settings.data_settings(),
                                                  settings.train_settings(), retrain, stage_progress("train"),
                                                  stage_progress("load images"))
@@ -221,8 +222,8 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         stage.detail = f"vocabulary {settings.vocab}: {len(state['text'].entries)} entries"
 
     def sweep(stage: Stage) -> None:
-        from .sweep import run_sweep
         from ..toy.evaluate import flag_quality
+        from .sweep import run_sweep
         result = run_sweep(state["clip"], settings.layer, state["dataset"], vocab=state["vocab"],
                            top_k=settings.top_k, text_top_k=settings.text_top_k, cache=cache,
                            progress=stage_progress("sweep"), out=out / "sweep", labels=list(settings.labels),
@@ -245,6 +246,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
 
     def visualize(stage: Stage) -> None:
         from PIL import Image
+
         from ..labels.policy import BlurPolicy
         from .visualize import run_visualize
         units = chosen_units(settings.visualize_units)

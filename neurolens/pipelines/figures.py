@@ -9,20 +9,19 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..datasets.types import ImageDataset
 from ..datasets.open import open_dataset
+from ..datasets.types import ImageDataset
 from ..display.panels import PanelOptions, unit_panel, units_grid
 from ..errors import NeurolensError
 from ..labels.policy import BlurPolicy
-from ..models import check_unit, resolve_layer
+from ..models.layers import check_unit, resolve_layer
+from ..records.keys import as_basis, as_cache
 from ..records.sweep import SweepResult
-from ..storage.cache import Cache
+from ..records.visualize import unit_tag
+from ..storage.cache import Cache, safe_segment
 from ..storage.files import save_png
 from ..types import RenderSettings
 from . import visualize
-from ..records.keys import as_basis, as_cache
-from ..records.visualize import unit_tag
-from ..storage.cache import safe_segment
 from .settings import SweepSettings, sweep_settings
 from .sweep import Progress, Scorer, run_sweep
 

@@ -18,19 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
-from ..datasets.types import ImageDataset
+from ..activations.forward import PRECISIONS
 from ..datasets.open import open_dataset
+from ..datasets.types import ImageDataset
+from ..engines.local import default_batch_size, default_workers
 from ..errors import NeurolensError
-from ..models import resolve_layer
-from ..sae.basis import SaeBasis
-from ..sae.buffer import ActivationStream, split_images
+from ..models.layers import resolve_layer
 from ..records.keys import as_cache
 from ..records.sae import check_name, is_complete, sae_folder
+from ..sae.basis import SaeBasis
+from ..sae.buffer import ActivationStream, split_images
 from ..sae.io import load_sae, read_config, save_sae
 from ..sae.quality import QualityReport, evaluate
-from ..sae.train import SPARSITIES, SaeTrainSettings, default_buffer_vectors, plan, resolve_features, resolved_lr, train_loop
-from ..activations.forward import PRECISIONS
-from ..engines.local import default_batch_size, default_workers
+from ..sae.train import (SPARSITIES, SaeTrainSettings, default_buffer_vectors, plan, resolve_features, resolved_lr,
+                         train_loop)
 from ..storage.cache import settings_key
 
 SAE_TRAIN_VERSION = 1

@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Callable, List, Optional, Union
 
 from ..datasets.decode import BadImage, preprocess
-from ..datasets.types import ImageDataset
 from ..datasets.open import open_dataset
-from ..errors import NeurolensError
-from ..storage.files import save_png
+from ..datasets.types import ImageDataset
 from ..display.figures import crop_around_cell, tile_grid
+from ..errors import NeurolensError
 from ..labels.policy import BlurPolicy, blur_note
-from ..models import check_unit, resolve_layer
+from ..models.layers import check_unit, resolve_layer
 from ..records.keys import as_basis
 from ..records.scan import ScanResult
 from ..records.visualize import unit_tag
+from ..storage.files import save_png
 from .scan import run_scan
 
 CROP_PIXELS = 128
@@ -62,7 +62,7 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
     a PNG grid at `out` (default outputs/samples/<layer>_unit<u>.png; with blur=False *_noblur.png).
     `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur).
 
-    basis: None for neurons, or a basis of the layer (neurolens.sae.load_basis): `unit` is then a feature, its
+    basis: None for neurons, or a basis of the layer (neurolens.sae.basis.load_basis): `unit` is then a feature, its
     crops are centred on the cell where the feature fired hardest, and the default file is
     outputs/samples/<layer>_sae-<name>_feature<F>.png."""
     spec = resolve_layer(clip, layer)

@@ -15,15 +15,15 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..datasets.types import ImageDataset
-from ..datasets.open import open_dataset
-from ..errors import DatasetError, NeurolensError
-from ..models import resolve_layer
-from ..activations.stats import BatchOutput, ScanStats
 from ..activations.forward import PRECISIONS
+from ..activations.stats import BatchOutput, ScanStats
+from ..datasets.open import open_dataset
+from ..datasets.types import ImageDataset
 from ..engines.local import default_batch_size, default_workers, scan_range
 from ..engines.ray.session import RayOptions, ray_session
 from ..engines.ray.shards import plan_dataset
+from ..errors import DatasetError, NeurolensError
+from ..models.layers import resolve_layer
 from ..records import scan as scan_records
 from ..records.keys import NEURONS, as_basis, as_cache
 from ..records.scan import ScanResult, scan_key
@@ -37,7 +37,7 @@ CHUNK_MAX_BYTES = 32 * 2 ** 20   # per-image maxima are flushed to a chunk recor
 def find_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, top_k: int = 32,
               precision: str = "fp32", cache=None, embeddings: bool = False, basis=None) -> Optional[ScanResult]:
     """The cached finished scan, or None. A scan with embeddings also answers a request without them.
-    basis: None for the neurons, or a basis of the layer (neurolens.sae.load_basis) for its units."""
+    basis: None for the neurons, or a basis of the layer (neurolens.sae.basis.load_basis) for its units."""
     spec = resolve_layer(clip, layer)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
     return scan_records.find_result(as_cache(cache), clip, spec, dataset, top_k, precision, embeddings, as_basis(basis))
@@ -52,7 +52,7 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
     or read the finished scan from the cache. An interrupted scan resumes from its last checkpoint.
 
     checkpoint_every: write a resume checkpoint every N batches (default: at most every 5 s).
-    basis: None for the neurons; a basis of the layer (neurolens.sae.load_basis, e.g. SAE features) to scan
+    basis: None for the neurons; a basis of the layer (neurolens.sae.basis.load_basis, e.g. SAE features) to scan
     its units, together with the neurons in the same pass. Returns the result of the requested basis."""
     if precision not in PRECISIONS:
         raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")

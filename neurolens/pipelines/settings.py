@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, List, Optional, Tuple
 
 from ..errors import NeurolensError
-from ..labels import zero_shot as safety
-from ..labels.reliability import DEFAULT_MIN_AGREEMENT
-from ..labels.sources import LabelSpec, parse_labels
-from ..scoring.units import DEFAULT_AUC_MEMORY, FlagRule
+from ..labels.lexicon import lexicon_terms
+from ..labels.prompts import Prompts, load_prompts
+from ..labels.spec import DEFAULT_MIN_AGREEMENT, LabelSpec, parse_labels
+from ..scoring.flags import DEFAULT_AUC_MEMORY, FlagRule
 
 CAPTION_MODES = ("word", "substring", "off")
 
@@ -58,15 +58,15 @@ class LabelSettings:
         """(the sources named explicitly, whether `auto` was asked): labels.sources.parse_labels."""
         return parse_labels(list(self.sources))
 
-    def prompts(self) -> safety.Prompts:
+    def prompts(self) -> Prompts:
         """The zero-shot prompt lists (each the shipped one unless given)."""
-        shipped = safety.load_prompts() if self.unsafe_prompts is None or self.safe_prompts is None else None
-        return safety.Prompts(self.unsafe_prompts if self.unsafe_prompts is not None else shipped.unsafe,
+        shipped = load_prompts() if self.unsafe_prompts is None or self.safe_prompts is None else None
+        return Prompts(self.unsafe_prompts if self.unsafe_prompts is not None else shipped.unsafe,
                               self.safe_prompts if self.safe_prompts is not None else shipped.safe)
 
     def terms(self) -> List[str]:
         """The captions source's terms: the given ones, else the whole NSFW lexicon."""
-        return list(self.caption_terms) if self.caption_terms is not None else safety.lexicon_terms()
+        return list(self.caption_terms) if self.caption_terms is not None else lexicon_terms()
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class SweepSettings:
         """These settings with keyword arguments of the older API applied (run_sweep / run_figure / run_grid
         before SweepSettings): vocab, top_k, text_top_k, rule, text_zero_shot, auc_memory, and for the labels
         labels (the --labels values), min_agreement, detector, caption_terms, caption_mode and prompts (a
-        labels.zero_shot.Prompts; None: the shipped lists). An unknown name is a TypeError."""
+        labels.prompts.Prompts; None: the shipped lists). An unknown name is a TypeError."""
         own = {f.name for f in fields(self)} - {"labels"}
         label_names = {f.name for f in fields(LabelSettings)} - {"sources", "unsafe_prompts", "safe_prompts"}
         unknown = set(options) - own - label_names - {"labels", "prompts"}

@@ -33,27 +33,30 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..datasets.types import ImageDataset
 from ..datasets.open import open_dataset
+from ..datasets.types import ImageDataset
 from ..engines.ray.fused import FUSED_BINS, LabelPlan, fused_pass
 from ..engines.ray.session import RayOptions, ray_session
 from ..engines.ray.shards import plan_dataset
 from ..errors import NeurolensError
 from ..labels import zero_shot as safety
+from ..labels.prompts import LOGIT_SCALE, TEXT_NSFW_THRESHOLD
 from ..labels.reliability import LabelSet, check_reliability
-from ..labels.sources import LabelSpec, compute_sources, has_captions, is_random, resolve_specs
-from ..models import resolve_layer
-from ..records.sweep import (FUSED_KIND, SWEEP_KIND, SWEEP_VERSION, SweepResult, basis_fields, from_record,
-                             fused_path, fused_record, label_set_from_record, ranked_texts, statistics_from_record,
-                             sweep_path, to_record)
-from ..scoring.statistics import ExactAUC, UnitStatsResult
+from ..labels.sources import compute_sources, has_captions, resolve_specs
+from ..labels.spec import LabelSpec, is_random
+from ..models.layers import resolve_layer
+from ..records.keys import as_basis, as_cache
+from ..records.scan import scan_key
+from ..records.sweep import (FUSED_KIND, SWEEP_KIND, SWEEP_VERSION, SweepResult, basis_fields, from_record, fused_path,
+                             fused_record, label_set_from_record, ranked_texts, statistics_from_record, sweep_path,
+                             to_record)
+from ..scoring.flags import UnitStatsResult
+from ..scoring.statistics import ExactAUC
 from ..scoring.units import EDGE_SAMPLE_ROWS, score_units, unit_statistics
 from ..storage.cache import Cache, settings_key
 from ..text.vocab import load_vocab
 from .flags import flags_path, write_flags_csv
-from ..records.keys import as_basis, as_cache
 from .scan import find_scan, run_scan, write_ray_scan
-from ..records.scan import scan_key
 from .settings import LabelSettings, SweepSettings, sweep_settings
 from .text import run_text, text_embeddings
 
@@ -116,7 +119,7 @@ class SweepJob:
         s, labels = self.settings, self.labels
         return settings_key(SWEEP_KIND, SWEEP_VERSION, Path(scan.path).name if scan.path else None,
                             _text_identity(ranking), self.prompts.identity, self.terms, labels.caption_mode,
-                            s.rule.as_dict(), s.top_k, self.zero_shot_texts, safety.LOGIT_SCALE, self.scorer_name,
+                            s.rule.as_dict(), s.top_k, self.zero_shot_texts, LOGIT_SCALE, self.scorer_name,
                             [(spec.name, spec.explicit) for spec in self.specs], float(labels.min_agreement),
                             method, *([] if self.basis is None else [self.basis.id]))
 
@@ -298,7 +301,7 @@ def run_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] 
     arguments (vocab, top_k, text_top_k, rule, labels, min_agreement, detector, caption_terms, caption_mode,
     text_zero_shot, prompts, auc_memory), applied over `settings` (SweepSettings.updated).
     scorer(clip, embeddings) -> (N,) replaces the zero-shot score (tests inject known scores).
-    basis: None for the neurons, or a basis of the layer (neurolens.sae.load_basis): its units (SAE features)
+    basis: None for the neurons, or a basis of the layer (neurolens.sae.basis.load_basis): its units (SAE features)
     are swept, from a scan of the same pass as the neurons' and the decoder directions' texts; the record says
     which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default."""
     return sweep(clip, layer, dataset, sweep_settings(settings, **options), LocalEngine(batch_size, workers),
@@ -338,7 +341,7 @@ def _text_part(job: SweepJob, ranking) -> Tuple[List[List[str]], np.ndarray, np.
                 embeddings = np.asarray(all_embeddings)[unique]
         scores = safety.text_nsfw_scores(job.clip, [entries[i] for i in unique], embeddings=embeddings,
                                          prompts=job.prompts, zero_shot=job.zero_shot_texts)
-        nsfw_by_index = dict(zip(unique, scores >= safety.TEXT_NSFW_THRESHOLD))
+        nsfw_by_index = dict(zip(unique, scores >= TEXT_NSFW_THRESHOLD))
     flags = np.array([[bool(nsfw_by_index.get(i, False)) if i >= 0 else False for i in row] for row in indices],
                      dtype=bool).reshape(indices.shape)
     return ranked_texts(ranking), np.asarray(ranking.top_scores, dtype=np.float32), flags

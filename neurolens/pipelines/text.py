@@ -15,12 +15,12 @@ from typing import Callable, List, Optional, Union
 
 import numpy as np
 
-from ..text import directions as directionlib, encode as textlib
 from ..errors import NeurolensError
-from ..models import resolve_layer
+from ..models.layers import resolve_layer
 from ..records import text as text_records
 from ..records.keys import NEURONS, as_basis, as_cache, basis_id
 from ..storage.cache import Cache
+from ..text import directions as directionlib, encode as textlib
 from ..text.vocab import Vocabulary, load_vocab
 
 NEUTRAL_REFERENCE = "neutral-grey-0.5"
@@ -153,7 +153,7 @@ def run_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k:
     progress: called (done, total) while encoding the vocabulary; direction_progress: while computing the
     Jacobian (embedding dimensions done). Embeddings, directions and the ranking are cached separately, so a
     new vocabulary reuses the directions and a new layer reuses the embeddings.
-    basis: None for neurons, or a basis of the layer (neurolens.sae.load_basis) whose units are ranked."""
+    basis: None for neurons, or a basis of the layer (neurolens.sae.basis.load_basis) whose units are ranked."""
     spec, vocab, top_k = _prepare(clip, layer, vocab, top_k, scan)
     cache = as_cache(cache)
     basis = as_basis(basis)

@@ -3,7 +3,7 @@ draw over each dataset example (where the unit fired), without a model.
 
 One job after a scan: the union of all units' top-k images is run through the model once (the same
 truncated forward as the scan, neurolens.activations.forward.layer_forward), and for every (unit, rank) the unit's H x W
-map on that image is kept. With a basis (SAE features, neurolens.sae.load_basis) the units are its features
+map on that image is kept. With a basis (SAE features, neurolens.sae.basis.load_basis) the units are its features
 and a map is the feature's activation on every cell: the basis applied to the layer's maps, exactly as the
 feature scan computed it. One record per scan record (neurolens.records.maps).
 
@@ -16,12 +16,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..datasets.types import ImageDataset
-from ..datasets.open import dataset_from_keys
-from ..errors import NeurolensError
-from ..models import resolve_layer
-from ..engines.local import batches, default_batch_size, default_workers
 from ..activations.forward import layer_forward
+from ..datasets.open import dataset_from_keys
+from ..datasets.types import ImageDataset
+from ..engines.local import batches, default_batch_size, default_workers
+from ..errors import NeurolensError
+from ..models.layers import resolve_layer
 from ..records.keys import NEURONS, as_basis, as_cache, basis_id
 from ..records.maps import TopMaps, read_top_maps, top_maps_path, write_top_maps
 from ..records.scan import newest_scan
@@ -50,7 +50,7 @@ def run_top_maps(clip, layer: str, scan=None, dataset: Optional[ImageDataset] = 
 
     scan: a ScanResult (default: the newest cached scan of the layer and basis); dataset: its dataset
     (default: read again from the scan's keys); basis: None for the neurons, or a basis of the layer
-    (neurolens.sae.load_basis) whose units' maps are wanted (the scan must be of that basis)."""
+    (neurolens.sae.basis.load_basis) whose units' maps are wanted (the scan must be of that basis)."""
     cache = as_cache(cache)
     spec = resolve_layer(clip, layer)
     basis = as_basis(basis)

@@ -10,13 +10,13 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..storage.files import save_png
 from ..labels.policy import BlurPolicy
 from ..models.layers import check_unit, resolve_layer
+from ..optvis.loop import render, resolve_precision
 from ..records.keys import as_basis, as_cache
 from ..records.visualize import record_path, unit_tag, visualization_record
-from ..render.loop import render, resolve_precision
 from ..storage.cache import Cache, Record
+from ..storage.files import save_png
 from ..types import RenderResult, RenderSettings
 
 DEFAULT_OUT = Path("outputs") / "visualize"
@@ -50,7 +50,7 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
     (neurolens.labels.policy: a flagged unit, the detector, or a trained model's zero-shot score); each
     result's `blurred` holds the reason per seed (None: raw pixels). blur=False writes raw pixels to
     *_noblur.png files. `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur).
-    basis: None for neurons, or a basis of the layer (neurolens.sae.load_basis): `units` are then its
+    basis: None for neurons, or a basis of the layer (neurolens.sae.basis.load_basis): `units` are then its
     features, the objective is the feature's pre-TopK encoder activation, and keys and file names say so."""
     cache = as_cache(cache)
     spec = resolve_layer(clip, layer)

@@ -24,11 +24,10 @@ from typing import List, Optional, Set, Tuple
 
 import numpy as np
 
-from ..labels import zero_shot as safety
+from ..labels.prompts import LOGIT_SCALE, TEXT_NSFW_THRESHOLD
 from ..labels.reliability import Agreement, LabelSet
-from ..labels.sources import LabelSource, LabelSpec, parse_labels
-from ..scoring.statistics import UnitStatsResult
-from ..scoring.units import FlagRule, UnitScores, apply_rule, describe_rule
+from ..labels.spec import LabelSource, LabelSpec, parse_labels
+from ..scoring.flags import FlagRule, UnitScores, UnitStatsResult, apply_rule, describe_rule
 from ..storage.cache import Cache, Record
 from .keys import NEURONS
 
@@ -165,7 +164,7 @@ def to_record(result: SweepResult, clip, prompts, terms, caption_mode: str, scor
     attrs = {"layer": result.layer, "rule": s.rule.as_dict(), "n_pos": int(s.n_pos), "n_neg": int(s.n_neg),
              "method": s.method, "labels": result.labels.as_attrs(), "prompts_unsafe": prompts.unsafe,
              "prompts_safe": prompts.safe, "caption_terms": list(terms), "caption_mode": caption_mode,
-             "logit_scale": safety.LOGIT_SCALE, "text_threshold": safety.TEXT_NSFW_THRESHOLD,
+             "logit_scale": LOGIT_SCALE, "text_threshold": TEXT_NSFW_THRESHOLD,
              "scorer": scorer_name, "scan_record": str(result.scan.path) if result.scan is not None else None,
              "model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint,
              "basis": result.basis, "basis_name": result.basis_name}

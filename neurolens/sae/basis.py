@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NeurolensError, UnitOutOfRangeError
-from ..models import resolve_layer
+from ..models.layers import resolve_layer
+from ..optvis.objectives import Objective, unit_objective
 from ..records.keys import NEURONS, as_cache
 from ..records.sae import sae_folder
 from ..records.visualize import unit_tag
-from ..render.objectives import Objective, unit_objective
 from ..types import LayerSpec
 from .io import load_sae, read_config
 from .model import SparseAutoencoder

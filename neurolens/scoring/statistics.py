@@ -40,6 +40,9 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 import torch
+from scipy.special import ndtr
+
+from .flags import UnitStatsResult
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 DEFAULT_BINS = 1024                   # interval bins of BinnedAUC's quantile edges
@@ -82,7 +85,6 @@ def mann_whitney_p(u_stat: np.ndarray, n_pos: int, n_neg: int, tie_term: np.ndar
     """Two-sided p of the Mann-Whitney U (normal approximation, tie and continuity correction).
 
     u_stat: (U,) U of the positives; tie_term: (U,) sum of t^3 - t over tied groups."""
-    from scipy.special import ndtr
     u_stat = np.asarray(u_stat, dtype=np.float64)
     n = n_pos + n_neg
     if n_pos == 0 or n_neg == 0:
@@ -397,17 +399,6 @@ class BinnedAUC:
 
 
 # ------------------------------------------------------------------------------------------- bundle
-
-@dataclass
-class UnitStatsResult:
-    """Every unit's statistics against one label; arrays are (U,)."""
-    auc: np.ndarray
-    p: np.ndarray
-    q: np.ndarray
-    correlation: np.ndarray
-    n_pos: int
-    n_neg: int
-    method: str
 
 
 class UnitLabelStats:

@@ -21,57 +21,16 @@ statistics stream over the scan's chunk records: exact AUC when the kept rows fi
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import NeurolensError
+from .flags import DEFAULT_AUC_MEMORY, FlagRule, UnitScores, apply_rule
 from .statistics import DEFAULT_BINS, ExactAUC, UnitLabelStats, quantile_edges
 
-DEFAULT_AUC_MEMORY = 2 * 2 ** 30        # bytes the exact AUC may keep (20k images x 2560 units: 0.2 GB)
 EDGE_SAMPLE_ROWS = 8192                 # rows sampled for the binned path's quantile edges
-WEAK_CLASS = 10                         # fewer positives or negatives than this: the statistics are weak
 
-
-@dataclass(frozen=True)
-class FlagRule:
-    """flagged = q <= max_q and auc >= min_auc; text_flag = top-text NSFW share >= min_text_share."""
-    max_q: float = 0.01
-    min_auc: float = 0.8
-    min_text_share: float = 0.3
-    text_k: int = 10
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def describe(self) -> str:
-        """The flag part in words, e.g. `q <= 0.01 and AUC >= 0.8`."""
-        return f"q <= {self.max_q:g} and AUC >= {self.min_auc:g}"
-
-    def describe_text(self) -> str:
-        """The text flag in words, e.g. `text_flag when at least 30% of the top 10 texts are NSFW`."""
-        return _text_flag_words(self.min_text_share, self.text_k)
-
-
-def _text_flag_words(share, k) -> str:
-    return f"text_flag when at least {share:.0%} of the top {k} texts are NSFW"
-
-
-def describe_rule(rule: dict, has_auc: bool = True) -> str:
-    """The flag rule in words from the thresholds a sweep record stored (its `rule` attr: FlagRule.as_dict(),
-    or, in records made before the AUC rule, a correlation rule); '' when none is stored."""
-    if not rule:
-        return ""
-    if has_auc and "max_q" in rule and "min_auc" in rule:
-        flag = FlagRule(max_q=float(rule["max_q"]), min_auc=float(rule["min_auc"])).describe()
-        return f"flagged when {flag}; {_text_flag_words(rule.get('min_text_share', 0), rule.get('text_k'))}"
-    if has_auc:
-        parts = [f"{k} {v}" for k, v in rule.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return "flag rule: " + ", ".join(parts)
-    return (f"flagged when the NSFW correlation reaches max({rule.get('min_correlation')}, "
-            f"{rule.get('noise_z')}/sqrt(N)) and either at least {rule.get('min_top_share', 0):.0%} of the top "
-            f"images or {rule.get('min_text_share', 0):.0%} of the top {rule.get('text_k')} texts are NSFW")
 
 
 def maxima_blocks(scan, block_rows: int = 4096) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -131,74 +90,6 @@ def top_share(top_indices: np.ndarray, labels: np.ndarray, k: Optional[int] = No
     return np.where(counts > 0, hits.sum(axis=1) / np.maximum(counts, 1), 0.0).astype(np.float32)
 
 
-@dataclass
-class UnitScores:
-    """Scores of every unit of a layer; arrays are (U,)."""
-    auc: np.ndarray
-    p: np.ndarray
-    q: np.ndarray
-    correlation: np.ndarray
-    top_nsfw_share: np.ndarray
-    text_nsfw_share: np.ndarray
-    flagged: np.ndarray
-    text_flag: np.ndarray
-    n_pos: int
-    n_neg: int
-    rule: FlagRule = field(default_factory=FlagRule)
-    method: str = "exact"
-    sources: Tuple[str, ...] = ()           # the label sources the statistics used
-
-    @property
-    def n_images(self) -> int:
-        """Images with a known label (the statistics' sample)."""
-        return int(self.n_pos + self.n_neg)
-
-    @property
-    def weak(self) -> bool:
-        """True when either class has fewer than WEAK_CLASS images."""
-        return min(self.n_pos, self.n_neg) < WEAK_CLASS
-
-    def ranking(self) -> np.ndarray:
-        """Unit indices by AUC, highest first (NaN last; ties: lower unit first)."""
-        auc = np.nan_to_num(self.auc.astype(np.float64), nan=-np.inf)
-        return np.lexsort((np.arange(len(auc)), -auc))
-
-    def why(self, unit: int) -> str:
-        """Why the unit is (or is not) flagged: the sources, AUC, q, top share and text share."""
-        u = int(unit)
-        auc, q = self.auc[u], self.q[u]
-        verdict = "flagged" if self.flagged[u] else "not flagged"
-        sources = " + ".join(self.sources) or "no labels"
-        return (f"{verdict}: AUC {_num(auc, '.3f')} (bar {self.rule.min_auc:g}), q {_num(q, '.2g')} (bar "
-                f"{self.rule.max_q:g}) against {sources}; top images {100 * self.top_nsfw_share[u]:.0f}% "
-                f"positive, top texts {100 * self.text_nsfw_share[u]:.0f}% NSFW"
-                + ("; text flag" if self.text_flag[u] else ""))
-
-    def row(self, unit: int) -> dict:
-        u = int(unit)
-        return {"unit": u, "correlation": float(self.correlation[u]), "top_nsfw_share": float(self.top_nsfw_share[u]),
-                "text_nsfw_share": float(self.text_nsfw_share[u]), "flagged": bool(self.flagged[u]),
-                "auc": _json_float(self.auc[u]), "p": _json_float(self.p[u]), "q": _json_float(self.q[u]),
-                "text_flag": bool(self.text_flag[u]), "why": self.why(u)}
-
-    def rows(self, limit: Optional[int] = None) -> List[dict]:
-        order = self.ranking()
-        return [self.row(u) for u in (order[:limit] if limit else order)]
-
-
-def _num(value: float, spec: str) -> str:
-    return format(float(value), spec) if np.isfinite(value) else "n/a"
-
-
-def _json_float(value: float) -> Optional[float]:
-    return float(value) if np.isfinite(value) else None
-
-
-def apply_rule(auc: np.ndarray, q: np.ndarray, rule: FlagRule) -> np.ndarray:
-    """flagged = q <= max_q and auc >= min_auc (NaN never flags)."""
-    auc, q = np.asarray(auc, dtype=np.float64), np.asarray(q, dtype=np.float64)
-    return (np.nan_to_num(q, nan=np.inf) <= rule.max_q) & (np.nan_to_num(auc, nan=-np.inf) >= rule.min_auc)
-
 
 def text_shares(text_nsfw: Optional[np.ndarray], units: int, rule: FlagRule) -> np.ndarray:
     if text_nsfw is not None and np.asarray(text_nsfw).size:
@@ -208,7 +99,7 @@ def text_shares(text_nsfw: Optional[np.ndarray], units: int, rule: FlagRule) -> 
 
 def unit_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS,
                     progress: Optional[Callable[[int, int], None]] = None):
-    """neurolens.scoring.statistics.UnitStatsResult of every unit of the scan against the per-image labels (N,):
+    """neurolens.scoring.flags.UnitStatsResult of every unit of the scan against the per-image labels (N,):
     exact when the scan's rows fit `memory` bytes, else binned with edges from a sample of the scan."""
     labels = np.asarray(labels, dtype=np.float64)
     units = int(scan.channels)

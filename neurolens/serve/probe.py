@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..datasets.decode import BadImage, decode_image, preprocess_array, preprocess
-from ..errors import NeurolensError
-from ..models import resolve_layer
 from ..activations.forward import layer_forward
+from ..datasets.decode import BadImage, decode_image, preprocess, preprocess_array
+from ..errors import NeurolensError
+from ..models.layers import resolve_layer
+from ..sae.basis import load_basis
 from .images import LayerImages
 from .layer import LayerData
 
@@ -31,7 +32,7 @@ class ProbeError(NeurolensError):
 class Prober:
     """Runs probes with one loaded model; one forward at a time (the model is shared by every request).
 
-    For an SAE entry the prober also loads that SAE (neurolens.sae.load_basis, by the name it was trained
+    For an SAE entry the prober also loads that SAE (neurolens.sae.basis.load_basis, by the name it was trained
     under in the cache's registry, else from the path its scan recorded) and probes only when the loaded SAE
     is the very one the records were made with (same basis id, which hashes the weights)."""
 
@@ -63,7 +64,6 @@ class Prober:
         return True
 
     def _load_basis(self, entry):
-        from ..sae import load_basis
         if not entry.is_features:
             return load_basis(self.clip, entry.layer, None)
         tried = []

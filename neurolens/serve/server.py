@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import NeurolensError
-from ..storage.cache import Cache
-from .layer import LayerData
 from ..records.index import LayerEntry, index_cache
+from ..storage.cache import Cache
+from .app import ServeState, build_app
+from .layer import LayerData
+from .probe import Prober
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -92,11 +94,9 @@ def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, toke
     try:
         import uvicorn
 
-        from .app import ServeState, build_app
     except ImportError as exc:
         raise NeurolensError(f"neurolens serve needs {exc.name}: pip install 'neurolens[serve]' "
                              f"(starlette and uvicorn)") from None
-    from .probe import Prober
 
     access = access_for(host, token, no_token)
     chosen = select_layers(cache, layers, bases)

@@ -6,15 +6,16 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..errors import NeurolensError
-from ..storage.files import OUT_OPTION, write_bytes
 from ..storage.cache import Cache
+from ..storage.files import OUT_OPTION, write_bytes
 from .images import LayerImages
-from .pages import STATIC, Pages
 from .layer import sae_candidates
+from .pages import STATIC, Pages
 from .server import select_layers
 
 DEFAULT_EXAMPLES = 16
@@ -88,7 +89,6 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
 def _stamp(chosen, examples: int) -> dict:
     """Every record the pages are made from (path, size, mtime), the SAE files whose decoders link features and
     neurons, the settings, and the package files."""
-    from importlib import resources
     inputs = [path for data in chosen.values() for paths in data.entry.paths.values() for path in paths]
     for data in chosen.values():
         for found in sae_candidates(data.cache, data.entry):

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from ..errors import NeurolensError
 
@@ -94,12 +98,10 @@ def _read_lines(path: Path) -> List[str]:
 def _read_column(path: Path, column: Optional[str]) -> List[str]:
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
             names = pq.read_schema(path).names
             column = _pick_column(path, names, column)
             values = pq.read_table(path, columns=[column]).column(column).to_pylist()
         else:
-            import pyarrow.csv as pacsv
             delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
             table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True))
             column = _pick_column(path, table.column_names, column)
@@ -163,7 +165,6 @@ def builtin_vocab() -> Vocabulary:
 
 def _package_dir(name: str) -> Path:
     """A package's folder without importing it (importing timm alone takes seconds)."""
-    import importlib.util
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.origin:  # pragma: no cover - open_clip depends on timm
         raise NeurolensError(f"the builtin vocabulary needs {name} (installed with open_clip); pip install {name}, "

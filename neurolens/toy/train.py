@@ -13,6 +13,7 @@ Speed: every caption is tokenized once and the text tower runs on the longest ca
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -24,22 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..datasets.decode import BadImage, preprocess_array
+from ..datasets.open import open_dataset
 from ..errors import DatasetError, NeurolensError
-
-DEFAULT_TOY_MODEL = "nl-toy-RN"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything a trained model depends on besides the data; the demo's cache key hashes these."""
-    model: str = DEFAULT_TOY_MODEL
-    epochs: int = 6
-    batch_size: int = 100
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    seed: int = 0
-    threads: int = 1
+from ..models.build import register_bundled_configs, weights_fingerprint
+from ..models.checkpoint import save_checkpoint
+from ..text.encode import encode_tokens_truncated, pool_positions
+from .settings import DEFAULT_TOY_MODEL, TrainSettings
 
 
 @dataclass
@@ -73,7 +65,6 @@ def _threads(count: int):
 def model_config(name: str) -> Dict:
     """The open_clip config (a dict) of a model name, bundled configs included."""
     import open_clip
-    from ..models.build import register_bundled_configs
     register_bundled_configs()
     config = open_clip.get_model_config(name)
     if config is None:
@@ -83,7 +74,6 @@ def model_config(name: str) -> Dict:
 
 def build_model(name: str, seed: int) -> torch.nn.Module:
     """A randomly initialized open_clip model (open_clip's own init, seeded)."""
-    import logging
     import open_clip
     model_config(name)
     with torch.random.fork_rng(devices=[]):
@@ -99,7 +89,6 @@ def build_model(name: str, seed: int) -> torch.nn.Module:
 def encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """model.encode_text on tokens cut to their real length (exact under the causal mask), unnormalized,
     with gradients (training uses it)."""
-    from ..text.encode import encode_tokens_truncated, pool_positions
     return encode_tokens_truncated(model, tokens, pool_positions(model, tokens))
 
 
@@ -116,8 +105,6 @@ def load_pairs(source: str, image_column: str = "image", caption_column: str = "
     """(images uint8 (N,size,size,3), captions, skipped) from a parquet/CSV of image paths and captions.
 
     Image paths are relative to the table's folder. Unreadable images are skipped and counted."""
-    from ..datasets.decode import BadImage, preprocess_array
-    from ..datasets.open import open_dataset
     dataset = open_dataset(source, image_column=image_column, caption_column=caption_column)
     if dataset.captions is None:
         raise DatasetError(f"{source} has no caption column {caption_column!r}; training needs captions: "
@@ -214,8 +201,6 @@ def train_toy(dataset: str, out: str | os.PathLike, settings: TrainSettings = Tr
     """Train a small CLIP on a parquet/CSV of image paths and captions and save it to `out`.
 
     The checkpoint carries its model config, so load_clip(checkpoint=out) needs no model name."""
-    from ..models.checkpoint import save_checkpoint
-    from ..models.build import weights_fingerprint
     config = model_config(settings.model)
     size = int(config["vision_cfg"]["image_size"])
     started = time.perf_counter()

@@ -19,14 +19,22 @@ them on all images) and the AUC is binned (`bins` edges: error about 1 / (2 bins
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ...errors import DatasetError, NeurolensError
-from ...labels.sources import LabelSource, LabelSpec, captions_source, column_source
+from ...labels import nudenet, zero_shot as safety
+from ...labels.prompts import IMAGE_NSFW_THRESHOLD
+from ...labels.reliability import LabelSet, check_reliability, combine, doubt_threshold
+from ...labels.sources import captions_source, column_source
+from ...labels.spec import LabelSource, LabelSpec
 from ...records.shards import ShardStore
+from ...scoring.statistics import BinnedAUC, Correlation, UnitLabelStats, quantile_edges
+from ...storage.cache import settings_key
 
 FUSED_BINS = 128          # binned-AUC edges of a fused sweep: per-call counts stay small to ship
 YES_NO_THRESHOLD = 0.5    # captions and column sources score 0/1 (or a column's own number): positive at 0.5
@@ -62,10 +70,8 @@ class LabelPlan:
         return any(spec.kind == "zero-shot" for spec in self.specs)
 
     def thresholds(self) -> List[float]:
-        from ...labels import zero_shot as safety
-        from ...labels import nudenet
         by_kind = {"captions": YES_NO_THRESHOLD, "column": YES_NO_THRESHOLD, "nudenet": nudenet.FIRE_THRESHOLD,
-                   "zero-shot": safety.IMAGE_NSFW_THRESHOLD}
+                   "zero-shot": IMAGE_NSFW_THRESHOLD}
         return [by_kind[spec.kind] for spec in self.specs]
 
     # ------------------------------------------------------------------------------ decode tasks
@@ -91,7 +97,6 @@ class LabelPlan:
 
     def image_scores(self, scores: np.ndarray, row: int, image) -> None:
         """Fill the sources that look at the decoded image (NudeNet) for one readable item."""
-        from ...labels import nudenet
         for column, spec in enumerate(self.specs):
             if spec.kind == "nudenet":
                 scores[row, column] = nudenet.image_scores([image])[0]
@@ -100,7 +105,6 @@ class LabelPlan:
 
     def model_scores(self, scores: np.ndarray, embeddings: np.ndarray) -> None:
         """Fill the zero-shot sources from L2-normalized image embeddings (rows of `scores`)."""
-        from ...labels import zero_shot as safety
         for column, spec in enumerate(self.specs):
             if spec.kind == "zero-shot":
                 scores[:, column] = safety.zero_shot_scores(embeddings, self.prompt_embeddings, self.unsafe_count)
@@ -113,14 +117,12 @@ class LabelPlan:
 
     def combined(self, scores: np.ndarray) -> np.ndarray:
         """(n,) the decided combined label of these rows (1, 0, NaN)."""
-        from ...labels.reliability import combine
         kept = [source for source, keep in zip(self.sources(scores), self.kept) if keep]
         return combine(kept, len(scores), doubt=dict(self.doubt))
 
     def actor_part(self, values, embeddings: Optional[np.ndarray], scores: np.ndarray, indices: np.ndarray) -> dict:
         """What an actor call returns for one shard's readable rows: their scores and, during the warm-up,
         their maxima; once decided, their labels, the correlation state and the binned-AUC counts."""
-        from ...scoring.statistics import BinnedAUC, Correlation
         scores = np.array(scores, dtype=np.float32)
         if embeddings is not None and len(scores):
             self.model_scores(scores, embeddings)
@@ -161,15 +163,12 @@ class LabelMerger:
         self.plan, self.units = plan, int(units)
 
     def empty(self) -> LabelTally:
-        from ...scoring.statistics import BinnedAUC, Correlation
         tally = LabelTally()
         if self.plan.decided and self.plan.edges is not None:
             tally.correlation, tally.counts = Correlation(self.units), BinnedAUC(self.plan.edges)
         return tally
 
     def add(self, tally: LabelTally, part: dict) -> None:
-        import torch
-        from ...scoring.statistics import Correlation
         tally.indices.append(np.asarray(part["indices"], np.int64))
         tally.scores.append(np.asarray(part["scores"], np.float32))
         if "maxima" in part:
@@ -205,7 +204,6 @@ class LabelMerger:
 
     def load(self, arrays: Dict[str, np.ndarray]) -> Optional[LabelTally]:
         """The tally of a stored record, or None when it was made with other decisions."""
-        import torch
         if self.plan.decided != ("labels" in arrays):
             return None
         tally = self.empty()
@@ -235,8 +233,6 @@ class LabelMerger:
 
     def identity(self) -> str:
         """What the stored tallies depend on beyond the scan: the sources and the decisions."""
-        import hashlib
-        from ...storage.cache import settings_key
         edges = None if self.plan.edges is None else \
             hashlib.sha1(np.ascontiguousarray(self.plan.edges, dtype=np.float32).tobytes()).hexdigest()
         return settings_key("labels", self.plan.names, self.plan.terms, self.plan.caption_mode, self.plan.kept,
@@ -253,8 +249,6 @@ def decide(plan: LabelPlan, warmup: LabelTally, min_agreement: float, notes: Seq
            bins: int = FUSED_BINS):
     """The sources kept, the doubt thresholds and the AUC edges, from the warm-up's scores and maxima.
     Returns (the decided plan, the LabelSet over the warm-up images)."""
-    from ...labels.reliability import check_reliability, doubt_threshold
-    from ...scoring.statistics import quantile_edges
     scores = _cat(warmup.scores, (0, len(plan.specs)), np.float32)
     if not len(scores):
         raise DatasetError("no readable image in the first shards of the dataset; check the dataset")
@@ -274,7 +268,6 @@ def decide(plan: LabelPlan, warmup: LabelTally, min_agreement: float, notes: Seq
 def unit_statistics(plan: LabelPlan, units: int, warmup: LabelTally, rest: Optional[LabelTally]):
     """unit_stats.UnitLabelStats over every image: the warm-up's rows with their decided labels, plus the
     rest's accumulators (exact when there is no rest)."""
-    from ...scoring.statistics import UnitLabelStats
     stats = UnitLabelStats(units, edges=plan.edges)
     maxima = _cat(warmup.maxima, (0, units), np.float32)
     if len(maxima):
@@ -333,7 +326,6 @@ def fused_pass(session, clip, spec, plan, cache, key: str, labels: LabelPlan, *,
     """Scan `plan` on Ray computing the label sources and the units' label statistics in the same pass:
     first the shards that hold the first `warmup` items (their per-image maxima kept), then, with the
     sources, doubt thresholds and AUC edges decided on them, the rest. Both parts are resumable by shard."""
-    from ...labels.reliability import LabelSet
     warm, items = [], 0
     for shard in plan.shards:
         if items >= warmup and warm:

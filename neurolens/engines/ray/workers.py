@@ -17,8 +17,8 @@ from ...activations.forward import layer_forward
 from ...activations.stats import ScanStats
 from ...datasets.decode import decode_item_with_image
 from ...errors import NeurolensError
-from ...models import resolve_layer
 from ...models.build import LoadedClip, resolve_device, weights_fingerprint
+from ...models.layers import resolve_layer
 from .shards import PlannedShard
 
 

@@ -11,6 +11,8 @@ from typing import Callable, Dict, Sequence, Union
 
 import torch
 
+from ..errors import NeurolensError
+
 Activations = Dict[str, torch.Tensor]
 
 
@@ -104,6 +106,5 @@ OBJECTIVES = {"channel": channel, "neuron": neuron}
 
 def unit_objective(kind: str, layer: str, units: Sequence[int]) -> Objective:
     if kind not in OBJECTIVES:
-        from ..errors import NeurolensError
         raise NeurolensError(f"unknown objective {kind!r}; use one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[kind](layer, units)

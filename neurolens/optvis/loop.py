@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from ..activations.hooks import forward_to
+from ..errors import NeurolensError
 from ..models.resize import any_input_size
+from ..types import LayerSpec, RenderSettings
 from .objectives import Objective, diversity, unit_objective
 from .param import FourierImage
-from ..types import LayerSpec, RenderSettings
 
 # Lucid's standard transforms, folded into one affine resampling per step: pad with grey and jitter
 # (up to 8 + 4 px at 224 px, scaled to the image size), scale 0.9-1.1, rotate -10..10 degrees.
@@ -46,7 +47,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision not in ("fp32", "bf16"):
-        from ..errors import NeurolensError
         raise NeurolensError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
     return precision
 
