@@ -17,7 +17,7 @@ from neurolens.storage.cache import Cache
 from neurolens.types import RenderSettings
 from neurolens.scoring.units import FlagRule
 
-from test_sweep import LAYER, dataset_table, stub_scorer, vocab_file  # noqa: F401  (fixtures reused)
+from sweep_data import LAYER, stub_scorer
 
 # The labels stand in for NSFW labels: a column of the table that marks the 12 images on which one unit of the
 # random model (PLANTED_UNIT) responds most, so that unit follows the labels by construction and is flagged;

@@ -21,7 +21,7 @@ from neurolens.models import resolve_layer
 from neurolens.pipelines.scan import find_scan, run_scan
 from neurolens.engines.local import ScanStats, brute_force_maxima, rank_order, scan_shard
 from neurolens.storage.cache import Cache
-from scan_data import make_bad_corpus, write_images
+from scan_data import assert_identical, make_bad_corpus, write_images
 
 LAYER = "image_block_3_0"   # nl-tiny-RN: a 4x4 grid at 64 px, so cells matter
 TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
@@ -87,13 +87,6 @@ def assert_matches_brute(result, brute):
     np.testing.assert_allclose(result.var, brute["var"], rtol=1e-3, atol=1e-9)
     np.testing.assert_allclose(result.mean_map, brute["mean_map"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(result.per_image_max(), brute["per_image"], rtol=1e-5, atol=1e-6)
-
-
-def assert_identical(a, b):
-    for name in ("top_values", "top_indices", "top_cells", "mean", "var", "mean_map"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
-    np.testing.assert_array_equal(a.per_image_max(), b.per_image_max())
-    assert (a.count, a.skipped_paths, a.skipped_reasons) == (b.count, b.skipped_paths, b.skipped_reasons)
 
 
 @pytest.fixture(scope="module")

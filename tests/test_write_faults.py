@@ -19,9 +19,7 @@ from neurolens.cli import app
 from neurolens.datasets.dataset import open_dataset
 from neurolens.pipelines.scan import find_scan, run_scan
 from neurolens.storage.cache import Cache
-from scan_data import write_images
-from test_scan import assert_identical
-from test_sweep import dataset_table, vocab_file  # noqa: F401  (fixtures reused)
+from scan_data import assert_identical, write_images
 
 LAYER = "image_block_4_0"
 TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
