@@ -27,6 +27,14 @@ def tiny_vit():
     return load_clip("nl-tiny-ViT", "none", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def rn50x4():
+    """RN50x4 at full size with random weights (the real layer layout and 12-layer text tower): built once, as its
+    calibrated random initialization runs forward passes at 288 px (a minute on a busy 2-core machine)."""
+    from neurolens.models import load_clip
+    return load_clip("RN50x4", "none", device="cpu")
+
+
 @pytest.fixture(scope="module")
 def dataset_table(tmp_path_factory):
     """36 synthetic images in a CSV table with captions (tests/sweep_data.py); every 6th caption has a lexicon word."""
