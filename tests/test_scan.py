@@ -343,3 +343,24 @@ def test_vit_token_layers_and_vector_layers_scan(tiny_vit, tmp_path):
     vector = run_scan(tiny_vit, "image_embedding", dataset, top_k=3, workers=0, cache=Cache(tmp_path))
     assert vector.grid == (1, 1) and (vector.top_cells[vector.top_indices >= 0] == 0).all()
     assert hook_count(tiny_vit.model) == 0
+
+
+def test_no_ray_needed_for_the_single_process_scan(tmp_path):
+    """With Ray not importable, the in-process scan works and --engine ray says what to install."""
+    script = f"""
+import sys
+sys.modules["ray"] = None
+from neurolens.models import load_clip
+from neurolens.pipelines.scan import run_scan, run_ray_scan
+from neurolens.errors import NeurolensError
+clip = load_clip("nl-tiny-RN", "none", device="cpu")
+result = run_scan(clip, "{LAYER}", None, top_k=2, batch_size=8, workers=0, cache={str(tmp_path)!r})
+assert result.count > 0
+try:
+    run_ray_scan(clip, "{LAYER}", None, top_k=2, cache={str(tmp_path)!r})
+except NeurolensError as exc:
+    print("error:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pip install 'neurolens[ray]'" in done.stdout
