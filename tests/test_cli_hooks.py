@@ -47,7 +47,7 @@ def _commands(root, vocab):
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_no_hook_left_after_any_command(loaded, workspace):
     root, vocab = workspace
     runner = CliRunner()

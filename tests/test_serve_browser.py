@@ -23,6 +23,8 @@ from neurolens.display.figures import crop_around_cell
 from neurolens.pipelines.scan import find_scan
 from neurolens.storage.cache import Cache
 
+pytestmark = pytest.mark.integration   # a real browser (chromium through Playwright)
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "outputs" / "serve-screenshots"
 WAIT_MS = 30_000

@@ -186,6 +186,7 @@ def tiny_filesystem(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+@pytest.mark.integration   # mounts a real tmpfs and runs the CLI twice in subprocesses
 def test_scan_on_a_real_full_filesystem_ends_with_one_line_and_resumes(tiny_clip, corpus, uninterrupted,
                                                                        tiny_filesystem):
     cache_root = tiny_filesystem / "cache"
