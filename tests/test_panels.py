@@ -142,6 +142,8 @@ def test_no_blur_writes_raw_pixels_to_a_separate_file(tiny_clip, swept, panel_ta
     [(path, figure)] = run_figure(tiny_clip, LAYER, [flagged[0]], panel_table, out=tmp_path, blur=False,
                                   render_settings=RENDER, cache=cache, scorer=stub_scorer, **PANEL_KW)
     assert path.name.endswith("_noblur.png") and "NOT BLURRED" in figure.note
+    kinds = [p.kind for p in figure.placed]
+    assert kinds.count("fv") == 2 and kinds.count("crop") == 8     # the same panel as with blur, so the next check counts
     assert all(p.reason is None for p in figure.placed)
     _check_written(tiny_clip, open_dataset(panel_table), sweep, path, figure,
                    _fvs(tiny_clip, cache, [flagged[0]]), False, None)

@@ -221,7 +221,7 @@ def test_static_site_opens_from_file_url_with_the_same_units(page, fx, tmp_path)
     page.wait_for_load_state("load")
     assert page.eval_on_selector_all("img", "imgs => imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)")
     assert page.locator(".reveal").count() == 0 and page.locator("#probe").count() == 0
-    assert all(u.startswith("file://") for u in page.requests)
+    assert page.requests and all(u.startswith("file://") for u in page.requests)
     assert page.errors == []
 
 
