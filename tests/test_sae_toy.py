@@ -93,8 +93,8 @@ def test_planted_concept_is_one_sparse_feature(toy):
 
 
 def test_planted_feature_is_zero_on_98_percent_of_ordinary_images(toy):
-    """The issue's 99 % bar is not met with a margin (docs/sae.md: 98.2 % to 100 % over SAE seeds); this run (SAE
-    seed 0, one torch thread, so a function of the seed) measured 98.8 %: 6 of the 510 ordinary images."""
+    """The issue's 99 % bar is not met with a margin (docs/sae.md: 98.2 % to 100 % over SAE seeds); this test's run
+    (SAE seed 0, one torch thread) measured 98.8 % when docs/sae.md was written, 100 % on the current code."""
     best, auc, zero = best_feature(toy)
     assert zero >= 0.98, (best, auc, zero)
 
