@@ -243,6 +243,7 @@ def test_visualize_blurs_units_flagged_in_a_cached_sweep_of_the_layer(tiny_clip,
     sweep, cache, flagged, unflagged = swept
     results = run_visualize(tiny_clip, LAYER, [flagged[0], unflagged[0]], RENDER, cache=cache, out_dir=tmp_path)
     assert results[0].blurred == ("flagged unit", "flagged unit") and results[1].blurred == (None, None)
+    assert [len(r.paths) for r in results] == [2, 2]      # the pixel checks below zip over the written files
     for result in results:
         for path, image, reason in zip(result.paths, result.images, result.blurred):
             written = Image.open(path).convert("RGB")
