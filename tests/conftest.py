@@ -7,6 +7,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import sweep_data  # noqa: E402  (tests/: helper modules, never test modules, are imported)
+
 # One thread: the test models are tiny, and with 2 threads beside DataLoader workers (or anything else on
 # a 2-core machine) torch's thread pool oversubscribes the cores and runs many times slower.
 torch.set_num_threads(1)
@@ -23,6 +25,26 @@ def tiny_clip():
 def tiny_vit():
     from neurolens.models.build import load_clip
     return load_clip("nl-tiny-ViT", "none", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def rn50x4():
+    """RN50x4 at full size with random weights (the real layer layout and 12-layer text tower): built once, as its
+    calibrated random initialization runs forward passes at 288 px (a minute on a busy 2-core machine)."""
+    from neurolens.models.build import load_clip
+    return load_clip("RN50x4", "none", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def dataset_table(tmp_path_factory):
+    """36 synthetic images in a CSV table with captions (tests/sweep_data.py); every 6th caption has a lexicon word."""
+    return sweep_data.write_table(tmp_path_factory.mktemp("sweepdata"))
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory):
+    """A 30-entry vocabulary file (tests/sweep_data.py)."""
+    return sweep_data.write_vocab(tmp_path_factory.mktemp("vocab") / "vocab.txt")
 
 
 @pytest.fixture()

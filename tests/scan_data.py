@@ -1,4 +1,5 @@
-"""Synthetic image data for the dataset and scan tests (noise + shapes; nothing real, nothing explicit)."""
+"""Synthetic image data for the dataset and scan tests (noise + shapes; nothing real, nothing explicit), and the
+check that two scans are identical."""
 from __future__ import annotations
 
 import io
@@ -142,3 +143,11 @@ def write_img2dataset(folder: Path, rows_per_shard: List[int], start_seed: int =
         pq.write_table(pa.table(table), folder / f"{shard:05d}.parquet")
     (folder / "00000_stats.json").write_text("{}")
     return {"rows": sum(rows_per_shard), "failed": failed, "bad": bad}
+
+
+def assert_identical(a, b) -> None:
+    """Two scan results hold the same statistics, bit for bit, and skipped the same files."""
+    for name in ("top_values", "top_indices", "top_cells", "mean", "var", "mean_map"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.per_image_max(), b.per_image_max())
+    assert (a.count, a.skipped_paths, a.skipped_reasons) == (b.count, b.skipped_paths, b.skipped_reasons)

@@ -151,7 +151,7 @@ def test_run_visualize_writes_blurred_pngs_by_default_and_raw_ones_beside_them(t
 def test_run_visualize_shows_a_visualization_nothing_objects_to(tiny_clip, tmp_path, fake_detector):
     fake_detector(lambda rgb: False)
     [result] = job.run_visualize(tiny_clip, LAYER, [3], RENDER, cache=Cache(tmp_path / "c"), out_dir=tmp_path)
-    assert result.blurred == (None, None)
+    assert result.blurred == (None, None) and len(result.paths) == 2
     for path, image in zip(result.paths, result.images):
         assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), image)
 

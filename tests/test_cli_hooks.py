@@ -47,7 +47,7 @@ def _commands(root, vocab):
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_no_hook_left_after_any_command(loaded, workspace):
     root, vocab = workspace
     runner = CliRunner()
@@ -72,4 +72,5 @@ def test_no_hook_left_after_a_failing_command(loaded, workspace):
         loaded.clear()
         result = runner.invoke(app, bad)
         assert result.exit_code == 2, (args[0], result.output)
+        assert loaded, (args[0], "failed before loading a model: no hook could have been left")
         assert all(hook_count(clip.model) == 0 for clip in loaded), args[0]

@@ -49,6 +49,7 @@ def site(tmp_path_factory) -> Path:
     return site_dir
 
 
+@pytest.mark.integration   # mkdocs build --strict
 def test_manual_builds_strict_with_every_page(site):
     pages = sorted(p.relative_to(ROOT / "docs") for p in (ROOT / "docs").rglob("*.md"))
     assert len(pages) >= 10
@@ -57,6 +58,7 @@ def test_manual_builds_strict_with_every_page(site):
         assert html.is_file(), f"docs/{page} was not built to {html}"
 
 
+@pytest.mark.integration   # mkdocs build --strict
 def test_readme_relative_links_point_to_existing_files(site):
     targets = relative_links(README.read_text(encoding="utf-8"))
     assert any(t.startswith("docs/img/") for t in targets), "the README's figure is missing"

@@ -39,6 +39,7 @@ def wheel_files(tmp_path_factory):
         return set(archive.namelist())
 
 
+@pytest.mark.integration   # builds the wheel
 def test_wheel_carries_every_data_file(wheel_files):
     data_dir = ROOT / "neurolens" / "data"
     expected = {f"neurolens/data/{p.relative_to(data_dir).as_posix()}" for p in data_dir.rglob("*")
@@ -48,11 +49,13 @@ def test_wheel_carries_every_data_file(wheel_files):
     assert not missing, f"the wheel lacks {missing}"
 
 
+@pytest.mark.integration   # builds the wheel
 def test_wheel_carries_web_templates_and_static_files(wheel_files):
     assert "neurolens/serve/templates/test_page/unit.html" in wheel_files
     assert "neurolens/serve/static/test_assets/app.css" in wheel_files
 
 
+@pytest.mark.integration   # builds the wheel
 def test_wheel_carries_every_module(wheel_files):
     modules = {f"neurolens/{p.relative_to(ROOT / 'neurolens').as_posix()}"
                for p in (ROOT / "neurolens").rglob("*.py") if "__pycache__" not in p.parts}
@@ -104,8 +107,9 @@ def test_every_import_is_a_declared_dependency():
                 "ray": "ray"}
     imports = _third_party_imports()
     assert {"torch", "open_clip", "scipy"} <= set(imports)
+    installed = packages_distributions()   # reads every installed distribution's metadata: once
     for module, files in sorted(imports.items()):
-        distributions = packages_distributions().get(module)
+        distributions = installed.get(module)
         assert distributions, f"{module} (imported by {sorted(files)}) is not installed"
         names = {d.lower().replace("_", "-") for d in distributions}
         declared = extras[optional[module]] if module in optional else runtime

@@ -9,7 +9,7 @@ from neurolens.labels.reliability import check_reliability, combine, source_auc
 from neurolens.labels.spec import LabelSource, LabelSpec, parse_labels
 from neurolens.labels.sources import captions_source, column_source, resolve_specs
 
-from test_sweep import LAYER, dataset_table, vocab_file  # noqa: F401  (fixtures reused)
+from sweep_data import LAYER
 
 
 def source(kind, scores, threshold=0.5, explicit=False, column=None):

@@ -7,12 +7,6 @@ from neurolens.activations.hooks import capture, forward_to, hook_count
 from neurolens.models.layers import check_unit, registry_for
 
 
-@pytest.fixture(scope="module")
-def rn50x4():
-    from neurolens.models.build import load_clip
-    return load_clip("RN50x4", "none", device="cpu")
-
-
 def test_rn50x4_image_block_4_5_is_the_pre_relu_sum(rn50x4):
     registry = registry_for(rn50x4)
     spec = registry.resolve("image_block_4_5")

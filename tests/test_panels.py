@@ -19,7 +19,7 @@ from neurolens.storage.cache import Cache
 from neurolens.types import RenderSettings
 from neurolens.scoring.flags import FlagRule
 
-from test_sweep import LAYER, dataset_table, stub_scorer, vocab_file  # noqa: F401  (fixtures reused)
+from sweep_data import LAYER, stub_scorer
 
 # The labels stand in for NSFW labels: a column of the table that marks the 12 images on which one unit of the
 # random model (PLANTED_UNIT) responds most, so that unit follows the labels by construction and is flagged;
@@ -144,6 +144,8 @@ def test_no_blur_writes_raw_pixels_to_a_separate_file(tiny_clip, swept, panel_ta
     [(path, figure)] = run_figure(tiny_clip, LAYER, [flagged[0]], panel_table, out=tmp_path, blur=False,
                                   render_settings=RENDER, cache=cache, scorer=stub_scorer, **PANEL_KW)
     assert path.name.endswith("_noblur.png") and "NOT BLURRED" in figure.note
+    kinds = [p.kind for p in figure.placed]
+    assert kinds.count("fv") == 2 and kinds.count("crop") == 8     # the same panel as with blur, so the next check counts
     assert all(p.reason is None for p in figure.placed)
     _check_written(tiny_clip, open_dataset(panel_table), sweep, path, figure,
                    _fvs(tiny_clip, cache, [flagged[0]]), False, None)
@@ -243,6 +245,7 @@ def test_visualize_blurs_units_flagged_in_a_cached_sweep_of_the_layer(tiny_clip,
     sweep, cache, flagged, unflagged = swept
     results = run_visualize(tiny_clip, LAYER, [flagged[0], unflagged[0]], RENDER, cache=cache, out_dir=tmp_path)
     assert results[0].blurred == ("flagged unit", "flagged unit") and results[1].blurred == (None, None)
+    assert [len(r.paths) for r in results] == [2, 2]      # the pixel checks below zip over the written files
     for result in results:
         for path, image, reason in zip(result.paths, result.images, result.blurred):
             written = Image.open(path).convert("RGB")

@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")  # in the test extra; the single-process scan needs no Ray (test_no_ray_needed)
+ray = pytest.importorskip("ray")  # in the test extra; the single-process scan needs no Ray (test_scan.py)
 
 from neurolens.engines.ray.session import RayOptions, loopback_only  # noqa: E402
 
 from neurolens.pipelines.scan import find_scan, run_ray_scan, run_scan  # noqa: E402
 from neurolens.storage.cache import Cache  # noqa: E402
 from scan_data import write_img2dataset  # noqa: E402
+
+pytestmark = pytest.mark.integration   # starts a local Ray cluster and its workers
 
 LAYER = "image_block_3_0"   # nl-tiny-RN: 256 units on a 4x4 grid at 64 px
 TOP_K = 4
@@ -318,23 +320,3 @@ except NeurolensError as exc:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "error: nothing answers at --ray-address 127.0.0.1:1" in done.stdout, done.stderr[-2000:]
 
-
-def test_no_ray_needed_for_the_single_process_scan(tmp_path):
-    """With Ray not importable, the in-process scan works and --engine ray says what to install."""
-    script = f"""
-import sys
-sys.modules["ray"] = None
-from neurolens.models import load_clip
-from neurolens.pipelines.scan import run_scan, run_ray_scan
-from neurolens.errors import NeurolensError
-clip = load_clip("nl-tiny-RN", "none", device="cpu")
-result = run_scan(clip, "{LAYER}", None, top_k=2, batch_size=8, workers=0, cache={str(tmp_path)!r})
-assert result.count > 0
-try:
-    run_ray_scan(clip, "{LAYER}", None, top_k=2, cache={str(tmp_path)!r})
-except NeurolensError as exc:
-    print("error:", exc)
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "pip install 'neurolens[ray]'" in done.stdout

@@ -2,7 +2,6 @@
 and Prisma layouts, training (determinism, resume, progress), and features in scan, samples, visualize and text
 (against brute force), through the library and the CLI."""
 import json
-import pickle
 import sys
 import types
 

@@ -24,7 +24,7 @@ from neurolens.activations.stats import ScanStats
 from neurolens.activations.forward import brute_force_maxima, rank_order
 from neurolens.engines.local import scan_shard
 from neurolens.storage.cache import Cache
-from scan_data import make_bad_corpus, write_images
+from scan_data import assert_identical, make_bad_corpus, write_images
 
 LAYER = "image_block_3_0"   # nl-tiny-RN: a 4x4 grid at 64 px, so cells matter
 TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
@@ -90,13 +90,6 @@ def assert_matches_brute(result, brute):
     np.testing.assert_allclose(result.var, brute["var"], rtol=1e-3, atol=1e-9)
     np.testing.assert_allclose(result.mean_map, brute["mean_map"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(result.per_image_max(), brute["per_image"], rtol=1e-5, atol=1e-6)
-
-
-def assert_identical(a, b):
-    for name in ("top_values", "top_indices", "top_cells", "mean", "var", "mean_map"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
-    np.testing.assert_array_equal(a.per_image_max(), b.per_image_max())
-    assert (a.count, a.skipped_paths, a.skipped_reasons) == (b.count, b.skipped_paths, b.skipped_reasons)
 
 
 @pytest.fixture(scope="module")
@@ -353,3 +346,24 @@ def test_vit_token_layers_and_vector_layers_scan(tiny_vit, tmp_path):
     vector = run_scan(tiny_vit, "image_embedding", dataset, top_k=3, workers=0, cache=Cache(tmp_path))
     assert vector.grid == (1, 1) and (vector.top_cells[vector.top_indices >= 0] == 0).all()
     assert hook_count(tiny_vit.model) == 0
+
+
+def test_no_ray_needed_for_the_single_process_scan(tmp_path):
+    """With Ray not importable, the in-process scan works and --engine ray says what to install."""
+    script = f"""
+import sys
+sys.modules["ray"] = None
+from neurolens.models import load_clip
+from neurolens.pipelines.scan import run_scan, run_ray_scan
+from neurolens.errors import NeurolensError
+clip = load_clip("nl-tiny-RN", "none", device="cpu")
+result = run_scan(clip, "{LAYER}", None, top_k=2, batch_size=8, workers=0, cache={str(tmp_path)!r})
+assert result.count > 0
+try:
+    run_ray_scan(clip, "{LAYER}", None, top_k=2, cache={str(tmp_path)!r})
+except NeurolensError as exc:
+    print("error:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pip install 'neurolens[ray]'" in done.stdout

@@ -455,7 +455,10 @@ def test_probe_of_a_feature_computes_the_features_map(server, fx, tiny_clip, bas
     expected = basis.activations(acts)[0, feature].numpy()
     assert answer["unit_word"] == "feature" and answer["grid"] == [4, 4]
     assert np.allclose(np.asarray(answer["map"]), expected, atol=1e-5)
-    assert all(0 <= u["unit"] < fx.features for u in answer["top_units"])
+    top, maxima = answer["top_units"], basis.activations(acts)[0].amax(dim=(1, 2)).numpy()
+    assert top and len({u["unit"] for u in top}) == len(top)
+    for u in top:
+        assert 0 <= u["unit"] < fx.features and u["value"] == pytest.approx(float(maxima[u["unit"]]), abs=1e-5)
     index = int(feature_scan.top_indices[feature, 0])
     status, _, body = request(server, "POST", f"/api/{feature_id}/probe?unit={feature}&index={index}", body=b"",
                               headers=PROBE)

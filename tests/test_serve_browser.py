@@ -24,6 +24,8 @@ from neurolens.display.figures import crop_around_cell
 from neurolens.pipelines.scan import find_scan
 from neurolens.storage.cache import Cache
 
+pytestmark = pytest.mark.integration   # a real browser (chromium through Playwright)
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "outputs" / "serve-screenshots"
 WAIT_MS = 30_000
@@ -220,7 +222,7 @@ def test_static_site_opens_from_file_url_with_the_same_units(page, fx, tmp_path)
     page.wait_for_load_state("load")
     assert page.eval_on_selector_all("img", "imgs => imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)")
     assert page.locator(".reveal").count() == 0 and page.locator("#probe").count() == 0
-    assert all(u.startswith("file://") for u in page.requests)
+    assert page.requests and all(u.startswith("file://") for u in page.requests)
     assert page.errors == []
 
 

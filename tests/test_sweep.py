@@ -3,62 +3,11 @@ import csv
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
+from neurolens.labels.prompts import Prompts, load_prompts
 from neurolens.scoring.flags import FlagRule, apply_rule
 from neurolens.scoring.units import top_share
-from neurolens.labels.prompts import Prompts, load_prompts
-
-LAYER = "image_block_4_0"
-
-
-def _synthetic(seed, size=64):
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(size // 8, size // 8, 3), dtype=np.uint8)
-    image = Image.fromarray(base).resize((size, size), Image.BILINEAR)
-    draw = ImageDraw.Draw(image)
-    for _ in range(2):
-        x0, y0 = rng.integers(0, size - 16, 2)
-        draw.ellipse([x0, y0, x0 + 15, y0 + 15], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return image
-
-
-@pytest.fixture(scope="module")
-def dataset_table(tmp_path_factory):
-    """36 synthetic images in a CSV table with captions; every 6th caption has a lexicon word."""
-    root = tmp_path_factory.mktemp("sweepdata")
-    rows = []
-    for i in range(36):
-        name = f"img_{i:03d}.png"
-        _synthetic(i).save(root / name)
-        caption = f"adult content number {i}" if i % 6 == 0 else f"a photo of shapes number {i}"
-        rows.append((name, caption))
-    table = root / "data.csv"
-    with open(table, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "caption"])
-        writer.writerows(rows)
-    return str(table)
-
-
-VOCAB_WORDS = ["cat", "dog", "car", "tree", "house", "moon", "circle", "square", "red", "blue", "green",
-               "pattern", "texture", "noise", "ball", "sky", "water", "stone", "erotic pleasure", "nude", "sexy",
-               "porn", "adult content", "a photo of shapes", "bicycle", "flower", "bird", "horse", "coffee", "book"]
-
-
-@pytest.fixture(scope="module")
-def vocab_file(tmp_path_factory):
-    """A small vocabulary (the builtin one has ~47k entries: too slow to encode in every test)."""
-    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
-    path.write_text("\n".join(VOCAB_WORDS) + "\n")
-    return str(path)
-
-
-def stub_scorer(clip, embeddings):
-    """A known per-image score: a fixed function of the image embeddings (the logistic of the standardized
-    first embedding coordinate; random tiny-model embeddings are close together, so it is standardized)."""
-    first = np.asarray(embeddings, dtype=np.float64)[:, 0]
-    return 1.0 / (1.0 + np.exp(-3.0 * (first - first.mean()) / (first.std() + 1e-12)))
+from sweep_data import LAYER, stub_scorer
 
 
 def brute_auc(x, positive):
@@ -182,7 +131,6 @@ def test_bad_options_are_one_line_errors(tiny_clip, dataset_table):
 def test_the_cli_sweep_options_build_one_sweep_settings(tmp_path):
     from neurolens.cli.options import SWEEP, uses
     from neurolens.errors import NeurolensError
-    from neurolens.labels import zero_shot as safety
     from neurolens.pipelines.settings import LabelSettings, SweepSettings
     seen = {}
 
@@ -217,7 +165,6 @@ def test_the_cli_sweep_options_build_one_sweep_settings(tmp_path):
 
 
 def test_older_keyword_arguments_map_onto_sweep_settings():
-    from neurolens.labels import zero_shot as safety
     from neurolens.pipelines.settings import LabelSettings, SweepSettings, sweep_settings
     rule = FlagRule(max_q=0.2, min_auc=0.9)
     old = sweep_settings(vocab="v.txt", top_k=4, text_top_k=3, rule=rule, labels="captions", min_agreement=0.7,

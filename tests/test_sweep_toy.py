@@ -17,6 +17,8 @@ import pytest
 from scipy.stats import rankdata
 from neurolens.labels.prompts import Prompts, load_prompts
 
+pytestmark = pytest.mark.integration   # trains a toy CLIP (minutes on 2 cores)
+
 LAYER = "image_block_4_0"
 OVERLAP = ["purple crosses", "a teal diamond", "brown bars", "lime shapes", "navy diamonds", "pink crosses",
            "grey bars", "a striped background", "a dotted background", "a grainy background", "a plain background",
@@ -65,7 +67,6 @@ def _sweep(targets, **options):
                      write_csv=False, **options)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("prompts", ["shipped", "safe list overlapping the captions"])
 def test_flags_on_a_second_dataset_with_label_noise_hold_precision_and_recall(targets, prompts):
     root, _, _, planted = targets
@@ -83,7 +84,6 @@ def test_flags_on_a_second_dataset_with_label_noise_hold_precision_and_recall(ta
     assert all(row["auc"] >= 0.8 and row["q"] <= 0.01 and "captions" in row["why"] for row in flagged_rows)
 
 
-@pytest.mark.slow
 def test_reliability_check_on_the_toy_drops_useless_prompts_and_keeps_good_ones(targets):
     """Zero-shot with prompts that say nothing about the planted concept (the unsafe list is half of the safe
     list, shuffled) is dropped; with the safe list overlapping the captions (measured agreement 0.88 to 0.95

@@ -108,9 +108,8 @@ def test_length_batches_cover_every_text_once_within_the_token_budget():
     assert [len(b) for b in textlib._batches(None, 5, batch_size=2)] == [2, 2, 1]
 
 
-def test_truncated_encoding_equals_open_clip_rn50x4_text_tower():
-    from neurolens.models.build import load_clip
-    clip = load_clip("RN50x4", "none", device="cpu")   # the real 12-layer, 640-wide text tower, random weights
+def test_truncated_encoding_equals_open_clip_rn50x4_text_tower(rn50x4):
+    clip = rn50x4   # the real 12-layer, 640-wide text tower, random weights
     assert textlib.can_truncate(clip.model) and clip.model.text_pool_type == "argmax"
     texts = TEXTS[:5]
     np.testing.assert_allclose(textlib.encode_texts(clip, texts, batch_size=2), _reference_encode(clip, texts),

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -114,7 +113,7 @@ def demo(tmp_path_factory):
     return run_demo(root / "out", DemoSettings(), cache=str(root / "cache"))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_default_toy_model_zero_shot_accuracy_is_far_above_chance(demo):
     assert demo.stages["train"].status == "ok", demo.stages["train"].detail
     z = demo.zero_shot
@@ -126,7 +125,7 @@ def test_default_toy_model_zero_shot_accuracy_is_far_above_chance(demo):
     assert clip.name == "nl-toy-RN"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_demo_runs_every_stage_and_writes_an_index(demo):
     assert demo.failed == [], {n: s.detail for n, s in demo.stages.items() if s.status != "ok"}
     index = demo.index.read_text()
@@ -143,7 +142,7 @@ def test_demo_runs_every_stage_and_writes_an_index(demo):
     assert demo.serve_command == f"neurolens serve --cache {Path(demo.checkpoint).parents[2]}"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_quality_bar_flags_against_the_generator_truth(demo):
     """On the demo's own data: flagged precision >= 0.95 (flagged units whose planted AUC, from the generator's
     labels, is >= 0.8) and recall >= 0.9 (of the units with planted AUC >= 0.95), with the truth recomputed
@@ -169,7 +168,7 @@ def test_quality_bar_flags_against_the_generator_truth(demo):
     assert demo.quality["precision"] == pytest.approx(precision) and demo.quality["recall"] == pytest.approx(recall)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_quality_bar_flagged_units_are_the_planted_concept(demo):
     """The flagged units' top images are mostly the planted pattern, their top texts hold planted words,
     planted images in their figures are blurred, and their feature visualizations score as NSFW."""
@@ -196,7 +195,7 @@ def test_quality_bar_flagged_units_are_the_planted_concept(demo):
     assert len(visualized) >= 3 and len(high) >= len(visualized) / 2, visualized
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_demo_reuses_the_cached_model_and_reports_a_failing_stage(demo, tmp_path):
     """A second run with the same settings reuses data and checkpoint; a stage that fails is recorded with
     its reason, the stages after it are not run, and index.md lists them (nothing skipped silently)."""

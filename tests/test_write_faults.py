@@ -19,9 +19,7 @@ from neurolens.cli import app
 from neurolens.datasets.open import open_dataset
 from neurolens.pipelines.scan import find_scan, run_scan
 from neurolens.storage.cache import Cache
-from scan_data import write_images
-from test_scan import assert_identical
-from test_sweep import dataset_table, vocab_file  # noqa: F401  (fixtures reused)
+from scan_data import assert_identical, write_images
 
 LAYER = "image_block_4_0"
 TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
@@ -188,6 +186,7 @@ def tiny_filesystem(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+@pytest.mark.integration   # mounts a real tmpfs and runs the CLI twice in subprocesses
 def test_scan_on_a_real_full_filesystem_ends_with_one_line_and_resumes(tiny_clip, corpus, uninterrupted,
                                                                        tiny_filesystem):
     cache_root = tiny_filesystem / "cache"
