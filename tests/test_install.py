@@ -124,3 +124,12 @@ def test_lucent_and_kornia_are_extras_that_neurolens_never_imports():
         assert {"torch-lucent", "kornia"} <= _distribution_names(project["optional-dependencies"][extra])
     for requirement in project["dependencies"]:   # no upper pins on anything
         assert "<" not in requirement and "==" not in requirement, requirement
+
+
+def test_sae_lens_is_a_pinned_test_extra_that_neurolens_never_imports():
+    """tests/test_saelens.py checks the SAE format against one SAELens release: pinned, in the extra CI installs."""
+    assert "sae_lens" not in _third_party_imports()
+    project = _pyproject()["project"]
+    pins = [r for r in project["optional-dependencies"]["test"] if _distribution_names([r]) == {"sae-lens"}]
+    assert len(pins) == 1 and "==" in pins[0], pins
+    assert "sae-lens" not in _distribution_names(project["dependencies"])

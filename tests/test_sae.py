@@ -152,6 +152,53 @@ def test_reads_older_saelens_and_prisma_configs(tmp_path):
     torch.testing.assert_close(load_sae(prisma / "weights.pt").encode(x), sae.encode(x))
 
 
+def _saelens_folder(folder, tensors, **cfg):
+    from safetensors.torch import save_file
+    folder.mkdir()
+    save_file({name: t.clone() for name, t in tensors.items()}, str(folder / WEIGHTS_NAME))
+    (folder / CFG_NAME).write_text(json.dumps({"dtype": "float32", "metadata": {"sae_lens_version": "6.54.12"}, **cfg}))
+    return folder
+
+
+def test_saelens_arithmetic_variants_by_hand(tmp_path):
+    """What SAELens's code does (saes/topk_sae.py, jumprelu_sae.py, sae.py), on hand-made weights; the interop
+    with SAELens itself is tests/test_saelens.py."""
+    from neurolens.errors import NeurolensError
+    # TopK with rescale_acts_by_decoder_norm: TopK over pre * |W_dec row|, activations divided by it before decoding.
+    # x = [1, 0.5], identity encoder, decoder rows of norm 1 and 3: rescaled pre = [1, 1.5] -> feature 1 wins with
+    # 1.5 (plain TopK would pick feature 0); reconstruction 1.5 / 3 * [0, 3] = [0, 1.5]
+    eye = torch.eye(2)
+    folder = _saelens_folder(tmp_path / "rescaled", {"W_enc": eye, "b_enc": torch.zeros(2), "b_dec": torch.zeros(2),
+                                                     "W_dec": torch.tensor([[1., 0.], [0., 3.]])},
+                             architecture="topk", d_in=2, d_sae=2, k=1, rescale_acts_by_decoder_norm=True)
+    sae = load_sae(folder)
+    x = torch.tensor([[1.0, 0.5]])
+    torch.testing.assert_close(sae.encode(x), torch.tensor([[0.0, 1.5]]))
+    torch.testing.assert_close(sae(x), torch.tensor([[0.0, 1.5]]))
+    # JumpReLU weights from before SAELens 6 hold log_threshold
+    folder = _saelens_folder(tmp_path / "log", {"W_enc": eye, "b_enc": torch.zeros(2), "W_dec": eye,
+                                                "b_dec": torch.zeros(2), "log_threshold": torch.log(torch.tensor([0.5, 2.0]))},
+                             architecture="jumprelu", d_in=2, d_sae=2)
+    sae = load_sae(folder)
+    torch.testing.assert_close(sae.threshold.detach(), torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(sae.encode(torch.tensor([[1.0, 1.0]])), torch.tensor([[1.0, 0.0]]))
+    # layer_norm: n(x) = (x - mu) / (std + 1e-5), undone as y * std + mu (no eps). An SAE that passes n(x) through
+    # (identity weights, b_dec = -10 keeps every pre-activation positive) returns mu + (x - mu) * std / (std + 1e-5):
+    # 1 % short of x for a spread of 1e-3
+    folder = _saelens_folder(tmp_path / "ln", {"W_enc": torch.eye(3), "b_enc": torch.zeros(3), "W_dec": torch.eye(3),
+                                               "b_dec": torch.full((3,), -10.0)},
+                             architecture="standard", d_in=3, d_sae=3, normalize_activations="layer_norm")
+    x = torch.tensor([[5.000, 5.001, 5.002]], dtype=torch.float64)
+    mu, std = x.mean(), x.std()
+    expected = mu + (x - mu) / (std + 1e-5) * std
+    torch.testing.assert_close(load_sae(folder)(x.float()).double(), expected, rtol=0, atol=2e-6)
+    assert abs(float(expected[0, 2] - x[0, 2])) > 5e-6        # the eps is not undone
+    _saelens_folder(tmp_path / "white", {"W_enc": eye, "b_enc": torch.zeros(2), "W_dec": eye, "b_dec": torch.zeros(2)},
+                    architecture="topk", d_in=2, d_sae=2, k=1, normalize_activations="covariance_whitening")
+    with pytest.raises(NeurolensError, match="fold_activation_whitening"):
+        load_sae(tmp_path / "white")
+
+
 def test_reads_prisma_checkpoints_that_pickle_their_config_without_running_its_code(tmp_path):
     """Prisma's legacy files are {"cfg": <its config object>, "state_dict": ...}; the config class is not
     importable here, and it must not be: it is rebuilt as an inert holder of its fields."""

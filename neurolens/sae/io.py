@@ -9,7 +9,9 @@ always has the weights that belong to it.
 
 It reads:
   - SAELens folders, v6 configs (architecture + k at the top level) and older ones (activation_fn_str "topk"
-    with activation_fn_kwargs {"k": ...}, hook_point instead of hook_name);
+    with activation_fn_kwargs {"k": ...}, hook_point instead of hook_name); a TopK SAE with
+    rescale_acts_by_decoder_norm has its decoder norms folded into the encoder, and a JumpReLU log_threshold is
+    exponentiated (plain_tensors);
   - Prisma (ViT-Prisma) folders: config.json (d_in, expansion_factor or d_sae, activation_fn_str,
     activation_fn_kwargs, architecture, normalize_activations) with a .pt or .safetensors state dict holding the
     same four tensors. Prisma's checkpoints may pickle their config object next to the state dict
@@ -129,11 +131,31 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Spa
         raise NeurolensError(f"cannot read the SAE config {cfg_path} ({exc}); it must be a JSON object") from None
     if not isinstance(raw_cfg, dict):
         raise NeurolensError(f"the SAE config {cfg_path} is not a JSON object")
-    tensors = read_tensors(weights_path)
+    tensors = {name: t.to(torch.float32) for name, t in read_tensors(weights_path).items()}
     config = parse_config(raw_cfg, tensors, str(cfg_path), layout)
     sae = SparseAutoencoder(config)
-    sae.load_tensors({k: v for k, v in tensors.items()}, source=str(weights_path))
+    sae.load_tensors(plain_tensors(raw_cfg, tensors, config), source=str(weights_path))
     return sae.to(device=device, dtype=torch.float32)
+
+
+def plain_tensors(cfg: dict, tensors: Dict[str, torch.Tensor], config: SaeConfig) -> Dict[str, torch.Tensor]:
+    """SAELens's variants of the layout, turned into the plain form with the same encode and decode:
+      - JumpReLU weights saved by SAELens before 6.x hold log_threshold: threshold = exp(log_threshold) (what
+        SAELens's own loader does);
+      - a TopK SAE with rescale_acts_by_decoder_norm multiplies the pre-activations by the decoder rows' norms
+        before TopK and divides the activations by them before decoding; folding the norms into W_enc, b_enc
+        and W_dec (SAELens's _fold_norm_topk, which its training applies when it saves) gives the same feature
+        activations and reconstruction with a plain TopK. The norms are clamped at 1e-8 as SAELens does."""
+    tensors = dict(tensors)
+    if config.architecture == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    if config.architecture == "topk" and cfg.get("rescale_acts_by_decoder_norm") and \
+            {"W_enc", "b_enc", "W_dec"} <= set(tensors) and tensors["W_dec"].dim() == 2:
+        norms = tensors["W_dec"].norm(dim=-1).clamp(min=1e-8)
+        tensors["W_enc"] = tensors["W_enc"] * norms
+        tensors["b_enc"] = tensors["b_enc"] * norms
+        tensors["W_dec"] = tensors["W_dec"] / norms.unsqueeze(1)
+    return tensors
 
 
 def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
@@ -215,6 +237,10 @@ def parse_config(cfg: dict, tensors: Dict[str, torch.Tensor], source: str, layou
         raise NeurolensError(f"{source} expects activations rescaled by a dataset-wide factor "
                              f"(normalize_activations=expected_average_only_in) that is not stored with it; fold "
                              f"the factor into the weights (SAELens: fold_activation_norm_scaling_factor) first")
+    if normalization == "covariance_whitening":
+        raise NeurolensError(f"{source} expects activations whitened by statistics that are not stored with it "
+                             f"(normalize_activations=covariance_whitening); fold them into the weights (SAELens: "
+                             f"fold_activation_whitening, which its training does before the final save) first")
     if cfg.get("finetuning_scaling_factor"):
         raise NeurolensError(f"{source} uses a finetuning scaling factor, which neurolens does not read")
     metadata = dict(cfg.get("metadata") or {})

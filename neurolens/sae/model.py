@@ -10,8 +10,9 @@
     x_hat  = n^-1(z @ W_dec + b_dec)
 
 n is the input normalization SAELens and Prisma may declare: none (identity), constant_norm_rescale (scale each
-vector to norm sqrt(d_in)) or layer_norm (subtract the mean, divide by the standard deviation); n^-1 undoes it
-with the same vector's statistics. Every input is a channel vector of one spatial cell (or one patch token).
+vector to norm sqrt(d_in)) or layer_norm (subtract the mean mu, divide by std + 1e-5); n^-1 undoes it with the
+same vector's statistics exactly as SAELens does (constant_norm_rescale: divide by the same factor; layer_norm:
+y * std + mu, without the 1e-5). Every input is a channel vector of one spatial cell (or one patch token).
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ class SparseAutoencoder(nn.Module):
             return y / state[0]
         if mode == "layer_norm":
             mu, std = state
-            return y * (std + LAYER_NORM_EPS) + mu
+            return y * std + mu     # SAELens's inverse: the eps is only in the division, not undone
         return y
 
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
