@@ -6,7 +6,7 @@
 - SAEs made and saved by SAELens's own API (its config classes, its trainer `SAETrainer`, `save_model` and
   `save_inference_model`) in the TopK and JumpReLU architectures, with the options that change the arithmetic
   (rescale_acts_by_decoder_norm, apply_b_dec_to_input=False, layer_norm and constant_norm_rescale inputs), are
-  read by `neurolens.sae.load_sae` and by the CLI's `--sae PATH` (scan, samples) and `sae list`, with the same
+  read by `neurolens.sae.io.load_sae` and by the CLI's `--sae PATH` (scan, samples) and `sae list`, with the same
   encode/decode as SAELens within 1e-4.
 """
 import json
@@ -29,10 +29,11 @@ from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 
 from neurolens.activations.hooks import forward_to  # noqa: E402
 from neurolens.cli import app  # noqa: E402
-from neurolens.datasets.dataset import open_dataset, preprocess_array  # noqa: E402
-from neurolens.models import resolve_layer  # noqa: E402
-from neurolens.sae import load_sae  # noqa: E402
-from neurolens.sae.registry import sae_folder  # noqa: E402
+from neurolens.datasets.open import open_dataset  # noqa: E402
+from neurolens.datasets.decode import preprocess_array  # noqa: E402
+from neurolens.models.layers import resolve_layer  # noqa: E402
+from neurolens.sae.io import load_sae  # noqa: E402
+from neurolens.records.sae import sae_folder  # noqa: E402
 from neurolens.storage.cache import Cache  # noqa: E402
 from scan_data import write_images  # noqa: E402
 
@@ -234,7 +235,7 @@ def test_saelens_sae_in_the_cache_is_listed_and_used_by_name(tmp_path, tiny_clip
     architecture and k from SAELens's cfg.json; no neurolens quality report) and used by --sae NAME."""
     _, _, vectors = cells
     cache = Cache(tmp_path / "cache")
-    folder = sae_folder(cache, tiny_clip, LAYER, "from-saelens")
+    folder = sae_folder(cache, tiny_clip.fingerprint, LAYER, "from-saelens")
     sae = TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=6))
     _random_weights(sae, 4)
     sae.save_model(folder)
