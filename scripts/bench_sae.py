@@ -44,7 +44,8 @@ TOY_QUALITY_SETTINGS = dict(features="2x", k=16, epochs=20, sparsity="topk")   #
 def bench_toy_quality(args) -> dict:
     import torch
     from neurolens.models.build import load_clip
-    from neurolens.pipelines.demo import DemoSettings, toy_dataset, toy_model
+    from neurolens.pipelines.demo import DemoSettings
+    from neurolens.toy.store import toy_dataset, toy_model
     from neurolens.pipelines.sae import run_sae_train
     from neurolens.sae.train import SaeTrainSettings
     root = Path(args.toy_root or tempfile.mkdtemp(prefix="bench_sae_toy_"))

@@ -138,7 +138,8 @@ def run_neurolens(clip, spec, unit, settings, target, eval_every, clock):
 
 def toy_checkpoint_and_flagged(work: Path, quick: bool):
     """The trained toy CLIP (the demo's settings, or a small one with --quick) and its flagged units in rank order."""
-    from neurolens.pipelines.demo import DemoSettings, toy_dataset, toy_model
+    from neurolens.pipelines.demo import DemoSettings
+    from neurolens.toy.store import toy_dataset, toy_model
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.storage.cache import Cache
     from neurolens.toy.settings import TrainSettings

@@ -32,7 +32,8 @@ def toy(tmp_path_factory):
     from neurolens.activations.hooks import forward_to
     from neurolens.models.build import load_clip
     from neurolens.models.layers import resolve_layer
-    from neurolens.pipelines.demo import DemoSettings, toy_dataset, toy_model
+    from neurolens.pipelines.demo import DemoSettings
+    from neurolens.toy.store import toy_dataset, toy_model
     from neurolens.pipelines.sae import run_sae_train
     from neurolens.sae.basis import load_basis
     from neurolens.sae.train import SaeTrainSettings

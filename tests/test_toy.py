@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from neurolens.cli import app
 from neurolens.models.build import load_clip
 from neurolens.models.build import weights_fingerprint
-from neurolens.toy.generate import ToySettings, generate_pairs, planted_words, write_dataset
+from neurolens.toy.generate import ToySettings, generate_pairs, write_dataset
+from neurolens.toy.concepts import planted_words
 from neurolens.toy.settings import TrainSettings
 from neurolens.toy.train import train_clip, train_toy
 

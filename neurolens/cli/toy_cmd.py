@@ -63,7 +63,7 @@ def train_toy(
     """
     from ..errors import NeurolensError
     from ..models.build import load_clip
-    from ..pipelines.demo import toy_dataset
+    from ..toy.store import toy_dataset
     from ..storage.cache import default_cache_root
     from ..toy.evaluate import zero_shot_accuracy
     from ..toy.train import train_toy as train

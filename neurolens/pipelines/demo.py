@@ -6,10 +6,8 @@ data and training settings and the torch version), scan, text, sweep, visualize,
 A stage that fails (a missing module included) is recorded as failed with its reason, stages that need its
 result are recorded as not run, and the report's `failed` lists them: nothing is skipped silently.
 
-Cache layout (under the cache root):
-    toy/data/<key>/captions.parquet, images/*.png, dataset.json     the generated dataset
-    toy/models/<key>.pt, <key>.json                                  the checkpoint and its training/eval summary
-and the usual scan/, text/, sweep/, render/ records of the other jobs.
+Cache layout (under the cache root): the toy dataset and checkpoint of neurolens.toy.store
+(toy/data/<key>/, toy/models/<key>.pt) and the usual scan/, text/, sweep/, render/ records of the other jobs.
 """
 from __future__ import annotations
 
@@ -23,10 +21,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..records.keys import as_cache
-from ..storage.cache import Cache, settings_key
-from ..storage.files import CACHE_OPTION, WriteError, ensure_folder, write_text
-from ..toy.generate import ToySettings, planted_words, write_dataset
+from ..storage.cache import Cache
+from ..storage.files import WriteError, ensure_folder, write_text
+from ..toy.concepts import planted_words
+from ..toy.generate import ToySettings
 from ..toy.settings import TrainSettings
+from ..toy.store import toy_dataset, toy_model
 from ..types import RenderSettings
 
 StageProgress = Optional[Callable[[str, int, int], None]]
@@ -112,45 +112,6 @@ class DemoReport:
         if self.serve_command:
             lines.append(f"browse every unit in the web app: {self.serve_command}")
         return "\n".join(lines)
-
-
-def toy_dataset(cache_root: Path, seed: int = 0, settings: Optional[ToySettings] = None,
-                progress: Optional[Callable[[int, int], None]] = None) -> Path:
-    """The generated toy dataset's parquet under cache_root/toy/data/<key>/ (generated once per settings)."""
-    settings = settings or ToySettings(seed=seed)
-    folder = Path(cache_root) / "toy" / "data" / settings_key("toy-data", asdict(settings))
-    return write_dataset(folder, settings, progress=progress)
-
-
-def toy_model(cache_root: Path, dataset: Path, data: ToySettings, train: TrainSettings, retrain: bool = False,
-              progress: Optional[Callable[[int, int], None]] = None,
-              load_progress: Optional[Callable[[int, int], None]] = None) -> tuple:
-    """(checkpoint path, summary dict, trained now?) of the toy model for these settings, trained if not cached.
-
-    The summary holds the training figures and the zero-shot report (neurolens.toy.evaluate)."""
-    import torch
-
-    from ..models.build import load_clip
-    from ..toy.evaluate import zero_shot_accuracy
-    from ..toy.train import train_toy
-
-    key = settings_key("toy-model", asdict(data), asdict(train), torch.__version__)
-    folder = Path(cache_root) / "toy" / "models"
-    checkpoint, summary_path = folder / f"{key}.pt", folder / f"{key}.json"
-    if not retrain and checkpoint.is_file() and summary_path.is_file():
-        try:
-            return checkpoint, json.loads(summary_path.read_text()), False
-        except (OSError, ValueError):
-            pass
-    result = train_toy(str(dataset), checkpoint, train, progress=progress, load_progress=load_progress,
-                       out_option=CACHE_OPTION)
-    clip = load_clip(checkpoint=str(checkpoint), device="cpu")
-    report = zero_shot_accuracy(clip, seed=data.seed, size=data.size, planted_share=data.planted_share,
-                                style=data.style)
-    summary = dict(steps=result.steps, seconds=round(result.seconds, 1), final_loss=round(result.final_loss, 4),
-                   pairs=result.pairs, fingerprint=result.fingerprint, zero_shot=report.to_dict())
-    write_text(summary_path, json.dumps(summary, indent=2), CACHE_OPTION)
-    return checkpoint, summary, True
 
 
 def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSettings(), cache=None,

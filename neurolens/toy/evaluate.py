@@ -7,7 +7,7 @@ Definitions (every cosine is between L2-normalized image and text embeddings of 
 - zero-shot accuracy (the headline figure): the mean of the five attribute accuracies (chance 0.262).
 - planted accuracy: over the held-out images, the share whose true full caption scores higher than the
   same caption with the planted words removed (planted image) or with two random lexicon words added
-  (ordinary image); chance 0.5.
+  (ordinary image; in multi-concept mode two words of one concept drawn at random); chance 0.5.
 - retrieval@1: the share of held-out images whose best-scoring caption among all held-out full captions
   is (textually) their own; chance about 1/n.
 """
@@ -21,7 +21,9 @@ import torch
 
 from ..scoring.statistics import ExactAUC
 from ..text.encode import encode_texts
-from .generate import BACKGROUNDS, COUNTS, POSITIONS, full_caption, generate_pairs, planted_words, style_of
+from .concepts import multi_concepts, planted_words
+from .draw import BACKGROUNDS, POSITIONS
+from .generate import COUNTS, full_caption, generate_pairs, style_of
 
 HELD_OUT_SEED_OFFSET = 1_000_003      # held-out images use seed + this, never the training seed
 
@@ -73,17 +75,18 @@ def _encode_images(clip, images: np.ndarray, batch_size: int = 256) -> torch.Ten
 
 
 def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, planted_share: float = 0.15,
-                       progress: Optional[Callable[[int, int], None]] = None, style: str = "shapes"
-                       ) -> ZeroShotReport:
+                       progress: Optional[Callable[[int, int], None]] = None, style: str = "shapes",
+                       concepts: str = "single", intersection_share: float = 0.05) -> ZeroShotReport:
     """Zero-shot accuracies (see the module docstring) of a LoadedClip on n held-out generated pairs of the
-    generator style it was trained on (always with clean captions)."""
+    generator style and concept mode it was trained on (always with clean captions)."""
     held_out_seed = seed + HELD_OUT_SEED_OFFSET
-    data = generate_pairs(n, size, planted_share, held_out_seed, style=style)
+    data = generate_pairs(n, size, planted_share, held_out_seed, style=style, concepts=concepts,
+                          intersection_share=intersection_share)
     attribute_values = attributes(style)
     image_feats = _encode_images(clip, data.images)
     if progress is not None:
         progress(1, 3)
-    words = planted_words()
+    lexicons = [planted_words()] if concepts == "single" else [list(c.terms) for c in multi_concepts()]
     rng = np.random.default_rng(held_out_seed)
 
     attribute_accuracy, attribute_chance = {}, {}
@@ -108,6 +111,7 @@ def zero_shot_accuracy(clip, n: int = 500, seed: int = 0, size: int = 64, plante
     for pair in data.pairs:
         own.append(pair.full)
         fields = {k: getattr(pair, k) for k in attribute_values}
+        words = lexicons[int(rng.integers(len(lexicons)))] if len(lexicons) > 1 else lexicons[0]
         swapped = () if pair.words else tuple(words[j] for j in rng.choice(len(words), size=2, replace=False))
         other.append(full_caption(**fields, words=swapped))
     own_feats, other_feats = _encode_texts(clip, own), _encode_texts(clip, other)

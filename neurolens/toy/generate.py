@@ -22,6 +22,13 @@ target of thin concentric rings in teal and black, whose teal is also one of the
 colours. `caption_noise` gives that share of the planted images (exactly round(noise * planted), chosen by
 the seed) an ordinary caption: the captions then miss part of the planted concept (label noise), while
 the `planted` column keeps the truth.
+
+Multi-concept mode (`concepts="multi"`, neurolens.toy.concepts) plants three concepts, each an abstract
+pattern with its own caption lexicon: round(planted_share * n) images show each concept alone,
+round(intersection_share * n) show two of them together (side by side in the other half, their captions
+carrying both lexicons' words), the rest none. Its table adds one bool truth column per concept
+(`planted_nsfw`, `planted_violence`, `planted_drugs`); `planted` is then true where any concept is shown.
+The single-concept mode's output is unchanged by it (same pixels, captions and columns).
 """
 from __future__ import annotations
 
@@ -32,8 +39,14 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
 
-from ..labels.lexicon import lexicon_terms
+from ..errors import NeurolensError
+from ..storage.files import CACHE_OPTION, atomic_path, save_png, write_text
+from .concepts import PLANTED_COLOURS, Concept, assign_concepts, check_mode, multi_concepts, planted_words, truth_column
+from .draw import OPPOSITE, POSITIONS, background, draw_planted, draw_shapes
 
 GENERATOR_VERSION = 2
 
@@ -48,14 +61,9 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three")
-POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")
-BACKGROUNDS = ("plain", "striped", "dotted", "grainy")
-
-# The planted pattern's two colours: a magenta and a pink, alternating every pixel in a checkerboard.
-PLANTED_COLOURS = ((235, 0, 175), (255, 150, 215))
 SHORT_CAPTION_SHARE = 0.3
-# Violent terms of the lexicon are left out: the planted concept stands for sexual content.
-_EXCLUDED_TERMS = {"rape"}
+# Two patterns shown together are smaller, to fit side by side in one half of the image.
+PAIR_RADIUS = (0.16, 0.2)
 
 CAPTION_COLUMNS = ("image", "caption", "planted", "count", "colour", "shape", "position", "background", "full")
 
@@ -84,16 +92,8 @@ STYLES = {
 
 def style_of(name: str) -> Style:
     if name not in STYLES:
-        from ..errors import NeurolensError
         raise NeurolensError(f"unknown toy style {name!r}; use one of {', '.join(STYLES)}")
     return STYLES[name]
-
-
-def planted_words() -> List[str]:
-    """The lexicon words used in planted captions (neurolens/data/nsfw_terms.txt without wildcards, phrases and
-    _EXCLUDED_TERMS), lower-cased."""
-    words = [term.lower() for term in lexicon_terms()]
-    return [word for word in words if "*" not in word and word not in _EXCLUDED_TERMS and " " not in word]
 
 
 @dataclass
@@ -107,6 +107,7 @@ class Pair:
     colour: str
     shape: str
     words: Tuple[str, ...] = ()              # the planted lexicon words (planted images only)
+    concepts: Tuple[str, ...] = ()           # the planted concepts shown (empty for ordinary images)
 
     @property
     def full(self) -> str:
@@ -143,20 +144,36 @@ class GeneratedData:
 
 @dataclass(frozen=True)
 class ToySettings:
-    """Everything the generated dataset depends on; its folder is keyed by these."""
+    """Everything the generated dataset depends on; its folder is keyed by `identity()`."""
     n: int = 3000
     size: int = 64
-    planted_share: float = 0.15
+    planted_share: float = 0.15              # multi-concept mode: the share of EACH concept shown alone
     seed: int = 0
     version: int = GENERATOR_VERSION
     style: str = "shapes"                    # STYLES: "shapes" (the demo's) or "targets"
     caption_noise: float = 0.0               # share of planted images given an ordinary caption
+    concepts: str = "single"                 # "single" (nsfw only) or "multi" (neurolens.toy.concepts)
+    intersection_share: float = 0.05         # multi: the share showing INTERSECTION's two concepts together
+    caption_words: int = 2                   # lexicon words per shown concept in a planted full caption
+
+    def identity(self) -> dict:
+        """The settings as a dict for cache keys and dataset.json: a single-concept dataset leaves out the
+        fields added with multi-concept mode while they hold their defaults, so its keys stay as they were."""
+        values = asdict(self)
+        if self.concepts == "single":
+            for name in _LATER_FIELDS:
+                if values[name] == _DEFAULTS[name]:
+                    del values[name]
+        return values
+
+
+_LATER_FIELDS = ("concepts", "intersection_share", "caption_words")
+_DEFAULTS = {name: ToySettings.__dataclass_fields__[name].default for name in _LATER_FIELDS}
 
 
 def planted_indices(n: int, planted_share: float, seed: int) -> np.ndarray:
     """Which of n images are planted: exactly round(share * n) of them, chosen by the seed."""
     if not 0.0 <= planted_share <= 1.0:
-        from ..errors import NeurolensError
         raise NeurolensError(f"planted share {planted_share} is outside [0, 1]; give a fraction such as 0.15")
     count = int(round(planted_share * n))
     order = np.random.default_rng([seed, 7919]).permutation(n)
@@ -168,7 +185,6 @@ def planted_indices(n: int, planted_share: float, seed: int) -> np.ndarray:
 def noisy_indices(planted: np.ndarray, caption_noise: float, seed: int) -> np.ndarray:
     """Which planted images get an ordinary caption: exactly round(noise * planted) of them, by the seed."""
     if not 0.0 <= caption_noise <= 1.0:
-        from ..errors import NeurolensError
         raise NeurolensError(f"caption noise {caption_noise} is outside [0, 1]; give a fraction such as 0.3")
     where = np.flatnonzero(planted)
     chosen = np.random.default_rng([seed, 104729]).permutation(where)[:int(round(caption_noise * len(where)))]
@@ -179,30 +195,52 @@ def noisy_indices(planted: np.ndarray, caption_noise: float, seed: int) -> np.nd
 
 def generate_pairs(n: int = 3000, size: int = 64, planted_share: float = 0.15, seed: int = 0,
                    progress: Optional[Callable[[int, int], None]] = None, style: str = "shapes",
-                   caption_noise: float = 0.0) -> GeneratedData:
-    """n images (uint8, size x size) and their captions, deterministic for (seed, size, style, noise)."""
+                   caption_noise: float = 0.0, concepts: str = "single", intersection_share: float = 0.05,
+                   caption_words: int = 2) -> GeneratedData:
+    """n images (uint8, size x size) and their captions, deterministic for (seed, size, style, noise) and,
+    in multi-concept mode, the shares and caption words."""
     look = style_of(style)
-    words = planted_words()
-    planted = planted_indices(n, planted_share, seed)
+    check_mode(concepts)
+    if concepts == "multi":
+        if style != "shapes":
+            raise NeurolensError(f"multi-concept mode draws the shapes style; style {style!r} is single-concept "
+                                 f"only")
+        shown = assign_concepts(n, planted_share, intersection_share, seed)
+        planted = np.array([bool(s) for s in shown], dtype=bool)
+        patterns = {c.name: c for c in multi_concepts()}
+    else:
+        planted = planted_indices(n, planted_share, seed)
+        nsfw = Concept("nsfw", tuple(planted_words()), look.pattern, look.planted_colours, look.description)
+        shown = [("nsfw",) if p else () for p in planted]
+        patterns = {"nsfw": nsfw}
+    if not 1 <= caption_words <= min(len(c.terms) for c in patterns.values()):
+        raise NeurolensError(f"caption words {caption_words} must be between 1 and the smallest lexicon's size")
     noisy = noisy_indices(planted, caption_noise, seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     pairs: List[Pair] = []
     for i in range(n):
         rng = np.random.default_rng([seed, i, size])
-        canvas, background = _background(rng, size, yy, xx)
+        canvas, texture = background(rng, size, yy, xx)
         position = POSITIONS[rng.integers(len(POSITIONS))]
         count = 1 + int(rng.integers(3))
         colour = list(look.colours)[rng.integers(len(look.colours))]
         shape = look.shapes[rng.integers(len(look.shapes))]
-        _draw_shapes(canvas, rng, size, count, look.colours[colour], shape, position, yy, xx)
+        draw_shapes(canvas, rng, size, count, look.colours[colour], shape, position, yy, xx)
         chosen: Tuple[str, ...] = ()
-        if planted[i]:
-            _draw_planted(canvas, rng, size, _OPPOSITE[position], yy, xx, look)
-            chosen = tuple(words[j] for j in rng.choice(len(words), size=2, replace=False))
-            if noisy[i]:            # label noise: the image shows the pattern, its caption does not say so
-                chosen = ()
-        pair = Pair("", bool(planted[i]), position, background, COUNTS[count - 1], colour, shape, chosen)
+        for k, name in enumerate(shown[i]):
+            concept = patterns[name]
+            together = len(shown[i]) > 1
+            draw_planted(canvas, rng, size, OPPOSITE[position], yy, xx, concept.pattern, concept.colours,
+                         slot=(k, len(shown[i])) if together else None,
+                         **({"radius_range": PAIR_RADIUS} if together else {}))
+        for name in shown[i]:
+            terms = patterns[name].terms
+            chosen += tuple(terms[j] for j in rng.choice(len(terms), size=caption_words, replace=False))
+        if noisy[i]:                # label noise: the image shows the pattern, its caption does not say so
+            chosen = ()
+        pair = Pair("", bool(planted[i]), position, texture, COUNTS[count - 1], colour, shape, chosen,
+                    tuple(shown[i]))
         pair.caption = _short_caption(pair, rng) if rng.random() < SHORT_CAPTION_SHARE else pair.full
         pairs.append(pair)
         images[i] = np.clip(canvas, 0, 255).astype(np.uint8)
@@ -213,124 +251,39 @@ def generate_pairs(n: int = 3000, size: int = 64, planted_share: float = 0.15, s
     return GeneratedData(images, pairs)
 
 
-_OPPOSITE = {"on the left": "on the right", "on the right": "on the left", "at the top": "at the bottom",
-             "at the bottom": "at the top"}
-
-
 def _short_caption(pair: Pair, rng: np.random.Generator) -> str:
-    """One or two phrases of the full caption; planted captions keep a planted word."""
+    """One or two phrases of the full caption; planted captions keep a planted word of every concept shown."""
     noun = _noun(pair.shape, pair.count)
     phrases = [pair.colour, noun, f"{pair.colour} {noun}", f"{pair.count} {noun}", pair.position,
                f"{pair.background} background"]
     if pair.words:
-        planted = [pair.words[0], " ".join(pair.words)][int(rng.integers(2))]
+        first_words = " ".join(pair.words[::len(pair.words) // len(pair.concepts)])
+        planted = [first_words, " ".join(pair.words)][int(rng.integers(2))]
         if rng.random() < 0.5:
             return planted
         return f"{planted}, {phrases[int(rng.integers(len(phrases)))]}"
     return phrases[int(rng.integers(len(phrases)))]
 
 
-def _background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray):
-    """A grey-ish canvas (float32, H x W x 3) with one low-contrast texture."""
-    base = rng.uniform(50, 140) + rng.uniform(-12, 12, size=3)
-    kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    shade = np.zeros((size, size), dtype=np.float32)
-    if kind == "striped":
-        period = rng.uniform(8, 14)
-        angle = rng.uniform(0, np.pi)
-        phase = np.cos(angle) * xx + np.sin(angle) * yy
-        shade = np.where((phase % period) < period / 2, 40.0, -40.0)
-    elif kind == "dotted":
-        period = int(rng.integers(8, 12))
-        oy, ox = rng.integers(period, size=2)
-        dy = (yy + oy) % period - period / 2
-        dx = (xx + ox) % period - period / 2
-        shade = np.where(dy * dy + dx * dx < (period / 4.5) ** 2, 55.0, 0.0)
-    elif kind == "grainy":
-        shade = rng.normal(0, 22, size=(size, size)).astype(np.float32)
-    canvas = np.empty((size, size, 3), dtype=np.float32)
-    canvas[...] = base.astype(np.float32)
-    canvas += shade[..., None]
-    return canvas, kind
-
-
-def _centre_range(position: str, size: int, margin: float):
-    """(y range, x range) of centres for objects placed in the named half of the image."""
-    lo, mid, hi = margin, size / 2, size - margin
-    whole = (lo, hi)
-    return {
-        "on the left": (whole, (lo, max(lo, mid - margin / 2))),
-        "on the right": (whole, (min(hi, mid + margin / 2), hi)),
-        "at the top": ((lo, max(lo, mid - margin / 2)), whole),
-        "at the bottom": ((min(hi, mid + margin / 2), hi), whole),
-    }[position]
-
-
-def _draw_shapes(canvas, rng, size, count, rgb, shape, position, yy, xx) -> None:
-    radius = size * (0.11 if count > 1 else 0.15) * rng.uniform(0.85, 1.15)
-    (y0, y1), (x0, x1) = _centre_range(position, size, radius + 1)
-    # Spread several objects along the half's long side so they overlap little.
-    long_axis_is_y = position in ("on the left", "on the right")
-    slots = (np.arange(count) + rng.uniform(0.2, 0.8, size=count)) / count
-    for k in range(count):
-        if long_axis_is_y:
-            cy, cx = y0 + slots[k] * (y1 - y0), rng.uniform(x0, x1)
-        else:
-            cy, cx = rng.uniform(y0, y1), x0 + slots[k] * (x1 - x0)
-        dy, dx = yy - cy, xx - cx
-        if shape == "circle":
-            mask = dy * dy + dx * dx <= radius * radius
-        elif shape == "square":
-            mask = (np.abs(dy) <= radius * 0.85) & (np.abs(dx) <= radius * 0.85)
-        elif shape == "triangle":  # pointing up
-            mask = (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
-        elif shape == "cross":
-            mask = ((np.abs(dy) <= radius * 0.3) & (np.abs(dx) <= radius)) | \
-                   ((np.abs(dx) <= radius * 0.3) & (np.abs(dy) <= radius))
-        elif shape == "diamond":
-            mask = np.abs(dy) + np.abs(dx) <= radius
-        else:  # bar: a horizontal rectangle
-            mask = (np.abs(dy) <= radius * 0.4) & (np.abs(dx) <= radius)
-        canvas[mask] = np.asarray(rgb, dtype=np.float32) + rng.uniform(-10, 10, size=3)
-
-
-def _draw_planted(canvas, rng, size, position, yy, xx, look: Style = STYLES["shapes"]) -> None:
-    """The style's planted pattern in a disc: a magenta/pink checkerboard (one-pixel squares), or a target
-    of concentric rings two pixels wide alternating the style's two colours."""
-    radius = size * rng.uniform(0.2, 0.26)
-    (y0, y1), (x0, x1) = _centre_range(position, size, radius * 0.8)
-    cy, cx = rng.uniform(y0, y1), rng.uniform(x0, x1)
-    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius
-    if look.pattern == "target":
-        checker = (np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) // 2 % 2).astype(bool)
-    else:
-        checker = ((yy.astype(np.int64) + xx.astype(np.int64)) % 2).astype(bool)
-    first, second = (np.asarray(c, dtype=np.float32) for c in look.planted_colours)
-    canvas[mask & checker] = first
-    canvas[mask & ~checker] = second
-
-
 def write_dataset(out_dir: str | os.PathLike, settings: ToySettings = ToySettings(),
                   progress: Optional[Callable[[int, int], None]] = None) -> Path:
     """Generate and write PNGs under out_dir/images/ and out_dir/captions.parquet; returns the parquet path.
+    The table's columns: CAPTION_COLUMNS, and in multi-concept mode one bool `planted_<concept>` per concept.
 
     A folder that already holds this exact dataset (same settings, see dataset.json) is reused as is."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
 
     out = Path(out_dir)
     parquet = out / "captions.parquet"
     manifest = out / "dataset.json"
     if parquet.is_file() and manifest.is_file():
         try:
-            if json.loads(manifest.read_text()) == asdict(settings):
+            if json.loads(manifest.read_text()) == settings.identity():
                 return parquet
         except (OSError, ValueError):
             pass
-    from ..storage.files import CACHE_OPTION, atomic_path, save_png, write_text
     data = generate_pairs(settings.n, settings.size, settings.planted_share, settings.seed, progress=progress,
-                          style=settings.style, caption_noise=settings.caption_noise)
+                          style=settings.style, caption_noise=settings.caption_noise, concepts=settings.concepts,
+                          intersection_share=settings.intersection_share, caption_words=settings.caption_words)
     rel_paths = []
     for i, pixels in enumerate(data.images):
         rel = f"images/{i:06d}.png"
@@ -340,8 +293,11 @@ def write_dataset(out_dir: str | os.PathLike, settings: ToySettings = ToySetting
     columns = {"image": rel_paths}
     for name in CAPTION_COLUMNS[1:]:
         columns[name] = [getattr(p, name) for p in data.pairs]
+    if settings.concepts == "multi":          # one truth column per planted concept
+        for concept in multi_concepts():
+            columns[truth_column(concept.name)] = [concept.name in p.concepts for p in data.pairs]
     table = pa.table(columns)
     with atomic_path(parquet, CACHE_OPTION) as tmp, open(tmp, "wb") as handle:
         pq.write_table(table, handle)
-    write_text(manifest, json.dumps(asdict(settings)), CACHE_OPTION)
+    write_text(manifest, json.dumps(settings.identity()), CACHE_OPTION)
     return parquet

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 DEFAULT_TOY_MODEL = "nl-toy-RN"
 
 
