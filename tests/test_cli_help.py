@@ -64,3 +64,16 @@ def test_option_sets_replace_their_parameter_in_place():
         flag=True)
     assert seen == dict(layer="y", model=ModelChoice("m", "none", None, "cpu"),
                         data=DatasetChoice("d", "img", "caption"), flag=True)
+
+
+def test_json_output_writes_nan_and_infinity_as_null(capsys):
+    import json
+
+    import numpy as np
+
+    from neurolens.cli.app import print_json
+    print_json({"a": float("nan"), "b": [np.float32("inf"), np.int64(3), 1.5], "c": np.array([np.nan, 2.0]),
+                "d": (True, None, "x")})
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out
+    assert json.loads(out) == {"a": None, "b": [None, 3, 1.5], "c": [None, 2.0], "d": [True, None, "x"]}
