@@ -170,7 +170,7 @@ def audit_captions(
     skipped and listed in `skipped`; a file without a TEXT column (any letter case) is an error naming the file; files
     without URL or NSFW are read as if those values were null and listed in `absent_columns`.
     `progress(done, 1000)` reports DuckDB's own progress estimate while the query runs."""
-    import duckdb
+    import duckdb  # lazy: the CLI imports this module at start-up; duckdb only when an audit runs
 
     search = parse_terms(list(terms))
     if not search:

@@ -6,6 +6,7 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
+from ..audit import captions as audit
 from ..errors import NeurolensError
 from ..storage.files import save_png
 from .app import app, command, print_json, progress_bar
@@ -51,7 +52,7 @@ def similarity_cmd(
 
     Example:  neurolens similarity --matrix --out outputs/similarity.png
     """
-    from ..audit import similarity as sim
+    from ..audit import similarity as sim  # lazy: keeps `neurolens --help` free of torch
 
     if not matrix:
         if images != "builtin" or captions:
@@ -137,7 +138,6 @@ def audit_captions_cmd(
 
     Example:  neurolens audit-captions 'laion400m/*.parquet' --term desi --term nun --term latina
     """
-    from ..audit import captions as audit
 
     with progress_bar("auditing captions", enabled=not as_json) as progress:
         result = audit.audit_captions(sources, term, nsfw_terms, memory_limit=memory_limit, threads=threads,

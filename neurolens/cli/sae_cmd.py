@@ -6,6 +6,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
+from ..records.keys import as_cache
+from ..records.sae import sae_folder
+from ..sae.registry import list_saes
 from .app import app, command, print_json, progress_bar
 from .options import (DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice, PrecisionOpt,
                       WorkersOpt, uses)
@@ -72,8 +75,8 @@ def train(
 
     Example:  neurolens sae train --layer image_block_4_5 --dataset photos/ --features 8x --k 32 --out nsfw8x
     """
-    from ..pipelines.sae import run_sae_train
-    from ..sae.train import SaeTrainSettings
+    from ..pipelines.sae import run_sae_train  # lazy: keeps `neurolens --help` free of torch
+    from ..sae.train import SaeTrainSettings  # lazy: keeps `neurolens --help` free of torch
     settings = SaeTrainSettings(features=features, k=k, epochs=epochs, batch_size=batch_size, lr=lr,
                                 held_out=held_out, seed=seed, sparsity=sparsity)
     clip = model.load(quiet=as_json)
@@ -124,11 +127,8 @@ def list_command(
 
     Example:  neurolens sae list --layer image_block_4_5
     """
-    from ..models.layers import resolve_layer
-    from ..records.keys import as_cache
-    from ..records.sae import sae_folder
-    from ..sae.io import read_config
-    from ..sae.registry import list_saes
+    from ..models.layers import resolve_layer  # lazy: keeps `neurolens --help` free of torch
+    from ..sae.io import read_config  # lazy: keeps `neurolens --help` free of torch
     clip = model.load(quiet=as_json)
     spec = resolve_layer(clip, layer)
     rows = []

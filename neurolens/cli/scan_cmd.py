@@ -1,6 +1,7 @@
 """neurolens scan, neurolens samples"""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import typer
@@ -61,7 +62,7 @@ def scan(
         result = _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json)
     else:
         engine.check_process_only()
-        from ..pipelines.scan import run_scan
+        from ..pipelines.scan import run_scan  # lazy: keeps `neurolens --help` free of torch
         clip = model.load(quiet=as_json)
         basis = open_basis(clip, layer, sae, cache)
         with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
@@ -80,8 +81,7 @@ def scan(
 
 
 def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json):
-    from dataclasses import replace
-    from ..pipelines.scan import run_ray_scan
+    from ..pipelines.scan import run_ray_scan  # lazy: keeps `neurolens --help` free of torch
     clip = replace(model, device="cpu").load(quiet=as_json)  # the driver only ships the weights to the actors
     with progress_bar(f"scan {layer} on Ray", enabled=not as_json) as progress:
         return run_ray_scan(clip, layer, data.dataset, top_k=top_k, cache=cache, force=force, precision=precision,
@@ -116,7 +116,7 @@ def samples(
 
     Example:  neurolens samples --layer image_block_4_5 --unit 1543 --dataset photos/
     """
-    from ..pipelines.samples import run_samples
+    from ..pipelines.samples import run_samples  # lazy: keeps `neurolens --help` free of torch
     clip = model.load(quiet=as_json)
     basis = open_basis(clip, layer, sae, cache)
     basis.check_unit(unit)

@@ -8,7 +8,9 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
+from ..errors import NeurolensError
 from ..models.names import DEFAULT_MODEL
+from ..storage.cache import Cache
 from .app import app, command, open_basis, print_json, progress_bar
 from .options import MODEL, CacheOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice, SaeOpt, TopKOpt, uses
 
@@ -47,10 +49,8 @@ def maps(
     Example:  neurolens maps --layer image_block_4_5 --sae rn8x
     Example:  neurolens maps --checkpoint toy.pt --layer image_block_4_0 --dataset pairs.parquet
     """
-    from ..errors import NeurolensError
-    from ..pipelines.scan import find_scan
-    from ..pipelines.topmaps import run_top_maps
-    from ..storage.cache import Cache
+    from ..pipelines.scan import find_scan  # lazy: keeps `neurolens --help` free of torch
+    from ..pipelines.topmaps import run_top_maps  # lazy: keeps `neurolens --help` free of torch
 
     clip = model.load(quiet=as_json)
     store = Cache(cache)
@@ -108,8 +108,7 @@ def serve(
     Example:  neurolens serve --checkpoint toy.pt --port 0 --no-reveal
     Example:  neurolens serve --layer image_block_4_5 --basis rn8x
     """
-    from ..serve.server import serve as run_server
-    from ..storage.cache import Cache
+    from ..serve.server import serve as run_server  # lazy: keeps `neurolens --help` free of torch
 
     clip = None
     if model.model or model.checkpoint:
@@ -139,8 +138,7 @@ def site(
     Example:  neurolens site --out site/ --layer image_block_4_5 --examples 32
     Example:  neurolens site --out site/ --layer image_block_4_5 --basis neurons --basis rn8x
     """
-    from ..serve.site import write_site
-    from ..storage.cache import Cache
+    from ..serve.site import write_site  # lazy: keeps `neurolens --help` free of torch
 
     with progress_bar("site", enabled=not as_json) as progress:
         result = write_site(Cache(cache), out, layers=layer or (), examples=examples, progress=progress,

@@ -6,6 +6,7 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
+from ..errors import NeurolensError
 from .app import app, command, open_basis, print_json, progress_bar
 from .options import DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice, SaeOpt, uses
 
@@ -46,13 +47,13 @@ def text(
 
     Example:  neurolens text --layer image_block_4_5 --unit 1543 --top-k 30
     """
-    from ..models.layers import resolve_layer
-    from ..pipelines.text import find_text, run_text, text_embeddings, unit_directions_cached
-    from ..text.vocab import load_vocab
+    from ..models.layers import resolve_layer  # lazy: keeps `neurolens --help` free of torch
+    from ..pipelines.text import (find_text, run_text, text_embeddings,  # lazy: keeps `neurolens --help` free of torch
+                                  unit_directions_cached)
+    from ..text.vocab import load_vocab  # lazy: keeps `neurolens --help` free of torch
 
     vocabulary = load_vocab(vocab)
     if top_k < 1:
-        from ..errors import NeurolensError
         raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
     clip = model.load(quiet=as_json)
     spec = resolve_layer(clip, layer)
@@ -61,7 +62,7 @@ def text(
         basis.check_unit(u)
     scan = None
     if data.dataset is not None:
-        from ..pipelines.scan import run_scan
+        from ..pipelines.scan import run_scan  # lazy: keeps `neurolens --help` free of torch
         with progress_bar(f"scan {spec.name}", enabled=not as_json) as progress:
             scan = run_scan(clip, spec.name, data.open(), cache=cache, progress=progress, basis=basis)
     ranking = None if force else find_text(clip, spec.name, vocabulary, top_k, scan, cache, basis=basis)

@@ -1,14 +1,19 @@
 """neurolens train-toy, neurolens demo"""
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typing_extensions import Annotated
 
+from ..errors import NeurolensError
+from ..storage.cache import default_cache_root
 from ..toy.settings import DEFAULT_TOY_MODEL, TrainSettings
 from .app import app, command, print_json
 from .options import CacheOpt, DeviceOpt, JsonOpt
@@ -22,8 +27,6 @@ def _stage_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     if not enabled:
         yield lambda stage, done, total: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as bars:
         tasks: dict = {}
@@ -61,12 +64,10 @@ def train_toy(
     Example:  neurolens train-toy --out toy.pt --epochs 10
     Example:  neurolens train-toy --dataset pairs.parquet --out mine.pt --caption-column text
     """
-    from ..errors import NeurolensError
-    from ..models.build import load_clip
-    from ..toy.store import toy_dataset
-    from ..storage.cache import default_cache_root
-    from ..toy.evaluate import zero_shot_accuracy
-    from ..toy.train import train_toy as train
+    from ..models.build import load_clip  # lazy: keeps `neurolens --help` free of torch
+    from ..toy.evaluate import zero_shot_accuracy  # lazy: keeps `neurolens --help` free of torch
+    from ..toy.store import toy_dataset  # lazy: keeps `neurolens --help` free of torch
+    from ..toy.train import train_toy as train  # lazy: keeps `neurolens --help` free of torch
 
     if epochs < 1 or batch_size < 2 or lr <= 0:
         raise NeurolensError("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
@@ -83,7 +84,6 @@ def train_toy(
     zero_shot = None
     manifest = Path(dataset).parent / "dataset.json"
     if manifest.is_file():   # a generated toy dataset: measure zero-shot accuracy on held-out pairs like it
-        import json
         made = json.loads(manifest.read_text())
         clip = load_clip(checkpoint=str(result.path), device="cpu")
         zero_shot = zero_shot_accuracy(clip, seed=int(made.get("seed", seed)), size=int(made.get("size", 64)),
@@ -120,7 +120,7 @@ def demo(
 
     Example:  neurolens demo --out outputs/demo
     """
-    from ..pipelines.demo import DemoSettings, run_demo
+    from ..pipelines.demo import DemoSettings, run_demo  # lazy: keeps `neurolens --help` free of torch
 
     settings = DemoSettings(seed=seed, device=device)
     with _stage_bars(not as_json) as progress:

@@ -55,7 +55,7 @@ def visualize(
 
     Example:  neurolens visualize --layer image_block_4_5 --unit 1543 --unit 244 --seed 0 --out outputs/
     """
-    from ..pipelines.visualize import run_visualize
+    from ..pipelines.visualize import run_visualize  # lazy: keeps `neurolens --help` free of torch
 
     chosen = dict(steps=steps, seeds=tuple(seed) if seed else None, lr=lr, diversity=diversity,
                   low_res_fraction=low_res_fraction, keep_best=keep_best)

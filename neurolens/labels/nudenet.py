@@ -43,7 +43,7 @@ def version() -> str:
 
 @lru_cache(maxsize=1)
 def _detector():
-    from nudenet import NudeDetector
+    from nudenet import NudeDetector  # lazy: optional dependency, loads an ONNX model
     return NudeDetector()
 
 

@@ -14,7 +14,7 @@ import torch
 
 def eval_transform(clip):
     """The model's own open_clip evaluation transform (what create_model_and_transforms returns)."""
-    import open_clip
+    import open_clip  # lazy: open_clip takes seconds to import
     cfg = open_clip.get_model_preprocess_cfg(clip.model)
     return open_clip.image_transform(
         cfg.get("size", clip.image_size), is_train=False, mean=clip.mean, std=clip.std,

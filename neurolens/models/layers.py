@@ -30,8 +30,8 @@ _MICROSCOPE_ADD = re.compile(r"^(image_block_\d+_\d+)_Add_\d+_0$")
 
 def _candidate_layers(model: torch.nn.Module) -> List[dict]:
     """Layers named by convention, without shapes yet."""
-    from open_clip.modified_resnet import ModifiedResNet
-    from open_clip.transformer import VisionTransformer
+    from open_clip.modified_resnet import ModifiedResNet  # lazy: open_clip takes seconds to import
+    from open_clip.transformer import VisionTransformer  # lazy: open_clip takes seconds to import
 
     visual = model.visual
     found: List[dict] = []

@@ -68,7 +68,7 @@ def recalibrate_batch_norms(model: torch.nn.Module) -> int:
     """Variance-preserving re-initialization of an open_clip model's image-tower BatchNorms (see the module
     docstring), at the model's input size and input normalization. Returns the number of BatchNorms
     re-initialized (0 for a tower without any, e.g. a ViT)."""
-    import open_clip
+    import open_clip  # lazy: open_clip takes seconds to import
 
     visual = model.visual
     norms = _batch_norms(visual)

@@ -61,8 +61,8 @@ class _PositionSwap:
 def any_input_size(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, `model.visual` accepts square or rectangular inputs of any size (see the module
     docstring). A tower without learned position embeddings is left untouched."""
-    from open_clip.modified_resnet import ModifiedResNet
-    from open_clip.transformer import VisionTransformer
+    from open_clip.modified_resnet import ModifiedResNet  # lazy: open_clip takes seconds to import
+    from open_clip.transformer import VisionTransformer  # lazy: open_clip takes seconds to import
 
     visual = model.visual
     handles, swaps = [], []

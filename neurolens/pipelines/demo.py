@@ -19,15 +19,29 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
 
+from ..datasets.open import open_dataset
+from ..labels.policy import BlurPolicy
+from ..models.build import load_clip
+from ..records.index import layer_id
 from ..records.keys import as_cache
+from ..serve.site import write_site
 from ..storage.cache import Cache
 from ..storage.files import WriteError, ensure_folder, write_text
 from ..toy.concepts import planted_words
+from ..toy.evaluate import flag_quality
 from ..toy.generate import ToySettings
 from ..toy.settings import TrainSettings
 from ..toy.store import toy_dataset, toy_model
 from ..types import RenderSettings
+from .figures import run_figure, run_grid
+from .scan import run_scan
+from .sweep import run_sweep
+from .text import run_text
+from .topmaps import run_top_maps
+from .visualize import run_visualize
 
 StageProgress = Optional[Callable[[str, int, int], None]]
 STAGES = ("data", "train", "scan", "text", "sweep", "visualize", "figure", "grid", "maps", "site", "index")
@@ -151,15 +165,12 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         path = toy_dataset(cache.root, settings=settings.data_settings(), progress=stage_progress("data"))
         report.dataset = str(path)
         state["vocab"] = f"{path}:caption" if settings.vocab == "captions" else settings.vocab
-        from ..datasets.open import open_dataset
         state["dataset"] = open_dataset(str(path))
-        import pyarrow.parquet as pq
         state["planted"] = np.asarray(pq.read_table(path, columns=["planted"]).column("planted").to_pylist(), bool)
         stage.detail = f"{len(state['dataset'])} pairs, {int(state['planted'].sum())} planted"
         stage.outputs.append(str(path))
 
     def train(stage: Stage) -> None:
-        from ..models.build import load_clip
         checkpoint, summary, trained = toy_model(cache.root, Path(report.dataset), settings.data_settings(),
                                                  settings.train_settings(), retrain, stage_progress("train"),
                                                  stage_progress("load images"))
@@ -171,20 +182,16 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         stage.outputs.append(str(checkpoint))
 
     def scan(stage: Stage) -> None:
-        from .scan import run_scan
         state["scan"] = run_scan(state["clip"], settings.layer, state["dataset"], top_k=settings.top_k, cache=cache,
                                  embeddings=True, progress=stage_progress("scan"))
         stage.detail = f"{settings.layer}: {state['scan'].channels} units over {state['scan'].count} images"
 
     def text(stage: Stage) -> None:
-        from .text import run_text
         state["text"] = run_text(state["clip"], settings.layer, vocab=state["vocab"], top_k=settings.text_top_k,
                                  scan=state["scan"], cache=cache, progress=stage_progress("text"))
         stage.detail = f"vocabulary {settings.vocab}: {len(state['text'].entries)} entries"
 
     def sweep(stage: Stage) -> None:
-        from ..toy.evaluate import flag_quality
-        from .sweep import run_sweep
         result = run_sweep(state["clip"], settings.layer, state["dataset"], vocab=state["vocab"],
                            top_k=settings.top_k, text_top_k=settings.text_top_k, cache=cache,
                            progress=stage_progress("sweep"), out=out / "sweep", labels=list(settings.labels),
@@ -206,10 +213,7 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         return units[:count]
 
     def visualize(stage: Stage) -> None:
-        from PIL import Image
 
-        from ..labels.policy import BlurPolicy
-        from .visualize import run_visualize
         units = chosen_units(settings.visualize_units)
         policy = BlurPolicy.for_layer(state["clip"], settings.layer, cache, flagged=state["sweep"].flagged_units)
         results = run_visualize(state["clip"], settings.layer, units, settings.render, cache=cache,
@@ -224,7 +228,6 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
                                  for r in results)
 
     def figure(stage: Stage) -> None:
-        from .figures import run_figure
         written = run_figure(state["clip"], settings.layer, chosen_units(settings.figure_units), state["dataset"], vocab=state["vocab"],
                              top_k=settings.top_k, text_top_k=settings.text_top_k, out=out / "figures",
                              render_settings=settings.render, cache=cache, progress=stage_progress("figure"),
@@ -238,7 +241,6 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
         stage.detail = f"{len(written)} unit panels, {sum(f.blurred for _, f in written)} tiles blurred"
 
     def grid(stage: Stage) -> None:
-        from .figures import run_grid
         flagged = bool(state["sweep"].flagged_units)
         path, fig, units = run_grid(state["clip"], settings.layer, flagged=flagged, top=settings.grid_units,
                                     dataset=state["dataset"], vocab=state["vocab"], top_k=settings.top_k,
@@ -266,7 +268,6 @@ def run_demo(out: str | Path = "outputs/demo", settings: DemoSettings = DemoSett
 
 
 def _top_maps(state: dict, settings: DemoSettings, cache: Cache, stage: Stage, progress) -> None:
-    from .topmaps import run_top_maps
     result = run_top_maps(state["clip"], settings.layer, scan=state["scan"], dataset=state["dataset"], cache=cache,
                           progress=progress)
     stage.detail = f"activation maps of the top {settings.top_k} images of every unit ({result.images} images)"
@@ -274,8 +275,6 @@ def _top_maps(state: dict, settings: DemoSettings, cache: Cache, stage: Stage, p
 
 def _site(state: dict, settings: DemoSettings, cache: Cache, out: Path, stage: Stage, progress) -> None:
     """The static site of the inspected layer (blurred images only): OUT/site/index.html."""
-    from ..records.index import layer_id
-    from ..serve.site import write_site
     result = write_site(cache, out / "site", layers=[layer_id(state["clip"].fingerprint, settings.layer)],
                         examples=settings.site_examples, progress=progress)
     stage.detail = f"{result.pages} pages, {result.images} blurred images{' (up to date)' if result.cached else ''}"

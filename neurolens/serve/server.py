@@ -92,7 +92,7 @@ def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, toke
           bases: Sequence[str] = (), announce: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
     """Serve the cache until interrupted. Prints `serving <url>` once connections are accepted."""
     try:
-        import uvicorn
+        import uvicorn  # lazy: optional dependency (the web stack), only when a server starts
 
     except ImportError as exc:
         raise NeurolensError(f"neurolens serve needs {exc.name}: pip install 'neurolens[serve]' "

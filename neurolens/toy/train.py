@@ -64,7 +64,7 @@ def _threads(count: int):
 
 def model_config(name: str) -> Dict:
     """The open_clip config (a dict) of a model name, bundled configs included."""
-    import open_clip
+    import open_clip  # lazy: open_clip takes seconds to import
     register_bundled_configs()
     config = open_clip.get_model_config(name)
     if config is None:
@@ -74,7 +74,7 @@ def model_config(name: str) -> Dict:
 
 def build_model(name: str, seed: int) -> torch.nn.Module:
     """A randomly initialized open_clip model (open_clip's own init, seeded)."""
-    import open_clip
+    import open_clip  # lazy: open_clip takes seconds to import
     model_config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -94,7 +94,7 @@ def encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch
 
 def tokenize(model_name: str, captions: Sequence[str]) -> torch.Tensor:
     """(N, L) token ids, L = the longest caption's length (end-of-text token included)."""
-    import open_clip
+    import open_clip  # lazy: open_clip takes seconds to import
     tokens = open_clip.get_tokenizer(model_name)(list(captions))
     length = int((tokens != 0).sum(dim=1).max().item())
     return tokens[:, :max(2, length)].contiguous()
@@ -137,7 +137,7 @@ def train_clip(images: np.ndarray, captions: Sequence[str], settings: TrainSetti
     """Train settings.model on (images uint8 (N,S,S,3), captions); returns the model (eval mode) and losses.
 
     max_steps stops early (the schedule is still planned for all epochs); tests use it."""
-    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # lazy: open_clip takes seconds to import
     if len(images) != len(captions):
         raise NeurolensError(f"{len(images)} images but {len(captions)} captions")
     with _threads(settings.threads):
