@@ -353,7 +353,7 @@ def test_no_ray_needed_for_the_single_process_scan(tmp_path):
     script = f"""
 import sys
 sys.modules["ray"] = None
-from neurolens.models import load_clip
+from neurolens.models.build import load_clip
 from neurolens.pipelines.scan import run_scan, run_ray_scan
 from neurolens.errors import NeurolensError
 clip = load_clip("nl-tiny-RN", "none", device="cpu")
