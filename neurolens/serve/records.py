@@ -27,6 +27,7 @@ import numpy as np
 
 from ..records.keys import NEURONS
 from ..records.maps import top_maps_path
+from ..records.sae import saved_names
 from ..storage.cache import Cache, _safe_segment, read_attrs, written_at
 
 # kinds of records that a layer page can show; the layer exists in the app when any of them is cached
@@ -216,22 +217,27 @@ class TrainedSae:
     features: Optional[int]
     k: Optional[int]
     quality: Optional[dict]
+    unreadable: Optional[str] = None       # why its cfg.json is not usable (listed so, never a 500)
 
 
 def trained_saes(cache: Cache, fingerprint16: str, layer: str) -> List[TrainedSae]:
-    """The SAEs `neurolens sae train` saved for this weights and layer, from their cfg.json (no weights read)."""
+    """The SAEs `neurolens sae train` saved for this weights and layer, from their cfg.json (no weights read,
+    every value checked by neurolens.sae.io.check_config; a bad one is listed with its reason)."""
+    from ..errors import NeurolensError
+    from ..sae.io import read_config  # lazy: sae.io imports torch, which `site` and the pages need only for SAEs
     folder = cache.folder(SAE_KIND, fingerprint16, layer)
     if not folder.is_dir():
         return []
     found = []
-    for path in sorted(folder.iterdir()):
-        config = _read_json(path / "cfg.json") if path.is_dir() and (path / "sae_weights.safetensors").is_file() \
-            else None
-        if config is None:
+    for name in saved_names(cache, fingerprint16, layer):
+        try:
+            config = read_config(folder / name)
+        except NeurolensError as exc:
+            found.append(TrainedSae(name, None, None, None, unreadable=str(exc)))
             continue
         info = (config.get("metadata") or {}).get("neurolens") or {}
-        found.append(TrainedSae(path.name, _int_or_none(config.get("d_sae")), _int_or_none(config.get("k")),
-                                info.get("quality") if isinstance(info.get("quality"), dict) else None))
+        found.append(TrainedSae(name, _int_or_none(config.get("d_sae")), _int_or_none(config.get("k")),
+                                info.get("quality")))
     return found
 
 
@@ -280,15 +286,6 @@ def sae_decoder(cache: Cache, entry: LayerEntry) -> Optional[np.ndarray]:
 def _strongest(weights: np.ndarray, count: int) -> List[dict]:
     order = np.argsort(-np.abs(weights), kind="stable")[:count]
     return [{"unit": int(u), "weight": float(weights[u])} for u in order if weights[u] != 0]
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    import json
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _int_or_none(value) -> Optional[int]:
