@@ -124,6 +124,7 @@ def list_command(
 
     Example:  neurolens sae list --layer image_block_4_5
     """
+    from ..errors import NeurolensError
     from ..models import resolve_layer
     from ..records.keys import as_cache
     from ..records.sae import sae_folder
@@ -134,7 +135,11 @@ def list_command(
     rows = []
     for name in list_saes(clip, spec.name, cache):
         folder = sae_folder(as_cache(cache), clip.fingerprint, spec.name, name)
-        cfg = read_config(folder)
+        try:
+            cfg = read_config(folder)
+        except NeurolensError as exc:        # listed as unreadable, with the reason; the others still listed
+            rows.append({"name": name, "path": str(folder), "unreadable": str(exc)})
+            continue
         info = (cfg.get("metadata") or {}).get("neurolens") or {}
         quality = info.get("quality") or {}
         rows.append({"name": name, "path": str(folder), "features": cfg.get("d_sae"), "k": cfg.get("k"),
@@ -148,6 +153,9 @@ def list_command(
                    f"`neurolens sae train --layer {spec.name} --dataset ...`")
         return
     for row in rows:
+        if "unreadable" in row:
+            typer.echo(f"{row['name']}: unreadable: {row['unreadable']}")
+            continue
         typer.echo(f"{row['name']}: {row['features']} features, k={row['k']}, explained variance "
                    f"{_number(row['explained_variance'])}, dead {_percent(row['dead_share'])}, embedding cosine "
                    f"{_number(row['embedding_cosine'])}  ({row['path']})")

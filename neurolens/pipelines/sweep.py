@@ -463,13 +463,12 @@ def write_flags_csv(result: SweepResult, path: Path, texts: int = 3) -> Path:
     """One row per unit, ranked by AUC, after '#' comment lines naming the label sources and the rule (skip
     lines starting with '#' to read it, e.g. pandas.read_csv(path, skiprows=<their count>)). Written
     atomically; every cell goes through neurolens.storage.files.csv_cell (no spreadsheet formula can run)."""
-    import csv
     import io
-    from ..storage.files import csv_cell, write_text
+    from ..storage.files import CsvWriter, csv_cell, write_text
     buffer = io.StringIO(newline="")
     for line in flags_header(result):
         buffer.write(line + "\n")
-    writer = csv.writer(buffer)
+    writer = CsvWriter(buffer)
     writer.writerow(FLAGS_COLUMNS)
     for rank, row in enumerate(result.ranking(), start=1):
         top = " | ".join(t for t, _, _ in result.top_texts(row["unit"], texts))

@@ -5,7 +5,8 @@ layout (neurolens.sae.io writes and reads the files, weights first):
     sae/<fp>/<layer>/<name>/sae_weights.safetensors   W_enc, b_enc, W_dec, b_dec
 
 <fp> is the weights fingerprint's first 16 hex digits; <name> is what `--sae NAME` names. A folder counts
-as a saved SAE only when both files are there.
+as a saved SAE only when both files are there and its name is a usable name (hidden `.<name>.<tag>.tmp`
+folders are an SAE being written: neurolens.sae.io swaps them in whole).
 """
 from __future__ import annotations
 
@@ -47,4 +48,5 @@ def saved_names(cache: Cache, fingerprint: str, layer: str) -> List[str]:
     folder = layer_folder(cache, fingerprint, layer)
     if not folder.is_dir():
         return []
-    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and is_complete(entry))
+    return sorted(entry.name for entry in folder.iterdir()
+                  if NAME_PATTERN.match(entry.name) and entry.is_dir() and is_complete(entry))   # no staging folder

@@ -4,8 +4,10 @@ neurolens writes SAELens's layout (v6):
     <folder>/cfg.json                  architecture, d_in, d_sae, k, dtype, apply_b_dec_to_input,
                                        normalize_activations, metadata (model, layer, training, quality)
     <folder>/sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
-Both files are written to temporary names and renamed into place, weights first, so a folder with a cfg.json
-always has the weights that belong to it.
+Both files are written (fsync'ed) into a hidden staging folder beside the target, which then takes the target's
+place in one rename (Linux: renameat2 RENAME_EXCHANGE; elsewhere the old folder is renamed aside first, so for
+an instant there is no SAE there), so a crash or kill never pairs new weights with an old cfg.json. A full disk
+is one line naming the file (neurolens.storage.files).
 
 It reads:
   - SAELens folders, v6 configs (architecture + k at the top level) and older ones (activation_fn_str "topk"
@@ -16,13 +18,19 @@ It reads:
     ({"cfg": ..., "state_dict": ...}); those are read with torch's weights_only loader, the config object
     rebuilt as an inert attribute holder (it is never used: config.json is).
 A path may name the folder or the weights file in it. Shapes come from the tensors and must agree with the
-config; anything unreadable is one NeurolensError line.
+config; anything unreadable is one NeurolensError line. Configs come from strangers too: `check_config` checks
+every field neurolens uses (types; d_in, d_sae, k, expansion_factor finite positive integers within sane sizes;
+metadata and its quality report objects of numbers) and names the first bad one in that line.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import math
 import os
 import re
+import shutil
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -34,11 +42,15 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import NeurolensError
 from ..records.sae import CFG_NAME, WEIGHTS_NAME
+from ..storage import files
 from .model import SaeConfig, SparseAutoencoder
 
 PRISMA_CFG_NAME = "config.json"
 SAELENS_FORMAT_VERSION = "6.0.0"   # the cfg.json layout written (SAELens reads metadata.sae_lens_version)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_CONFIG_BYTES = 16 * 2 ** 20    # a cfg.json is a few KB; a larger one is not read
+# sane sizes: the widest CLIP layer has 8192 channels, the largest published SAEs about 16M features
+MAX_SIZES = {"d_in": 2 ** 20, "d_sae": 2 ** 27, "k": 2 ** 27, "expansion_factor": 2 ** 16}
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -46,10 +58,6 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
     """Write `sae` to `folder` in SAELens's layout; returns the folder. metadata is merged into cfg.json's."""
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NeurolensError(f"cannot create the SAE folder {folder} ({exc.strerror}); pass --cache PATH") from None
     tensors = {name: t.cpu() for name, t in sae.state_tensors().items()}
     dtype = str(tensors["W_enc"].dtype).replace("torch.", "")
     config = sae.config
@@ -64,19 +72,52 @@ def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, metadata: Option
     if config.architecture == "topk":
         cfg["k"] = int(config.k)
         cfg["rescale_acts_by_decoder_norm"] = False
-    tag = uuid.uuid4().hex[:8]
-    weights_tmp, cfg_tmp = folder / f".{WEIGHTS_NAME}.{tag}.tmp", folder / f".{CFG_NAME}.{tag}.tmp"
-    try:
-        save_file(tensors, str(weights_tmp))
-        cfg_tmp.write_text(json.dumps(cfg, indent=2, default=_jsonable))
-        os.replace(weights_tmp, folder / WEIGHTS_NAME)
-        os.replace(cfg_tmp, folder / CFG_NAME)
-    finally:
-        for tmp in (weights_tmp, cfg_tmp):
-            if tmp.exists():
-                tmp.unlink()
+    _write_folder(folder, tensors, cfg)
     sae.config = SaeConfig(**{**_config_fields(sae.config), "metadata": meta})
     return folder
+
+
+def _write_folder(folder: Path, tensors: Dict[str, torch.Tensor], cfg: dict) -> None:
+    """Both files into a staging folder (fsync'ed), which then replaces `folder` (module docstring); other files
+    the old folder held (a training checkpoint) are moved into the new one."""
+    folder = folder.resolve() if folder.is_symlink() else folder
+    staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    files.ensure_folder(staging, None)
+    try:
+        with files.atomic_path(staging / WEIGHTS_NAME, None) as tmp:
+            save_file(tensors, str(tmp))
+        files.write_text(staging / CFG_NAME, json.dumps(cfg, indent=2, default=_jsonable), None)
+        if not folder.exists():
+            os.rename(staging, folder)
+        else:
+            if not _exchange(staging, folder):
+                aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
+                os.rename(folder, aside)
+                os.rename(staging, folder)
+                os.rename(aside, staging)
+            for entry in staging.iterdir():       # the old folder, now at the staging name
+                if entry.name not in (CFG_NAME, WEIGHTS_NAME) and not (folder / entry.name).exists():
+                    os.rename(entry, folder / entry.name)
+        files.fsync_folder(folder.parent)
+    except OSError as exc:
+        raise files.write_error(folder, exc, None) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    number = ctypes.get_errno()
+    if number in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(number, os.strerror(number), str(b))
 
 
 def _config_fields(config: SaeConfig) -> dict:
@@ -123,12 +164,7 @@ def find_files(path: str | os.PathLike) -> Tuple[Path, Path, str]:
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """An SAE from a SAELens or Prisma folder (or the weights file in it), in float32 on `device`."""
     cfg_path, weights_path, layout = find_files(path)
-    try:
-        raw_cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise NeurolensError(f"cannot read the SAE config {cfg_path} ({exc}); it must be a JSON object") from None
-    if not isinstance(raw_cfg, dict):
-        raise NeurolensError(f"the SAE config {cfg_path} is not a JSON object")
+    raw_cfg = _read_json(cfg_path)
     tensors = read_tensors(weights_path)
     config = parse_config(raw_cfg, tensors, str(cfg_path), layout)
     sae = SparseAutoencoder(config)
@@ -185,8 +221,66 @@ def _torch_load(path: Path):
                          f"classes; save its state dict alone (torch.save(sae.state_dict(), path))")
 
 
+def _read_json(cfg_path: Path) -> dict:
+    """A config file's JSON object, checked (check_config), or one NeurolensError line."""
+    try:
+        if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise NeurolensError(f"the SAE config {cfg_path} is over {MAX_CONFIG_BYTES // 2 ** 20} MB; a cfg.json "
+                                 f"is a few KB: check the file")
+        raw_cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise NeurolensError(f"cannot read the SAE config {cfg_path} ({exc}); it must be a JSON object") from None
+    return check_config(raw_cfg, str(cfg_path))
+
+
+def check_config(cfg: Any, source: str) -> dict:
+    """`cfg` as read from an SAE's cfg.json / config.json, with every field neurolens uses checked, or a
+    NeurolensError naming the first bad one (module docstring)."""
+    def bad(field: str, value: Any, wanted: str) -> NeurolensError:
+        shown = json.dumps(value, default=str)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return NeurolensError(f"the SAE config {source} is not usable: {field} is {shown}, expected {wanted}; fix "
+                              f"the file or replace the SAE")
+    if not isinstance(cfg, dict):
+        raise bad("the file", cfg, "a JSON object")
+    kwargs = cfg.get("activation_fn_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise bad("activation_fn_kwargs", kwargs, "an object")
+    sizes = [(name, cfg.get(name)) for name in MAX_SIZES] + [("activation_fn_kwargs.k", (kwargs or {}).get("k"))]
+    for name, value in sizes:
+        limit = MAX_SIZES[name.rpartition(".")[2]]
+        if value is None:
+            continue
+        integral = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value == int(value))
+        if isinstance(value, bool) or not integral or not 1 <= value <= limit:
+            raise bad(name, value, f"a whole number from 1 to {limit}")
+    for name in ("architecture", "activation_fn", "activation_fn_str", "dtype", "model_name", "hook_name",
+                 "hook_point"):
+        if cfg.get(name) is not None and not isinstance(cfg[name], str):
+            raise bad(name, cfg[name], "a string")
+    if not isinstance(cfg.get("normalize_activations"), (str, bool, type(None))):
+        raise bad("normalize_activations", cfg["normalize_activations"], "a string")
+    if not isinstance(cfg.get("apply_b_dec_to_input", True), (bool, int)) or \
+            isinstance(cfg.get("apply_b_dec_to_input"), float):
+        raise bad("apply_b_dec_to_input", cfg["apply_b_dec_to_input"], "true or false")
+    metadata = cfg.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise bad("metadata", metadata, "an object")
+    ours = (metadata or {}).get("neurolens")
+    if ours is not None and not isinstance(ours, dict):
+        raise bad("metadata.neurolens", ours, "an object")
+    quality = (ours or {}).get("quality")
+    if quality is not None and not isinstance(quality, dict):
+        raise bad("metadata.neurolens.quality", quality, "an object")
+    for name, value in (quality or {}).items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad(f"metadata.neurolens.quality.{name}", value, "a number")
+    return cfg
+
+
 def parse_config(cfg: dict, tensors: Dict[str, torch.Tensor], source: str, layout: str = "saelens") -> SaeConfig:
     """A SaeConfig from an SAELens (any version) or Prisma config dict; shapes come from the tensors."""
+    cfg = check_config(cfg, source)
     if "W_enc" not in tensors or tensors["W_enc"].dim() != 2:
         raise NeurolensError(f"the SAE weights next to {source} have no 2-D W_enc tensor")
     d_in, d_sae = (int(n) for n in tensors["W_enc"].shape)
@@ -230,9 +324,7 @@ def parse_config(cfg: dict, tensors: Dict[str, torch.Tensor], source: str, layou
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    """The raw cfg.json / config.json of an SAE folder (for listings), without the weights."""
+    """The cfg.json / config.json of an SAE folder (for listings), without the weights, checked (check_config);
+    NeurolensError (one line) when it is missing, unreadable or not usable."""
     cfg_path, _, _ = find_files(path)
-    try:
-        return json.loads(cfg_path.read_text())
-    except (OSError, ValueError):
-        return {}
+    return _read_json(cfg_path)
