@@ -8,21 +8,40 @@ One HDF5 file each (<fp> is the weights fingerprint's first 16 hex digits):
                                             a Ray scan's shard chunks are <key>-s<first> (maxima float16)
   scan-checkpoint/<fp>/<layer>/<key>.h5     while a scan runs: statistics state (state/*), the next index to
                                             scan, the batch size and the chunks written so far per basis
+  scan-checkpoint/<fp>/<layer>/<key>.lock  the lock of the one process that may write this key's records
+                                            (`key_lock`; an empty file holding the writer's process id)
 The key hashes the dataset identity, the preprocessing (input size, mean/std), precision, top-k and whether
 embeddings were kept, and for a basis other than the neurons (SAE features, neurolens.sae.basis) its id. A
 feature record's mean_map is the layer's (neuron-space) mean activation map. Everything here reads without a
 model: a record's attrs hold its layer and fingerprint, so `result_from_record` needs only the cache.
+
+One writer per key: a scan computes (writes chunks, checkpoints, the record, and removes stale chunks of its
+key) only while it holds `key_lock` on its keys, an exclusive fcntl.flock on the `.lock` file beside the
+checkpoint. A second scan of the same key waits for it (wait=True, `scan --wait`) or stops with one line (exit
+2); either way it never deletes the first one's files. The kernel releases a flock when its process ends, even
+by kill -9, so a killed run's lock is recovered by the next run with nothing to clean up (the lock file stays;
+it is not a record). Reading a finished record takes no lock, so read-only caches stay readable. Where flock
+does not exist (Windows) no lock is taken.
 """
 from __future__ import annotations
 
+import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from ..errors import NeurolensError
 from ..storage.cache import Cache, Record, read_attrs, settings_key
+from ..storage.files import CACHE_OPTION, ensure_folder, write_error
+
+try:
+    import fcntl
+except ImportError:          # Windows: no flock, no lock (module docstring)
+    fcntl = None
 from .keys import NEURONS, as_basis, basis_id, basis_parts
 
 KIND = "scan"
@@ -326,3 +345,79 @@ def remove_stale_chunks(cache: Cache, fingerprint: str, layer: str, key: str, ke
         ours = name.startswith(f"{key}-") or name.startswith(f".{key}-")
         if ours and name not in wanted:
             entry.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- one writer per key
+
+class ScanBusy(NeurolensError):
+    """Another process holds the lock of a scan key (module docstring)."""
+
+
+_held: Dict[tuple, list] = {}          # (lock path, thread) -> [file descriptor, depth]: re-entrant per thread
+_held_guard = threading.Lock()
+
+
+def lock_path(cache: Cache, fingerprint: str, layer: str, key: str) -> Path:
+    return checkpoint_path(cache, fingerprint, layer, key).with_suffix(".lock")
+
+
+@contextmanager
+def key_lock(cache: Cache, fingerprint: str, layer: str, keys: Sequence[str], wait: bool = False) -> Iterator[None]:
+    """Hold the write lock of every key in `keys` (module docstring), in a fixed order. wait=False: raise
+    ScanBusy (one line) when another process (or thread) holds one; wait=True: block until it is released.
+    Re-entrant within a thread."""
+    taken: List[str] = []
+    try:
+        for path in sorted({str(lock_path(cache, fingerprint, layer, key)) for key in keys}):
+            _acquire(Path(path), wait)
+            taken.append(path)
+        yield
+    finally:
+        for path in reversed(taken):
+            _release(path)
+
+
+def _acquire(path: Path, wait: bool) -> None:
+    mine = (str(path), threading.get_ident())
+    with _held_guard:
+        if mine in _held:
+            _held[mine][1] += 1
+            return
+    if fcntl is None:
+        fd = -1
+    else:
+        ensure_folder(path.parent, CACHE_OPTION)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise write_error(path, exc, CACHE_OPTION) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                    raise ScanBusy(f"another scan of this layer, dataset and settings is running"
+                                   f"{f' (process {owner})' if owner.isdigit() else ''} and writes the same cache "
+                                   f"records (lock {path}); pass --wait to wait for it, or run this command again "
+                                   f"when it has finished (it then reads the finished scan)") from None
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+    with _held_guard:
+        _held[mine] = [fd, 1]
+
+
+def _release(path: str) -> None:
+    mine = (path, threading.get_ident())
+    with _held_guard:
+        entry = _held[mine]
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _held[mine]
+    if entry[0] >= 0:
+        os.close(entry[0])          # closing the descriptor releases the flock
