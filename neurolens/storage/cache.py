@@ -11,9 +11,10 @@ Layout (under the cache root, default outputs/cache or $NEUROLENS_CACHE):
 
 A record from someone else's cache is data, never a pointer (`open_record`, docs/security.md): a file that is
 not a regular file (a symbolic link, a FIFO, a device), a dataset stored in another file (HDF5 external storage),
-a virtual dataset, an external or user-defined link, and a record whose datasets declare more than
-MAX_RECORD_BYTES (default 8 GiB in all, $NEUROLENS_MAX_RECORD_BYTES) are refused before any data is read. A
-refused record reads as missing (one warning line on stderr names it, once per process).
+a virtual dataset, an external or user-defined link, a dataset declaring more than MAX_EXPANSION times the
+bytes it stores, and a record whose datasets declare more than MAX_RECORD_BYTES (default 8 GiB in all,
+$NEUROLENS_MAX_RECORD_BYTES) are refused before any data is read. A refused record reads as missing (one warning
+line on stderr names it, once per process).
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ DEFAULT_CACHE = Path("outputs") / "cache"
 # 210 MB, a 500k-entry vocabulary's embeddings 2 GB) and far below what would exhaust a machine's memory.
 MAX_RECORD_BYTES = 8 * 2 ** 30
 MAX_RECORD_BYTES_ENV = "NEUROLENS_MAX_RECORD_BYTES"
+# Deflate (gzip, the only filter neurolens writes with) expands data at most 1032-fold, so a dataset declaring
+# more than this many times the bytes it stores (and over 1 MiB) was not written by neurolens: a small forged
+# file cannot make a reader allocate gigabytes, whatever the limit above is set to.
+MAX_EXPANSION = 1100
 
 
 def default_cache_root() -> Path:
@@ -258,6 +263,10 @@ def _hostile(handle: h5py.File, limit: int) -> Optional[str]:
             if plist.get_external_count() > 0:
                 return f"{where} keeps its data in an external file"
             size = int(np.prod([int(n) for n in (item.shape or ())], dtype=object)) * int(item.dtype.itemsize)
+            stored = int(item.id.get_storage_size())
+            if size > 2 ** 20 and size > MAX_EXPANSION * stored:
+                return (f"{where} declares {describe(size)} but stores {describe(stored)}, more than compression "
+                        f"can expand (a forged size)")
             declared += size
             if declared > limit:
                 return (f"its datasets declare {describe(declared)}, over the {describe(limit)} limit (set "
