@@ -13,16 +13,18 @@ moves this kind of output elsewhere (`--cache` for cache records, `--out` for ou
 
 CSV cells are escaped against spreadsheet formula injection (`csv_cell`, `csv_line`): a text cell that starts
 with = + - @, a tab or a carriage return (after any spaces) gets a leading apostrophe, so a spreadsheet shows it
-as text instead of running it; and a text cell holding a separator a spreadsheet may split on (`,` `;` tab `|`),
-a quote, a line break or a formula character ANYWHERE is quoted, so that `cat;=1+1` stays one cell (starting
-with `c`) in a spreadsheet that splits on `;`. Numbers that neurolens writes (int, float, numpy scalars) are
-written as numbers.
+as text instead of running it. A spreadsheet may split the file on another separator than the comma (`;` in many
+locales, tab, `|`), and then a quote in the middle of a line does not start a quoted field: so inside a cell,
+a formula character right after such a separator or a line break (spaces between) gets an apostrophe too
+(`cat;=1+1` is written `cat;'=1+1`), and a text cell holding a separator, a quote, a line break or a formula
+character anywhere is quoted. Numbers that neurolens writes (int, float, numpy scalars) are written as numbers.
 """
 from __future__ import annotations
 
 import errno
 import io
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +39,8 @@ CACHE_OPTION = "--cache"
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 # A text cell holding any of these is quoted: separators some locales split on, quotes, line breaks, formulas.
 CSV_QUOTE_CHARACTERS = frozenset(",;\t|\"\r\n=+-@")
+# A formula character after a separator or line break inside a cell (spaces between) gets an apostrophe.
+_FORMULA_AFTER_SEPARATOR = re.compile(r"([,;\t|\r\n] *)(?=[=+\-@])")
 
 _WHAT_WENT_WRONG = {
     errno.ENOSPC: "no space left on the device",
@@ -140,7 +144,7 @@ def save_png(image, path: str | os.PathLike, option: Optional[str] = OUT_OPTION,
 
 def csv_cell(value: Any) -> Any:
     """One CSV cell, safe to open in a spreadsheet (module docstring): None -> '', numbers as numbers, text
-    starting with a formula character gets a leading apostrophe."""
+    starting with a formula character gets a leading apostrophe, and so does one after a separator inside it."""
     if value is None:
         return ""
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):   # numpy scalars
@@ -149,7 +153,7 @@ def csv_cell(value: Any) -> Any:
         return int(value)
     if isinstance(value, (int, float)):
         return value
-    text = str(value)
+    text = _FORMULA_AFTER_SEPARATOR.sub(r"\1'", str(value))
     return "'" + text if text.lstrip(" ").startswith(FORMULA_PREFIXES) else text
 
 
