@@ -16,12 +16,14 @@ feature record's mean_map is the layer's (neuron-space) mean activation map. Eve
 model: a record's attrs hold its layer and fingerprint, so `result_from_record` needs only the cache.
 
 One writer per key: a scan computes (writes chunks, checkpoints, the record, and removes stale chunks of its
-key) only while it holds `key_lock` on its keys, an exclusive fcntl.flock on the `.lock` file beside the
-checkpoint. A second scan of the same key waits for it (wait=True, `scan --wait`) or stops with one line (exit
-2); either way it never deletes the first one's files. The kernel releases a flock when its process ends, even
-by kill -9, so a killed run's lock is recovered by the next run with nothing to clean up (the lock file stays;
-it is not a record). Reading a finished record takes no lock, so read-only caches stay readable. Where flock
-does not exist (Windows) no lock is taken.
+key) only while it holds `key_lock` on its keys, an exclusive POSIX lock (fcntl.lockf) on the `.lock` file
+beside the checkpoint. A second scan of the same key waits for it (wait=True, `scan --wait`) or stops with one
+line (exit 2); either way it never deletes the first one's files. The kernel releases the lock when its process
+ends, even by kill -9, so a killed run's lock is recovered by the next run with nothing to clean up (the lock
+file stays; it is not a record). A POSIX lock, not flock: a flock is shared with forked children (DataLoader
+workers), which would keep a killed scan's key locked until they noticed; a POSIX lock belongs to the process
+alone. Threads of one process are kept apart by a lock per path. Reading a finished record takes no lock, so
+read-only caches stay readable. Where fcntl does not exist (Windows) only threads are kept apart.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from ..storage.files import CACHE_OPTION, ensure_folder, write_error
 
 try:
     import fcntl
-except ImportError:          # Windows: no flock, no lock (module docstring)
+except ImportError:          # Windows: no POSIX locks (module docstring)
     fcntl = None
 from .keys import NEURONS, as_basis, basis_id, basis_parts
 
@@ -353,7 +355,8 @@ class ScanBusy(NeurolensError):
     """Another process holds the lock of a scan key (module docstring)."""
 
 
-_held: Dict[tuple, list] = {}          # (lock path, thread) -> [file descriptor, depth]: re-entrant per thread
+_held: Dict[str, list] = {}            # lock path -> [file descriptor, depth] while this process holds it
+_threads: Dict[str, threading.RLock] = {}   # lock path -> the lock keeping this process's threads apart
 _held_guard = threading.Lock()
 
 
@@ -377,47 +380,57 @@ def key_lock(cache: Cache, fingerprint: str, layer: str, keys: Sequence[str], wa
             _release(path)
 
 
+def _busy(path: Path, fd: Optional[int] = None) -> ScanBusy:
+    owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if fd is not None else str(os.getpid())
+    return ScanBusy(f"another scan of this layer, dataset and settings is running"
+                    f"{f' (process {owner})' if owner.isdigit() else ''} and writes the same cache records (lock "
+                    f"{path}); pass --wait to wait for it, or run this command again when it has finished (it "
+                    f"then reads the finished scan)")
+
+
 def _acquire(path: Path, wait: bool) -> None:
-    mine = (str(path), threading.get_ident())
     with _held_guard:
-        if mine in _held:
-            _held[mine][1] += 1
-            return
-    if fcntl is None:
+        threads = _threads.setdefault(str(path), threading.RLock())
+    if not threads.acquire(blocking=wait):
+        raise _busy(path)
+    try:
+        with _held_guard:
+            if str(path) in _held:              # this thread holds it already (the RLock let it in)
+                _held[str(path)][1] += 1
+                return
         fd = -1
-    else:
-        ensure_folder(path.parent, CACHE_OPTION)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            raise write_error(path, exc, CACHE_OPTION) from None
-        try:
+        if fcntl is not None:
+            ensure_folder(path.parent, CACHE_OPTION)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                    raise ScanBusy(f"another scan of this layer, dataset and settings is running"
-                                   f"{f' (process {owner})' if owner.isdigit() else ''} and writes the same cache "
-                                   f"records (lock {path}); pass --wait to wait for it, or run this command again "
-                                   f"when it has finished (it then reads the finished scan)") from None
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-    with _held_guard:
-        _held[mine] = [fd, 1]
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as exc:
+                raise write_error(path, exc, CACHE_OPTION) from None
+            try:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:             # EAGAIN / EACCES: another process holds it
+                    if not wait:
+                        raise _busy(path, fd) from None
+                    fcntl.lockf(fd, fcntl.LOCK_EX)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            except BaseException:
+                os.close(fd)                # this descriptor holds no lock of ours: closing it drops nothing
+                raise
+        with _held_guard:
+            _held[str(path)] = [fd, 1]
+    except BaseException:
+        threads.release()
+        raise
 
 
 def _release(path: str) -> None:
-    mine = (path, threading.get_ident())
     with _held_guard:
-        entry = _held[mine]
+        entry = _held[path]
         entry[1] -= 1
-        if entry[1] > 0:
-            return
-        del _held[mine]
-    if entry[0] >= 0:
-        os.close(entry[0])          # closing the descriptor releases the flock
+        last = entry[1] == 0
+        if last:
+            del _held[path]
+    if last and entry[0] >= 0:
+        os.close(entry[0])          # closing the descriptor releases the POSIX lock
+    _threads[path].release()
