@@ -93,9 +93,9 @@ def serve(
     require_token: Annotated[bool, typer.Option("--require-token", help="Generate a token even on 127.0.0.1: on a "
                                                 "shared machine every local user can reach a loopback port "
                                                 "(docs/security.md).")] = False,
-    allow_host: Annotated[Optional[List[str]], typer.Option("--allow-host", help="A host name requests may name "
-                                                            "besides IP addresses, loopback names and --host "
-                                                            "(repeatable; the Host check stops DNS rebinding).")] = None,
+    allow_host: Annotated[Optional[List[str]], typer.Option(
+        "--allow-host", help="A host name requests may name besides IP addresses, loopback names and --host "
+                             "(repeatable; the Host check stops DNS rebinding).")] = None,
     no_reveal: Annotated[bool, typer.Option("--no-reveal", help="Turn off per-image reveals: raw pixels are "
                                                                 "never sent.")] = False,
     layer: LayersOpt = None,

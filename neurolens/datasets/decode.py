@@ -41,7 +41,8 @@ MAX_ASPECT = 4
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
 _FILE_KINDS = ((stat.S_ISDIR, "is a directory"), (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file"),
                (stat.S_ISCHR, "is a character device, not a regular file"),
-               (stat.S_ISBLK, "is a block device, not a regular file"), (stat.S_ISSOCK, "is a socket, not a regular file"))
+               (stat.S_ISBLK, "is a block device, not a regular file"),
+               (stat.S_ISSOCK, "is a socket, not a regular file"))
 
 
 class BadImage(Exception):

@@ -255,7 +255,8 @@ class Pages:
         entry = data.entry
         return self._render(
             "unit.html", "../../../", title=f"{entry.label(unit)} · {entry.model or entry.fingerprint16} · {entry.layer}",
-            layer=public_summary(data.summary()), unit=unit, w=entry.words, unit_label=entry.label(unit), siblings=self.siblings(data),
+            layer=public_summary(data.summary()), unit=unit, w=entry.words, unit_label=entry.label(unit),
+            siblings=self.siblings(data),
             units=units, prev=neighbours[0], next=neighbours[1],
             evidence=data.unit_evidence(unit), texts=data.top_texts(unit), texts_missing=data.texts_missing_reason(),
             similar=data.similar_units(unit), examples=examples, maps_missing=maps is None and data.scan is not None,

@@ -12,6 +12,8 @@ from .records import LayerData, LayerEntry, index_cache
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+
+
 def select_layers(cache: Cache, names: Sequence[str] = (), bases: Sequence[str] = ()) -> Dict[str, LayerData]:
     """The cache's layers (all, or those whose layer name or id is in `names`), each in the bases named in
     `bases` ("neurons" or an SAE's name; default: every basis), or one clear error."""
