@@ -227,6 +227,7 @@ def test_home_page_site_and_sae_list_survive_bad_saes(tmp_path, tiny_clip):
     assert str(tmp_path) not in home
     result = write_site(cache, tmp_path / "site")
     assert result.pages >= 3 and str(tmp_path).encode() not in everything_under(tmp_path / "site")
+    assert (tmp_path / "site" / "index.html").read_text().count('data-unreadable="1"') == len(BAD_CONFIGS)
 
     from neurolens.sae.basis import available_bases
     from neurolens.models import resolve_layer
