@@ -212,8 +212,8 @@ def open_record(path: Path) -> Iterator[h5py.File]:
     Records are immutable once renamed into place, so no HDF5 file lock is taken (a lock can fail on read-only
     or network filesystems, which would make every read look like a miss). Raises OSError when the file is
     missing or not HDF5, and RefusedRecord (an OSError, after one warning line) when it is not plain data: not a
-    regular file, data kept outside the file (external storage, virtual datasets, external links), or more
-    declared array data than max_record_bytes() (module docstring)."""
+    regular file, data kept outside the file (external storage, virtual datasets, external links), a forged
+    size (MAX_EXPANSION), or more declared array data than max_record_bytes() (module docstring)."""
     path = Path(path)
     info = os.lstat(path)                       # FileNotFoundError when missing: a miss, no warning
     if not stat.S_ISREG(info.st_mode):
