@@ -72,6 +72,25 @@ def test_csv_cells_are_escaped_against_formulas_and_numbers_stay_numbers(tmp_pat
     assert read[2] == ["-0.25", "3", "-1.5", "-7", "1", "", "nan", "'-"]
 
 
+def test_csv_cells_with_a_separator_or_formula_anywhere_are_quoted(tmp_path):
+    """`cat;=1+1` must stay one cell starting with `c` in a spreadsheet that splits on `;` (issue 20)."""
+    rows = [["cat;=1+1", "a,b", "tab\there", "pipe|=2", 'say "hi"', "line\n=break", "x+y", "plain", " =SUM(A1)"],
+            [1, 2.5, None, True, "", "-", "@", "ok", 3]]
+    path = files.write_csv(tmp_path / "t.csv", ["h1", "h2", "h3", "h4", "h5", "h6", "h7", "h8", "h9"], rows)
+    text = path.read_text(encoding="utf-8")
+    assert '"cat;\'=1+1"' in text and '"pipe|\'=2"' in text and '"x+y"' in text and ',plain,' in text
+    assert text.splitlines()[0] == "h1,h2,h3,h4,h5,h6,h7,h8,h9"
+    for separator in (";", "|", "\t"):         # a spreadsheet splitting on another separator: no cell is a formula
+        with open(path, newline="", encoding="utf-8") as handle:
+            cells = [c.strip(' "') for row in csv.reader(handle, delimiter=separator) for c in row]
+        assert cells and not any(c.startswith(("=", "+", "-", "@")) for c in cells), (separator, cells)
+    with open(path, newline="", encoding="utf-8") as handle:
+        read = list(csv.reader(handle))
+    assert read[1] == ["cat;'=1+1", "a,b", "tab\there", "pipe|'=2", 'say "hi"', "line\n'=break", "x+y", "plain",
+                       "' =SUM(A1)"]
+    assert read[2] == ["1", "2.5", "", "1", "", "'-", "'@", "ok", "3"]
+
+
 def test_cache_record_round_trip_and_no_temporary_files(tmp_path):
     cache = Cache(tmp_path)
     path = cache.path("kind", "f" * 40, "layer", "key")

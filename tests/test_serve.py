@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -531,7 +532,7 @@ def test_any_other_host_needs_the_token(fx, layer_id):
 
 def test_access_rules():
     from neurolens.errors import NeurolensError
-    from neurolens.serve.server import access_for
+    from neurolens.serve.access import access_for
     assert access_for("127.0.0.1").token is None
     assert access_for("localhost").token is None
     generated = access_for("0.0.0.0")
@@ -613,6 +614,21 @@ def test_static_site_has_every_unit_and_only_blurred_images(fx, scan, tmp_path, 
     assert not list((tmp_path / "site").rglob("*.png"))           # raw images are PNGs; the site has none
     again = write_site(Cache(fx.cache), tmp_path / "site", examples=4)
     assert again.cached and again.pages == result.pages
+
+
+def test_site_pages_and_site_json_name_no_absolute_local_path(fx, tmp_path):
+    """The fixture's records name its dataset table and vocabulary by absolute paths; the published site shows
+    them by their last component only (issue 20), site.json included."""
+    from neurolens.serve.site import write_site
+    write_site(Cache(fx.cache), tmp_path / "site", examples=2)
+    local = [str(fx.dataset.parent), str(fx.cache), str(Path.home()), "/tmp/"]
+    for path in (tmp_path / "site").rglob("*"):
+        if path.is_file() and path.suffix in (".html", ".json", ".js", ".css"):
+            text = path.read_text(encoding="utf-8")
+            for prefix in local:
+                assert prefix not in text, (path, prefix)
+    home = (tmp_path / "site" / "index.html").read_text()
+    assert f"table {fx.dataset.name} (" in home
 
 
 def test_site_of_one_basis_writes_only_its_pages(fx, tmp_path, layer_id, feature_id):

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..datasets.builtin import builtin_image, builtin_samples
-from ..datasets.decode import BadImage, decode_image
+from ..datasets.decode import BadImage, decode_image, read_file_bytes
 from ..datasets.types import IMAGE_EXTENSIONS
 from ..errors import DatasetError, NeurolensError
 from ..display.figures import fit_text
@@ -71,7 +71,7 @@ def read_image_file(path: str | os.PathLike) -> Image.Image:
     """An image file as RGB through the dataset decoder (decompression-bomb guard, transparency composited on
     white, 16-bit and CMYK converted), or BadImage saying why not."""
     try:
-        data = Path(path).read_bytes()
+        data = read_file_bytes(str(path))      # regular files only, at most the per-image byte limit
     except OSError as exc:
         raise BadImage(f"cannot read the file ({exc.strerror or type(exc).__name__})") from None
     return decode_image(data)

@@ -6,8 +6,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
+from ..errors import NeurolensError
 from ..records.keys import as_cache
-from ..records.sae import sae_folder
+from ..records.sae import read_config, sae_folder
 from ..sae.registry import list_saes
 from .app import app, command, print_json, progress_bar
 from .options import (DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice, PrecisionOpt,
@@ -128,13 +129,16 @@ def list_command(
     Example:  neurolens sae list --layer image_block_4_5
     """
     from ..models.layers import resolve_layer  # lazy: keeps `neurolens --help` free of torch
-    from ..sae.io import read_config  # lazy: keeps `neurolens --help` free of torch
     clip = model.load(quiet=as_json)
     spec = resolve_layer(clip, layer)
     rows = []
     for name in list_saes(clip, spec.name, cache):
         folder = sae_folder(as_cache(cache), clip.fingerprint, spec.name, name)
-        cfg = read_config(folder)
+        try:
+            cfg = read_config(folder)
+        except NeurolensError as exc:        # listed as unreadable, with the reason; the others still listed
+            rows.append({"name": name, "path": str(folder), "unreadable": str(exc)})
+            continue
         info = (cfg.get("metadata") or {}).get("neurolens") or {}
         quality = info.get("quality") or {}
         rows.append({"name": name, "path": str(folder), "features": cfg.get("d_sae"), "k": cfg.get("k"),
@@ -148,6 +152,9 @@ def list_command(
                    f"`neurolens sae train --layer {spec.name} --dataset ...`")
         return
     for row in rows:
+        if "unreadable" in row:
+            typer.echo(f"{row['name']}: unreadable: {row['unreadable']}")
+            continue
         typer.echo(f"{row['name']}: {row['features']} features, k={row['k']}, explained variance "
                    f"{_number(row['explained_variance'])}, dead {_percent(row['dead_share'])}, embedding cosine "
                    f"{_number(row['embedding_cosine'])}  ({row['path']})")

@@ -40,6 +40,9 @@ def scan(
                                                   "batches (0: at most every 5 seconds).")] = 0,
     engine: EngineChoice = None,
     sae: SaeOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="When another scan of the same layer, dataset and settings "
+                                       "is running, wait for it and read its result (default: stop with one "
+                                       "line, exit 2).")] = False,
     model: ModelChoice = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -54,12 +57,13 @@ def scan(
 
     Example:  neurolens scan --layer image_block_4_5 --dataset photos/ --top-k 32
     Example:  neurolens scan --layer image_block_4_5 --dataset laion/ --engine ray --actors 8
+    Example:  neurolens scan --layer image_block_4_5 --dataset photos/ --wait   (another scan of it is running)
     """
     basis = None
     if engine.ray:
         engine.check_process_only(**{"--workers": loader.workers is not None, "--embeddings": embeddings,
                                      "--checkpoint-every": bool(checkpoint_every), "--sae": sae is not None})
-        result = _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json)
+        result = _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json, wait)
     else:
         engine.check_process_only()
         from ..pipelines.scan import run_scan  # lazy: keeps `neurolens --help` free of torch
@@ -69,7 +73,7 @@ def scan(
             result = run_scan(clip, layer, data.open(), top_k=top_k, batch_size=loader.batch_size,
                               workers=loader.workers, cache=cache, force=force, embeddings=embeddings,
                               precision=precision, progress=progress, checkpoint_every=checkpoint_every or None,
-                              basis=basis)
+                              basis=basis, wait=wait)
     if as_json:
         print_json(result.summary())
         return
@@ -80,7 +84,7 @@ def scan(
     typer.echo(_skip_line(result))
 
 
-def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json):
+def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json, wait):
     from ..pipelines.scan import run_ray_scan  # lazy: keeps `neurolens --help` free of torch
     clip = replace(model, device="cpu").load(quiet=as_json)  # the driver only ships the weights to the actors
     with progress_bar(f"scan {layer} on Ray", enabled=not as_json) as progress:
@@ -88,7 +92,7 @@ def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, ca
                             keep_per_image=engine.keep_per_image, ray=engine.ray_options(loader.batch_size),
                             device=model.device, image_column=data.image_column,
                             caption_column=data.caption_column, progress=progress,
-                            report=lambda state: progress.note(state.line()))
+                            report=lambda state: progress.note(state.line()), wait=wait)
 
 
 @app.command("samples", short_help="A unit's top dataset images and a grid of crops where it fired (blurred).")

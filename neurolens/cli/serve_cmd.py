@@ -89,7 +89,13 @@ def serve(
     token: Annotated[Optional[str], typer.Option("--token", help="Require this token (query ?token=, cookie or "
                                                                  "'Authorization: token ...').")] = None,
     no_token: Annotated[bool, typer.Option("--no-token", help="Serve a non-loopback --host without a token "
-                                                              "(prints a warning).")] = False,
+                                                              "(prints a warning; the Host check stays on).")] = False,
+    require_token: Annotated[bool, typer.Option("--require-token", help="Generate a token even on 127.0.0.1: on a "
+                                                "shared machine every local user can reach a loopback port "
+                                                "(docs/security.md).")] = False,
+    allow_host: Annotated[Optional[List[str]], typer.Option(
+        "--allow-host", help="A host name requests may name besides IP addresses, loopback names and --host "
+                             "(repeatable; the Host check stops DNS rebinding).")] = None,
     no_reveal: Annotated[bool, typer.Option("--no-reveal", help="Turn off per-image reveals: raw pixels are "
                                                                 "never sent.")] = False,
     layer: LayersOpt = None,
@@ -107,6 +113,7 @@ def serve(
     Example:  neurolens serve --cache outputs/cache
     Example:  neurolens serve --checkpoint toy.pt --port 0 --no-reveal
     Example:  neurolens serve --layer image_block_4_5 --basis rn8x
+    Example:  neurolens serve --require-token        (a shared machine: other local users get 403)
     """
     from ..serve.server import serve as run_server  # lazy: keeps `neurolens --help` free of torch
 
@@ -115,7 +122,8 @@ def serve(
         clip = replace(model, model=model.model or DEFAULT_MODEL).load()
     run_server(Cache(cache), host=host, port=port, token=token, no_token=no_token, reveal=not no_reveal,
                clip=clip, layers=layer or (), bases=basis or (), announce=lambda line: typer.echo(line),
-               warn=lambda line: typer.echo(line, err=True))
+               warn=lambda line: typer.echo(line, err=True), require_token=require_token,
+               allow_hosts=allow_host or ())
 
 
 @app.command("site", short_help="The web app's pages as static files: blurred images only, opens from file://.")

@@ -10,6 +10,7 @@ import skimage
 
 from ..errors import DatasetError
 from .builtin import BUILTIN_DESCRIPTIONS, builtin_names
+from .decode import max_image_bytes
 from .folder import folder_dataset, list_images
 from .table import table_dataset
 from .tar import member_table, tar_dataset, tar_shards
@@ -19,6 +20,7 @@ from .types import IMAGE_EXTENSIONS, TABLE_EXTENSIONS, ImageDataset, identity_of
 def open_dataset(source: Optional[str] = None, image_column: str = "image", caption_column: str = "caption") -> ImageDataset:
     """A dataset from a folder, tar shard(s) (a .tar path, a glob, or `shard-{000..009}.tar`), a parquet/CSV
     file with an image-path column, or None (or 'builtin') for the built-in scikit-image samples."""
+    max_image_bytes()               # a malformed $NEUROLENS_MAX_IMAGE_BYTES is one line now, not a skip per item
     if source is None or str(source) == "builtin":
         return _builtin_dataset()
     text = str(source)

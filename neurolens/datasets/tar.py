@@ -52,7 +52,9 @@ def expand_shards(pattern: str) -> List[str]:
     found: List[str] = []
     for p in patterns:
         p = os.path.expanduser(p)
-        found.extend(sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else ([p] if os.path.isfile(p) else []))
+        # regular files only (isfile follows links): a FIFO or device named x.tar is never opened
+        found.extend(sorted(f for f in glob.glob(p) if os.path.isfile(f)) if any(ch in p for ch in "*?[")
+                     else ([p] if os.path.isfile(p) else []))
     return sorted(dict.fromkeys(str(Path(f).resolve()) for f in found))
 
 

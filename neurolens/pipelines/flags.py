@@ -2,7 +2,6 @@
 and the flag rule. (Re)written from the sweep record by every sweep, whole or not at all."""
 from __future__ import annotations
 
-import csv
 import io
 import os
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..records.sweep import NEURONS, SweepResult
-from ..storage.files import csv_cell, write_text
+from ..storage.files import CsvWriter, write_text
 from ..records.keys import as_basis
 
 DEFAULT_OUT = Path("outputs") / "sweep"
@@ -51,16 +50,16 @@ def flags_header(result: SweepResult) -> List[str]:
 def write_flags_csv(result: SweepResult, path: Path, texts: int = 3) -> Path:
     """One row per unit, ranked by AUC, after '#' comment lines naming the label sources and the rule (skip
     lines starting with '#' to read it, e.g. pandas.read_csv(path, skiprows=<their count>)). Written
-    atomically; every cell goes through neurolens.storage.files.csv_cell (no spreadsheet formula can run)."""
+    atomically; every row goes through neurolens.storage.files.csv_line (no spreadsheet formula can run)."""
     buffer = io.StringIO(newline="")
     for line in flags_header(result):
         buffer.write(line + "\n")
-    writer = csv.writer(buffer)
+    writer = CsvWriter(buffer)
     writer.writerow(FLAGS_COLUMNS)
     for rank, row in enumerate(result.ranking(), start=1):
         top = " | ".join(t for t, _, _ in result.top_texts(row["unit"], texts))
-        writer.writerow([csv_cell(v) for v in (
+        writer.writerow((
             rank, row["unit"], _rounded(row["auc"], 6), _rounded(row["p"], 300, significant=True),
             _rounded(row["q"], 300, significant=True), round(row["correlation"], 6), round(row["top_nsfw_share"], 4),
-            round(row["text_nsfw_share"], 4), int(row["flagged"]), int(row["text_flag"]), row["why"], top)])
+            round(row["text_nsfw_share"], 4), int(row["flagged"]), int(row["text_flag"]), row["why"], top))
     return write_text(path, buffer.getvalue())

@@ -28,7 +28,8 @@ from ..records.keys import as_cache
 from ..records.sae import check_name, is_complete, sae_folder
 from ..sae.basis import SaeBasis
 from ..sae.buffer import ActivationStream, split_images
-from ..sae.io import load_sae, read_config, save_sae
+from ..sae.io import load_sae, save_sae
+from ..records.sae import read_config
 from ..sae.quality import QualityReport, evaluate
 from ..sae.train import (SPARSITIES, SaeTrainSettings, default_buffer_vectors, plan, resolve_features, resolved_lr,
                          train_loop)

@@ -6,6 +6,8 @@ the neurons' and the basis's statistics in the same pass (the basis is applied t
 and writes a record, and chunks, for each of them that is not cached yet. A checkpoint is written only after
 the chunks it lists, so a kill at any moment leaves a consistent checkpoint; a rerun continues from its batch
 boundary and gives exactly the result of an uninterrupted scan (same batches, same order of float operations).
+A scan computes only while it holds the write lock of its keys (neurolens.records.scan.key_lock): a second
+scan of the same key waits (wait=True) or stops with one line, and then reads the first one's result.
 """
 from __future__ import annotations
 
@@ -47,13 +49,15 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
              batch_size: Optional[int] = None, workers: Optional[int] = None, cache=None, force: bool = False,
              embeddings: bool = False, precision: str = "fp32",
              progress: Optional[Callable[[int, int], None]] = None,
-             checkpoint_every: Optional[int] = None, basis=None) -> ScanResult:
+             checkpoint_every: Optional[int] = None, basis=None, wait: bool = False) -> ScanResult:
     """Scan `dataset` (an ImageDataset, a path, or None for the built-in images) through `layer`, all units,
     or read the finished scan from the cache. An interrupted scan resumes from its last checkpoint.
 
     checkpoint_every: write a resume checkpoint every N batches (default: at most every 5 s).
     basis: None for the neurons; a basis of the layer (neurolens.sae.basis.load_basis, e.g. SAE features) to scan
-    its units, together with the neurons in the same pass. Returns the result of the requested basis."""
+    its units, together with the neurons in the same pass. Returns the result of the requested basis.
+    wait: when another process scans the same key, wait for it and read its result (default: ScanBusy, one
+    line, exit 2 in the CLI)."""
     if precision not in PRECISIONS:
         raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
     if int(top_k) < 1:
@@ -72,12 +76,27 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
             if progress:
                 progress(len(dataset), len(dataset))
             return found
-    fingerprint, layer = clip.fingerprint, spec.name
     key = scan_key(clip, spec, dataset, top_k, precision, embeddings, basis)
+    neuron_key = scan_key(clip, spec, dataset, top_k, precision, embeddings)
+    with scan_records.key_lock(cache, clip.fingerprint, spec.name, [key, neuron_key], wait=wait):
+        if not force:     # another run may have finished this scan while we waited for its lock
+            found = find_scan(clip, spec.name, dataset, top_k, precision, cache, embeddings, basis)
+            if found is not None:
+                if progress:
+                    progress(len(dataset), len(dataset))
+                return found
+        return _scan_locked(clip, spec, dataset, top_k, batch_size, workers, cache, force, embeddings, precision,
+                            progress, checkpoint_every, basis, key, neuron_key)
+
+
+def _scan_locked(clip, spec, dataset: ImageDataset, top_k: int, batch_size: Optional[int], workers: Optional[int],
+                 cache: Cache, force: bool, embeddings: bool, precision: str, progress, checkpoint_every,
+                 basis, key: str, neuron_key: str) -> ScanResult:
+    """run_scan's pass, with the write lock of `key` (and the neurons' `neuron_key`) held."""
+    fingerprint, layer = clip.fingerprint, spec.name
     batch_size = int(batch_size or default_batch_size(clip.device))
     workers = default_workers() if workers is None else int(workers)
     # the neurons come with every pass; their record is (re)written unless a basis scan finds it cached
-    neuron_key = scan_key(clip, spec, dataset, top_k, precision, embeddings)
     write_neurons = basis is None or force or \
         find_scan(clip, spec.name, dataset, top_k, precision, cache, embeddings) is None
     streams = {}
@@ -132,8 +151,8 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
 def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, force: bool = False,
                  precision: str = "fp32", keep_per_image: bool = False, ray=None, device: str = "auto",
                  image_column: str = "image", caption_column: str = "caption",
-                 progress: Optional[Callable[[int, int], None]] = None, report: Optional[Callable] = None
-                 ) -> ScanResult:
+                 progress: Optional[Callable[[int, int], None]] = None, report: Optional[Callable] = None,
+                 wait: bool = False) -> ScanResult:
     """The scan of run_scan on Ray Data (neurolens.engines.ray.session): the same result (top-k indices and cells
     exactly, statistics to rounding) in the same cache record, resumable shard by shard.
 
@@ -141,7 +160,8 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
     ImageDataset. ray: engines.ray.session.RayOptions (address, actors, batch size, GPUs per actor, ...).
     keep_per_image: also store every image's per-unit maxima, float16, one chunk per shard (the scan record's
     per_image_max() reads them); without it the record has no per-image values.
-    report(RayProgress) gets images/s, shards done/total, items skipped and the ETA while it runs."""
+    report(RayProgress) gets images/s, shards done/total, items skipped and the ETA while it runs.
+    wait: as run_scan's (the same key lock: a Ray scan and a local scan of one key never run at once)."""
     if precision not in PRECISIONS:
         raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
     if int(top_k) < 1:
@@ -158,31 +178,40 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
                     progress(len(plan), len(plan))
                 return found
         key = scan_key(clip, spec, plan, top_k, precision, False)
-        store = ShardStore(cache, clip.fingerprint, spec.name, key)
-        if force:
+        with scan_records.key_lock(cache, clip.fingerprint, spec.name, [key], wait=wait):
+            if not force:
+                found = scan_records.find_result(cache, clip, spec, plan, top_k, precision, need_chunks=keep_per_image)
+                if found is not None:
+                    return found
+            store = ShardStore(cache, clip.fingerprint, spec.name, key)
+            if force:
+                store.remove_records()
+            outcome = session.scan(clip, spec, plan, store, top_k=top_k, precision=precision,
+                                   keep_per_image=keep_per_image, device=device, progress=progress, report=report)
+            result = write_ray_scan(cache, clip, spec, plan, key, outcome.stats, top_k, precision, outcome.chunks,
+                                    outcome.resumed, {"per_image": bool(keep_per_image),
+                                                      "forwarded": int(outcome.forwarded),
+                                                      "actors": int(options.actors),
+                                                      "actor_peak_rss": int(outcome.actor_peak_rss)})
             store.remove_records()
-        outcome = session.scan(clip, spec, plan, store, top_k=top_k, precision=precision,
-                               keep_per_image=keep_per_image, device=device, progress=progress, report=report)
-    result = write_ray_scan(cache, clip, spec, plan, key, outcome.stats, top_k, precision, outcome.chunks,
-                            outcome.resumed, {"per_image": bool(keep_per_image), "forwarded": int(outcome.forwarded),
-                                              "actors": int(options.actors),
-                                              "actor_peak_rss": int(outcome.actor_peak_rss)})
-    store.remove_records()
     return result
 
 
 def write_ray_scan(cache: Cache, clip, spec, plan, key: str, stats: ScanStats, top_k: int, precision: str,
                    chunks: Sequence[str], resumed: Sequence[int], attrs: dict) -> ScanResult:
     """The scan record of a Ray scan (the record every scan writes, plus `engine: ray` and `attrs`), or the
-    one-line error when no item was readable."""
-    if stats.count == 0:
-        scan_records.remove_stale_chunks(cache, clip.fingerprint, spec.name, key, [])
-        example = f" (e.g. item {stats.skipped[0][0]}: {stats.skipped[0][1]})" if stats.skipped else ""
-        raise DatasetError(f"no readable image in {plan.description}: all {len(plan)} items were skipped"
-                           f"{example}; give a dataset with at least one valid image")
-    record = scan_records.final_record(clip, spec, plan.dataset_view(), stats, top_k, precision, False, chunks, resumed)
-    record.attrs.update({"engine": "ray", "shards": len(plan.shards), **attrs})
-    result = scan_records.read_result(cache, scan_records.write_result(cache, key, record))
+    one-line error when no item was readable. Written under the key's lock (waiting for a local scan of the
+    same key to finish), since writing it removes the key's chunks that it does not list."""
+    with scan_records.key_lock(cache, clip.fingerprint, spec.name, [key], wait=True):
+        if stats.count == 0:
+            scan_records.remove_stale_chunks(cache, clip.fingerprint, spec.name, key, [])
+            example = f" (e.g. item {stats.skipped[0][0]}: {stats.skipped[0][1]})" if stats.skipped else ""
+            raise DatasetError(f"no readable image in {plan.description}: all {len(plan)} items were skipped"
+                               f"{example}; give a dataset with at least one valid image")
+        record = scan_records.final_record(clip, spec, plan.dataset_view(), stats, top_k, precision, False, chunks,
+                                           resumed)
+        record.attrs.update({"engine": "ray", "shards": len(plan.shards), **attrs})
+        result = scan_records.read_result(cache, scan_records.write_result(cache, key, record))
     result.cached = False
     return result
 

@@ -36,7 +36,8 @@ from ..records.keys import NEURONS, as_cache
 from ..records.sae import sae_folder
 from ..records.visualize import unit_tag
 from ..types import LayerSpec
-from .io import load_sae, read_config
+from .io import load_sae
+from ..records.sae import read_config
 from .model import SparseAutoencoder
 from .registry import list_saes, locate
 
@@ -211,12 +212,18 @@ def load_basis(clip, layer: str, sae: Union[None, str, Path, SparseAutoencoder, 
 def available_bases(clip, layer: str, cache=None) -> list:
     """What a page can offer for `layer`: the neurons, then every SAE trained for this model and layer, as
     JSON-able dicts {sae (the value for load_basis / --sae; None for neurons), kind, name, units, label,
-    quality}. Reads only the SAEs' cfg.json files (no weights)."""
+    quality}. Reads only the SAEs' cfg.json files (no weights); an SAE whose cfg.json is not usable is listed
+    with `unreadable` (the one-line reason) instead."""
     spec = resolve_layer(clip, layer)
     rows = [{"sae": None, "kind": NEURONS, "name": "", "units": spec.channels, "label": f"{spec.channels} neurons",
              "quality": None}]
     for name in list_saes(clip, spec.name, cache):
-        cfg = read_config(sae_folder(as_cache(cache), clip.fingerprint, spec.name, name))
+        try:
+            cfg = read_config(sae_folder(as_cache(cache), clip.fingerprint, spec.name, name))
+        except NeurolensError as exc:
+            rows.append({"sae": name, "kind": "sae", "name": name, "units": None, "label": f"SAE {name}: unreadable",
+                         "quality": None, "unreadable": str(exc)})
+            continue
         info = (cfg.get("metadata") or {}).get("neurolens") or {}
         rows.append({"sae": name, "kind": "sae", "name": name, "units": cfg.get("d_sae"),
                      "label": f"SAE {name}: {cfg.get('d_sae')} features, k={cfg.get('k')}",

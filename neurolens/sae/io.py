@@ -4,8 +4,10 @@ neurolens writes SAELens's layout (v6):
     <folder>/cfg.json                  architecture, d_in, d_sae, k, dtype, apply_b_dec_to_input,
                                        normalize_activations, metadata (model, layer, training, quality)
     <folder>/sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
-Both files are written to temporary names and renamed into place, weights first, so a folder with a cfg.json
-always has the weights that belong to it.
+Both files are written (fsync'ed) into a hidden staging folder beside the target, which then takes the target's
+place in one rename (Linux: renameat2 RENAME_EXCHANGE; elsewhere the old folder is renamed aside first, so for
+an instant there is no SAE there), so a crash or kill never pairs new weights with an old cfg.json. A full disk
+is one line naming the file (neurolens.storage.files).
 
 It reads:
   - SAELens folders, v6 configs (architecture + k at the top level) and older ones (activation_fn_str "topk"
@@ -18,27 +20,32 @@ It reads:
     ({"cfg": ..., "state_dict": ...}); those are read with torch's weights_only loader, the config object
     rebuilt as an inert attribute holder (it is never used: config.json is).
 A path may name the folder or the weights file in it. Shapes come from the tensors and must agree with the
-config; anything unreadable is one NeurolensError line.
+config; anything unreadable is one NeurolensError line. Configs come from strangers too: `check_config` checks
+every field neurolens uses (types; d_in, d_sae, k, expansion_factor finite positive integers within sane sizes;
+metadata and its quality report objects of numbers) and names the first bad one in that line.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
+import shutil
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import NeurolensError
-from ..records.sae import CFG_NAME, WEIGHTS_NAME
+from ..records.sae import CFG_NAME, WEIGHTS_NAME, check_config, find_files, read_cfg_file
+from ..storage import files
 from .model import SaeConfig, SparseAutoencoder
 
-PRISMA_CFG_NAME = "config.json"
 SAELENS_FORMAT_VERSION = "6.0.0"   # the cfg.json layout written (SAELens reads metadata.sae_lens_version)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,10 +55,6 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
     """Write `sae` to `folder` in SAELens's layout; returns the folder. metadata is merged into cfg.json's."""
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NeurolensError(f"cannot create the SAE folder {folder} ({exc.strerror}); pass --cache PATH") from None
     tensors = {name: t.cpu() for name, t in sae.state_tensors().items()}
     dtype = str(tensors["W_enc"].dtype).replace("torch.", "")
     config = sae.config
@@ -66,19 +69,52 @@ def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, metadata: Option
     if config.architecture == "topk":
         cfg["k"] = int(config.k)
         cfg["rescale_acts_by_decoder_norm"] = False
-    tag = uuid.uuid4().hex[:8]
-    weights_tmp, cfg_tmp = folder / f".{WEIGHTS_NAME}.{tag}.tmp", folder / f".{CFG_NAME}.{tag}.tmp"
-    try:
-        save_file(tensors, str(weights_tmp))
-        cfg_tmp.write_text(json.dumps(cfg, indent=2, default=_jsonable))
-        os.replace(weights_tmp, folder / WEIGHTS_NAME)
-        os.replace(cfg_tmp, folder / CFG_NAME)
-    finally:
-        for tmp in (weights_tmp, cfg_tmp):
-            if tmp.exists():
-                tmp.unlink()
+    _write_folder(folder, tensors, cfg)
     sae.config = SaeConfig(**{**_config_fields(sae.config), "metadata": meta})
     return folder
+
+
+def _write_folder(folder: Path, tensors: Dict[str, torch.Tensor], cfg: dict) -> None:
+    """Both files into a staging folder (fsync'ed), which then replaces `folder` (module docstring); other files
+    the old folder held (a training checkpoint) are moved into the new one."""
+    folder = folder.resolve() if folder.is_symlink() else folder
+    staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp")
+    files.ensure_folder(staging, None)
+    try:
+        with files.atomic_path(staging / WEIGHTS_NAME, None) as tmp:
+            save_file(tensors, str(tmp))
+        files.write_text(staging / CFG_NAME, json.dumps(cfg, indent=2, default=_jsonable), None)
+        if not folder.exists():
+            os.rename(staging, folder)
+        else:
+            if not _exchange(staging, folder):
+                aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
+                os.rename(folder, aside)
+                os.rename(staging, folder)
+                os.rename(aside, staging)
+            for entry in staging.iterdir():       # the old folder, now at the staging name
+                if entry.name not in (CFG_NAME, WEIGHTS_NAME) and not (folder / entry.name).exists():
+                    os.rename(entry, folder / entry.name)
+        files.fsync_folder(folder.parent)
+    except OSError as exc:
+        raise files.write_error(folder, exc, None) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    number = ctypes.get_errno()
+    if number in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(number, os.strerror(number), str(b))
 
 
 def _config_fields(config: SaeConfig) -> dict:
@@ -99,38 +135,11 @@ def _jsonable(value: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def find_files(path: str | os.PathLike) -> Tuple[Path, Path, str]:
-    """(config file, weights file, layout 'saelens' | 'prisma') for a folder or a weights file."""
-    path = Path(path)
-    if not path.exists():
-        raise NeurolensError(f"no SAE at {path}: the path does not exist")
-    folder = path if path.is_dir() else path.parent
-    if path.is_file():
-        weights = path
-    else:
-        candidates = [folder / WEIGHTS_NAME] + sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pt"))
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise NeurolensError(f"no SAE weights in {folder}: expected {WEIGHTS_NAME} (SAELens) or a .pt/"
-                                 f".safetensors state dict next to config.json (Prisma)")
-        weights = found[0]
-    if (folder / CFG_NAME).is_file():
-        return folder / CFG_NAME, weights, "saelens"
-    if (folder / PRISMA_CFG_NAME).is_file():
-        return folder / PRISMA_CFG_NAME, weights, "prisma"
-    raise NeurolensError(f"no SAE config next to {weights}: expected {CFG_NAME} (SAELens) or "
-                         f"{PRISMA_CFG_NAME} (Prisma) in {folder}")
-
 
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
     """An SAE from a SAELens or Prisma folder (or the weights file in it), in float32 on `device`."""
     cfg_path, weights_path, layout = find_files(path)
-    try:
-        raw_cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise NeurolensError(f"cannot read the SAE config {cfg_path} ({exc}); it must be a JSON object") from None
-    if not isinstance(raw_cfg, dict):
-        raise NeurolensError(f"the SAE config {cfg_path} is not a JSON object")
+    raw_cfg = read_cfg_file(cfg_path)
     tensors = {name: t.to(torch.float32) for name, t in read_tensors(weights_path).items()}
     config = parse_config(raw_cfg, tensors, str(cfg_path), layout)
     sae = SparseAutoencoder(config)
@@ -207,8 +216,10 @@ def _torch_load(path: Path):
                          f"classes; save its state dict alone (torch.save(sae.state_dict(), path))")
 
 
+
 def parse_config(cfg: dict, tensors: Dict[str, torch.Tensor], source: str, layout: str = "saelens") -> SaeConfig:
     """A SaeConfig from an SAELens (any version) or Prisma config dict; shapes come from the tensors."""
+    cfg = check_config(cfg, source)
     if "W_enc" not in tensors or tensors["W_enc"].dim() != 2:
         raise NeurolensError(f"the SAE weights next to {source} have no 2-D W_enc tensor")
     d_in, d_sae = (int(n) for n in tensors["W_enc"].shape)
@@ -255,10 +266,3 @@ def parse_config(cfg: dict, tensors: Dict[str, torch.Tensor], source: str, layou
                      normalize_activations=str(normalization), metadata=metadata)
 
 
-def read_config(path: str | os.PathLike) -> dict:
-    """The raw cfg.json / config.json of an SAE folder (for listings), without the weights."""
-    cfg_path, _, _ = find_files(path)
-    try:
-        return json.loads(cfg_path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -51,9 +51,7 @@ vector orders in buffer.py, no other randomness); a run resumed from its checkpo
 from __future__ import annotations
 
 import math
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -63,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NeurolensError
+from ..storage import files
 from .buffer import ActivationStream, seeded_generator
 from .model import SaeConfig, SparseAutoencoder
 
@@ -418,15 +417,10 @@ def train_loop(stream: ActivationStream, settings: SaeTrainSettings, d_sae: int,
 
 
 def write_checkpoint(path: Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    """The checkpoint, whole or not at all (neurolens.storage.files: temporary name, fsync, rename; a full disk
+    is one line naming the file)."""
+    with files.atomic_path(path, files.CACHE_OPTION) as tmp:
         torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_checkpoint(path: Path, key: str) -> Optional[dict]:

@@ -10,8 +10,13 @@ Security model
   reveals are on, and only for requests that carry the `X-Neurolens-Reveal: 1` header (which a page's
   script sets after the user confirmed, and which an <img> tag or a link elsewhere cannot send).
 - With a token, every request needs it (query `?token=`, which sets an HttpOnly cookie and redirects to
-  the same URL without it, the cookie, or `Authorization: token ...`); without it, 403.
-- Bound to a loopback address without a token, requests must name a loopback host (DNS-rebinding guard).
+  the same URL without it, the cookie, or `Authorization: token ...`); without it, 403. The cookie is named
+  after the port (`neurolens_token_<port>`: cookies are shared by every port of a host, so two servers must
+  not overwrite each other's), and an Authorization header, when sent, decides alone (a stale cookie never
+  beats it).
+- Without a token (loopback, or --no-token), requests must name an allowed host: a literal IP address, a
+  loopback name, the --host name or an --allow-host name (DNS-rebinding guard: a rebinding page's requests
+  carry its own domain name). With a token, only when --allow-host names some.
 - Probes need the `X-Neurolens-Probe: 1` header (a page on another site cannot send it without a CORS
   preflight, which this server never grants), so other sites cannot make the server compute.
 - Uploads are read up to MAX_UPLOAD_BYTES and decoded by the dataset decoder (bomb guard); a bad one is a
@@ -23,7 +28,7 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Set
+from typing import Dict, FrozenSet, Optional, Set
 from urllib.parse import parse_qsl, quote, urlencode
 
 from starlette.applications import Starlette
@@ -32,15 +37,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from .access import COOKIE, LOOPBACK_NAMES, host_allowed
 from .images import KINDS, LayerImages
 from .pages import STATIC, STATIC_TYPES, Pages
 from .probe import MAX_UPLOAD_BYTES, ProbeError, Prober, answer, dataset_item, decode_upload
 from .layer import LayerData
 
-COOKIE = "neurolens_token"
 REVEAL_HEADER = "x-neurolens-reveal"
 PROBE_HEADER = "x-neurolens-probe"
-LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; "
                                  b"script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
@@ -59,7 +63,8 @@ class ServeState:
     reveal: bool = True
     prober: Optional[Prober] = None
     token: Optional[str] = None
-    loopback_only: bool = True            # check the Host header (bound to loopback without a token)
+    allowed_hosts: Optional[FrozenSet[str]] = frozenset(LOOPBACK_NAMES)   # Host names answered (None: any)
+    cookie: str = COOKIE                  # the token cookie's name (cookie_name(port))
     model_note: str = ""
     _images: Dict[str, LayerImages] = field(default_factory=dict)
     probe_layers: Set[str] = field(default_factory=set)
@@ -154,13 +159,13 @@ def build_app(state: ServeState) -> Starlette:
             index = request.query_params.get("index")
             images = await run_in_threadpool(state.images, layer_id)
             if index is not None:
-                picture = await run_in_threadpool(dataset_item, images, index)
+                picture = await state.prober.run(dataset_item, images, index)
             else:
                 body = await _read_limited(request)
                 if not body:
                     raise ProbeError("the upload is empty; send an image file, or ?index=N for a dataset item")
-                picture = await run_in_threadpool(decode_upload, body)
-            result = await run_in_threadpool(answer, state.prober, images, unit_number, picture)
+                picture = await state.prober.run(decode_upload, body)
+            result = await state.prober.run(answer, state.prober, images, unit_number, picture)
         except ProbeError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse(result, headers={"cache-control": "no-store"})
@@ -189,7 +194,7 @@ def build_app(state: ServeState) -> Starlette:
         Route("/static/{name}", static),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, _NotFound: missing})
-    return Guard(app, token=state.token, loopback_only=state.loopback_only)
+    return Guard(app, token=state.token, allowed_hosts=state.allowed_hosts, cookie=state.cookie)
 
 
 def _html(text: str) -> Response:
@@ -229,16 +234,19 @@ async def _read_limited(request: Request) -> bytes:
 class Guard:
     """ASGI middleware: the token, the Host check, and the security headers on every response."""
 
-    def __init__(self, app, token: Optional[str], loopback_only: bool):
-        self.app, self.token, self.loopback_only = app, token, loopback_only
+    def __init__(self, app, token: Optional[str], allowed_hosts: Optional[FrozenSet[str]] = None,
+                 cookie: str = COOKIE):
+        self.app, self.token, self.cookie = app, token, cookie
+        self.allowed_hosts = None if allowed_hosts is None else frozenset(h.lower() for h in allowed_hosts)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.loopback_only and _hostname(headers.get("host", "")) not in LOOPBACK_NAMES:
-            return await _plain(send, 400, "this server answers only requests to a loopback host name "
-                                           "(127.0.0.1 or localhost)")
+        if self.allowed_hosts is not None and not host_allowed(headers.get("host", ""), self.allowed_hosts):
+            return await _plain(send, 400, "this server answers only requests to its own address or an allowed host "
+                                           "name (127.0.0.1, localhost, an IP address, or neurolens serve "
+                                           "--allow-host NAME)")
         extra = []
         if self.token is not None:
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
@@ -248,7 +256,7 @@ class Guard:
                 # the path as the client sent it (still percent-encoded: no CR/LF can reach the header)
                 path = scope.get("raw_path") or quote(scope["path"]).encode("ascii")
                 location = path + (f"?{rest}".encode("ascii") if rest else b"")
-                cookie = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"
+                cookie = f"{self.cookie}={self.token}; HttpOnly; SameSite=Strict; Path=/"
                 if scope["method"] in ("GET", "HEAD"):
                     return await _plain(send, 303, "token accepted", [(b"location", location),
                                                                       (b"set-cookie", cookie.encode("latin-1"))])
@@ -265,24 +273,18 @@ class Guard:
         await self.app(scope, receive, send_with_headers)
 
     def _authorized(self, headers: Dict[str, str]) -> bool:
-        cookies = dict(part.strip().split("=", 1) for part in headers.get("cookie", "").split(";") if "=" in part)
-        given = cookies.get(COOKIE)
-        if given is None:
-            auth = headers.get("authorization", "")
-            given = auth[6:].strip() if auth.lower().startswith("token ") else None
-        return given is not None and _same(given, self.token)
+        """The Authorization header when one is sent (it alone decides), else this server's cookie."""
+        if "authorization" in headers:
+            auth = headers["authorization"].strip()
+            return auth.lower().startswith("token ") and _same(auth[6:].strip(), self.token)
+        cookies = [part.strip().split("=", 1) for part in headers.get("cookie", "").split(";") if "=" in part]
+        # a browser may send several cookies of one name (other paths): any of them may hold the token
+        return any(name == self.cookie and _same(value, self.token) for name, value in cookies)
 
 
 def _same(given: str, token: str) -> bool:
     """Constant-time comparison (any text: a non-ASCII guess must not raise)."""
     return secrets.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
-
-
-def _hostname(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 async def _plain(send, status: int, text: str, headers=()) -> None:

@@ -19,12 +19,16 @@ the same HTML works from the server and from `file://`:
 Data that scripts read is embedded as JSON in a `<script type="application/json">` block with `<`, `>`
 and `&` escaped, and scripts insert text with textContent only, so a caption or vocabulary entry
 holding HTML is shown as text, never run.
+
+Pages never show an absolute local path (they are published as a static site): a dataset's description and a
+vocabulary's source name files by their last component (`folder photos (96 images)`), `public_text`.
 """
 from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Dict, List, Optional, Set
 
@@ -67,6 +71,36 @@ def _plain(value):
     raise TypeError(type(value).__name__)
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])(?:[A-Za-z]:\\|/|~/)[^\s()'\",;|]*")
+
+
+def public_text(text: str) -> str:
+    """`text` with every absolute path in it (/..., ~/..., C:\\...) replaced by its last component."""
+    def name(match) -> str:
+        parts = [part for part in re.split(r"[\\/]", match.group(0)) if part]
+        return parts[-1] if parts else "/"
+    return _ABSOLUTE_PATH.sub(name, str(text))
+
+
+def quality_numbers(quality) -> Optional[dict]:
+    """An SAE's quality report as pages show it: its numeric values only (it comes from files made elsewhere)."""
+    if not isinstance(quality, dict):
+        return None
+    return {key: float(value) for key, value in quality.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def public_summary(summary: dict) -> dict:
+    """A layer's summary (records.LayerData.summary) as pages show it: no absolute local path, the SAE's
+    quality report numbers only."""
+    summary = dict(summary, quality=quality_numbers(summary.get("quality")))
+    if summary.get("scan"):
+        summary["scan"] = {**summary["scan"], "dataset": public_text(summary["scan"].get("dataset", ""))}
+    if summary.get("texts"):
+        summary["texts"] = {**summary["texts"], "vocabulary": public_text(summary["texts"].get("vocabulary", ""))}
+    return summary
+
+
 def _finite(value) -> Optional[float]:
     value = float(value)
     return value if np.isfinite(value) else None
@@ -106,14 +140,16 @@ class Pages:
         and the SAEs trained for the layer that nothing was computed with yet."""
         groups: Dict[tuple, dict] = {}
         for data in self.layers.values():
-            summary = data.summary()
+            summary = public_summary(data.summary())
             group = groups.setdefault(data.entry.layer_key, {
                 "model": summary["model"], "layer": summary["layer"], "fingerprint": summary["fingerprint"],
                 "pretrained": summary["pretrained"], "rows": [], "cache": data.cache})
             group["rows"].append(summary)
         for group in groups.values():
             shown = {row["sae"] for row in group["rows"] if row["sae"]}
-            group["pending"] = [sae for sae in trained_saes(group.pop("cache"), group["fingerprint"], group["layer"])
+            group["pending"] = [replace(sae, quality=quality_numbers(sae.quality),
+                                        unreadable=public_text(sae.unreadable) if sae.unreadable else None)
+                                for sae in trained_saes(group.pop("cache"), group["fingerprint"], group["layer"])
                                 if sae.name not in shown]
         return self._render("home.html", "", title="Cache", groups=list(groups.values()),
                             model_note=self.model_note, probe_layers=self.probe_layers)
@@ -176,7 +212,7 @@ class Pages:
 
     def _layer(self, layer_id: str) -> str:
         data = self.layers[layer_id].load()
-        summary = data.summary()
+        summary = public_summary(data.summary())
         return self._render("layer.html", "../../", title=f"{data.entry.title}", layer=summary, w=data.entry.words,
                             siblings=self.siblings(data), payload=embed_json(self.layer_units(data)))
 
@@ -220,7 +256,8 @@ class Pages:
         entry = data.entry
         return self._render(
             "unit.html", "../../../", title=f"{entry.label(unit)} · {entry.model or entry.fingerprint16} · {entry.layer}",
-            layer=data.summary(), unit=unit, w=entry.words, unit_label=entry.label(unit), siblings=self.siblings(data),
+            layer=public_summary(data.summary()), unit=unit, w=entry.words, unit_label=entry.label(unit),
+            siblings=self.siblings(data),
             units=units, prev=neighbours[0], next=neighbours[1],
             evidence=data.unit_evidence(unit), texts=data.top_texts(unit), texts_missing=data.texts_missing_reason(),
             similar=data.similar_units(unit), examples=examples, maps_missing=maps is None and data.scan is not None,

@@ -1,13 +1,17 @@
 """Live probes: one image through the loaded model to one layer, for the unit page's "test an image".
 
-The image is an upload (decoded by the dataset decoder, so the same bomb guard and format handling apply)
-or a dataset item of the layer's scan. Computes and returns numbers only: nothing is written anywhere.
+The image is an upload (decoded by the dataset decoder, so the same bomb guard, format handling and bounded
+preprocessing apply) or a dataset item of the layer's scan. Computes and returns numbers only: nothing is
+written anywhere. Every probe's decoding and forward runs on the prober's own pool of PROBE_WORKERS threads
+(not the server's 40-thread pool), so many uploads at once wait in line instead of decoding side by side.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
-from typing import Dict, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ from .layer import LayerData
 
 MAX_UPLOAD_BYTES = 10 * 2 ** 20
 TOP_UNITS = 8
+PROBE_WORKERS = 2          # probes decoded and run at once (each decode may hold an 89.5-megapixel image)
 
 
 class ProbeError(NeurolensError):
@@ -39,8 +44,13 @@ class Prober:
     def __init__(self, clip, cache=None):
         self.clip, self.cache = clip, cache
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=PROBE_WORKERS, thread_name_prefix="neurolens-probe")
         self._bases: Dict[str, object] = {}       # entry id -> basis (neurolens.sae)
         self.reasons: Dict[str, str] = {}         # entry id -> why it cannot be probed
+
+    async def run(self, func: Callable, *args):
+        """func(*args) on the prober's bounded pool (module docstring), awaited from the server's event loop."""
+        return await asyncio.wrap_future(self._pool.submit(func, *args))
 
     def matches(self, data: LayerData) -> bool:
         """True when the loaded weights (and, for features, the SAE) are the ones the records were made with."""

@@ -2,46 +2,19 @@
 from __future__ import annotations
 
 import ipaddress
-import re
-import secrets
 import socket
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import NeurolensError
 from ..records.index import LayerEntry, index_cache
 from ..storage.cache import Cache
+from .access import access_for, cookie_name
 from .app import ServeState, build_app
 from .layer import LayerData
 from .probe import Prober
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-# hosts served without a token: the default and its usual spellings. Any other --host needs one.
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-@dataclass
-class Access:
-    token: Optional[str]
-    warning: Optional[str] = None
-
-
-def access_for(host: str, token: Optional[str] = None, no_token: bool = False) -> Access:
-    """The token in force for `host` (module rule), or an error for a contradictory request."""
-    if token is not None and no_token:
-        raise NeurolensError("--token and --no-token contradict each other; pass one of them")
-    if token is not None:
-        if len(token) < 8 or not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
-            raise NeurolensError("--token must be at least 8 characters from A-Z a-z 0-9 . _ ~ - (it travels in "
-                                 "URLs and cookies)")
-        return Access(token)
-    if host in LOCAL_HOSTS:
-        return Access(None)
-    if no_token:
-        return Access(None, warning=f"warning: serving on {host} without a token (--no-token): anyone who can "
-                                    f"reach this address can browse the cache and reveal raw images")
-    return Access(secrets.token_urlsafe(24))
 
 
 def select_layers(cache: Cache, names: Sequence[str] = (), bases: Sequence[str] = ()) -> Dict[str, LayerData]:
@@ -89,7 +62,8 @@ def url_for(host: str, port: int, token: Optional[str]) -> str:
 
 def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: Optional[str] = None,
           no_token: bool = False, reveal: bool = True, clip=None, layers: Sequence[str] = (),
-          bases: Sequence[str] = (), announce: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
+          bases: Sequence[str] = (), announce: Callable[[str], None] = print, warn: Callable[[str], None] = print,
+          require_token: bool = False, allow_hosts: Sequence[str] = ()) -> None:
     """Serve the cache until interrupted. Prints `serving <url>` once connections are accepted."""
     try:
         import uvicorn  # lazy: optional dependency (the web stack), only when a server starts
@@ -98,29 +72,29 @@ def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, toke
         raise NeurolensError(f"neurolens serve needs {exc.name}: pip install 'neurolens[serve]' "
                              f"(starlette and uvicorn)") from None
 
-    access = access_for(host, token, no_token)
+    access = access_for(host, token, no_token, require_token, allow_hosts)
     chosen = select_layers(cache, layers, bases)
     prober = Prober(clip, cache) if clip is not None else None
     note = f"Probes use {clip.name} ({clip.pretrained})." if clip is not None else ""
-    state = ServeState(chosen, reveal=reveal, prober=prober, token=access.token,
-                       loopback_only=host in LOCAL_HOSTS and access.token is None, model_note=note)
-    if clip is not None and not state.probe_layers:
-        warn(f"note: the loaded model ({clip.name}) made none of the cached layers: probes are off")
-    app = build_app(state)
     sock = open_socket(host, port)
     bound_port = sock.getsockname()[1]
-    if access.warning:
-        warn(access.warning)
-
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets=sockets)
-            if not self.should_exit:
-                announce(f"serving {url_for(host, bound_port, access.token)}")
-
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=2)
     try:
+        state = ServeState(chosen, reveal=reveal, prober=prober, token=access.token,
+                           allowed_hosts=access.allowed_hosts, cookie=cookie_name(bound_port), model_note=note)
+        if clip is not None and not state.probe_layers:
+            warn(f"note: the loaded model ({clip.name}) made none of the cached layers: probes are off")
+        app = build_app(state)
+        if access.warning:
+            warn(access.warning)
+
+        class _Server(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if not self.should_exit:
+                    announce(f"serving {url_for(host, bound_port, access.token)}")
+
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2)
         _Server(config).run(sockets=[sock])
     finally:
         sock.close()

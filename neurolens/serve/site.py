@@ -1,5 +1,7 @@
 """The static site: the web app's pages as files, with blurred images only and no reveal, to share or host
-anywhere. Links are relative and data sits inside the pages, so it opens from file:// as well."""
+anywhere. Links are relative and data sits inside the pages, so it opens from file:// as well. Nothing in it
+names an absolute local path: pages name datasets and vocabularies by their last component (pages.public_text),
+and site.json names the records it was made from by their path inside the cache."""
 from __future__ import annotations
 
 import hashlib
@@ -94,13 +96,24 @@ def _stamp(chosen, examples: int) -> dict:
         for found in sae_candidates(data.cache, data.entry):
             inputs.extend(sorted(p for p in found.iterdir() if not p.name.startswith(".")) if found.is_dir()
                           else [found])
-    records = sorted((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in inputs if path.is_file())
+    root = Path(next(iter(chosen.values())).cache.root) if chosen else Path(".")
+    records = sorted((_site_name(path, root), path.stat().st_size, path.stat().st_mtime_ns)
+                     for path in inputs if path.is_file())
     package = resources.files("neurolens.serve")
     files = sorted((p.name, hashlib.sha1(p.read_bytes()).hexdigest()) for folder in ("templates", "static")
                    for p in (package / folder).iterdir())
     stamp = {"version": SITE_VERSION, "examples": int(examples), "layers": sorted(chosen), "records": records,
              "files": files}
     return json.loads(json.dumps(stamp))     # as it reads back from site.json (lists, not tuples)
+
+
+def _site_name(path: Path, root: Path) -> str:
+    """How site.json names an input: its path inside the cache, else its last two components (an SAE folder
+    made elsewhere), never an absolute local path (the site is published)."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(Path(Path(path).parent.name) / Path(path).name)
 
 
 def _read_stamp(out: Path) -> Optional[dict]:

@@ -11,16 +11,20 @@ denied, ...), the temporary file is removed and a `WriteError` (a NeurolensError
 line and exits 2) names the path, what went wrong, and what to do: free space, or pass the option that
 moves this kind of output elsewhere (`--cache` for cache records, `--out` for outputs).
 
-CSV cells are escaped against spreadsheet formula injection (`csv_cell`): a text cell that starts with
-= + - @, a tab or a carriage return gets a leading apostrophe, so a spreadsheet shows it as text instead of
-running it. Numbers that neurolens writes (int, float, numpy scalars) are written as numbers.
+CSV cells are escaped against spreadsheet formula injection (`csv_cell`, `csv_line`): a text cell that starts
+with = + - @, a tab or a carriage return (after any spaces) gets a leading apostrophe, so a spreadsheet shows it
+as text instead of running it. A spreadsheet may split the file on another separator than the comma (`;` in many
+locales, tab, `|`), and then a quote in the middle of a line does not start a quoted field: so inside a cell,
+a formula character right after such a separator or a line break (spaces between) gets an apostrophe too
+(`cat;=1+1` is written `cat;'=1+1`), and a text cell holding a separator, a quote, a line break or a formula
+character anywhere is quoted. Numbers that neurolens writes (int, float, numpy scalars) are written as numbers.
 """
 from __future__ import annotations
 
-import csv
 import errno
 import io
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +37,10 @@ CACHE_OPTION = "--cache"
 
 # Characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection").
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# A text cell holding any of these is quoted: separators some locales split on, quotes, line breaks, formulas.
+CSV_QUOTE_CHARACTERS = frozenset(",;\t|\"\r\n=+-@")
+# A formula character after a separator or line break inside a cell (spaces between) gets an apostrophe.
+_FORMULA_AFTER_SEPARATOR = re.compile(r"([,;\t|\r\n] *)(?=[=+\-@])")
 
 _WHAT_WENT_WRONG = {
     errno.ENOSPC: "no space left on the device",
@@ -108,7 +116,7 @@ def atomic_path(path: str | os.PathLike, option: Optional[str] = OUT_OPTION, dur
         _remove(tmp)
         raise
     if durable:
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, option: Optional[str] = OUT_OPTION,
@@ -136,7 +144,7 @@ def save_png(image, path: str | os.PathLike, option: Optional[str] = OUT_OPTION,
 
 def csv_cell(value: Any) -> Any:
     """One CSV cell, safe to open in a spreadsheet (module docstring): None -> '', numbers as numbers, text
-    starting with a formula character gets a leading apostrophe."""
+    starting with a formula character gets a leading apostrophe, and so does one after a separator inside it."""
     if value is None:
         return ""
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):   # numpy scalars
@@ -145,18 +153,44 @@ def csv_cell(value: Any) -> Any:
         return int(value)
     if isinstance(value, (int, float)):
         return value
-    text = str(value)
-    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+    text = _FORMULA_AFTER_SEPARATOR.sub(r"\1'", str(value))
+    return "'" + text if text.lstrip(" ").startswith(FORMULA_PREFIXES) else text
+
+
+def csv_line(values: Iterable[Any]) -> str:
+    """One CSV row (comma-separated, CRLF-terminated like the csv module's): every cell through csv_cell, and
+    quoted (inner quotes doubled) when it holds a separator, quote, line break or formula character anywhere
+    (module docstring). csv.reader and spreadsheets read it back cell for cell."""
+    cells = []
+    for value in values:
+        cell = csv_cell(value)
+        if isinstance(cell, str):
+            if CSV_QUOTE_CHARACTERS.intersection(cell):
+                cell = '"' + cell.replace('"', '""') + '"'
+            cells.append(cell)
+        else:
+            cells.append(repr(cell) if isinstance(cell, float) else str(cell))
+    return ",".join(cells) + "\r\n"
+
+
+class CsvWriter:
+    """csv.writer's writerow over a text handle, with csv_line's escaping and quoting."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def writerow(self, values: Iterable[Any]) -> None:
+        self.handle.write(csv_line(values))
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]],
               option: Optional[str] = OUT_OPTION) -> Path:
-    """A CSV file (header, then rows) written atomically, every cell through csv_cell."""
+    """A CSV file (header, then rows) written atomically, every row through csv_line."""
     buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer)
-    writer.writerow([csv_cell(name) for name in header])
+    writer = CsvWriter(buffer)
+    writer.writerow(header)
     for row in rows:
-        writer.writerow([csv_cell(value) for value in row])
+        writer.writerow(row)
     return write_text(path, buffer.getvalue(), option)
 
 
@@ -165,7 +199,7 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make the rename itself durable where the platform allows it (best effort: never fatal)."""
     try:
         handle = os.open(folder, os.O_RDONLY)
