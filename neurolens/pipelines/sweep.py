@@ -9,9 +9,9 @@ flags.csv (pipelines.flags). The engines differ only in how the scan and the uni
 scoring.statistics.UnitStatsResult) are produced:
 
     LocalEngine   in this process: run_scan (resumable, image embeddings kept), the label sources over the
-                  whole dataset and their reliability check, then UnitLabelStats streamed over the scan's
-                  per-image maxima chunks (scoring.units.unit_statistics: exact AUC within `auc_memory`
-                  bytes, else binned)
+                  whole dataset and their reliability check, then the statistics streamed over the scan's
+                  per-image maxima chunks (scoring.units.unit_statistics: the one-label case of the concept
+                  audit's scorer, scoring.multilabel; exact AUC within `auc_memory` bytes, else binned)
     RayEngine     on Ray Data: ONE fused pass (engines.ray.fused) computes the scan, the label sources and
                   the statistics together, so no per-image value of any unit is stored; its label results
                   are the `sweep-fused` record (records.sweep)
@@ -51,8 +51,7 @@ from ..records.sweep import (FUSED_KIND, SWEEP_KIND, SWEEP_VERSION, SweepResult,
                              fused_record, label_set_from_record, ranked_texts, statistics_from_record, sweep_path,
                              to_record)
 from ..scoring.flags import UnitStatsResult
-from ..scoring.statistics import ExactAUC
-from ..scoring.units import EDGE_SAMPLE_ROWS, score_units, unit_statistics
+from ..scoring.units import EDGE_SAMPLE_ROWS, auc_method, score_units, unit_statistics
 from ..storage.cache import Cache, settings_key
 from ..text.vocab import load_vocab
 from .flags import flags_path, write_flags_csv
@@ -152,8 +151,7 @@ class _LocalPass:
 
     def method(self, scan) -> str:
         """exact, or binned:<bytes> when the scan's rows do not fit the settings' auc_memory."""
-        memory = int(self.job.settings.auc_memory)
-        return "exact" if memory >= ExactAUC.bytes_needed(len(scan.keys), int(scan.channels)) else f"binned:{memory}"
+        return auc_method(len(scan.keys), int(scan.channels), int(self.job.settings.auc_memory))
 
     def labels(self, scan) -> Tuple[LabelSet, UnitStatsResult]:
         job = self.job

@@ -114,6 +114,16 @@ def bh_qvalues(p: ArrayLike) -> np.ndarray:
     return q
 
 
+def binned_u_statistic(pos: np.ndarray, neg: np.ndarray):
+    """(U of the positives, tie term), each (U,), from positive and negative counts (U, 2E + 1) over BinnedAUC's
+    bins: pairs in one bin count half; point bins hold exactly tied values, interval bins count as distinct."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    below = np.cumsum(neg, axis=1) - neg
+    u_stat = (pos * (below + 0.5 * neg)).sum(axis=1)
+    size = pos[:, 1::2] + neg[:, 1::2]
+    return u_stat, (size ** 3 - size).sum(axis=1)
+
+
 def quantile_edges(sample: ArrayLike, bins: int = DEFAULT_BINS) -> np.ndarray:
     """(U, bins + 1) float32 edges for BinnedAUC: per unit, the 0, 1/bins, ..., 1 quantiles of a sample of
     rows (m, U) (non-finite rows ignored). Values outside the sample's range fall in the two open end bins."""
@@ -380,14 +390,9 @@ class BinnedAUC:
         if n_pos == 0 or n_neg == 0:
             nan = np.full(self.units, np.nan)
             return AUCResult(nan, nan.copy(), n_pos, n_neg, "binned")
-        below = torch.cumsum(neg, dim=1) - neg
-        u_stat = (pos * (below + 0.5 * neg)).sum(1)
-        size = pos + neg
-        # point bins hold exactly tied values; interval bins are taken as distinct values
-        tie_term = (size[:, 1::2] ** 3 - size[:, 1::2]).sum(1)
-        u_stat = u_stat.cpu().numpy()
-        return AUCResult(u_stat / (n_pos * n_neg), mann_whitney_p(u_stat, n_pos, n_neg, tie_term.cpu().numpy()),
-                         n_pos, n_neg, "binned")
+        u_stat, tie_term = binned_u_statistic(pos.cpu().numpy(), neg.cpu().numpy())
+        return AUCResult(u_stat / (n_pos * n_neg), mann_whitney_p(u_stat, n_pos, n_neg, tie_term), n_pos, n_neg,
+                         "binned")
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         return {"edges": self.edges.cpu().numpy(), "pos": self.pos.cpu().numpy(), "neg": self.neg.cpu().numpy()}
