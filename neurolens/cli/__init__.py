@@ -5,6 +5,7 @@ from . import visualize_cmd  # noqa: F401
 from . import audit_cmd  # noqa: F401
 from . import scan_cmd  # noqa: F401
 from . import sweep_cmd  # noqa: F401
+from . import concepts_cmd  # noqa: F401
 from . import toy_cmd  # noqa: F401
 from . import text_cmd  # noqa: F401
 from . import sae_cmd  # noqa: F401

@@ -111,7 +111,8 @@ class SweepJob:
     def choose_sources(self, keys: Sequence[str], captions: Optional[Sequence[str]]) -> None:
         named, auto = self.labels.requested()
         self.specs, self.notes = resolve_specs(named, auto, has_captions=has_captions(keys, captions), clip=self.clip,
-                                               detector=self.labels.detector, scorer=self.scorer)
+                                               detector=self.labels.detector, scorer=self.scorer,
+                                               auto_kinds=self.labels.auto_kinds)
 
     def key(self, scan, ranking, method: str) -> str:
         """The sweep record's key (unchanged since SWEEP_VERSION 2: old records keep being found)."""
@@ -155,13 +156,19 @@ class _LocalPass:
 
     def labels(self, scan) -> Tuple[LabelSet, UnitStatsResult]:
         job = self.job
-        sources = compute_sources(job.specs, dataset=self.dataset, keys=scan.keys, captions=job.captions(self.dataset),
-                                  clip=job.clip, embeddings=scan.embeddings if job.needs_embeddings else None,
-                                  prompts=job.prompts, terms=job.terms, caption_mode=job.labels.caption_mode,
-                                  scorer=job.scorer, cache=job.cache, progress=job.progress, skip=~scan.valid)
-        label_set = check_reliability(sources, job.labels.min_agreement, job.notes)
+        label_set = label_set_of(job, self.dataset, scan)
         statistics = unit_statistics(scan, label_set.labels, int(job.settings.auc_memory), progress=job.progress)
         return label_set, statistics
+
+
+def label_set_of(job: SweepJob, dataset: ImageDataset, scan) -> LabelSet:
+    """The job's label sources over the scanned images, checked against each other and combined (a sweep's
+    labels; a concept audit's labels of one concept)."""
+    sources = compute_sources(job.specs, dataset=dataset, keys=scan.keys, captions=job.captions(dataset),
+                              clip=job.clip, embeddings=scan.embeddings if job.needs_embeddings else None,
+                              prompts=job.prompts, terms=job.terms, caption_mode=job.labels.caption_mode,
+                              scorer=job.scorer, cache=job.cache, progress=job.progress, skip=~scan.valid)
+    return check_reliability(sources, job.labels.min_agreement, job.notes)
 
 
 class RayEngine:

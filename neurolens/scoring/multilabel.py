@@ -70,14 +70,9 @@ class MultiLabelResult:
 
 def _as_rows(values, labels, units: int, count: int):
     """(values (b, U) float32, labels (b, K) float32) of the rows whose values are all finite."""
-    x = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x.reshape(-1, 1)
-    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    y = np.asarray(y, dtype=np.float32)
-    if y.ndim == 1:
-        y = y.reshape(-1, 1)
+    x, y = (np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float32)
+            for v in (values, labels))
+    x, y = (v.reshape(-1, 1) if v.ndim == 1 else v for v in (x, y))
     if x.shape[0] != y.shape[0] or x.shape[1] != units or y.shape[1] != count:
         raise ValueError(f"values {x.shape} and labels {y.shape} do not match {units} units and {count} labels")
     keep = np.isfinite(x).all(axis=1)
@@ -166,14 +161,12 @@ def _sorted_order(columns: np.ndarray):
     bits = (columns + np.float32(0.0)).view(np.uint32)                  # + 0.0 turns -0.0 into 0.0
     flip = (bits.view(np.int32) >> 31).view(np.uint32) | np.uint32(0x80000000)
     keys = np.empty((b, n), dtype=np.uint64)
-    halves = keys.view(np.uint32).reshape(b, n, 2)                      # little-endian: [low, high]
-    if not halves.flags.c_contiguous or np.little_endian is False:
-        order = np.argsort(columns, axis=1, kind="stable")
-        return order, np.take_along_axis(columns, order, axis=1)
-    np.bitwise_xor(bits, flip, out=halves[..., 1])
-    halves[..., 0] = np.arange(n, dtype=np.uint32)
+    halves = keys.view(np.uint32).reshape(b, n, 2)
+    low, high = (0, 1) if np.little_endian else (1, 0)
+    np.bitwise_xor(bits, flip, out=halves[..., high])
+    halves[..., low] = np.arange(n, dtype=np.uint32)
     keys.sort(axis=1)
-    return halves[..., 0].astype(np.intp), np.ascontiguousarray(halves[..., 1])
+    return halves[..., low].astype(np.intp), np.ascontiguousarray(halves[..., high])
 
 
 def _runs(ordered: np.ndarray):
