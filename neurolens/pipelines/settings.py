@@ -164,7 +164,7 @@ class ConceptSettings:
         detector (named: never dropped, their agreement still measured), plus `auto` limited to zero-shot
         for prompts (kept only where it agrees with them, never on random weights)."""
         off = self.detector is False
-        kinds = tuple(kind for kind, wanted in (("captions", concept.terms), ("nudenet", concept.detector and not off),
+        kinds = tuple(kind for kind, wanted in (("captions", concept.terms), ("nudenet", concept.detector),
                                                 ("zero-shot", concept.prompts)) if wanted)
         if concept.labels:
             sources = concept.labels
