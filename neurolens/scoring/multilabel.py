@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .flags import UnitStatsResult
-from .statistics import RANK_BLOCK_BYTES, bh_qvalues, binned_u_statistic, mann_whitney_p
+from .statistics import RANK_BLOCK_BYTES, bh_qvalues, bin_counts, binned_u_statistic, mann_whitney_p
 
 # ------------------------------------------------------------------------------------------- the result
 
@@ -303,36 +303,39 @@ class _BinnedCounts:
         if (edges[:, 1:] < edges[:, :-1]).any() or not np.isfinite(edges).all():
             raise ValueError("binned edges must be finite and non-decreasing per unit")
         self.edges, self.k = edges, int(count)
+        self.repeated = edges[:, 1:] == edges[:, :-1]
         self.units, self.n_edges = edges.shape
         self.n_bins = 2 * self.n_edges + 1
         self.total = np.zeros((self.units, self.n_bins), np.int64)
         self.pos = np.zeros((self.k, self.units, self.n_bins), np.int64)
         self.unknown: Dict[int, np.ndarray] = {}
 
-    def bins_of(self, x: np.ndarray) -> np.ndarray:
-        """(U, b) bin index of the values x (b, U): 2i for the interval below edge i, 2i + 1 for edge i (the
-        first copy of a repeated edge)."""
-        edges, values = torch.from_numpy(self.edges), torch.from_numpy(np.ascontiguousarray(x.T))
-        index = torch.searchsorted(edges, values)                       # edges[i-1] < v <= edges[i]
-        at_edge = edges.gather(1, index.clamp(max=self.n_edges - 1)) == values
-        return (2 * index + (at_edge & (index < self.n_edges)).to(torch.int64)).numpy()
-
-    def _count(self, flat: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return np.bincount(flat[:, rows].ravel(), minlength=self.units * self.n_bins).reshape(self.units, -1)
-
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         if not len(x):
             return
-        flat = self.bins_of(x) + (np.arange(self.units, dtype=np.int64) * self.n_bins)[:, None]
-        self.total += self._count(flat, np.arange(len(x)))
-        for k in range(self.k):
-            positive = np.flatnonzero(y[:, k] >= 0.5)
-            if len(positive):
-                self.pos[k] += self._count(flat, positive)
-            unknown = np.flatnonzero(~np.isfinite(y[:, k]))
-            if len(unknown):
-                counted = self._count(flat, unknown)
-                self.unknown[k] = self.unknown[k] + counted if k in self.unknown else counted
+        columns = np.ascontiguousarray(x.T)                                  # (U, b)
+        self.total += bin_counts(columns, self.edges, self.repeated)
+        wanted = [(k, rows, unknown) for k in range(self.k)
+                  for rows, unknown in ((y[:, k] >= 0.5, False), (~np.isfinite(y[:, k]), True)) if rows.any()]
+        flat = self._flat_bins(columns) if len(wanted) > 2 else None
+        for k, rows, unknown in wanted:
+            if flat is None:                          # a label or two: sort their rows, as BinnedAUC does
+                found = bin_counts(columns[:, rows], self.edges, self.repeated)
+            else:                                     # many: each value's bin once, then one count per label
+                found = np.bincount(flat[:, rows].ravel(), minlength=self.units * self.n_bins).reshape(self.units, -1)
+            if not unknown:
+                self.pos[k] += found
+            else:
+                self.unknown[k] = self.unknown[k] + found if k in self.unknown else found
+
+    def _flat_bins(self, columns: np.ndarray) -> np.ndarray:
+        """(U, b) each value's bin (those of bin_counts: 2i below edge i, 2i + 1 at edge i), offset by its unit's
+        first bin, for one bincount over all units."""
+        edges, values = torch.from_numpy(self.edges), torch.from_numpy(columns)
+        index = torch.searchsorted(edges, values)                            # edges[i-1] < v <= edges[i]
+        at_edge = edges.gather(1, index.clamp(max=self.n_edges - 1)) == values
+        flat = (2 * index + (at_edge & (index < self.n_edges)).to(torch.int64)).numpy()
+        return flat + (np.arange(self.units, dtype=np.int64) * self.n_bins)[:, None]
 
     def merge(self, other: "_BinnedCounts") -> None:
         if other.edges.shape != self.edges.shape or not np.array_equal(other.edges, self.edges):
