@@ -17,8 +17,8 @@ def _num(value: Optional[float], spec: str) -> str:
     return "n/a" if value is None or value != value else format(value, spec)
 
 
-@app.command("concepts", short_help="Score every unit of a layer against every concept of a concept set (AUC, "
-                                     "AUPRC, q) from one pass; units flagged for two concepts first.")
+@app.command("concepts", short_help="Score every unit against every concept of a concept set (AUC, AUPRC, q) in "
+                                     "one pass.")
 @command
 @uses(model=MODEL, data=DATASET, loader=LOADER, settings=CONCEPTS, engine=ENGINE)
 def concepts(
