@@ -2,6 +2,7 @@
 one-concept case, the JSON rows and their order, the CSV, the record and the command."""
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -305,6 +306,12 @@ def test_concepts_run_once_from_one_scan_cache_and_warn_on_weak_concepts(tiny_cl
     record = cache.read(result.path)
     assert record.arrays["auc"].shape == (5, result.units) and record.arrays["image_labels"].shape == (5, 60)
     assert record.attrs["concept_set"]["identity"] == concepts.identity
+    # beyond the memory budget: the binned path, a record of its own
+    binned = pipeline.run_concepts(tiny_clip, LAYER, table60, replace(settings, auc_memory=0), cache=cache,
+                                   scorer=stub_scorer)
+    assert binned.method == "binned" and result.method == "exact" and binned.path != result.path
+    for name in ("adult", "dogs", "tagged"):
+        assert np.abs(binned.concept(name).auc - result.concept(name).auc).max() <= 0.005
     # another rule or concept set is another record
     other = pipeline.run_concepts(tiny_clip, LAYER, table60, ConceptSettings(concepts=concepts), cache=cache,
                                   scorer=stub_scorer)
