@@ -272,7 +272,8 @@ def test_concepts_run_once_from_one_scan_cache_and_warn_on_weak_concepts(tiny_cl
     from neurolens.pipelines import concepts as pipeline
     from neurolens.storage.cache import Cache
     cache = Cache(tmp_path / "cache")
-    concepts = concept_set_of([{"name": "adult", "terms": ["adult"]}, {"name": "dogs", "terms": ["dog"]},
+    concepts = concept_set_of([{"name": "adult", "terms": ["adult"]},
+                               {"name": "dogs", "terms": ["dog"], "sensitive": False},
                                {"name": "tagged", "column": "tag", "values": ["yes"]},
                                {"name": "rare", "terms": ["number 7"], "match": "substring"},
                                {"name": "gone", "column": "missing"}], name="test")
@@ -312,6 +313,16 @@ def test_concepts_run_once_from_one_scan_cache_and_warn_on_weak_concepts(tiny_cl
     assert binned.method == "binned" and result.method == "exact" and binned.path != result.path
     for name in ("adult", "dogs", "tagged"):
         assert np.abs(binned.concept(name).auc - result.concept(name).auc).max() <= 0.005
+    # the blur policy blurs the units flagged for a sensitive concept (every concept here but `dogs`)
+    from neurolens.labels.policy import BlurPolicy
+    from neurolens.records.concepts import sensitive_labels
+    sensitive = (result.flagged() | binned.flagged())[[0, 2, 3, 4]].any(axis=0)       # every record of the layer
+    assert sensitive.any() and (result.concept("dogs").flagged & ~sensitive).any()
+    policy = BlurPolicy.for_layer(tiny_clip, LAYER, cache=cache, detector=False)
+    assert policy.flagged == set(np.flatnonzero(sensitive).tolist())
+    labels = sensitive_labels(record)
+    assert np.array_equal(labels == 1, (result.concept("adult").labels.labels == 1) |
+                          (result.concept("tagged").labels.labels == 1) | (result.concept("rare").labels.labels == 1))
     # another rule or concept set is another record
     other = pipeline.run_concepts(tiny_clip, LAYER, table60, ConceptSettings(concepts=concepts), cache=cache,
                                   scorer=stub_scorer)

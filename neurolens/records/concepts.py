@@ -11,14 +11,15 @@ the one reader and writer, readable without a model.
                label sources (LabelSet.as_attrs: kind, threshold, agreement, kept or dropped) or why it has
                none, scan record, model, pretrained, fingerprint
 
-`ConceptsResult.rows()` is the one home of the JSON rows and their order (docs/concepts.md). The key is made
-by neurolens.pipelines.concepts.
+`ConceptsResult.rows()` is the one home of the JSON rows and their order (docs/concepts.md); the blur policy
+reads the units flagged for a sensitive concept (`flagged_in_cache`) and the images labelled with one
+(`sensitive_labels`). The key is made by neurolens.pipelines.concepts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 
@@ -176,6 +177,38 @@ def concepts_path(cache: Cache, fingerprint: str, layer: str, key: str) -> Path:
 def concepts_paths(cache: Cache, fingerprint: str, layer: str) -> List[Path]:
     """Every concepts record of one model's layer (every dataset, concept set and setting), by name."""
     return cache.layer_records(CONCEPTS_KIND, fingerprint, layer)
+
+
+def sensitive_rows(record: Record) -> List[int]:
+    """The rows (concepts) of a concepts record whose concept is sensitive (blurred by the blur policy)."""
+    return [k for k, concept in enumerate(record.attrs["concept_set"]["concepts"]) if concept.get("sensitive", True)]
+
+
+def flagged_in_cache(cache: Cache, fingerprint: str, layer: str, basis: str = NEURONS) -> Set[int]:
+    """Units flagged for a sensitive concept in ANY cached concepts record of `layer` made with these weights,
+    of one basis (the blur policy blurs them as it blurs the sweep's flagged units)."""
+    flagged: Set[int] = set()
+    for path in concepts_paths(cache, fingerprint, layer):
+        record = cache.read(path, names=["flagged"])
+        if record is None or record.attrs.get("basis", NEURONS) != basis:
+            continue
+        rows = sensitive_rows(record)
+        if rows:
+            flagged.update(int(u) for u in np.flatnonzero(np.asarray(record.arrays["flagged"])[rows].any(axis=0)))
+    return flagged
+
+
+def sensitive_labels(record: Record) -> Optional[np.ndarray]:
+    """(N,) per dataset index: 1 where an image is labelled positive for a sensitive concept, 0 where every
+    sensitive concept knows it negative, NaN otherwise (for the blur policy's image_labels); None without any
+    sensitive concept."""
+    rows = sensitive_rows(record)
+    if not rows:
+        return None
+    labels = np.asarray(record.arrays["image_labels"], dtype=np.float64)[rows]
+    out = np.where(np.isfinite(labels).all(axis=0), 0.0, np.nan)
+    out[(labels >= 0.5).any(axis=0)] = 1.0
+    return out
 
 
 # ------------------------------------------------------------------------------------------- writing
