@@ -313,6 +313,10 @@ def test_concepts_run_once_from_one_scan_cache_and_warn_on_weak_concepts(tiny_cl
     assert binned.method == "binned" and result.method == "exact" and binned.path != result.path
     for name in ("adult", "dogs", "tagged"):
         assert np.abs(binned.concept(name).auc - result.concept(name).auc).max() <= 0.005
+    from neurolens.records.concepts import newest_result
+    newest = newest_result(cache, tiny_clip.fingerprint, LAYER)
+    assert newest is not None and newest.path == binned.path and newest.scan is None
+    assert newest_result(cache, tiny_clip.fingerprint, LAYER, basis="sae-x") is None
     # the blur policy blurs the units flagged for a sensitive concept (every concept here but `dogs`)
     from neurolens.labels.policy import BlurPolicy
     from neurolens.records.concepts import sensitive_labels

@@ -26,7 +26,7 @@ import numpy as np
 from ..labels.concepts import Concept, ConceptSet, parse_concept_set
 from ..labels.reliability import LabelSet
 from ..scoring.flags import WEAK_CLASS, FlagRule
-from ..storage.cache import Cache, Record
+from ..storage.cache import Cache, Record, written_at
 from .keys import NEURONS
 from .sweep import label_set_from_parts
 
@@ -177,6 +177,16 @@ def concepts_path(cache: Cache, fingerprint: str, layer: str, key: str) -> Path:
 def concepts_paths(cache: Cache, fingerprint: str, layer: str) -> List[Path]:
     """Every concepts record of one model's layer (every dataset, concept set and setting), by name."""
     return cache.layer_records(CONCEPTS_KIND, fingerprint, layer)
+
+
+def newest_result(cache: Cache, fingerprint: str, layer: str, basis: str = NEURONS) -> Optional[ConceptsResult]:
+    """The newest concepts record of one model's layer and basis (any dataset and concept set), read without a
+    model (its scan is not attached), or None."""
+    for path in sorted(concepts_paths(cache, fingerprint, layer), key=written_at, reverse=True):
+        record = cache.read(path)
+        if record is not None and record.attrs.get("basis", NEURONS) == basis:
+            return from_record(record)
+    return None
 
 
 def sensitive_rows(record: Record) -> List[int]:
