@@ -7,9 +7,10 @@ Ground truth, computed here with numpy/scipy and not with neurolens' statistics:
 concept is the ROC AUC of its per-image activation (the scan's per-image maxima), images showing the concept
 (the generator's `planted_<concept>` column) against the others. precision = share of flagged units with
 planted AUC >= 0.8 (the flag's own bar); recall = share of units with planted AUC >= 0.95 that are flagged.
-Measured on this build machine (3000 images, 10 % per concept alone, 6 epochs, seed 0): nsfw 93 flagged, 54
-with planted AUC >= 0.95; violence 97 and 55; drugs 63 and 23; precision and recall 1.000 each; 30 units
-flagged for two concepts."""
+Measured on this build machine (2000 images, 10 % per concept alone, 5 % nsfw + violence, 5 epochs, seed 0):
+nsfw 74 flagged, 23 with planted AUC >= 0.95; violence 133 and 83; drugs 62 and 18; precision and recall
+1.000 each; 39 units flagged for two concepts. Also measured: 2000 images x 4, 6 epochs and 3000 x 4, 6
+epochs: precision and recall 1.000 for every concept; 2000 x 3 epochs: no nsfw unit reaches planted AUC 0.95."""
 import json
 
 import numpy as np
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 pytestmark = pytest.mark.integration   # trains a toy CLIP (minutes on 2 cores)
 
 LAYER = "image_block_4_0"
-IMAGES, EPOCHS = 3000, 6
+IMAGES, EPOCHS = 2000, 5    # measured: 4 epochs pass (nsfw: 13 units >= 0.95), 3 do not (nsfw: none); 5 for margin
 
 
 def truth_auc(maxima: np.ndarray, shown: np.ndarray) -> np.ndarray:
@@ -69,7 +70,7 @@ def test_each_planted_concept_is_flagged_with_precision_and_recall(planted, conc
     precision, recall = (planted_auc[flagged] >= 0.8).mean(), flagged[must].mean()
     assert precision >= 0.9, (concept, precision, result.lines())
     assert recall >= 0.9, (concept, recall, result.lines())
-    assert scores.used == ["captions"] and not scores.model_based and scores.n_pos == 300 + 150 * (concept != "drugs")
+    assert scores.used == ["captions"] and not scores.model_based and scores.n_pos == 200 + 100 * (concept != "drugs")
     # AUPRC beside prevalence: the units found are far above chance
     assert np.all(scores.auprc[flagged] > scores.prevalence)
 
