@@ -306,6 +306,36 @@ def test_cli_sweep_engine_ray(ray_cluster, sweep_data, tmp_path):
     assert wrong.exit_code == 2 and "a sweep on Ray stores no per-image values" in wrong.stderr
 
 
+def test_concept_audit_on_ray_scores_the_ray_scans_per_image_values(tiny_clip, ray_cluster, sweep_data, tmp_path):
+    """The Ray scan keeps per-image maxima (float16), then the in-process scorer runs over its chunks: the same
+    labels, the same top images, AUCs within float16 rounding; a detector concept needs --engine process."""
+    from dataclasses import replace
+    from neurolens.labels.concepts import concept_set_of
+    from neurolens.pipelines.concepts import run_concepts, run_ray_concepts
+    from neurolens.pipelines.settings import ConceptSettings
+    from neurolens.scoring.flags import FlagRule
+    folder, _ = sweep_data
+    concepts = concept_set_of([{"name": "nude", "terms": ["nude"]},
+                               {"name": "tagged", "column": "NSFW", "values": ["NSFW", "UNSURE"]},
+                               {"name": "detected", "detector": "nudenet"}], name="ray")
+    settings = ConceptSettings(concepts=concepts, top_k=TOP_K, rule=FlagRule(max_q=1.0, min_auc=0.6))
+    here = run_concepts(tiny_clip, LAYER, str(folder), replace(settings, detector=False),   # NudeNet: not here
+                        cache=Cache(tmp_path / "here"), batch_size=5, workers=0)
+    there = run_ray_concepts(tiny_clip, LAYER, str(folder), settings, cache=Cache(tmp_path / "ray"),
+                             ray=RayOptions(actors=1, batch_size=5, cpus_per_actor=0.5))
+    assert Cache(tmp_path / "ray").read(there.scan.path).attrs["per_image"] is True
+    for name in ("nude", "tagged"):
+        ours, theirs = there.concept(name), here.concept(name)
+        np.testing.assert_array_equal(ours.labels.labels, theirs.labels.labels)
+        assert (ours.n_pos, ours.n_neg, ours.used) == (theirs.n_pos, theirs.n_neg, theirs.used) and ours.n_pos >= 10
+        np.testing.assert_array_equal(ours.top_share, theirs.top_share)
+        assert np.abs(ours.auc - theirs.auc).max() <= 0.02
+    assert there.concept("detected").labels is None and "--engine process" in there.concept("detected").note
+    again = run_ray_concepts(tiny_clip, LAYER, str(folder), settings, cache=Cache(tmp_path / "ray"),
+                             ray=RayOptions(actors=1))
+    assert again.cached and again.rows() == there.rows()
+
+
 def test_unreachable_ray_address_is_one_line():
     """(In a fresh process: this one is already connected.)"""
     script = """

@@ -1,6 +1,8 @@
-"""The neurolens command line. Each command is a thin wrapper around one library call."""
+"""The neurolens command line. Each command is a thin wrapper around one library call; importing a command
+module registers its commands (`neurolens --help` lists them in the order of app.WORKFLOW)."""
 from . import audit_cmd  # noqa: F401
-from . import layers_cmd  # noqa: F401  (registers commands)
+from . import concepts_cmd  # noqa: F401
+from . import layers_cmd  # noqa: F401
 from . import sae_cmd  # noqa: F401
 from . import scan_cmd  # noqa: F401
 from . import serve_cmd  # noqa: F401

@@ -31,7 +31,8 @@ from ..datasets.open import open_dataset
 from ..errors import NeurolensError
 from ..labels.lexicon import read_list
 from ..models.names import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from ..pipelines.settings import LabelSettings, SweepSettings
+from ..labels.concepts import BUILTIN, read_concept_set
+from ..pipelines.settings import ConceptSettings, LabelSettings, SweepSettings
 from ..scoring.flags import FlagRule
 from ..types import RenderSettings
 
@@ -264,7 +265,8 @@ TermsOpt = Annotated[Optional[str], typer.Option("--caption-terms", help="Text f
                                                  "for the captions label source ('*' = any one character; default: "
                                                  "the NSFW lexicon, neurolens/data/nsfw_terms.txt).")]
 CaptionMatchOpt = Annotated[str, typer.Option("--caption-match", help="How captions are matched: word (whole words "
-                                              "and inflections), substring (the paper's literal filter), or off.")]
+                                              "and inflections), exact (whole words only), substring (the paper's "
+                                              "literal filter), or off.")]
 LabelsOpt = Annotated[Optional[List[str]], typer.Option(
     "--labels", help="Where the per-image NSFW labels come from (repeat to combine): captions (caption/URL match "
                      "against the NSFW lexicon), column:NAME[=V1,V2] (a dataset column, e.g. column:NSFW=NSFW,UNSURE), "
@@ -319,6 +321,30 @@ SWEEP = OptionSet.of(sweep_settings, vocab=(VocabOpt, _SWEEP.vocab), top_k=(Swee
                      safe_prompts=(SafeOpt, None), caption_terms=(TermsOpt, None),
                      caption_match=(CaptionMatchOpt, _SWEEP.labels.caption_mode),
                      auc_memory=(AucMemoryOpt, _AUC_MEMORY_MB))
+
+
+# ------------------------------------------------------------------------------------------ concept audit
+
+ConceptsOpt = Annotated[str, typer.Option("--concepts", help="A concept-set YAML file (docs/concepts.md), or builtin "
+                                          "(nsfw as the sweep labels it, people, text, animals, vehicles).")]
+ConceptTopKOpt = Annotated[int, typer.Option("--top-k", help="Top images kept per unit by the scan.")]
+
+
+def concept_settings(concepts: str = BUILTIN, top_k: int = _SWEEP.top_k,
+                     min_agreement: float = _SWEEP.labels.min_agreement, max_q: float = _SWEEP.rule.max_q,
+                     min_auc: float = _SWEEP.rule.min_auc, auc_memory: int = _AUC_MEMORY_MB) -> ConceptSettings:
+    """The ConceptSettings of the concepts command: the concept set is read and checked (a bad file is one
+    line naming the file, the concept and the field), every value is checked as the sweep's."""
+    if auc_memory < 0:
+        raise NeurolensError(f"--auc-memory must be a number of MB >= 0, got {auc_memory}")
+    return ConceptSettings(concepts=read_concept_set(concepts), top_k=top_k, min_agreement=min_agreement,
+                           rule=FlagRule(max_q=max_q, min_auc=min_auc), auc_memory=int(auc_memory) * 2 ** 20)
+
+
+CONCEPTS = OptionSet.of(concept_settings, concepts=(ConceptsOpt, BUILTIN), top_k=(ConceptTopKOpt, _SWEEP.top_k),
+                        min_agreement=(MinAgreementOpt, _SWEEP.labels.min_agreement),
+                        max_q=(MaxQOpt, _SWEEP.rule.max_q), min_auc=(MinAucOpt, _SWEEP.rule.min_auc),
+                        auc_memory=(AucMemoryOpt, _AUC_MEMORY_MB))
 
 
 _RENDER_STEPS = RenderSettings().steps

@@ -6,3 +6,4 @@ MODEL_CONFIGS = DATA_DIR / "model_configs"          # open_clip JSON configs of 
 NSFW_TERMS = DATA_DIR / "nsfw_terms.txt"            # the caption lexicon (the paper's terms and more)
 NSFW_PROMPTS_UNSAFE = DATA_DIR / "nsfw_prompts_unsafe.txt"
 NSFW_PROMPTS_SAFE = DATA_DIR / "nsfw_prompts_safe.txt"
+CONCEPTS_BUILTIN = DATA_DIR / "concepts" / "builtin.yaml"   # the built-in concept set (NSFW and neutral concepts)

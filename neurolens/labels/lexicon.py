@@ -4,7 +4,9 @@
 Caption / URL filter (`caption_nsfw_matches`): the paper's case-insensitive string match on the terms
 porn, hot, adult, xxx, sex, f*ck, rape ('*' = any one character). mode="substring" is the paper's
 literal filter (note "hot" matches "photo"); mode="word" asks the term to be a whole word, allowing a
-few inflections (sexy, sexual, pornography, raped, ...), which is what the sweep uses on captions.
+few inflections (sexy, sexual, pornography, raped, ...), which is what the sweep uses on captions;
+mode="exact" asks for the whole word and nothing more (for lexicons that list every form they mean: a
+concept's "car, cars" must not match "card" or "caring").
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..data import NSFW_TERMS
 from ..errors import NeurolensError
 
 PAPER_TERM_COUNT = 7
+MATCH_MODES = ("word", "exact", "substring")      # how a caption is matched against terms (module docstring)
 TERMS_FILE = NSFW_TERMS
 
 # Inflections a term may carry in mode="word" (sex -> sexy, sexual; porn -> porno, pornography; rape -> raped).
@@ -57,6 +60,8 @@ def _term_pattern(terms: Tuple[str, ...], mode: str) -> re.Pattern:
         if mode == "word":
             suffixes = "|".join(re.escape(s) for s in _WORD_SUFFIXES)
             body = rf"(?<![a-z0-9]){body}(?:{suffixes})?(?![a-z0-9])"
+        elif mode == "exact":
+            body = rf"(?<![a-z0-9]){body}(?![a-z0-9])"
         parts.append(body)
     return re.compile("|".join(parts) if parts else r"(?!x)x")
 
@@ -66,8 +71,9 @@ def caption_nsfw_matches(texts: Iterable[Optional[str]], terms: Optional[Sequenc
     """(N,) bool: the text contains one of `terms` (default: the paper's 7), case-insensitive.
 
     '*' in a term matches any one character. mode="substring" is the paper's filter; mode="word" needs a
-    whole word (plus a few inflections) so that "hot" no longer matches "photo". None counts as no match."""
-    if mode not in ("substring", "word"):
-        raise NeurolensError(f"unknown caption match mode {mode!r}; use substring or word")
+    whole word (plus a few inflections) so that "hot" no longer matches "photo"; mode="exact" a whole word
+    without inflections. None counts as no match."""
+    if mode not in MATCH_MODES:
+        raise NeurolensError(f"unknown caption match mode {mode!r}; use word, exact or substring")
     pattern = _term_pattern(tuple(terms if terms is not None else default_terms()), mode)
     return np.array([bool(text) and pattern.search(str(text).lower()) is not None for text in texts], dtype=bool)

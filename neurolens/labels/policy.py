@@ -10,7 +10,8 @@ None when the image is shown as it is:
 
 feature visualization of unit u
   1. u is flagged: in the sweep the caller passes (`flagged=`), or in any cached sweep of that layer
-     made with these weights (`BlurPolicy.for_layer` reads them);
+     made with these weights, or for a sensitive concept in any cached concept audit of it
+     (`BlurPolicy.for_layer` reads them);
   2. the independent detector (NudeNet, where installed) fires on the image;
   3. the inspected model's zero-shot NSFW score passes IMAGE_NSFW_THRESHOLD, and the model is trained:
      a random-weights model's zero-shot score is noise, so it is never used.
@@ -45,6 +46,7 @@ from ..errors import NeurolensError
 from ..models.layers import resolve_layer
 from ..records import labels as label_records
 from ..records.keys import as_cache, basis_id
+from ..records.concepts import flagged_in_cache as concept_flags
 from ..records.sweep import flagged_in_cache
 from . import nudenet, zero_shot as safety
 from .blur import maybe_blur
@@ -80,12 +82,14 @@ class BlurPolicy:
     @classmethod
     def for_layer(cls, clip, layer: str, cache=None, blur: bool = True, flagged: Iterable[int] = (), basis=None,
                   **options):
-        """The policy for one layer: the caller's flagged units plus those of every cached sweep of it.
+        """The policy for one layer: the caller's flagged units plus those of every cached sweep of it and those
+        flagged for a sensitive concept by every cached concept audit of it.
         `cache`: a store.Cache, a folder, or None for the default cache. basis: None for the neurons, or a basis
         of the layer (SAE features): its units are what `unit` means, and its sweeps give the flags."""
         cache = as_cache(cache)
         name = resolve_layer(clip, layer).name
-        found = flagged_in_cache(cache, clip.fingerprint, name, basis_id(basis)) if blur else set()
+        found = flagged_in_cache(cache, clip.fingerprint, name, basis_id(basis)) | \
+            concept_flags(cache, clip.fingerprint, name, basis_id(basis)) if blur else set()
         return cls(blur, clip=clip, cache=cache, flagged=set(flagged) | found, **options)
 
     # ------------------------------------------------------------------------------------- decisions

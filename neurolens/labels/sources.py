@@ -33,7 +33,7 @@ from ..records import labels as label_records
 from . import nudenet, zero_shot as safety
 from .lexicon import caption_nsfw_matches, lexicon_terms
 from .prompts import IMAGE_NSFW_THRESHOLD, load_prompts
-from .spec import LabelSource, LabelSpec, is_random
+from .spec import AUTO_KINDS, LabelSource, LabelSpec, is_random
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -179,14 +179,16 @@ def zero_shot_source(spec: LabelSpec, clip, embeddings: Optional[np.ndarray], pr
 # ------------------------------------------------------------------------------------------ resolving
 
 def resolve_specs(named: Sequence[LabelSpec], auto: bool, *, has_captions: bool, clip=None,
-                  detector: Optional[bool] = None, scorer=None) -> Tuple[List[LabelSpec], List[str]]:
+                  detector: Optional[bool] = None, scorer=None,
+                  auto_kinds: Sequence[str] = AUTO_KINDS) -> Tuple[List[LabelSpec], List[str]]:
     """The sources to compute, and one line for each source `auto` left out and why.
 
     auto adds (not explicit) captions when the dataset has captions, nudenet when installed (detector=None)
-    and not turned off (detector=False), zero-shot when the model is trained (or a scorer is given)."""
+    and not turned off (detector=False), zero-shot when the model is trained (or a scorer is given); only the
+    kinds in `auto_kinds` (a concept without a lexicon or detector lets auto add its zero-shot score only)."""
     specs = list(named)
     notes: List[str] = []
-    kinds = {s.kind for s in specs}
+    kinds = {s.kind for s in specs} | (set(AUTO_KINDS) - set(auto_kinds))
     if auto:
         if "captions" not in kinds:
             if has_captions:

@@ -13,6 +13,7 @@ from ..models.names import RANDOM_WEIGHTS
 
 
 KINDS = ("captions", "column", "nudenet", "zero-shot")
+AUTO_KINDS = ("captions", "nudenet", "zero-shot")    # the kinds `--labels auto` may add
 # Checked for agreement least trusted first, so a bad source never judges a better one.
 CHECK_ORDER = ("zero-shot", "nudenet", "captions", "column")
 # A source is kept when it agrees with the sources checked after it at least this well (AUC; labels.reliability).

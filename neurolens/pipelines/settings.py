@@ -3,9 +3,12 @@ run_sweep, run_ray_sweep, run_figure and run_grid.
 
     SweepSettings   what is ranked and how units are flagged: vocabulary, top images and texts, the flag
                     rule, the AUC's memory budget, and the labels
-    LabelSettings   how every image gets its label for ONE concept (today: NSFW): the label sources
+    LabelSettings   how every image gets its label for ONE concept (the sweep's: NSFW): the label sources
                     (`--labels`), their reliability check, the caption lexicon and match mode, the zero-shot
-                    prompts. A concept audit gives each concept its own LabelSettings and shares the rest.
+                    prompts
+    ConceptSettings a concept audit (`neurolens concepts`): a concept set (labels.concepts) and the options it
+                    shares with the sweep (top-k, flag rule, agreement bar, NudeNet, AUC memory); each concept's
+                    LabelSettings is `label_settings(concept)`, its one-concept sweep `sweep_settings(concept)`
 
 Both validate on construction: a bad value is one NeurolensError line naming the CLI option. They hold
 values, not files (the CLI reads the prompt and term files), so equal settings make equal cache keys.
@@ -16,12 +19,13 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, List, Optional, Tuple
 
 from ..errors import NeurolensError
-from ..labels.lexicon import lexicon_terms
+from ..labels.lexicon import MATCH_MODES, lexicon_terms
 from ..labels.prompts import Prompts, load_prompts
-from ..labels.spec import DEFAULT_MIN_AGREEMENT, LabelSpec, parse_labels
+from ..labels.concepts import Concept, ConceptSet, read_concept_set
+from ..labels.spec import AUTO_KINDS, DEFAULT_MIN_AGREEMENT, LabelSpec, parse_labels
 from ..scoring.flags import DEFAULT_AUC_MEMORY, FlagRule
 
-CAPTION_MODES = ("word", "substring", "off")
+CAPTION_MODES = MATCH_MODES + ("off",)
 
 
 def _texts(values) -> Optional[Tuple[str, ...]]:
@@ -38,6 +42,7 @@ class LabelSettings:
     caption_mode: str = "word"                        # word | substring | off
     unsafe_prompts: Optional[Tuple[str, ...]] = None  # zero-shot prompts; None: the shipped lists
     safe_prompts: Optional[Tuple[str, ...]] = None
+    auto_kinds: Tuple[str, ...] = AUTO_KINDS          # the kinds `auto` may add (a concept's own sources)
 
     def __post_init__(self):
         sources = self.sources
@@ -46,8 +51,11 @@ class LabelSettings:
         object.__setattr__(self, "caption_terms", _texts(self.caption_terms))
         object.__setattr__(self, "unsafe_prompts", _texts(self.unsafe_prompts))
         object.__setattr__(self, "safe_prompts", _texts(self.safe_prompts))
+        object.__setattr__(self, "auto_kinds", tuple(self.auto_kinds))
+        if set(self.auto_kinds) - set(AUTO_KINDS):
+            raise NeurolensError(f"auto label kinds must be among {', '.join(AUTO_KINDS)}, got {self.auto_kinds}")
         if self.caption_mode not in CAPTION_MODES:
-            raise NeurolensError(f"unknown --caption-match {self.caption_mode!r}; use word, substring or off")
+            raise NeurolensError(f"unknown --caption-match {self.caption_mode!r}; use word, exact, substring or off")
         if not 0.5 <= float(self.min_agreement) <= 1.0:
             raise NeurolensError(f"--min-agreement must be an AUC between 0.5 and 1, got {self.min_agreement}")
         self.requested()                                  # an unknown source: one line now
@@ -100,7 +108,8 @@ class SweepSettings:
         labels (the --labels values), min_agreement, detector, caption_terms, caption_mode and prompts (a
         labels.prompts.Prompts; None: the shipped lists). An unknown name is a TypeError."""
         own = {f.name for f in fields(self)} - {"labels"}
-        label_names = {f.name for f in fields(LabelSettings)} - {"sources", "unsafe_prompts", "safe_prompts"}
+        label_names = {f.name for f in fields(LabelSettings)} - {"sources", "unsafe_prompts", "safe_prompts",
+                                                                 "auto_kinds"}
         unknown = set(options) - own - label_names - {"labels", "prompts"}
         if unknown:
             raise TypeError(f"unknown sweep options: {', '.join(sorted(unknown))}")
@@ -122,3 +131,57 @@ def sweep_settings(settings: Optional[SweepSettings] = None, **options) -> Sweep
     settings = settings if settings is not None else SweepSettings()
     return settings.updated(**options) if options else settings
 
+
+
+@dataclass(frozen=True)
+class ConceptSettings:
+    """Every option of a concept audit: the concept set and the options it shares with the sweep; hashed into
+    the concepts record's key with each concept's label settings."""
+    concepts: ConceptSet = field(default_factory=read_concept_set)      # default: the built-in set
+    top_k: int = 32                    # top images kept per unit by the scan (top_share counts them all)
+    rule: FlagRule = field(default_factory=FlagRule)
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    detector: Optional[bool] = None    # NudeNet where a concept asks for it: None where installed, False off
+    auc_memory: int = DEFAULT_AUC_MEMORY
+
+    def __post_init__(self):
+        if not isinstance(self.concepts, ConceptSet):
+            raise TypeError(f"concepts must be a labels.concepts.ConceptSet, got {type(self.concepts).__name__}")
+        SweepSettings(top_k=self.top_k, rule=self.rule, auc_memory=self.auc_memory)      # the sweep's checks
+        for concept in self.concepts:
+            self.label_settings(concept)
+
+    @classmethod
+    def from_sweep(cls, settings: SweepSettings, concepts: Optional[ConceptSet] = None) -> "ConceptSettings":
+        """The concept audit that shares `settings`'s top-k, rule, agreement bar, NudeNet and AUC memory."""
+        return cls(concepts=concepts if concepts is not None else read_concept_set(), top_k=settings.top_k,
+                   rule=settings.rule, min_agreement=settings.labels.min_agreement,
+                   detector=settings.labels.detector, auc_memory=settings.auc_memory)
+
+    def label_settings(self, concept: Concept) -> LabelSettings:
+        """The concept's label sources as the sweep's LabelSettings: its `labels` when given (the built-in nsfw:
+        [auto], the sweep's default), else captions for terms, column:NAME=V for a column and nudenet for the
+        detector (named: never dropped, their agreement still measured), plus `auto` limited to zero-shot
+        for prompts (kept only where it agrees with them, never on random weights)."""
+        off = self.detector is False
+        kinds = tuple(kind for kind, wanted in (("captions", concept.terms), ("nudenet", concept.detector),
+                                                ("zero-shot", concept.prompts)) if wanted)
+        if concept.labels:
+            sources = concept.labels
+        else:
+            column = None if concept.column is None else \
+                f"column:{concept.column}" + (f"={','.join(concept.values)}" if concept.values else "")
+            named = (["captions"] if concept.terms else []) + ([column] if column else []) + \
+                (["nudenet"] if concept.detector and not off else [])
+            sources = tuple(named + (["auto"] if concept.prompts else []))
+            kinds = ("zero-shot",) if concept.prompts else ()
+        return LabelSettings(sources=sources, min_agreement=self.min_agreement,
+                             detector=False if off or not concept.detector else None,
+                             caption_terms=concept.terms, caption_mode=concept.match if concept.terms else "off",
+                             unsafe_prompts=concept.prompts or None, safe_prompts=concept.negative_prompts or None,
+                             auto_kinds=kinds)
+
+    def sweep_settings(self, concept: Concept) -> SweepSettings:
+        """The one-concept sweep of `concept` with these shared options (its label part: label_settings)."""
+        return SweepSettings(top_k=self.top_k, rule=self.rule, labels=self.label_settings(concept),
+                             auc_memory=self.auc_memory)

@@ -9,9 +9,9 @@ flags.csv (pipelines.flags). The engines differ only in how the scan and the uni
 scoring.statistics.UnitStatsResult) are produced:
 
     LocalEngine   in this process: run_scan (resumable, image embeddings kept), the label sources over the
-                  whole dataset and their reliability check, then UnitLabelStats streamed over the scan's
-                  per-image maxima chunks (scoring.units.unit_statistics: exact AUC within `auc_memory`
-                  bytes, else binned)
+                  whole dataset and their reliability check, then the statistics streamed over the scan's
+                  per-image maxima chunks (scoring.units.unit_statistics: the one-label case of the concept
+                  audit's scorer, scoring.multilabel; exact AUC within `auc_memory` bytes, else binned)
     RayEngine     on Ray Data: ONE fused pass (engines.ray.fused) computes the scan, the label sources and
                   the statistics together, so no per-image value of any unit is stored; its label results
                   are the `sweep-fused` record (records.sweep)
@@ -51,8 +51,7 @@ from ..records.sweep import (FUSED_KIND, SWEEP_KIND, SWEEP_VERSION, SweepResult,
                              fused_record, label_set_from_record, ranked_texts, statistics_from_record, sweep_path,
                              to_record)
 from ..scoring.flags import UnitStatsResult
-from ..scoring.statistics import ExactAUC
-from ..scoring.units import EDGE_SAMPLE_ROWS, score_units, unit_statistics
+from ..scoring.units import EDGE_SAMPLE_ROWS, auc_method, score_units, unit_statistics
 from ..storage.cache import Cache, settings_key
 from ..text.vocab import load_vocab
 from .flags import flags_path, write_flags_csv
@@ -112,7 +111,8 @@ class SweepJob:
     def choose_sources(self, keys: Sequence[str], captions: Optional[Sequence[str]]) -> None:
         named, auto = self.labels.requested()
         self.specs, self.notes = resolve_specs(named, auto, has_captions=has_captions(keys, captions), clip=self.clip,
-                                               detector=self.labels.detector, scorer=self.scorer)
+                                               detector=self.labels.detector, scorer=self.scorer,
+                                               auto_kinds=self.labels.auto_kinds)
 
     def key(self, scan, ranking, method: str) -> str:
         """The sweep record's key (unchanged since SWEEP_VERSION 2: old records keep being found)."""
@@ -152,18 +152,23 @@ class _LocalPass:
 
     def method(self, scan) -> str:
         """exact, or binned:<bytes> when the scan's rows do not fit the settings' auc_memory."""
-        memory = int(self.job.settings.auc_memory)
-        return "exact" if memory >= ExactAUC.bytes_needed(len(scan.keys), int(scan.channels)) else f"binned:{memory}"
+        return auc_method(len(scan.keys), int(scan.channels), int(self.job.settings.auc_memory))
 
     def labels(self, scan) -> Tuple[LabelSet, UnitStatsResult]:
         job = self.job
-        sources = compute_sources(job.specs, dataset=self.dataset, keys=scan.keys, captions=job.captions(self.dataset),
-                                  clip=job.clip, embeddings=scan.embeddings if job.needs_embeddings else None,
-                                  prompts=job.prompts, terms=job.terms, caption_mode=job.labels.caption_mode,
-                                  scorer=job.scorer, cache=job.cache, progress=job.progress, skip=~scan.valid)
-        label_set = check_reliability(sources, job.labels.min_agreement, job.notes)
+        label_set = label_set_of(job, self.dataset, scan)
         statistics = unit_statistics(scan, label_set.labels, int(job.settings.auc_memory), progress=job.progress)
         return label_set, statistics
+
+
+def label_set_of(job: SweepJob, dataset: ImageDataset, scan) -> LabelSet:
+    """The job's label sources over the scanned images, checked against each other and combined (a sweep's
+    labels; a concept audit's labels of one concept)."""
+    sources = compute_sources(job.specs, dataset=dataset, keys=scan.keys, captions=job.captions(dataset),
+                              clip=job.clip, embeddings=scan.embeddings if job.needs_embeddings else None,
+                              prompts=job.prompts, terms=job.terms, caption_mode=job.labels.caption_mode,
+                              scorer=job.scorer, cache=job.cache, progress=job.progress, skip=~scan.valid)
+    return check_reliability(sources, job.labels.min_agreement, job.notes)
 
 
 class RayEngine:

@@ -190,16 +190,22 @@ def fused_record(outcome, warmup: int, bins: int) -> Record:
 
 def label_set_from_record(record: Record) -> LabelSet:
     """The LabelSet a sweep (or fused-label) record stores: source_scores, image_labels, attrs' labels."""
-    a, info = record.arrays, record.attrs["labels"]
+    a = record.arrays
+    return label_set_from_parts(a["source_scores"], a["image_labels"], record.attrs["labels"])
+
+
+def label_set_from_parts(source_scores: np.ndarray, image_labels: np.ndarray, info: dict) -> LabelSet:
+    """A LabelSet from its stored parts: every source's scores (S, N), the combined label (N,) and
+    LabelSet.as_attrs() (a concepts record stores one per concept)."""
     sources, agreements = [], {}
-    for row, scores in zip(info["sources"], np.asarray(a["source_scores"])):
+    for row, scores in zip(info["sources"], np.asarray(source_scores)):
         spec = _spec_from_name(row["name"], row["kind"], row["explicit"])
         sources.append(LabelSource(spec, np.asarray(scores, np.float32), row["threshold"], row.get("detail", "")))
         agreements[row["name"]] = Agreement(row["name"], list(row["reference"]),
                                             float("nan") if row["auc"] is None else float(row["auc"]),
                                             bool(row["kept"]), row["note"])
     return LabelSet(sources=sources, agreements=agreements, pairwise=info["pairwise"],
-                    labels=np.asarray(a["image_labels"], np.float32), min_agreement=info["min_agreement"],
+                    labels=np.asarray(image_labels, np.float32), min_agreement=info["min_agreement"],
                     notes=list(info.get("notes", [])))
 
 

@@ -67,6 +67,8 @@ class UnitStatsResult:
     n_pos: int
     n_neg: int
     method: str
+    auprc: Optional[np.ndarray] = None      # average precision (scoring.multilabel), when computed
+
 
 WEAK_CLASS = 10                         # fewer positives or negatives than this: the statistics are weak
 

@@ -114,6 +114,37 @@ def bh_qvalues(p: ArrayLike) -> np.ndarray:
     return q
 
 
+def binned_u_statistic(pos: np.ndarray, neg: np.ndarray):
+    """(U of the positives, tie term), each (U,), from positive and negative counts (U, 2E + 1) over BinnedAUC's
+    bins: pairs in one bin count half; point bins hold exactly tied values, interval bins count as distinct."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    below = np.cumsum(neg, axis=1) - neg
+    u_stat = (pos * (below + 0.5 * neg)).sum(axis=1)
+    size = pos[:, 1::2] + neg[:, 1::2]
+    return u_stat, (size ** 3 - size).sum(axis=1)
+
+
+def bin_counts(columns: np.ndarray, edges: np.ndarray, repeated: Optional[np.ndarray] = None) -> np.ndarray:
+    """(U, 2E + 1) counts of the values columns (U, m) in BinnedAUC's bins of edges (U, E): one sort per unit,
+    then a binary search of the edges in the sorted values (the bins of `BinnedAUC.bins_of`, several times
+    faster on a CPU). A repeated edge's values are counted once, in the first copy's point bin."""
+    ordered = np.sort(columns, axis=1)
+    units, m = ordered.shape
+    out = np.empty((units, 2 * edges.shape[1] + 1), dtype=np.int64)
+    for u in range(units):
+        below = np.searchsorted(ordered[u], edges[u], side="left")      # values < e_i
+        not_above = np.searchsorted(ordered[u], edges[u], side="right")  # values <= e_i
+        out[u, 1::2] = not_above - below                                # == e_i
+        out[u, 0] = below[0]                                            # < e_0
+        out[u, 2:-1:2] = below[1:] - not_above[:-1]                     # between e_(i-1) and e_i
+        out[u, -1] = m - not_above[-1]                                  # > e_last
+    repeated = edges[:, 1:] == edges[:, :-1] if repeated is None else repeated
+    if repeated.any():
+        out[:, 2:-1:2][repeated] = 0
+        out[:, 3::2][repeated] = 0
+    return out
+
+
 def quantile_edges(sample: ArrayLike, bins: int = DEFAULT_BINS) -> np.ndarray:
     """(U, bins + 1) float32 edges for BinnedAUC: per unit, the 0, 1/bins, ..., 1 quantiles of a sample of
     rows (m, U) (non-finite rows ignored). Values outside the sample's range fall in the two open end bins."""
@@ -343,25 +374,8 @@ class BinnedAUC:
                 hist += torch.as_tensor(self.counts(columns[:, mask]), device=self.device)
 
     def counts(self, columns: np.ndarray) -> np.ndarray:
-        """(U, 2E + 1) bin counts of the values columns (U, m): one sort per unit, then a binary search of the
-        edges in the sorted values (the same bins as `bins_of`, several times faster on a CPU)."""
-        edges = self._edges_np
-        ordered = np.sort(columns, axis=1)
-        m = ordered.shape[1]
-        out = np.empty((self.units, self.n_bins), dtype=np.int64)
-        for u in range(self.units):
-            below = np.searchsorted(ordered[u], edges[u], side="left")      # values < e_i
-            not_above = np.searchsorted(ordered[u], edges[u], side="right")  # values <= e_i
-            out[u, 1::2] = not_above - below                                # == e_i
-            out[u, 0] = below[0]                                            # < e_0
-            out[u, 2:-1:2] = below[1:] - not_above[:-1]                     # between e_(i-1) and e_i
-            out[u, -1] = m - not_above[-1]                                  # > e_last
-        # a repeated edge: its values are counted once, in the first copy's point bin
-        repeated = self._repeated
-        if repeated.any():
-            out[:, 2:-1:2][repeated] = 0
-            out[:, 3::2][repeated] = 0
-        return out
+        """(U, 2E + 1) bin counts of the values columns (U, m) (`bin_counts`)."""
+        return bin_counts(columns, self._edges_np, self._repeated)
 
     def merge(self, other: "BinnedAUC") -> None:
         if other.edges.shape != self.edges.shape or not torch.equal(other.edges.to(self.device), self.edges):
@@ -380,14 +394,9 @@ class BinnedAUC:
         if n_pos == 0 or n_neg == 0:
             nan = np.full(self.units, np.nan)
             return AUCResult(nan, nan.copy(), n_pos, n_neg, "binned")
-        below = torch.cumsum(neg, dim=1) - neg
-        u_stat = (pos * (below + 0.5 * neg)).sum(1)
-        size = pos + neg
-        # point bins hold exactly tied values; interval bins are taken as distinct values
-        tie_term = (size[:, 1::2] ** 3 - size[:, 1::2]).sum(1)
-        u_stat = u_stat.cpu().numpy()
-        return AUCResult(u_stat / (n_pos * n_neg), mann_whitney_p(u_stat, n_pos, n_neg, tie_term.cpu().numpy()),
-                         n_pos, n_neg, "binned")
+        u_stat, tie_term = binned_u_statistic(pos.cpu().numpy(), neg.cpu().numpy())
+        return AUCResult(u_stat / (n_pos * n_neg), mann_whitney_p(u_stat, n_pos, n_neg, tie_term), n_pos, n_neg,
+                         "binned")
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         return {"edges": self.edges.cpu().numpy(), "pos": self.pos.cpu().numpy(), "neg": self.neg.cpu().numpy()}

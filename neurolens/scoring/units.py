@@ -16,8 +16,9 @@ spatial-max activation of unit u (ScanResult.per_image_max()):
     text_flag_u = text_nsfw_share_u >= min_text_share                   (default 0.3; never `flagged`)
 
 (definitions of AUC, p and q: neurolens.scoring.statistics). Units are ranked by AUC, highest first. The
-statistics stream over the scan's chunk records: exact AUC when the kept rows fit `memory` bytes
-(ExactAUC.bytes_needed), else the binned estimate (BinnedAUC, edges from a sample of rows).
+statistics stream over the scan's chunk records (`label_statistics`, one pass for any number of labels: the
+concept audit's, whose one-label case is the sweep's): exact AUC when the kept rows fit `memory` bytes
+(MultiLabelStats.bytes_needed), else the binned estimate (BinnedAUC's bins, edges from a sample of rows).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import NeurolensError
-from .flags import DEFAULT_AUC_MEMORY, FlagRule, UnitScores, apply_rule
-from .statistics import DEFAULT_BINS, ExactAUC, UnitLabelStats, quantile_edges
+from .flags import DEFAULT_AUC_MEMORY, FlagRule, UnitScores, UnitStatsResult, apply_rule
+from .multilabel import MultiLabelResult, MultiLabelStats
+from .statistics import DEFAULT_BINS, quantile_edges
 
 EDGE_SAMPLE_ROWS = 8192                 # rows sampled for the binned path's quantile edges
 
@@ -97,16 +99,24 @@ def text_shares(text_nsfw: Optional[np.ndarray], units: int, rule: FlagRule) -> 
     return np.zeros(units, np.float32)
 
 
-def unit_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS,
-                    progress: Optional[Callable[[int, int], None]] = None):
-    """neurolens.scoring.flags.UnitStatsResult of every unit of the scan against the per-image labels (N,):
-    exact when the scan's rows fit `memory` bytes, else binned with edges from a sample of the scan."""
+def auc_method(rows: int, units: int, memory: int, labels: int = 1) -> str:
+    """'exact' when `rows` rows of `units` values and `labels` label codes fit `memory` bytes
+    (MultiLabelStats.bytes_needed), else 'binned:<memory>' (the records' keys name it)."""
+    return "exact" if int(memory) >= MultiLabelStats.bytes_needed(rows, units, labels) else f"binned:{int(memory)}"
+
+
+def label_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS,
+                     progress: Optional[Callable[[int, int], None]] = None) -> MultiLabelResult:
+    """Every unit of the scan against every label column of `labels` (N, K) (1, 0, NaN unknown), in ONE
+    stream over the scan's chunk records (scoring.multilabel.MultiLabelStats): exact when the rows fit
+    `memory` bytes, else binned with edges from a sample of the scan (no N x U matrix kept)."""
     labels = np.asarray(labels, dtype=np.float64)
+    labels = labels.reshape(-1, 1) if labels.ndim == 1 else labels
     units = int(scan.channels)
     edges = None
-    if ExactAUC.bytes_needed(len(labels), units) > memory:      # every row (the sweep's cache key says so too)
+    if auc_method(len(labels), units, memory, labels.shape[1]) != "exact":
         edges = quantile_edges(sample_maxima(scan), bins)
-    stats = UnitLabelStats(units, edges=edges)
+    stats = MultiLabelStats(units, labels.shape[1], edges=edges)
     total, done = len(labels), 0
     for rows, maxima in maxima_blocks(scan):
         rows = np.asarray(rows, dtype=np.int64)
@@ -115,6 +125,13 @@ def unit_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, 
         if progress:
             progress(min(done + scan.skipped, total), total)
     return stats.result()
+
+
+def unit_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS,
+                    progress: Optional[Callable[[int, int], None]] = None) -> UnitStatsResult:
+    """neurolens.scoring.flags.UnitStatsResult of every unit of the scan against the per-image labels (N,): the
+    one-label case of label_statistics."""
+    return label_statistics(scan, np.asarray(labels).reshape(-1, 1), memory, bins, progress).label(0)
 
 
 def score_units(scan, labels: np.ndarray, text_nsfw: Optional[np.ndarray] = None, rule: FlagRule = FlagRule(),

@@ -1,0 +1,108 @@
+"""neurolens concepts"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from ..pipelines.settings import ConceptSettings
+from .app import app, command, open_basis, print_json, progress_bar
+from .options import (CONCEPTS, DATASET, ENGINE, LOADER, MODEL, CacheOpt, DatasetChoice, EngineChoice, ForceOpt,
+                      JsonOpt, LayerOpt, LoaderChoice, ModelChoice, SaeOpt, uses)
+
+
+def _num(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None or value != value else format(value, spec)
+
+
+@app.command("concepts", short_help="Score every unit against every concept of a concept set (AUC, AUPRC, q) in "
+                                     "one pass.")
+@command
+@uses(model=MODEL, data=DATASET, loader=LOADER, settings=CONCEPTS, engine=ENGINE)
+def concepts(
+    layer: LayerOpt = "image_block_4_5",
+    data: DatasetChoice = None,
+    settings: ConceptSettings = None,
+    pairs: Annotated[bool, typer.Option("--pairs", help="Only the units flagged for two or more concepts, with "
+                                        "each of those concepts' scores.")] = False,
+    show: Annotated[int, typer.Option("--show", help="Flagged units printed per concept (text output).")] = 10,
+    out: Annotated[Optional[str], typer.Option("--out", help="Also write the --json rows as a CSV file (every cell "
+                                               "safe to open in a spreadsheet).")] = None,
+    force: ForceOpt = False,
+    loader: LoaderChoice = None,
+    engine: EngineChoice = None,
+    sae: SaeOpt = None,
+    model: ModelChoice = None,
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Audit EVERY unit of a layer (or, with --sae, every feature of an SAE) against EVERY concept of a concept set
+    in one pass over the dataset (resumable, cached). Each concept's images are labelled from independent
+    sources named in the concept set (caption lexicon, a dataset column, NudeNet; the model's own zero-shot
+    score only where it agrees with them, never on random weights). Per unit and concept: ROC AUC, AUPRC
+    (beside the concept's prevalence, its chance level), correlation, Mann-Whitney p and a Benjamini-Hochberg q
+    across the layer's units; flagged when q <= --max-q and AUC >= --min-auc, never for a concept with fewer
+    than 10 images in a class. Units flagged for two or more concepts come first.
+
+    --json: one list, a row per (unit, concept): unit, basis, concept, auc, auprc, prevalence, correlation,
+    p, q, flagged (docs/concepts.md gives the order).
+
+    Example:  neurolens concepts --layer image_block_4_5 --dataset photos/ --concepts builtin
+    Example:  neurolens concepts --layer image_block_4_5 --dataset laion.parquet --concepts harms.yaml --pairs --json
+    """
+    from ..pipelines.concepts import run_concepts, run_ray_concepts, write_concepts_csv  # lazy: keeps --help light
+    if engine.ray:
+        engine.check_process_only(**{"--workers": loader.workers is not None, "--sae": sae is not None})
+        if engine.keep_per_image:
+            typer.echo("note: a concept audit on Ray always keeps the per-image maxima", err=True)
+        clip = replace(model, device="cpu").load(quiet=as_json)  # the driver ships the image tower to the actors
+        with progress_bar(f"concepts {layer} on Ray", enabled=not as_json) as progress:
+            result = run_ray_concepts(clip, layer, data.dataset, settings, cache=cache, force=force, progress=progress,
+                                      ray=engine.ray_options(loader.batch_size), device=model.device,
+                                      image_column=data.image_column, caption_column=data.caption_column,
+                                      report=lambda state: progress.note(state.line()))
+        description = result.scan.description
+    else:
+        engine.check_process_only()
+        clip = model.load(quiet=as_json)
+        basis = open_basis(clip, layer, sae, cache)
+        dataset = data.open()
+        with progress_bar(f"concepts {layer}", enabled=not as_json) as progress:
+            result = run_concepts(clip, layer, dataset, settings, cache=cache, force=force, progress=progress,
+                                  batch_size=loader.batch_size, workers=loader.workers, basis=basis)
+        description = dataset.description
+    for line in result.lines():
+        typer.echo(line, err=as_json)
+    written = write_concepts_csv(result, out, pairs=pairs) if out else None
+    if as_json:
+        print_json(result.rows(pairs=pairs))
+        return
+    _print_text(result, clip, description, show, pairs)
+    if written is not None:
+        typer.echo(f"csv: {written}")
+    typer.echo(f"scores: {result.path}")
+
+
+def _print_text(result, clip, description: str, show: int, pairs: bool) -> None:
+    word = result.unit_word
+    images = len(result.scan.keys) if result.scan is not None else 0
+    typer.echo(f"{clip.name} {result.layer}: {result.units} {word}s x {len(result.scores)} concepts over {images} "
+               f"images of {description} (AUC {result.method}); flagged when {result.rule.describe()}")
+    both = result.intersections()
+    typer.echo(f"{word}s flagged for two or more concepts: {len(both)}")
+    for unit in both[:show if not pairs else None]:
+        parts = [f"{row['concept']} AUC {_num(row['auc'], '.3f')} AUPRC {_num(row['auprc'], '.3f')} "
+                 f"q {_num(row['q'], '.1e')}" for row in result.rows(pairs=True) if row["unit"] == unit]
+        typer.echo(f"  {word} {unit:>6}: " + " | ".join(parts))
+    if pairs:
+        return
+    typer.echo(f"{'concept':<16} {'prevalence':>10} {'flagged':>7}  sources; top flagged {word}s (AUC, AUPRC)")
+    for s in result.scores:
+        order = [int(u) for u in sorted(map(int, s.flagged.nonzero()[0]), key=lambda u: (-float(s.auc[u]), u))]
+        top = ", ".join(f"{u} ({s.auc[u]:.3f}, {s.auprc[u]:.3f})" for u in order[:show])
+        sources = " + ".join(s.used) or "none"
+        marks = " [model-based]" if s.model_based else ""
+        typer.echo(f"{s.name:<16} {_num(s.prevalence, '.4f'):>10} "
+                   f"{len(order):>7}  {sources}{marks}; {top or '-'}")
