@@ -165,3 +165,19 @@ def serve_cache(tmp_path_factory, tiny_clip):
     """The web app's test cache (tests/serve_fixture.py): scan, texts, sweep, visualizations, activation maps."""
     import serve_fixture
     return serve_fixture.build(tmp_path_factory.mktemp("serve"), tiny_clip)
+
+
+@pytest.fixture(scope="session")
+def toy_multi(tmp_path_factory):
+    """The multi-concept toy of neurolens.toy.recipes (trained once per session), swept per concept on its probe
+    set, with the same audit of random weights (tests/toy_fixture.py)."""
+    import toy_fixture
+    return toy_fixture.build_multi(tmp_path_factory.mktemp("toy_multi"))
+
+
+@pytest.fixture(scope="session")
+def toy_dose(tmp_path_factory):
+    """The dose-response toys of neurolens.toy.recipes (trained once per session), all swept on one probe set,
+    and random weights (tests/toy_fixture.py)."""
+    import toy_fixture
+    return toy_fixture.build_dose(tmp_path_factory.mktemp("toy_dose"))

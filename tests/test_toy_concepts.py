@@ -132,3 +132,12 @@ def test_bad_multi_settings_are_one_clear_error():
         generate_pairs(20, concepts="several")
     with pytest.raises(NeurolensError, match="caption words"):
         generate_pairs(20, concepts="multi", caption_words=0)
+
+
+def test_train_toy_rejects_an_unknown_concept_mode_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+    from neurolens.cli import app
+    result = CliRunner().invoke(app, ["train-toy", "--concepts", "several", "--out", str(tmp_path / "m.pt"),
+                                      "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "single, multi" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "cache").exists()

@@ -14,6 +14,8 @@ from typing_extensions import Annotated
 
 from ..errors import NeurolensError
 from ..storage.cache import default_cache_root
+from ..toy.concepts import check_mode
+from ..toy.generate import ToySettings
 from ..toy.settings import DEFAULT_TOY_MODEL, TrainSettings
 from .app import app, command, print_json
 from .options import CacheOpt, DeviceOpt, JsonOpt
@@ -45,6 +47,9 @@ def train_toy(
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", help="A parquet/CSV table of image paths (relative to the table's folder) and captions. "
                           "Default: generate the toy dataset (shapes + the planted concept) under the cache.")] = None,
+    concepts: Annotated[str, typer.Option(
+        "--concepts", help="The generated dataset's planted concepts (without --dataset): single (nsfw) or multi "
+                           "(nsfw, violence, drugs, nsfw+violence together; see docs/toy-model.md).")] = "single",
     image_column: Annotated[str, typer.Option("--image-column", help="Column of image paths.")] = "image",
     caption_column: Annotated[str, typer.Option("--caption-column", help="Column of captions.")] = "caption",
     model: Annotated[str, typer.Option("--model", help="open_clip config to train from random weights.")] = DEFAULT_TOY_MODEL,
@@ -62,21 +67,25 @@ def train_toy(
     pairs is measured and printed.
 
     Example:  neurolens train-toy --out toy.pt --epochs 10
+    Example:  neurolens train-toy --out multi.pt --concepts multi
     Example:  neurolens train-toy --dataset pairs.parquet --out mine.pt --caption-column text
     """
     from ..models.build import load_clip  # lazy: keeps `neurolens --help` free of torch
     from ..toy.evaluate import zero_shot_accuracy  # lazy: keeps `neurolens --help` free of torch
+    from ..toy.recipes import MultiConceptRecipe  # lazy: keeps `neurolens --help` free of torch
     from ..toy.store import toy_dataset  # lazy: keeps `neurolens --help` free of torch
     from ..toy.train import train_toy as train  # lazy: keeps `neurolens --help` free of torch
 
     if epochs < 1 or batch_size < 2 or lr <= 0:
         raise NeurolensError("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
+    check_mode(concepts)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     generated = dataset is None
     settings = TrainSettings(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     with _stage_bars(not as_json) as progress:
         if generated:
-            dataset = str(toy_dataset(Path(cache) if cache else default_cache_root(), seed=seed,
+            data = MultiConceptRecipe().data_settings(seed) if concepts == "multi" else ToySettings(seed=seed)
+            dataset = str(toy_dataset(Path(cache) if cache else default_cache_root(), settings=data,
                                       progress=lambda d, t: progress("generate", d, t)))
         result = train(dataset, out, settings, image_column=image_column, caption_column=caption_column,
                        progress=lambda d, t: progress("train", d, t),
@@ -85,10 +94,11 @@ def train_toy(
     manifest = Path(dataset).parent / "dataset.json"
     if manifest.is_file():   # a generated toy dataset: measure zero-shot accuracy on held-out pairs like it
         made = json.loads(manifest.read_text())
+        made = ToySettings(**{k: v for k, v in made.items() if k in ToySettings.__dataclass_fields__})
         clip = load_clip(checkpoint=str(result.path), device="cpu")
-        zero_shot = zero_shot_accuracy(clip, seed=int(made.get("seed", seed)), size=int(made.get("size", 64)),
-                                       planted_share=float(made.get("planted_share", 0.15)),
-                                       style=str(made.get("style", "shapes"))).to_dict()
+        zero_shot = zero_shot_accuracy(clip, seed=made.seed, size=made.size, planted_share=made.planted_share,
+                                       style=made.style, concepts=made.concepts,
+                                       intersection_share=made.intersection_share).to_dict()
     summary = dict(checkpoint=str(result.path), model=result.model_name, dataset=dataset, pairs=result.pairs,
                    skipped=result.skipped, steps=result.steps, seconds=round(result.seconds, 1),
                    final_loss=round(result.final_loss, 4), fingerprint=result.fingerprint, zero_shot=zero_shot)

@@ -14,6 +14,9 @@ OPPOSITE = {"on the left": "on the right", "on the right": "on the left", "at th
             "at the bottom": "at the top"}
 # The planted patterns: a texture inside a disc, alternating two colours.
 PATTERNS = ("checker", "target", "wedges", "stripes")
+# Patterns without colours of their own alternate the background's mean tone +- a contrast drawn per image
+# from this range: from barely visible to salient.
+CAMOUFLAGE_CONTRAST = (30.0, 130.0)
 
 
 def background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray):
@@ -82,14 +85,16 @@ def draw_shapes(canvas, rng, size, count, rgb, shape, position, yy, xx) -> None:
 
 
 def draw_planted(canvas, rng, size, position, yy, xx, pattern: str,
-                 colours: Sequence[Tuple[int, int, int]], slot: Optional[Tuple[int, int]] = None,
+                 colours: Optional[Sequence[Tuple[int, int, int]]], slot: Optional[Tuple[int, int]] = None,
                  radius_range: Tuple[float, float] = (0.2, 0.26)) -> None:
     """A planted pattern in a disc in the named half, alternating the two colours:
 
     checker: a one-pixel checkerboard; target: concentric rings two pixels wide; wedges: a starburst of
     twelve wedges at a random turn; stripes: diagonal stripes two pixels wide.
     slot (k, of): the disc goes in the k-th of `of` equal parts of the half's long side (two patterns
-    shown together sit side by side); radius_range: the disc's radius as a share of the image size."""
+    shown together sit side by side); radius_range: the disc's radius as a share of the image size;
+    colours None: the mean tone under the disc +- a contrast drawn from CAMOUFLAGE_CONTRAST (a pattern with no
+    colour of its own)."""
     radius = size * rng.uniform(*radius_range)
     (y0, y1), (x0, x1) = centre_range(position, size, radius * 0.8)
     if slot is not None:
@@ -110,6 +115,10 @@ def draw_planted(canvas, rng, size, position, yy, xx, pattern: str,
         first_colour = ((yy.astype(np.int64) - xx.astype(np.int64)) // 2 % 2).astype(bool)
     else:  # checker
         first_colour = ((yy.astype(np.int64) + xx.astype(np.int64)) % 2).astype(bool)
+    if colours is None:
+        tone = canvas[mask].mean(axis=0) if mask.any() else canvas.mean(axis=(0, 1))
+        contrast = rng.uniform(*CAMOUFLAGE_CONTRAST)
+        colours = (tone + contrast, tone - contrast)
     first, second = (np.asarray(c, dtype=np.float32) for c in colours)
     canvas[mask & first_colour] = first
     canvas[mask & ~first_colour] = second

@@ -75,7 +75,7 @@ class Style:
     colours: dict
     shapes: Tuple[str, ...]
     pattern: str                             # "checker" | "target"
-    planted_colours: Tuple[Tuple[int, int, int], Tuple[int, int, int]]
+    planted_colours: Optional[Tuple[Tuple[int, int, int], Tuple[int, int, int]]]   # None: the background's greys
     description: str
 
 
@@ -87,6 +87,9 @@ STYLES = {
                                  "grey": (170, 170, 170)},
                      ("cross", "diamond", "bar"), "target", ((0, 150, 140), (10, 10, 10)),
                      "a target of thin teal and black rings (teal is also an ordinary shapes' colour)"),
+    "camouflage": Style("camouflage", COLOURS, SHAPES, "checker", None,
+                        "a one-pixel checkerboard disc in two greys of the background's own tone (no colour of "
+                        "its own)"),
 }
 
 
