@@ -52,7 +52,7 @@ def maps(
     from ..pipelines.topmaps import run_top_maps
     from ..storage.cache import Cache
 
-    clip = model.load(quiet=as_json)
+    clip = model.load(quiet=as_json, cache=cache)
     store = Cache(cache)
     basis = open_basis(clip, layer, sae, store)
     option = f" --sae {sae}" if sae else ""
@@ -113,7 +113,7 @@ def serve(
 
     clip = None
     if model.model or model.checkpoint:
-        clip = replace(model, model=model.model or DEFAULT_MODEL).load()
+        clip = replace(model, model=model.model or DEFAULT_MODEL).load(cache=cache)
     run_server(Cache(cache), host=host, port=port, token=token, no_token=no_token, reveal=not no_reveal,
                clip=clip, layers=layer or (), bases=basis or (), announce=lambda line: typer.echo(line),
                warn=lambda line: typer.echo(line, err=True))

@@ -54,7 +54,7 @@ def text(
     if top_k < 1:
         from ..errors import NeurolensError
         raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
-    clip = model.load(quiet=as_json)
+    clip = model.load(quiet=as_json, cache=cache)
     spec = resolve_layer(clip, layer)
     basis = open_basis(clip, layer, sae, cache)
     for u in unit:
