@@ -187,3 +187,17 @@ def test_cached_cli_answers_need_neither_open_clip_nor_the_model(tiny_clip, tmp_
         row["cached"] = True
     assert visualized == before
     assert [json.loads(out) for _, out in report["outputs"][1:]] == [json.loads(out) for out in first[1:]]
+
+
+def test_the_builtin_vocabulary_is_kept_in_the_cache(tmp_path, monkeypatch):
+    from neurolens.pipelines import text as textpipe
+    from neurolens.text.vocab import builtin_vocab
+    built = textpipe.vocabulary("builtin", tmp_path / "cache")
+    assert built == builtin_vocab() and len(built) > 20000
+    monkeypatch.setattr(textpipe, "builtin_vocab", lambda: pytest.fail("rebuilt although the cache holds it"))
+    again = textpipe.vocabulary("builtin", tmp_path / "cache")
+    assert again == built
+    # another version of a source file (here: its identity) is another list: built again
+    monkeypatch.setattr(textpipe, "builtin_identity", lambda: {"version": -1, "files": []})
+    with pytest.raises(pytest.fail.Exception):
+        textpipe.vocabulary("builtin", tmp_path / "cache")

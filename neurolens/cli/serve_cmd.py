@@ -113,7 +113,8 @@ def serve(
 
     clip = None
     if model.model or model.checkpoint:
-        clip = replace(model, model=model.model or DEFAULT_MODEL).load(cache=cache)
+        # the web app never writes to the cache (no model card either); probes need the whole model anyway
+        clip = replace(model, model=model.model or DEFAULT_MODEL).load(card=False)
     run_server(Cache(cache), host=host, port=port, token=token, no_token=no_token, reveal=not no_reveal,
                clip=clip, layers=layer or (), bases=basis or (), announce=lambda line: typer.echo(line),
                warn=lambda line: typer.echo(line, err=True))

@@ -47,10 +47,9 @@ def text(
     Example:  neurolens text --layer image_block_4_5 --unit 1543 --top-k 30
     """
     from ..models.layers import resolve_layer
-    from ..pipelines.text import find_text, run_text, text_embeddings, unit_directions_cached
-    from ..text.vocab import load_vocab
+    from ..pipelines.text import find_text, run_text, text_embeddings, unit_directions_cached, vocabulary as vocab_of
 
-    vocabulary = load_vocab(vocab)
+    vocabulary = vocab_of(vocab, cache)
     if top_k < 1:
         from ..errors import NeurolensError
         raise NeurolensError(f"--top-k must be at least 1, got {top_k}")

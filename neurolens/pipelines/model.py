@@ -14,7 +14,8 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import NeurolensError
-from ..models.build import LoadedClip, load_clip, resolve_device
+from ..models import build
+from ..models.build import LoadedClip, resolve_device
 from ..models.identity import model_request
 from ..models.layers import LayerTable, registry_for
 from ..models.names import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -49,7 +50,7 @@ class LazyClip:
             if self._announce is not None:
                 self._announce(f"loading {self.name} ({self.pretrained}): the cache does not hold all of this answer")
             request = self.card.request
-            clip = load_clip(model=request["model"], pretrained=request["pretrained"],
+            clip = build.load_clip(model=request["model"], pretrained=request["pretrained"],
                              checkpoint=request["checkpoint"], device=self._device_name)
             if clip.fingerprint != self.fingerprint:
                 raise NeurolensError(f"the weights of {self.name} changed while neurolens was using them (fingerprint "
@@ -91,6 +92,6 @@ def load_model(model: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED,
     card = read_card(cache, request)
     if card is not None:
         return LazyClip(card, device, announce)
-    clip = load_clip(model=model, pretrained=pretrained, checkpoint=checkpoint, device=device)
+    clip = build.load_clip(model=model, pretrained=pretrained, checkpoint=checkpoint, device=device)
     write_card(cache, card_from_clip(request, clip, registry_for(clip).layers))
     return clip
