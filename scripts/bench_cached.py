@@ -7,9 +7,11 @@ Set-up (once, in --work): the toy dataset (neurolens.toy.generate, --images pair
 planted words), a toy CLIP trained on it briefly (the demo's model, --epochs), or --checkpoint PATH; then
 every command runs once to fill the cache. The vocabulary is the dataset's captions, as in the demo.
 
-Reported per command: cached_s and loaded_s (median of --runs runs each), and whether the cached runs
-imported open_clip (they must not). Also: python_torch_s (median wall of `python -c "import torch"`, the
-floor of any command that imports torch) and the load average before and after.
+Reported per command: cached_s and loaded_s (median wall seconds of --runs runs each), cached_cpu_s and
+loaded_cpu_s (median CPU seconds, user + system, of the process: steadier than wall time on a shared machine),
+and whether the cached runs imported open_clip (they must not). Also: python_torch_s / python_torch_cpu_s
+(`python -c "import torch"`, the floor of any command that imports torch) and the load average before and
+after.
 
 Example:  python scripts/bench_cached.py --runs 5
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -58,14 +61,19 @@ def commands(checkpoint: str, dataset: str, cache: Path, out: Path) -> dict:
     }
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run(args: list, env: dict) -> tuple:
-    """(wall seconds, open_clip imported?) of one CLI process; fails loudly on a non-zero exit."""
-    started = time.perf_counter()
+    """(wall seconds, CPU seconds, open_clip imported?) of one CLI process; fails loudly on a non-zero exit."""
+    cpu, started = children_cpu(), time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RUNNER, *args], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args[:1])} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return wall, "OPEN_CLIP_IMPORTED=1" in done.stderr
+    return wall, cpu, "OPEN_CLIP_IMPORTED=1" in done.stderr
 
 
 def main() -> None:
@@ -87,7 +95,7 @@ def main() -> None:
         run(argv, env)
 
     cards = cache / "model-card"
-    torch_floor = statistics.median(run_plain(["-c", "import torch"], env) for _ in range(args.runs))
+    floors = [run_plain(["-c", "import torch"], env) for _ in range(args.runs)]
     result = {}
     for name, argv in chosen.items():
         cached = [run(argv, env) for _ in range(args.runs)]
@@ -95,10 +103,11 @@ def main() -> None:
         for _ in range(args.runs):
             shutil.rmtree(cards, ignore_errors=True)      # no card: the model is loaded to fingerprint it
             loaded.append(run(argv, env))
-        result[name] = {"cached_s": round(statistics.median(w for w, _ in cached), 2),
-                        "loaded_s": round(statistics.median(w for w, _ in loaded), 2),
-                        "cached_imported_open_clip": any(imported for _, imported in cached)}
-    print(json.dumps({"commands": result, "runs": args.runs, "python_torch_s": round(torch_floor, 2),
+        result[name] = {"cached_s": _median(cached, 0), "loaded_s": _median(loaded, 0),
+                        "cached_cpu_s": _median(cached, 1), "loaded_cpu_s": _median(loaded, 1),
+                        "cached_imported_open_clip": any(imported for _, _, imported in cached)}
+    print(json.dumps({"commands": result, "runs": args.runs, "python_torch_s": _median(floors, 0),
+                      "python_torch_cpu_s": _median(floors, 1),
                       "model": f"toy CLIP ({checkpoint})", "layer": LAYER, "images": args.images,
                       "cpus": os.cpu_count(), "load_before": [round(v, 2) for v in load_before],
                       "load_after": [round(v, 2) for v in os.getloadavg()]}))
@@ -106,10 +115,14 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_plain(args: list, env: dict) -> float:
-    started = time.perf_counter()
+def run_plain(args: list, env: dict) -> tuple:
+    cpu, started = children_cpu(), time.perf_counter()
     subprocess.run([sys.executable, *args], env=env, check=True, capture_output=True)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, children_cpu() - cpu
+
+
+def _median(runs: list, field: int) -> float:
+    return round(statistics.median(run[field] for run in runs), 2)
 
 
 if __name__ == "__main__":

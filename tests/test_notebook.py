@@ -110,3 +110,11 @@ def test_a_handle_blurs_a_flagged_unit_and_answers_again_from_the_cache(toy_cach
     assert not again.clip.loaded                # scan, visualization, texts, sweep and scores all cached
     assert DATA_URI.findall(repeat._repr_html_()) == DATA_URI.findall(html)
     assert "cached: 2 steps" in repeat._repr_html_() and "model: not loaded" in repeat._repr_html_()
+
+
+def test_the_sae_quality_report_renders_its_numbers():
+    from neurolens.display.notebook import SaeQuality
+    report = {"explained_variance": 0.9123, "l0": 31.5, "dead_share": None, "held_out_images": 12}
+    html = SaeQuality("SAE x on image_block_4_0", report, (("name", "x"), ("k", "32")))._repr_html_()
+    assert "0.9123" in html and "31.5" in html and "explained variance" in html and "–" in html
+    assert "no quality report" in SaeQuality("SAE y", None)._repr_html_()

@@ -313,7 +313,7 @@ class SaeQuality:
         if not self.report:
             body = about + missing("no quality report stored with this SAE (made elsewhere?)")
         else:
-            rows = [[esc(QUALITY_WORDS.get(k, k)), num(v, 4) if isinstance(v, float) else esc(v)]
+            rows = [[esc(QUALITY_WORDS.get(k, k)), num(v, 4) if isinstance(v, float) or v is None else esc(v)]
                     for k, v in self.report.items()]
             body = about + table(["measure", "value"], rows)
         return f"<div style=\"{FONT}\">{section(self.title, body)}</div>"
