@@ -1,4 +1,7 @@
-"""No hook is left on the model after any model command, whether it succeeds or fails."""
+"""No hook is left on the model after any model command, whether it succeeds or fails. The cache's model cards
+are removed before each command, so that every command loads its model (a card would answer without one)."""
+import shutil
+
 import pytest
 from typer.testing import CliRunner
 
@@ -53,6 +56,7 @@ def test_no_hook_left_after_any_command(loaded, workspace):
     runner = CliRunner()
     for args in _commands(root, vocab):
         loaded.clear()
+        shutil.rmtree(root / "cache" / "model-card", ignore_errors=True)
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args[0], result.output)
         assert loaded, args[0]
@@ -70,6 +74,7 @@ def test_no_hook_left_after_a_failing_command(loaded, workspace):
         else:
             bad = [*args, "--dataset", str(empty), "--force"]  # a dataset with no readable image
         loaded.clear()
+        shutil.rmtree(root / "cache" / "model-card", ignore_errors=True)
         result = runner.invoke(app, bad)
         assert result.exit_code == 2, (args[0], result.output)
         assert loaded, (args[0], "failed before loading a model: no hook could have been left")

@@ -60,7 +60,7 @@ def similarity_cmd(
         if not image or not text:
             raise NeurolensError("give at least one --image and one --text (or --matrix for the built-in matrix)")
         refs = [sim.load_image_ref(ref) for ref in image]
-        clip = model.load(quiet=as_json)
+        clip = model.load(quiet=as_json, card=False)
         cosines = sim.cosine_matrix(clip, [r.image for r in refs], list(text))
         scores = sim.pair_scores([r.label for r in refs], list(text), cosines, threshold)
         if as_json:
@@ -88,7 +88,7 @@ def similarity_cmd(
                 raise NeurolensError(f"{missing[0]} has no caption file {missing[0].rsplit('.', 1)[0]}.txt "
                                      f"({len(missing)} image(s) lack one); give --captions FILE with one caption per line")
             caption_list = [c for c in sidecars if c is not None]
-    clip = model.load(quiet=as_json)
+    clip = model.load(quiet=as_json, card=False)
     with progress_bar("embedding images", enabled=not as_json) as progress:
         result = sim.similarity_matrix(clip, items, caption_list, threshold, blur_user_images=not no_blur,
                                        progress=progress)

@@ -21,7 +21,7 @@ def layers(
     Example:  neurolens layers --model RN50x4
     """
     from ..models.layers import registry_for  # lazy: keeps `neurolens --help` free of torch
-    clip = model.load(quiet=True)
+    clip = model.load(quiet=True, card=False)
     rows = [dict(name=s.name, aliases=list(s.aliases), module=s.module, channels=s.channels,
                  height=s.height, width=s.width) for s in registry_for(clip).layers]
     if as_json:

@@ -154,11 +154,20 @@ class ModelChoice:
     checkpoint: Optional[str] = None
     device: str = "auto"
 
-    def load(self, quiet: bool = False):
-        """The LoadedClip (its notes, e.g. about random weights, go to stderr unless quiet)."""
-        from ..models.build import load_clip  # lazy: torch and open_clip only when a command loads a model
+    def load(self, quiet: bool = False, cache: Optional[str] = None, card: bool = True):
+        """The model (its notes, e.g. about random weights, go to stderr unless quiet). With `card`, the model
+        card in `cache` (None: the default cache) answers without loading the model when the weights did not
+        change: a LazyClip that loads the model on first use, with a note (neurolens.pipelines.model)."""
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        clip = load_clip(model=self.model, pretrained=self.pretrained, checkpoint=self.checkpoint, device=self.device)
+        if card:
+            from ..pipelines.model import load_model  # lazy: torch only when a command loads a model
+            announce = None if quiet else (lambda text: typer.echo(f"note: {text}", err=True))
+            clip = load_model(model=self.model, pretrained=self.pretrained, checkpoint=self.checkpoint,
+                              device=self.device, cache=cache, announce=announce)
+        else:
+            from ..models.build import load_clip  # lazy: torch and open_clip only when a command loads a model
+            clip = load_clip(model=self.model, pretrained=self.pretrained, checkpoint=self.checkpoint,
+                             device=self.device)
         if not quiet:
             for note in clip.notes:
                 typer.echo(f"note: {note}", err=True)

@@ -80,7 +80,7 @@ def train(
     from ..sae.train import SaeTrainSettings  # lazy: keeps `neurolens --help` free of torch
     settings = SaeTrainSettings(features=features, k=k, epochs=epochs, batch_size=batch_size, lr=lr,
                                 held_out=held_out, seed=seed, sparsity=sparsity)
-    clip = model.load(quiet=as_json)
+    clip = model.load(quiet=as_json, cache=cache)
     dataset = data.open()
     with progress_bar(f"sae train {layer}", enabled=not as_json) as update:
         def quality_update(done: int, total: int) -> None:
@@ -129,7 +129,7 @@ def list_command(
     Example:  neurolens sae list --layer image_block_4_5
     """
     from ..models.layers import resolve_layer  # lazy: keeps `neurolens --help` free of torch
-    clip = model.load(quiet=as_json)
+    clip = model.load(quiet=as_json, cache=cache)
     spec = resolve_layer(clip, layer)
     rows = []
     for name in list_saes(clip, spec.name, cache):

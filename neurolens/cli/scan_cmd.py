@@ -67,7 +67,7 @@ def scan(
     else:
         engine.check_process_only()
         from ..pipelines.scan import run_scan  # lazy: keeps `neurolens --help` free of torch
-        clip = model.load(quiet=as_json)
+        clip = model.load(quiet=as_json, cache=cache)
         basis = open_basis(clip, layer, sae, cache)
         with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
             result = run_scan(clip, layer, data.open(), top_k=top_k, batch_size=loader.batch_size,
@@ -86,7 +86,7 @@ def scan(
 
 def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, cache, as_json, wait):
     from ..pipelines.scan import run_ray_scan  # lazy: keeps `neurolens --help` free of torch
-    clip = replace(model, device="cpu").load(quiet=as_json)  # the driver only ships the weights to the actors
+    clip = replace(model, device="cpu").load(quiet=as_json, cache=cache)  # the driver ships the weights
     with progress_bar(f"scan {layer} on Ray", enabled=not as_json) as progress:
         return run_ray_scan(clip, layer, data.dataset, top_k=top_k, cache=cache, force=force, precision=precision,
                             keep_per_image=engine.keep_per_image, ray=engine.ray_options(loader.batch_size),
@@ -121,7 +121,7 @@ def samples(
     Example:  neurolens samples --layer image_block_4_5 --unit 1543 --dataset photos/
     """
     from ..pipelines.samples import run_samples  # lazy: keeps `neurolens --help` free of torch
-    clip = model.load(quiet=as_json)
+    clip = model.load(quiet=as_json, cache=cache)
     basis = open_basis(clip, layer, sae, cache)
     basis.check_unit(unit)
     dataset = data.open()

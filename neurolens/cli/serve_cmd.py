@@ -52,7 +52,7 @@ def maps(
     from ..pipelines.scan import find_scan  # lazy: keeps `neurolens --help` free of torch
     from ..pipelines.topmaps import run_top_maps  # lazy: keeps `neurolens --help` free of torch
 
-    clip = model.load(quiet=as_json)
+    clip = model.load(quiet=as_json, cache=cache)
     store = Cache(cache)
     basis = open_basis(clip, layer, sae, store)
     option = f" --sae {sae}" if sae else ""
@@ -119,7 +119,8 @@ def serve(
 
     clip = None
     if model.model or model.checkpoint:
-        clip = replace(model, model=model.model or DEFAULT_MODEL).load()
+        # the web app never writes to the cache (no model card either); probes need the whole model anyway
+        clip = replace(model, model=model.model or DEFAULT_MODEL).load(card=False)
     run_server(Cache(cache), host=host, port=port, token=token, no_token=no_token, reveal=not no_reveal,
                clip=clip, layers=layer or (), bases=basis or (), announce=lambda line: typer.echo(line),
                warn=lambda line: typer.echo(line, err=True), require_token=require_token,

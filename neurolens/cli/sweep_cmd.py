@@ -68,7 +68,7 @@ def sweep(
         engine.check_process_only(**{"--workers": loader.workers is not None,
                                      "--auc-memory": settings.auc_memory != SweepSettings().auc_memory,
                                      "--sae": sae is not None})
-        clip = replace(model, device="cpu").load(quiet=as_json)  # the driver ships the image tower to the actors
+        clip = replace(model, device="cpu").load(quiet=as_json, cache=cache)  # the driver ships the tower
         with progress_bar(f"sweep {layer} on Ray", enabled=not as_json) as progress:
             result = run_ray_sweep(clip, layer, data.dataset, settings, cache=cache, force=force, progress=progress,
                                    out=out, ray=engine.ray_options(loader.batch_size), device=model.device,
@@ -77,7 +77,7 @@ def sweep(
         description = result.scan.description
     else:
         engine.check_process_only()
-        clip = model.load(quiet=as_json)
+        clip = model.load(quiet=as_json, cache=cache)
         basis = open_basis(clip, layer, sae, cache)
         dataset = data.open()
         with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
@@ -134,7 +134,7 @@ def figure(
     render_settings = render.settings()
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
-    clip = model.load()
+    clip = model.load(cache=cache)
     basis = open_basis(clip, layer, sae, cache)
     dataset = data.open()
     with progress_bar(f"figure {layer}") as progress:
@@ -179,7 +179,7 @@ def grid(
     render_settings = render.settings()
     if no_blur:
         typer.echo(NO_BLUR_LINE, err=True)
-    clip = model.load()
+    clip = model.load(cache=cache)
     basis = open_basis(clip, layer, sae, cache)
     dataset = data.open()
     with progress_bar(f"grid {layer}") as progress:

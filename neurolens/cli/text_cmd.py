@@ -49,13 +49,12 @@ def text(
     """
     from ..models.layers import resolve_layer  # lazy: keeps `neurolens --help` free of torch
     from ..pipelines.text import (find_text, run_text, text_embeddings,  # lazy: keeps `neurolens --help` free of torch
-                                  unit_directions_cached)
-    from ..text.vocab import load_vocab  # lazy: keeps `neurolens --help` free of torch
+                                  unit_directions_cached, vocabulary as vocab_of)
 
-    vocabulary = load_vocab(vocab)
+    vocabulary = vocab_of(vocab, cache)
     if top_k < 1:
         raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
-    clip = model.load(quiet=as_json)
+    clip = model.load(quiet=as_json, cache=cache)
     spec = resolve_layer(clip, layer)
     basis = open_basis(clip, layer, sae, cache)
     for u in unit:

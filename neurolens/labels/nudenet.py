@@ -9,6 +9,7 @@ opencv-python-headless, binary wheels, nothing else); where it cannot be importe
 and every function here says so instead of guessing."""
 from __future__ import annotations
 
+import importlib.util
 from functools import lru_cache
 from importlib.metadata import version as package_version
 from typing import List, Sequence
@@ -24,13 +25,15 @@ EXPOSED = frozenset({
 FIRE_THRESHOLD = 0.4
 
 
+@lru_cache(maxsize=1)
 def available() -> bool:
-    """True when the nudenet package (and its onnxruntime) imports."""
+    """True when the nudenet package and its onnxruntime are installed. Found without importing them (that
+    takes a few tenths of a second, and a cached answer that only asks whether the detector is there needs
+    none of it); a broken install surfaces when the detector first runs."""
     try:
-        import nudenet  # noqa: F401
-    except Exception:
+        return all(importlib.util.find_spec(name) is not None for name in ("nudenet", "onnxruntime"))
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 def version() -> str:

@@ -43,6 +43,8 @@ class LoadedClip:
     fingerprint: str                    # hash of every weight: cache keys depend on it
     tokenizer: Callable
     notes: Tuple[str, ...] = ()
+    weights_file: Optional[str] = None  # the file the weights were read from (None: seeded random weights)
+    weights_source: Dict[str, str] = field(default_factory=dict)   # a tag's hub repo / URL its file came from
     _layers: Optional[Any] = field(default=None, repr=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -227,4 +229,6 @@ def load_clip(
         fingerprint=weights_fingerprint(clip),
         tokenizer=open_clip.get_tokenizer(model),
         notes=tuple(notes),
+        weights_file=str(Path(checkpoint).resolve()) if checkpoint else weights_file,
+        weights_source={k: str(tag_cfg[k]) for k in ("hf_hub", "url") if tag_cfg.get(k)} if weights_file else {},
     )

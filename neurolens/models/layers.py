@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -64,20 +64,52 @@ def _candidate_layers(model: torch.nn.Module) -> List[dict]:
     return found
 
 
-class LayerRegistry:
-    """The addressable layers of one loaded model, with shapes measured by one forward pass."""
+class LayerTable:
+    """A model's addressable layers (LayerSpecs) and how a name resolves to one: canonical name, alias,
+    Microscope Add form, or a registered layer's module path. `fallback(name)` answers any other name (a
+    registry measures the module; a model card's table loads the model first), else UnknownLayerError."""
+
+    def __init__(self, layers: Sequence[LayerSpec], fallback: Optional[Callable[[str], LayerSpec]] = None):
+        self.layers: List[LayerSpec] = list(layers)
+        self._fallback = fallback
+        self._by_name: Dict[str, LayerSpec] = {}
+        for spec in self.layers:
+            self._by_name[spec.name] = spec
+            for alias in spec.aliases:
+                self._by_name[alias] = spec
+
+    def names(self) -> List[str]:
+        return list(self._by_name)
+
+    def resolve(self, name: str) -> LayerSpec:
+        """A layer by canonical name, alias, Microscope Add form, or dotted module path."""
+        if name in self._by_name:
+            return self._by_name[name]
+        match = _MICROSCOPE_ADD.match(name)
+        if match and match.group(1) in self._by_name:
+            return self._by_name[match.group(1)]
+        for spec in self.layers:
+            if spec.module == name:
+                return spec
+        found = self._fallback(name) if self._fallback is not None and name.startswith("visual") else None
+        if found is not None:
+            self._by_name[name] = found
+            return found
+        close = difflib.get_close_matches(name, self.names(), n=5, cutoff=0.6)
+        hint = f"closest: {', '.join(close)}" if close else "run `neurolens layers` to list them"
+        raise UnknownLayerError(f"unknown layer {name!r} for this model; {hint}")
+
+
+class LayerRegistry(LayerTable):
+    """The addressable layers of one loaded model, with shapes measured by one forward pass; any other
+    module of the image tower resolves by its dotted path (its output, measured on first use)."""
 
     def __init__(self, model: torch.nn.Module, image_size: int, device: torch.device):
         self._model = model
         self._modules = dict(model.named_modules())
         self._image_size = image_size
         self._device = device
-        self.layers: List[LayerSpec] = self._measure(_candidate_layers(model))
-        self._by_name: Dict[str, LayerSpec] = {}
-        for spec in self.layers:
-            self._by_name[spec.name] = spec
-            for alias in spec.aliases:
-                self._by_name[alias] = spec
+        super().__init__(self._measure(_candidate_layers(model)), fallback=self._measure_module)
 
     def _measure(self, candidates: Sequence[dict]) -> List[LayerSpec]:
 
@@ -117,30 +149,11 @@ class LayerRegistry:
                                    description=entry.get("description", ""), order=order[entry["name"]]))
         return specs
 
-    def names(self) -> List[str]:
-        return list(self._by_name)
-
-    def resolve(self, name: str) -> LayerSpec:
-        """A layer by canonical name, alias, Microscope Add form, or dotted module path."""
-        if name in self._by_name:
-            return self._by_name[name]
-        match = _MICROSCOPE_ADD.match(name)
-        if match and match.group(1) in self._by_name:
-            return self._by_name[match.group(1)]
-        for spec in self.layers:
-            if spec.module == name:
-                return spec
-        if name in self._modules and name.startswith("visual"):
-            return self._measure_module(name)
-        close = difflib.get_close_matches(name, self.names(), n=5, cutoff=0.6)
-        hint = f"closest: {', '.join(close)}" if close else "run `neurolens layers` to list them"
-        raise UnknownLayerError(f"unknown layer {name!r} for this model; {hint}")
-
-    def _measure_module(self, path: str) -> LayerSpec:
-        spec = self._measure([dict(name=path, module=path, hook=path, capture=CAPTURE_OUTPUT,
+    def _measure_module(self, path: str) -> Optional[LayerSpec]:
+        if path not in self._modules:
+            return None
+        return self._measure([dict(name=path, module=path, hook=path, capture=CAPTURE_OUTPUT,
                                    description="module output")])[0]
-        self._by_name[path] = spec
-        return spec
 
 
 def check_unit(spec: LayerSpec, unit: int) -> None:
@@ -150,8 +163,8 @@ def check_unit(spec: LayerSpec, unit: int) -> None:
         )
 
 
-def registry_for(clip) -> LayerRegistry:
-    """The (memoized) layer registry of a LoadedClip."""
+def registry_for(clip) -> LayerTable:
+    """The (memoized) layer table of a LoadedClip (measured on first use), or the one a model card brought."""
     if clip._layers is None:
         clip._layers = LayerRegistry(clip.model, clip.image_size, clip.device)
     return clip._layers

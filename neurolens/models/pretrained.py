@@ -101,6 +101,12 @@ def _cached_pretrained_file(pretrained_cfg: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def cached_tag_file(source: Dict[str, str]) -> Optional[str]:
+    """The local file that a tag's source ({hf_hub, url}, as open_clip's tag config names them) resolves to
+    now, without a download or open_clip: a model card checks that its tag still means the same file."""
+    return _cached_pretrained_file(source)
+
+
 def _download_pretrained(pretrained_cfg: Dict[str, Any], model_name: str, pretrained: str) -> str:
     """Fetch a tag's weights file (the hub copy when there is one) without loading it: the file is then read
     by read_checkpoint like any other."""

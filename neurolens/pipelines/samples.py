@@ -53,6 +53,20 @@ def unit_rows(scan: ScanResult, unit: int, count: Optional[int] = None) -> List[
     return rows
 
 
+def unit_crops(clip, dataset: ImageDataset, scan: ScanResult, rows: List[dict], crop_pixels: int = CROP_PIXELS
+               ) -> "tuple[List, List]":
+    """(the model's view of each row's image, the crop centred on the row's cell) for unit_rows' rows."""
+    sources, crops = [], []
+    for row in rows:
+        try:
+            source = preprocess(dataset.load(row["index"]), clip.image_size)
+        except BadImage as exc:  # changed on disk since the scan (the identity check makes this rare)
+            raise NeurolensError(f"{row['path']} can no longer be read ({exc}); rerun the scan with --force") from None
+        sources.append(source)
+        crops.append(crop_around_cell(source, row["cell"], scan.grid, crop_pixels))
+    return sources, crops
+
+
 def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, None] = None, top_k: int = 32,
                 show: Optional[int] = None, out: Union[str, Path, None] = None, blur: bool = True,
                 figure: bool = True, cache=None, batch_size: Optional[int] = None, workers: Optional[int] = None,
@@ -79,14 +93,7 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
     if not figure or not rows:
         return result
 
-    sources, crops = [], []
-    for row in rows:
-        try:
-            source = preprocess(dataset.load(row["index"]), clip.image_size)
-        except BadImage as exc:  # changed on disk since the scan (the identity check makes this rare)
-            raise NeurolensError(f"{row['path']} can no longer be read ({exc}); rerun the scan with --force") from None
-        sources.append(source)
-        crops.append(crop_around_cell(source, row["cell"], scan.grid, crop_pixels))
+    sources, crops = unit_crops(clip, dataset, scan, rows, crop_pixels)
     policy = policy or BlurPolicy.for_layer(clip, spec.name, cache, blur=blur, basis=basis)
     reasons = [policy.reason_image(unit, row["index"], source) for row, source in zip(rows, sources)]
     crops = [policy.apply(crop, reason) for crop, reason in zip(crops, reasons)]

@@ -57,9 +57,9 @@ from ..text.vocab import load_vocab
 from .flags import flags_path, write_flags_csv
 from .scan import find_scan, run_scan, write_ray_scan
 from .settings import LabelSettings, SweepSettings, sweep_settings
-from .text import run_text, text_embeddings
+from .text import find_text, run_text, text_embeddings
 
-__all__ = ["run_sweep", "run_ray_sweep", "sweep", "SweepJob", "LocalEngine", "RayEngine", "SweepResult",
+__all__ = ["run_sweep", "run_ray_sweep", "sweep", "find_sweep", "SweepJob", "LocalEngine", "RayEngine", "SweepResult",
            "SweepSettings", "LabelSettings", "flags_path", "write_flags_csv"]
 
 Progress = Optional[Callable[[int, int], None]]
@@ -292,6 +292,29 @@ def sweep(clip, layer: str, dataset, settings: SweepSettings, engine, *, cache=N
     result.attrs = dict(result.attrs, **run.attrs)
     if write_csv:
         result.flags_csv = write_flags_csv(result, flags_path(scan.layer, out, job.basis))
+    return result
+
+
+def find_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] = None, *, cache=None,
+               scorer: Optional[Scorer] = None, basis=None, **options) -> Optional[SweepResult]:
+    """The sweep run_sweep would return from the cache for these settings, or None when anything of it (the
+    scan, the text ranking, the sweep record) is not cached. Computes nothing, so it needs no model."""
+    settings = sweep_settings(settings, **options)
+    job = SweepJob(clip, layer, settings, as_cache(cache), scorer=scorer, basis=as_basis(basis))
+    dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
+    job.choose_sources(dataset.keys, job.captions(dataset))
+    scan = find_scan(clip, layer, dataset, settings.top_k, "fp32", job.cache, embeddings=True, basis=job.basis)
+    ranking = None if scan is None else find_text(clip, layer, settings.vocab, settings.text_top_k, scan, job.cache,
+                                                  basis=job.basis)
+    if ranking is None:
+        return None
+    method = _LocalPass(LocalEngine(), job, dataset).method(scan)
+    path = sweep_path(job.cache, clip.fingerprint, scan.layer, job.key(scan, ranking, method))
+    record = job.cache.read(path)
+    if record is None:
+        return None
+    result = from_record(record, scan, ranking, job.basis)
+    result.path = path
     return result
 
 

@@ -21,7 +21,7 @@ from ..records import text as text_records
 from ..records.keys import NEURONS, as_basis, as_cache, basis_id
 from ..storage.cache import Cache
 from ..text import directions as directionlib, encode as textlib
-from ..text.vocab import Vocabulary, load_vocab
+from ..text.vocab import Vocabulary, builtin_identity, builtin_vocab, is_builtin, load_vocab
 
 NEUTRAL_REFERENCE = "neutral-grey-0.5"
 Progress = Optional[Callable[[int, int], None]]
@@ -50,6 +50,22 @@ class TextRanking:
         count = self.top_indices.shape[1] if limit is None else min(limit, self.top_indices.shape[1])
         return [{"unit": int(unit), "rank": rank + 1, "score": float(self.top_scores[unit, rank]),
                  "text": self.entries[int(self.top_indices[unit, rank])]} for rank in range(count)]
+
+
+def vocabulary(spec: Union[str, Vocabulary, None] = "builtin", cache=None) -> Vocabulary:
+    """load_vocab(spec), with the builtin list kept in the cache (records.text's vocabulary record): building it
+    reads timm's and open_clip's files, about a second, which a cached answer should not spend."""
+    if isinstance(spec, Vocabulary):
+        return spec
+    if not is_builtin(spec):
+        return load_vocab(spec)
+    cache = as_cache(cache)
+    path = text_records.vocabulary_path(cache, builtin_identity())
+    vocab = text_records.read_vocabulary(cache, path)
+    if vocab is None:
+        vocab = builtin_vocab()
+        text_records.write_vocabulary(cache, path, vocab)
+    return vocab
 
 
 def reference_identity(scan=None) -> str:
@@ -114,13 +130,13 @@ def _ranking_path(clip, spec, vocab: Vocabulary, top_k: int, scan, cache: Cache,
                                      basis)
 
 
-def _prepare(clip, layer: str, vocab, top_k: int, scan):
+def _prepare(clip, layer: str, vocab, top_k: int, scan, cache: Cache):
     if int(top_k) < 1:
         raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
     spec = resolve_layer(clip, layer)
     if scan is not None and getattr(scan, "layer", spec.name) != spec.name:
         raise NeurolensError(f"the scan is of layer {scan.layer}, not {spec.name}; scan {spec.name} first")
-    vocab = vocab if isinstance(vocab, Vocabulary) else load_vocab(vocab)
+    vocab = vocabulary(vocab, cache)
     return spec, vocab, int(min(int(top_k), len(vocab)))
 
 
@@ -133,8 +149,8 @@ def _ranking(spec, vocab: Vocabulary, scan, path: Path, basis=None, **fields) ->
 def find_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k: int = 30, scan=None,
               cache=None, basis=None) -> Optional[TextRanking]:
     """The cached ranking for these settings, or None."""
-    spec, vocab, top_k = _prepare(clip, layer, vocab, top_k, scan)
     cache = as_cache(cache)
+    spec, vocab, top_k = _prepare(clip, layer, vocab, top_k, scan, cache)
     basis = as_basis(basis)
     path = _ranking_path(clip, spec, vocab, top_k, scan, cache, basis)
     found = text_records.read_ranking(cache, path, _units(spec, basis), top_k)
@@ -154,8 +170,8 @@ def run_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k:
     Jacobian (embedding dimensions done). Embeddings, directions and the ranking are cached separately, so a
     new vocabulary reuses the directions and a new layer reuses the embeddings.
     basis: None for neurons, or a basis of the layer (neurolens.sae.basis.load_basis) whose units are ranked."""
-    spec, vocab, top_k = _prepare(clip, layer, vocab, top_k, scan)
     cache = as_cache(cache)
+    spec, vocab, top_k = _prepare(clip, layer, vocab, top_k, scan, cache)
     basis = as_basis(basis)
     if not force:
         found = find_text(clip, spec.name, vocab, top_k, scan, cache, basis)

@@ -83,6 +83,11 @@ class ScanResult:
     _cache: Optional[Cache] = field(default=None, repr=False)
     _embeddings: Optional[np.ndarray] = field(default=None, repr=False)
 
+    @property
+    def chunks(self) -> List[Path]:
+        """The chunk records holding the per-image values (per_image_max reads them)."""
+        return list(self._chunk_paths)
+
     def per_image_max(self) -> np.ndarray:
         """(N, U) float32: each image's spatial max per unit, read from the chunk records.
         Rows of skipped items are NaN."""

@@ -13,6 +13,11 @@ One HDF5 file each (<fp> is the weights fingerprint's first 16 hex digits):
                                          key = (capture point, vocabulary identity, reference identity, top-k,
                                          version[, basis id]); attrs layer, vocab_identity, vocab_source,
                                          basis, reference, reference_description, top_k, count
+  vocabulary/<key>.h5                    the builtin vocabulary's entries (one UTF-8 text, entries joined by
+                                         newlines), so a cached answer does not rebuild it from timm's and
+                                         open_clip's files; key = what it is made from (text.vocab.
+                                         builtin_identity: version, each source file's path, size, mtime);
+                                         attrs identity, source, count
 A vocabulary's identity is a hash of its entries (same content, same cache, whatever the file name); a
 reference's identity is `neutral-grey-0.5` or `scan-mean-<hash of the mean map's bytes>`. Records of an SAE
 basis add its id to the key (neurolens.records.keys).
@@ -24,7 +29,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ..errors import NeurolensError
 from ..storage.cache import Cache, Record, settings_key
+from ..text.vocab import Vocabulary
 from .keys import basis_id, basis_parts
 
 EMBEDDINGS_KIND = "text-embeddings"
@@ -32,6 +39,35 @@ DIRECTIONS_KIND = "text-directions"
 RANKINGS_KIND = "text-rankings"
 TEXT_VERSION = 1
 EMBEDDINGS_FOLDER = "text"        # text embeddings belong to the model, not to a layer
+VOCABULARY_KIND = "vocabulary"
+
+
+# ------------------------------------------------------------------------------------------- vocabulary
+
+def vocabulary_path(cache: Cache, made_from: dict) -> Path:
+    return cache.root / VOCABULARY_KIND / f"{settings_key(VOCABULARY_KIND, TEXT_VERSION, made_from)}.h5"
+
+
+def read_vocabulary(cache: Cache, path: Path) -> Optional[Vocabulary]:
+    """The vocabulary kept at `path`, or None when absent or unreadable."""
+    record = cache.read(path)
+    if record is None or "entries" not in record.arrays:
+        return None
+    entries = bytes(np.asarray(record.arrays["entries"], dtype=np.uint8)).decode("utf-8").split("\n")
+    if len(entries) != int(record.attrs.get("count", -1)):
+        return None
+    return Vocabulary(entries=entries, identity=str(record.attrs["identity"]), source=str(record.attrs["source"]))
+
+
+def write_vocabulary(cache: Cache, path: Path, vocab: Vocabulary) -> Optional[Path]:
+    """Keep the vocabulary (entries hold no newline: they are whitespace-normalized); None when the cache
+    cannot be written (it is then built again next time)."""
+    blob = np.frombuffer("\n".join(vocab.entries).encode("utf-8"), dtype=np.uint8)
+    try:
+        return cache.write(path, Record(arrays={"entries": blob}, attrs={"identity": vocab.identity,
+                                                                         "source": vocab.source, "count": len(vocab)}))
+    except (NeurolensError, OSError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------- embeddings

@@ -34,6 +34,8 @@ BUILTIN_SOURCE = (
     "(open_clip bpe_simple_vocab_16e6.txt.gz, MIT)"
 )
 DEFAULT_COLUMNS = ("caption", "text")
+TIMM_FILES = ("imagenet21k_goog_synsets.txt", "imagenet_synset_to_lemma.txt", "imagenet_synset_to_definition.txt")
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 _LEMMA = re.compile(r"[a-z][a-z' .\-]*[a-z.]|[a-z]")
 _WORD = re.compile(r"[a-z]+")
@@ -56,7 +58,7 @@ def load_vocab(spec: str = BUILTIN) -> Vocabulary:
 
     A table without `:column` uses its `caption` or `text` column. Blank entries are dropped and duplicates
     kept once (first occurrence), so a caption column becomes its distinct captions."""
-    if spec is None or str(spec).strip() == "" or str(spec) == BUILTIN:
+    if is_builtin(spec):
         return builtin_vocab()
     spec = str(spec)
     path, column = _split_spec(spec)
@@ -98,9 +100,9 @@ def _read_lines(path: Path) -> List[str]:
 def _read_column(path: Path, column: Optional[str]) -> List[str]:
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            names = pq.read_schema(path).names
-            column = _pick_column(path, names, column)
-            values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+            handle = pq.ParquetFile(path)   # not pq.read_table: it imports pandas (~0.5 s)
+            column = _pick_column(path, handle.schema_arrow.names, column)
+            values = handle.read(columns=[column]).column(column).to_pylist()
         else:
             delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
             table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True))
@@ -163,6 +165,25 @@ def builtin_vocab() -> Vocabulary:
     return _builtin_cache
 
 
+def is_builtin(spec) -> bool:
+    return spec is None or str(spec).strip() == "" or str(spec) == BUILTIN
+
+
+def builtin_identity() -> dict:
+    """What the builtin list is made from, without reading it: its version and each source file's path, size and
+    mtime (a cached copy of the list is used while these are unchanged: neurolens.pipelines.text.vocabulary)."""
+    info, bpe = _timm_info_dir(), _package_dir("open_clip") / BPE_FILE
+    files = [info / name for name in TIMM_FILES] + [bpe]
+    found = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError:
+            return {"version": BUILTIN_VERSION, "files": None}
+        found.append([str(path), int(stat.st_size), int(stat.st_mtime_ns)])
+    return {"version": BUILTIN_VERSION, "files": found}
+
+
 def _package_dir(name: str) -> Path:
     """A package's folder without importing it (importing timm alone takes seconds)."""
     spec = importlib.util.find_spec(name)
@@ -180,9 +201,9 @@ def _imagenet21k_lemmas() -> "tuple[List[str], set]":
     """Lemmas of the ImageNet-21k classes in class order, and every word of their lemmas and definitions."""
     info = _timm_info_dir()
     try:
-        synsets = (info / "imagenet21k_goog_synsets.txt").read_text().split()
-        lemma_of = _tab_file(info / "imagenet_synset_to_lemma.txt")
-        definition_of = _tab_file(info / "imagenet_synset_to_definition.txt")
+        synsets = (info / TIMM_FILES[0]).read_text().split()
+        lemma_of = _tab_file(info / TIMM_FILES[1])
+        definition_of = _tab_file(info / TIMM_FILES[2])
     except OSError as exc:  # pragma: no cover
         raise NeurolensError(f"cannot read timm's ImageNet-21k class files ({exc}); pass --vocab FILE") from None
     lemmas: List[str] = []
@@ -207,7 +228,7 @@ def _tab_file(path: Path) -> dict:
 
 def _clip_whole_words() -> List[str]:
     """Word-final BPE merges of CLIP's tokenizer that are plain lowercase words, in merge (frequency) order."""
-    path = _package_dir("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
+    path = _package_dir("open_clip") / BPE_FILE
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         lines = handle.read().split("\n")
     # the same slice open_clip's SimpleTokenizer uses: 49152 - 256 - 2 merges after the version line
