@@ -57,7 +57,7 @@ def concepts(
         engine.check_process_only(**{"--workers": loader.workers is not None, "--sae": sae is not None})
         if engine.keep_per_image:
             typer.echo("note: a concept audit on Ray always keeps the per-image maxima", err=True)
-        clip = replace(model, device="cpu").load(quiet=as_json)  # the driver ships the image tower to the actors
+        clip = replace(model, device="cpu").load(quiet=as_json, cache=cache)  # the driver ships the tower
         with progress_bar(f"concepts {layer} on Ray", enabled=not as_json) as progress:
             result = run_ray_concepts(clip, layer, data.dataset, settings, cache=cache, force=force, progress=progress,
                                       ray=engine.ray_options(loader.batch_size), device=model.device,
@@ -66,7 +66,7 @@ def concepts(
         description = result.scan.description
     else:
         engine.check_process_only()
-        clip = model.load(quiet=as_json)
+        clip = model.load(quiet=as_json, cache=cache)
         basis = open_basis(clip, layer, sae, cache)
         dataset = data.open()
         with progress_bar(f"concepts {layer}", enabled=not as_json) as progress:
