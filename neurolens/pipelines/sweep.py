@@ -129,8 +129,8 @@ class SweepJob:
 class LocalEngine:
     """The sweep in this process (module docstring): scan, then labels, then statistics from the scan."""
 
-    def __init__(self, batch_size: Optional[int] = None, workers: Optional[int] = None):
-        self.batch_size, self.workers = batch_size, workers
+    def __init__(self, batch_size: Optional[int] = None, workers: Optional[int] = None, decoder: str = "auto"):
+        self.batch_size, self.workers, self.decoder = batch_size, workers, decoder
 
     @contextmanager
     def open(self, job: SweepJob, dataset) -> Iterator["_LocalPass"]:
@@ -148,7 +148,7 @@ class _LocalPass:
         job = self.job
         return run_scan(job.clip, job.layer, self.dataset, top_k=job.settings.top_k, batch_size=self.engine.batch_size,
                         workers=self.engine.workers, cache=job.cache, force=job.force, embeddings=True,
-                        progress=job.progress, basis=job.basis)
+                        progress=job.progress, basis=job.basis, decoder=self.engine.decoder)
 
     def method(self, scan) -> str:
         """exact, or binned:<bytes> when the scan's rows do not fit the settings' auc_memory."""
@@ -293,7 +293,7 @@ def sweep(clip, layer: str, dataset, settings: SweepSettings, engine, *, cache=N
 def run_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] = None, *, cache=None,
               force: bool = False, progress: Progress = None, out: Optional[str | os.PathLike] = None,
               write_csv: bool = True, batch_size: Optional[int] = None, workers: Optional[int] = None,
-              scorer: Optional[Scorer] = None, basis=None, **options) -> SweepResult:
+              scorer: Optional[Scorer] = None, basis=None, decoder: str = "auto", **options) -> SweepResult:
     """Sweep every unit of `layer` for NSFW content in this process (see neurolens.scoring.units for the
     statistics and neurolens.labels for the label sources).
 
@@ -303,8 +303,9 @@ def run_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] 
     scorer(clip, embeddings) -> (N,) replaces the zero-shot score (tests inject known scores).
     basis: None for the neurons, or a basis of the layer (neurolens.sae.basis.load_basis): its units (SAE features)
     are swept, from a scan of the same pass as the neurons' and the decoder directions' texts; the record says
-    which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default."""
-    return sweep(clip, layer, dataset, sweep_settings(settings, **options), LocalEngine(batch_size, workers),
+    which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default. decoder: the scan's
+    image decoder (run_scan)."""
+    return sweep(clip, layer, dataset, sweep_settings(settings, **options), LocalEngine(batch_size, workers, decoder),
                  cache=cache, force=force, progress=progress, out=out, write_csv=write_csv, scorer=scorer, basis=basis)
 
 
