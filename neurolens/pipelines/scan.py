@@ -164,7 +164,7 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
                  precision: str = "fp32", keep_per_image: bool = False, ray=None, device: str = "auto",
                  image_column: str = "image", caption_column: str = "caption",
                  progress: Optional[Callable[[int, int], None]] = None, report: Optional[Callable] = None,
-                 wait: bool = False) -> ScanResult:
+                 wait: bool = False, decoder: str = "auto") -> ScanResult:
     """The scan of run_scan on Ray Data (neurolens.engines.ray.session): the same result (top-k indices and cells
     exactly, statistics to rounding) in the same cache record, resumable shard by shard.
 
@@ -173,7 +173,8 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
     keep_per_image: also store every image's per-unit maxima, float16, one chunk per shard (the scan record's
     per_image_max() reads them); without it the record has no per-image values.
     report(RayProgress) gets images/s, shards done/total, items skipped and the ETA while it runs.
-    wait: as run_scan's (the same key lock: a Ray scan and a local scan of one key never run at once)."""
+    wait: as run_scan's (the same key lock: a Ray scan and a local scan of one key never run at once).
+    decoder: as run_scan's, for the actors' device (auto: torchvision when they have GPUs)."""
     if precision not in PRECISIONS:
         raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
     if int(top_k) < 1:
@@ -183,34 +184,38 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
     options = ray if ray is not None else RayOptions()
     with ray_session(options) as session:
         plan = plan_dataset(dataset, cache, options.shard_size, session.map, image_column, caption_column)
+        decoder = resolve_decoder(decoder, session.actor_device(device))
         if not force:
-            found = scan_records.find_result(cache, clip, spec, plan, top_k, precision, need_chunks=keep_per_image)
+            found = scan_records.find_result(cache, clip, spec, plan, top_k, precision, need_chunks=keep_per_image,
+                                             decoder=decoder)
             if found is not None:
                 if progress:
                     progress(len(plan), len(plan))
                 return found
-        key = scan_key(clip, spec, plan, top_k, precision, False)
+        key = scan_key(clip, spec, plan, top_k, precision, False, decoder=decoder)
         with scan_records.key_lock(cache, clip.fingerprint, spec.name, [key], wait=wait):
             if not force:
-                found = scan_records.find_result(cache, clip, spec, plan, top_k, precision, need_chunks=keep_per_image)
+                found = scan_records.find_result(cache, clip, spec, plan, top_k, precision, need_chunks=keep_per_image,
+                                                 decoder=decoder)
                 if found is not None:
                     return found
             store = ShardStore(cache, clip.fingerprint, spec.name, key)
             if force:
                 store.remove_records()
             outcome = session.scan(clip, spec, plan, store, top_k=top_k, precision=precision,
-                                   keep_per_image=keep_per_image, device=device, progress=progress, report=report)
+                                   keep_per_image=keep_per_image, device=device, progress=progress, report=report,
+                                   decoder=decoder)
             result = write_ray_scan(cache, clip, spec, plan, key, outcome.stats, top_k, precision, outcome.chunks,
                                     outcome.resumed, {"per_image": bool(keep_per_image),
                                                       "forwarded": int(outcome.forwarded),
                                                       "actors": int(options.actors),
-                                                      "actor_peak_rss": int(outcome.actor_peak_rss)})
+                                                      "actor_peak_rss": int(outcome.actor_peak_rss)}, decoder)
             store.remove_records()
     return result
 
 
 def write_ray_scan(cache: Cache, clip, spec, plan, key: str, stats: ScanStats, top_k: int, precision: str,
-                   chunks: Sequence[str], resumed: Sequence[int], attrs: dict) -> ScanResult:
+                   chunks: Sequence[str], resumed: Sequence[int], attrs: dict, decoder: str = "pil") -> ScanResult:
     """The scan record of a Ray scan (the record every scan writes, plus `engine: ray` and `attrs`), or the
     one-line error when no item was readable. Written under the key's lock (waiting for a local scan of the
     same key to finish), since writing it removes the key's chunks that it does not list."""
@@ -221,7 +226,7 @@ def write_ray_scan(cache: Cache, clip, spec, plan, key: str, stats: ScanStats, t
             raise DatasetError(f"no readable image in {plan.description}: all {len(plan)} items were skipped"
                                f"{example}; give a dataset with at least one valid image")
         record = scan_records.final_record(clip, spec, plan.dataset_view(), stats, top_k, precision, False, chunks,
-                                           resumed)
+                                           resumed, decoder=decoder)
         record.attrs.update({"engine": "ray", "shards": len(plan.shards), **attrs})
         result = scan_records.read_result(cache, scan_records.write_result(cache, key, record))
     result.cached = False
