@@ -6,9 +6,10 @@ The JPEGs that decode workers left to the batched decoder (datasets.decode.prepa
 torchvision.io.decode_jpeg call over the list: with device="cuda" that is batched nvJPEG, on the CPU
 libjpeg-turbo, the same code path. Each decoded image is then preprocessed with torch exactly where PIL's
 preprocessing takes its pixels (datasets.decode.geometry: the MAX_ASPECT crop before the resize, the shortest
-side resized to the input size, the centre crop): bicubic with antialias=True, rounded back to uint8. That
-resize differs from PIL's bicubic by a few grey levels at most (measured: tests/test_decoders.py and
-docs/scan.md), so scans with either decoder rank images alike but are not bit-identical.
+side resized to the input size, the centre crop), with torch's antialiased bicubic in PIL's two passes (`resize`).
+The result differs from PIL's by at most one grey level on a few pixels (tests/test_decoders.py; docs/scan.md),
+and nvJPEG's decode from libjpeg-turbo's by a little more, so scans with either decoder rank images alike but
+are not bit-identical.
 
 An image the batched decoder cannot decode (a corrupt file whose header looked fine) is decoded by PIL here,
 under the same skip-and-list rules as every other item (its reason comes from PIL).
@@ -59,13 +60,26 @@ def to_input(image: torch.Tensor, size: int) -> torch.Tensor:
     plan = geometry(int(image.shape[2]), int(image.shape[1]), size)
     left, top, right, bottom = plan.box
     image = image[:, top:bottom, left:right]
-    new_w, new_h = plan.resized
-    if (new_w, new_h) != (right - left, bottom - top):
-        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bicubic", antialias=True,
-                                align_corners=False)
-        image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
     x, y = plan.crop
-    return image[:, y:y + size, x:x + size]
+    return resize(image, plan.resized)[:, y:y + size, x:x + size]
+
+
+def resize(image: torch.Tensor, new_size: Tuple[int, int]) -> torch.Tensor:
+    """uint8 (3, H, W) resized to new_size = (width, height) the way PIL's bicubic resize works: antialiased
+    bicubic (torch's antialias=True kernel is PIL's), one pass along the width and then one along the height, each
+    rounded to uint8 (PIL keeps 8 bits between its passes). Where PIL takes the same order the result is PIL's
+    to within one grey level on a few values; the Pillow build measured (13.0.0) runs the height pass first for
+    some tall images, and there up to 2 grey levels differ (docs/scan.md). One float pass would differ by up to
+    3 levels on ~15 % of the values."""
+    new_w, new_h = new_size
+    out = image[None].float()
+    if new_w != out.shape[3]:
+        out = F.interpolate(out, size=(out.shape[2], new_w), mode="bicubic", antialias=True, align_corners=False)
+        out = out.round_().clamp_(0, 255)
+    if new_h != out.shape[2]:
+        out = F.interpolate(out, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        out = out.round_().clamp_(0, 255)
+    return out[0].to(torch.uint8)
 
 
 def with_pil(item: Prepared, size: int) -> Prepared:
