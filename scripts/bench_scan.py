@@ -147,12 +147,13 @@ def timed_scan(clip, layer, dataset, args, precision, cache_dir, clock=None):
     return time.perf_counter() - start, result
 
 
-def timed_forward(clip, spec, dataset, batch_size):
+def timed_forward(clip, spec, dataset, batch_size, workers):
     import torch
-    from neurolens.datasets.decode import preprocess_array
     from neurolens.activations.hooks import forward_to
-    pixels = torch.from_numpy(np.stack([preprocess_array(dataset.load(i), clip.image_size)
-                                        for i in range(len(dataset))]))
+    from neurolens.engines.local import batches
+    # decoded and preprocessed first (PIL, in DataLoader workers; not timed)
+    pixels = torch.cat([batch.pixels for batch in batches(dataset, clip.image_size, 0, len(dataset), 256, workers)
+                        if batch.pixels is not None])
     start = time.perf_counter()
     with torch.no_grad():
         for first in range(0, len(pixels), batch_size):
@@ -214,6 +215,9 @@ def main() -> None:
     parser.add_argument("--layer", default="image_block_4_5")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n", type=int, default=32, help="images for the speed part and rss_n")
+    parser.add_argument("--data", default=None, help="scan this existing dataset (e.g. an earlier run's "
+                        "--keep-data folder) instead of generating --n images")
+    parser.add_argument("--keep-data", default=None, help="write the generated images here and keep them")
     parser.add_argument("--image-size", type=int, default=500, help="mean width of the synthetic JPEGs")
     parser.add_argument("--input", choices=("folder", "tar"), default="folder",
                         help="a folder of JPEGs, or img2dataset-style tar shards of them")
@@ -258,16 +262,18 @@ def main() -> None:
               "input": args.input}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_input(tmp / "n", args.n, args)
+        if args.data is None:
+            args.data = str(write_input(Path(args.keep_data) if args.keep_data else tmp / "n", args.n, args))
         clip = load_clip(args.model, args.pretrained, device=args.device)
         spec = resolve_layer(clip, args.layer)
-        dataset = open_dataset(str(tmp / "n"))
+        dataset = open_dataset(args.data)
+        args.n = report["n"] = len(dataset)
         from neurolens.activations.hooks import forward_to
         with torch.no_grad():  # warm-up: first-call allocations are not part of either timing
             forward_to(clip.model, clip.normalize(torch.rand(1, 3, clip.image_size, clip.image_size, device=clip.device)), [spec])
         clock = StageClock(clip.device)
         scan_s, fp32 = timed_scan(clip, args.layer, dataset, args, "fp32", tmp / "cache32", clock)
-        forward_s = timed_forward(clip, spec, dataset, args.batch_size)
+        forward_s = timed_forward(clip, spec, dataset, args.batch_size, args.workers)
         report.update(scan_img_s=args.n / scan_s, forward_img_s=args.n / forward_s)
         report["ratio"] = report["scan_img_s"] / report["forward_img_s"]
         report.update(decode=resolve_decoder(args.decode, clip.device), wall_s=scan_s, stages=stage_seconds(clock),
