@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from ..datasets.decode import BadImage, Prepared, decode_image, geometry, preprocess_array
+from ..datasets.decode import MAX_IMAGE_PIXELS, BadImage, Prepared, decode_image, geometry, preprocess_array
 from .timing import NO_CLOCK
 
 
@@ -105,7 +105,9 @@ def assemble(items: Sequence[Prepared], size: int, device="cpu", clock=NO_CLOCK)
             images = decode_jpegs([item.jpeg for item in jpegs], device)
         with clock.device_stage("resize", device):
             for item, image in zip(jpegs, images):
-                if image is not None:
+                # the decoded shape is checked again before the resize (the header was checked before decoding)
+                if image is not None and image.dim() == 3 and image.shape[0] == 3 and \
+                        0 < image.shape[1] * image.shape[2] <= MAX_IMAGE_PIXELS:
                     ready[item.index] = to_input(image, size)
     indices, rows, skipped = [], [], []
     for item in items:
