@@ -1,23 +1,23 @@
 """Benchmark of `scan --engine ray` against the in-process scan: prints ONE JSON line.
 
 For each model (a small one and RN50x4, random weights, at small N) on the same img2dataset shards
-(synthetic JPEGs of --image-size px, --shard-rows rows per shard):
+(photo-like JPEGs about --image-size px wide, bench_scan.write_shards; --shard-rows rows per shard):
 
   <m>_single_img_s        images/s of run_scan (DataLoader workers decode), model loaded, fresh cache
   <m>_ray1_img_s          images/s of run_ray_scan with 1 actor, wall clock from the call to the record
                           (Ray Data start-up, actor start and model shipping included; Ray itself already up)
-  <m>_ray1_stream_img_s   the same run's rate once the first batch came back (RayProgress.images_per_s):
-                          the steady rate a long scan runs at
-  <m>_ray2_img_s, <m>_ray2_stream_img_s     the same with 2 actors
-  <m>_overhead_1_actor    single_img_s / ray1_stream_img_s - 1 (goal <= 0.15): Ray's cost per image
-  <m>_overhead_1_actor_wall   single_img_s / ray1_img_s - 1 (start-up included; shrinks as N grows)
+  <m>_ray2_img_s          the same with 2 actors
+  <m>_overhead_1_actor_wall   single_img_s / ray1_img_s - 1 (goal <= 0.15; start-up included, so it shrinks
+                          as N grows)
   <m>_driver_peak_rss_mb_{single,ray1,ray2}   peak RSS of the process that called the scan
   <m>_actor_peak_rss_mb_{ray1,ray2}           the largest peak RSS a model actor reported
-  <m>_laion400m_actor_hours   413e6 / ray1_stream_img_s / 3600: EXTRAPOLATED hours for LAION-400M per
-                          actor (divide by the number of GPUs/actors; assumes decode keeps up)
+  <m>_laion400m_device_hours  413e6 / single_img_s / 3600: EXTRAPOLATED hours of LAION-400M on one device like
+                          this run's (one GPU with --device cuda), from the MEASURED in-process rate, which is
+                          what one actor runs on its device; divide by the number of devices (assumes linear
+                          scaling and that decoding keeps up: see decode_img_s_per_core)
   <m>_decode_img_s_per_core   images/s one CPU core decodes and preprocesses to the model's input size
                           (datasets.decode.decode_item, process time, the same JPEGs): CPU cores a GPU needs =
-                          its stream rate / this
+                          single_img_s / this
   merge_ms                driver CPU time to merge one actor call's partial result of the large model's
                           layer (what caps the total rate at rows-per-call / merge_ms)
 
@@ -33,13 +33,11 @@ leave free.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -47,55 +45,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 LAION_400M = 413_000_000
 
-
-def write_shards(folder: Path, count: int, rows: int, size: int) -> None:
-    """img2dataset-style shards (NNNNN.tar with KEY.jpg/.txt, NNNNN.parquet with key/status/caption) of the
-    same synthetic JPEGs bench_scan.py decodes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from bench_scan import write_jpegs
-    write_jpegs(folder / "jpegs", count, size)
-    jpegs = sorted((folder / "jpegs").glob("*.jpg"))
-    for shard, first in enumerate(range(0, count, rows)):
-        keys = [f"{shard:05d}{row:04d}" for row in range(min(rows, count - first))]
-        with tarfile.open(folder / f"{shard:05d}.tar", "w") as archive:
-            for key, path in zip(keys, jpegs[first:first + rows]):
-                for name, data in ((f"{key}.jpg", path.read_bytes()), (f"{key}.txt", b"a synthetic picture")):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-        pq.write_table(pa.table({"key": keys, "status": ["success"] * len(keys),
-                                 "caption": ["a synthetic picture"] * len(keys)}), folder / f"{shard:05d}.parquet")
-    for path in jpegs:
-        path.unlink()
-    (folder / "jpegs").rmdir()
+from bench_scan import write_shards  # noqa: E402  (the same photo-like JPEGs and shards as bench_scan.py)
 
 
 def child(args) -> None:
-    """One scan in this fresh process; prints {seconds, images, stream_img_s, driver/actor peak RSS}."""
+    """One scan in this fresh process; prints {seconds, images, driver/actor peak RSS}."""
     import torch
     torch.set_num_threads(args.threads)
     from neurolens.models.build import load_clip
     from neurolens.storage.cache import Cache
     clip = load_clip(args.model, "none", device="cpu" if args.engine == "ray" else args.device)
     cache = Cache(args.cache)
-    reports = []
     start = time.perf_counter()
     if args.engine == "process":
         from neurolens.pipelines.scan import run_scan
         result = run_scan(clip, args.layer, args.data, top_k=args.top_k, batch_size=args.batch_size,
-                          workers=args.workers, cache=cache, force=True)
+                          workers=args.workers, cache=cache, force=True, decoder=args.decode)
     else:
         from neurolens.engines.ray.session import RayOptions
         from neurolens.pipelines.scan import run_ray_scan
         result = run_ray_scan(clip, args.layer, args.data, top_k=args.top_k, cache=cache, force=True,
-                              device=args.device, report=reports.append,
+                              device=args.device, decoder=args.decode,
                               ray=RayOptions(address=args.address, actors=args.actors, batch_size=args.batch_size,
                                              cpus_per_actor=float(args.cpus_per_actor)))
     seconds = time.perf_counter() - start
     attrs = cache.read(result.path).attrs
     print(json.dumps({"seconds": seconds, "images": result.count,
-                      "stream_img_s": reports[-1].images_per_s if reports else None,
                       "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "actor_peak_rss_mb": attrs.get("actor_peak_rss", 0) / 2 ** 20}))
 
@@ -110,7 +85,7 @@ def run_child(args, model: str, layer: str, data: Path, cache: Path, engine: str
     command = [sys.executable, __file__, "--child", "--model", model, "--layer", layer, "--data", str(data),
                "--cache", str(cache), "--engine", engine, "--actors", str(actors), "--address", address,
                "--device", args.device, "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-               "--workers", str(args.workers), "--top-k", str(args.top_k),
+               "--workers", str(args.workers), "--top-k", str(args.top_k), "--decode", args.decode,
                "--cpus-per-actor", str(cpus_per_actor(args, actors))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=os.environ.copy())
     if done.returncode != 0:
@@ -164,13 +139,10 @@ def measure(args, name: str, model: str, layer: str, n: int, tmp: Path, address:
     for actors in (1, 2):
         ray_run = run_child(args, model, layer, data, tmp / f"c-{name}-ray{actors}", "ray", actors, address)
         out[f"{name}_ray{actors}_img_s"] = ray_run["images"] / ray_run["seconds"]
-        out[f"{name}_ray{actors}_stream_img_s"] = ray_run["stream_img_s"]
         out[f"{name}_driver_peak_rss_mb_ray{actors}"] = ray_run["driver_peak_rss_mb"]
         out[f"{name}_actor_peak_rss_mb_ray{actors}"] = ray_run["actor_peak_rss_mb"]
-    stream = out[f"{name}_ray1_stream_img_s"]
-    out[f"{name}_overhead_1_actor"] = out[f"{name}_single_img_s"] / stream - 1 if stream else None
     out[f"{name}_overhead_1_actor_wall"] = out[f"{name}_single_img_s"] / out[f"{name}_ray1_img_s"] - 1
-    out[f"{name}_laion400m_actor_hours"] = LAION_400M / stream / 3600 if stream else None
+    out[f"{name}_laion400m_device_hours"] = LAION_400M / out[f"{name}_single_img_s"] / 3600
     return out
 
 
@@ -183,7 +155,7 @@ def main() -> None:
     parser.add_argument("--large-layer", default="image_block_4_5")
     parser.add_argument("--large-n", type=int, default=256)
     parser.add_argument("--shard-rows", type=int, default=256, help="rows per img2dataset shard")
-    parser.add_argument("--image-size", type=int, default=320, help="width of the synthetic JPEGs")
+    parser.add_argument("--image-size", type=int, default=320, help="mean width of the synthetic JPEGs")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (actors get a GPU each where found)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the scan / CPUs per actor")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the in-process scan")
@@ -191,6 +163,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per scan")
+    parser.add_argument("--decode", default="auto", help="auto, pil or torchvision (neurolens scan --decode)")
     parser.add_argument("--quick", action="store_true", help="tiny settings to check the script end to end")
     parser.add_argument("--skip-large", action="store_true")
     for hidden in ("--child", "--engine", "--model", "--layer", "--data", "--cache", "--address", "--actors",

@@ -82,6 +82,7 @@ def bench_target(name: str, args) -> dict:
     import numpy as np
     import torch
     from bench_scan import write_jpegs
+    from neurolens.datasets.decode import resolve_decoder
     from neurolens.datasets.open import open_dataset
     from neurolens.models.build import load_clip
     from neurolens.models.layers import resolve_layer
@@ -107,7 +108,7 @@ def bench_target(name: str, args) -> dict:
     # --- training throughput, end to end (one epoch) and optimizer steps alone
     settings = SaeTrainSettings(features=args.features, k=args.k, epochs=1, batch_size=args.batch_size, seed=0)
     stream = ActivationStream(clip, spec, train_set, np.arange(train_n), 256 * 2 ** 20 // (4 * spec.channels), 0,
-                              images_per_forward=args.images_per_forward, workers=args.workers)
+                              images_per_forward=args.images_per_forward, workers=args.workers, decoder=args.decode)
     started = time.perf_counter()
     loop = train_loop(stream, settings, d_sae, "bench")
     train_seconds = time.perf_counter() - started
@@ -131,10 +132,11 @@ def bench_target(name: str, args) -> dict:
             started = time.perf_counter()
             run_scan(clip, layer, scan_set, top_k=args.top_k, batch_size=args.images_per_forward,
                      workers=args.workers, cache=root / f"cache-{repeat}-{with_features}", force=True,
-                     basis=basis if with_features else None)
+                     basis=basis if with_features else None, decoder=args.decode)
             times.append(time.perf_counter() - started)
     neurons, both = statistics.median(neurons_s), statistics.median(both_s)
     return {"bench": "sae", "target": name, "model": model, "layer": layer, "device": str(clip.device),
+            "decode": resolve_decoder(args.decode, clip.device),
             "threads": torch.get_num_threads(), "channels": spec.channels, "cells": cells, "features": d_sae,
             "k": args.k, "batch_size": args.batch_size, "train_images": train_n, "train_vectors": int(vectors),
             "train_seconds": round(train_seconds, 3), "train_vectors_s": round(vectors / train_seconds, 1),
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--decode", default="auto", help="auto, pil or torchvision (neurolens scan --decode)")
     parser.add_argument("--quick", action="store_true", help="small image counts and 1 repeat: checks that it runs")
     parser.add_argument("--toy-root", default=None, help="toy-quality: folder to keep (and reuse) the demo's toy "
                                                           "data and model in")

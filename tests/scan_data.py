@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 
 def synthetic_image(seed: int, size=(96, 80)) -> Image.Image:
@@ -26,6 +26,30 @@ def synthetic_image(seed: int, size=(96, 80)) -> Image.Image:
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
     return image
+
+
+def photo_like(seed: int, size=(500, 400)) -> Image.Image:
+    """A photo-like picture: smooth colour gradients, a low-frequency texture, grain, and a few soft-edged shapes
+    (JPEG-compressible like a photo, unlike flat colour or white noise)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    corners = rng.uniform(0, 255, (2, 2, 3)).astype(np.float32)
+    u, v = (x / max(1, width - 1))[..., None], (y / max(1, height - 1))[..., None]
+    pixels = (corners[0, 0] * (1 - u) * (1 - v) + corners[0, 1] * u * (1 - v) + corners[1, 0] * (1 - u) * v
+              + corners[1, 1] * u * v)
+    coarse = rng.normal(0, 40, (height // 24 + 2, width // 24 + 2, 3)).astype(np.float32)
+    texture = Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    pixels += np.asarray(texture, np.float32) - 128 + rng.normal(0, 6, (height, width, 3)).astype(np.float32)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = int(rng.integers(0, max(1, width - 8))), int(rng.integers(0, max(1, height - 8)))
+        x1 = x0 + int(rng.integers(4, max(5, width // 2)))
+        y1 = y0 + int(rng.integers(4, max(5, height // 2)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    return image.filter(ImageFilter.GaussianBlur(0.8))
 
 
 def write_images(folder: Path, count: int, start_seed: int = 0, fmt: str = "jpg", size=(96, 80)) -> List[Path]:

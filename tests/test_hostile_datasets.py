@@ -19,38 +19,11 @@ from PIL import Image
 
 from neurolens.datasets.decode import BadImage, decode_image, decode_item, preprocess, preprocess_array
 from neurolens.datasets.open import dataset_from_keys, open_dataset
+from hostile_data import FifoWatchdog, hostile_folder, tall_png
 from scan_data import write_images
 
 LAYER = "image_block_3_0"
 TINY = ["--model", "nl-tiny-RN", "--pretrained", "none", "--device", "cpu"]
-
-
-class FifoWatchdog:
-    """Unblocks a reader stuck opening `fifo` (opens its write end after `seconds`) and records that it had
-    to: an in-process timeout for code that would otherwise hang the test forever."""
-
-    def __init__(self, fifo: Path, seconds: float = 20.0):
-        self.fifo, self.fired, self._stop = fifo, False, threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(seconds,), daemon=True)
-        self._thread.start()
-
-    def _run(self, seconds: float) -> None:
-        if self._stop.wait(seconds):
-            return
-        self.fired = True
-        fd = os.open(self.fifo, os.O_WRONLY)      # the stuck reader then reads end-of-file
-        os.close(fd)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-
-def tall_png(width: int = 1, height: int = 20_000) -> bytes:
-    rng = np.random.default_rng(0)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture()
@@ -119,17 +92,6 @@ def test_probe_upload_of_a_tall_png_is_bounded_and_probes_use_a_bounded_pool(bou
         return await asyncio.gather(*(prober.run(work) for _ in range(24)))
     assert sum(asyncio.run(many())) == 24
     assert most[0] == PROBE_WORKERS == 2
-
-
-def hostile_folder(folder: Path) -> dict:
-    """3 good images, a FIFO named a.jpg, /dev/zero behind a symlink named b.jpg, and an oversize c.png."""
-    folder.mkdir(parents=True)
-    write_images(folder, 3, start_seed=40, size=(72, 64))
-    os.mkfifo(folder / "a.jpg")
-    os.symlink("/dev/zero", folder / "b.jpg")
-    rng = np.random.default_rng(2)
-    Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(folder / "c.png")   # ~120 KB
-    return {"a.jpg": "FIFO", "b.jpg": "character device", "c.png": "too large"}
 
 
 def test_scan_of_a_folder_with_a_fifo_dev_zero_and_an_oversize_file_finishes_and_lists_them(tmp_path, tiny_clip):

@@ -117,6 +117,21 @@ def test_ray_scan_equals_single_process(tiny_clip, ray_cluster, shards, referenc
     assert again.cached and again.path == result.path
 
 
+def test_ray_scan_with_the_torchvision_decoder_equals_the_in_process_one(tiny_clip, ray_cluster, shards, reference,
+                                                                        tmp_path):
+    """--decode torchvision on Ray: decode tasks ship the JPEGs' bytes, the actor decodes them in batches; the
+    same result as the in-process scan with that decoder, in its own record (the decoder is in the key)."""
+    folder, _ = shards
+    local = run_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, batch_size=5, workers=0, cache=Cache(tmp_path / "a"),
+                     decoder="torchvision")
+    cache = Cache(tmp_path / "b")
+    result = run_ray_scan(tiny_clip, LAYER, str(folder), top_k=TOP_K, cache=cache, decoder="torchvision",
+                          ray=RayOptions(actors=1, batch_size=5, cpus_per_actor=0.5))
+    assert_same_scan(result, local)
+    assert (result.decoder, cache.read(result.path).attrs["decoder"]) == ("torchvision", "torchvision")
+    assert result.path.name != reference.path.name and result.skipped_reasons == reference.skipped_reasons
+
+
 def test_killed_actor_is_restarted_and_nothing_is_counted_twice(tiny_clip, ray_cluster, tmp_path):
     folder = tmp_path / "data"
     write_img2dataset(folder, [8, 8, 8, 8], start_seed=500, bad_every=3)

@@ -240,11 +240,13 @@ class ScanStats:
 
 @dataclass
 class BatchOutput:
-    """What one batch produced, handed to `on_batch` (the pipeline writes it to the cache)."""
+    """What one batch produced, handed to `on_batch` (the pipeline writes it to the cache). The per-image values
+    are tensors on the scan's device: a caller copies them to the host once per chunk of batches, not per batch
+    (a copy per batch would make the host wait for the device every batch)."""
     start: int                        # the batch covers dataset indices [start, stop)
     stop: int
     indices: np.ndarray               # (b,) the readable images among them
-    maxima: np.ndarray                # (b, units) float32 spatial max per image and unit
-    embeddings: Optional[np.ndarray]  # (b, D) float32 L2-normalized, when asked for
+    maxima: torch.Tensor              # (b, units) float32 spatial max per image and unit
+    embeddings: Optional[torch.Tensor]  # (b, D) float32 L2-normalized, when asked for
     skipped: List[Tuple[int, str]]
-    basis_maxima: Dict[str, np.ndarray] = field(default_factory=dict)  # basis id -> (b, units) of that basis
+    basis_maxima: Dict[str, torch.Tensor] = field(default_factory=dict)  # basis id -> (b, units) of that basis

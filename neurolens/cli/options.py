@@ -27,6 +27,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import typer
 from typing_extensions import Annotated
 
+from ..datasets.decode import DECODERS
 from ..datasets.open import open_dataset
 from ..errors import NeurolensError
 from ..labels.lexicon import read_list
@@ -63,6 +64,11 @@ BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images pe
                                                                        "GPU).")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="DataLoader processes decoding images (default "
                                                                       "min(2, CPUs); 0 = in the main process).")]
+DecodeOpt = Annotated[str, typer.Option(
+    "--decode", help=f"How images are decoded ({', '.join(DECODERS)}): pil (PIL in the decode workers), torchvision "
+                     "(JPEGs decoded in batches by torchvision.io.decode_jpeg, on the GPU with nvJPEG, and resized "
+                     "with torch; other images by PIL), auto (torchvision on a GPU, pil on the CPU). Named in the "
+                     "cache key unless pil.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="fp32 or bf16 (autocast) for the forward.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Top images kept per unit by the scan.")]
 NoBlurOpt = Annotated[bool, typer.Option(
@@ -188,9 +194,14 @@ class DatasetChoice:
 
 @dataclass(frozen=True)
 class LoaderChoice:
-    """--batch-size/--workers: how images are fed to the model (None: the defaults for the device)."""
+    """--batch-size/--workers/--decode: how images are fed to the model (None: the defaults for the device)."""
     batch_size: Optional[int] = None
     workers: Optional[int] = None
+    decode: str = "auto"
+
+    def __post_init__(self):
+        if self.decode not in DECODERS:
+            raise NeurolensError(f"unknown --decode {self.decode!r}; use {', '.join(DECODERS)}")
 
 
 EngineOpt = Annotated[str, typer.Option("--engine", help="process: scan in this process (DataLoader workers "
@@ -252,7 +263,8 @@ MODEL = OptionSet.of(ModelChoice, model=(ModelOpt, DEFAULT_MODEL), pretrained=(P
                      checkpoint=(CheckpointOpt, None), device=(DeviceOpt, "auto"))
 DATASET = OptionSet.of(DatasetChoice, dataset=(DatasetOpt, None), image_column=(ImageColumnOpt, "image"),
                        caption_column=(CaptionColumnOpt, "caption"))
-LOADER = OptionSet.of(LoaderChoice, batch_size=(BatchOpt, None), workers=(WorkersOpt, None))
+LOADER = OptionSet.of(LoaderChoice, batch_size=(BatchOpt, None), workers=(WorkersOpt, None),
+                      decode=(DecodeOpt, "auto"))
 ENGINE = OptionSet.of(EngineChoice, engine=(EngineOpt, "process"), ray_address=(RayAddressOpt, None),
                       actors=(ActorsOpt, 1), gpus_per_actor=(GpusPerActorOpt, None),
                       cpus_per_actor=(CpusPerActorOpt, 1.0), shard_size=(ShardSizeOpt, None),

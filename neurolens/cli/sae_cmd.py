@@ -11,8 +11,8 @@ from ..records.keys import as_cache
 from ..records.sae import read_config, sae_folder
 from ..sae.registry import list_saes
 from .app import app, command, print_json, progress_bar
-from .options import (DATASET, MODEL, CacheOpt, DatasetChoice, ForceOpt, JsonOpt, LayerOpt, ModelChoice, PrecisionOpt,
-                      WorkersOpt, uses)
+from .options import (DATASET, MODEL, CacheOpt, DatasetChoice, DecodeOpt, ForceOpt, JsonOpt, LayerOpt, ModelChoice,
+                      PrecisionOpt, WorkersOpt, uses)
 
 sae_app = typer.Typer(
     name="sae", no_args_is_help=True, add_completion=False,
@@ -59,6 +59,7 @@ def train(
     images_per_forward: Annotated[Optional[int], typer.Option("--images-per-forward", help="Images per model "
                                                               "forward (default 16 on CPU, 64 on GPU).")] = None,
     workers: WorkersOpt = None,
+    decode: DecodeOpt = "auto",
     precision: PrecisionOpt = "fp32",
     force: ForceOpt = False,
     model: ModelChoice = None,
@@ -93,7 +94,7 @@ def train(
                                f"dead {100 * metrics['dead_share']:.1f} %")
         result = run_sae_train(clip, layer, dataset, settings, name=out, cache=cache, force=force, progress=update,
                                on_metrics=on_metrics, images_per_forward=images_per_forward, workers=workers,
-                               precision=precision, quality_progress=quality_update)
+                               precision=precision, quality_progress=quality_update, decoder=decode)
     summary = result.summary()
     if as_json:
         print_json(summary)

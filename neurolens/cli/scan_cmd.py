@@ -73,7 +73,7 @@ def scan(
             result = run_scan(clip, layer, data.open(), top_k=top_k, batch_size=loader.batch_size,
                               workers=loader.workers, cache=cache, force=force, embeddings=embeddings,
                               precision=precision, progress=progress, checkpoint_every=checkpoint_every or None,
-                              basis=basis, wait=wait)
+                              basis=basis, wait=wait, decoder=loader.decode)
     if as_json:
         print_json(result.summary())
         return
@@ -92,7 +92,7 @@ def _scan_on_ray(layer, data, top_k, loader, precision, force, engine, model, ca
                             keep_per_image=engine.keep_per_image, ray=engine.ray_options(loader.batch_size),
                             device=model.device, image_column=data.image_column,
                             caption_column=data.caption_column, progress=progress,
-                            report=lambda state: progress.note(state.line()), wait=wait)
+                            report=lambda state: progress.note(state.line()), wait=wait, decoder=loader.decode)
 
 
 @app.command("samples", short_help="A unit's top dataset images and a grid of crops where it fired (blurred).")
@@ -128,7 +128,7 @@ def samples(
     with progress_bar(f"scan {layer}", enabled=not as_json) as progress:
         result = run_samples(clip, layer, unit, dataset, top_k=top_k, show=show, out=out, blur=not no_blur,
                              cache=cache, batch_size=loader.batch_size, workers=loader.workers, precision=precision,
-                             progress=progress, basis=basis)
+                             progress=progress, basis=basis, decoder=loader.decode)
     rows = [{k: row[k] for k in ("unit", "rank", "score", "path", "cell")} for row in result.rows]
     if as_json:
         if result.image_path:

@@ -73,7 +73,7 @@ def sweep(
             result = run_ray_sweep(clip, layer, data.dataset, settings, cache=cache, force=force, progress=progress,
                                    out=out, ray=engine.ray_options(loader.batch_size), device=model.device,
                                    image_column=data.image_column, caption_column=data.caption_column,
-                                   report=lambda state: progress.note(state.line()))
+                                   report=lambda state: progress.note(state.line()), decoder=loader.decode)
         description = result.scan.description
     else:
         engine.check_process_only()
@@ -82,7 +82,8 @@ def sweep(
         dataset = data.open()
         with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
             result = run_sweep(clip, layer, dataset, settings, cache=cache, force=force, progress=progress, out=out,
-                               batch_size=loader.batch_size, workers=loader.workers, basis=basis)
+                               batch_size=loader.batch_size, workers=loader.workers, basis=basis,
+                               decoder=loader.decode)
         description = dataset.description
     for line in result.lines():
         typer.echo(line, err=as_json)

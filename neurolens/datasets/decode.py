@@ -12,6 +12,11 @@ size is checked from its header before reading), at most MAX_IMAGE_PIXELS decode
 never makes more than MAX_ASPECT x size x size pixels: the long side of a very elongated image is centre-cropped
 to MAX_ASPECT times its short side BEFORE resizing (a 1 x 20,000 PNG would otherwise be upscaled to 224 x
 4,480,000 pixels, 3 GB). Images up to MAX_ASPECT : 1 are preprocessed exactly as before.
+
+Both decoders (`--decode`, DECODERS) obey these limits: `prepare_item` reads an item's bytes through the same
+reader (regular files only, the byte limit) whichever decoder runs; a JPEG goes to the batched decoder
+(neurolens.engines.decode) only when its header shows at most MAX_IMAGE_PIXELS pixels (datasets.jpeg), and
+that decoder takes the same `geometry` (the MAX_ASPECT crop before the resize) as `preprocess`.
 """
 from __future__ import annotations
 
@@ -19,13 +24,17 @@ import io
 import os
 import stat
 import struct
+import time
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
+from ..errors import NeurolensError
 from ..storage.limits import describe, env_size
+from .jpeg import batchable
 
 # Images with more pixels than this are refused as decompression bombs (PIL's own default, 89.5 MP,
 # a 9459 x 9459 image); PIL's warning at that size and its error at twice it both count as a bad item.
@@ -39,6 +48,10 @@ MAX_IMAGE_BYTES_ENV = "NEUROLENS_MAX_IMAGE_BYTES"
 # (the crop CLIP's preprocessing takes lies inside): preprocess() makes at most MAX_ASPECT x size^2 pixels.
 MAX_ASPECT = 4
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
+# --decode: pil decodes and resizes every item with PIL in the decode workers; torchvision decodes the JPEGs it
+# can take in batches with torchvision.io.decode_jpeg (nvJPEG on a CUDA device) and resizes with torch
+# (neurolens.engines.decode); auto is torchvision on CUDA, pil elsewhere (resolve_decoder).
+DECODERS = ("auto", "pil", "torchvision")
 _FILE_KINDS = ((stat.S_ISDIR, "is a directory"), (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file"),
                (stat.S_ISCHR, "is a character device, not a regular file"),
                (stat.S_ISBLK, "is a block device, not a regular file"),
@@ -186,36 +199,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 # ---------------------------------------------------------------------------------------------- preprocessing
 
-def preprocess(image: Image.Image, size: int) -> Image.Image:
-    """CLIP's preprocessing before normalization: resize the shortest side to `size` (bicubic), centre crop.
-    An image more elongated than MAX_ASPECT : 1 is first centre-cropped to that ratio (module docstring), so the
-    resize never makes more than MAX_ASPECT x size x size pixels."""
-    image = limit_aspect(image)
-    width, height = image.size
+@dataclass(frozen=True)
+class Geometry:
+    """Where CLIP's preprocessing takes an image's pixels from, for both decoders (PIL here, torch in
+    neurolens.engines.decode): the MAX_ASPECT crop, the resize of the shortest side to `size`, the centre crop."""
+    box: Tuple[int, int, int, int]    # (left, top, right, bottom) of the source kept by the MAX_ASPECT crop
+    resized: Tuple[int, int]          # (width, height) after the resize
+    crop: Tuple[int, int]             # (left, top) of the size x size centre crop in the resized image
+
+
+def geometry(width: int, height: int, size: int, max_aspect: int = MAX_ASPECT) -> Geometry:
+    """The preprocessing of a width x height image to size x size (module docstring: the long side of an image
+    more elongated than max_aspect : 1 is centre-cropped to that ratio first)."""
+    short = max(1, min(width, height))
+    longest = short * max_aspect
+    box = (0, 0, width, height)
+    if width > longest:
+        left = (width - longest) // 2
+        box = (left, 0, left + longest, height)
+    elif height > longest:
+        top = (height - longest) // 2
+        box = (0, top, width, top + longest)
+    width, height = box[2] - box[0], box[3] - box[1]
     if width <= height:
         new_w, new_h = size, max(size, int(size * height / width))
     else:
         new_w, new_h = max(size, int(size * width / height)), size
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BICUBIC)
-    left = int(round((new_w - size) / 2.0))
-    top = int(round((new_h - size) / 2.0))
+    return Geometry(box, (new_w, new_h), (int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))))
+
+
+def preprocess(image: Image.Image, size: int) -> Image.Image:
+    """CLIP's preprocessing before normalization: resize the shortest side to `size` (bicubic), centre crop.
+    An image more elongated than MAX_ASPECT : 1 is first centre-cropped to that ratio (module docstring), so the
+    resize never makes more than MAX_ASPECT x size x size pixels."""
+    plan = geometry(image.width, image.height, size)
+    if plan.box != (0, 0, image.width, image.height):
+        image = image.crop(plan.box)          # a lazy crop: nothing is copied before the resize reads it
+    if plan.resized != image.size:
+        image = image.resize(plan.resized, Image.BICUBIC)
+    left, top = plan.crop
     return image.crop((left, top, left + size, top + size))
-
-
-def limit_aspect(image: Image.Image, max_aspect: int = MAX_ASPECT) -> Image.Image:
-    """`image`, centre-cropped along its long side to at most `max_aspect` times its short side (a lazy crop:
-    nothing is copied for images within the ratio)."""
-    width, height = image.size
-    short = max(1, min(width, height))
-    longest = short * max_aspect
-    if width > longest:
-        left = (width - longest) // 2
-        return image.crop((left, 0, left + longest, height))
-    if height > longest:
-        top = (height - longest) // 2
-        return image.crop((0, top, width, top + longest))
-    return image
 
 
 def preprocess_array(image: Image.Image, size: int) -> np.ndarray:
@@ -225,19 +248,64 @@ def preprocess_array(image: Image.Image, size: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- one item
 
+@dataclass
+class Prepared:
+    """One item as a decode worker leaves it: preprocessed pixels (PIL), or the bytes of a JPEG for the batched
+    decoder (neurolens.engines.decode, `--decode torchvision`), or the reason it is skipped."""
+    index: int
+    array: Optional[np.ndarray] = None     # uint8 (3, S, S)
+    jpeg: Optional[bytes] = None           # a JPEG the batched decoder may take (datasets.jpeg.batchable)
+    reason: str = ""                       # "" for a readable item
+    image: Optional[Image.Image] = None    # the decoded RGB image, when asked for (keep_image)
+    decode_s: float = 0.0                  # wall seconds reading (and with PIL, decoding) the item
+    resize_s: float = 0.0                  # wall seconds of the PIL preprocessing
+
+
+def prepare_item(dataset, index: int, size: int, decoder: str = "pil", keep_image: bool = False) -> Prepared:
+    """Item `index` of `dataset` (an ImageDataset) as a decode worker prepares it; never raises.
+
+    decoder "pil": read, decode and preprocess here. "torchvision": read the bytes (the same regular-file check
+    and byte limit), and leave a JPEG that datasets.jpeg.batchable accepts to the batched decoder; anything else
+    is decoded here with PIL, so both decoders skip the same items for the same reasons. keep_image: also keep
+    the decoded PIL image (decoding a JPEG left to the batched decoder with PIL too), for what else looks at
+    the whole image."""
+    start = time.perf_counter()
+    try:
+        data = dataset.encoded(index) if decoder == "torchvision" else None
+        if data is not None and batchable(data, MAX_IMAGE_PIXELS):
+            return Prepared(index, jpeg=data, image=decode_image(data) if keep_image else None,
+                            decode_s=time.perf_counter() - start)
+        image = decode_image(data) if data is not None else dataset.load(index)
+        decoded = time.perf_counter()
+        array = preprocess_array(image, size)
+        return Prepared(index, array=array, image=image if keep_image else None, decode_s=decoded - start,
+                        resize_s=time.perf_counter() - decoded)
+    except BadImage as exc:
+        reason = str(exc)
+    except Exception as exc:  # a decoder bug on one file must not end the scan either
+        reason = f"cannot decode ({type(exc).__name__}: {exc})"
+    return Prepared(index, reason=reason, decode_s=time.perf_counter() - start)
+
+
 def decode_item(dataset, index: int, size: int) -> Tuple[Optional[np.ndarray], str]:
     """(uint8 (3,S,S) array, "") for a readable item of `dataset` (an ImageDataset), (None, reason) for a bad
     one; never raises."""
-    array, reason, _ = decode_item_with_image(dataset, index, size)
-    return array, reason
+    item = prepare_item(dataset, index, size)
+    return item.array, item.reason
 
 
 def decode_item_with_image(dataset, index: int, size: int):
     """decode_item, plus the decoded RGB PIL image (None for a bad item), for what else looks at it."""
-    try:
-        image = dataset.load(index)
-        return preprocess_array(image, size), "", image
-    except BadImage as exc:
-        return None, str(exc), None
-    except Exception as exc:  # a decoder bug on one file must not end the scan either
-        return None, f"cannot decode ({type(exc).__name__}: {exc})", None
+    item = prepare_item(dataset, index, size, keep_image=True)
+    return item.array, item.reason, item.image
+
+
+def resolve_decoder(decoder: str, device) -> str:
+    """The decoder a run uses: `auto` is torchvision on a CUDA device (batched nvJPEG) and pil elsewhere (on the
+    CPU, PIL in the decode workers is what keeps the forward fed: docs/benchmarks.md); pil and torchvision are
+    themselves. device: a torch.device or its type ("cpu", "cuda")."""
+    if decoder not in DECODERS:
+        raise NeurolensError(f"unknown --decode {decoder!r}; use {', '.join(DECODERS)}")
+    if decoder != "auto":
+        return decoder
+    return "torchvision" if str(getattr(device, "type", device)).startswith("cuda") else "pil"

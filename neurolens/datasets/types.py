@@ -44,6 +44,11 @@ class ImageDataset:
     def read_bytes(self, i: int) -> bytes:
         return read_item_bytes(self._sources[i])
 
+    def encoded(self, i: int) -> Optional[bytes]:
+        """Item i's encoded bytes (read_bytes: BadImage with the reason), or None for an item that has none (the
+        built-in samples, which are arrays)."""
+        return None if self._sources[i][0] == "builtin" else self.read_bytes(i)
+
     def load(self, i: int) -> Image.Image:
         """Item i as an RGB PIL image (fully decoded); raises BadImage with the reason."""
         source = self._sources[i]

@@ -104,8 +104,8 @@ class ConceptJob:
 class LocalConceptEngine:
     """The audit in this process: sources chosen from the dataset, then run_scan, then every concept's labels."""
 
-    def __init__(self, batch_size: Optional[int] = None, workers: Optional[int] = None):
-        self.batch_size, self.workers = batch_size, workers
+    def __init__(self, batch_size: Optional[int] = None, workers: Optional[int] = None, decoder: str = "auto"):
+        self.batch_size, self.workers, self.decoder = batch_size, workers, decoder
 
     @contextmanager
     def open(self, job: ConceptJob, dataset) -> Iterator["_LocalPass"]:
@@ -122,7 +122,8 @@ class _LocalPass:
         job = self.job
         return run_scan(job.clip, job.layer, self.dataset, top_k=job.settings.top_k, batch_size=self.engine.batch_size,
                         workers=self.engine.workers, cache=job.cache, force=job.force,
-                        embeddings=job.needs_embeddings, progress=job.progress, basis=job.basis)
+                        embeddings=job.needs_embeddings, progress=job.progress, basis=job.basis,
+                        decoder=self.engine.decoder)
 
     def labels(self, scan) -> List[Optional[LabelSet]]:
         return _label_sets(self.job, self.dataset, scan)
@@ -133,9 +134,9 @@ class RayConceptEngine:
     ray: engines.ray.session.RayOptions."""
 
     def __init__(self, ray: Optional[RayOptions] = None, device: str = "auto", image_column: str = "image",
-                 caption_column: str = "caption", report: Optional[Callable] = None):
+                 caption_column: str = "caption", report: Optional[Callable] = None, decoder: str = "auto"):
         self.options = ray if ray is not None else RayOptions()
-        self.device, self.report = device, report
+        self.device, self.report, self.decoder = device, report, decoder
         self.image_column, self.caption_column = image_column, caption_column
 
     @contextmanager
@@ -155,7 +156,7 @@ class _RayPass:
         scan = run_ray_scan(job.clip, job.layer, self.source, top_k=job.settings.top_k, cache=job.cache,
                             force=job.force, keep_per_image=True, ray=engine.options, device=engine.device,
                             image_column=engine.image_column, caption_column=engine.caption_column,
-                            progress=job.progress, report=engine.report)
+                            progress=job.progress, report=engine.report, decoder=engine.decoder)
         job.choose_sources(ImageDataset(keys=scan.keys, identity="", description=scan.description,
                                         captions=scan.captions), kinds=RAY_KINDS)
         return scan
@@ -233,22 +234,24 @@ def audit(clip, layer: str, dataset, settings: ConceptSettings, engine, *, cache
 
 def run_concepts(clip, layer: str, dataset=None, settings: Optional[ConceptSettings] = None, *, cache=None,
                  force: bool = False, progress: Progress = None, batch_size: Optional[int] = None,
-                 workers: Optional[int] = None, scorer: Optional[Scorer] = None, basis=None) -> ConceptsResult:
+                 workers: Optional[int] = None, scorer: Optional[Scorer] = None, basis=None,
+                 decoder: str = "auto") -> ConceptsResult:
     """Audit every unit of `layer` (or, with basis, every feature of an SAE: neurolens.sae.basis.load_basis)
     against every concept of settings.concepts (default: the built-in set) in this process.
-    scorer(clip, embeddings) -> (N,) replaces the zero-shot score (tests inject known scores)."""
+    scorer(clip, embeddings) -> (N,) replaces the zero-shot score (tests inject known scores); decoder: the image
+    decoder (auto, pil or torchvision: datasets.decode.resolve_decoder)."""
     settings = settings if settings is not None else ConceptSettings()
-    return audit(clip, layer, dataset, settings, LocalConceptEngine(batch_size, workers), cache=cache, force=force,
-                 progress=progress, scorer=scorer, basis=basis)
+    return audit(clip, layer, dataset, settings, LocalConceptEngine(batch_size, workers, decoder), cache=cache,
+                 force=force, progress=progress, scorer=scorer, basis=basis)
 
 
 def run_ray_concepts(clip, layer: str, dataset=None, settings: Optional[ConceptSettings] = None, *, cache=None,
                      force: bool = False, progress: Progress = None, ray: Optional[RayOptions] = None,
                      device: str = "auto", image_column: str = "image", caption_column: str = "caption",
-                     report: Optional[Callable] = None) -> ConceptsResult:
+                     report: Optional[Callable] = None, decoder: str = "auto") -> ConceptsResult:
     """run_concepts with the scan on Ray (the Ray scan, per-image maxima kept), then the same scoring."""
     settings = settings if settings is not None else ConceptSettings()
-    engine = RayConceptEngine(ray, device, image_column, caption_column, report)
+    engine = RayConceptEngine(ray, device, image_column, caption_column, report, decoder)
     return audit(clip, layer, dataset, settings, engine, cache=cache, force=force, progress=progress)
 
 

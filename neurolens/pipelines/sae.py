@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Callable, List, Optional, Union
 
 from ..activations.forward import PRECISIONS
+from ..datasets.decode import resolve_decoder
 from ..datasets.open import open_dataset
 from ..datasets.types import ImageDataset
 from ..engines.local import default_batch_size, default_workers
 from ..errors import NeurolensError
 from ..models.layers import resolve_layer
-from ..records.keys import as_cache
+from ..records.keys import as_cache, decoder_parts
 from ..records.sae import check_name, is_complete, sae_folder
 from ..sae.basis import SaeBasis
 from ..sae.buffer import ActivationStream, split_images
@@ -73,10 +74,12 @@ class SaeTrainResult:
                 "settings": self.settings.as_dict()}
 
 
-def train_key(clip, spec, dataset: ImageDataset, settings: SaeTrainSettings, d_sae: int, precision: str) -> str:
+def train_key(clip, spec, dataset: ImageDataset, settings: SaeTrainSettings, d_sae: int, precision: str,
+              decoder: str = "pil") -> str:
+    """The training key; decoder: the resolved image decoder (named in the key unless pil, as for scans)."""
     return settings_key("sae-train", SAE_TRAIN_VERSION, clip.fingerprint, spec.name, spec.hook_module, spec.capture,
                         dataset.identity, clip.image_size, list(clip.mean), list(clip.std), precision,
-                        settings.as_dict(), int(d_sae))
+                        settings.as_dict(), int(d_sae), *decoder_parts(decoder))
 
 
 def _check(settings: SaeTrainSettings, d_sae: int, precision: str) -> None:
@@ -101,18 +104,20 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
                   force: bool = False, progress: Progress = None, on_metrics: Optional[Callable[[dict], None]] = None,
                   images_per_forward: Optional[int] = None, workers: Optional[int] = None, precision: str = "fp32",
                   checkpoint_seconds: float = 30.0, stop_after_chunks: Optional[int] = None,
-                  quality_progress: Progress = None) -> SaeTrainResult:
+                  quality_progress: Progress = None, decoder: str = "auto") -> SaeTrainResult:
     """Train (or read the cached) TopK or BatchTopK SAE (settings.sparsity) of `layer` over `dataset`; see the
     module docstring.
 
     progress(done, total) counts training vectors; on_metrics(dict) gets loss, explained_variance and dead_share
-    after every chunk; quality_progress counts held-out images while the quality report is computed."""
+    after every chunk; quality_progress counts held-out images while the quality report is computed.
+    decoder: the image decoder of the training and held-out images (run_scan's; named in cfg.json)."""
     spec = resolve_layer(clip, layer)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
     cache = as_cache(cache)
     d_sae = resolve_features(spec.channels, settings.features)
     _check(settings, d_sae, precision)
-    key = train_key(clip, spec, dataset, settings, d_sae, precision)
+    decoder = resolve_decoder(decoder, clip.device)
+    key = train_key(clip, spec, dataset, settings, d_sae, precision, decoder)
     name = check_name(name or f"{settings.sparsity}-{d_sae}-k{settings.k}-{key[:8]}")
     folder = sae_folder(cache, clip.fingerprint, spec.name, name)
     checkpoint = folder / CHECKPOINT_NAME
@@ -134,7 +139,8 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
     workers = default_workers() if workers is None else int(workers)
     buffer_vectors = settings.buffer_vectors or default_buffer_vectors(spec.channels)
     stream = ActivationStream(clip, spec, dataset, train_images, buffer_vectors, settings.seed,
-                              images_per_forward=images_per_forward, workers=workers, precision=precision)
+                              images_per_forward=images_per_forward, workers=workers, precision=precision,
+                              decoder=decoder)
     epochs, _, dead_after = plan(stream, settings)
     loop = train_loop(stream, settings, d_sae, key, checkpoint, progress=progress, on_metrics=on_metrics,
                       checkpoint_seconds=checkpoint_seconds, stop_after_chunks=stop_after_chunks)
@@ -142,7 +148,7 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
     dead_share = float(trainer.dead_mask().float().mean())
     quality = evaluate(clip, spec, loop.sae, dataset, held_images, dead_share=dead_share, dead_after=dead_after,
                        batch_size=images_per_forward, workers=workers, precision=precision,
-                       progress=quality_progress)
+                       progress=quality_progress, decoder=decoder)
     info = {"key": key, "name": name, "model": clip.name, "pretrained": clip.pretrained,
             "fingerprint": clip.fingerprint, "layer": spec.name, "hook_module": spec.hook_module,
             "capture": spec.capture, "grid": [spec.height, spec.width], "dataset": dataset.description,
@@ -150,6 +156,7 @@ def run_sae_train(clip, layer: str, dataset: Union[ImageDataset, str, None] = No
             "held_out_images": int(len(held_images)), "skipped": len(trainer.state.skipped),
             "settings": settings.as_dict(), "features": d_sae, "lr": resolved_lr(settings, d_sae),
             "dead_after": dead_after, "epochs": epochs, "vectors": trainer.state.seen, "precision": precision,
+            "decoder": decoder,
             "dead_feature_handling": "auxk", "sparsity": settings.sparsity,
             "inference_threshold": trainer.state.threshold, "quality": quality.to_dict(), "seconds": round(loop.seconds, 2),
             "history": trainer.state.history, "created": time.time()}

@@ -71,14 +71,15 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
                 show: Optional[int] = None, out: Union[str, Path, None] = None, blur: bool = True,
                 figure: bool = True, cache=None, batch_size: Optional[int] = None, workers: Optional[int] = None,
                 precision: str = "fp32", progress: Optional[Callable[[int, int], None]] = None,
-                crop_pixels: int = CROP_PIXELS, policy: Optional[BlurPolicy] = None, basis=None) -> UnitSamples:
+                crop_pixels: int = CROP_PIXELS, policy: Optional[BlurPolicy] = None, basis=None,
+                decoder: str = "auto") -> UnitSamples:
     """The unit's top images (scanning the dataset first if the scan is not cached) and, with figure=True,
     a PNG grid at `out` (default outputs/samples/<layer>_unit<u>.png; with blur=False *_noblur.png).
     `policy` replaces the default BlurPolicy.for_layer(clip, layer, cache, blur).
 
     basis: None for neurons, or a basis of the layer (neurolens.sae.basis.load_basis): `unit` is then a feature, its
     crops are centred on the cell where the feature fired hardest, and the default file is
-    outputs/samples/<layer>_sae-<name>_feature<F>.png."""
+    outputs/samples/<layer>_sae-<name>_feature<F>.png. decoder: the scan's image decoder (run_scan)."""
     spec = resolve_layer(clip, layer)
     basis = as_basis(basis)
     if basis is None:
@@ -87,7 +88,7 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
         basis.check_unit(unit)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
     scan = run_scan(clip, spec.name, dataset, top_k=top_k, batch_size=batch_size, workers=workers, cache=cache,
-                    precision=precision, progress=progress, basis=basis)
+                    precision=precision, progress=progress, basis=basis, decoder=decoder)
     rows = unit_rows(scan, unit, show)
     result = UnitSamples(spec.name, int(unit), rows, scan)
     if not figure or not rows:

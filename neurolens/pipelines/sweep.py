@@ -33,6 +33,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..datasets.decode import resolve_decoder
 from ..datasets.open import open_dataset
 from ..datasets.types import ImageDataset
 from ..engines.ray.fused import FUSED_BINS, LabelPlan, fused_pass
@@ -129,8 +130,8 @@ class SweepJob:
 class LocalEngine:
     """The sweep in this process (module docstring): scan, then labels, then statistics from the scan."""
 
-    def __init__(self, batch_size: Optional[int] = None, workers: Optional[int] = None):
-        self.batch_size, self.workers = batch_size, workers
+    def __init__(self, batch_size: Optional[int] = None, workers: Optional[int] = None, decoder: str = "auto"):
+        self.batch_size, self.workers, self.decoder = batch_size, workers, decoder
 
     @contextmanager
     def open(self, job: SweepJob, dataset) -> Iterator["_LocalPass"]:
@@ -148,7 +149,7 @@ class _LocalPass:
         job = self.job
         return run_scan(job.clip, job.layer, self.dataset, top_k=job.settings.top_k, batch_size=self.engine.batch_size,
                         workers=self.engine.workers, cache=job.cache, force=job.force, embeddings=True,
-                        progress=job.progress, basis=job.basis)
+                        progress=job.progress, basis=job.basis, decoder=self.engine.decoder)
 
     def method(self, scan) -> str:
         """exact, or binned:<bytes> when the scan's rows do not fit the settings' auc_memory."""
@@ -176,17 +177,18 @@ class RayEngine:
 
     ray: engines.ray.scan.RayOptions; warmup: items of the first shards on which the label sources, doubt
     thresholds and AUC edges are decided (default scoring.units.EDGE_SAMPLE_ROWS; a dataset no larger gets
-    the exact AUC and exactly the in-process decisions); bins: binned-AUC edges beyond it (FUSED_BINS)."""
+    the exact AUC and exactly the in-process decisions); bins: binned-AUC edges beyond it (FUSED_BINS); decoder:
+    the image decoder (datasets.decode.resolve_decoder for the actors' device)."""
 
     def __init__(self, ray: Optional[RayOptions] = None, device: str = "auto", warmup: Optional[int] = None,
                  bins: Optional[int] = None, image_column: str = "image", caption_column: str = "caption",
-                 report: Optional[Callable] = None):
+                 report: Optional[Callable] = None, decoder: str = "auto"):
         self.options = ray if ray is not None else RayOptions()
         self.warmup = int(EDGE_SAMPLE_ROWS if warmup is None else warmup)
         self.bins = int(FUSED_BINS if bins is None else bins)
         if self.warmup < 1 or self.bins < 1:
             raise NeurolensError(f"warmup and bins must be at least 1, got {self.warmup} and {self.bins}")
-        self.device, self.report = device, report
+        self.device, self.report, self.decoder = device, report, decoder
         self.image_column, self.caption_column = image_column, caption_column
 
     @contextmanager
@@ -212,13 +214,15 @@ class _RayPass:
     def scan(self):
         engine, job, spec, plan = self.engine, self.job, self.spec, self.plan
         clip, cache, settings, labels = job.clip, job.cache, job.settings, job.labels
-        key = scan_key(clip, spec, plan, settings.top_k, "fp32", False)
+        decoder = resolve_decoder(engine.decoder, self.session.actor_device(engine.device))
+        key = scan_key(clip, spec, plan, settings.top_k, "fp32", False, decoder=decoder)
         fused_key = settings_key(FUSED_KIND, SWEEP_VERSION, key, [(s.name, s.explicit) for s in job.specs], job.terms,
                                  labels.caption_mode, job.prompts.identity, float(labels.min_agreement),
                                  engine.warmup, engine.bins)
         self.path = fused_path(cache, clip.fingerprint, spec.name, fused_key)
         self.attrs = {"fused_record": str(self.path)}
-        scan = None if job.force else find_scan(clip, spec.name, self.view, settings.top_k, "fp32", cache)
+        scan = None if job.force else find_scan(clip, spec.name, self.view, settings.top_k, "fp32", cache,
+                                                decoder=decoder)
         self.fused = None if job.force or scan is None else cache.read(self.path)
         if self.fused is None:
             plan_labels = LabelPlan(
@@ -228,12 +232,14 @@ class _RayPass:
                 slice_scores=_slice_label_scores(job, plan.dataset))
             outcome = fused_pass(self.session, clip, spec, plan, cache, fused_key, plan_labels, top_k=settings.top_k,
                                  min_agreement=labels.min_agreement, notes=job.notes, warmup=engine.warmup,
-                                 bins=engine.bins, device=engine.device, progress=job.progress, report=engine.report)
+                                 bins=engine.bins, device=engine.device, progress=job.progress, report=engine.report,
+                                 decoder=decoder)
             options = engine.options
             scan = write_ray_scan(cache, clip, spec, plan, key, outcome.stats, settings.top_k, "fp32", [],
                                   outcome.resumed,
                                   {"per_image": False, "forwarded": int(outcome.forwarded),
-                                   "actors": int(options.actors), "actor_peak_rss": int(outcome.actor_peak_rss)})
+                                   "actors": int(options.actors), "actor_peak_rss": int(outcome.actor_peak_rss)},
+                                  decoder)
             self.fused = fused_record(outcome, engine.warmup, engine.bins)
             cache.write(self.path, self.fused)
             outcome.remove_records()
@@ -321,7 +327,7 @@ def find_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings]
 def run_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] = None, *, cache=None,
               force: bool = False, progress: Progress = None, out: Optional[str | os.PathLike] = None,
               write_csv: bool = True, batch_size: Optional[int] = None, workers: Optional[int] = None,
-              scorer: Optional[Scorer] = None, basis=None, **options) -> SweepResult:
+              scorer: Optional[Scorer] = None, basis=None, decoder: str = "auto", **options) -> SweepResult:
     """Sweep every unit of `layer` for NSFW content in this process (see neurolens.scoring.units for the
     statistics and neurolens.labels for the label sources).
 
@@ -331,8 +337,9 @@ def run_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] 
     scorer(clip, embeddings) -> (N,) replaces the zero-shot score (tests inject known scores).
     basis: None for the neurons, or a basis of the layer (neurolens.sae.basis.load_basis): its units (SAE features)
     are swept, from a scan of the same pass as the neurons' and the decoder directions' texts; the record says
-    which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default."""
-    return sweep(clip, layer, dataset, sweep_settings(settings, **options), LocalEngine(batch_size, workers),
+    which basis it holds, flags.csv goes to outputs/sweep/<layer>_sae-<name>/ by default. decoder: the scan's
+    image decoder (run_scan)."""
+    return sweep(clip, layer, dataset, sweep_settings(settings, **options), LocalEngine(batch_size, workers, decoder),
                  cache=cache, force=force, progress=progress, out=out, write_csv=write_csv, scorer=scorer, basis=basis)
 
 
@@ -340,12 +347,13 @@ def run_ray_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettin
                   force: bool = False, progress: Progress = None, out: Optional[str | os.PathLike] = None,
                   write_csv: bool = True, ray: Optional[RayOptions] = None, device: str = "auto",
                   warmup: Optional[int] = None, bins: Optional[int] = None, image_column: str = "image",
-                  caption_column: str = "caption", report: Optional[Callable] = None, **options) -> SweepResult:
+                  caption_column: str = "caption", report: Optional[Callable] = None, decoder: str = "auto",
+                  **options) -> SweepResult:
     """The sweep of run_sweep, fused into one pass on Ray (neurolens.engines.ray.fused): each image's label
     sources and the units' label statistics are computed while the layer is scanned, so no per-image value
     of any unit is stored. Writes the scan record, a `sweep-fused` record (the label results) and the usual
-    sweep record and flags.csv. settings / options: as run_sweep; ray, warmup, bins: RayEngine."""
-    engine = RayEngine(ray, device, warmup, bins, image_column, caption_column, report)
+    sweep record and flags.csv. settings / options: as run_sweep; ray, warmup, bins, decoder: RayEngine."""
+    engine = RayEngine(ray, device, warmup, bins, image_column, caption_column, report, decoder)
     return sweep(clip, layer, dataset, sweep_settings(settings, **options), engine, cache=cache, force=force,
                  progress=progress, out=out, write_csv=write_csv)
 

@@ -42,6 +42,9 @@ class _Subset:
     def load(self, position: int):
         return self.dataset.load(self.indices[position])
 
+    def encoded(self, position: int):
+        return self.dataset.encoded(self.indices[position])
+
 
 def run_top_maps(clip, layer: str, scan=None, dataset: Optional[ImageDataset] = None, cache=None,
                  force: bool = False, batch_size: Optional[int] = None, workers: Optional[int] = None,
@@ -92,20 +95,20 @@ def run_top_maps(clip, layer: str, scan=None, dataset: Optional[ImageDataset] = 
     unreadable = 0
     if progress:
         progress(0, len(images))
-    for first, last, positions, pixels, skipped in batches(subset, clip.image_size, 0, len(subset), batch_size,
-                                                             workers):
-        unreadable += len(skipped)
-        if pixels is not None:
-            acts, _ = layer_forward(clip, spec, pixels.to(clip.device).float().div_(255.0), scan.precision)
+    decoder = getattr(scan, "decoder", "pil")        # the scan's decoder: its values come back exactly
+    for batch in batches(subset, clip.image_size, 0, len(subset), batch_size, workers, decoder, clip.device):
+        unreadable += len(batch.skipped)
+        if batch.pixels is not None:
+            acts, _ = layer_forward(clip, spec, batch.pixels.float().div_(255.0), scan.precision)
             if basis is not None:            # the features' maps: the basis applied on every cell
                 with torch.no_grad():
                     acts = basis.activations(acts)
             acts = acts.float().cpu().numpy()
-            for row, position in enumerate(positions):
+            for row, position in enumerate(batch.indices):
                 chosen = slots[starts[position]:stops[position]]
                 maps[chosen[:, 0], chosen[:, 1]] = acts[row, chosen[:, 0]]
         if progress:
-            progress(last, len(images))
+            progress(batch.stop, len(images))
 
     peaks = np.nanmax(maps.reshape(units, k, -1), axis=2, initial=-np.inf) if maps.size else np.zeros((units, k))
     filled = np.isfinite(peaks) & (top >= 0)

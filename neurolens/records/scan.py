@@ -11,9 +11,10 @@ One HDF5 file each (<fp> is the weights fingerprint's first 16 hex digits):
   scan-checkpoint/<fp>/<layer>/<key>.lock  the lock of the one process that may write this key's records
                                             (`key_lock`; an empty file holding the writer's process id)
 The key hashes the dataset identity, the preprocessing (input size, mean/std), precision, top-k and whether
-embeddings were kept, and for a basis other than the neurons (SAE features, neurolens.sae.basis) its id. A
-feature record's mean_map is the layer's (neuron-space) mean activation map. Everything here reads without a
-model: a record's attrs hold its layer and fingerprint, so `result_from_record` needs only the cache.
+embeddings were kept, for a basis other than the neurons (SAE features, neurolens.sae.basis) its id, and for a
+decoder other than PIL (`--decode`) its name; the `decoder` attr names it (absent: pil). A feature record's
+mean_map is the layer's (neuron-space) mean activation map. Everything here reads without a model: a record's
+attrs hold its layer and fingerprint, so `result_from_record` needs only the cache.
 
 One writer per key: a scan computes (writes chunks, checkpoints, the record, and removes stale chunks of its
 key) only while it holds `key_lock` on its keys, an exclusive POSIX lock (fcntl.lockf) on the `.lock` file
@@ -44,7 +45,7 @@ try:
     import fcntl
 except ImportError:          # Windows: no POSIX locks (module docstring)
     fcntl = None
-from .keys import NEURONS, as_basis, basis_id, basis_parts
+from .keys import NEURONS, as_basis, basis_id, basis_parts, decoder_parts
 
 KIND = "scan"
 CHUNK_KIND = "scan-chunk"
@@ -79,6 +80,7 @@ class ScanResult:
     resumed_from: List[int] = field(default_factory=list)
     has_embeddings: bool = False
     basis: str = NEURONS              # the units' basis id: "neurons" or an SAE basis (neurolens.sae.basis)
+    decoder: str = "pil"              # the image decoder of the scan (neurolens.datasets.decode.DECODERS)
     _chunk_paths: List[Path] = field(default_factory=list, repr=False)
     _cache: Optional[Cache] = field(default=None, repr=False)
     _embeddings: Optional[np.ndarray] = field(default=None, repr=False)
@@ -139,11 +141,14 @@ class ScanResult:
 
 # ------------------------------------------------------------------------------------------- keys, paths
 
-def scan_key(clip, spec, dataset, top_k: int, precision: str, embeddings: bool, basis=None) -> str:
-    """The key of a scan of `dataset` (anything with an `identity`: an ImageDataset or a shard plan)."""
+def scan_key(clip, spec, dataset, top_k: int, precision: str, embeddings: bool, basis=None,
+             decoder: str = "pil") -> str:
+    """The key of a scan of `dataset` (anything with an `identity`: an ImageDataset or a shard plan); decoder:
+    the resolved decoder (pil or torchvision)."""
     parts = ["scan", SCAN_VERSION, dataset.identity, spec.name, spec.hook_module, spec.capture, clip.image_size,
              list(clip.mean), list(clip.std), precision, int(top_k), bool(embeddings)]
-    return settings_key(*parts, *basis_parts(basis))   # neuron scans keep the key they always had
+    # neuron scans decoded by PIL keep the key they always had
+    return settings_key(*parts, *basis_parts(basis), *decoder_parts(decoder))
 
 
 def record_path(cache: Cache, fingerprint: str, layer: str, key: str) -> Path:
@@ -180,7 +185,7 @@ def _owner(record: Record):
 # ------------------------------------------------------------------------------------------- the result
 
 def final_record(clip, spec, dataset, stats, top_k: int, precision: str, embeddings: bool,
-                 chunks: Sequence[str], resumed_from: Sequence[int], basis=None) -> Record:
+                 chunks: Sequence[str], resumed_from: Sequence[int], basis=None, decoder: str = "pil") -> Record:
     """The finished record of the neurons, or with `basis` of that basis (its statistics stats.bases[basis.id]);
     the layer's mean map and the skips come from `stats` (a ScanStats) either way."""
     basis = as_basis(basis)
@@ -206,7 +211,7 @@ def final_record(clip, spec, dataset, stats, top_k: int, precision: str, embeddi
         "basis": basis_id(basis), "basis_info": basis.describe() if basis is not None else {"basis": NEURONS},
         "count": stats.count, "items": len(dataset), "skipped": len(skipped), "grid": list(stats.grid),
         "image_size": clip.image_size, "mean_rgb": list(clip.mean), "std_rgb": list(clip.std),
-        "precision": precision, "embeddings": bool(embeddings), "chunks": list(chunks),
+        "precision": precision, "decoder": decoder, "embeddings": bool(embeddings), "chunks": list(chunks),
         "resumed_from": list(resumed_from), "dataset": dataset.description, "dataset_identity": dataset.identity,
         "model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint,
     }
@@ -244,15 +249,15 @@ def result_from_record(record: Optional[Record], cache: Cache) -> Optional[ScanR
         image_size=int(attrs["image_size"]), precision=attrs["precision"], description=attrs.get("dataset", ""),
         path=record.path, cached=True, resumed_from=list(attrs.get("resumed_from", [])),
         has_embeddings=bool(attrs.get("embeddings")), basis=str(attrs.get("basis", NEURONS)),
-        _chunk_paths=chunk_paths(cache, record), _cache=cache)
+        decoder=str(attrs.get("decoder", "pil")), _chunk_paths=chunk_paths(cache, record), _cache=cache)
 
 
 def find_result(cache: Cache, clip, spec, dataset, top_k: int, precision: str, embeddings: bool = False,
-                basis=None, need_chunks: bool = False) -> Optional[ScanResult]:
+                basis=None, need_chunks: bool = False, decoder: str = "pil") -> Optional[ScanResult]:
     """The cached finished scan with these settings, or None. A scan with embeddings also answers a request
     without them; need_chunks passes over records without per-image values (a Ray scan without them)."""
     for with_embeddings in ((True,) if embeddings else (False, True)):
-        key = scan_key(clip, spec, dataset, top_k, precision, with_embeddings, basis)
+        key = scan_key(clip, spec, dataset, top_k, precision, with_embeddings, basis, decoder)
         record = cache.read(record_path(cache, clip.fingerprint, spec.name, key))
         if record is None or not record.attrs.get("complete"):
             continue

@@ -4,7 +4,8 @@ A sample is the channel vector of one position of the layer: every spatial cell 
 patch token of a ViT layer (the class token is not a position of the map and is left out). Per epoch the
 training images are put in a seeded random order and cut into chunks of about `buffer_vectors` vectors; a
 chunk's images run through the model (forward stopped right after the layer, images decoded in DataLoader
-workers), and the chunk's vectors are shuffled in memory and handed out. Vectors of one image are thereby
+workers, neurolens.engines.local.image_batches: the scan's input pipeline and `--decode`), and the chunk's
+vectors are shuffled in memory and handed out. Vectors of one image are thereby
 spread over the whole chunk, and each chunk holds a random sample of images.
 
 When every training vector fits in the buffer, the model runs over the images once and every epoch reshuffles
@@ -61,7 +62,8 @@ class ActivationStream:
     """Shuffled channel vectors of `spec` over the images `indices` of `dataset` (see the module docstring)."""
 
     def __init__(self, clip, spec: LayerSpec, dataset: ImageDataset, indices: Sequence[int], buffer_vectors: int,
-                 seed: int, images_per_forward: int = 16, workers: int = 0, precision: str = "fp32"):
+                 seed: int, images_per_forward: int = 16, workers: int = 0, precision: str = "fp32",
+                 decoder: str = "auto"):
         self.clip, self.spec, self.dataset = clip, spec, dataset
         self.indices = np.asarray(indices, dtype=np.int64)
         self.cells = max(1, spec.height) * max(1, spec.width)
@@ -70,6 +72,7 @@ class ActivationStream:
         self.images_per_forward = max(1, int(images_per_forward))
         self.workers = int(workers)
         self.precision = precision
+        self.decoder = decoder             # the image decoder (neurolens.datasets.decode.resolve_decoder)
         self.kept: Optional[torch.Tensor] = None   # all vectors, when they fit in the buffer
         self.kept_skipped: List[Tuple[int, str]] = []
 
@@ -111,13 +114,13 @@ class ActivationStream:
         batches = [list(map(int, image_indices[i:i + self.images_per_forward]))
                    for i in range(0, len(image_indices), self.images_per_forward)]
         parts, skipped, done = [], [], 0
-        for _, _, _, pixels, bad in image_batches(self.dataset, self.clip.image_size, batches, self.workers):
-            skipped.extend(bad)
-            if pixels is not None:
-                images = pixels.to(self.clip.device).float().div_(255.0)
-                acts, _ = layer_forward(self.clip, self.spec, images, self.precision)
+        for batch in image_batches(self.dataset, self.clip.image_size, batches, self.workers, self.decoder,
+                                   self.clip.device):
+            skipped.extend(batch.skipped)
+            if batch.pixels is not None:
+                acts, _ = layer_forward(self.clip, self.spec, batch.pixels.float().div_(255.0), self.precision)
                 parts.append(cell_vectors(acts))
-            done += len(bad) + (0 if pixels is None else pixels.shape[0])
+            done += len(batch.skipped) + len(batch.indices)
             if progress is not None:
                 progress(done, len(image_indices))
         if not parts:

@@ -52,51 +52,55 @@ def reconstruct_map(sae: SparseAutoencoder, acts: torch.Tensor) -> torch.Tensor:
 
 def evaluate(clip, spec: LayerSpec, sae: SparseAutoencoder, dataset: ImageDataset, indices: Sequence[int],
              dead_share: float = float("nan"), dead_after: int = 0, batch_size: int = 16, workers: int = 0,
-             precision: str = "fp32", progress: Optional[Callable[[int, int], None]] = None) -> QualityReport:
+             precision: str = "fp32", progress: Optional[Callable[[int, int], None]] = None,
+             decoder: str = "auto") -> QualityReport:
     """The report over the images `indices` of `dataset` (module docstring)."""
     indices = [int(i) for i in indices]
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    sse = total = 0.0
-    sum_x = torch.zeros(spec.channels, dtype=torch.float64)
-    sum_sq = 0.0
+    device = clip.device       # sums stay on the device until the end: no wait for it per batch
+    total = 0.0
+    sse = torch.zeros((), dtype=torch.float64, device=device)
+    sum_x = torch.zeros(spec.channels, dtype=torch.float64, device=device)
+    sum_sq = torch.zeros((), dtype=torch.float64, device=device)
     vectors = images = 0
-    active = 0.0
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+    active = torch.zeros((), dtype=torch.int64, device=device)
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
     cosines = []
     done = 0
     model = clip.model
-    for _, _, _, pixels, bad in image_batches(dataset, clip.image_size, batches, workers):
-        done += len(bad)
-        if pixels is None:
+    for batch in image_batches(dataset, clip.image_size, batches, workers, decoder, clip.device):
+        done += len(batch.skipped)
+        if batch.pixels is None:
             continue
-        pixel_batch = pixels.to(clip.device).float().div_(255.0)
+        pixel_batch = batch.pixels.float().div_(255.0)
         acts, embedding = layer_forward(clip, spec, pixel_batch, precision, embeddings=True)
         with torch.no_grad():
             flat = cell_vectors(acts)
             z = sae.encode(flat)
             rebuilt_flat = sae(flat)
-            sse += float((flat - rebuilt_flat).double().pow(2).sum())
-            sum_x += flat.double().sum(0).cpu()
-            sum_sq += float(flat.double().pow(2).sum())
+            sse += (flat - rebuilt_flat).double().pow(2).sum()
+            sum_x += flat.double().sum(0)
+            sum_sq += flat.double().pow(2).sum()
             vectors += flat.shape[0]
             nonzero = z != 0
-            active += float(nonzero.sum())
-            fired |= nonzero.any(0).cpu()
+            active += nonzero.sum()
+            fired |= nonzero.any(0)
             rebuilt = reconstruct_map(sae, acts)
             with inject(model, spec, rebuilt.to(acts.dtype)):
                 replaced = model.visual(clip.normalize(pixel_batch))
             replaced = F.normalize(replaced.float(), dim=-1)
-            cosines.append((replaced * embedding).sum(-1).cpu())
-        images += pixels.shape[0]
-        done += pixels.shape[0]
+            cosines.append((replaced * embedding).sum(-1))
+        images += len(batch.indices)
+        done += len(batch.indices)
         if progress is not None:
             progress(done, len(indices))
+    sse, sum_sq, active = float(sse), float(sum_sq), float(active)
     if vectors:
-        mean = sum_x / vectors
+        mean = sum_x.cpu() / vectors
         total = sum_sq - vectors * float(mean.pow(2).sum())
     explained = 1.0 - sse / total if total > 0 else float("nan")
     return QualityReport(
         explained_variance=float(explained), l0=active / vectors if vectors else float("nan"),
         dead_share=float(dead_share), never_fired_share=float(1.0 - fired.float().mean()),
-        embedding_cosine=float(torch.cat(cosines).mean()) if cosines else float("nan"),
+        embedding_cosine=float(torch.cat(cosines).cpu().mean()) if cosines else float("nan"),
         held_out_images=images, held_out_vectors=vectors, dead_after=int(dead_after))

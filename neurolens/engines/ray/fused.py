@@ -322,7 +322,7 @@ class FusedOutcome:
 
 def fused_pass(session, clip, spec, plan, cache, key: str, labels: LabelPlan, *, top_k: int,
                min_agreement: float, notes: Sequence[str], warmup: int, bins: int = FUSED_BINS,
-               device: str = "auto", progress=None, report=None) -> FusedOutcome:
+               device: str = "auto", progress=None, report=None, decoder: str = "pil") -> FusedOutcome:
     """Scan `plan` on Ray computing the label sources and the units' label statistics in the same pass:
     first the shards that hold the first `warmup` items (their per-image maxima kept), then, with the
     sources, doubt thresholds and AUC edges decided on them, the rest. Both parts are resumable by shard."""
@@ -336,7 +336,7 @@ def fused_pass(session, clip, spec, plan, cache, key: str, labels: LabelPlan, *,
     units = int(spec.channels)
     store_warm = ShardStore(cache, clip.fingerprint, spec.name, f"{key}-w", LabelMerger(labels, units).identity())
     first = session.scan(clip, spec, plan, store_warm, top_k=top_k, device=device, progress=progress,
-                         report=report, labels=labels, shards=warm)
+                         report=report, labels=labels, shards=warm, decoder=decoder)
     decided, warm_set = decide(labels, first.labels, min_agreement, notes, exact=not rest, bins=bins)
     merger = LabelMerger(decided, units)
     stores, stats, resumed, forwarded, rss, later = [store_warm], first.stats, first.resumed, first.forwarded, \
@@ -345,7 +345,8 @@ def fused_pass(session, clip, spec, plan, cache, key: str, labels: LabelPlan, *,
     if rest:
         store_rest = ShardStore(cache, clip.fingerprint, spec.name, f"{key}-r", merger.identity())
         second = session.scan(clip, spec, plan, store_rest, top_k=top_k, device=device, progress=progress,
-                              report=report, labels=decided, shards=rest, done_before=(items, len(warm)))
+                              report=report, labels=decided, shards=rest, done_before=(items, len(warm)),
+                              decoder=decoder)
         stats.merge(second.stats)
         resumed, forwarded = resumed + second.resumed, forwarded + second.forwarded
         rss, later = max(rss, second.actor_peak_rss), second.labels

@@ -200,8 +200,12 @@ class RaySession:
             return float(self.options.gpus_per_actor)
         return 1.0 if self.ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
+    def actor_device(self, device: str = "auto") -> str:
+        """The device type the model actors run on ("cuda" or "cpu"), for `device` (auto, cpu or cuda)."""
+        return "cuda" if self.gpus_per_actor() > 0 and device != "cpu" else "cpu"
+
     def scan(self, clip, spec, plan: DatasetPlan, store: ShardStore, *, top_k: int, precision: str = "fp32",
-             keep_per_image: bool = False, device: str = "auto",
+             keep_per_image: bool = False, device: str = "auto", decoder: str = "pil",
              progress: Optional[Callable[[int, int], None]] = None,
              report: Optional[Callable[[RayProgress], None]] = None, labels=None,
              shards: Optional[Sequence[PlannedShard]] = None, done_before: Tuple[int, int] = (0, 0)
@@ -209,7 +213,8 @@ class RaySession:
         """Scan every shard of `plan` (or of `shards`, a part of it) not finished by an earlier run; returns
         the merged statistics. labels: a fused sweep's fused.LabelPlan (its label sources and statistics
         are computed in the same pass); done_before: (items, shards) finished before this call, for the
-        progress report."""
+        progress report; decoder: the resolved image decoder (pil or torchvision: decode tasks leave JPEGs to the
+        actors, which decode them in batches on their device)."""
         def empty() -> ScanStats:
             return ScanStats.empty(spec, top_k, "cpu")
 
@@ -224,7 +229,7 @@ class RaySession:
         todo = [shard for shard in todo if shard.count > 0]
         merger.announce()
         if todo:
-            self._run(clip, spec, todo, merger, top_k, precision, keep_per_image, device, labels)
+            self._run(clip, spec, todo, merger, top_k, precision, keep_per_image, device, labels, decoder)
             merger.announce()
         unfinished = [s.name for s in todo if s.index not in merger.finished]
         if unfinished:
@@ -237,7 +242,7 @@ class RaySession:
                               labels=merger.extra_total, records=list(merger.records))
 
     def _run(self, clip, spec, todo: List[PlannedShard], merger: ShardMerger, top_k: int, precision: str,
-             keep_per_image: bool, device: str, labels) -> None:
+             keep_per_image: bool, device: str, labels, decoder: str) -> None:
         ray = self.ray
         options = self.options
         gpus = self.gpus_per_actor()
@@ -260,7 +265,7 @@ class RaySession:
         rows_per_call = batch_size * int(options.batches_per_call)
         data = data.map_batches(decode_shards, batch_size=1, num_cpus=1,
                                 fn_kwargs={"image_size": clip.image_size, "batch_size": rows_per_call,
-                                           "labels": labels})
+                                           "labels": labels, "decoder": decoder})
         # An actor call covers several forwards so the driver merges one partial result per call, not per
         # forward (a merge of RN50x4's layer4 statistics costs ~15 ms of driver CPU).
         data = data.map_batches(

@@ -1,7 +1,7 @@
-"""What runs on Ray's workers in a Ray scan: decode_shards (CPU tasks: a shard's items decoded and
-preprocessed in batches, with the same decoder and skip rules as the single-process scan) and ModelActor (the
-image tower loaded once per actor; one truncated forward per batch and ScanStats.add per shard). Ray itself
-is imported only inside the actor (an optional dependency)."""
+"""What runs on Ray's workers in a Ray scan: decode_shards (CPU tasks: a shard's items prepared in batches, with
+the same decoders and skip rules as the single-process scan) and ModelActor (the image tower loaded once per
+actor; the batched JPEG decode of `--decode torchvision` on its device, one truncated forward per batch and
+ScanStats.add per shard). Ray itself is imported only inside the actor (an optional dependency)."""
 from __future__ import annotations
 
 import os
@@ -15,17 +15,23 @@ import torch
 
 from ...activations.forward import layer_forward
 from ...activations.stats import ScanStats
-from ...datasets.decode import decode_item_with_image
+from ...datasets.decode import Prepared, prepare_item
 from ...errors import NeurolensError
 from ...models.build import LoadedClip, resolve_device, weights_fingerprint
 from ...models.layers import resolve_layer
+from ..decode import assemble
 from .shards import PlannedShard
 
 
-def decode_shards(batch: Dict[str, np.ndarray], image_size: int, batch_size: int, labels=None):
-    """CPU task: the shard's items in order, decoded and preprocessed, in batches of `batch_size` rows; a bad
-    item is a row with zero pixels and its reason (the actor counts it as skipped). With a fused sweep's
-    labels, also each item's decode-side label scores (captions, columns, NudeNet; NaN for a bad item)."""
+def decode_shards(batch: Dict[str, np.ndarray], image_size: int, batch_size: int, labels=None,
+                  decoder: str = "pil"):
+    """CPU task: the shard's items in order, prepared as the single-process scan's decode workers prepare them
+    (datasets.decode.prepare_item with `decoder`), in batches of `batch_size` rows; a bad item is a row with zero
+    pixels and its reason (the actor counts it as skipped). With decoder "torchvision" a JPEG left to the batched
+    decoder is a row with zero pixels and its bytes in the `jpeg` column (the actor decodes it). With a fused
+    sweep's labels, also each item's decode-side label scores (captions, columns, NudeNet on the decoded PIL
+    image; NaN for a bad item)."""
+    keep_image = labels is not None and labels.needs_images
     for blob in batch["plan"]:
         shard: PlannedShard = pickle.loads(blob)
         dataset = shard.dataset()
@@ -33,19 +39,23 @@ def decode_shards(batch: Dict[str, np.ndarray], image_size: int, batch_size: int
         for first in range(0, shard.count, batch_size):
             last = min(first + batch_size, shard.count)
             pixels = np.zeros((last - first, 3, image_size, image_size), dtype=np.uint8)
-            reasons = []
+            reasons, jpegs = [], []
             for row, item in enumerate(range(first, last)):
-                array, reason, image = decode_item_with_image(dataset, item, image_size)
-                if array is not None:
-                    pixels[row] = array
-                    if labels is not None and labels.needs_images:
-                        labels.image_scores(scores, item, image)
+                prepared = prepare_item(dataset, item, image_size, decoder, keep_image=keep_image)
+                if prepared.array is not None:
+                    pixels[row] = prepared.array
+                if not prepared.reason:
+                    if keep_image:
+                        labels.image_scores(scores, item, prepared.image)
                 elif scores is not None:
                     scores[item] = np.nan
-                reasons.append(reason)
+                reasons.append(prepared.reason)
+                jpegs.append(prepared.jpeg or b"")
             rows = {"shard": np.full(last - first, shard.index, dtype=np.int64),
                     "index": np.arange(shard.offset + first, shard.offset + last, dtype=np.int64),
                     "pixels": pixels, "reason": np.asarray(reasons, dtype=object)}
+            if decoder == "torchvision":
+                rows["jpeg"] = np.asarray(jpegs, dtype=object)
             if scores is not None:
                 rows["scores"] = scores[first:last]
             yield rows
@@ -53,9 +63,12 @@ def decode_shards(batch: Dict[str, np.ndarray], image_size: int, batch_size: int
 
 class ModelActor:
     """Loads the model once; per call, one truncated forward per `batch_size` readable rows and, per shard
-    among them, ScanStats.add; returns one partial result per shard in the call. With a fused sweep's labels
-    the forward runs to the image embedding when a source needs it, and each shard's part carries its
-    label results (fused.LabelPlan.actor_part)."""
+    among them, ScanStats.add; returns one partial result per shard in the call. Rows holding a JPEG (decode
+    "torchvision") are decoded here in batches on the actor's device (engines.decode.assemble; what the
+    batched decoder refuses is decoded by PIL, and skipped with PIL's reason if that fails too). Per-image
+    values stay on the device until the call's results are put together. With a fused sweep's labels the
+    forward runs to the image embedding when a source needs it, and each shard's part carries its label
+    results (fused.LabelPlan.actor_part)."""
 
     def __init__(self, model, meta: dict, layer: str, device: str, threads: int, top_k: int, batch_size: int,
                  precision: str, keep_per_image: bool, labels=None):
@@ -76,24 +89,40 @@ class ModelActor:
             labels = replace(labels, edges=np.array(labels.edges))
         self.precision, self.keep_per_image, self.labels = precision, keep_per_image, labels
 
+    def _images(self, batch: Dict[str, np.ndarray], rows: np.ndarray, reasons: np.ndarray):
+        """(images in [0, 1] on the device, the rows they are) for `rows`; rows the decoder skips get their
+        reason in `reasons` and are left out."""
+        jpegs = batch.get("jpeg")
+        if jpegs is None or not any(len(jpegs[row]) for row in rows):
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][rows]))
+            return pixels.to(self.clip.device).float().div_(255.0), rows
+        items = [Prepared(int(row), jpeg=bytes(jpegs[row])) if len(jpegs[row]) else
+                 Prepared(int(row), array=np.array(batch["pixels"][row])) for row in rows]
+        built = assemble(items, self.clip.image_size, self.clip.device)
+        for row, reason in built.skipped:
+            reasons[row] = reason
+        rows = np.asarray(built.indices, dtype=np.int64)
+        return (None if built.pixels is None else built.pixels.float().div_(255.0)), rows
+
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         device = self.clip.device
         shards, index = np.asarray(batch["shard"]), np.asarray(batch["index"])
-        reasons = np.asarray(batch["reason"], dtype=object)
+        reasons = np.array(batch["reason"], dtype=object)        # a copy: the actor's decoder may add skips
         readable = np.flatnonzero(reasons == "")
         embeddings = self.labels is not None and self.labels.needs_embeddings
         stats = {int(s): ScanStats.empty(self.spec, self.top_k, device) for s in np.unique(shards)}
         kept: Dict[int, List[tuple]] = {s: [] for s in stats}     # (rows, values, embeddings) per forward
         for first in range(0, len(readable), self.batch_size):
-            rows = readable[first:first + self.batch_size]
-            images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][rows])).to(device).float().div_(255.0)
+            images, rows = self._images(batch, readable[first:first + self.batch_size], reasons)
+            if images is None:
+                continue
             acts, emb = layer_forward(self.clip, self.spec, images, self.precision, embeddings=embeddings,
                                       pad_to=self.batch_size)
             for shard in np.unique(shards[rows]):
                 mine = np.flatnonzero(shards[rows] == shard)
                 picked = torch.as_tensor(mine, device=device)
                 values = stats[int(shard)].add(acts[picked], torch.as_tensor(index[rows][mine], device=device))
-                kept[int(shard)].append((rows[mine], values, emb[picked].cpu().numpy() if emb is not None else None))
+                kept[int(shard)].append((rows[mine], values, emb[picked] if emb is not None else None))
         payloads = []
         for shard, part in stats.items():
             bad = (shards == shard) & (reasons != "")
@@ -106,7 +135,7 @@ class ModelActor:
                        "maxima": values.cpu().numpy().astype(np.float16) if self.keep_per_image
                        else np.zeros((0, self.spec.channels), np.float16)}
             if self.labels is not None:
-                emb = np.concatenate([e for _, _, e in kept[shard]]) if embeddings and kept[shard] else None
+                emb = torch.cat([e for _, _, e in kept[shard]]).cpu().numpy() if embeddings and kept[shard] else None
                 payload["labels"] = self.labels.actor_part(values, emb, np.asarray(batch["scores"])[rows],
                                                            index[rows])
             payloads.append(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
