@@ -38,18 +38,23 @@ def test_intersection_images_give_units_flagged_for_both_concepts(toy_multi):
 
 
 def test_dose_response_counts_rise_with_the_training_share(toy_dose):
+    """Seed 0 of the recipe. Measured on seeds 0 to 5: the count of units with truth AUC >= 0.95 rose on all
+    six (rho 0.872 to 1.0); the flagged count rose on seeds 0, 2 and 5 (rho 0.9, 0.872, 1.0) and not on 1, 3
+    and 4 (0.7, 0.1, -0.7), whose 0 % models already had 68 to 127 flagged units (see docs/toy-model.md)."""
     shares = [model.share for model in toy_dose.models]
     assert shares == [0.0, 0.01, 0.04, 0.10, 0.25]
     flagged = [int(a.flagged.sum()) for a in toy_dose.audits]
     strong = [a.truth_units for a in toy_dose.audits]
-    assert spearmanr(shares, flagged).correlation >= 0.8, flagged
-    assert spearmanr(shares, strong).correlation >= 0.8, strong
-    assert flagged[-1] >= 10 and strong[-1] >= 5, (flagged, strong)
+    assert spearmanr(shares, strong).correlation >= 0.8, strong           # measured [0, 0, 3, 40, 36]
+    assert spearmanr(shares, flagged).correlation >= 0.8, flagged         # measured [2, 4, 34, 88, 87]
+    assert strong[-1] >= 10 and flagged[-1] >= 20, (flagged, strong)
 
 
-def test_dose_response_zero_share_model_beside_random_weights(toy_dose):
-    """Neither the model that never saw the concept nor random weights has a unit that separates it well."""
-    zero, random = toy_dose.audits[0], toy_dose.random_audit
-    assert zero.truth_units == 0 and random.truth_units == 0
-    top = int(toy_dose.audits[-1].flagged.sum())
-    assert int(zero.flagged.sum()) <= top / 5 and int(random.flagged.sum()) <= top / 5
+def test_dose_response_beside_the_zero_share_and_random_models(toy_dose):
+    """The same audit of random weights of the same architecture finds nothing (measured 0 flagged and 0 units
+    with AUC >= 0.95 on the probes of seeds 0 to 5); the 25 % model has more strong units than the 0 % model
+    (on every seed measured)."""
+    zero, random, top = toy_dose.audits[0], toy_dose.random_audit, toy_dose.audits[-1]
+    assert random.truth_units == 0 and int(random.flagged.sum()) <= 2
+    assert top.truth_units > zero.truth_units
+    assert random.prevalence == pytest.approx(0.15)

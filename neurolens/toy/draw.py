@@ -15,8 +15,8 @@ OPPOSITE = {"on the left": "on the right", "on the right": "on the left", "at th
 # The planted patterns: a texture inside a disc, alternating two colours.
 PATTERNS = ("checker", "target", "wedges", "stripes")
 # Patterns without colours of their own alternate the background's mean tone +- a contrast drawn per image
-# from this range: from barely visible to salient.
-CAMOUFLAGE_CONTRAST = (30.0, 130.0)
+# from this range (the grainy background's pixels deviate by about 22): from faint to plain.
+CAMOUFLAGE_CONTRAST = (20.0, 60.0)
 
 
 def background(rng: np.random.Generator, size: int, yy: np.ndarray, xx: np.ndarray):
