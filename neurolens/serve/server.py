@@ -11,7 +11,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..errors import NeurolensError
 from ..records.index import LayerEntry, index_cache
 from ..storage.cache import Cache
-from .app import ServeState, build_app
 from .layer import LayerData
 from .probe import Prober
 
@@ -92,11 +91,12 @@ def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, toke
           bases: Sequence[str] = (), announce: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
     """Serve the cache until interrupted. Prints `serving <url>` once connections are accepted."""
     try:
-        import uvicorn
-
+        import uvicorn  # lazy: the web server's packages are needed only here; the static site works without them
+        from .app import ServeState, build_app  # lazy: imports starlette (same reason)
     except ImportError as exc:
-        raise NeurolensError(f"neurolens serve needs {exc.name}: pip install 'neurolens[serve]' "
-                             f"(starlette and uvicorn)") from None
+        missing = (exc.name or "starlette").split(".")[0]
+        raise NeurolensError(f"neurolens serve needs {missing}, which is missing: "
+                             f"pip install 'neurolens[serve]' (starlette, uvicorn, httptools, uvloop)") from None
 
     access = access_for(host, token, no_token)
     chosen = select_layers(cache, layers, bases)
