@@ -85,3 +85,6 @@ class RenderResult:
     cached: bool = False
     paths: Tuple[str, ...] = field(default_factory=tuple)
     blurred: Tuple[Optional[str], ...] = field(default_factory=tuple)   # per written PNG: why blurred, or None
+    maxima: "object" = None        # float32 (seeds,) the unit's highest activation over the cells of each saved image,
+                                   # as a scan measures dataset images (optvis.loop.unit_maxima); None: a record
+                                   # written before it was kept
