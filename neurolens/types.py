@@ -1,6 +1,7 @@
 """Frozen dataclasses shared by every module. No internal imports but neurolens.errors."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -62,6 +63,24 @@ QUALITY_PRESETS = {
     "microscope": {"steps": 4096, "lr": 0.05, "low_res_fraction": 0.0, "lr_warmup": 0.0, "lr_decay_start": 1.0, "keep_best": 0,
                    "seeds": (0, 1, 2, 3), "diversity": 0.5},
 }
+
+
+# The short-budget rule (docs/visualize.md, "Short budgets"): the low-resolution phase leaves at least this many
+# steps at full size; below MIN_FULL_RES_STEPS / (1 - low_res_fraction) steps it shrinks, and at or below this
+# many steps it is off.
+MIN_FULL_RES_STEPS = 64
+
+
+def budget_settings(settings: RenderSettings) -> RenderSettings:
+    """The settings a run of settings.steps uses: the low-resolution share cut so that at least
+    MIN_FULL_RES_STEPS steps (all of them in a shorter run) are taken at full size. Settings the rule does not
+    bind (the default 256 steps among them) come back unchanged, so their cache keys stay what they were; a
+    bound run's record names the share it actually used."""
+    low = int(round(settings.steps * settings.low_res_fraction))
+    allowed = max(0, settings.steps - MIN_FULL_RES_STEPS)
+    if low <= allowed:
+        return settings
+    return dataclasses.replace(settings, low_res_fraction=allowed / settings.steps)
 
 
 def quality_settings(quality: str = "fast", **overrides) -> RenderSettings:

@@ -18,16 +18,17 @@ from ..records.scan import dataset_top1
 from ..records.visualize import record_path, unit_tag, visualization_record
 from ..storage.cache import Cache, Record
 from ..storage.files import save_png
-from ..types import RenderResult, RenderSettings
+from ..types import RenderResult, RenderSettings, budget_settings
 
 DEFAULT_OUT = Path("outputs") / "visualize"
 MAX_BATCH_IMAGES = 16  # (unit, seed) images optimized together; more units are done in further batches
 
 
 def resolved_settings(clip, settings: RenderSettings) -> RenderSettings:
-    """Fill in what depends on the model and device, so the cache key names what was actually run."""
+    """Fill in what depends on the model, the device and the step budget (types.budget_settings: a short run
+    keeps its steps at full size), so the cache key names what was actually run."""
     return dataclasses.replace(
-        settings,
+        budget_settings(settings),
         size=settings.size or clip.image_size,
         seeds=tuple(int(s) for s in settings.seeds),
         precision=resolve_precision(settings.precision, clip.device),
