@@ -76,6 +76,7 @@ from neurolens.types import RenderSettings, budget_settings, quality_settings  #
 TUNING_UNITS = {
     ("RN50x4", "image_block_4_5"): (1543, 100, 2000),
     ("toy", "image_block_4_0"): (84, 166, 50, 486),   # the toy's first four flagged units (demo settings, seed 0)
+    ("RN50", "image_block_4_2"): (300,),              # issue 22's short-budget example (the budget rule)
 }
 TOY_LAYER = "image_block_4_0"
 # The fast defaults before commit 56c52a0 (lr 0.35, half the steps at half resolution, a constant lr, the last
