@@ -1,6 +1,7 @@
 """Frozen dataclasses shared by every module. No internal imports but neurolens.errors."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -64,6 +65,24 @@ QUALITY_PRESETS = {
 }
 
 
+# The short-budget rule (docs/visualize.md, "Short budgets"): the low-resolution phase leaves at least this many
+# steps at full size; below MIN_FULL_RES_STEPS / (1 - low_res_fraction) steps it shrinks, and at or below this
+# many steps it is off.
+MIN_FULL_RES_STEPS = 64
+
+
+def budget_settings(settings: RenderSettings) -> RenderSettings:
+    """The settings a run of settings.steps uses: the low-resolution share cut so that at least
+    MIN_FULL_RES_STEPS steps (all of them in a shorter run) are taken at full size. Settings the rule does not
+    bind (the default 256 steps among them) come back unchanged, so their cache keys stay what they were; a
+    bound run's record names the share it actually used."""
+    low = int(round(settings.steps * settings.low_res_fraction))
+    allowed = max(0, settings.steps - MIN_FULL_RES_STEPS)
+    if low <= allowed:
+        return settings
+    return dataclasses.replace(settings, low_res_fraction=allowed / settings.steps)
+
+
 def quality_settings(quality: str = "fast", **overrides) -> RenderSettings:
     """The RenderSettings of a preset, with any field replaced by `overrides`."""
     if quality not in QUALITY_PRESETS:
@@ -85,3 +104,6 @@ class RenderResult:
     cached: bool = False
     paths: Tuple[str, ...] = field(default_factory=tuple)
     blurred: Tuple[Optional[str], ...] = field(default_factory=tuple)   # per written PNG: why blurred, or None
+    maxima: "object" = None        # float32 (seeds,) the unit's highest activation over the cells of each saved image,
+                                   # as a scan measures dataset images (optvis.loop.unit_maxima); None: a record
+                                   # written before it was kept

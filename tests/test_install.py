@@ -100,9 +100,6 @@ def test_every_import_is_a_declared_dependency():
     runtime = _distribution_names(project["dependencies"])
     extras = {name: _distribution_names(reqs) for name, reqs in project["optional-dependencies"].items()}
     optional = {"nudenet": "nudenet",   # imported only by neurolens/labels/nudenet.py, which checks for it first
-                # the web server: imported only once `neurolens serve` starts (serve/server.py says which
-                # extra to install when they are missing); the static site needs neither
-                "starlette": "serve", "uvicorn": "serve",
                 # --engine ray: imported only inside neurolens/engines/ray/ (session.import_ray checks for it first)
                 "ray": "ray"}
     imports = _third_party_imports()
@@ -133,3 +130,12 @@ def test_sae_lens_is_a_pinned_test_extra_that_neurolens_never_imports():
     pins = [r for r in project["optional-dependencies"]["test"] if _distribution_names([r]) == {"sae-lens"}]
     assert len(pins) == 1 and "==" in pins[0], pins
     assert "sae-lens" not in _distribution_names(project["dependencies"])
+
+
+def test_a_bare_install_has_the_web_apps_packages():
+    """The README's install line (`pip install -e .`) must give a working `neurolens serve`: the web app's packages
+    are base dependencies (the `serve` extra keeps naming them for `pip install neurolens[serve]`)."""
+    project = _pyproject()["project"]
+    web = {"starlette", "uvicorn", "httptools", "uvloop"}
+    assert web <= _distribution_names(project["dependencies"])
+    assert web <= _distribution_names(project["optional-dependencies"]["serve"])

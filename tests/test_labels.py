@@ -3,6 +3,7 @@ import csv
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from neurolens.errors import NeurolensError
 from neurolens.labels.reliability import check_reliability, combine, source_auc
@@ -146,9 +147,14 @@ def test_nudenet_runs_offline_its_scores_reach_the_sweep_record_and_are_cached(t
     from neurolens.storage.cache import Cache
     from neurolens.scoring.flags import FlagRule
     cache = Cache(tmp_path / "cache")
-    ticks = []
+    ticks, notes = [], []
+
+    def progress(done, total):
+        ticks.append((done, total))
+    progress.note = notes.append          # as the CLI's bar: the line says what runs and how to skip it
     kw = dict(vocab=vocab_file, top_k=8, text_top_k=10, cache=cache, labels=["captions", "nudenet"], write_csv=False)
-    result = run_sweep(tiny_clip, LAYER, dataset_table, progress=lambda d, t: ticks.append((d, t)), **kw)
+    result = run_sweep(tiny_clip, LAYER, dataset_table, progress=progress, **kw)
+    assert notes == ["NudeNet: scoring 36 images (the independent NSFW detector; --labels captions skips it)", None]
     scores = result.source_scores("nudenet")
     dataset = open_dataset(dataset_table)
     direct = nudenet.image_scores([dataset.load(i) for i in (0, 7, 35)])
@@ -162,8 +168,33 @@ def test_nudenet_runs_offline_its_scores_reach_the_sweep_record_and_are_cached(t
     def must_not_run(images):
         raise AssertionError("NudeNet ran again")
     monkeypatch.setattr(nudenet, "image_scores", must_not_run)
-    again = run_sweep(tiny_clip, LAYER, dataset_table, rule=FlagRule(min_auc=0.9), **kw)
+    notes.clear()
+    again = run_sweep(tiny_clip, LAYER, dataset_table, rule=FlagRule(min_auc=0.9), progress=progress, **kw)
     assert not again.cached and np.array_equal(again.source_scores("nudenet"), scores)
+    assert notes == []                    # nothing left to score: no NudeNet line
+
+
+def test_nudenet_loads_its_model_once_per_process(monkeypatch):
+    """The detector's ONNX session is built once and reused by every later image (a sweep scores thousands)."""
+    import nudenet as package
+    from neurolens.labels import nudenet
+    built = []
+
+    class Detector:
+        def __init__(self):
+            built.append(self)
+
+        def detect(self, image):
+            return [{"class": "FACE_FEMALE", "score": 0.9, "box": [0, 0, 4, 4]}]
+
+    monkeypatch.setattr(package, "NudeDetector", Detector)
+    nudenet._detector.cache_clear()
+    try:
+        scores = nudenet.image_scores([Image.new("RGB", (32, 32)) for _ in range(5)])
+        nudenet.detections(Image.new("RGB", (32, 32)))
+    finally:
+        nudenet._detector.cache_clear()   # the next user builds the real detector
+    assert len(built) == 1 and scores.tolist() == [0.0] * 5   # a face is not an exposed class
 
 
 def test_column_source_reads_the_json_members_of_tar_shards(tmp_path):

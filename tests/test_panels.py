@@ -13,6 +13,8 @@ from neurolens.labels import blur, zero_shot as safety
 from neurolens.datasets.open import open_dataset
 from neurolens.datasets.decode import preprocess
 from neurolens.display.figures import crop_around_cell
+from neurolens.display.panels import units_grid
+from neurolens.labels.policy import BlurPolicy
 from neurolens.pipelines.figures import run_figure, run_grid
 from neurolens.pipelines.sweep import run_sweep
 from neurolens.storage.cache import Cache
@@ -165,6 +167,30 @@ def test_grid_of_flagged_units_and_chosen_units(tiny_clip, swept, panel_table, t
     assert {p.kind for p in figure.placed} == {"fv", "crop"}
     _check_written(tiny_clip, open_dataset(panel_table), sweep, path, figure,
                    _fvs(tiny_clip, cache, shown), True, None)
+
+
+def test_grid_columns_line_up_when_a_unit_has_no_feature_visualization(swept, panel_table):  # noqa: F811
+    sweep, _, flagged, unflagged = swept
+    with_fv, without = flagged[0], unflagged[0]
+    fv = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)   # synthetic, stands in for a render
+    policy = BlurPolicy(blur=False, detector=False, zero_shot=False)
+    dataset = open_dataset(panel_table)
+
+    def lefts(figure, unit, kind):
+        return [p.box[0] for p in figure.placed if p.unit == unit and p.kind == kind]
+
+    figure = units_grid(sweep, dataset, [without, with_fv, without], "grid", 64, policy, fvs={with_fv: fv})
+    crops = lefts(figure, with_fv, "crop")
+    assert len(crops) == 6 and lefts(figure, without, "crop") == crops + crops   # the same columns in every row
+    assert lefts(figure, with_fv, "fv")[0] < crops[0] and lefts(figure, without, "fv") == []
+    # the empty tile is where the feature visualization would be: light grey, not a placed image
+    top = min(p.box[1] for p in figure.placed if p.unit == without)
+    x = lefts(figure, with_fv, "fv")[0]
+    empty = np.asarray(figure.image.crop((x, top, x + 80, top + 80)))
+    assert (empty == 235).all(axis=-1).mean() > 0.8 and (empty >= 100).all()    # grey, with a short grey note
+    # no unit with a visualization: no empty column at all
+    plain = units_grid(sweep, dataset, [without, with_fv], "grid", 64, policy, fvs={})
+    assert lefts(plain, without, "crop") == lefts(plain, with_fv, "crop") and lefts(plain, without, "crop")[0] < crops[0]
 
 
 def test_drawing_a_swept_layer_runs_no_forward(tiny_clip, swept, panel_table, tmp_path):  # noqa: F811

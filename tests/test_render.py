@@ -165,3 +165,28 @@ def test_keep_best_returns_the_best_checked_image_and_its_clean_activation(tiny_
     assert (kept.activations >= last.activations - 1e-5).all()
     again = evaluate(tiny_clip, spec, "channel", [5, 5], torch.from_numpy(kept.images).permute(0, 3, 1, 2).float() / 255)
     assert np.allclose(again.numpy(), kept.activations, atol=0.05 * np.abs(kept.activations).max() + 1e-3)
+
+
+def test_short_budgets_keep_their_last_64_steps_at_full_size(tiny_clip, tmp_path):
+    """The budget rule: the low-resolution share leaves at least 64 steps at full size. The default 256 steps are
+    not touched (same settings, same cache key); a 64-step run takes every step at full size, a 128-step run
+    half; the record of a bound run names the share it used."""
+    from neurolens.pipelines.visualize import resolved_settings, run_visualize
+    from neurolens.storage.cache import Cache
+    from neurolens.types import budget_settings, quality_settings
+    assert budget_settings(RenderSettings()) == RenderSettings()
+    assert budget_settings(quality_settings("microscope")) == quality_settings("microscope")
+    low_steps = {steps: round(steps * budget_settings(RenderSettings(steps=steps)).low_res_fraction)
+                 for steps in (16, 64, 100, 128, 160, 256, 1000)}
+    assert low_steps == {16: 0, 64: 0, 100: 36, 128: 64, 160: 96, 256: 154, 1000: 600}
+    bound = budget_settings(RenderSettings(steps=128, lr=0.3, keep_best=4))
+    assert (bound.lr, bound.keep_best, bound.steps) == (0.3, 4, 128)          # only the low-resolution share
+    assert resolved_settings(tiny_clip, RenderSettings(steps=64)).low_res_fraction == 0.0
+    # through the job: no low-resolution forward in a short run of a layer that has a low-resolution phase
+    sizes = []
+    handle = tiny_clip.model.visual.conv1.register_forward_hook(lambda m, a, out: sizes.append(out.shape[-1]))
+    try:
+        [result] = run_visualize(tiny_clip, "image_block_2_0", [3], RenderSettings(steps=6), cache=Cache(tmp_path))
+    finally:
+        handle.remove()
+    assert set(sizes) == {32} and result.settings.low_res_fraction == 0.0

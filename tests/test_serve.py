@@ -136,6 +136,14 @@ def test_pages_answer_and_list_every_unit(server, fx, layer_id):
     assert request(server, "GET", f"/L/{layer_id}/u/{fx.units}.html")[0] == 404
 
 
+def test_banner_names_the_reveal_button_that_the_unit_page_has(server, fx, layer_id):
+    _, _, home = request(server, "GET", "/")
+    banner = re.search(rb'<span class="safety"[^>]*>(.*?)</span>', home, re.S).group(1).decode()
+    assert "reveal button" in banner and "click one" not in banner
+    _, _, unit_page = request(server, "GET", f"/L/{layer_id}/u/{fx.flagged[0]}.html")
+    assert b'<button class="reveal"' in unit_page
+
+
 def test_every_shown_image_is_blurred_and_raw_needs_a_confirmed_reveal(server, fx, scan, layer_id):
     unit = fx.flagged[0]
     shown = picture(request(server, "GET", f"/img/{layer_id}/crop/{unit}-1.jpg")[2])
@@ -704,3 +712,19 @@ def test_serve_without_the_serve_extra_says_what_to_install(fx, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)           # as if the serve extra were not installed
     with pytest.raises(NeurolensError, match=r"pip install 'neurolens\[serve\]'"):
         serve(Cache(fx.cache), port=0)
+
+
+@pytest.mark.parametrize("missing", ["starlette", "uvicorn"])
+def test_serve_without_the_web_packages_says_so_in_one_line(tmp_path, missing):
+    """An install without the web app's packages (they are base dependencies, but a user may remove them): one
+    line naming the package and the extra, exit code 2, no traceback; the static site still builds."""
+    blocked = (f"import runpy, sys; sys.modules[{missing!r}] = None; sys.argv = ['neurolens'] + sys.argv[1:]; "
+               "runpy.run_module('neurolens', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", blocked, "serve", "--port", "0", "--cache", str(tmp_path)],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 1 and f"needs {missing}," in lines[0] and "neurolens[serve]" in lines[0], lines
+    out = subprocess.run([sys.executable, "-c", blocked, "site", "--out", str(tmp_path / "site"), "--cache",
+                          str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert "Traceback" not in out.stderr and "ModuleNotFoundError" not in out.stderr, out.stderr

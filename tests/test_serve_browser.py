@@ -148,6 +148,28 @@ def test_home_layer_unit_in_a_browser(page, server, fx, scan):
     assert page.errors == []
 
 
+def test_editing_the_sort_in_the_url_hash_resorts_the_layer_page(page, server, fx):
+    page.goto(server.url)
+    page.click(".layer-card")
+    page.wait_for_selector("#grid .tile")
+
+    def first():
+        return [int(u) for u in page.eval_on_selector_all("#grid .tile", "t => t.slice(0, 5).map(x => x.dataset.unit)")]
+    assert first()[:len(fx.flagged[:5])] == fx.flagged[:5]   # the default: flagged units first
+    sort_is = "s => document.getElementById('sort').value === s"
+    page.evaluate("location.hash = 'sort=unit'")          # as a person edits the address bar
+    page.wait_for_function(sort_is, arg="unit")
+    assert first() == [0, 1, 2, 3, 4] and page.input_value("#sort") == "unit"
+    page.evaluate("location.hash = 'flagged=1'")          # no sort in the hash: back to the default order
+    page.wait_for_function(sort_is, arg="evidence")
+    assert load_all_tiles(page, len(fx.flagged)) == fx.flagged and page.input_value("#sort") == "evidence"
+    assert page.is_checked("#flagged")
+    page.go_back()                                         # the back button is a hash change too
+    page.wait_for_function(sort_is, arg="unit")
+    assert page.input_value("#sort") == "unit" and not page.is_checked("#flagged")
+    assert page.errors == []
+
+
 def test_every_image_is_blurred_until_a_confirmed_reveal(page, server, fx, scan):
     unit = fx.flagged[0]
     page.goto(server.base + f"/L/{fx.clip.fingerprint[:16]}-{fx.layer}/u/{unit}.html")

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from neurolens.cli import app
 from neurolens.models.build import load_clip
 from neurolens.models.build import weights_fingerprint
+from neurolens.pipelines.demo import STAGES, DemoReport, DemoSettings, Stage, _write_index
 from neurolens.toy.generate import ToySettings, generate_pairs, write_dataset
 from neurolens.toy.concepts import planted_words
 from neurolens.toy.settings import TrainSettings
@@ -210,3 +211,22 @@ def test_demo_reuses_the_cached_model_and_reports_a_failing_stage(demo, tmp_path
     assert report.failed == ["scan", "text", "sweep", "visualize", "figure", "grid", "maps", "site"]
     index = report.index.read_text()
     assert "## Not done" in index and "**scan**: failed" in index
+
+
+def test_demo_index_says_how_many_flagged_units_its_table_leaves_out(tmp_path):
+    """62 flagged units: the table lists 30 and says that the rest are in flags.csv (linked); 12: all, no note."""
+    def write(count):
+        report = DemoReport(out=tmp_path, stages={name: Stage(name, status="ok") for name in STAGES})
+        report.stages["sweep"].outputs.append(str(tmp_path / "sweep" / "flags.csv"))
+        report.flagged = [dict(unit=u, auc=0.9, q=1e-3, planted_auc=0.95, planted_top_share=0.5, top_texts=["a", "b"])
+                          for u in range(count)]
+        report.flagged_without_planted = 0.0
+        _write_index(report, DemoSettings(), report.stages["index"])
+        return (tmp_path / "index.md").read_text()
+
+    index = write(62)
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in index.splitlines()) == 30
+    assert "Showing 30 of 62 flagged units; all in [sweep/flags.csv](sweep/flags.csv)." in index
+    index = write(12)
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in index.splitlines()) == 12
+    assert "Showing" not in index

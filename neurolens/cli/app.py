@@ -105,7 +105,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
     """Yields a callback(done, total) for library loops; draws a rich bar on stderr when enabled.
 
     The callback's `note(text)` shows a line of detail after the description (e.g. a Ray scan's images/s,
-    shards done and items skipped)."""
+    shards done and items skipped; NudeNet's scoring of a first sweep); note(None) clears it."""
     if not enabled:
         def ignore(done: int, total: int, description: Optional[str] = None) -> None:
             return None
@@ -125,7 +125,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
             else:
                 progress.update(task, completed=done, total=total, description=description)
 
-        update.note = lambda text: progress.update(task, description=f"{description} ({text})")
+        update.note = lambda text: progress.update(task, description=f"{description} ({text})" if text else description)
         yield update
 
 

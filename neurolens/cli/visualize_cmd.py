@@ -55,7 +55,7 @@ def visualize(
 
     Example:  neurolens visualize --layer image_block_4_5 --unit 1543 --unit 244 --seed 0 --out outputs/
     """
-    from ..pipelines.visualize import run_visualize  # lazy: keeps `neurolens --help` free of torch
+    from ..pipelines.visualize import run_visualize, top1_comparison, top1_line  # lazy: keeps `neurolens --help` free of torch
 
     chosen = dict(steps=steps, seeds=tuple(seed) if seed else None, lr=lr, diversity=diversity,
                   low_res_fraction=low_res_fraction, keep_best=keep_best)
@@ -69,11 +69,15 @@ def visualize(
     basis = open_basis(clip, layer, sae, cache)
     for value in unit:
         basis.check_unit(value)
+    store = Cache(cache)
     with progress_bar(f"visualize {layer}", enabled=not as_json) as update:
-        results = run_visualize(clip, layer, unit, settings, cache=Cache(cache) if cache else None, force=force,
+        results = run_visualize(clip, layer, unit, settings, cache=store, force=force,
                                 out_dir=out, progress=update, blur=not no_blur, basis=basis)
     rows = [dict(unit=r.unit, seed=s, path=r.paths[i], activation=float(r.activations[i]), cached=r.cached,
-                 blurred=r.blurred[i]) for r in results for i, s in enumerate(r.seeds)]
+                 blurred=r.blurred[i],
+                 **top1_comparison(store, clip.fingerprint, r.layer, r.unit,
+                                   None if r.maxima is None else float(r.maxima[i]), basis))
+            for r in results for i, s in enumerate(r.seeds)]
     if as_json:
         document = {"model": clip.name, "pretrained": clip.pretrained, "layer": results[0].layer,
                     "fingerprint": clip.fingerprint, "results": rows}
@@ -86,3 +90,10 @@ def visualize(
         shown = f"  (blurred: {row['blurred']})" if row["blurred"] else ""
         typer.echo(f"{basis.unit_word} {row['unit']:>5} seed {row['seed']}: activation {row['activation']:.4f} "
                    f"({source}) -> {row['path']}{shown}")
+        below = top1_line(row, basis.unit_word)
+        if below:
+            typer.echo(below)
+        elif row["above_top1"]:
+            ratio = f" ({row['top1_ratio']:.2f}x)" if row["top1_ratio"] is not None else ""
+            typer.echo(f"  max over its cells {row['unit_max']:.4g} >= the dataset's top-1 {row['dataset_top1']:.4g}"
+                       f"{ratio} (scan of {row['top1_scan']['dataset']})")

@@ -96,6 +96,14 @@ def _tiles_row(tiles: Sequence[Image.Image], labels: Sequence[str], columns: int
     return image, boxes
 
 
+def _empty_tile(pixels: int, text: str) -> Image.Image:
+    """A light grey placeholder where a row has no image (no pixels from the data)."""
+    tile = Image.new("RGB", (pixels, pixels), (235, 235, 235))
+    draw = ImageDraw.Draw(tile)
+    draw.text((4, pixels // 2 - 6), fit_text(draw, text, font(9), pixels - 8), fill=(120, 120, 120), font=font(9))
+    return tile
+
+
 def _stack(parts: Sequence[Image.Image]) -> Tuple[Image.Image, List[int]]:
     """Parts one under the other; returns the image and each part's top offset."""
     width = max(p.width for p in parts)
@@ -226,6 +234,9 @@ def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int
     """One row per unit: its first feature visualization (if given) and its top crops, with a one-line
     label (unit, AUC, q, shares, FLAGGED)."""
     fvs = fvs or {}
+    # a feature-visualization column when any shown unit has one; a unit without one gets an empty tile there,
+    # so that every row's crops start in the same column
+    fv_column = any(fvs.get(unit) is not None and len(fvs[unit]) for unit in units)
     width_hint = PAD + (options.grid_crops + 1) * (options.grid_pixels + PAD)
     parts = [_text_block([(title, INK)], max(width_hint, 480), size=13)]
     pending = []
@@ -244,6 +255,9 @@ def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int
             tiles += t
             labels += ["feature vis."]
             kinds += [("fv", 0, r[0])]
+        elif fv_column:
+            tiles.append(_empty_tile(options.grid_pixels, "no visualization"))
+            labels.append("")
         crops, ranked, reasons = crop_tiles(sweep, dataset, unit, policy, options.grid_crops, options.grid_pixels,
                                             image_size)
         tiles += crops
@@ -251,7 +265,7 @@ def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int
             labels.append(f"#{rank} {value:.3g}")
             kinds.append(("crop", index, reason))
         row, boxes = _tiles_row(tiles, labels, len(tiles) or 1, label_size=9)
-        pending.append((len(parts), boxes, kinds, unit))
+        pending.append((len(parts), boxes[len(boxes) - len(kinds):], kinds, unit))   # not the placeholder's box
         parts.append(row)
     note = blur_note([r for _, _, ks, _ in pending for _, _, r in ks], policy.blur)
     parts.append(_text_block([(note, ALERT if not policy.blur else INK)], width_hint, size=11))

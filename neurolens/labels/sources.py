@@ -108,18 +108,24 @@ def column_source(spec: LabelSpec, dataset) -> LabelSource:
 
 # -------------------------------------------------------------------------------------------- NudeNet
 
+def nudenet_note(count: int) -> str:
+    """The progress line shown while NudeNet scores `count` images (a first sweep of a dataset: minutes)."""
+    return f"NudeNet: scoring {count} images (the independent NSFW detector; --labels captions skips it)"
+
+
 def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optional[np.ndarray] = None) -> np.ndarray:
     """(N,) NudeNet image scores of every dataset item (NaN for unreadable or skipped ones), cached in chunk
     records of NUDENET_CHUNK images keyed by the dataset identity and the NudeNet version
     (neurolens.records.labels), so a second sweep (any layer, any model) does not run the detector again, and
-    an interrupted run keeps the chunks it finished."""
+    an interrupted run keeps the chunks it finished. When images are left to score and `progress` has a
+    `note` (the CLI's bar), it says so (nudenet_note) and clears the note when done."""
     if not nudenet.available():
         raise NeurolensError("--labels nudenet needs the nudenet package; pip install nudenet==3.4.2")
     total = len(dataset)
     scores = np.full(total, np.nan, dtype=np.float32)
     detector_version = nudenet.version()
     key = label_records.nudenet_chunk_key(detector_version, nudenet.EXPOSED)
-    done = 0
+    missing = []   # (first, last, record path or None) of the chunks to score
     for first in range(0, total, label_records.NUDENET_CHUNK):
         last = min(total, first + label_records.NUDENET_CHUNK)
         path = label_records.nudenet_chunk_path(cache, dataset.identity, key, first) if cache else None
@@ -127,22 +133,34 @@ def nudenet_scores(dataset, cache=None, progress: Progress = None, skip: Optiona
         if cached is not None:
             scores[first:last] = cached
         else:
-            for i in range(first, last):
-                if skip is not None and skip[i]:
-                    continue
-                try:
-                    image = dataset.load(i)
-                except BadImage:          # unreadable: unknown, counted by the scan already
-                    continue
-                scores[i] = nudenet.image_scores([image])[0]
-                if progress is not None and (i + 1 - first) % 16 == 0:
-                    progress(done + i + 1 - first, total)
-            if path is not None:
-                label_records.write_nudenet_chunk(cache, path, scores[first:last], first, dataset.description,
-                                                  detector_version)
-        done = last
+            missing.append((first, last, path))
+    note = getattr(progress, "note", None)
+    to_score = sum(last - first - (int(skip[first:last].sum()) if skip is not None else 0)
+                   for first, last, _ in missing)
+    if note is not None and to_score:
+        note(nudenet_note(to_score))
+    done = total - sum(last - first for first, last, _ in missing)
+    if progress is not None:
+        progress(done, total)
+    for first, last, path in missing:
+        for i in range(first, last):
+            if skip is not None and skip[i]:
+                continue
+            try:
+                image = dataset.load(i)
+            except BadImage:          # unreadable: unknown, counted by the scan already
+                continue
+            scores[i] = nudenet.image_scores([image])[0]
+            if progress is not None and (i + 1 - first) % 16 == 0:
+                progress(done + i + 1 - first, total)
+        if path is not None:
+            label_records.write_nudenet_chunk(cache, path, scores[first:last], first, dataset.description,
+                                              detector_version)
+        done += last - first
         if progress is not None:
             progress(done, total)
+    if note is not None and to_score:
+        note(None)
     return scores
 
 

@@ -38,6 +38,8 @@ StepCallback = Callable[[int, Callable[[], torch.Tensor]], None]
 class RenderOutput:
     images: np.ndarray        # uint8 (N, H, W, 3)
     activations: np.ndarray   # float32 (N,) objective of each final image: fp32, full size, no transforms
+    maxima: np.ndarray        # float32 (N,) the unit's highest activation over the cells of each final image
+                              # (unit_maxima: what a scan records per dataset image)
     curve: np.ndarray         # float32 (steps, N) objective of the transformed batch at every step
 
 
@@ -161,6 +163,20 @@ def evaluate(clip, spec: LayerSpec, kind: str, units: Sequence[int], images: tor
         return objective(acts).float().cpu()
 
 
+def unit_maxima(clip, spec: LayerSpec, units: Sequence[int], images: torch.Tensor, basis=None) -> torch.Tensor:
+    """Each image's own unit's highest activation over the layer's cells (fp32, no transforms, no gradients):
+    the value a scan records per dataset image (for a basis, its units' activations as the scan computes
+    them), so a visualization compares with the dataset's top images like for like. The objective does not:
+    `channel` is the mean over the cells, which a dataset image's maximum exceeds by construction."""
+    with torch.no_grad(), any_input_size(clip.model):
+        act = forward_to(clip.model, clip.normalize(images.float()), [spec])[spec.name].float()
+        if act.dim() == 2:
+            act = act[:, :, None, None]
+        maps = act if basis is None else basis.activations(act)
+        index = torch.as_tensor(list(units), dtype=torch.long, device=maps.device)
+        return maps[torch.arange(maps.shape[0], device=maps.device), index].flatten(1).amax(1).float().cpu()
+
+
 def render(clip, spec: LayerSpec, units: Sequence[int], settings: RenderSettings,
            progress: Optional[Callable[[int, int], None]] = None,
            on_step: Optional[StepCallback] = None, basis=None) -> RenderOutput:
@@ -215,4 +231,7 @@ def render(clip, spec: LayerSpec, units: Sequence[int], settings: RenderSettings
         final, activations = best.images, best.activations
     activations = activations.numpy()
     pixels = (final.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return RenderOutput(images=pixels, activations=activations.astype(np.float32), curve=curve)
+    saved = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 255   # the image as written
+    maxima = unit_maxima(clip, spec, batch_units, saved, basis).numpy()
+    return RenderOutput(images=pixels, activations=activations.astype(np.float32), curve=curve,
+                        maxima=maxima.astype(np.float32))

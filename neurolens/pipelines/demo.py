@@ -45,6 +45,7 @@ from .visualize import run_visualize
 
 StageProgress = Optional[Callable[[str, int, int], None]]
 STAGES = ("data", "train", "scan", "text", "sweep", "visualize", "figure", "grid", "maps", "site", "index")
+INDEX_FLAGGED_ROWS = 30   # rows of the flagged-units table in index.md; the rest are named in flags.csv
 
 
 @dataclass(frozen=True)
@@ -352,9 +353,15 @@ def _write_index(report: DemoReport, settings: DemoSettings, stage: Stage) -> No
                   f"{report.flagged_without_planted:.0%}.", "",
                   "| unit | AUC | q | planted AUC (truth) | planted share of top images | top texts |",
                   "| --- | --- | --- | --- | --- | --- |"]
-        for row in report.flagged[:30]:
+        shown = report.flagged[:INDEX_FLAGGED_ROWS]
+        for row in shown:
             lines.append(f"| {row['unit']} | {row['auc']:.3f} | {row['q']:.1e} | {row['planted_auc']:.3f} | "
                          f"{row['planted_top_share']:.2f} | {' / '.join(row['top_texts']).replace('|', '/')} |")
+        if len(shown) < len(report.flagged):
+            sweep_stage = report.stages.get("sweep")
+            csv = next((p for p in sweep_stage.outputs if p.endswith(".csv")), None) if sweep_stage else None
+            where = f"[{_rel(csv, out)}]({_rel(csv, out)})" if csv else "the sweep's flags.csv"
+            lines += ["", f"Showing {len(shown)} of {len(report.flagged)} flagged units; all in {where}."]
     outputs = [(s.name, p) for s in report.stages.values() for p in s.outputs if s.name not in ("data", "train")]
     if outputs:
         lines += ["", "## Files", ""]

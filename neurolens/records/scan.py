@@ -269,9 +269,9 @@ def find_result(cache: Cache, clip, spec, dataset, top_k: int, precision: str, e
     return None
 
 
-def newest_scan(cache: Cache, fingerprint: str, layer: str, basis=None) -> Optional[ScanResult]:
-    """The newest (by file time) finished scan of `layer` with these weights in the cache, of the neurons
-    (basis None) or of `basis`'s units, or None. Only the chosen record's arrays are read."""
+def newest_scan_path(cache: Cache, fingerprint: str, layer: str, basis=None) -> Optional[Path]:
+    """The record of the newest (by file time) finished scan of `layer` with these weights in the cache, of the
+    neurons (basis None) or of `basis`'s units, or None. Only attrs are read."""
     wanted = basis_id(basis)
     best = None
     for path in cache.layer_records(KIND, fingerprint, layer):
@@ -283,7 +283,38 @@ def newest_scan(cache: Cache, fingerprint: str, layer: str, basis=None) -> Optio
             continue
         if best is None or path.stat().st_mtime > best[0]:
             best = (path.stat().st_mtime, path)
-    return None if best is None else result_from_record(cache.read(best[1]), cache)
+    return None if best is None else best[1]
+
+
+def newest_scan(cache: Cache, fingerprint: str, layer: str, basis=None) -> Optional[ScanResult]:
+    """The newest finished scan of `layer` (newest_scan_path) as a ScanResult, or None."""
+    path = newest_scan_path(cache, fingerprint, layer, basis)
+    return None if path is None else result_from_record(cache.read(path), cache)
+
+
+@dataclass(frozen=True)
+class DatasetTop:
+    """A unit's strongest dataset image in a scan: its spatial max (what the scan ranks by) and where it is from."""
+    value: float                      # the unit's highest activation over the cells of its top-1 image
+    index: int                        # that image's dataset index
+    dataset: str                      # the scanned dataset's description
+    images: int                       # images scanned
+    record: Path                      # the scan record
+
+
+def dataset_top1(cache: Cache, fingerprint: str, layer: str, unit: int, basis=None) -> Optional[DatasetTop]:
+    """The unit's top-1 dataset activation in the newest finished scan of the layer (and basis) with these
+    weights, or None when there is none or the unit has no image in it. Reads the record's top-k arrays only,
+    no model: the visualize command and the notebook dashboard compare a visualization with it."""
+    path = newest_scan_path(cache, fingerprint, layer, basis)
+    record = None if path is None else cache.read(path, names=["top_values", "top_indices"])
+    if record is None or not 0 <= int(unit) < len(record.arrays["top_values"]):
+        return None
+    value, index = float(record.arrays["top_values"][int(unit), 0]), int(record.arrays["top_indices"][int(unit), 0])
+    if index < 0 or not np.isfinite(value):
+        return None
+    return DatasetTop(value=value, index=index, dataset=str(record.attrs.get("dataset", "")),
+                      images=int(record.attrs.get("count", 0)), record=Path(path))
 
 
 # ------------------------------------------------------------------------------------------- while it runs

@@ -2,7 +2,8 @@
 
     visualize/<fp>/<layer>/unit<U>_<key>.h5                   a neuron (the layer's channel U)
     visualize/<fp>/<layer>/sae-<name>_feature<F>_<key>.h5     feature F of the SAE <name>
-        images (seeds, H, W, 3) uint8, activations (seeds,), curve (steps, seeds)
+        images (seeds, H, W, 3) uint8, activations (seeds,), curve (steps, seeds), maxima (seeds,): the unit's
+        highest activation over the cells of each image, as a scan measures (absent in older records)
         attrs: model, pretrained, fingerprint, layer, module, unit, basis, settings (RenderSettings as a dict),
                batch_units, seconds_for_batch, created
 The key hashes the fingerprint, layer, unit and settings (and the basis id for features). The file name says
@@ -71,9 +72,13 @@ def layer_records(cache: Cache, fingerprint: str, layer: str, owner: str = NEURO
 
 
 def visualization_record(clip, spec, unit: int, settings, images: np.ndarray, activations: np.ndarray,
-                         curve: np.ndarray, batch_units: Sequence[int], seconds: float, basis=None) -> Record:
+                         curve: np.ndarray, batch_units: Sequence[int], seconds: float, basis=None,
+                         maxima: Optional[np.ndarray] = None) -> Record:
+    arrays = {"images": images, "activations": activations, "curve": curve}
+    if maxima is not None:
+        arrays["maxima"] = maxima
     return Record(
-        arrays={"images": images, "activations": activations, "curve": curve},
+        arrays=arrays,
         attrs={"model": clip.name, "pretrained": clip.pretrained, "fingerprint": clip.fingerprint,
                "layer": spec.name, "module": spec.module, "unit": unit, "basis": basis_id(basis),
                "settings": dataclasses.asdict(settings), "batch_units": list(batch_units),

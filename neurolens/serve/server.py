@@ -9,7 +9,6 @@ from ..errors import NeurolensError
 from ..records.index import LayerEntry, index_cache
 from ..storage.cache import Cache
 from .access import access_for, cookie_name
-from .app import ServeState, build_app
 from .layer import LayerData
 from .probe import Prober
 
@@ -66,11 +65,12 @@ def serve(cache: Cache, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, toke
           require_token: bool = False, allow_hosts: Sequence[str] = ()) -> None:
     """Serve the cache until interrupted. Prints `serving <url>` once connections are accepted."""
     try:
-        import uvicorn  # lazy: optional dependency (the web stack), only when a server starts
-
+        import uvicorn  # lazy: the web server's packages are needed only here; the static site works without them
+        from .app import ServeState, build_app  # lazy: imports starlette (same reason)
     except ImportError as exc:
-        raise NeurolensError(f"neurolens serve needs {exc.name}: pip install 'neurolens[serve]' "
-                             f"(starlette and uvicorn)") from None
+        missing = (exc.name or "starlette").split(".")[0]
+        raise NeurolensError(f"neurolens serve needs {missing}, which is missing: "
+                             f"pip install 'neurolens[serve]' (starlette, uvicorn, httptools, uvloop)") from None
 
     access = access_for(host, token, no_token, require_token, allow_hosts)
     chosen = select_layers(cache, layers, bases)

@@ -15,7 +15,8 @@
 
   function readHash() {
     var params = new URLSearchParams(location.hash.slice(1));
-    if (params.get("sort")) sortBox.value = params.get("sort");
+    sortBox.value = params.get("sort") || "evidence";
+    if (!sortBox.value) sortBox.value = "evidence";   // an unknown sort in the hash: the default
     flaggedBox.checked = params.get("flagged") === "1";
     searchBox.value = params.get("q") || "";
   }
@@ -103,6 +104,9 @@
   sortBox.addEventListener("change", changed);
   flaggedBox.addEventListener("change", changed);
   searchBox.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(changed, 120); });
+  // the hash edited by hand, a link or the back button: the page follows it (writeHash's replaceState does not
+  // fire hashchange, so the page's own changes do not come back here)
+  window.addEventListener("hashchange", function () { readHash(); compute(); });
   readHash();
   compute();
 })();
