@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from neurolens.scoring.enrichment import (NgramTable, caption_evidence, caption_ngrams, halves, merge_top, words,
-                                          wilson_interval)
+from neurolens.scoring.captions import caption_ngrams, words
+from neurolens.scoring.enrichment import NgramTable, caption_evidence, halves, merge_top
+from neurolens.scoring.intervals import wilson_interval
 from sweep_data import LAYER
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import NeurolensError
 from ..records.concepts import ConceptsResult
-from ..scoring.enrichment import STOPWORDS, words
+from ..scoring.captions import STOPWORDS, words
 from .lexicon import caption_nsfw_matches
 
 KINDS = ("concept", "lexicon", "free text")

@@ -34,7 +34,7 @@ from ..records import text as text_records
 from ..records.concepts import CONCEPTS_KIND, ConceptsResult, from_record as concepts_from_record
 from ..records.descriptions import DESCRIPTIONS_KIND, DescriptionsResult, read_descriptions, sibling
 from ..records.keys import NEURONS
-from ..scoring.enrichment import wilson_interval
+from ..scoring.intervals import wilson_interval
 from ..storage.cache import Cache, read_attrs, safe_segment, written_at
 
 ROW_KEYS = ("unit", "basis", "score", "caption_share", "ci_low", "ci_high", "text_score", "model_based")

@@ -2,10 +2,10 @@
 unit's top images, each CHOSEN on one half of the images and SCORED on the other, held-out half (numpy and
 scipy.sparse only: no model).
 
-Tokens and n-grams. A caption is lower-cased and split into words (runs of letters and digits; an apostrophe
-inside a word is dropped: "dog's" -> "dogs"). Its n-grams are every word that is not in STOPWORDS and every
-pair of adjacent words neither of which is a stopword ("red circles", not "on the"). An n-gram counts once per
-caption (presence), so a caption that repeats a word does not weigh more.
+Tokens and n-grams (scoring.captions): a caption's words (lower-cased runs of letters and digits), and its
+n-grams: every word that is not a stopword and every pair of adjacent words neither of which is one ("red
+circles", not "on the"). An n-gram counts once per caption (presence), so a caption that repeats a word does
+not weigh more.
 
 Halves. The scanned images with a non-empty caption are split by a seeded permutation (HALF_SEED) into half A
 (the first ceil(n/2) of the permutation) and half B (the rest). Half A chooses, half B scores.
@@ -37,49 +37,23 @@ out from choosing them): y_w / k (`top_share`: k the unit's top images there), r
 (`base_share`), delta (`log_odds`), its 95 % interval delta +- 1.96 sqrt(var) (`ci_low`, `ci_high`) and z. Only
 the held-out numbers are evidence: a chosen n-gram whose held-out interval includes 0 did not replicate.
 
-`wilson_interval` is the Wilson score interval of a share (find's caption share).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import sparse
 
+from .captions import caption_ngrams
+from .intervals import Z95
+
 
 PRIOR = 1.0                  # each group's prior weighs PRIOR times the group's own n-gram occurrences
 MIN_TOP_COUNT = 2            # an n-gram is chosen only when at least this many top captions (half A) hold it
 SELECT_Z = 1.96              # ... and its half-A z-score reaches this
 HALF_SEED = 0
-Z95 = 1.959963984540054
-STOPWORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between both
-but by can could did do does doing down during each few for from further had has have having he her here hers
-herself him himself his how i if in into is it its itself just me more most my myself no nor not now of off on
-once only or other our ours ourselves out over own same she should so some such than that the their theirs them
-themselves then there these they this those through to too under until up very was we were what when where which
-while who whom why will with would you your yours yourself yourselves s t d ll m o re ve y isn aren wasn weren
-hasn haven hadn doesn don didn won wouldn shan shouldn can cannot couldn mustn let us via per vs etc also one two
-""".split())
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
-
-
-def words(caption: Optional[str]) -> List[str]:
-    """The caption's words, lower-cased (module docstring)."""
-    return [w.replace("'", "") for w in _WORD.findall(str(caption or "").lower())]
-
-
-def caption_ngrams(caption: Optional[str]) -> List[str]:
-    """The caption's n-grams (every non-stopword, every adjacent pair of non-stopwords), each once."""
-    tokens = words(caption)
-    keep = [t not in STOPWORDS for t in tokens]
-    grams = [t for t, k in zip(tokens, keep) if k]
-    grams += [f"{a} {b}" for a, b, ka, kb in zip(tokens, tokens[1:], keep, keep[1:]) if ka and kb]
-    return list(dict.fromkeys(grams))
-
-
 @dataclass
 class NgramTable:
     """Which captions hold which n-grams: `matrix` (N, V) CSR, 1 where caption i holds n-gram j (only n-grams
@@ -249,16 +223,3 @@ def _choose(counts: HalfCounts, frequency: np.ndarray, m: int, prior: float) -> 
     columns[u[keep], rank[keep]] = w[keep]
     scores[u[keep], rank[keep]] = z[keep]
     return columns, scores
-
-
-def wilson_interval(hits, n, z: float = Z95) -> Tuple[np.ndarray, np.ndarray]:
-    """The Wilson score interval of the share hits / n (elementwise; NaN where n is 0):
-    (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)."""
-    hits, n = np.asarray(hits, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    safe = np.maximum(n, 1.0)
-    p = np.clip(np.where(n > 0, hits / safe, 0.0), 0.0, 1.0)
-    centre = p + z * z / (2 * safe)
-    spread = z * np.sqrt(p * (1 - p) / safe + z * z / (4 * safe * safe))
-    low, high = (centre - spread) / (1 + z * z / safe), (centre + spread) / (1 + z * z / safe)
-    empty = n <= 0
-    return np.where(empty, np.nan, np.clip(low, 0, 1)), np.where(empty, np.nan, np.clip(high, 0, 1))

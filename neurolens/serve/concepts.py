@@ -25,7 +25,8 @@ from ..labels.query import caption_matches, parse_query
 from ..records import concepts as concept_records
 from ..records import descriptions as description_records
 from ..records.index import LayerEntry
-from ..scoring.enrichment import STOPWORDS, Z95
+from ..scoring.captions import STOPWORDS
+from ..scoring.intervals import Z95
 from ..storage.cache import Cache, written_at
 
 
