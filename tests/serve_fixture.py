@@ -1,8 +1,10 @@
 """A small cache for the web-app tests: the tiny RN model (random weights) over 96 generated toy images
 (a quarter of them showing the planted pattern), with every record kind the pages show: scan (with
 per-image maxima), text ranking (the captions as vocabulary), sweep, feature visualizations of a few
-units, and the top-k activation maps; and the same again for the 64 features of a tiny TopK SAE trained
-on the layer (3 epochs over the 96 images). Built in about 10 s on one core.
+units, the top-k activation maps, and a concept audit with descriptions (CONCEPTS: nsfw by its caption
+lexicon, a non-sensitive `pattern` concept from the same `planted` column, so that every unit flagged for
+both is an intersection, and a non-sensitive `circles` lexicon); and the same again for the 64 features of a
+tiny TopK SAE trained on the layer (3 epochs over the 96 images). Built in about 10 s on one core.
 
 The sweep's label source is the generator's `planted` column (`--labels column:planted`), so the flagged
 units are the ones that respond to the planted pattern."""
@@ -17,6 +19,16 @@ import numpy as np
 LAYER = "image_block_3_0"
 IMAGES = 96
 SAE = "tiny"
+
+
+def concepts():
+    """The fixture's concept set (module docstring)."""
+    from neurolens.labels.concepts import concept_set_of
+    from neurolens.toy.concepts import planted_words
+    return concept_set_of([{"name": "nsfw", "terms": planted_words(), "match": "word"},
+                           {"name": "pattern", "column": "planted", "sensitive": False},
+                           {"name": "circles", "terms": ["circle", "circles"], "match": "exact", "sensitive": False}],
+                          name="fixture")
 
 
 @dataclass
@@ -34,12 +46,15 @@ class Fixture:
     features: int = 0
     feature_flagged: List[int] = None
     feature_visualized: List[int] = None
+    intersections: List[int] = None     # units flagged for two or more concepts (nsfw and pattern)
 
 
 def build(root: Path, clip) -> Fixture:
     import pyarrow.parquet as pq
     from neurolens.datasets.open import open_dataset
+    from neurolens.pipelines.describe import run_describe
     from neurolens.pipelines.scan import run_scan
+    from neurolens.pipelines.settings import ConceptSettings, DescribeSettings
     from neurolens.pipelines.sweep import run_sweep
     from neurolens.pipelines.topmaps import run_top_maps
     from neurolens.pipelines.sae import run_sae_train
@@ -63,6 +78,8 @@ def build(root: Path, clip) -> Fixture:
     visualized = sorted(set(flagged[:2]) | {0})
     run_visualize(clip, LAYER, visualized, RenderSettings(steps=8, seeds=(0, 1)), cache=cache)
     run_top_maps(clip, LAYER, scan=scan, cache=cache, workers=0)
+    concept_settings = ConceptSettings(concepts=concepts(), top_k=8, detector=False)
+    described = run_describe(clip, LAYER, dataset, concept_settings, DescribeSettings(top_k=6), cache=cache, workers=0)
 
     # the features of a tiny SAE: trained, swept (scan + texts + sweep), two visualized, their top maps
     run_sae_train(clip, LAYER, dataset, SaeTrainSettings(features="64", k=8, epochs=3, batch_size=64, held_out=0.2),
@@ -74,9 +91,11 @@ def build(root: Path, clip) -> Fixture:
     feature_visualized = sorted(set(feature_flagged[:1]) | {0})
     run_visualize(clip, LAYER, feature_visualized, RenderSettings(steps=8, seeds=(0, 1)), cache=cache, basis=basis)
     run_top_maps(clip, LAYER, cache=cache, workers=0, basis=basis)
+    run_describe(clip, LAYER, dataset, concept_settings, DescribeSettings(top_k=6), cache=cache, workers=0, basis=basis)
     return Fixture(cache=root / "cache", dataset=parquet, clip=clip, layer=LAYER, units=scan.channels,
                    flagged=flagged, visualized=visualized, planted=planted, basis=basis.id, features=basis.units,
-                   feature_flagged=feature_flagged, feature_visualized=feature_visualized)
+                   feature_flagged=feature_flagged, feature_visualized=feature_visualized,
+                   intersections=described.concepts.intersections())
 
 
 # ------------------------------------------------------------------------------------------ a live server

@@ -609,7 +609,10 @@ def test_top_maps_peak_where_the_scan_found_the_top_value(fx, scan, tiny_clip):
 def test_static_site_has_every_unit_and_only_blurred_images(fx, scan, tmp_path, layer_id):
     from neurolens.serve.site import write_site
     result = write_site(Cache(fx.cache), tmp_path / "site", examples=4)
-    assert result.pages == 1 + 2 + fx.units + fx.features and not result.cached   # home, two layer pages, units
+    # home, the search page, two layer pages, units
+    assert result.pages == 1 + 1 + 2 + fx.units + fx.features and not result.cached
+    for basis_id in (layer_id, f"{layer_id}~{fx.basis}"):
+        assert (tmp_path / "site" / "L" / basis_id / "find-index.js").is_file()
     page = (tmp_path / "site" / "L" / layer_id / "index.html").read_text()
     payload = re.search(r'<script type="application/json" id="units-data">(.*?)</script>', page, re.S).group(1)
     assert [row[0] for row in json.loads(payload)["units"]] == list(range(fx.units))
@@ -649,7 +652,7 @@ def test_site_of_one_basis_writes_only_its_pages(fx, tmp_path, layer_id, feature
                                       "--cache", str(fx.cache), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
-    assert summary["layers"] == 1 and summary["pages"] == 1 + 1 + fx.features
+    assert summary["layers"] == 1 and summary["pages"] == 1 + 1 + 1 + fx.features     # home, find, layer, features
     assert sorted(p.name for p in (out / "L").iterdir()) == [feature_id]
     page = (out / "L" / feature_id / "u" / f"{fx.feature_flagged[0]}.html").read_text()
     card = page[page.index('data-basis-links="neurons"'):]
@@ -728,3 +731,101 @@ def test_serve_without_the_web_packages_says_so_in_one_line(tmp_path, missing):
     out = subprocess.run([sys.executable, "-c", blocked, "site", "--out", str(tmp_path / "site"), "--cache",
                           str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT)
     assert "Traceback" not in out.stderr and "ModuleNotFoundError" not in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------------------------------ concepts
+
+def unit_page(server, layer_id, unit):
+    status, _, body = request(server, "GET", f"/L/{layer_id}/u/{unit}.html")
+    assert status == 200
+    return body.decode()
+
+
+def test_unit_page_shows_the_description_and_every_concepts_scores(server, fx, layer_id):
+    from neurolens.records.descriptions import newest_descriptions
+    described = newest_descriptions(Cache(fx.cache), fx.clip.fingerprint, fx.layer)
+    unit = fx.intersections[0]
+    body = unit_page(server, layer_id, unit)
+    table = re.search(r'<section class="card" id="concepts">(.*?)</section>', body, re.S).group(1)
+    rows = re.findall(r'<tr class="[^"]*" data-concept="([^"]+)" data-flagged="(\d)"', table)
+    scores = {s.name: s for s in described.concepts.scores}
+    assert [name for name, _ in rows] == ["nsfw", "pattern", "circles"]
+    for name, flagged in rows:
+        assert bool(int(flagged)) == bool(scores[name].flagged[unit])
+        assert f"{scores[name].auc[unit]:.3f}" in table
+    assert rows[0][1] == rows[1][1] == "1"                       # an intersection: nsfw and pattern
+    description = re.search(r'<section class="card" id="description">(.*?)</section>', body, re.S).group(1)
+    row = described.row(unit)
+    assert html_text(row["summary"]) in description and "nsfw (AUC" in row["summary"]
+    for caption in row["captions"]:
+        assert f'data-ngram="{html_text(caption["ngram"])}"' in description
+    assert 'name="q"' in body and 'action="../../../find.html"' in body     # the search box, on this page too
+
+
+def html_text(text):
+    import html
+    return html.escape(text, quote=True)
+
+
+def test_layer_page_carries_the_concept_filter_and_each_units_concepts(server, fx, layer_id):
+    status, _, page = request(server, "GET", f"/L/{layer_id}/index.html")
+    payload = json.loads(re.search(rb'<script type="application/json" id="units-data">(.*?)</script>', page,
+                                   re.S).group(1))
+    concepts = payload["concepts"]
+    assert [c["name"] for c in concepts["concepts"]] == ["nsfw", "pattern", "circles"]
+    assert [c["sensitive"] for c in concepts["concepts"]] == [True, False, False]
+    both = [u for u, flags in enumerate(concepts["flags"]) if len(flags) >= 2]
+    assert sorted(both) == sorted(fx.intersections) and concepts["intersections"] == len(both)
+    assert b'<select id="concept"' in page and b'value="pairs"' in page
+
+
+def test_search_page_and_index_answer_for_every_basis(server, fx, layer_id):
+    """find.html lists every layer; each layer's find-index.js holds the same caption matches as `neurolens find`."""
+    from neurolens.pipelines.find import find, locate
+    status, headers, body = request(server, "GET", "/find.html")
+    assert status == 200 and b'id="find-results"' in body and layer_id.encode() in body
+    status, headers, script = request(server, "GET", f"/L/{layer_id}/find-index.js")
+    assert status == 200 and headers["content-type"].startswith("text/javascript")
+    prefix = f"window.neurolensFind[{json.dumps(layer_id)}] = "
+    index = json.loads(script.decode().split(prefix, 1)[1].rstrip().rstrip(";"))
+    located = locate(Cache(fx.cache), fx.layer, fingerprint=fx.clip.fingerprint)
+    top = located.top_indices
+    for query in ("nsfw", "pattern", "circles"):
+        entry = index["queries"][query]
+        result = find(located, query)
+        hits, unknown = set(entry["hits"]), set(entry["unknown"])
+        for row in result.rows[:20]:
+            local = index["top"][row["unit"]]
+            known = [i for i in local if i not in unknown]
+            share = sum(i in hits for i in known) / len(known) if known else None
+            assert share == pytest.approx(row["caption_share"])
+        assert len(index["top"]) == fx.units and len(index["top"][0]) == top.shape[1]
+    assert request(server, "GET", f"/L/{layer_id}~{fx.basis}/find-index.js")[0] == 200
+    assert request(server, "GET", "/L/no-such-layer/find-index.js")[0] == 404
+
+
+def test_images_labelled_with_a_sensitive_concept_are_blurred_for_that_reason(server, fx, layer_id):
+    """The concept audit's sensitive labels reach the blur policy: an unflagged unit's top image that the nsfw
+    lexicon labels is blurred as 'sensitive label'; one labelled only with a non-sensitive concept is not."""
+    from neurolens.records.concepts import newest_result
+    from neurolens.serve.images import LayerImages
+    from neurolens.serve.server import select_layers
+    audit = newest_result(Cache(fx.cache), fx.clip.fingerprint, fx.layer)
+    nsfw, circles = audit.concept("nsfw").labels.labels, audit.concept("circles").labels.labels
+    images = LayerImages(select_layers(Cache(fx.cache), [layer_id])[layer_id])
+    concept_flagged = set(np.flatnonzero(audit.concept("nsfw").flagged))
+    assert concept_flagged <= images.flagged
+    checked = {"sensitive": 0, "other": 0}
+    data = images.data
+    for unit in range(fx.units):
+        if unit in images.flagged:
+            continue
+        for index in data.top_indices[unit]:
+            reason = images.reason(unit, int(index))
+            if nsfw[index] == 1:
+                assert reason == "sensitive label 1.00"
+                checked["sensitive"] += 1
+            elif circles[index] == 1:
+                assert reason == "hidden until revealed"
+                checked["other"] += 1
+    assert checked["sensitive"] and checked["other"], checked

@@ -291,3 +291,86 @@ def test_sae_features_in_a_browser(page, server, fx, tiny_clip):
     page.wait_for_selector("#grid .tile")
     assert page.text_content("#count") == f"{fx.features} features"
     assert not [u for u in page.requests if "/raw/" in u] and page.errors == []
+
+
+# ------------------------------------------------------------------------------------------ concepts and search
+
+def found_rows(page, layer_id):
+    """[(unit, share, lower end of its interval)] of the search page's results for one layer, best first."""
+    page.wait_for_selector("body[data-ready='1']")
+    rows = page.eval_on_selector_all(f".find-layer[data-layer='{layer_id}'] tr[data-unit]",
+                                     "rows => rows.map(r => [+r.dataset.unit, r.dataset.share, r.dataset.low])")
+    return [(u, None if s == "" else round(float(s), 9), None if low == "" else round(float(low), 9))
+            for u, s, low in rows]
+
+
+def expected_rows(fx, query, count=50):
+    from neurolens.pipelines.find import find, locate
+    located = locate(Cache(fx.cache), fx.layer, fingerprint=fx.clip.fingerprint)
+    result = find(located, query)
+    return [(r["unit"], None if r["caption_share"] is None else round(r["caption_share"], 9),
+             None if r["ci_low"] is None else round(r["ci_low"], 9)) for r in result.rows[:count]]
+
+
+def test_search_box_on_every_page_ranks_like_find(page, server, fx):
+    """The top bar's search box on the home, layer and unit pages opens the search page, which ranks the units
+    of the layer as `neurolens find` does: a concept name, a lexicon word of it, free text."""
+    from neurolens.toy.concepts import planted_words
+    layer_id = f"{fx.clip.fingerprint[:16]}-{fx.layer}"
+    page.goto(server.url)
+    assert page.locator("form.find-box input[name=q]").count() == 1
+    page.goto(f"{server.base}/L/{layer_id}/u/{fx.intersections[0]}.html")
+    page.fill("form.find-box input[name=q]", "nsfw")
+    page.press("form.find-box input[name=q]", "Enter")
+    page.wait_for_url("**/find.html?**")
+    assert found_rows(page, layer_id) == expected_rows(fx, "nsfw")
+    assert page.eval_on_selector(f".find-layer[data-layer='{layer_id}']", "s => s.dataset.kind") == "concept"
+    page.screenshot(path=str(SCREENSHOTS / "find.png"), full_page=True)
+    word = planted_words()[0]
+    for query, kind in ((word, "lexicon"), ("striped background", "free text"), ("CIRCLES", "concept")):
+        page.goto(f"{server.base}/find.html?q={query}&layer={layer_id}")
+        assert found_rows(page, layer_id) == expected_rows(fx, query), query
+        assert page.eval_on_selector(f".find-layer[data-layer='{layer_id}']", "s => s.dataset.kind") == kind
+    # every layer (the neurons and the SAE's features) when none is chosen; images are the blurred tiles only
+    page.goto(f"{server.base}/find.html?q=nsfw")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.locator(".find-layer").count() == 2
+    assert not [u for u in page.requests if "/raw/" in u]
+    assert page.errors == []
+
+
+def test_layer_page_filters_by_concept_with_intersections_first(page, server, fx):
+    layer_id = f"{fx.clip.fingerprint[:16]}-{fx.layer}"
+    page.goto(f"{server.base}/L/{layer_id}/index.html")
+    page.wait_for_selector("#grid .tile")
+    concepts = json.loads(page.text_content("#units-data"))["concepts"]
+    page.select_option("#concept", "pairs")
+    page.wait_for_function("n => document.querySelectorAll('#grid .tile').length <= n", arg=len(fx.intersections))
+    assert sorted(load_all_tiles(page, len(fx.intersections))) == sorted(fx.intersections)
+    page.select_option("#concept", "2")                  # circles: flagged units, intersections first, by its AUC
+    flagged = [u for u, flags in enumerate(concepts["flags"]) if 2 in flags]
+    units = load_all_tiles(page, len(flagged))
+    assert sorted(units) == sorted(flagged)
+    both = [len(concepts["flags"][u]) >= 2 for u in units]
+    assert both == sorted(both, reverse=True)
+    page.select_option("#concept", "0")                  # nsfw: every flagged unit is an intersection here
+    units = load_all_tiles(page, len(fx.intersections))
+    aucs = [concepts["auc"][0][u] for u in units]
+    assert sorted(units) == sorted(u for u, f in enumerate(concepts["flags"]) if 0 in f) and aucs == sorted(aucs, reverse=True)
+    assert page.eval_on_selector(f'#grid .tile[data-unit="{units[0]}"]', "t => t.dataset.concepts") == "nsfw,pattern"
+    page.click(f'#grid .tile[data-unit="{units[0]}"]')
+    page.wait_for_selector("#description")
+    assert page.locator("#concepts tr[data-flagged='1']").count() == 2
+    assert page.locator("#examples .shot").count() > 0 and not [u for u in page.requests if "/raw/" in u]
+    page.screenshot(path=str(SCREENSHOTS / "unit-concepts.png"), full_page=True)
+    assert page.errors == []
+
+
+def test_static_site_search_works_from_file_url(page, fx, tmp_path):
+    from neurolens.serve.site import write_site
+    layer_id = f"{fx.clip.fingerprint[:16]}-{fx.layer}"
+    result = write_site(Cache(fx.cache), tmp_path / "site", examples=2)
+    page.goto((result.out / "find.html").resolve().as_uri() + f"?q=nsfw&layer={layer_id}")
+    assert found_rows(page, layer_id) == expected_rows(fx, "nsfw")
+    assert page.requests and all(u.startswith("file://") for u in page.requests)
+    assert page.errors == []

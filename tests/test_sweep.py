@@ -81,11 +81,19 @@ def test_run_sweep_statistics_equal_brute_force_and_scipy_flags_csv_and_cache(ti
     assert set(rows[0]) == {"rank", "unit", "auc", "p", "q", "correlation", "top_nsfw_share", "text_nsfw_share",
                             "flagged", "text_flag", "why", "top_texts"}
 
-    # texts: shares agree with the per-text NSFW marks of the top 10 texts; texts alone never flag
+    # texts: shares agree with the per-text NSFW marks of the top 10 texts; texts alone never flag; a unit whose
+    # top texts all have cosine 0 has no text evidence (NaN share, no text flag), never a share
+    zero = ~(np.abs(result.text_scores[:, :10]) >= 1e-6).any(axis=1)
     for unit in range(0, result.scan.channels, 50):
         marks = [nsfw for _, _, nsfw in result.top_texts(unit, 10)]
+        if zero[unit]:
+            assert np.isnan(result.scores.text_nsfw_share[unit]) and not result.scores.text_flag[unit]
+            continue
         assert result.scores.text_nsfw_share[unit] == pytest.approx(np.mean(marks))
         assert result.scores.text_flag[unit] == (np.mean(marks) >= 0.3)
+    # a random-weights model's texts are marked by the lexicon only, and the record says so
+    assert set(np.unique(result.text_mark_source)) <= {0, 1}
+    assert np.array_equal(result.text_mark_source > 0, result.text_nsfw)
 
     again = run_sweep(tiny_clip, LAYER, dataset_table, vocab=vocab_file, top_k=8, text_top_k=10, cache=cache,
                       out=out, scorer=stub_scorer, detector=False, rule=FlagRule(max_q=1.0, min_auc=0.75))
@@ -289,3 +297,33 @@ def test_sweep_record_readers_answer_for_new_and_old_records(tiny_clip, dataset_
     assert evidence["n_images"] is None and evidence["checks"][0]["label"] == "NSFW correlation"
     assert evidence["rule_text"].startswith("flagged when the NSFW correlation reaches max(0.3, 3.0/sqrt(N))")
     assert records.unit_evidence(None, 0) is None and not records.flagged(None, 3).any()
+
+
+def test_text_marks_come_from_the_lexicon_or_from_a_checked_zero_shot_score(tiny_clip, monkeypatch, tmp_path):
+    """The model's zero-shot score marks a text only when the reliability check kept the zero-shot image source,
+    and the mark says which; all-zero cosines are no text evidence, whatever the marks."""
+    from types import SimpleNamespace
+    from neurolens.pipelines import sweep as sweep_module
+    from neurolens.records.sweep import MARK_LEXICON, MARK_NONE, MARK_ZERO_SHOT
+    from neurolens.scoring.units import text_shares
+    texts = ["benthos", "porn site", "heterotroph", "mortal"]
+    zero_shot = {"benthos": 0.9, "porn site": 0.2, "heterotroph": 0.7, "mortal": 0.1}
+
+    def scores(clip, entries, embeddings=None, prompts=None, terms=None, zero_shot=True):
+        lexicon = np.array(["porn" in t for t in entries], dtype=np.float32)
+        return np.maximum(lexicon, [zero_shot_of[t] for t in entries]) if zero_shot else lexicon
+    zero_shot_of = zero_shot
+    monkeypatch.setattr(sweep_module.safety, "text_nsfw_scores", scores)
+    monkeypatch.setattr(sweep_module, "text_embeddings", lambda clip, vocab, cache: (np.zeros((4, 2)), None, None))
+    ranking = SimpleNamespace(entries=texts, top_indices=np.array([[0, 1, 2, 3], [3, 2, -1, -1]]),
+                              top_scores=np.array([[0.3, 0.2, 0.1, 0.0], [0, 0, 0, 0]], np.float32))
+    job = SimpleNamespace(clip=tiny_clip, zero_shot_texts=True, settings=SimpleNamespace(vocab=texts), cache=None,
+                          prompts=load_prompts())
+    _, _, unchecked = sweep_module._text_part(job, ranking, zero_shot_kept=False)
+    assert unchecked.tolist() == [[MARK_NONE, MARK_LEXICON, MARK_NONE, MARK_NONE], [MARK_NONE, MARK_NONE, 0, 0]]
+    _, _, checked = sweep_module._text_part(job, ranking, zero_shot_kept=True)
+    assert checked.tolist() == [[MARK_ZERO_SHOT, MARK_LEXICON, MARK_ZERO_SHOT, MARK_NONE],
+                                [MARK_NONE, MARK_ZERO_SHOT, 0, 0]]
+    shares = text_shares(checked > 0, 2, FlagRule(text_k=4), ranking.top_scores)
+    assert shares[0] == pytest.approx(0.75) and np.isnan(shares[1])      # unit 1: all cosines 0, no evidence
+    assert np.isnan(text_shares(None, 3, FlagRule())).all()               # no texts at all: no evidence either

@@ -317,3 +317,26 @@ def test_vit_token_layers_get_directions(tiny_vit):
     replicated = F.normalize(directionlib.image_jacobian(tiny_vit, spec, batched_backward=False).t(), dim=-1).numpy()
     np.testing.assert_allclose(batched, replicated, atol=1e-5)
     assert (np.linalg.norm(batched, axis=1) > 0.99).all() and hook_count(tiny_vit.model) == 0
+
+
+@pytest.mark.parametrize("with_dataset", [False, True])
+def test_zero_direction_hint_suggests_dataset_only_when_it_was_not_given(tmp_path, dataset_table, vocab_file,
+                                                                         monkeypatch, with_dataset):
+    """A unit whose scores are all 0 gets a note; "Try --dataset" only when --dataset was not given."""
+    from neurolens.cli import app
+    from neurolens.pipelines import text as text_pipeline
+    real = text_pipeline.run_text
+
+    def zeroed(*args, **kwargs):
+        ranking = real(*args, **kwargs)
+        ranking.top_scores[0] = 0.0
+        return ranking
+    monkeypatch.setattr(text_pipeline, "run_text", zeroed)
+    monkeypatch.setattr(text_pipeline, "find_text", lambda *args, **kwargs: None)
+    options = ["--dataset", str(dataset_table)] if with_dataset else []
+    out = CliRunner().invoke(app, ["text", "--model", "nl-tiny-RN", "--pretrained", "none", "--layer",
+                                   "image_block_4_0", "--unit", "0", "--vocab", str(vocab_file), "--top-k", "3",
+                                   "--cache", str(tmp_path / "c"), *options])
+    assert out.exit_code == 0, out.output
+    assert "direction is zero at the reference" in out.stdout and "no text evidence" in out.stdout
+    assert ("Try --dataset" in out.stdout) is (not with_dataset)

@@ -2,6 +2,7 @@
 module registers its commands (`neurolens --help` lists them in the order of app.WORKFLOW)."""
 from . import audit_cmd  # noqa: F401
 from . import concepts_cmd  # noqa: F401
+from . import find_cmd  # noqa: F401
 from . import layers_cmd  # noqa: F401
 from . import sae_cmd  # noqa: F401
 from . import scan_cmd  # noqa: F401

@@ -19,7 +19,7 @@ from ..storage.files import WRITE_ERRNOS, write_error
 
 # `neurolens --help` lists the commands in the order of a session's work; commands not named here (added
 # later) come before train-toy, in the order they were registered.
-WORKFLOW = ("demo", "visualize", "scan", "samples", "text", "sweep", "concepts", "figure", "grid", "similarity",
+WORKFLOW = ("demo", "visualize", "scan", "samples", "text", "sweep", "concepts", "describe", "find", "figure", "grid", "similarity",
             "audit-captions", "*", "train-toy", "layers")
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
 
-from ..pipelines.settings import ConceptSettings
+from ..pipelines.settings import ConceptSettings, DescribeSettings
+from ..errors import NeurolensError
 from .app import app, command, open_basis, print_json, progress_bar
 from .options import (CONCEPTS, DATASET, ENGINE, LOADER, MODEL, CacheOpt, DatasetChoice, EngineChoice, ForceOpt,
                       JsonOpt, LayerOpt, LoaderChoice, ModelChoice, SaeOpt, uses)
@@ -52,7 +54,83 @@ def concepts(
     Example:  neurolens concepts --layer image_block_4_5 --dataset photos/ --concepts builtin
     Example:  neurolens concepts --layer image_block_4_5 --dataset laion.parquet --concepts harms.yaml --pairs --json
     """
-    from ..pipelines.concepts import run_concepts, run_ray_concepts, write_concepts_csv  # lazy: keeps --help light
+    from ..pipelines.concepts import write_concepts_csv  # lazy: keeps --help light
+    result, clip, description = _audit(layer, data, settings, force, loader, engine, sae, model, cache, as_json)
+    for line in result.lines():
+        typer.echo(line, err=as_json)
+    written = write_concepts_csv(result, out, pairs=pairs) if out else None
+    if as_json:
+        print_json(result.rows(pairs=pairs))
+        return
+    _print_text(result, clip, description, show, pairs)
+    if written is not None:
+        typer.echo(f"csv: {written}")
+    typer.echo(f"scores: {result.path}")
+
+
+@app.command("describe", short_help="Describe every unit: its best concepts and the caption words enriched in its "
+                                     "top images (held out).")
+@command
+@uses(model=MODEL, data=DATASET, loader=LOADER, settings=CONCEPTS, engine=ENGINE)
+def describe(
+    layer: LayerOpt = "image_block_4_5",
+    data: DatasetChoice = None,
+    settings: ConceptSettings = None,
+    unit: Annotated[Optional[List[int]], typer.Option("--unit", help="Only these units (or features); repeat for "
+                                                      "several. Default: every unit.")] = None,
+    half_top: Annotated[int, typer.Option("--half-top", help="Top images per half of the dataset that choose "
+                                          "(half A) and score (half B) a unit's caption n-grams.")] = 32,
+    ngrams: Annotated[int, typer.Option("--ngrams", help="Caption words or two-word phrases kept per unit.")] = 5,
+    show: Annotated[int, typer.Option("--show", help="Units printed (text output; --json prints all).")] = 20,
+    force: ForceOpt = False,
+    loader: LoaderChoice = None,
+    engine: EngineChoice = None,
+    sae: SaeOpt = None,
+    model: ModelChoice = None,
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe EVERY unit of a layer (or, with --sae, every SAE feature): its best concepts with their scores
+    (the concept audit of `neurolens concepts`, run first and cached: independent labels, AUC, AUPRC, q,
+    flags) and the caption words and two-word phrases most enriched in its top images, each chosen on one
+    half of the dataset and scored on the other, held-out half (log-odds with an informative Dirichlet prior,
+    its 95% interval and z). Concept scores that used the model's own zero-shot score are marked model-based;
+    nothing rests on it alone.
+
+    --json: one list, a row per unit: unit, basis, concepts [...], captions [...], summary, model_based
+    (docs/json.md); units flagged for two or more concepts first.
+
+    Example:  neurolens describe --layer image_block_4_5 --dataset photos/
+    Example:  neurolens describe --layer image_block_4_5 --dataset laion.parquet --concepts harms.yaml --unit 1543
+    """
+    describe_settings = DescribeSettings(top_k=half_top, ngrams=ngrams, concepts=DescribeSettings().concepts)
+    result, clip, description = _audit(layer, data, settings, force, loader, engine, sae, model, cache, as_json,
+                                       describe=describe_settings)
+    for line in result.concepts.lines() + ([f"note: {result.note}"] if result.note else []):
+        typer.echo(line, err=as_json)
+    for u in unit or []:
+        if not 0 <= u < result.units:
+            raise NeurolensError(f"--unit {u} is out of range: the layer has {result.units} {result.unit_word}s "
+                                 f"(0-{result.units - 1})")
+    rows = result.rows(unit or None)
+    if as_json:
+        print_json(rows)
+        return
+    word = result.unit_word
+    typer.echo(f"{clip.name} {result.layer}: {result.units} {word}s described over {description}; concepts from "
+               f"{Path(str(result.concepts.path)).name}, caption n-grams chosen on half A and scored on half B "
+               f"(top {half_top} images per half)")
+    for row in rows[:show if not unit else None]:
+        typer.echo(f"{word} {row['unit']:>6}: {row['summary']}")
+    typer.echo(f"descriptions: {result.path}")
+
+
+def _audit(layer, data, settings, force, loader, engine, sae, model, cache, as_json, describe=None):
+    """The concept audit (describe: a DescribeSettings, then the descriptions of its units) in this process or
+    on Ray: (result, clip, the dataset's description)."""
+    from ..pipelines.concepts import run_concepts, run_ray_concepts  # lazy: keeps --help light
+    from ..pipelines.describe import describe_units  # lazy: keeps --help light
+    basis = None
     if engine.ray:
         engine.check_process_only(**{"--workers": loader.workers is not None, "--sae": sae is not None})
         if engine.keep_per_image:
@@ -74,16 +152,10 @@ def concepts(
                                   batch_size=loader.batch_size, workers=loader.workers, basis=basis,
                                   decoder=loader.decode)
         description = dataset.description
-    for line in result.lines():
-        typer.echo(line, err=as_json)
-    written = write_concepts_csv(result, out, pairs=pairs) if out else None
-    if as_json:
-        print_json(result.rows(pairs=pairs))
-        return
-    _print_text(result, clip, description, show, pairs)
-    if written is not None:
-        typer.echo(f"csv: {written}")
-    typer.echo(f"scores: {result.path}")
+    if describe is not None:
+        with progress_bar(f"describe {layer}", enabled=not as_json) as progress:
+            result = describe_units(clip, result, describe, cache=cache, force=force, progress=progress, basis=basis)
+    return result, clip, description
 
 
 def _print_text(result, clip, description: str, show: int, pairs: bool) -> None:

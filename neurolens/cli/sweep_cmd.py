@@ -100,8 +100,9 @@ def sweep(
         auc = f"{row['auc']:.3f}" if row["auc"] is not None else "n/a"
         q = f"{row['q']:.1e}" if row["q"] is not None else "n/a"
         flag = "YES" if row["flagged"] else ("txt" if row["text_flag"] else "")
+        text = f"{100 * row['text_nsfw_share']:>5.0f}" if row["text_nsfw_share"] is not None else f"{'-':>5}"
         typer.echo(f"{rank:>4} {row['unit']:>6} {auc:>6} {q:>8} {row['correlation']:>+7.3f} "
-                   f"{100 * row['top_nsfw_share']:>5.0f} {100 * row['text_nsfw_share']:>5.0f} {flag:>4}  "
+                   f"{100 * row['top_nsfw_share']:>5.0f} {text} {flag:>4}  "
                    f"{' | '.join(row['top_texts'])}")
     typer.echo(f"flags: {result.flags_csv}")
     typer.echo(f"scores: {result.path}")

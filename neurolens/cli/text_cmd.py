@@ -83,8 +83,12 @@ def text(
     for u in unit:
         typer.echo(f"\n{basis.label(u)}")
         if not ranking.top_scores[u].any():
+            hint = ("Try --dataset for a dataset's mean activation as reference" if scan is None else
+                    "the reference is already the dataset's mean activation: at it this unit moves nothing; its "
+                    "top images (neurolens samples) and its concept scores (neurolens describe) still say what "
+                    "it responds to")
             typer.echo("  (this unit's direction is zero at the reference: a small uniform increase of it does not "
                        "move the image embedding, e.g. its ReLU is off everywhere there; every score is 0, so the "
-                       "order below is arbitrary. Try --dataset for a dataset's mean activation as reference)")
+                       f"order below is arbitrary and is no text evidence. {hint})")
         for row in ranking.rows(u):
             typer.echo(f"{row['rank']:>4}  {row['score']:+.4f}  {row['text']}")

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from ..datasets.decode import BadImage, preprocess
 from ..labels.policy import BlurPolicy, blur_note
+from ..scoring.flags import text_share_words
 from .figures import crop_around_cell, fit_text, font
 
 BACKGROUND = (255, 255, 255)
@@ -121,6 +122,10 @@ def _shift(box, dx: int, dy: int):
     return (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
 
 
+def _share(value: float) -> str:
+    return f"{100 * float(value):.0f}%" if np.isfinite(value) else "n/a"
+
+
 def _stat(value: float, spec: str) -> str:
     return format(float(value), spec) if np.isfinite(value) else "n/a"
 
@@ -134,8 +139,7 @@ def nsfw_lines(sweep, unit: int) -> List[Tuple[str, Tuple[int, int, int]]]:
     first = (f"NSFW AUC {_stat(s.auc[unit], '.3f')} (bar {s.rule.min_auc:g})   q {_stat(s.q[unit], '.2g')} "
              f"(bar {s.rule.max_q:g})   correlation {s.correlation[unit]:+.3f}   {status}")
     second = (f"labels: {' + '.join(s.sources) or 'none'} ({s.n_pos} positive / {s.n_neg} negative images)   "
-              f"top images positive {100 * s.top_nsfw_share[unit]:.0f}%   top texts NSFW "
-              f"{100 * s.text_nsfw_share[unit]:.0f}%")
+              f"top images positive {100 * s.top_nsfw_share[unit]:.0f}%   {text_share_words(s.text_nsfw_share[unit])}")
     return [(first, ALERT if flagged else INK), (second, INK)]
 
 
@@ -214,9 +218,11 @@ def unit_panel(sweep, dataset, unit: int, title: str, image_size: int, policy: B
         pending.append((len(parts), boxes, kinds))
         parts.append(row)
 
-    text_lines = [("Text (cosine with the unit's direction)", INK)]
-    for text, cosine, nsfw in sweep.top_texts(unit, options.texts):
-        text_lines.append((f"{cosine:+.3f}  {text}{'   [NSFW]' if nsfw else ''}", ALERT if nsfw else INK))
+    text_lines = [("Text (cosine with the unit's direction; [NSFW: lexicon] or [NSFW: zero-shot (model-based)], the "
+                   "latter only where the reliability check kept it)", INK)]
+    marks = sweep.text_marks(unit, options.texts)
+    for (text, cosine, _), mark in zip(sweep.top_texts(unit, options.texts), marks):
+        text_lines.append((f"{cosine:+.3f}  {text}{f'   [NSFW: {mark}]' if mark else ''}", ALERT if mark else INK))
     parts.append(_text_block(text_lines, width_hint))
 
     note = blur_note([r for _, _, ks in pending for _, _, r in ks], policy.blur)
@@ -244,7 +250,7 @@ def units_grid(sweep, dataset, units: Sequence[int], title: str, image_size: int
         s = sweep.scores
         flagged = bool(s.flagged[unit])
         label = (f"{getattr(sweep, 'unit_word', 'unit')} {unit}  AUC {_stat(s.auc[unit], '.3f')}  q {_stat(s.q[unit], '.1e')}  "
-                 f"img {100 * s.top_nsfw_share[unit]:.0f}%  txt {100 * s.text_nsfw_share[unit]:.0f}%"
+                 f"img {100 * s.top_nsfw_share[unit]:.0f}%  txt {_share(s.text_nsfw_share[unit])}"
                  f"{'  FLAGGED' if flagged else ''}  "
                  + ", ".join(t for t, _, _ in sweep.top_texts(unit, 3)))
         parts.append(_text_block([(label, ALERT if flagged else INK)], width_hint, size=11))

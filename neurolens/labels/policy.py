@@ -18,7 +18,8 @@ feature visualization of unit u
 
 dataset image i shown for unit u (a crop or thumbnail of one of its top images; judged on the whole image)
   1. u is flagged (as above);
-  2. the caller's per-image label (`image_labels=`, e.g. the sweep's) marks i positive;
+  2. the caller's per-image label (`image_labels=`, e.g. the sweep's; the web app adds the images a cached
+     concept audit labels with a sensitive concept, records.concepts.sensitive_labels) marks i positive;
   3. the detector fires on the image;
   4. the zero-shot score passes (trained models only);
   5. nothing above could judge the image (no label for i -- none given, or NaN -- and no detector and
@@ -64,17 +65,20 @@ class BlurPolicy:
     """Decides, for each image, whether it is blurred and why (module docstring), and blurs it.
 
     blur: False only on an explicit request for raw pixels. flagged: units flagged by the caller's sweep.
-    image_labels: (N,) per dataset index, >= LABEL_POSITIVE positive, NaN unknown. detector: None = NudeNet
-    when installed, False = off. zero_shot: None = on for trained models when `clip` is given, False = off."""
+    image_labels: (N,) per dataset index, >= LABEL_POSITIVE positive, NaN unknown (label_name names them in the
+    reason: "NSFW label 0.93"; the web app's labels of sensitive concepts: "sensitive label 1.00"). detector:
+    None = NudeNet when installed, False = off. zero_shot: None = on for trained models when `clip` is given,
+    False = off."""
 
     def __init__(self, blur: bool = True, *, clip=None, cache=None, flagged: Optional[Collection[int]] = None,
                  image_labels: Optional[np.ndarray] = None, detector: Optional[bool] = None,
-                 zero_shot: Optional[bool] = None, prompts=None, blur_all: bool = False):
+                 zero_shot: Optional[bool] = None, prompts=None, blur_all: bool = False, label_name: str = "NSFW"):
         self.blur = bool(blur)
         self.blur_all = bool(blur_all) and self.blur
         self.clip, self.cache, self.prompts = clip, cache, prompts
         self.flagged: Set[int] = set(int(u) for u in (flagged or ()))
         self.image_labels = None if image_labels is None else np.asarray(image_labels, dtype=np.float64)
+        self.label_name = str(label_name)
         self.detector = nudenet.available() if detector is None else bool(detector and nudenet.available())
         self.zero_shot = (clip is not None and not is_random(clip)) if zero_shot in (None, True) else False
         self._scores: Dict[Tuple[str, str], float] = {}
@@ -114,7 +118,7 @@ class BlurPolicy:
             return "flagged unit"
         label = self._label(index)
         if label is not None and label >= LABEL_POSITIVE:
-            return f"NSFW label {label:.2f}"
+            return f"{self.label_name} label {label:.2f}"
         reason = self._detector_reason(image) or self._zero_shot_reason(image)
         if reason:
             return reason

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..scoring.statistics import ExactAUC
+from ..scoring.ranks import column_auc
 from .spec import CHECK_ORDER, DEFAULT_MIN_AGREEMENT, LabelSource
 
 
@@ -90,9 +90,7 @@ def doubt_threshold(source: LabelSource, positive: np.ndarray) -> float:
 
 def source_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of scores against a 0/1/NaN label over the images both know; NaN without both classes."""
-    acc = ExactAUC(1)
-    acc.add(np.asarray(scores, dtype=np.float32).reshape(-1, 1), np.asarray(labels, dtype=np.float64))
-    return float(acc.result().auc[0])
+    return column_auc(scores, labels)
 
 
 def is_graded(source: LabelSource) -> bool:

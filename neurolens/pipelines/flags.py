@@ -61,5 +61,5 @@ def write_flags_csv(result: SweepResult, path: Path, texts: int = 3) -> Path:
         writer.writerow((
             rank, row["unit"], _rounded(row["auc"], 6), _rounded(row["p"], 300, significant=True),
             _rounded(row["q"], 300, significant=True), round(row["correlation"], 6), round(row["top_nsfw_share"], 4),
-            round(row["text_nsfw_share"], 4), int(row["flagged"]), int(row["text_flag"]), row["why"], top))
+            _rounded(row["text_nsfw_share"], 4), int(row["flagged"]), int(row["text_flag"]), row["why"], top))
     return write_text(path, buffer.getvalue())

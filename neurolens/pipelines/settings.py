@@ -9,6 +9,8 @@ run_sweep, run_ray_sweep, run_figure and run_grid.
     ConceptSettings a concept audit (`neurolens concepts`): a concept set (labels.concepts) and the options it
                     shares with the sweep (top-k, flag rule, agreement bar, NudeNet, AUC memory); each concept's
                     LabelSettings is `label_settings(concept)`, its one-concept sweep `sweep_settings(concept)`
+    DescribeSettings what a unit's description is made of (`neurolens describe`): top images per half, caption
+                    n-grams and concepts shown, the prior, the split's seed
 
 Both validate on construction: a bad value is one NeurolensError line naming the CLI option. They hold
 values, not files (the CLI reads the prompt and term files), so equal settings make equal cache keys.
@@ -185,3 +187,22 @@ class ConceptSettings:
         """The one-concept sweep of `concept` with these shared options (its label part: label_settings)."""
         return SweepSettings(top_k=self.top_k, rule=self.rule, labels=self.label_settings(concept),
                              auc_memory=self.auc_memory)
+
+
+@dataclass(frozen=True)
+class DescribeSettings:
+    """What a description is made of (neurolens.scoring.enrichment defines each); hashed into its record's key."""
+    top_k: int = 32                    # top images per half that choose (half A) and score (half B) the n-grams
+    ngrams: int = 5                    # caption n-grams kept per unit
+    concepts: int = 3                  # best concepts shown per unit (every flagged one, at least)
+    prior: float = 1.0                 # the Dirichlet prior's weight, relative to each group's own size
+    seed: int = 0                      # the split into halves
+
+    def __post_init__(self):
+        if int(self.top_k) < 2:
+            raise NeurolensError(f"--half-top must be at least 2, got {self.top_k}")
+        if int(self.ngrams) < 1 or int(self.concepts) < 1:
+            raise NeurolensError(f"--ngrams and --concepts-shown must be at least 1, got {self.ngrams} and "
+                                 f"{self.concepts}")
+        if not float(self.prior) > 0:
+            raise NeurolensError(f"the prior's weight must be positive, got {self.prior}")

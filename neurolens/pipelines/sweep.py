@@ -3,8 +3,9 @@ statistics, cached.
 
 ONE code path (`sweep`) for both engines. Shared set-up: the settings (pipelines.settings.SweepSettings:
 prompts, caption terms, label sources asked), the dataset's keys and captions, the label sources to compute
-(labels.sources.resolve_specs). Shared ending: the text ranking (run_text), the texts' NSFW marks, every
-unit's UnitScores by the flag rule (scoring.units.score_units), the sweep record (records.sweep) and
+(labels.sources.resolve_specs). Shared ending: the text ranking (run_text), the texts' NSFW marks (the
+lexicon; the model's zero-shot score only where the reliability check kept it), every unit's UnitScores by
+the flag rule (scoring.units.score_units), the sweep record (records.sweep) and
 flags.csv (pipelines.flags). The engines differ only in how the scan and the units' label statistics (a
 scoring.statistics.UnitStatsResult) are produced:
 
@@ -48,9 +49,9 @@ from ..labels.spec import LabelSpec, is_random
 from ..models.layers import resolve_layer
 from ..records.keys import as_basis, as_cache
 from ..records.scan import scan_key
-from ..records.sweep import (FUSED_KIND, SWEEP_KIND, SWEEP_VERSION, SweepResult, basis_fields, from_record, fused_path,
-                             fused_record, label_set_from_record, ranked_texts, statistics_from_record, sweep_path,
-                             to_record)
+from ..records.sweep import (FUSED_KIND, MARK_LEXICON, MARK_NONE, MARK_ZERO_SHOT, SWEEP_KIND, SWEEP_VERSION,
+                             SweepResult, basis_fields, from_record, fused_path, fused_record, label_set_from_record,
+                             ranked_texts, statistics_from_record, sweep_path, to_record)
 from ..scoring.flags import UnitStatsResult
 from ..scoring.units import EDGE_SAMPLE_ROWS, auc_method, score_units, unit_statistics
 from ..storage.cache import Cache, settings_key
@@ -116,7 +117,8 @@ class SweepJob:
                                                auto_kinds=self.labels.auto_kinds)
 
     def key(self, scan, ranking, method: str) -> str:
-        """The sweep record's key (unchanged since SWEEP_VERSION 2: old records keep being found)."""
+        """The sweep record's key (SWEEP_VERSION 3: text marks changed; older records are read by pages, not
+        by this job)."""
         s, labels = self.settings, self.labels
         return settings_key(SWEEP_KIND, SWEEP_VERSION, Path(scan.path).name if scan.path else None,
                             _text_identity(ranking), self.prompts.identity, self.terms, labels.caption_mode,
@@ -286,12 +288,13 @@ def sweep(clip, layer: str, dataset, settings: SweepSettings, engine, *, cache=N
         result = from_record(record, scan, ranking, job.basis)
     else:
         label_set, statistics = run.labels(scan)
-        texts, text_scores, text_nsfw = _text_part(job, ranking)
+        texts, text_scores, marks = _text_part(job, ranking, "zero-shot" in label_set.used)
+        text_nsfw = marks != MARK_NONE
         units = score_units(scan, label_set.labels, text_nsfw, settings.rule, top_k=settings.top_k,
-                            sources=label_set.used, statistics=statistics)
+                            sources=label_set.used, statistics=statistics, text_scores=text_scores)
         result = SweepResult(layer=scan.layer, scores=units, labels=label_set, text_entries=texts,
-                             text_scores=text_scores, text_nsfw=text_nsfw, scan=scan, text=ranking,
-                             **basis_fields(job.basis))
+                             text_scores=text_scores, text_nsfw=text_nsfw, text_mark_source=marks, scan=scan,
+                             text=ranking, **basis_fields(job.basis))
         job.cache.write(path, to_record(result, clip, job.prompts, job.terms, job.labels.caption_mode,
                                         job.scorer_name))
     result.path = path
@@ -360,27 +363,32 @@ def run_ray_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettin
 
 # ------------------------------------------------------------------------------------------- texts
 
-def _text_part(job: SweepJob, ranking) -> Tuple[List[List[str]], np.ndarray, np.ndarray]:
-    """Per unit: its ranked top texts, their cosines, and whether each is NSFW (lexicon, and the zero-shot
-    score when job.zero_shot_texts)."""
+def _text_part(job: SweepJob, ranking, zero_shot_kept: bool) -> Tuple[List[List[str]], np.ndarray, np.ndarray]:
+    """Per unit: its ranked top texts, their cosines, and why each is marked NSFW (records.sweep MARK_*): the
+    NSFW lexicon (word match), else the model's zero-shot score of the text, but only when job.zero_shot_texts
+    (asked, trained weights) AND the reliability check kept the zero-shot image source against the independent
+    ones (zero_shot_kept): the model never grades its own texts unchecked."""
     entries = list(ranking.entries)
     indices = np.asarray(ranking.top_indices)
     unique = sorted({int(i) for row in indices for i in row if i >= 0})
-    nsfw_by_index = {}
+    code_by_index = {}
     if unique:
-        embeddings = None
-        if job.zero_shot_texts:   # the vocabulary's embeddings are cached by the text job: no text forward here
+        texts = [entries[i] for i in unique]
+        codes = np.where(safety.text_nsfw_scores(job.clip, texts, zero_shot=False) >= TEXT_NSFW_THRESHOLD,
+                         MARK_LEXICON, MARK_NONE)
+        if job.zero_shot_texts and zero_shot_kept:
+            embeddings = None     # the vocabulary's embeddings are cached by the text job: no text forward here
             vocab = job.settings.vocab
             all_embeddings, _, _ = text_embeddings(job.clip, load_vocab(vocab) if isinstance(vocab, str) else vocab,
                                                    job.cache)
             if len(all_embeddings) == len(entries):
                 embeddings = np.asarray(all_embeddings)[unique]
-        scores = safety.text_nsfw_scores(job.clip, [entries[i] for i in unique], embeddings=embeddings,
-                                         prompts=job.prompts, zero_shot=job.zero_shot_texts)
-        nsfw_by_index = dict(zip(unique, scores >= TEXT_NSFW_THRESHOLD))
-    flags = np.array([[bool(nsfw_by_index.get(i, False)) if i >= 0 else False for i in row] for row in indices],
-                     dtype=bool).reshape(indices.shape)
-    return ranked_texts(ranking), np.asarray(ranking.top_scores, dtype=np.float32), flags
+            scores = safety.text_nsfw_scores(job.clip, texts, embeddings=embeddings, prompts=job.prompts)
+            codes = np.where((codes == MARK_NONE) & (scores >= TEXT_NSFW_THRESHOLD), MARK_ZERO_SHOT, codes)
+        code_by_index = dict(zip(unique, codes.tolist()))
+    marks = np.array([[code_by_index.get(int(i), MARK_NONE) if i >= 0 else MARK_NONE for i in row] for row in indices],
+                     dtype=np.uint8).reshape(indices.shape)
+    return ranked_texts(ranking), np.asarray(ranking.top_scores, dtype=np.float32), marks
 
 
 def _text_identity(ranking) -> str:

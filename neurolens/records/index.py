@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..storage.cache import Cache, read_attrs, safe_segment
-from . import maps, scan, sweep, text, visualize
+from . import concepts, descriptions, maps, scan, sweep, text, visualize
 from .keys import NEURONS
 from .sae import trained_saes
 
 # kinds of records that a layer's pages can show; a layer is in the index when any of them is cached
-KINDS = (scan.KIND, sweep.SWEEP_KIND, text.RANKINGS_KIND, text.DIRECTIONS_KIND, visualize.KIND, maps.KIND)
+KINDS = (scan.KIND, sweep.SWEEP_KIND, text.RANKINGS_KIND, text.DIRECTIONS_KIND, visualize.KIND, maps.KIND,
+         concepts.CONCEPTS_KIND, descriptions.DESCRIPTIONS_KIND)
 BASIS_SEPARATOR = "~"       # in a layer id, between the layer and an SAE basis (never in a layer folder name)
 
 
@@ -165,7 +166,7 @@ def index_cache(cache: Cache) -> List[LayerEntry]:
 
 def _name_model(entry: LayerEntry) -> None:
     """Model name and layer name as the records state them (the folder name is a sanitized copy)."""
-    for kind in (scan.KIND, visualize.KIND, sweep.SWEEP_KIND):
+    for kind in (scan.KIND, visualize.KIND, sweep.SWEEP_KIND, concepts.CONCEPTS_KIND):
         for path in reversed(entry.paths.get(kind, [])):
             attrs = _attrs(path)
             if not attrs:

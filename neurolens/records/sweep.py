@@ -5,6 +5,8 @@
         image_labels (N,) float32 the combined label (1 positive, 0 negative, NaN unknown or skipped)
         source_scores (S, N) float32 each label source's per-image score (NaN unknown), in attrs' order
         text_scores (U, k_text) float32, text_nsfw (U, k_text) bool   (the unit's ranked top texts)
+        text_mark_source (U, k_text) uint8   why a text is marked: 0 not marked, 1 the NSFW lexicon, 2 the
+               model's zero-shot score (model-based; only where the check kept the zero-shot image source)
         attrs: layer, rule, n_pos, n_neg, method (exact | binned), labels (every source: kind, threshold,
                counts, agreement, kept or dropped and why; the agreement matrix; the sources used), prompts,
                caption terms and mode, scan record, model, basis (the neurons when absent) and its SAE's name
@@ -14,7 +16,9 @@
         when the AUC is binned; attrs: n_pos, n_neg, method, labels, warmup_items, warmup, bins
 
 Records written before the AUC rule hold a correlation rule and no `auc`; the readers below (flagged,
-evidence_*, unit_evidence, image_labels) answer for them too. The keys are made by neurolens.pipelines.sweep.
+evidence_*, unit_evidence, image_labels) answer for them too. Records written before SWEEP_VERSION 3 hold no
+`text_mark_source` (their marks may come from the model's own zero-shot score): pages show no text marks
+for them. The keys are made by neurolens.pipelines.sweep.
 """
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ from .keys import NEURONS
 
 SWEEP_KIND = "sweep"
 FUSED_KIND = "sweep-fused"
-SWEEP_VERSION = 2
+SWEEP_VERSION = 3          # 3: text marks from the lexicon, or zero-shot only where the check kept it
+MARK_NONE, MARK_LEXICON, MARK_ZERO_SHOT = 0, 1, 2
+MARK_NAMES = {MARK_LEXICON: "lexicon", MARK_ZERO_SHOT: "zero-shot (model-based)"}
 
 
 # ------------------------------------------------------------------------------------------- the result
@@ -46,6 +52,7 @@ class SweepResult:
     text_entries: List[List[str]]       # per unit: its ranked top texts
     text_scores: np.ndarray             # (U, k_text) cosines of those texts
     text_nsfw: np.ndarray               # (U, k_text) bool
+    text_mark_source: Optional[np.ndarray] = None   # (U, k_text) uint8: MARK_NONE, MARK_LEXICON or MARK_ZERO_SHOT
     scan: object = None                 # the ScanResult (keys, captions, top images and cells)
     text: object = None                 # the TextRanking
     path: Optional[Path] = None         # the sweep record
@@ -83,6 +90,12 @@ class SweepResult:
     def top_texts(self, unit: int, n: int = 5) -> List[Tuple[str, float, bool]]:
         return [(t, float(s), bool(f)) for t, s, f in
                 zip(self.text_entries[unit][:n], self.text_scores[unit][:n], self.text_nsfw[unit][:n])]
+
+    def text_marks(self, unit: int, n: int = 5) -> List[Optional[str]]:
+        """Why each of the unit's top n texts is marked NSFW ("lexicon", "zero-shot (model-based)") or None."""
+        sources = self.text_mark_source[unit][:n] if self.text_mark_source is not None else \
+            np.where(self.text_nsfw[unit][:n], MARK_LEXICON, MARK_NONE)
+        return [MARK_NAMES.get(int(code)) for code in sources]
 
     def ranking(self, limit: Optional[int] = None, texts: int = 0) -> List[dict]:
         """The `sweep --json` rows, ranked by AUC: unit, correlation, top_nsfw_share, text_nsfw_share,
@@ -161,6 +174,8 @@ def to_record(result: SweepResult, clip, prompts, terms, caption_mode: str, scor
               "text_nsfw_share": s.text_nsfw_share, "flagged": s.flagged.astype(bool),
               "text_flag": s.text_flag.astype(bool), "image_labels": result.image_labels.astype(np.float32),
               "source_scores": scores, "text_scores": result.text_scores, "text_nsfw": result.text_nsfw}
+    if result.text_mark_source is not None:
+        arrays["text_mark_source"] = np.asarray(result.text_mark_source, dtype=np.uint8)
     attrs = {"layer": result.layer, "rule": s.rule.as_dict(), "n_pos": int(s.n_pos), "n_neg": int(s.n_neg),
              "method": s.method, "labels": result.labels.as_attrs(), "prompts_unsafe": prompts.unsafe,
              "prompts_safe": prompts.safe, "caption_terms": list(terms), "caption_mode": caption_mode,
@@ -229,7 +244,7 @@ def from_record(record: Record, scan, ranking, basis=None) -> SweepResult:
     return SweepResult(layer=attrs["layer"], scores=scores, labels=label_set_from_record(record),
                        text_entries=ranked_texts(ranking), text_scores=a["text_scores"],
                        text_nsfw=a["text_nsfw"].astype(bool), scan=scan, text=ranking, path=record.path, cached=True,
-                       attrs=attrs, **basis_fields(basis))
+                       attrs=attrs, text_mark_source=a.get("text_mark_source"), **basis_fields(basis))
 
 
 def _spec_from_name(name: str, kind: str, explicit: bool) -> LabelSpec:
@@ -278,11 +293,13 @@ def image_labels(record: Optional[Record]) -> Optional[np.ndarray]:
     return None
 
 
-def text_marks(record: Optional[Record], unit: int) -> Optional[np.ndarray]:
-    """(k_text,) bool: whether each of the unit's ranked top texts is NSFW; None when not stored."""
-    if record is None or "text_nsfw" not in record.arrays:
+def text_marks(record: Optional[Record], unit: int) -> Optional[List[Optional[str]]]:
+    """Per ranked top text of the unit: why it is marked NSFW (MARK_NAMES: "lexicon", "zero-shot
+    (model-based)") or None; None when the record does not say where its marks come from (before
+    SWEEP_VERSION 3: they may be the model's own zero-shot score, so they are not shown)."""
+    if record is None or "text_mark_source" not in record.arrays:
         return None
-    return np.asarray(record.arrays["text_nsfw"][unit], dtype=bool)
+    return [MARK_NAMES.get(int(code)) for code in np.asarray(record.arrays["text_mark_source"][unit])]
 
 
 def unit_evidence(record: Optional[Record], unit: int) -> Optional[dict]:
@@ -310,6 +327,8 @@ def unit_evidence(record: Optional[Record], unit: int) -> Optional[dict]:
     if top is not None:
         checks.append(("share of top images that are NSFW", top, _first(rule, "min_top_share"), ">="))
     text = value("text_nsfw_share")
+    if text is not None and not np.isfinite(text):
+        text = None              # no text evidence (no texts, or every cosine ~0): never a share
     if text is not None:
         # with an AUC rule the text share raises only text_flag (evidence), never the flag itself
         label = "share of top texts that are NSFW" + (" (text_flag, not the flag)" if auc is not None else "")

@@ -113,19 +113,24 @@ class UnitScores:
         sources = " + ".join(self.sources) or "no labels"
         return (f"{verdict}: AUC {_num(auc, '.3f')} (bar {self.rule.min_auc:g}), q {_num(q, '.2g')} (bar "
                 f"{self.rule.max_q:g}) against {sources}; top images {100 * self.top_nsfw_share[u]:.0f}% "
-                f"positive, top texts {100 * self.text_nsfw_share[u]:.0f}% NSFW"
-                + ("; text flag" if self.text_flag[u] else ""))
+                f"positive, {text_share_words(self.text_nsfw_share[u])}" + ("; text flag" if self.text_flag[u] else ""))
 
     def row(self, unit: int) -> dict:
         u = int(unit)
         return {"unit": u, "correlation": float(self.correlation[u]), "top_nsfw_share": float(self.top_nsfw_share[u]),
-                "text_nsfw_share": float(self.text_nsfw_share[u]), "flagged": bool(self.flagged[u]),
+                "text_nsfw_share": _json_float(self.text_nsfw_share[u]), "flagged": bool(self.flagged[u]),
                 "auc": _json_float(self.auc[u]), "p": _json_float(self.p[u]), "q": _json_float(self.q[u]),
                 "text_flag": bool(self.text_flag[u]), "why": self.why(u)}
 
     def rows(self, limit: Optional[int] = None) -> List[dict]:
         order = self.ranking()
         return [self.row(u) for u in (order[:limit] if limit else order)]
+
+
+def text_share_words(share: float) -> str:
+    """'top texts 40% NSFW', or 'no text evidence' for a unit without one (NaN share: no texts, or every
+    cosine ~0, neurolens.scoring.units.text_shares)."""
+    return f"top texts {100 * float(share):.0f}% NSFW" if np.isfinite(share) else "no text evidence"
 
 
 def _num(value: float, spec: str) -> str:

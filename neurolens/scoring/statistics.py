@@ -43,6 +43,7 @@ import torch
 from scipy.special import ndtr
 
 from .flags import UnitStatsResult
+from .ranks import rank_block
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 DEFAULT_BINS = 1024                   # interval bins of BinnedAUC's quantile edges
@@ -289,7 +290,7 @@ class ExactAUC:
         block = max(1, RANK_BLOCK_BYTES // max(1, n * 16))       # about 4 float32 copies of a block
         for start in range(0, self.units, block):
             stop = min(self.units, start + block)
-            u_stat[start:stop], ties[start:stop] = _rank_block(values[:, start:stop], is_pos)
+            u_stat[start:stop], ties[start:stop] = rank_block(values[:, start:stop], is_pos)
         return AUCResult(u_stat / (n_pos * n_neg), mann_whitney_p(u_stat, n_pos, n_neg, ties), n_pos, n_neg,
                          "exact")
 
@@ -302,32 +303,6 @@ class ExactAUC:
         self.units = int(values.shape[1])
         self._values = [values]
         self._labels = [torch.as_tensor(np.asarray(state["labels"], bool), device=self.device)]
-
-
-def _rank_block(x: np.ndarray, positive: np.ndarray):
-    """(U of the positives, tie term) of each column of x (n, b), from value sorts only (no argsort):
-    U = sum over positives of (#negatives below + half the negatives equal), by binary search of each
-    sorted positive column in the sorted negative column; the tie term from the runs of equal values in
-    the sorted full column."""
-    columns = np.ascontiguousarray(x.T)                             # (b, n): sorts along contiguous rows
-    b, n = columns.shape
-    negatives = np.sort(columns[:, ~positive], axis=1)
-    positives = np.sort(columns[:, positive], axis=1)
-    u_stat = np.empty(b)
-    for j in range(b):
-        below = np.searchsorted(negatives[j], positives[j], side="left")
-        not_above = np.searchsorted(negatives[j], positives[j], side="right")
-        u_stat[j] = 0.5 * (below.sum(dtype=np.float64) + not_above.sum(dtype=np.float64))
-    ordered = np.sort(columns, axis=1)
-    tie_term = np.zeros(b)
-    equal = np.zeros((b, n + 1), dtype=np.int8)                     # 1 where a value equals the one before
-    equal[:, 1:n] = ordered[:, 1:] == ordered[:, :-1]
-    if equal.any():
-        change = np.diff(equal, axis=1)                             # +1 where a run of equals starts, -1 ends
-        first, last = np.flatnonzero(change == 1), np.flatnonzero(change == -1)
-        size = (last - first + 1).astype(np.float64)                # a run of r equal steps: r + 1 tied values
-        tie_term = np.bincount(first // n, weights=size ** 3 - size, minlength=b)
-    return u_stat, tie_term
 
 
 # ----------------------------------------------------------------------------------------- binned AUC

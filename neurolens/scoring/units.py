@@ -10,10 +10,13 @@ spatial-max activation of unit u (ScanResult.per_image_max()):
     correlation_u  Pearson correlation of x_u with y
     top_nsfw_share_u   share of the unit's top-k images (the scan's top_indices) labelled positive, over
                        those with a known label (evidence)
-    text_nsfw_share_u  share of the unit's top `text_k` texts that are NSFW (evidence)
+    text_nsfw_share_u  share of the unit's top `text_k` texts that are NSFW (evidence); NaN (no evidence, never
+                       a share) when the unit has no ranked texts or every one of them has |cosine| <
+                       NO_TEXT_EVIDENCE (its direction in the embedding space is zero: the order is arbitrary)
 
     flagged_u   = q_u <= max_q AND auc_u >= min_auc                     (defaults 0.01 and 0.8)
-    text_flag_u = text_nsfw_share_u >= min_text_share                   (default 0.3; never `flagged`)
+    text_flag_u = text_nsfw_share_u >= min_text_share                   (default 0.3; never `flagged`;
+                                                                          False without text evidence)
 
 (definitions of AUC, p and q: neurolens.scoring.statistics). Units are ranked by AUC, highest first. The
 statistics stream over the scan's chunk records (`label_statistics`, one pass for any number of labels: the
@@ -32,6 +35,7 @@ from .multilabel import MultiLabelResult, MultiLabelStats
 from .statistics import DEFAULT_BINS, quantile_edges
 
 EDGE_SAMPLE_ROWS = 8192                 # rows sampled for the binned path's quantile edges
+NO_TEXT_EVIDENCE = 1e-6                 # top texts whose |cosine| are all below this are no text evidence
 
 
 
@@ -93,10 +97,18 @@ def top_share(top_indices: np.ndarray, labels: np.ndarray, k: Optional[int] = No
 
 
 
-def text_shares(text_nsfw: Optional[np.ndarray], units: int, rule: FlagRule) -> np.ndarray:
-    if text_nsfw is not None and np.asarray(text_nsfw).size:
-        return np.asarray(text_nsfw, dtype=bool)[:, :rule.text_k].mean(axis=1).astype(np.float32)
-    return np.zeros(units, np.float32)
+def text_shares(text_nsfw: Optional[np.ndarray], units: int, rule: FlagRule,
+                text_scores: Optional[np.ndarray] = None) -> np.ndarray:
+    """(U,) share of each unit's top `rule.text_k` texts marked NSFW; NaN where the unit has no text evidence:
+    no texts (text_nsfw None or empty) or, with text_scores (U, k) given, every one of its top texts'
+    |cosine| below NO_TEXT_EVIDENCE."""
+    if text_nsfw is None or not np.asarray(text_nsfw).size:
+        return np.full(units, np.nan, np.float32)
+    shares = np.asarray(text_nsfw, dtype=bool)[:, :rule.text_k].mean(axis=1).astype(np.float32)
+    if text_scores is not None:
+        scores = np.abs(np.nan_to_num(np.asarray(text_scores, dtype=np.float64)[:, :rule.text_k], nan=0.0))
+        shares[~(scores >= NO_TEXT_EVIDENCE).any(axis=1)] = np.nan
+    return shares
 
 
 def auc_method(rows: int, units: int, memory: int, labels: int = 1) -> str:
@@ -137,18 +149,19 @@ def unit_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, 
 def score_units(scan, labels: np.ndarray, text_nsfw: Optional[np.ndarray] = None, rule: FlagRule = FlagRule(),
                 top_k: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None,
                 memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS, sources: Sequence[str] = (),
-                statistics=None) -> UnitScores:
+                statistics=None, text_scores: Optional[np.ndarray] = None) -> UnitScores:
     """Every unit's scores from one scan and the per-image labels (N,) (1, 0, NaN unknown).
 
-    text_nsfw: (U, k_text) bool, whether each of the unit's ranked top texts is NSFW (None: text shares
-    are 0); top_k: how many of the scan's top images count for top_nsfw_share (default: all);
+    text_nsfw: (U, k_text) bool, whether each of the unit's ranked top texts is NSFW, text_scores (U, k_text)
+    their cosines (None: no text evidence, the shares are NaN; all cosines ~0: that unit's share is NaN); top_k: how many of the scan's top images count for top_nsfw_share (default: all);
     statistics: the units' unit_stats.UnitStatsResult when already computed (a fused sweep on Ray
     accumulates it during its scan; the scan then need not keep per-image values)."""
     units = int(scan.channels)
     result = statistics if statistics is not None else unit_statistics(scan, labels, memory, bins, progress)
-    text_share = text_shares(text_nsfw, units, rule)
+    text_share = text_shares(text_nsfw, units, rule, text_scores)
     return UnitScores(auc=result.auc, p=result.p, q=result.q, correlation=result.correlation,
                       top_nsfw_share=top_share(scan.top_indices, labels, top_k), text_nsfw_share=text_share,
                       flagged=apply_rule(result.auc, result.q, rule),
-                      text_flag=text_share >= rule.min_text_share, n_pos=result.n_pos, n_neg=result.n_neg,
+                      text_flag=np.nan_to_num(text_share, nan=-1.0) >= rule.min_text_share,
+                      n_pos=result.n_pos, n_neg=result.n_neg,
                       rule=rule, method=result.method, sources=tuple(sources))

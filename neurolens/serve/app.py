@@ -170,6 +170,16 @@ def build_app(state: ServeState) -> Starlette:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse(result, headers={"cache-control": "no-store"})
 
+    async def find(request: Request) -> Response:
+        return _html(await run_in_threadpool(state.pages.find))
+
+    async def find_index(request: Request) -> Response:
+        layer_id = _layer(state, request)
+        body = await run_in_threadpool(state.pages.find_index, layer_id)
+        if body is None:
+            return _text(404, "no concept audit of this layer in the cache")
+        return Response(body, media_type=STATIC_TYPES[".js"], headers={"cache-control": "no-cache"})
+
     async def static(request: Request) -> Response:
         name = request.path_params["name"]
         body = STATIC.get(name)
@@ -188,6 +198,7 @@ def build_app(state: ServeState) -> Starlette:
         Route("/", home), Route("/index.html", home),
         Route("/L/{layer_id}", layer_slash), Route("/L/{layer_id}/", layer), Route("/L/{layer_id}/index.html", layer),
         Route("/L/{layer_id}/u/{unit}.html", unit),
+        Route("/find.html", find), Route("/L/{layer_id}/find-index.js", find_index),
         Route("/img/{layer_id}/{kind}/{name}", image),
         Route("/raw/{layer_id}/{kind}/{name}", raw),
         Route("/api/{layer_id}/probe", probe, methods=["POST"]),

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from ..display.figures import crop_box
-from .layer import Histogram
+from .histograms import Histogram
 
 HIST_WIDTH, HIST_HEIGHT = 320, 120      # SVG user units of the plot area
 HIST_LEFT, HIST_BOTTOM = 6, 22

@@ -23,6 +23,7 @@ from ..datasets.decode import BadImage, preprocess
 from ..datasets.open import dataset_from_keys
 from ..display.figures import crop_around_cell
 from ..labels.policy import BlurPolicy
+from ..records.concepts import flagged_in_cache as concept_flags
 from ..records.sweep import flagged_in_cache
 from .layer import LayerData
 
@@ -64,10 +65,16 @@ class LayerImages:
         self.data = data.load()
         self.dataset = dataset_from_keys(data.keys, data.dataset) if data.scan is not None else None
         flagged = set(int(u) for u in np.flatnonzero(data.flagged()))
-        # every cached sweep of this layer and basis: a feature's flags come from sweeps of that SAE's features
-        flagged |= flagged_in_cache(data.cache, data.entry.fingerprint16, data.entry.layer, data.entry.basis)
+        # every cached sweep of this layer and basis: a feature's flags come from sweeps of that SAE's features;
+        # and every unit flagged for a sensitive concept by a cached concept audit of it
+        entry = data.entry
+        flagged |= flagged_in_cache(data.cache, entry.fingerprint16, entry.layer, entry.basis)
+        flagged |= concept_flags(data.cache, entry.fingerprint16, entry.layer, entry.basis)
         self.flagged = flagged
+        # images labelled NSFW by the sweep or with a sensitive concept by the concept audit (LayerData.image_labels)
+        label_name = "sensitive" if data.concepts.sensitive_labels() is not None else "NSFW"
         self.policy = BlurPolicy(True, blur_all=True, flagged=flagged, image_labels=data.image_labels(),
+                                 label_name=label_name,
                                  detector=False, zero_shot=False)
         self.raw_policy = BlurPolicy(False)
         self._sources = LRU(512)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -31,30 +31,10 @@ from ..records.maps import read_maps_array, top_maps_path
 from ..sae.basis import weights_digest
 from ..sae.io import load_sae
 from ..storage.cache import Cache, read_attrs, written_at
+from .concepts import LayerConcepts
+from .histograms import Histogram, layer_histograms
 
 HISTOGRAM_BINS = 40
-
-
-@dataclass
-class Histogram:
-    """Counts of the unit's per-image activation (spatial max) over the scanned images."""
-    edges: np.ndarray          # (bins + 1,)
-    counts: np.ndarray         # (bins,) int64
-    count: int                 # images counted
-
-    def percentile(self, value: float) -> float:
-        """Share (0-100) of counted images whose activation is below `value`, linear within a bin."""
-        if self.count == 0:
-            return float("nan")
-        if value <= self.edges[0]:
-            return 0.0
-        if value >= self.edges[-1]:
-            return 100.0
-        position = int(np.searchsorted(self.edges, value, side="right")) - 1
-        below = float(self.counts[:position].sum())
-        lo, hi = float(self.edges[position]), float(self.edges[position + 1])
-        inside = float(self.counts[position]) * ((value - lo) / (hi - lo) if hi > lo else 1.0)
-        return 100.0 * (below + inside) / self.count
 
 
 @dataclass
@@ -80,6 +60,7 @@ class LayerData:
         self._maps_loaded = False
         self._decoder: Optional[np.ndarray] = None
         self._decoder_loaded = False
+        self._concepts: Optional[LayerConcepts] = None
 
     # ---------------------------------------------------------------------------------------- loading
 
@@ -204,7 +185,17 @@ class LayerData:
                        "vocabulary": str(self.ranking.attrs.get("vocab_source", ""))}
                       if self.ranking is not None else None),
             "maps": self.scan is not None and self.cache.exists(self._maps_path()),
+            "concepts": self._concepts_summary(),
         }
+
+    def _concepts_summary(self) -> Optional[dict]:
+        audit = self.concepts.load().audit
+        if audit is None:
+            return None
+        flagged = audit.flagged()
+        return {"concepts": len(audit.scores), "names": [s.name for s in audit.scores],
+                "flagged": int(flagged.any(axis=0).sum()), "intersections": len(audit.intersections()),
+                "described": self.concepts.descriptions is not None}
 
     # ---------------------------------------------------------------------------------------- evidence
 
@@ -221,20 +212,44 @@ class LayerData:
         return sweep_records.unit_evidence(self.sweep, unit)
 
     def image_labels(self) -> Optional[np.ndarray]:
-        return sweep_records.image_labels(self.sweep)
+        """(N,) per image: positive where the sweep labels it NSFW or the concept audit labels it with a sensitive
+        concept (np.fmax: a known label wins over NaN), for the blur policy; None without either."""
+        sweep, concepts = sweep_records.image_labels(self.sweep), self.concepts.sensitive_labels()
+        if sweep is None or concepts is None or len(sweep) != len(concepts):
+            return sweep if sweep is not None else concepts
+        return np.fmax(sweep, concepts)
+
+    @property
+    def concepts(self) -> LayerConcepts:
+        """The layer's concept audit and descriptions (serve.concepts), read on first use."""
+        with self._lock:
+            if self._concepts is None:
+                self.load()
+                self._concepts = LayerConcepts(self.cache, self.entry,
+                                               self.scan_path.name if self.scan is not None else None)
+            return self._concepts
 
     # ---------------------------------------------------------------------------------------- texts
 
     def top_texts(self, unit: int, count: Optional[int] = None) -> List[dict]:
-        """[{text, score, nsfw}] best first; [] without a ranking that stores its texts."""
+        """[{text, score, nsfw, marks}] best first; [] without a ranking that stores its texts. `marks`: the
+        text's independent marks, [{concept, source}]: every concept of the layer's concept audit whose caption
+        lexicon matches the text ("lexicon"), and NSFW from the sweep where its record says why (the NSFW
+        lexicon, or "zero-shot (model-based)" only where the check kept it); `nsfw`: whether one says NSFW."""
         if self.ranking is None or "texts" not in self.ranking.arrays:
             return []
         texts = self.ranking.arrays["texts"][unit]
         scores = self.ranking.arrays["top_scores"][unit]
-        nsfw = sweep_records.text_marks(self.sweep, unit)
+        sweep_marks = sweep_records.text_marks(self.sweep, unit)
         limit = len(texts) if count is None else min(count, len(texts))
-        return [{"text": str(texts[i]), "score": float(scores[i]),
-                 "nsfw": bool(nsfw[i]) if nsfw is not None and i < len(nsfw) else None} for i in range(limit)]
+        shown = [str(texts[i]) for i in range(limit)]
+        marks = self.concepts.lexicon_marks(shown)
+        for i in range(limit):
+            source = sweep_marks[i] if sweep_marks is not None and i < len(sweep_marks) else None
+            if source and not any(m["concept"].lower() == "nsfw" for m in marks[i]):
+                marks[i].append({"concept": "nsfw", "source": source})
+        return [{"text": shown[i], "score": float(scores[i]), "marks": marks[i],
+                 "nsfw": any(m["concept"].lower() == "nsfw" for m in marks[i])} for i in range(limit)]
 
     def texts_missing_reason(self) -> Optional[str]:
         if self.ranking is None:
@@ -366,39 +381,6 @@ class LayerData:
             return None
         record = visualize_records.read_visualization(self.cache, found[number].record, ["images"])
         return None if record is None else np.asarray(record.arrays["images"][found[number].position])
-
-
-def layer_histograms(cache: Cache, chunk_paths: Sequence[Path], units: int, bins: int):
-    """(edges (U, bins+1), counts (U, bins), totals (U,)) of every unit's per-image maxima, binned between
-    the unit's own min and max, in two streaming passes over the chunk records (never N x U in memory)."""
-    lo = np.full(units, np.inf)
-    hi = np.full(units, -np.inf)
-    for maxima in _chunk_maxima(cache, chunk_paths):
-        lo = np.minimum(lo, np.nanmin(maxima, axis=0, initial=np.inf))
-        hi = np.maximum(hi, np.nanmax(maxima, axis=0, initial=-np.inf))
-    empty = ~np.isfinite(lo)
-    lo[empty], hi[empty] = 0.0, 1.0
-    flat = hi <= lo
-    hi[flat] = lo[flat] + 1e-6 * np.maximum(1.0, np.abs(lo[flat]))
-    counts = np.zeros((units, bins), dtype=np.int64)
-    width = (hi - lo) / bins
-    offsets = np.arange(units) * bins
-    for maxima in _chunk_maxima(cache, chunk_paths):
-        finite = np.isfinite(maxima)
-        position = np.clip(((maxima - lo) / width), 0, bins - 1)
-        position = np.where(finite, position, 0).astype(np.int64)
-        flat_index = (position + offsets)[finite]
-        counts += np.bincount(flat_index, minlength=units * bins).reshape(units, bins)
-    edges = lo[:, None] + width[:, None] * np.arange(bins + 1)[None, :]
-    edges[:, -1] = hi
-    return edges, counts, counts.sum(axis=1)
-
-
-def _chunk_maxima(cache: Cache, chunk_paths: Sequence[Path]):
-    for path in chunk_paths:
-        record = cache.read(path, names=["maxima"])
-        if record is not None and record.arrays["maxima"].size:
-            yield np.asarray(record.arrays["maxima"], dtype=np.float64)
 
 
 def sae_candidates(cache: Cache, entry: LayerEntry) -> List[Path]:

@@ -9,12 +9,19 @@ the same HTML works from the server and from `file://`:
 
     index.html                   home: every (model, layer) in the cache, each basis (neurons, SAEs) with
                                  what was computed
-    L/<layer id>/index.html      layer: every unit as a tile; sort, flagged filter, text search
-    L/<layer id>/u/<unit>.html   unit: feature visualizations, top examples with activation maps,
-                                 histogram, top texts, NSFW evidence, neighbours, probe (server + model)
+    find.html                    search: the units of every layer (or one) ranked for a concept, a lexicon word
+                                 or free text (static/find.js over each layer's find-index.js)
+    L/<layer id>/index.html      layer: every unit as a tile; sort, flagged filter, concept filter
+                                 (intersections first), text search
+    L/<layer id>/find-index.js   the layer's search index (serve.concepts), when it has a concept audit
+    L/<layer id>/u/<unit>.html   unit: description and concept table, feature visualizations, top examples with
+                                 activation maps, histogram, top texts with their independent marks, NSFW
+                                 evidence, neighbours, probe (server + model)
     img/<layer id>/<kind>/...    blurred images (tile/<u>.jpg, crop/<u>-<rank>.jpg, fv/<u>-<n>.jpg)
     raw/<layer id>/<kind>/...    raw pixels on a confirmed reveal (server only, never the static site)
-    static/...                   style.css, layer.js, unit.js
+    static/...                   style.css, layer.js, unit.js, find.js
+
+Every page has a search box (base.html) that opens find.html, with the page's layer chosen.
 
 Data that scripts read is embedded as JSON in a `<script type="application/json">` block with `<`, `>`
 and `&` escaped, and scripts insert text with textContent only, so a caption or vocabulary entry
@@ -205,7 +212,7 @@ class Pages:
                          int(bool(data.fv_paths.get(unit))), texts])
         return {"id": data.entry.id, "evidence": data.evidence_name() if data.sweep is not None else None,
                 "crops": data.scan is not None, "unit_word": data.entry.words["unit"],
-                "units_word": data.entry.words["units"], "units": rows}
+                "units_word": data.entry.words["units"], "units": rows, "concepts": data.concepts.layer_payload()}
 
     def layer(self, layer_id: str) -> str:
         return self._once(("layer", layer_id), lambda: self._layer(layer_id))
@@ -262,4 +269,37 @@ class Pages:
             evidence=data.unit_evidence(unit), texts=data.top_texts(unit), texts_missing=data.texts_missing_reason(),
             similar=data.similar_units(unit), examples=examples, maps_missing=maps is None and data.scan is not None,
             chart=chart, stats=stats, fvs=fvs, flagged=bool(data.flagged()[unit]) if units else False,
-            probe=probe, probe_json=embed_json(probe) if probe else None, links=self.basis_links(data, unit))
+            probe=probe, probe_json=embed_json(probe) if probe else None, links=self.basis_links(data, unit),
+            concept_table=data.concepts.table(unit), description=data.concepts.description(unit))
+
+    # ------------------------------------------------------------------------------------------ search
+
+    def find(self) -> str:
+        """find.html: the search page every page's search box opens (static/find.js ranks the units of each
+        layer with its search index, find_index)."""
+        return self._once(("find",), self._find)
+
+    def _find(self) -> str:
+        layers = []
+        for layer_id, data in self.layers.items():
+            data.load()
+            layers.append({"id": layer_id, "title": public_text(data.entry.title), "unit_word": data.entry.words["unit"],
+                           "units_word": data.entry.words["units"], "indexed": data.concepts.present,
+                           "crops": data.scan is not None})
+        return self._render("find.html", "", title="Find units", layers=layers, payload=embed_json({"layers": layers}))
+
+    def find_index(self, layer_id: str) -> Optional[str]:
+        """L/<layer id>/find-index.js: the layer's search index (serve.concepts.LayerConcepts.find_index) as a
+        script that registers it (a script loads from file:// where a fetch of a JSON file would not)."""
+        return self._once(("find-index", layer_id), lambda: self._find_index(layer_id))
+
+    def _find_index(self, layer_id: str) -> Optional[str]:
+        data = self.layers[layer_id].load()
+        if data.scan is None:
+            return None
+        index = data.concepts.find_index(data.top_indices, data.captions)
+        if index is None:
+            return None
+        index["title"] = public_text(index["title"])
+        return (f"window.neurolensFind = window.neurolensFind || {{}};\n"
+                f"window.neurolensFind[{embed_json(layer_id)}] = {embed_json(index)};\n")

@@ -65,6 +65,7 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
     for name, body in STATIC.items():
         writer.write(f"static/{name}", body)
     writer.write("index.html", pages.home().encode())
+    writer.write("find.html", pages.find().encode())
     total = sum(len(data.listed_units()) for data in chosen.values())
     done = 0
     if progress:
@@ -72,6 +73,9 @@ def write_site(cache: Cache, out: str | os.PathLike, layers: Sequence[str] = (),
     for layer_id, data in chosen.items():
         layer_images = images[layer_id]
         writer.write(f"L/{layer_id}/index.html", pages.layer(layer_id).encode())
+        index = pages.find_index(layer_id)
+        if index is not None:
+            writer.write(f"L/{layer_id}/find-index.js", index.encode())
         for unit in data.listed_units():
             writer.write(f"L/{layer_id}/u/{unit}.html", pages.unit(layer_id, unit).encode())
             writer.image(f"img/{layer_id}/tile/{unit}.jpg", layer_images.shown("tile", unit))

@@ -1,11 +1,14 @@
 // Layer page: every unit (a neuron, or an SAE's feature) as a tile, rendered in pages as you scroll (fast at thousands of units).
-// Sort by NSFW evidence (flagged units first) or by id, filter flagged units, search the top texts.
+// Sort by NSFW evidence (flagged units first) or by id, filter flagged units, filter by a concept of the layer's
+// concept audit (the units flagged for it, those flagged for two or more concepts first, then by its AUC; or
+// the units flagged for two or more concepts), search the top texts.
 // Data comes from the JSON block on the page; text goes in with textContent only.
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("units-data").textContent);
   var grid = document.getElementById("grid"), more = document.getElementById("more");
   var sortBox = document.getElementById("sort"), flaggedBox = document.getElementById("flagged");
+  var conceptBox = document.getElementById("concept"), concepts = data.concepts;
   var searchBox = document.getElementById("search"), countBox = document.getElementById("count");
   var PAGE = 120, shown = 0, list = [];
   var root = "../../", evidenceName = data.evidence;
@@ -19,16 +22,24 @@
     if (!sortBox.value) sortBox.value = "evidence";   // an unknown sort in the hash: the default
     flaggedBox.checked = params.get("flagged") === "1";
     searchBox.value = params.get("q") || "";
+    if (concepts) conceptBox.value = params.get("concept") || "";
   }
   function writeHash() {
     var params = new URLSearchParams();
     if (sortBox.value !== "evidence") params.set("sort", sortBox.value);
     if (flaggedBox.checked) params.set("flagged", "1");
     if (searchBox.value) params.set("q", searchBox.value);
+    if (conceptBox.value) params.set("concept", conceptBox.value);
     var text = params.toString();
     history.replaceState(null, "", text ? "#" + text : location.pathname + location.search);
   }
   function evidenceKey(r) { return r[EV] === null ? -Infinity : r[EV]; }
+  // a concept's AUC for the unit; "pairs": its best AUC among the concepts it is flagged for
+  function conceptAuc(r, chosen) {
+    var ks = chosen === "pairs" ? concepts.flags[r[U]] : [Number(chosen)], best = -Infinity;
+    ks.forEach(function (k) { var v = concepts.auc[k][r[U]]; if (v !== null && v > best) best = v; });
+    return best;
+  }
   function compute() {
     var query = searchBox.value.trim().toLowerCase(), words = query ? query.split(/\s+/) : [];
     list = rows.filter(function (r) {
@@ -36,7 +47,17 @@
       for (var i = 0; i < words.length; i++) if (r.search.indexOf(words[i]) < 0) return false;
       return true;
     });
-    if (sortBox.value === "unit") list.sort(function (a, b) { return a[U] - b[U]; });
+    var chosen = concepts ? conceptBox.value : "";
+    if (chosen !== "") {
+      list = list.filter(function (r) {
+        var flags = concepts.flags[r[U]] || [];
+        return chosen === "pairs" ? flags.length >= 2 : flags.indexOf(Number(chosen)) >= 0;
+      });
+      list.sort(function (a, b) {
+        var fa = concepts.flags[a[U]].length >= 2 ? 1 : 0, fb = concepts.flags[b[U]].length >= 2 ? 1 : 0;
+        return (fb - fa) || (conceptAuc(b, chosen) - conceptAuc(a, chosen)) || (a[U] - b[U]);
+      });
+    } else if (sortBox.value === "unit") list.sort(function (a, b) { return a[U] - b[U]; });
     else list.sort(function (a, b) {
       return (b[FLAG] - a[FLAG]) || (evidenceKey(b) - evidenceKey(a)) || (a[U] - b[U]);
     });
@@ -81,9 +102,21 @@
     var meta = document.createElement("div"); meta.className = "meta";
     var uid = document.createElement("span"); uid.className = "uid"; uid.textContent = r[U];
     var ev = document.createElement("span"); ev.className = "ev"; ev.textContent = label(r);
+    if (concepts && conceptBox.value !== "") {
+      var auc = conceptAuc(r, conceptBox.value);
+      ev.textContent = auc === -Infinity ? "" : "AUC " + auc.toFixed(2);
+    }
     meta.appendChild(uid); meta.appendChild(ev);
+    var cc = null;
+    if (concepts && (concepts.flags[r[U]] || []).length) {
+      var names = concepts.flags[r[U]].map(function (k) { return concepts.concepts[k].name; });
+      cc = document.createElement("div"); cc.className = "concepts"; cc.textContent = names.join(" + ");
+      a.dataset.concepts = names.join(",");
+    }
     var txt = document.createElement("div"); txt.className = "txt"; txt.textContent = r[TEXTS][0] || "\u00a0";
-    a.appendChild(thumb); a.appendChild(meta); a.appendChild(txt);
+    a.appendChild(thumb); a.appendChild(meta);
+    if (cc) a.appendChild(cc);
+    a.appendChild(txt);
     return a;
   }
   function renderMore() {
@@ -103,6 +136,7 @@
   function changed() { writeHash(); compute(); }
   sortBox.addEventListener("change", changed);
   flaggedBox.addEventListener("change", changed);
+  conceptBox.addEventListener("change", changed);
   searchBox.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(changed, 120); });
   // the hash edited by hand, a link or the back button: the page follows it (writeHash's replaceState does not
   // fire hashchange, so the page's own changes do not come back here)
