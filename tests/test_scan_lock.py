@@ -1,4 +1,4 @@
-"""One writer per scan key (issue 20, neurolens.records.scan.key_lock): two `neurolens scan` processes of the same
+"""One writer per scan key (issue 20, neurolens.records.scan_lock.key_lock): two `neurolens scan` processes of the same
 layer, dataset and settings never write at once. The second stops with one line (exit 2) without touching the
 first one's files, or with --wait waits and reads the first one's result, which equals a scan run alone. A lock
 left by a killed run is recovered by the next run, and reading a finished scan takes no lock."""

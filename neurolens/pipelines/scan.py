@@ -6,7 +6,7 @@ the neurons' and the basis's statistics in the same pass (the basis is applied t
 and writes a record, and chunks, for each of them that is not cached yet. A checkpoint is written only after
 the chunks it lists, so a kill at any moment leaves a consistent checkpoint; a rerun continues from its batch
 boundary and gives exactly the result of an uninterrupted scan (same batches, same order of float operations).
-A scan computes only while it holds the write lock of its keys (neurolens.records.scan.key_lock): a second
+A scan computes only while it holds the write lock of its keys (neurolens.records.scan_lock.key_lock): a second
 scan of the same key waits (wait=True) or stops with one line, and then reads the first one's result.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ..models.layers import resolve_layer
 from ..records import scan as scan_records
 from ..records.keys import NEURONS, as_basis, as_cache
 from ..records.scan import ScanResult, scan_key
+from ..records.scan_lock import key_lock
 from ..records.shards import ShardStore
 from ..storage.cache import Cache
 
@@ -89,7 +90,7 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
             return found
     key = scan_key(clip, spec, dataset, top_k, precision, embeddings, basis, decoder)
     neuron_key = scan_key(clip, spec, dataset, top_k, precision, embeddings, decoder=decoder)
-    with scan_records.key_lock(cache, clip.fingerprint, spec.name, [key, neuron_key], wait=wait):
+    with key_lock(cache, clip.fingerprint, spec.name, [key, neuron_key], wait=wait):
         if not force:     # another run may have finished this scan while we waited for its lock
             found = find_scan(clip, spec.name, dataset, top_k, precision, cache, embeddings, basis, decoder)
             if found is not None:
@@ -193,7 +194,7 @@ def run_ray_scan(clip, layer: str, dataset=None, top_k: int = 32, cache=None, fo
                     progress(len(plan), len(plan))
                 return found
         key = scan_key(clip, spec, plan, top_k, precision, False, decoder=decoder)
-        with scan_records.key_lock(cache, clip.fingerprint, spec.name, [key], wait=wait):
+        with key_lock(cache, clip.fingerprint, spec.name, [key], wait=wait):
             if not force:
                 found = scan_records.find_result(cache, clip, spec, plan, top_k, precision, need_chunks=keep_per_image,
                                                  decoder=decoder)
@@ -219,7 +220,7 @@ def write_ray_scan(cache: Cache, clip, spec, plan, key: str, stats: ScanStats, t
     """The scan record of a Ray scan (the record every scan writes, plus `engine: ray` and `attrs`), or the
     one-line error when no item was readable. Written under the key's lock (waiting for a local scan of the
     same key to finish), since writing it removes the key's chunks that it does not list."""
-    with scan_records.key_lock(cache, clip.fingerprint, spec.name, [key], wait=True):
+    with key_lock(cache, clip.fingerprint, spec.name, [key], wait=True):
         if stats.count == 0:
             scan_records.remove_stale_chunks(cache, clip.fingerprint, spec.name, key, [])
             example = f" (e.g. item {stats.skipped[0][0]}: {stats.skipped[0][1]})" if stats.skipped else ""
