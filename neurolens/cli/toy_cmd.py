@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typing_extensions import Annotated
 
 from ..errors import NeurolensError
@@ -17,27 +14,10 @@ from ..storage.cache import default_cache_root
 from ..toy.concepts import check_mode
 from ..toy.generate import ToySettings
 from ..toy.settings import DEFAULT_TOY_MODEL, TrainSettings
-from .app import app, command, print_json
+from .app import app, command, print_json, stage_bars
 from .options import CacheOpt, DeviceOpt, JsonOpt
 
 _T = TrainSettings()
-
-
-@contextmanager
-def _stage_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """One rich bar per named stage, added when the stage first reports: progress(stage, done, total)."""
-    if not enabled:
-        yield lambda stage, done, total: None
-        return
-    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bars:
-        tasks: dict = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=None)
-            bars.update(tasks[stage], completed=done, total=total)
-        yield progress
 
 
 @app.command("train-toy", short_help="Train a small CLIP contrastively (CPU), by default on the generated toy data.")
@@ -82,7 +62,7 @@ def train_toy(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     generated = dataset is None
     settings = TrainSettings(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    with _stage_bars(not as_json) as progress:
+    with stage_bars(not as_json) as progress:
         if generated:
             data = MultiConceptRecipe().data_settings(seed) if concepts == "multi" else ToySettings(seed=seed)
             dataset = str(toy_dataset(Path(cache) if cache else default_cache_root(), settings=data,
@@ -133,7 +113,7 @@ def demo(
     from ..pipelines.demo import DemoSettings, run_demo  # lazy: keeps `neurolens --help` free of torch
 
     settings = DemoSettings(seed=seed, device=device)
-    with _stage_bars(not as_json) as progress:
+    with stage_bars(not as_json) as progress:
         report = run_demo(out, settings, cache=cache, retrain=retrain, progress=progress)
     if as_json:
         print_json(report.to_dict())
