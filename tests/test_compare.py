@@ -2,11 +2,10 @@
 model's own concept audit and to the random-weights audit of its architecture, cached second runs, the report
 files (self-contained HTML whose every crop is the blur of the raw crop, JSON with provenance, formula-safe
 CSV), one-line errors, --train-captions and SAE features with their baseline SAE."""
-import copy
+import base64
 import csv
 import io
 import json
-import base64
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -28,17 +26,14 @@ from neurolens.labels.blur import blur_pixels
 from neurolens.labels.concepts import parse_concept_set
 from neurolens.labels.lexicon import caption_nsfw_matches
 from neurolens.models.build import load_clip
-from neurolens.models.checkpoint import save_checkpoint
 from neurolens.models.match import match_layers
 from neurolens.pipelines.settings import ConceptSettings
-from neurolens.scoring.flags import FlagRule
 from neurolens.storage.cache import Cache
+
+import compare_data
+from compare_data import CONCEPTS, LOOSE
 from sweep_data import LAYER, synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = json.loads((ROOT / "neurolens/data/model_configs/nl-tiny-RN.json").read_text())
-LOOSE = FlagRule(max_q=1.0, min_auc=0.6)       # random tiny models: flags by AUC alone, so that flags exist
-CONCEPTS = [{"name": "adult", "terms": ["adult"]}, {"name": "dogs", "terms": ["dog"], "sensitive": False}]
 KEYS = ("model", "layer", "model_layer", "concept", "basis", "units", "n_flagged", "share_flagged", "best_auc",
         "n_auc_095", "baseline_n_flagged", "baseline_share_flagged", "baseline_best_auc", "baseline_n_auc_095",
         "concept_prevalence", "train_prevalence", "model_based")
@@ -102,31 +97,12 @@ def test_the_caption_audit_of_concepts_matches_captions_as_the_probe_labels_do(t
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
-    """48 synthetic images; every 4th caption says 'adult', every 3rd 'dog'."""
-    root = tmp_path_factory.mktemp("probe")
-    with open(root / "data.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "caption"])
-        for i in range(48):
-            synthetic(300 + i).save(root / f"img_{i:03d}.png")
-            words = ["adult content" if i % 4 == 0 else "a photo", "with a dog" if i % 3 == 0 else "of shapes"]
-            writer.writerow([f"img_{i:03d}.png", f"{' '.join(words)} number {i}"])
-    return str(root / "data.csv")
+    return compare_data.write_probe(tmp_path_factory.mktemp("probe"))
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_clip):
-    """Two tiny ResNets: the seeded random one with its weights nudged two ways, saved as checkpoints."""
-    root = tmp_path_factory.mktemp("ckpt")
-    paths = []
-    for seed, name in ((1, "=alpha"), (2, "beta")):
-        model = copy.deepcopy(tiny_clip.model)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(0.3 * param.std(correction=0) * torch.randn(param.shape, generator=generator))
-        paths.append(str(save_checkpoint(model, root / f"{name}.pt", "nl-tiny-RN", model_config=TINY_CONFIG)))
-    return paths
+    return compare_data.write_checkpoints(tmp_path_factory.mktemp("ckpt"), tiny_clip)
 
 
 def concept_settings():
@@ -241,8 +217,7 @@ def test_the_html_is_self_contained_and_every_crop_is_the_blur_of_the_raw_crop(c
 def test_the_command_prints_the_rows_puts_training_captions_beside_them_and_fails_in_one_line(
         compared, checkpoints, probe, tmp_path):
     concepts = tmp_path / "c.yaml"
-    concepts.write_text("concepts:\n  - name: adult\n    terms: [adult]\n  - name: dogs\n    terms: [dog]\n"
-                        "    sensitive: false\n")
+    concepts.write_text(compare_data.CONCEPTS_YAML)
     captions = ["an adult photo", "a dog", "adult dog", "nothing", None, "dogs"]
     pq.write_table(pa.table({"caption": captions}), tmp_path / "train.parquet")
     common = ["compare", "--checkpoint", checkpoints[0], "--checkpoint", checkpoints[1], "--layer", LAYER,

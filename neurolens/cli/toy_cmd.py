@@ -100,6 +100,9 @@ def demo(
     out: Annotated[str, typer.Option("--out", help="Folder for the demo's figures and index.md.")] = "outputs/demo",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated data and the training.")] = 0,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the toy model again even if it is cached.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Instead of the tour: the dose-response experiment. Toys "
+                                          "trained with the planted concept at several shares of their images (0 % "
+                                          "first), compared on one probe set; report and plot in OUT/compare/.")] = False,
     device: DeviceOpt = "cpu",
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -108,8 +111,15 @@ def demo(
     (or reuse the cached one), then run visualize, scan, text, sweep, figure and grid on it, and write
     OUT/index.md listing what was made. No network, a few minutes on a laptop CPU.
 
+    --compare runs the dose-response experiment instead (docs/compare.md): `neurolens compare` over toys trained
+    on the same generator at several shares of the planted concept, written to OUT/compare/.
+
     Example:  neurolens demo --out outputs/demo
+    Example:  neurolens demo --compare
     """
+    if compare:
+        _dose_demo(Path(out) / "compare", seed, device, cache, as_json, retrain)
+        return
     from ..pipelines.demo import DemoSettings, run_demo  # lazy: keeps `neurolens --help` free of torch
 
     settings = DemoSettings(seed=seed, device=device)
@@ -122,3 +132,18 @@ def demo(
     if report.failed:
         typer.echo(f"error: demo stages failed: {', '.join(report.failed)} (see {report.index})", err=True)
         raise typer.Exit(1)
+
+
+def _dose_demo(out: Path, seed: int, device: str, cache: Optional[str], as_json: bool, retrain: bool) -> None:
+    from ..pipelines.dose import run_dose_demo  # lazy: keeps `neurolens --help` free of torch
+    if retrain:
+        raise NeurolensError("--retrain is for the tour; the dose-response toys are kept in the cache by their "
+                             "settings (delete OUT's cache folder to train them again)")
+    with stage_bars(not as_json) as progress:
+        report = run_dose_demo(out, seed=seed, cache=cache, device=device, progress=progress)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    for line in report.lines():
+        typer.echo(line)
+    typer.echo(f"report: {report.files.html}\nplot:   {report.plot}")
