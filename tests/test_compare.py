@@ -237,7 +237,12 @@ def test_the_command_prints_the_rows_puts_training_captions_beside_them_and_fail
             (["--label", "x", "--label", "x"], "error: two models are labelled 'x'; labels must be unique"),
             (["--label", "x"], "error: 1 --label for 2 models"),
             (["--train-captions", "nobody=x.parquet"], "error: --train-captions names no model 'nobody'"),
-            (["--train-captions", "beta"], "error: --train-captions 'beta': give LABEL=PATH")):
+            (["--train-captions", "beta"], "error: --train-captions 'beta': give LABEL=PATH"),
+            (["--sae", "a", "--sae", "b", "--sae", "c"], "error: 3 --sae for 2 models"),
+            (["--model", "nl-tiny-RN", "--model", "nl-tiny-ViT", "--pretrained", "none", "--pretrained", "none",
+              "--pretrained", "none"], "error: 2 --model but 3 --pretrained"),
+            (["--layer", "image_embedding_nope"], "error: no model of the comparison has a layer "
+                                                  "'image_embedding_nope'")):
         bad = CliRunner().invoke(app, common + ["--out", str(tmp_path / "bad")] + extra)
         assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1, bad.output
         assert bad.output.startswith(message), bad.output

@@ -136,14 +136,20 @@ def stage_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]
         yield lambda stage, done, total: None
         return
     columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bars:
-        tasks: dict = {}
+    bars = Progress(*columns, console=Console(stderr=True))
+    tasks: dict = {}
 
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=None)
-            bars.update(tasks[stage], completed=done, total=total)
+    def progress(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bars.start()       # started on the first report: an error before any stage prints nothing else
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=None)
+        bars.update(tasks[stage], completed=done, total=total)
+    try:
         yield progress
+    finally:
+        if tasks:
+            bars.stop()
 
 
 @app.callback()
