@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import pyarrow.parquet as pq
 
 from ..errors import DatasetError, NeurolensError
-from ..labels.lexicon import default_terms, read_list
+from ..labels.lexicon import default_terms, re2_pattern, read_list
 from ..storage.files import write_csv as write_rows
 
 TEXT_COLUMN = "TEXT"
@@ -226,6 +226,91 @@ def audit_captions(
         results.append(TermAudit(term, n_match, n_nsfw, pct, flags))
     return AuditResult(terms=results, nsfw_terms=nsfw, rows=total_rows, files=usable, skipped=skipped,
                        absent_columns={k: v for k, v in absent.items() if v})
+
+
+@dataclass(frozen=True)
+class ConceptPrevalence:
+    """How many caption rows of a training set show one concept by its caption lexicon."""
+    concept: str
+    n_match: int
+    rows: int
+
+    @property
+    def prevalence(self) -> Optional[float]:
+        return self.n_match / self.rows if self.rows else None
+
+
+def concept_prevalence(sources: Sequence[str], lexicons: Sequence[Tuple[str, Sequence[str], str]],
+                       text_column: Optional[str] = None, memory_limit: str = DEFAULT_MEMORY_LIMIT,
+                       threads: Optional[int] = None) -> List[ConceptPrevalence]:
+    """Per concept (name, terms, match mode), the caption rows of parquet/CSV files that match its lexicon,
+    in one DuckDB pass: the caption audit of a concept set (`compare --train-captions`).
+
+    A row matches a concept when lower(caption) contains one of its terms as neurolens.labels.lexicon matches
+    captions ('word', 'exact' or 'substring'; labels.lexicon.re2_pattern), the same rule that labels the probe
+    images. text_column: the caption column (default: TEXT, any letter case, else `caption`). Rows with a null
+    caption count as rows that match nothing."""
+    import duckdb  # lazy: the CLI imports this module at start-up; duckdb only when an audit runs
+
+    files = _caption_files(sources)
+    column = text_column or _text_column(files[0])
+    for path in files:
+        names = {name.lower(): name for name in _columns_of(path)}
+        if column.lower() not in names:
+            raise DatasetError(f"{path} has no caption column {column!r} (it has: {', '.join(names.values())}); "
+                               f"name it with LABEL=PATH:COLUMN")
+    if not lexicons:
+        return []
+    counts = ",\n  ".join(f"count(*) FILTER (WHERE coalesce(regexp_matches(t, {_sql_string(re2_pattern(terms, mode))}),"
+                          f" false)) AS c{i}" for i, (_, terms, mode) in enumerate(lexicons))
+    reader = "read_csv_auto($1, union_by_name = true)" if files[0].lower().endswith((".csv", ".tsv")) else \
+        "read_parquet($1, union_by_name = true)"
+    quoted = column.replace('"', '""')
+    query = f'SELECT count(*) AS n_rows, {counts} FROM (SELECT lower(CAST("{quoted}" AS VARCHAR)) AS t FROM {reader})'
+    con = duckdb.connect(config={"memory_limit": memory_limit,
+                                 "threads": threads or max(1, min(4, os.cpu_count() or 1))})
+    try:
+        row = con.execute(query, [files]).fetchone()
+    except duckdb.Error as exc:
+        raise DatasetError(f"DuckDB could not read the caption files: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.close()
+    return [ConceptPrevalence(name, int(row[1 + i]), int(row[0])) for i, (name, _, _) in enumerate(lexicons)]
+
+
+def _caption_files(sources: Sequence[str]) -> List[str]:
+    """Parquet files as audit-captions takes them (paths, folders, globs), or CSV/TSV tables named one by one."""
+    tables = [s for s in sources if str(s).lower().endswith((".csv", ".tsv"))]
+    if tables and len(tables) < len(sources):
+        raise NeurolensError("give the training captions as parquet files or as CSV tables, not both")
+    if tables:
+        for table in tables:
+            if not os.path.isfile(table):
+                raise DatasetError(f"{table} does not exist; give the training captions as a parquet or CSV file")
+        return [os.path.abspath(t) for t in tables]
+    return expand_sources(sources)
+
+
+def _columns_of(path: str) -> List[str]:
+    if path.lower().endswith((".csv", ".tsv")):
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            header = handle.readline()
+        return [name.strip().strip('"') for name in header.rstrip("\r\n").split("\t" if path.lower().endswith(".tsv")
+                                                                                  else ",")]
+    try:
+        return _file_columns(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged or non-parquet file
+        raise DatasetError(f"{path} could not be read as parquet: {type(exc).__name__}") from None
+
+
+def _text_column(path: str) -> str:
+    """TEXT (any letter case, the LAION layout), else caption (neurolens's tables and the toy data)."""
+    names = {name.lower(): name for name in _columns_of(path)}
+    for wanted in (TEXT_COLUMN.lower(), "caption"):
+        if wanted in names:
+            return names[wanted]
+    raise DatasetError(f"{path} has neither a {TEXT_COLUMN} nor a caption column (it has: "
+                       f"{', '.join(names.values()) or 'none'}); name the caption column with LABEL=PATH:COLUMN")
 
 
 def _run_with_progress(con, query: str, params: list, progress: Optional[Callable[[int, int], None]]):

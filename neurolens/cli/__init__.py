@@ -1,6 +1,7 @@
 """The neurolens command line. Each command is a thin wrapper around one library call; importing a command
 module registers its commands (`neurolens --help` lists them in the order of app.WORKFLOW)."""
 from . import audit_cmd  # noqa: F401
+from . import compare_cmd  # noqa: F401
 from . import concepts_cmd  # noqa: F401
 from . import find_cmd  # noqa: F401
 from . import layers_cmd  # noqa: F401

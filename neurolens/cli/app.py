@@ -19,8 +19,8 @@ from ..storage.files import WRITE_ERRNOS, write_error
 
 # `neurolens --help` lists the commands in the order of a session's work; commands not named here (added
 # later) come before train-toy, in the order they were registered.
-WORKFLOW = ("demo", "visualize", "scan", "samples", "text", "sweep", "concepts", "describe", "find", "figure", "grid", "similarity",
-            "audit-captions", "*", "train-toy", "layers")
+WORKFLOW = ("demo", "visualize", "scan", "samples", "text", "sweep", "concepts", "describe", "find", "compare",
+            "figure", "grid", "similarity", "audit-captions", "*", "train-toy", "layers")
 
 
 class WorkflowGroup(typer.core.TyperGroup):
@@ -127,6 +127,29 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[i
 
         update.note = lambda text: progress.update(task, description=f"{description} ({text})" if text else description)
         yield update
+
+
+@contextmanager
+def stage_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """One rich bar per named stage, added when the stage first reports: progress(stage, done, total)."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bars = Progress(*columns, console=Console(stderr=True))
+    tasks: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bars.start()       # started on the first report: an error before any stage prints nothing else
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=None)
+        bars.update(tasks[stage], completed=done, total=total)
+    try:
+        yield progress
+    finally:
+        if tasks:
+            bars.stop()
 
 
 @app.callback()

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typing_extensions import Annotated
 
 from ..errors import NeurolensError
@@ -17,27 +14,10 @@ from ..storage.cache import default_cache_root
 from ..toy.concepts import check_mode
 from ..toy.generate import ToySettings
 from ..toy.settings import DEFAULT_TOY_MODEL, TrainSettings
-from .app import app, command, print_json
+from .app import app, command, print_json, stage_bars
 from .options import CacheOpt, DeviceOpt, JsonOpt
 
 _T = TrainSettings()
-
-
-@contextmanager
-def _stage_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """One rich bar per named stage, added when the stage first reports: progress(stage, done, total)."""
-    if not enabled:
-        yield lambda stage, done, total: None
-        return
-    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bars:
-        tasks: dict = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=None)
-            bars.update(tasks[stage], completed=done, total=total)
-        yield progress
 
 
 @app.command("train-toy", short_help="Train a small CLIP contrastively (CPU), by default on the generated toy data.")
@@ -82,7 +62,7 @@ def train_toy(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     generated = dataset is None
     settings = TrainSettings(model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    with _stage_bars(not as_json) as progress:
+    with stage_bars(not as_json) as progress:
         if generated:
             data = MultiConceptRecipe().data_settings(seed) if concepts == "multi" else ToySettings(seed=seed)
             dataset = str(toy_dataset(Path(cache) if cache else default_cache_root(), settings=data,
@@ -120,6 +100,9 @@ def demo(
     out: Annotated[str, typer.Option("--out", help="Folder for the demo's figures and index.md.")] = "outputs/demo",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated data and the training.")] = 0,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the toy model again even if it is cached.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Instead of the tour: the dose-response experiment. Toys "
+                                          "trained with the planted concept at several shares of their images (0 % "
+                                          "first), compared on one probe set; report and plot in OUT/compare/.")] = False,
     device: DeviceOpt = "cpu",
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -128,12 +111,19 @@ def demo(
     (or reuse the cached one), then run visualize, scan, text, sweep, figure and grid on it, and write
     OUT/index.md listing what was made. No network, a few minutes on a laptop CPU.
 
+    --compare runs the dose-response experiment instead (docs/compare.md): `neurolens compare` over toys trained
+    on the same generator at several shares of the planted concept, written to OUT/compare/.
+
     Example:  neurolens demo --out outputs/demo
+    Example:  neurolens demo --compare
     """
+    if compare:
+        _dose_demo(Path(out) / "compare", seed, device, cache, as_json, retrain)
+        return
     from ..pipelines.demo import DemoSettings, run_demo  # lazy: keeps `neurolens --help` free of torch
 
     settings = DemoSettings(seed=seed, device=device)
-    with _stage_bars(not as_json) as progress:
+    with stage_bars(not as_json) as progress:
         report = run_demo(out, settings, cache=cache, retrain=retrain, progress=progress)
     if as_json:
         print_json(report.to_dict())
@@ -142,3 +132,18 @@ def demo(
     if report.failed:
         typer.echo(f"error: demo stages failed: {', '.join(report.failed)} (see {report.index})", err=True)
         raise typer.Exit(1)
+
+
+def _dose_demo(out: Path, seed: int, device: str, cache: Optional[str], as_json: bool, retrain: bool) -> None:
+    from ..pipelines.dose import run_dose_demo  # lazy: keeps `neurolens --help` free of torch
+    if retrain:
+        raise NeurolensError("--retrain is for the tour; the dose-response toys are kept in the cache by their "
+                             "settings (delete OUT's cache folder to train them again)")
+    with stage_bars(not as_json) as progress:
+        report = run_dose_demo(out, seed=seed, cache=cache, device=device, progress=progress)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    for line in report.lines():
+        typer.echo(line)
+    typer.echo(f"report: {report.files.html}\nplot:   {report.plot}")

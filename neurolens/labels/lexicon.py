@@ -66,6 +66,26 @@ def _term_pattern(terms: Tuple[str, ...], mode: str) -> re.Pattern:
     return re.compile("|".join(parts) if parts else r"(?!x)x")
 
 
+_RE2_SPECIAL = set("\\.^$|?*+()[]{}")
+
+
+def re2_pattern(terms: Sequence[str], mode: str) -> str:
+    """The caption match of `terms` in `mode` as an RE2 pattern (DuckDB's regexp_matches; RE2 has no
+    look-behind): a text matches it exactly when caption_nsfw_matches says so, for lower-cased text.
+    A word boundary is a non-alphanumeric character or the text's start or end, consumed instead of looked at."""
+    if mode not in MATCH_MODES:
+        raise NeurolensError(f"unknown caption match mode {mode!r}; use word, exact or substring")
+    parts = []
+    for term in terms:
+        body = "".join("." if ch == "*" else ("\\" + ch if ch in _RE2_SPECIAL else ch) for ch in term.lower())
+        if mode == "word":
+            body = "(?:" + body + ")(?:" + "|".join(_WORD_SUFFIXES) + ")?"
+        if mode != "substring":
+            body = "(?:^|[^a-z0-9])" + body + "(?:[^a-z0-9]|$)"
+        parts.append("(?:" + body + ")")
+    return "|".join(parts) if parts else "[^\\s\\S]"
+
+
 def caption_nsfw_matches(texts: Iterable[Optional[str]], terms: Optional[Sequence[str]] = None,
                          mode: str = "substring") -> np.ndarray:
     """(N,) bool: the text contains one of `terms` (default: the paper's 7), case-insensitive.

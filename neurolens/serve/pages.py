@@ -57,6 +57,11 @@ _env.filters["pct"] = charts.percent
 _env.globals["spark"] = charts.spark
 
 
+def render_template(name: str, **context) -> str:
+    """A template of serve/templates rendered with the pages' filters (num, pct) and autoescaping."""
+    return _env.get_template(name).render(**context)
+
+
 def _load_static() -> Dict[str, bytes]:
     folder = resources.files("neurolens.serve") / "static"
     return {entry.name: entry.read_bytes() for entry in folder.iterdir()
