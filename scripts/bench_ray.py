@@ -110,7 +110,7 @@ def merge_ms(model: str, layer: str, batch: int, top_k: int) -> float:
     import pickle
     import torch
     from neurolens.models.build import load_clip
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     from neurolens.activations.stats import ScanStats
     torch.set_num_threads(1)
     spec = resolve_layer(load_clip(model, "none", device="cpu"), layer)

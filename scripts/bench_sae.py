@@ -85,7 +85,7 @@ def bench_target(name: str, args) -> dict:
     from neurolens.datasets.decode import resolve_decoder
     from neurolens.datasets.open import open_dataset
     from neurolens.models.build import load_clip
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     from neurolens.pipelines.scan import run_scan
     from neurolens.sae.basis import SaeBasis
     from neurolens.sae.buffer import ActivationStream

@@ -255,7 +255,7 @@ def main() -> None:
     from neurolens.engines import local
     from neurolens.engines.timing import StageClock
     from neurolens.models.build import load_clip
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
 
     report = {"model": args.model, "layer": args.layer, "n": args.n, "batch_size": args.batch_size,
               "workers": args.workers, "top_k": args.top_k, "threads": torch.get_num_threads(), "device": args.device,

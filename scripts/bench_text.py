@@ -41,7 +41,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from neurolens.models.build import load_clip
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     from neurolens.text.encode import encode_tokens, tokenize
     from neurolens.text.directions import top_k_texts, unit_directions
     from neurolens.text.vocab import builtin_vocab

@@ -66,7 +66,7 @@ import torch  # noqa: E402
 
 from neurolens.activations.hooks import forward_to  # noqa: E402
 from neurolens.models.build import load_clip  # noqa: E402
-from neurolens.models.layers import resolve_layer  # noqa: E402
+from neurolens.models.layer_table import resolve_layer  # noqa: E402
 from neurolens.optvis.loop import evaluate, render  # noqa: E402
 from neurolens.pipelines.scan import run_scan  # noqa: E402
 from neurolens.storage.cache import Cache  # noqa: E402

@@ -230,7 +230,7 @@ def test_home_page_site_and_sae_list_survive_bad_saes(tmp_path, tiny_clip):
     assert (tmp_path / "site" / "index.html").read_text().count('data-unreadable="1"') == len(BAD_CONFIGS)
 
     from neurolens.sae.basis import available_bases
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     spec = resolve_layer(tiny_clip, "image_block_4_0")
     real = Cache(tmp_path / "real")
     for name, (cfg, _) in BAD_CONFIGS.items():

@@ -4,7 +4,8 @@ import torch
 
 from neurolens.errors import UnitOutOfRangeError, UnknownLayerError
 from neurolens.activations.hooks import capture, forward_to, hook_count
-from neurolens.models.layers import check_unit, registry_for
+from neurolens.models.layer_table import check_unit
+from neurolens.models.layers import registry_for
 
 
 def test_rn50x4_image_block_4_5_is_the_pre_relu_sum(rn50x4):

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from neurolens.cli import app
 from neurolens.data import MODEL_CONFIGS
 from neurolens.models.checkpoint import save_checkpoint
-from neurolens.models.layers import registry_for, resolve_layer
+from neurolens.models.layers import registry_for
+from neurolens.models.layer_table import resolve_layer
 from neurolens.pipelines.model import LazyClip, load_model
 from neurolens.records.models import card_path, read_card
 from neurolens.models.identity import model_request

@@ -40,7 +40,7 @@ def panel_table(tiny_clip, dataset_table, tmp_path_factory):  # noqa: F811
 
     import torch
     from neurolens.activations.hooks import forward_to
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     root = tmp_path_factory.mktemp("paneldata")
     source = open_dataset(dataset_table)
     pixels = torch.stack([torch.from_numpy(np.asarray(preprocess(source.load(i), tiny_clip.image_size), dtype=np.float32))

@@ -8,7 +8,7 @@ import torch
 
 from neurolens.activations.hooks import forward_to
 from neurolens.models.build import load_clip
-from neurolens.models.layers import resolve_layer
+from neurolens.models.layer_table import resolve_layer
 from neurolens.models.random_init import calibration_batch
 
 

@@ -12,7 +12,7 @@ from neurolens.datasets.open import open_dataset
 from neurolens.labels import nudenet
 from neurolens.labels.policy import BlurPolicy
 from neurolens.labels.sources import nudenet_scores
-from neurolens.models.layers import resolve_layer
+from neurolens.models.layer_table import resolve_layer
 from neurolens.pipelines.scan import find_scan, run_scan
 from neurolens.pipelines.text import find_text, run_text
 from neurolens.pipelines.topmaps import run_top_maps

@@ -5,7 +5,7 @@ import torch
 
 from neurolens.optvis import objectives
 from neurolens.activations.hooks import forward_to, hook_count
-from neurolens.models.layers import resolve_layer
+from neurolens.models.layer_table import resolve_layer
 from neurolens.optvis.param import FourierImage
 from neurolens.optvis.loop import evaluate, render
 from neurolens.types import RenderSettings
@@ -151,7 +151,7 @@ def test_quality_presets():
 def test_keep_best_returns_the_best_checked_image_and_its_clean_activation(tiny_clip):
     """keep_best checks the clean objective every N steps; what is returned is the best of those checks, and
     its activation is the image's own (re-evaluated here), never below the last image's."""
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     from neurolens.optvis.loop import evaluate, render
     from neurolens.types import RenderSettings
     spec = resolve_layer(tiny_clip, "image_block_3_0")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from neurolens.cli import app
 from neurolens.datasets.open import open_dataset
 from neurolens.activations.hooks import forward_to, hook_count
-from neurolens.models.layers import resolve_layer
+from neurolens.models.layer_table import resolve_layer
 from neurolens.pipelines.sae import run_sae_train
 from neurolens.pipelines.scan import run_scan
 from neurolens.sae.model import SaeConfig, SparseAutoencoder

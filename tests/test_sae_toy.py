@@ -31,7 +31,7 @@ def toy(tmp_path_factory):
     """The demo's toy model and data, an SAE trained on them, and the held-out truth set's activations."""
     from neurolens.activations.hooks import forward_to
     from neurolens.models.build import load_clip
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     from neurolens.pipelines.demo import DemoSettings
     from neurolens.toy.store import toy_dataset, toy_model
     from neurolens.pipelines.sae import run_sae_train
@@ -108,7 +108,7 @@ def test_visualization_of_the_planted_feature_beats_every_dataset_image(toy):
     from neurolens.datasets.decode import preprocess_array
     from neurolens.pipelines.visualize import run_visualize
     from neurolens.optvis.loop import evaluate
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     from neurolens.types import RenderSettings
     clip, basis = toy["clip"], toy["basis"]
     best, _, _ = best_feature(toy)

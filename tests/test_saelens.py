@@ -31,7 +31,7 @@ from neurolens.activations.hooks import forward_to  # noqa: E402
 from neurolens.cli import app  # noqa: E402
 from neurolens.datasets.open import open_dataset  # noqa: E402
 from neurolens.datasets.decode import preprocess_array  # noqa: E402
-from neurolens.models.layers import resolve_layer  # noqa: E402
+from neurolens.models.layer_table import resolve_layer  # noqa: E402
 from neurolens.sae.io import load_sae  # noqa: E402
 from neurolens.records.sae import sae_folder  # noqa: E402
 from neurolens.storage.cache import Cache  # noqa: E402

@@ -18,7 +18,7 @@ from neurolens.cli import app
 from neurolens.datasets.decode import BadImage, preprocess_array
 from neurolens.datasets.open import open_dataset
 from neurolens.activations.hooks import hook_count
-from neurolens.models.layers import resolve_layer
+from neurolens.models.layer_table import resolve_layer
 from neurolens.pipelines.scan import find_scan, run_scan
 from neurolens.activations.stats import ScanStats
 from neurolens.activations.forward import brute_force_maxima, rank_order

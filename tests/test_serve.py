@@ -222,7 +222,7 @@ def png_bytes(image):
 
 def probe_upload(server, tiny_clip, fx, layer_id, unit, upload):
     """The server's probe answer for `upload`, and the layer's activations on it computed here."""
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     from neurolens.activations.forward import layer_forward
     status, _, body = request(server, "POST", f"/api/{layer_id}/probe?unit={unit}", body=png_bytes(upload),
                               headers={"Content-Type": "application/octet-stream", **PROBE})
@@ -331,7 +331,7 @@ def test_feature_layer_page_lists_every_feature_with_the_feature_sweeps_flags(se
 
 
 def test_feature_unit_page_shows_the_features_records(server, fx, tiny_clip, basis, feature_scan, feature_id):
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     from neurolens.pipelines.text import find_text, unit_directions_cached
     feature = fx.feature_visualized[-1]
     status, _, body = request(server, "GET", f"/L/{feature_id}/u/{feature}.html")

@@ -13,7 +13,8 @@ from neurolens.text import directions as directionlib, encode as textlib
 from neurolens.cli import app
 from neurolens.errors import NeurolensError
 from neurolens.activations.hooks import forward_to, hook_count, inject
-from neurolens.models.layers import registry_for, resolve_layer
+from neurolens.models.layers import registry_for
+from neurolens.models.layer_table import resolve_layer
 from neurolens.pipelines.text import find_text, run_text
 from neurolens.text.vocab import builtin_vocab, load_vocab
 from neurolens.labels.prompts import Prompts

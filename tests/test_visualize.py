@@ -104,7 +104,7 @@ def test_json_compares_the_visualization_with_the_newest_scans_top1(tiny_clip, d
     from PIL import Image
     import torch
     from neurolens.activations.forward import layer_forward
-    from neurolens.models.layers import resolve_layer
+    from neurolens.models.layer_table import resolve_layer
     from neurolens.pipelines.scan import run_scan
     cache = Cache(tmp_path / "cache")
     builtin = run_scan(tiny_clip, "image_block_4_0", None, top_k=4, cache=cache)

@@ -6,7 +6,7 @@ import torch
 
 from neurolens.activations.hooks import forward_to, hook_count
 from neurolens.models.build import load_clip
-from neurolens.models.layers import resolve_layer
+from neurolens.models.layer_table import resolve_layer
 from neurolens.models.resize import any_input_size, resize_positions
 from neurolens.optvis.loop import evaluate, low_res_size, render
 from neurolens.types import RenderSettings

@@ -129,7 +129,7 @@ def list_command(
 
     Example:  neurolens sae list --layer image_block_4_5
     """
-    from ..models.layers import resolve_layer  # lazy: keeps `neurolens --help` free of torch
+    from ..models.layer_table import resolve_layer  # lazy: keeps `neurolens --help` free of torch
     clip = model.load(quiet=as_json, cache=cache)
     spec = resolve_layer(clip, layer)
     rows = []

@@ -47,7 +47,7 @@ def text(
 
     Example:  neurolens text --layer image_block_4_5 --unit 1543 --top-k 30
     """
-    from ..models.layers import resolve_layer  # lazy: keeps `neurolens --help` free of torch
+    from ..models.layer_table import resolve_layer  # lazy: keeps `neurolens --help` free of torch
     from ..pipelines.text import (find_text, run_text, text_embeddings,  # lazy: keeps `neurolens --help` free of torch
                                   unit_directions_cached, vocabulary as vocab_of)
 

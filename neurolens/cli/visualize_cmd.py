@@ -63,7 +63,7 @@ def visualize(
                                 **{name: value for name, value in chosen.items() if value is not None})
     if no_blur:
         typer.echo("note: --no-blur: feature visualizations are written with RAW pixels to *_noblur.png", err=True)
-    from ..models.layers import resolve_layer  # lazy: keeps `neurolens --help` free of torch
+    from ..models.layer_table import resolve_layer  # lazy: keeps `neurolens --help` free of torch
     clip = model.load(quiet=as_json, cache=cache)
     resolve_layer(clip, layer)  # bad layer, SAE or unit: one line before any work starts
     basis = open_basis(clip, layer, sae, cache)

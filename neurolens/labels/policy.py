@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import NeurolensError
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..records import labels as label_records
 from ..records.keys import as_cache, basis_id
 from ..records.concepts import flagged_in_cache as concept_flags

@@ -22,6 +22,7 @@ import torch
 from ..data import MODEL_CONFIGS
 from ..errors import NeurolensError
 from .checkpoint import read_checkpoint, register_checkpoint_config
+from .layers import registry_for
 from .names import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_SEED, RANDOM_WEIGHTS
 from .pretrained import pretrained_weights_file, weights_unavailable
 from .random_init import recalibrate_batch_norms
@@ -52,6 +53,15 @@ class LoadedClip:
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         return (images - mean) / std
+
+    @property
+    def device_type(self) -> str:
+        """"cpu" or "cuda" (as LazyClip's, which knows it without torch on the CPU)."""
+        return self.device.type
+
+    def layer_table(self):
+        """The model's layer table (neurolens.models.layers: measured by one forward on first use)."""
+        return registry_for(self)
 
 
 def register_bundled_configs() -> None:

@@ -16,7 +16,6 @@ import re
 import shutil
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -26,17 +25,9 @@ from safetensors.torch import load_file
 
 from ..errors import NeurolensError
 from ..storage.files import write_bytes
+from .pretrained import is_torchscript_archive
 
 _OPEN_CLIP_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
-
-
-def is_torchscript_archive(path: Path) -> bool:
-    """OpenAI's original CLIP .pt files are TorchScript archives (code + constants), not state dicts."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
 def _refusal_reason(exc: Exception) -> str:

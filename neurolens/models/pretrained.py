@@ -8,13 +8,13 @@ import os
 import socket
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import huggingface_hub  # its functions load on first use (attribute access), so this import costs nothing
 
 from ..errors import WeightsUnavailableError
-from .checkpoint import is_torchscript_archive
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -99,6 +99,15 @@ def _cached_pretrained_file(pretrained_cfg: Dict[str, Any]) -> Optional[str]:
         if candidate.is_file() and not is_torchscript_archive(candidate):
             return str(candidate)
     return None
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """OpenAI's original CLIP .pt files are TorchScript archives (code + constants), not state dicts."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def cached_tag_file(source: Dict[str, str]) -> Optional[str]:

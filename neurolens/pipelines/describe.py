@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from ..labels.spec import is_random
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..records import text as text_records
 from ..records.descriptions import (DESCRIPTIONS_KIND, DESCRIPTIONS_VERSION, DescriptionsResult, descriptions_path,
                                     from_record, to_record)

@@ -14,7 +14,7 @@ from ..datasets.types import ImageDataset
 from ..display.panels import PanelOptions, unit_panel, units_grid
 from ..errors import NeurolensError
 from ..labels.policy import BlurPolicy
-from ..models.layers import check_unit, resolve_layer
+from ..models.layer_table import check_unit, resolve_layer
 from ..records.keys import as_basis, as_cache
 from ..records.sweep import SweepResult
 from ..records.visualize import unit_tag

@@ -38,7 +38,7 @@ from ..datasets.types import ImageDataset
 from ..display.dashboard import UnitDashboard
 from ..display.notebook import Evidence, Histogram, LayerFlags, Picture, Samples, SaeQuality, Texts, Visualizations
 from ..labels.policy import BlurPolicy
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..models.names import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from ..records import visualize as visualize_records
 from ..records.keys import NEURONS, as_cache

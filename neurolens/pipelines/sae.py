@@ -24,7 +24,7 @@ from ..datasets.open import open_dataset
 from ..datasets.types import ImageDataset
 from ..engines.local import default_batch_size, default_workers
 from ..errors import NeurolensError
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..records.keys import as_cache, decoder_parts
 from ..records.sae import check_name, is_complete, sae_folder
 from ..sae.basis import SaeBasis

@@ -17,7 +17,7 @@ from ..datasets.types import ImageDataset
 from ..display.figures import crop_around_cell, tile_grid
 from ..errors import NeurolensError
 from ..labels.policy import BlurPolicy, blur_note
-from ..models.layers import check_unit, resolve_layer
+from ..models.layer_table import check_unit, resolve_layer
 from ..records.keys import as_basis
 from ..records.scan import ScanResult
 from ..records.visualize import unit_tag

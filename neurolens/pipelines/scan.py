@@ -28,7 +28,7 @@ from ..engines.timing import NO_CLOCK
 from ..engines.ray.session import RayOptions, ray_session
 from ..engines.ray.shards import plan_dataset
 from ..errors import DatasetError, NeurolensError
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..records import scan as scan_records
 from ..records.keys import NEURONS, as_basis, as_cache
 from ..records.scan import ScanResult, scan_key

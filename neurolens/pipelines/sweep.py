@@ -46,7 +46,7 @@ from ..labels.prompts import LOGIT_SCALE, TEXT_NSFW_THRESHOLD
 from ..labels.reliability import LabelSet, check_reliability
 from ..labels.sources import compute_sources, has_captions, resolve_specs
 from ..labels.spec import LabelSpec, is_random
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..records.keys import as_basis, as_cache
 from ..records.scan import scan_key
 from ..records.sweep import (FUSED_KIND, MARK_LEXICON, MARK_NONE, MARK_ZERO_SHOT, SWEEP_KIND, SWEEP_VERSION,

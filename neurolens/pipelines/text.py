@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Union
 import numpy as np
 
 from ..errors import NeurolensError
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..records import text as text_records
 from ..records.keys import NEURONS, as_basis, as_cache, basis_id
 from ..storage.cache import Cache

@@ -21,7 +21,7 @@ from ..datasets.open import dataset_from_keys
 from ..datasets.types import ImageDataset
 from ..engines.local import batches, default_batch_size, default_workers
 from ..errors import NeurolensError
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..records.keys import NEURONS, as_basis, as_cache, basis_id
 from ..records.maps import TopMaps, read_top_maps, top_maps_path, write_top_maps
 from ..records.scan import newest_scan

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..labels.policy import BlurPolicy
-from ..models.layers import check_unit, resolve_layer
+from ..models.layer_table import check_unit, resolve_layer
 from ..optvis.loop import render, resolve_precision
 from ..records.keys import as_basis, as_cache
 from ..records.scan import dataset_top1

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import NeurolensError, UnitOutOfRangeError
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..optvis.objectives import Objective, unit_objective
 from ..records.keys import NEURONS, as_cache
 from ..records.sae import sae_folder

@@ -20,7 +20,7 @@ from PIL import Image
 from ..activations.forward import layer_forward
 from ..datasets.decode import BadImage, decode_image, preprocess, preprocess_array
 from ..errors import NeurolensError
-from ..models.layers import resolve_layer
+from ..models.layer_table import resolve_layer
 from ..sae.basis import load_basis
 from .images import LayerImages
 from .layer import LayerData

@@ -18,7 +18,7 @@ from ...activations.stats import ScanStats
 from ...datasets.decode import Prepared, prepare_item
 from ...errors import NeurolensError
 from ...models.build import LoadedClip, resolve_device, weights_fingerprint
-from ...models.layers import resolve_layer
+from ...models.layer_table import resolve_layer
 from ..decode import assemble
 from .shards import PlannedShard
 
