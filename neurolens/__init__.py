@@ -87,7 +87,7 @@ _API: Dict[str, Tuple[str, str]] = {
     "UnitScores": ("neurolens.scoring.units", "UnitScores"),
     "SaeTrainResult": ("neurolens.pipelines.sae", "SaeTrainResult"),
     "run_sae_train": ("neurolens.pipelines.sae", "run_sae_train"),
-    "NeuronBasis": ("neurolens.sae.basis", "NeuronBasis"),
+    "NeuronBasis": ("neurolens.sae.neurons", "NeuronBasis"),
     "SaeBasis": ("neurolens.sae.basis", "SaeBasis"),
     "SaeConfig": ("neurolens.sae.model", "SaeConfig"),
     "SaeTrainSettings": ("neurolens.sae.train", "SaeTrainSettings"),

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import NeurolensError
+from ..sae.neurons import neuron_basis
 from ..storage.files import WRITE_ERRNOS, write_error
 
 # `neurolens --help` lists the commands in the order of a session's work; commands not named here (added
@@ -74,7 +75,9 @@ def command(func: Callable) -> Callable:
 
 def open_basis(clip, layer: str, sae: Optional[str], cache: Optional[str]):
     """The units of `layer` to work on: its neurons (sae None) or the features of the SAE `sae`."""
-    from ..sae.basis import load_basis  # lazy: SAEs import torch; --help must not
+    if sae is None:
+        return neuron_basis(clip, layer)
+    from ..sae.basis import load_basis  # lazy: SAEs import torch; --help and a cached answer for neurons must not
     return load_basis(clip, layer, sae, cache=cache)
 
 

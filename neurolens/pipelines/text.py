@@ -20,7 +20,6 @@ from ..models.layer_table import resolve_layer
 from ..records import text as text_records
 from ..records.keys import NEURONS, as_basis, as_cache, basis_id
 from ..storage.cache import Cache
-from ..text import directions as directionlib, encode as textlib
 from ..text.vocab import Vocabulary, builtin_identity, builtin_vocab, is_builtin, load_vocab
 
 NEUTRAL_REFERENCE = "neutral-grey-0.5"
@@ -94,7 +93,8 @@ def text_embeddings(clip, vocab: Vocabulary, cache=None, force: bool = False, ba
             if progress is not None:
                 progress(len(vocab), len(vocab))
             return embeddings, True, path
-    embeddings = textlib.encode_texts(clip, vocab.entries, batch_size=batch_size, progress=progress)
+    from ..text.encode import encode_texts  # lazy: torch only to compute; a cached answer imports none
+    embeddings = encode_texts(clip, vocab.entries, batch_size=batch_size, progress=progress)
     text_records.write_embeddings(cache, path, embeddings, vocab, clip)
     return embeddings, False, path
 
@@ -115,6 +115,7 @@ def unit_directions_cached(clip, spec, scan=None, cache=None, force: bool = Fals
         directions = text_records.read_directions(cache, path, _units(spec, basis))
         if directions is not None:
             return directions, True
+    from ..text import directions as directionlib  # lazy: torch only to compute; a cached answer imports none
     reference_map = None if scan is None else scan.mean_map
     if basis is None:
         directions = directionlib.unit_directions(clip, spec, reference_map=reference_map, progress=progress)
@@ -184,7 +185,8 @@ def run_text(clip, layer: str, vocab: Union[str, Vocabulary] = "builtin", top_k:
     directions, directions_cached = unit_directions_cached(clip, spec, scan, cache, force=force,
                                                            progress=direction_progress, basis=basis)
     directed = time.perf_counter()
-    indices, scores = directionlib.top_k_texts(directions, embeddings, top_k, device=clip.device)
+    from ..text.directions import top_k_texts  # lazy: torch only to compute; a cached answer imports none
+    indices, scores = top_k_texts(directions, embeddings, top_k, device=clip.device)
     ranked = time.perf_counter()
     path = _ranking_path(clip, spec, vocab, top_k, scan, cache, basis)
     text_records.write_ranking(cache, path, indices, scores, top_k, spec.name, vocab, reference_identity(scan),

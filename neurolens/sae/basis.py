@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import NeurolensError, UnitOutOfRangeError
+from ..errors import NeurolensError
 from ..models.layer_table import resolve_layer
-from ..optvis.objectives import Objective, unit_objective
+from ..optvis.objectives import Objective
 from ..records.keys import NEURONS, as_cache
 from ..records.sae import sae_folder
 from ..records.visualize import unit_tag
@@ -39,42 +39,8 @@ from ..types import LayerSpec
 from .io import load_sae
 from ..records.sae import read_config
 from .model import SparseAutoencoder
+from .neurons import NeuronBasis, check_basis_unit
 from .registry import list_saes, locate
-
-
-class NeuronBasis:
-    """The layer's own channels."""
-    kind = NEURONS
-    id = NEURONS
-    name = ""
-    unit_word = "unit"
-    path: Optional[Path] = None
-    sae: Optional[SparseAutoencoder] = None
-
-    def __init__(self, spec: LayerSpec):
-        self.spec = spec
-        self.units = spec.channels
-
-    def activations(self, acts: torch.Tensor) -> torch.Tensor:
-        return acts
-
-    def objective(self, kind: str, layer: str, units: Sequence[int]) -> Objective:
-        return unit_objective(kind, layer, units)
-
-    def directions(self, jacobian: torch.Tensor) -> np.ndarray:
-        return F.normalize(torch.as_tensor(jacobian).float().t(), dim=-1).numpy()
-
-    def tag(self, unit: int) -> str:
-        return unit_tag(unit)
-
-    def label(self, unit: int) -> str:
-        return f"unit {int(unit)}"
-
-    def check_unit(self, unit: int) -> None:
-        _check(self, unit)
-
-    def describe(self) -> dict:
-        return {"basis": self.id, "kind": self.kind, "units": self.units}
 
 
 class SaeBasis:
@@ -155,7 +121,7 @@ class SaeBasis:
         return f"feature {int(unit)} of SAE {self.name}"
 
     def check_unit(self, unit: int) -> None:
-        _check(self, unit)
+        check_basis_unit(self, unit)
 
     def describe(self) -> dict:
         config = self.sae.config
@@ -167,13 +133,6 @@ class SaeBasis:
 Basis = Union[NeuronBasis, SaeBasis]
 
 
-def _check(basis, unit: int) -> None:
-    if not 0 <= int(unit) < basis.units:
-        what = f"SAE {basis.name}" if basis.kind != NEURONS else f"layer {basis.spec.name}"
-        raise UnitOutOfRangeError(f"{basis.unit_word} {unit} is out of range for {what}: it has {basis.units} "
-                                  f"{basis.unit_word}s, 0 to {basis.units - 1}")
-
-
 def weights_digest(sae: SparseAutoencoder) -> str:
     """sha1 of the architecture, k, normalization and every tensor's bytes: the SAE's identity in cache keys."""
     config = sae.config
@@ -183,10 +142,6 @@ def weights_digest(sae: SparseAutoencoder) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def is_neurons(basis) -> bool:
-    return basis is None or getattr(basis, "kind", None) == NEURONS
 
 
 def load_basis(clip, layer: str, sae: Union[None, str, Path, SparseAutoencoder, NeuronBasis, SaeBasis] = None,
