@@ -29,8 +29,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import NeurolensError
-from ..models.embed import image_embeddings
-from ..text.encode import encode_texts
 from .lexicon import caption_nsfw_matches, lexicon_terms
 from .prompts import LOGIT_SCALE, Prompts, load_prompts
 
@@ -47,6 +45,7 @@ def prompt_embeddings(clip, prompts: Optional[Prompts] = None) -> np.ndarray:
     prompts = prompts or load_prompts()
     key = (clip.fingerprint, prompts.identity)
     if key not in _PROMPT_CACHE:
+        from ..text.encode import encode_texts  # lazy: torch only to score; the blur policy's cached scores need none
         _PROMPT_CACHE[key] = encode_texts(clip, prompts.all)
     return _PROMPT_CACHE[key]
 
@@ -80,6 +79,7 @@ def nsfw_scores_for_images(clip, pil_images: Sequence, prompts: Optional[Prompts
     pil_images = list(pil_images)
     if not pil_images:
         return np.zeros(0, np.float32)
+    from ..models.embed import image_embeddings  # lazy: torch only to score; the blur policy's cached scores need none
     return nsfw_scores_for_embeddings(clip, image_embeddings(clip, pil_images, batch_size), prompts, logit_scale)
 
 
@@ -93,6 +93,7 @@ def text_nsfw_scores(clip, texts: Sequence[str], embeddings: Optional[np.ndarray
     scores = lexicon.astype(np.float32)
     if zero_shot and texts:
         if embeddings is None:
+            from ..text.encode import encode_texts  # lazy: torch only to score texts the cache lacks
             embeddings = encode_texts(clip, texts)
         scores = np.maximum(scores, nsfw_scores_for_embeddings(clip, embeddings, prompts))
     return scores

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from ..activations.hooks import forward_to
-from ..errors import NeurolensError
 from ..models.resize import any_input_size
 from ..types import LayerSpec, RenderSettings
 from .objectives import Objective, diversity, unit_objective
 from .param import FourierImage
+from .precision import resolve_precision
 
 # Lucid's standard transforms, folded into one affine resampling per step: pad with grey and jitter
 # (up to 8 + 4 px at 224 px, scaled to the image size), scale 0.9-1.1, rotate -10..10 degrees.
@@ -41,16 +41,6 @@ class RenderOutput:
     maxima: np.ndarray        # float32 (N,) the unit's highest activation over the cells of each final image
                               # (unit_maxima: what a scan records per dataset image)
     curve: np.ndarray         # float32 (steps, N) objective of the transformed batch at every step
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 on CUDA and fp32 on CPU: measured on a 2-core avx512_bf16 CPU, bf16 autocast made
-    RN50x4's forward+backward many times slower, not faster (see README benchmarks)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise NeurolensError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
-    return precision
 
 
 def transform_seed(seeds: Sequence[int]) -> int:

@@ -12,7 +12,7 @@ torch comes with the first thing that needs it (the model, a torch.device for "a
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import NeurolensError
 from ..models.identity import model_request
@@ -21,6 +21,9 @@ from ..models.names import DEFAULT_MODEL, DEFAULT_PRETRAINED
 from ..records.keys import as_cache
 from ..records.models import ModelCard, card_from_clip, read_card, write_card
 from ..types import LayerSpec
+
+if TYPE_CHECKING:
+    from ..models.build import LoadedClip
 
 Announce = Optional[Callable[[str], None]]
 CPU = "cpu"

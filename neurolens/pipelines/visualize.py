@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..labels.policy import BlurPolicy
 from ..models.layer_table import check_unit, resolve_layer
-from ..optvis.loop import render, resolve_precision
+from ..optvis.precision import resolve_precision
 from ..records.keys import as_basis, as_cache
 from ..records.scan import dataset_top1
 from ..records.visualize import record_path, unit_tag, visualization_record
@@ -31,7 +31,7 @@ def resolved_settings(clip, settings: RenderSettings) -> RenderSettings:
         budget_settings(settings),
         size=settings.size or clip.image_size,
         seeds=tuple(int(s) for s in settings.seeds),
-        precision=resolve_precision(settings.precision, clip.device),
+        precision=resolve_precision(settings.precision, clip.device_type),
     )
 
 
@@ -80,6 +80,8 @@ def run_visualize(clip, layer: str, units: Sequence[int], settings: RenderSettin
     total_steps = settings.steps * len(batches)
     if progress is not None and total_steps:
         progress(0, total_steps)
+    if batches:
+        from ..optvis.loop import render  # lazy: torch only to render; a cached answer imports none
     for index, batch in enumerate(batches):
         offset = index * settings.steps
         report = (lambda done, total, offset=offset: progress(offset + done, total_steps)) if progress else None
