@@ -11,6 +11,8 @@ from .errors import NeurolensError
 CAPTURE_OUTPUT = "output"          # the module's return value
 CAPTURE_INPUT = "input"            # the module's first positional input (pre-hook); cloned, as the module may be in place
 
+PRECISIONS = ("fp32", "bf16")      # what a layer forward runs at (activations.forward)
+
 
 @dataclass(frozen=True)
 class LayerSpec:

@@ -22,7 +22,8 @@ from neurolens.datasets.open import open_dataset
 from neurolens.engines.decode import assemble, decode_jpegs, to_input
 from neurolens.engines.timing import STAGES, StageClock
 from neurolens.models.layer_table import resolve_layer
-from neurolens.pipelines.scan import find_scan, run_scan
+from neurolens.pipelines.scan_find import find_scan
+from neurolens.pipelines.scan import run_scan
 from neurolens.pipelines.topmaps import run_top_maps
 from neurolens.records.scan import scan_key
 from neurolens.sae.buffer import ActivationStream

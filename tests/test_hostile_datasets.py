@@ -95,7 +95,7 @@ def test_probe_upload_of_a_tall_png_is_bounded_and_probes_use_a_bounded_pool(bou
 
 
 def test_scan_of_a_folder_with_a_fifo_dev_zero_and_an_oversize_file_finishes_and_lists_them(tmp_path, tiny_clip):
-    from neurolens.pipelines.scan import find_scan
+    from neurolens.pipelines.scan_find import find_scan
     from neurolens.storage.cache import Cache
     bad = hostile_folder(tmp_path / "data")
     env = dict(os.environ, OMP_NUM_THREADS="1", NEUROLENS_MAX_IMAGE_BYTES="64K")

@@ -19,7 +19,8 @@ ray = pytest.importorskip("ray")  # in the test extra; the single-process scan n
 
 from neurolens.engines.ray.session import RayOptions, loopback_only  # noqa: E402
 
-from neurolens.pipelines.scan import find_scan, run_ray_scan, run_scan  # noqa: E402
+from neurolens.pipelines.scan_find import find_scan  # noqa: E402
+from neurolens.pipelines.scan import run_ray_scan, run_scan  # noqa: E402
 from neurolens.storage.cache import Cache  # noqa: E402
 from scan_data import write_img2dataset  # noqa: E402
 

@@ -13,7 +13,8 @@ from neurolens.labels import nudenet
 from neurolens.labels.policy import BlurPolicy
 from neurolens.labels.sources import nudenet_scores
 from neurolens.models.layer_table import resolve_layer
-from neurolens.pipelines.scan import find_scan, run_scan
+from neurolens.pipelines.scan_find import find_scan
+from neurolens.pipelines.scan import run_scan
 from neurolens.pipelines.text import find_text, run_text
 from neurolens.pipelines.topmaps import run_top_maps
 from neurolens.pipelines.visualize import resolved_settings, run_visualize

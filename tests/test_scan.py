@@ -19,7 +19,8 @@ from neurolens.datasets.decode import BadImage, preprocess_array
 from neurolens.datasets.open import open_dataset
 from neurolens.activations.hooks import hook_count
 from neurolens.models.layer_table import resolve_layer
-from neurolens.pipelines.scan import find_scan, run_scan
+from neurolens.pipelines.scan_find import find_scan
+from neurolens.pipelines.scan import run_scan
 from neurolens.activations.stats import ScanStats
 from neurolens.activations.forward import brute_force_maxima, rank_order
 from neurolens.engines.local import scan_shard

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from neurolens.datasets.open import open_dataset
-from neurolens.pipelines.scan import find_scan, run_scan
+from neurolens.pipelines.scan_find import find_scan
+from neurolens.pipelines.scan import run_scan
 from neurolens.storage.cache import Cache
 from scan_data import write_images
 

@@ -22,7 +22,7 @@ from neurolens.labels.blur import blur_pixels, detail_retained
 from neurolens.datasets.open import open_dataset
 from neurolens.datasets.decode import preprocess
 from neurolens.display.figures import crop_around_cell
-from neurolens.pipelines.scan import find_scan
+from neurolens.pipelines.scan_find import find_scan
 from neurolens.storage.cache import Cache
 
 TIMEOUT = 60

@@ -21,7 +21,7 @@ import serve_fixture
 from neurolens.datasets.open import open_dataset
 from neurolens.datasets.decode import preprocess
 from neurolens.display.figures import crop_around_cell
-from neurolens.pipelines.scan import find_scan
+from neurolens.pipelines.scan_find import find_scan
 from neurolens.storage.cache import Cache
 
 pytestmark = pytest.mark.integration   # a real browser (chromium through Playwright)

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from neurolens.cli import app
 from neurolens.datasets.open import open_dataset
-from neurolens.pipelines.scan import find_scan, run_scan
+from neurolens.pipelines.scan_find import find_scan
+from neurolens.pipelines.scan import run_scan
 from neurolens.storage.cache import Cache
 from scan_data import assert_identical, write_images
 

@@ -13,8 +13,6 @@ import torch
 from ..types import LayerSpec
 from .hooks import StopForward, capture
 
-PRECISIONS = ("fp32", "bf16")
-
 
 def _autocast(clip, precision: str):
     if precision == "fp32":

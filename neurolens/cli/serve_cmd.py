@@ -49,7 +49,7 @@ def maps(
     Example:  neurolens maps --layer image_block_4_5 --sae rn8x
     Example:  neurolens maps --checkpoint toy.pt --layer image_block_4_0 --dataset pairs.parquet
     """
-    from ..pipelines.scan import find_scan  # lazy: keeps `neurolens --help` free of torch
+    from ..pipelines.scan_find import find_scan  # lazy: keeps `neurolens --help` free of torch
     from ..pipelines.topmaps import run_top_maps  # lazy: keeps `neurolens --help` free of torch
 
     clip = model.load(quiet=as_json, cache=cache)

@@ -29,7 +29,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..activations.forward import PRECISIONS, layer_forward
+from ..types import PRECISIONS
+from ..activations.forward import layer_forward
 from ..activations.stats import BatchOutput, ScanStats
 from ..datasets.decode import Prepared, prepare_item, resolve_decoder
 from ..datasets.types import ImageDataset

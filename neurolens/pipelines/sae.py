@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Union
 
-from ..activations.forward import PRECISIONS
+from ..types import PRECISIONS
 from ..datasets.decode import resolve_decoder
 from ..datasets.open import open_dataset
 from ..datasets.types import ImageDataset

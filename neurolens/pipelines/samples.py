@@ -22,7 +22,7 @@ from ..records.keys import as_basis
 from ..records.scan import ScanResult
 from ..records.visualize import unit_tag
 from ..storage.files import save_png
-from .scan import run_scan
+from .scan_find import check_scan_options, find_scan
 
 CROP_PIXELS = 128
 GRID_COLUMNS = 8
@@ -87,8 +87,14 @@ def run_samples(clip, layer: str, unit: int, dataset: Union[ImageDataset, str, N
     else:
         basis.check_unit(unit)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
-    scan = run_scan(clip, spec.name, dataset, top_k=top_k, batch_size=batch_size, workers=workers, cache=cache,
-                    precision=precision, progress=progress, basis=basis, decoder=decoder)
+    check_scan_options(precision, top_k, batch_size, workers)
+    scan = find_scan(clip, spec.name, dataset, top_k, precision, cache, basis=basis, decoder=decoder)
+    if scan is None:
+        from .scan import run_scan  # lazy: torch only to scan; a cached answer imports none
+        scan = run_scan(clip, spec.name, dataset, top_k=top_k, batch_size=batch_size, workers=workers, cache=cache,
+                        precision=precision, progress=progress, basis=basis, decoder=decoder)
+    elif progress:
+        progress(len(dataset), len(dataset))
     rows = unit_rows(scan, unit, show)
     result = UnitSamples(spec.name, int(unit), rows, scan)
     if not figure or not rows:

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..activations.forward import PRECISIONS
+from ..types import PRECISIONS
 from ..activations.stats import BatchOutput, ScanStats
 from ..datasets.decode import resolve_decoder
 from ..datasets.open import open_dataset
@@ -35,21 +35,10 @@ from ..records.scan import ScanResult, scan_key
 from ..records.scan_lock import key_lock
 from ..records.shards import ShardStore
 from ..storage.cache import Cache
+from .scan_find import check_scan_options, find_scan
 
 CHECKPOINT_SECONDS = 5.0         # without checkpoint_every: a checkpoint at most every 5 s of scanning
 CHUNK_MAX_BYTES = 32 * 2 ** 20   # per-image maxima are flushed to a chunk record before the buffer passes this
-
-
-def find_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, top_k: int = 32,
-              precision: str = "fp32", cache=None, embeddings: bool = False, basis=None,
-              decoder: str = "auto") -> Optional[ScanResult]:
-    """The cached finished scan, or None. A scan with embeddings also answers a request without them.
-    basis: None for the neurons, or a basis of the layer (neurolens.sae.basis.load_basis) for its units.
-    decoder: the scan's image decoder (auto: what run_scan would use on the model's device)."""
-    spec = resolve_layer(clip, layer)
-    dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
-    return scan_records.find_result(as_cache(cache), clip, spec, dataset, top_k, precision, embeddings, as_basis(basis),
-                                    decoder=resolve_decoder(decoder, clip.device))
 
 
 def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, top_k: int = 32,
@@ -69,19 +58,12 @@ def run_scan(clip, layer: str, dataset: Union[ImageDataset, str, None] = None, t
     decoder: "auto" (torchvision on a CUDA device, else pil), "pil" or "torchvision" (docs/scan.md: --decode);
     the decoder used is in the record (ScanResult.decoder) and, unless pil, in its key.
     clock: an engines.timing.StageClock that gets the busy seconds of each stage (scripts/bench_scan.py)."""
-    if precision not in PRECISIONS:
-        raise NeurolensError(f"unknown precision {precision!r}; use fp32 or bf16")
-    if int(top_k) < 1:
-        raise NeurolensError(f"--top-k must be at least 1, got {top_k}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise NeurolensError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers is not None and int(workers) < 0:
-        raise NeurolensError(f"--workers must be 0 or more, got {workers}")
+    check_scan_options(precision, top_k, batch_size, workers)
     spec = resolve_layer(clip, layer)
     dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
     cache = as_cache(cache)
     basis = as_basis(basis)
-    decoder = resolve_decoder(decoder, clip.device)
+    decoder = resolve_decoder(decoder, clip.device_type)
     if not force:
         found = find_scan(clip, spec.name, dataset, top_k, precision, cache, embeddings, basis, decoder)
         if found is not None:

@@ -57,7 +57,8 @@ from ..scoring.units import EDGE_SAMPLE_ROWS, auc_method, score_units, unit_stat
 from ..storage.cache import Cache, settings_key
 from ..text.vocab import load_vocab
 from .flags import flags_path, write_flags_csv
-from .scan import find_scan, run_scan, write_ray_scan
+from .scan import run_scan, write_ray_scan
+from .scan_find import find_scan
 from .settings import LabelSettings, SweepSettings, sweep_settings
 from .text import find_text, run_text, text_embeddings
 
