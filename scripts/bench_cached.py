@@ -9,7 +9,8 @@ every command runs once to fill the cache. The vocabulary is the dataset's capti
 
 Reported per command: cached_s and loaded_s (median wall seconds of --runs runs each), cached_cpu_s and
 loaded_cpu_s (median CPU seconds, user + system, of the process: steadier than wall time on a shared machine),
-and whether the cached runs imported open_clip (they must not). Also: python_torch_s / python_torch_cpu_s
+and whether the cached runs imported open_clip (they must not) and torch (cached_imported_torch: visualize,
+samples and text on --device cpu import none; sweep still does). Also: python_torch_s / python_torch_cpu_s
 (`python -c "import torch"`, the floor of any command that imports torch) and the load average before and
 after.
 
@@ -29,9 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# runs the CLI in this interpreter and says on stderr, at exit, whether open_clip was imported
+# runs the CLI in this interpreter and says on stderr, at exit, whether open_clip and torch were imported
 RUNNER = ("import atexit, runpy, sys; "
-          "atexit.register(lambda: sys.stderr.write('OPEN_CLIP_IMPORTED=%d\\n' % ('open_clip' in sys.modules))); "
+          "atexit.register(lambda: sys.stderr.write('OPEN_CLIP_IMPORTED=%d TORCH_IMPORTED=%d\\n' "
+          "% ('open_clip' in sys.modules, 'torch' in sys.modules))); "
           "sys.argv = ['neurolens'] + sys.argv[1:]; runpy.run_module('neurolens', run_name='__main__')")
 LAYER = "image_block_4_0"
 
@@ -67,13 +69,14 @@ def children_cpu() -> float:
 
 
 def run(args: list, env: dict) -> tuple:
-    """(wall seconds, CPU seconds, open_clip imported?) of one CLI process; fails loudly on a non-zero exit."""
+    """(wall seconds, CPU seconds, open_clip imported?, torch imported?) of one CLI process; fails loudly on a
+    non-zero exit."""
     cpu, started = children_cpu(), time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RUNNER, *args], env=env, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - started, children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args[:1])} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return wall, cpu, "OPEN_CLIP_IMPORTED=1" in done.stderr
+    return wall, cpu, "OPEN_CLIP_IMPORTED=1" in done.stderr, "TORCH_IMPORTED=1" in done.stderr
 
 
 def main() -> None:
@@ -105,7 +108,8 @@ def main() -> None:
             loaded.append(run(argv, env))
         result[name] = {"cached_s": _median(cached, 0), "loaded_s": _median(loaded, 0),
                         "cached_cpu_s": _median(cached, 1), "loaded_cpu_s": _median(loaded, 1),
-                        "cached_imported_open_clip": any(imported for _, _, imported in cached)}
+                        "cached_imported_open_clip": any(run[2] for run in cached),
+                        "cached_imported_torch": any(run[3] for run in cached)}
     print(json.dumps({"commands": result, "runs": args.runs, "python_torch_s": _median(floors, 0),
                       "python_torch_cpu_s": _median(floors, 1),
                       "model": f"toy CLIP ({checkpoint})", "layer": LAYER, "images": args.images,

@@ -1,0 +1,93 @@
+"""A cached `visualize`, `samples` and `text` answer (model card + cache records, --device cpu) imports neither
+torch nor open_clip, and answers exactly what the first run answered (JSON, PNG bytes); a changed weights file
+is recomputed. `sweep` still imports torch (its pipeline module does; docs/notebook.md)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from neurolens.cli import app
+from neurolens.data import MODEL_CONFIGS
+from neurolens.models.checkpoint import save_checkpoint
+
+import sweep_data
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CONFIG = json.loads((MODEL_CONFIGS / "nl-tiny-RN.json").read_text())
+
+
+def _checkpoint(clip, path, shift=0.0):
+    """Save clip's weights (every float tensor + shift) as a neurolens checkpoint carrying its config."""
+    state = {k: (v + shift if shift and v.is_floating_point() else v) for k, v in clip.model.state_dict().items()}
+    model = clip.model if not shift else None
+    if model is None:
+        import copy
+        model = copy.deepcopy(clip.model)
+        model.load_state_dict(state)
+    with torch.no_grad():
+        return str(save_checkpoint(model, path, "nl-tiny-RN", model_config=TINY_CONFIG))
+
+# runs each CLI command in this fresh interpreter; says which of torch / open_clip were imported
+RUNNER = """
+import json, sys
+from neurolens.labels import nudenet
+nudenet.available = lambda: False          # as in the run that filled the cache (no NudeNet in tests)
+from typer.testing import CliRunner
+from neurolens.cli import app
+outputs = [[r.exit_code, r.stdout] for r in (CliRunner().invoke(app, args) for args in json.loads(sys.argv[1]))]
+print(json.dumps({"outputs": outputs, "torch": "torch" in sys.modules, "open_clip": "open_clip" in sys.modules}))
+"""
+
+
+def _fresh(commands, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(commands)], env=env, capture_output=True,
+                          text=True, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_cached_visualize_samples_text_import_no_torch(tiny_clip, tmp_path, no_detector):
+    data = tmp_path / "data"
+    data.mkdir()
+    table = sweep_data.write_table(data)
+    vocab = sweep_data.write_vocab(tmp_path / "vocab.txt")
+    path = _checkpoint(tiny_clip, tmp_path / "w.pt")
+    common = ["--checkpoint", path, "--device", "cpu", "--cache", str(tmp_path / "cache"), "--layer", "image_block_4_0"]
+    commands = {   # samples first: its scan is the visualization's top-1 reference in both runs
+        "samples": ["samples", *common, "--unit", "1", "--dataset", table, "--top-k", "4", "--out",
+                    str(tmp_path / "s.png"), "--json"],
+        "visualize": ["visualize", *common, "--unit", "1", "--steps", "2", "--out", str(tmp_path / "vis"), "--json"],
+        "text": ["text", *common, "--unit", "1", "--vocab", vocab, "--top-k", "5", "--json"],
+    }
+    first = {}
+    for name, args in commands.items():
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        first[name] = json.loads(result.stdout)
+    pngs = {p: p.read_bytes() for p in [tmp_path / "s.png", *sorted((tmp_path / "vis").glob("*.png"))]}
+    assert len(pngs) == 2
+    for png in pngs:
+        png.unlink()
+
+    report = _fresh(list(commands.values()), tmp_path)
+    assert [code for code, _ in report["outputs"]] == [0, 0, 0], report
+    assert report["torch"] is False and report["open_clip"] is False
+    again = dict(zip(commands, (json.loads(out) for _, out in report["outputs"])))
+    assert [row["cached"] for row in again["visualize"]["results"]] == [True]
+    for row in first["visualize"]["results"]:
+        row["cached"] = True
+    assert again == first
+    assert {p: p.read_bytes() for p in pngs} == pngs          # the same (blurred or raw) pixels, byte for byte
+
+    # other weights at the same path: no card answers, the model is loaded and the answer recomputed
+    _checkpoint(tiny_clip, path, shift=0.01)
+    report = _fresh([commands["visualize"]], tmp_path)
+    assert report["torch"] is True and report["open_clip"] is True
+    changed = json.loads(report["outputs"][0][1])
+    assert changed["fingerprint"] != first["visualize"]["fingerprint"]
+    assert [row["cached"] for row in changed["results"]] == [False]
