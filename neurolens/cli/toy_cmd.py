@@ -120,6 +120,10 @@ def demo(
     out: Annotated[str, typer.Option("--out", help="Folder for the demo's figures and index.md.")] = "outputs/demo",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated data and the training.")] = 0,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the toy model again even if it is cached.")] = False,
+    concepts: Annotated[str, typer.Option(
+        "--concepts", help="single: the tour on the one-concept toy; multi: the concept audit, descriptions and find "
+                           "on the multi-concept toy against the generator's truth, written to "
+                           "OUT/concepts/.")] = "single",
     device: DeviceOpt = "cpu",
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -128,8 +132,17 @@ def demo(
     (or reuse the cached one), then run visualize, scan, text, sweep, figure and grid on it, and write
     OUT/index.md listing what was made. No network, a few minutes on a laptop CPU.
 
+    --concepts multi proves the concept audit instead (docs/demo.md): the multi-concept toy (nsfw, violence,
+    drugs, two of them together) audited on a probe set it never saw; per concept the units truly planted,
+    flagged, precision, recall, descriptions right, and find's first unit; written to OUT/concepts/index.md.
+
     Example:  neurolens demo --out outputs/demo
+    Example:  neurolens demo --concepts multi
     """
+    check_mode(concepts)
+    if concepts == "multi":
+        _concepts_demo(Path(out) / "concepts", seed, device, cache, as_json, retrain)
+        return
     from ..pipelines.demo import DemoSettings, run_demo  # lazy: keeps `neurolens --help` free of torch
 
     settings = DemoSettings(seed=seed, device=device)
@@ -142,3 +155,14 @@ def demo(
     if report.failed:
         typer.echo(f"error: demo stages failed: {', '.join(report.failed)} (see {report.index})", err=True)
         raise typer.Exit(1)
+
+
+def _concepts_demo(out: Path, seed: int, device: str, cache: Optional[str], as_json: bool, retrain: bool) -> None:
+    from ..pipelines.demo_concepts import run_concepts_demo  # lazy: keeps `neurolens --help` free of torch
+    with _stage_bars(not as_json) as progress:
+        report = run_concepts_demo(out, seed, cache=cache, retrain=retrain, device=device, progress=progress)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    for line in report.lines():
+        typer.echo(line)
