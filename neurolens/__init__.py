@@ -53,6 +53,8 @@ _API: Dict[str, Tuple[str, str]] = {
     "DemoReport": ("neurolens.pipelines.demo", "DemoReport"),
     "DemoSettings": ("neurolens.pipelines.demo", "DemoSettings"),
     "run_demo": ("neurolens.pipelines.demo", "run_demo"),
+    "ConceptsDemoReport": ("neurolens.pipelines.demo_concepts", "ConceptsDemoReport"),
+    "run_concepts_demo": ("neurolens.pipelines.demo_concepts", "run_concepts_demo"),
     "ZeroShotReport": ("neurolens.toy.evaluate", "ZeroShotReport"),
     "zero_shot_accuracy": ("neurolens.toy.evaluate", "zero_shot_accuracy"),
     "ToySettings": ("neurolens.toy.generate", "ToySettings"),

@@ -103,6 +103,10 @@ def demo(
     compare: Annotated[bool, typer.Option("--compare", help="Instead of the tour: the dose-response experiment. Toys "
                                           "trained with the planted concept at several shares of their images (0 % "
                                           "first), compared on one probe set; report and plot in OUT/compare/.")] = False,
+    concepts: Annotated[str, typer.Option(
+        "--concepts", help="single: the tour on the one-concept toy; multi: the concept audit, descriptions and find "
+                           "on the multi-concept toy against the generator's truth, written to "
+                           "OUT/concepts/.")] = "single",
     device: DeviceOpt = "cpu",
     cache: CacheOpt = None,
     as_json: JsonOpt = False,
@@ -114,11 +118,22 @@ def demo(
     --compare runs the dose-response experiment instead (docs/compare.md): `neurolens compare` over toys trained
     on the same generator at several shares of the planted concept, written to OUT/compare/.
 
+    --concepts multi proves the concept audit instead (docs/demo.md): the multi-concept toy (nsfw, violence,
+    drugs, two of them together) audited on a probe set it never saw; per concept the units truly planted,
+    flagged, precision, recall, descriptions right, and find's first unit; written to OUT/concepts/index.md.
+
     Example:  neurolens demo --out outputs/demo
     Example:  neurolens demo --compare
+    Example:  neurolens demo --concepts multi
     """
+    check_mode(concepts)
+    if compare and concepts == "multi":
+        raise NeurolensError("--compare and --concepts multi are two different experiments; run them one at a time")
     if compare:
         _dose_demo(Path(out) / "compare", seed, device, cache, as_json, retrain)
+        return
+    if concepts == "multi":
+        _concepts_demo(Path(out) / "concepts", seed, device, cache, as_json, retrain)
         return
     from ..pipelines.demo import DemoSettings, run_demo  # lazy: keeps `neurolens --help` free of torch
 
@@ -147,3 +162,14 @@ def _dose_demo(out: Path, seed: int, device: str, cache: Optional[str], as_json:
     for line in report.lines():
         typer.echo(line)
     typer.echo(f"report: {report.files.html}\nplot:   {report.plot}")
+
+
+def _concepts_demo(out: Path, seed: int, device: str, cache: Optional[str], as_json: bool, retrain: bool) -> None:
+    from ..pipelines.demo_concepts import run_concepts_demo  # lazy: keeps `neurolens --help` free of torch
+    with stage_bars(not as_json) as progress:
+        report = run_concepts_demo(out, seed, cache=cache, retrain=retrain, device=device, progress=progress)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    for line in report.lines():
+        typer.echo(line)
