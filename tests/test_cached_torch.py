@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from neurolens.cli import app
 from neurolens.data import MODEL_CONFIGS
 from neurolens.models.checkpoint import save_checkpoint
+from neurolens.models.devices import auto_device_name, no_gpu_possible
 
 import sweep_data
 
@@ -84,6 +85,12 @@ def test_cached_visualize_samples_text_import_no_torch(tiny_clip, tmp_path, no_d
     assert again == first
     assert {p: p.read_bytes() for p in pngs} == pngs          # the same (blurred or raw) pixels, byte for byte
 
+    # the default --device auto: on a machine without a GPU device file it is the CPU, decided without torch
+    auto = [arg for arg in commands["text"] if arg not in ("--device", "cpu")]
+    report = _fresh([auto], tmp_path)
+    assert json.loads(report["outputs"][0][1]) == first["text"]
+    assert report["torch"] is (not no_gpu_possible())
+
     # other weights at the same path: no card answers, the model is loaded and the answer recomputed
     _checkpoint(tiny_clip, path, shift=0.01)
     report = _fresh([commands["visualize"]], tmp_path)
@@ -91,3 +98,12 @@ def test_cached_visualize_samples_text_import_no_torch(tiny_clip, tmp_path, no_d
     changed = json.loads(report["outputs"][0][1])
     assert changed["fingerprint"] != first["visualize"]["fingerprint"]
     assert [row["cached"] for row in changed["results"]] == [False]
+
+
+def test_auto_is_the_cpu_without_torch_only_where_no_gpu_can_exist():
+    if no_gpu_possible():
+        assert not torch.cuda.is_available()          # the file check never hides a GPU torch would see
+        assert auto_device_name("auto") == "cpu"
+    else:
+        assert auto_device_name("auto") == "auto"     # torch decides
+    assert auto_device_name("cuda") == "cuda" and auto_device_name("cpu") == "cpu"

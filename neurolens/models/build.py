@@ -22,6 +22,7 @@ import torch
 from ..data import MODEL_CONFIGS
 from ..errors import NeurolensError
 from .checkpoint import read_checkpoint, register_checkpoint_config
+from .devices import no_gpu_possible
 from .layers import registry_for
 from .names import DEFAULT_MODEL, DEFAULT_PRETRAINED, RANDOM_SEED, RANDOM_WEIGHTS
 from .pretrained import pretrained_weights_file, weights_unavailable
@@ -76,7 +77,7 @@ def register_bundled_configs() -> None:
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu" if no_gpu_possible() or not torch.cuda.is_available() else "cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise NeurolensError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import NeurolensError
+from ..models.devices import auto_device_name
 from ..models.identity import model_request
 from ..models.layer_table import LayerTable
 from ..models.names import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -37,6 +38,7 @@ class LazyClip:
         self.name, self.pretrained, self.fingerprint = card.name, card.pretrained, card.fingerprint
         self.image_size, self.mean, self.std, self.notes = card.image_size, card.mean, card.std, card.notes
         self.weights_file, self.weights_source = card.weights_file, dict(card.weights_source)
+        device = auto_device_name(device)       # "auto" without a GPU on the machine: CPU, without torch
         self._device_name = device
         self._device = None if device == CPU else _torch_device(device)   # checks the name (one line if bad)
         self._announce = announce
