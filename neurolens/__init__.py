@@ -15,10 +15,10 @@ __version__ = "0.1.0"
 _API: Dict[str, Tuple[str, str]] = {
     "NeurolensError": ("neurolens.errors", "NeurolensError"),
     "LoadedClip": ("neurolens.models.build", "LoadedClip"),
-    "check_unit": ("neurolens.models.layers", "check_unit"),
+    "check_unit": ("neurolens.models.layer_table", "check_unit"),
     "load_clip": ("neurolens.models.build", "load_clip"),
     "registry_for": ("neurolens.models.layers", "registry_for"),
-    "resolve_layer": ("neurolens.models.layers", "resolve_layer"),
+    "resolve_layer": ("neurolens.models.layer_table", "resolve_layer"),
     "open": ("neurolens.pipelines.handle", "open_handle"),
     "Handle": ("neurolens.pipelines.handle", "Handle"),
     "load_model": ("neurolens.pipelines.model", "load_model"),
