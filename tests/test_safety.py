@@ -7,6 +7,7 @@ from PIL import Image
 from neurolens.labels import lexicon, zero_shot as safety
 from neurolens.errors import NeurolensError
 from neurolens.models.embed import eval_transform
+from neurolens.text import encode as text_encode
 from neurolens.text.encode import encode_texts
 from neurolens.labels.prompts import Prompts, load_prompts
 
@@ -53,7 +54,7 @@ def test_image_scores_equal_embedding_scores_through_the_full_forward(tiny_clip)
 def test_prompt_embeddings_are_cached_per_fingerprint(tiny_clip, monkeypatch):
     prompts = Prompts(["nsfw thing"], ["a cat", "a dog"])
     first = safety.prompt_embeddings(tiny_clip, prompts)
-    monkeypatch.setattr(safety, "encode_texts", lambda *a: pytest.fail("encoded twice"))
+    monkeypatch.setattr(text_encode, "encode_texts", lambda *a: pytest.fail("encoded twice"))
     assert safety.prompt_embeddings(tiny_clip, prompts) is first
     assert first.shape == (3, 32)
     np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1, rtol=1e-5)

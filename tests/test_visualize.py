@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from neurolens.cli import app
 from neurolens.activations.hooks import hook_count
+from neurolens.optvis import loop as optvis_loop
 from neurolens.pipelines import visualize as job
 from neurolens.storage.cache import Cache
 from neurolens.types import RenderSettings
@@ -25,7 +26,7 @@ def test_second_request_reads_the_cache(tiny_clip, tmp_path, monkeypatch):
 
     def no_render(*args, **kwargs):
         raise AssertionError("a cached request must not render")
-    monkeypatch.setattr(job, "render", no_render)
+    monkeypatch.setattr(optvis_loop, "render", no_render)     # what run_visualize imports when it must render
     again = job.run_visualize(tiny_clip, "image_block_4_0", [5, 3], SETTINGS, cache=cache, out_dir=tmp_path / "png")
     assert [r.cached for r in again] == [True, True]
     assert np.array_equal(again[1].images, first[0].images)

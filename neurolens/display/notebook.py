@@ -55,6 +55,13 @@ def num(value: Optional[float], digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
+def share(value: Optional[float]) -> str:
+    """A share as a whole percentage, '–' where there is none (a unit without text evidence: null)."""
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "–"
+    return f"{100 * value:.0f}%"
+
+
 def section(title: str, body: str, note: str = "") -> str:
     foot = f"<div style='{MUTED};font-size:11px;margin-top:2px'>{esc(note)}</div>" if note else ""
     return (f"<div style='margin:4px 12px 8px 0;vertical-align:top'><div style='font-weight:600;margin-bottom:3px'>"
@@ -282,7 +289,7 @@ class LayerFlags:
         if not self.rows:
             return missing(self.note or "no sweep")
         cells = [[esc(r["unit"]), num(r.get("auc")), num(r.get("q"), 2), num(r.get("correlation")),
-                  f"{100 * r['top_nsfw_share']:.0f}%", f"{100 * r['text_nsfw_share']:.0f}%",
+                  share(r["top_nsfw_share"]), share(r.get("text_nsfw_share")),
                   "<b>YES</b>" if r["flagged"] else ("text" if r.get("text_flag") else ""),
                   esc(" | ".join(r.get("top_texts", [])))] for r in self.rows]
         lines = "".join(f"<div style='{MUTED};font-size:11px'>{esc(line)}</div>" for line in self.lines)
