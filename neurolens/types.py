@@ -69,7 +69,7 @@ QUALITY_PRESETS = {
 
 # The short-budget rule (docs/visualize.md, "Short budgets"): the low-resolution phase leaves at least this many
 # steps at full size; below MIN_FULL_RES_STEPS / (1 - low_res_fraction) steps it shrinks, and at or below this
-# many steps it is off.
+# many steps it is off and the learning rate does not decay (a run that short has no steps to spare).
 MIN_FULL_RES_STEPS = 64
 
 
@@ -77,12 +77,16 @@ def budget_settings(settings: RenderSettings) -> RenderSettings:
     """The settings a run of settings.steps uses: the low-resolution share cut so that at least
     MIN_FULL_RES_STEPS steps (all of them in a shorter run) are taken at full size. Settings the rule does not
     bind (the default 256 steps among them) come back unchanged, so their cache keys stay what they were; a
-    bound run's record names the share it actually used."""
+    bound run's record names the share it actually used. A run of at most MIN_FULL_RES_STEPS steps also keeps
+    its peak learning rate to the end (lr_decay_start 1.0): the decay's last quarter cost more than it gave there
+    (docs/visualize.md, measured on the tuning units)."""
     low = int(round(settings.steps * settings.low_res_fraction))
     allowed = max(0, settings.steps - MIN_FULL_RES_STEPS)
-    if low <= allowed:
-        return settings
-    return dataclasses.replace(settings, low_res_fraction=allowed / settings.steps)
+    if low > allowed:
+        settings = dataclasses.replace(settings, low_res_fraction=allowed / settings.steps)
+    if settings.steps <= MIN_FULL_RES_STEPS and settings.lr_decay_start < 1.0:
+        settings = dataclasses.replace(settings, lr_decay_start=1.0)
+    return settings
 
 
 def quality_settings(quality: str = "fast", **overrides) -> RenderSettings:

@@ -181,6 +181,9 @@ def test_short_budgets_keep_their_last_64_steps_at_full_size(tiny_clip, tmp_path
     assert low_steps == {16: 0, 64: 0, 100: 36, 128: 64, 160: 96, 256: 154, 1000: 600}
     bound = budget_settings(RenderSettings(steps=128, lr=0.3, keep_best=4))
     assert (bound.lr, bound.keep_best, bound.steps) == (0.3, 4, 128)          # only the low-resolution share
+    assert bound.lr_decay_start == RenderSettings().lr_decay_start < 1.0      # 128 steps still decay
+    decays = {steps: budget_settings(RenderSettings(steps=steps)).lr_decay_start for steps in (16, 64, 65, 256)}
+    assert decays == {16: 1.0, 64: 1.0, 65: 0.75, 256: 0.75}                # 64 steps or fewer: no decay
     assert resolved_settings(tiny_clip, RenderSettings(steps=64)).low_res_fraction == 0.0
     # through the job: no low-resolution forward in a short run of a layer that has a low-resolution phase
     sizes = []
