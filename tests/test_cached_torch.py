@@ -1,6 +1,6 @@
-"""A cached `visualize`, `samples` and `text` answer (model card + cache records, --device cpu) imports neither
-torch nor open_clip, and answers exactly what the first run answered (JSON, PNG bytes); a changed weights file
-is recomputed. `sweep` still imports torch (its pipeline module does; docs/notebook.md)."""
+"""A cached `visualize`, `samples`, `text` and `sweep` answer (model card + cache records, --device cpu) imports
+neither torch nor open_clip, and answers exactly what the first run answered (JSON, PNG and flags.csv bytes);
+a changed weights file is recomputed."""
 import json
 import os
 import subprocess
@@ -52,16 +52,18 @@ def _fresh(commands, cwd):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_cached_visualize_samples_text_import_no_torch(tiny_clip, tmp_path, no_detector):
+def test_cached_visualize_samples_text_sweep_import_no_torch(tiny_clip, tmp_path, no_detector):
     data = tmp_path / "data"
     data.mkdir()
     table = sweep_data.write_table(data)
     vocab = sweep_data.write_vocab(tmp_path / "vocab.txt")
     path = _checkpoint(tiny_clip, tmp_path / "w.pt")
     common = ["--checkpoint", path, "--device", "cpu", "--cache", str(tmp_path / "cache"), "--layer", "image_block_4_0"]
-    commands = {   # samples first: its scan is the visualization's top-1 reference in both runs
+    commands = {   # samples and sweep first: the scan is the visualization's top-1 and the sweep its blur reason
         "samples": ["samples", *common, "--unit", "1", "--dataset", table, "--top-k", "4", "--out",
                     str(tmp_path / "s.png"), "--json"],
+        "sweep": ["sweep", *common, "--dataset", table, "--vocab", vocab, "--top-k", "4", "--text-top-k", "5",
+                  "--labels", "captions", "--out", str(tmp_path / "sweep"), "--json"],
         "visualize": ["visualize", *common, "--unit", "1", "--steps", "2", "--out", str(tmp_path / "vis"), "--json"],
         "text": ["text", *common, "--unit", "1", "--vocab", vocab, "--top-k", "5", "--json"],
     }
@@ -70,20 +72,21 @@ def test_cached_visualize_samples_text_import_no_torch(tiny_clip, tmp_path, no_d
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         first[name] = json.loads(result.stdout)
-    pngs = {p: p.read_bytes() for p in [tmp_path / "s.png", *sorted((tmp_path / "vis").glob("*.png"))]}
-    assert len(pngs) == 2
+    pngs = {p: p.read_bytes() for p in [tmp_path / "s.png", *sorted((tmp_path / "vis").glob("*.png")),
+                                        *sorted((tmp_path / "sweep").rglob("flags.csv"))]}
+    assert len(pngs) == 3
     for png in pngs:
         png.unlink()
 
     report = _fresh(list(commands.values()), tmp_path)
-    assert [code for code, _ in report["outputs"]] == [0, 0, 0], report
+    assert [code for code, _ in report["outputs"]] == [0, 0, 0, 0], report
     assert report["torch"] is False and report["open_clip"] is False
     again = dict(zip(commands, (json.loads(out) for _, out in report["outputs"])))
     assert [row["cached"] for row in again["visualize"]["results"]] == [True]
     for row in first["visualize"]["results"]:
         row["cached"] = True
     assert again == first
-    assert {p: p.read_bytes() for p in pngs} == pngs          # the same (blurred or raw) pixels, byte for byte
+    assert {p: p.read_bytes() for p in pngs} == pngs          # the same pixels and flags.csv, byte for byte
 
     # the default --device auto: on a machine without a GPU device file it is the CPU, decided without torch
     auto = [arg for arg in commands["text"] if arg not in ("--device", "cpu")]

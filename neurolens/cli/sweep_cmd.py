@@ -8,7 +8,10 @@ import typer
 from typing_extensions import Annotated
 
 from ..errors import NeurolensError
+from ..pipelines.flags import flags_path, write_flags_csv
 from ..pipelines.settings import SweepSettings
+from ..pipelines.sweep_find import find_sweep
+from ..records.keys import as_basis
 from .app import app, command, open_basis, print_json, progress_bar
 from .options import (DATASET, ENGINE, LOADER, MODEL, RENDER, SWEEP, CacheOpt, DatasetChoice, EngineChoice, ForceOpt,
                       JsonOpt, LayerOpt, LoaderChoice, ModelChoice, NoBlurOpt, RenderChoice, SaeOpt, uses)
@@ -59,7 +62,6 @@ def sweep(
     Example:  neurolens sweep --layer image_block_4_5 --dataset laion.parquet --labels column:NSFW=NSFW,UNSURE --labels nudenet
     Example:  neurolens sweep --layer image_block_4_5 --dataset laion/ --labels column:NSFW=NSFW,UNSURE --engine ray --actors 8
     """
-    from ..pipelines.sweep import run_ray_sweep, run_sweep  # lazy: keeps `neurolens --help` free of torch
     rule = settings.rule
     if engine.keep_per_image:
         raise NeurolensError("--keep-per-image is for scan --engine ray; a sweep on Ray stores no per-image values")
@@ -68,6 +70,7 @@ def sweep(
         engine.check_process_only(**{"--workers": loader.workers is not None,
                                      "--auc-memory": settings.auc_memory != SweepSettings().auc_memory,
                                      "--sae": sae is not None})
+        from ..pipelines.sweep import run_ray_sweep  # lazy: keeps `neurolens --help` free of torch
         clip = replace(model, device="cpu").load(quiet=as_json, cache=cache)  # the driver ships the tower
         with progress_bar(f"sweep {layer} on Ray", enabled=not as_json) as progress:
             result = run_ray_sweep(clip, layer, data.dataset, settings, cache=cache, force=force, progress=progress,
@@ -80,10 +83,16 @@ def sweep(
         clip = model.load(quiet=as_json, cache=cache)
         basis = open_basis(clip, layer, sae, cache)
         dataset = data.open()
-        with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
-            result = run_sweep(clip, layer, dataset, settings, cache=cache, force=force, progress=progress, out=out,
-                               batch_size=loader.batch_size, workers=loader.workers, basis=basis,
-                               decoder=loader.decode)
+        # the cached answer first: found without the sweep's compute modules (no torch, no model)
+        result = None if force else find_sweep(clip, layer, dataset, settings, cache=cache, basis=basis)
+        if result is not None:
+            result.flags_csv = write_flags_csv(result, flags_path(result.scan.layer, out, as_basis(basis)))
+        else:
+            from ..pipelines.sweep import run_sweep  # lazy: torch only when the cache lacks the answer
+            with progress_bar(f"sweep {layer}", enabled=not as_json) as progress:
+                result = run_sweep(clip, layer, dataset, settings, cache=cache, force=force, progress=progress,
+                                   out=out, batch_size=loader.batch_size, workers=loader.workers, basis=basis,
+                                   decoder=loader.decode)
         description = dataset.description
     for line in result.lines():
         typer.echo(line, err=as_json)

@@ -2,7 +2,7 @@
 (neurolens.labels.concepts), from ONE scan pass, cached.
 
     1. the label sources of every concept (each concept's LabelSettings, pipelines.settings.ConceptSettings;
-       chosen by pipelines.sweep.SweepJob as in a sweep)
+       chosen by pipelines.sweep_find.SweepJob as in a sweep)
     2. ONE scan of the layer (pipelines.scan.run_scan, resumable; with image embeddings only when a concept's
        zero-shot prompts can be used: a trained model)
     3. per concept: its sources computed, checked against each other and combined (pipelines.sweep.label_set_of,
@@ -35,16 +35,17 @@ from ..engines.ray.session import RayOptions
 from ..errors import NeurolensError
 from ..labels.prompts import LOGIT_SCALE
 from ..labels.reliability import LabelSet
-from ..records.concepts import (CONCEPTS_KIND, CONCEPTS_VERSION, ROW_KEYS, ConceptScores, ConceptsResult,
-                                concepts_path, from_record, to_record)
+from ..records.concepts import (CONCEPTS_KIND, CONCEPTS_VERSION, ROW_KEYS, ConceptScores, ConceptsResult, concepts_path,
+                                from_record, to_record)
 from ..records.keys import as_basis, as_cache, basis_id
-from ..scoring.flags import WEAK_CLASS, apply_rule
-from ..scoring.units import auc_method, label_statistics, top_share
+from ..scoring.flags import WEAK_CLASS, apply_rule, auc_method
+from ..scoring.units import label_statistics, top_share
 from ..storage.cache import Cache, settings_key
 from ..storage.files import write_csv
 from .scan import run_ray_scan, run_scan
 from .settings import ConceptSettings
-from .sweep import Scorer, SweepJob, label_set_of
+from .sweep import label_set_of
+from .sweep_find import Scorer, SweepJob
 
 Progress = Optional[Callable[[int, int], None]]
 RAY_KINDS = ("captions", "column")        # the label sources a concept audit on Ray computes

@@ -23,7 +23,8 @@ from ..storage.files import save_png
 from ..types import RenderSettings
 from . import visualize
 from .settings import SweepSettings, sweep_settings
-from .sweep import Progress, Scorer, run_sweep
+from .sweep import Progress, run_sweep
+from .sweep_find import Scorer
 
 DEFAULT_FIGURES = Path("outputs") / "figures"
 

@@ -36,7 +36,7 @@ from PIL import Image
 from ..datasets.open import open_dataset
 from ..datasets.types import ImageDataset
 from ..display.dashboard import UnitDashboard
-from ..display.notebook import Evidence, Histogram, LayerFlags, Picture, Samples, SaeQuality, Texts, Visualizations
+from ..display.notebook import Evidence, Histogram, LayerFlags, Picture, SaeQuality, Samples, Texts, Visualizations
 from ..labels.policy import BlurPolicy
 from ..models.layer_table import resolve_layer
 from ..models.names import DEFAULT_MODEL, DEFAULT_PRETRAINED
@@ -52,7 +52,8 @@ from .model import load_model
 from .samples import unit_crops, unit_rows
 from .scan import run_scan
 from .settings import SweepSettings
-from .sweep import find_sweep, run_sweep
+from .sweep import run_sweep
+from .sweep_find import find_sweep
 from .text import find_text, run_text
 from .visualize import run_visualize
 

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -42,90 +41,28 @@ from ..engines.ray.session import RayOptions, ray_session
 from ..engines.ray.shards import plan_dataset
 from ..errors import NeurolensError
 from ..labels import zero_shot as safety
-from ..labels.prompts import LOGIT_SCALE, TEXT_NSFW_THRESHOLD
+from ..labels.prompts import TEXT_NSFW_THRESHOLD
 from ..labels.reliability import LabelSet, check_reliability
-from ..labels.sources import compute_sources, has_captions, resolve_specs
-from ..labels.spec import LabelSpec, is_random
+from ..labels.sources import compute_sources
 from ..models.layer_table import resolve_layer
 from ..records.keys import as_basis, as_cache
 from ..records.scan import scan_key
-from ..records.sweep import (FUSED_KIND, MARK_LEXICON, MARK_NONE, MARK_ZERO_SHOT, SWEEP_KIND, SWEEP_VERSION,
-                             SweepResult, basis_fields, from_record, fused_path, fused_record, label_set_from_record,
-                             ranked_texts, statistics_from_record, sweep_path, to_record)
-from ..scoring.flags import UnitStatsResult
-from ..scoring.units import EDGE_SAMPLE_ROWS, auc_method, score_units, unit_statistics
-from ..storage.cache import Cache, settings_key
+from ..records.sweep import (FUSED_KIND, MARK_LEXICON, MARK_NONE, MARK_ZERO_SHOT, SWEEP_VERSION, SweepResult,
+                             basis_fields, from_record, fused_path, fused_record, label_set_from_record, ranked_texts,
+                             statistics_from_record, sweep_path, to_record)
+from ..scoring.flags import UnitStatsResult, auc_method
+from ..scoring.units import EDGE_SAMPLE_ROWS, score_units, unit_statistics
+from ..storage.cache import settings_key
 from ..text.vocab import load_vocab
 from .flags import flags_path, write_flags_csv
 from .scan import run_scan, write_ray_scan
 from .scan_find import find_scan
 from .settings import LabelSettings, SweepSettings, sweep_settings
-from .text import find_text, run_text, text_embeddings
+from .sweep_find import Progress, Scorer, SweepJob
+from .text import run_text, text_embeddings
 
-__all__ = ["run_sweep", "run_ray_sweep", "sweep", "find_sweep", "SweepJob", "LocalEngine", "RayEngine", "SweepResult",
+__all__ = ["run_sweep", "run_ray_sweep", "sweep", "LocalEngine", "RayEngine", "SweepResult",
            "SweepSettings", "LabelSettings", "flags_path", "write_flags_csv"]
-
-Progress = Optional[Callable[[int, int], None]]
-Scorer = Callable[[object, np.ndarray], np.ndarray]
-
-
-# ------------------------------------------------------------------------------------------- the job
-
-@dataclass
-class SweepJob:
-    """What every engine shares: the model and layer, the settings with their prompts and terms read, and
-    (once the engine has the dataset's keys and captions: `choose_sources`) the label sources to compute."""
-    clip: object
-    layer: str
-    settings: SweepSettings
-    cache: Cache
-    force: bool = False
-    progress: Progress = None
-    scorer: Optional[Scorer] = None     # scorer(clip, embeddings) -> (N,) replaces the zero-shot score (tests)
-    basis: object = None                # None: the neurons; else a basis of the layer (SAE features)
-    specs: List[LabelSpec] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.prompts = self.settings.labels.prompts()
-        self.terms = self.settings.labels.terms()
-
-    @property
-    def labels(self) -> LabelSettings:
-        return self.settings.labels
-
-    @property
-    def scorer_name(self) -> Optional[str]:
-        return None if self.scorer is None else f"custom:{getattr(self.scorer, '__qualname__', repr(self.scorer))}"
-
-    @property
-    def zero_shot_texts(self) -> bool:
-        """Texts are marked by the model's zero-shot score too: asked, and the weights are trained (a random
-        model's score is noise: its texts are judged by the lexicon alone)."""
-        return self.settings.text_zero_shot and not is_random(self.clip)
-
-    @property
-    def needs_embeddings(self) -> bool:
-        return any(spec.kind == "zero-shot" for spec in self.specs)
-
-    def captions(self, dataset) -> Optional[Sequence[str]]:
-        return dataset.captions if self.labels.caption_mode != "off" else None
-
-    def choose_sources(self, keys: Sequence[str], captions: Optional[Sequence[str]]) -> None:
-        named, auto = self.labels.requested()
-        self.specs, self.notes = resolve_specs(named, auto, has_captions=has_captions(keys, captions), clip=self.clip,
-                                               detector=self.labels.detector, scorer=self.scorer,
-                                               auto_kinds=self.labels.auto_kinds)
-
-    def key(self, scan, ranking, method: str) -> str:
-        """The sweep record's key (SWEEP_VERSION 3: text marks changed; older records are read by pages, not
-        by this job)."""
-        s, labels = self.settings, self.labels
-        return settings_key(SWEEP_KIND, SWEEP_VERSION, Path(scan.path).name if scan.path else None,
-                            _text_identity(ranking), self.prompts.identity, self.terms, labels.caption_mode,
-                            s.rule.as_dict(), s.top_k, self.zero_shot_texts, LOGIT_SCALE, self.scorer_name,
-                            [(spec.name, spec.explicit) for spec in self.specs], float(labels.min_agreement),
-                            method, *([] if self.basis is None else [self.basis.id]))
 
 
 # ------------------------------------------------------------------------------------------- the engines
@@ -305,28 +242,6 @@ def sweep(clip, layer: str, dataset, settings: SweepSettings, engine, *, cache=N
     return result
 
 
-def find_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] = None, *, cache=None,
-               scorer: Optional[Scorer] = None, basis=None, **options) -> Optional[SweepResult]:
-    """The sweep run_sweep would return from the cache for these settings, or None when anything of it (the
-    scan, the text ranking, the sweep record) is not cached. Computes nothing, so it needs no model."""
-    settings = sweep_settings(settings, **options)
-    job = SweepJob(clip, layer, settings, as_cache(cache), scorer=scorer, basis=as_basis(basis))
-    dataset = dataset if isinstance(dataset, ImageDataset) else open_dataset(dataset)
-    job.choose_sources(dataset.keys, job.captions(dataset))
-    scan = find_scan(clip, layer, dataset, settings.top_k, "fp32", job.cache, embeddings=True, basis=job.basis)
-    ranking = None if scan is None else find_text(clip, layer, settings.vocab, settings.text_top_k, scan, job.cache,
-                                                  basis=job.basis)
-    if ranking is None:
-        return None
-    method = _LocalPass(LocalEngine(), job, dataset).method(scan)
-    path = sweep_path(job.cache, clip.fingerprint, scan.layer, job.key(scan, ranking, method))
-    record = job.cache.read(path)
-    if record is None:
-        return None
-    result = from_record(record, scan, ranking, job.basis)
-    result.path = path
-    return result
-
 
 def run_sweep(clip, layer: str, dataset=None, settings: Optional[SweepSettings] = None, *, cache=None,
               force: bool = False, progress: Progress = None, out: Optional[str | os.PathLike] = None,
@@ -392,9 +307,3 @@ def _text_part(job: SweepJob, ranking, zero_shot_kept: bool) -> Tuple[List[List[
     return ranked_texts(ranking), np.asarray(ranking.top_scores, dtype=np.float32), marks
 
 
-def _text_identity(ranking) -> str:
-    """The ranking's cache record name (it hashes vocabulary, reference and top-k), else its content."""
-    path = getattr(ranking, "path", None)
-    if path is not None:
-        return Path(path).name
-    return settings_key(ranking.layer, np.asarray(ranking.top_indices), len(ranking.entries))

@@ -139,3 +139,16 @@ def _num(value: float, spec: str) -> str:
 
 def _json_float(value: float) -> Optional[float]:
     return float(value) if np.isfinite(value) else None
+
+
+def exact_bytes(rows: int, units: int, labels: int = 1) -> int:
+    """Memory the exact AUC path keeps: `rows` rows of `units` float32 values and `labels` int8 label codes
+    (scoring.multilabel.MultiLabelStats; result() adds a bounded workspace)."""
+    return int(rows) * (int(units) * 4 + int(labels))
+
+
+def auc_method(rows: int, units: int, memory: int, labels: int = 1) -> str:
+    """'exact' when `rows` rows of `units` values and `labels` label codes fit `memory` bytes (exact_bytes),
+    else 'binned:<memory>' (the records' keys name it). Numpy-free arithmetic: a cached answer decides it
+    without the scorers."""
+    return "exact" if int(memory) >= exact_bytes(rows, units, labels) else f"binned:{int(memory)}"

@@ -35,7 +35,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from .flags import UnitStatsResult
+from .flags import UnitStatsResult, exact_bytes
 from .statistics import RANK_BLOCK_BYTES, bh_qvalues, bin_counts, binned_u_statistic, mann_whitney_p
 
 # ------------------------------------------------------------------------------------------- the result
@@ -402,7 +402,7 @@ class MultiLabelStats:
     def bytes_needed(rows: int, units: int, labels: int = 1) -> int:
         """Memory the exact path's kept rows take (result() adds a bounded workspace, RANK_BLOCK_BYTES); for one
         label, ExactAUC's."""
-        return int(rows) * (int(units) * 4 + int(labels))
+        return exact_bytes(rows, units, labels)
 
     def add(self, values, labels) -> None:
         x, y = _as_rows(values, labels, self.units, self.k)

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import NeurolensError
-from .flags import DEFAULT_AUC_MEMORY, FlagRule, UnitScores, UnitStatsResult, apply_rule
+from .flags import DEFAULT_AUC_MEMORY, FlagRule, UnitScores, UnitStatsResult, apply_rule, auc_method
 from .multilabel import MultiLabelResult, MultiLabelStats
 from .statistics import DEFAULT_BINS, quantile_edges
 
@@ -110,11 +110,6 @@ def text_shares(text_nsfw: Optional[np.ndarray], units: int, rule: FlagRule,
         shares[~(scores >= NO_TEXT_EVIDENCE).any(axis=1)] = np.nan
     return shares
 
-
-def auc_method(rows: int, units: int, memory: int, labels: int = 1) -> str:
-    """'exact' when `rows` rows of `units` values and `labels` label codes fit `memory` bytes
-    (MultiLabelStats.bytes_needed), else 'binned:<memory>' (the records' keys name it)."""
-    return "exact" if int(memory) >= MultiLabelStats.bytes_needed(rows, units, labels) else f"binned:{int(memory)}"
 
 
 def label_statistics(scan, labels: np.ndarray, memory: int = DEFAULT_AUC_MEMORY, bins: int = DEFAULT_BINS,
