@@ -11,26 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.data import MODEL_CONFIGS
-from neurolens.models.checkpoint import save_checkpoint
 from neurolens.models.devices import auto_device_name, no_gpu_possible
 
-import sweep_data
+from cached_answers import cached_requests, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_CONFIG = json.loads((MODEL_CONFIGS / "nl-tiny-RN.json").read_text())
 
-
-def _checkpoint(clip, path, shift=0.0):
-    """Save clip's weights (every float tensor + shift) as a neurolens checkpoint carrying its config."""
-    state = {k: (v + shift if shift and v.is_floating_point() else v) for k, v in clip.model.state_dict().items()}
-    model = clip.model if not shift else None
-    if model is None:
-        import copy
-        model = copy.deepcopy(clip.model)
-        model.load_state_dict(state)
-    with torch.no_grad():
-        return str(save_checkpoint(model, path, "nl-tiny-RN", model_config=TINY_CONFIG))
 
 # runs each CLI command in this fresh interpreter; says which of torch / open_clip were imported
 RUNNER = """
@@ -53,20 +39,8 @@ def _fresh(commands, cwd):
 
 
 def test_cached_visualize_samples_text_sweep_import_no_torch(tiny_clip, tmp_path, no_detector):
-    data = tmp_path / "data"
-    data.mkdir()
-    table = sweep_data.write_table(data)
-    vocab = sweep_data.write_vocab(tmp_path / "vocab.txt")
-    path = _checkpoint(tiny_clip, tmp_path / "w.pt")
-    common = ["--checkpoint", path, "--device", "cpu", "--cache", str(tmp_path / "cache"), "--layer", "image_block_4_0"]
-    commands = {   # samples and sweep first: the scan is the visualization's top-1 and the sweep its blur reason
-        "samples": ["samples", *common, "--unit", "1", "--dataset", table, "--top-k", "4", "--out",
-                    str(tmp_path / "s.png"), "--json"],
-        "sweep": ["sweep", *common, "--dataset", table, "--vocab", vocab, "--top-k", "4", "--text-top-k", "5",
-                  "--labels", "captions", "--out", str(tmp_path / "sweep"), "--json"],
-        "visualize": ["visualize", *common, "--unit", "1", "--steps", "2", "--out", str(tmp_path / "vis"), "--json"],
-        "text": ["text", *common, "--unit", "1", "--vocab", vocab, "--top-k", "5", "--json"],
-    }
+    path = tiny_checkpoint(tiny_clip, tmp_path / "w.pt")
+    commands = cached_requests(tmp_path, path)
     first = {}
     for name, args in commands.items():
         result = CliRunner().invoke(app, args)
@@ -95,7 +69,7 @@ def test_cached_visualize_samples_text_sweep_import_no_torch(tiny_clip, tmp_path
     assert report["torch"] is (not no_gpu_possible())
 
     # other weights at the same path: no card answers, the model is loaded and the answer recomputed
-    _checkpoint(tiny_clip, path, shift=0.01)
+    tiny_checkpoint(tiny_clip, path, shift=0.01)
     report = _fresh([commands["visualize"]], tmp_path)
     assert report["torch"] is True and report["open_clip"] is True
     changed = json.loads(report["outputs"][0][1])

@@ -12,8 +12,6 @@ import torch
 from typer.testing import CliRunner
 
 from neurolens.cli import app
-from neurolens.data import MODEL_CONFIGS
-from neurolens.models.checkpoint import save_checkpoint
 from neurolens.models.layers import registry_for
 from neurolens.models.layer_table import resolve_layer
 from neurolens.pipelines.model import LazyClip, load_model
@@ -21,27 +19,13 @@ from neurolens.records.models import card_path, read_card
 from neurolens.models.identity import model_request
 from neurolens.storage.cache import Cache
 
-import sweep_data
+from cached_answers import cached_requests, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_CONFIG = json.loads((MODEL_CONFIGS / "nl-tiny-RN.json").read_text())
-
-
-def _checkpoint(clip, path, shift=0.0):
-    """Save clip's weights (every float tensor + shift) as a neurolens checkpoint carrying its config."""
-    model = clip.model
-    if shift:
-        import copy
-        model = copy.deepcopy(model)
-        with torch.no_grad():
-            for value in model.state_dict().values():
-                if value.is_floating_point():
-                    value.add_(shift)
-    return str(save_checkpoint(model, path, "nl-tiny-RN", model_config=TINY_CONFIG))
 
 
 def test_a_card_answers_without_loading_the_model(tiny_clip, tmp_path):
-    path = _checkpoint(tiny_clip, tmp_path / "w.pt")
+    path = tiny_checkpoint(tiny_clip, tmp_path / "w.pt")
     first = load_model(checkpoint=path, device="cpu", cache=tmp_path / "cache")
     assert not isinstance(first, LazyClip)                        # no card yet: loaded, and the card written
     assert card_path(Cache(tmp_path / "cache"), model_request("RN50x4", "openai", path)).is_file()
@@ -62,7 +46,7 @@ def test_a_card_answers_without_loading_the_model(tiny_clip, tmp_path):
 
 
 def test_the_same_file_asked_from_another_folder_is_the_same_card(tiny_clip, tmp_path, monkeypatch):
-    path = _checkpoint(tiny_clip, tmp_path / "w.pt")
+    path = tiny_checkpoint(tiny_clip, tmp_path / "w.pt")
     load_model(checkpoint=path, device="cpu", cache=tmp_path / "cache")
     monkeypatch.chdir(tmp_path)
     assert isinstance(load_model(checkpoint="w.pt", device="cpu", cache=tmp_path / "cache"), LazyClip)
@@ -70,11 +54,11 @@ def test_the_same_file_asked_from_another_folder_is_the_same_card(tiny_clip, tmp
 
 def test_a_rewritten_checkpoint_is_detected_and_reloaded(tiny_clip, tmp_path):
     """Other weights at the same path, even with the old size and mtime: the partial hash differs."""
-    path = _checkpoint(tiny_clip, tmp_path / "w.pt")
+    path = tiny_checkpoint(tiny_clip, tmp_path / "w.pt")
     cache = tmp_path / "cache"
     old = load_model(checkpoint=path, device="cpu", cache=cache)
     stat = os.stat(path)
-    _checkpoint(tiny_clip, path, shift=0.01)
+    tiny_checkpoint(tiny_clip, path, shift=0.01)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
     assert read_card(Cache(cache), model_request("RN50x4", "openai", path)) is None
@@ -86,10 +70,10 @@ def test_a_rewritten_checkpoint_is_detected_and_reloaded(tiny_clip, tmp_path):
 
 def test_a_lazy_clip_whose_weights_changed_under_it_refuses(tiny_clip, tmp_path):
     from neurolens.errors import NeurolensError
-    path = _checkpoint(tiny_clip, tmp_path / "w.pt")
+    path = tiny_checkpoint(tiny_clip, tmp_path / "w.pt")
     load_model(checkpoint=path, device="cpu", cache=tmp_path / "cache")
     lazy = load_model(checkpoint=path, device="cpu", cache=tmp_path / "cache")
-    _checkpoint(tiny_clip, path, shift=0.01)
+    tiny_checkpoint(tiny_clip, path, shift=0.01)
     with pytest.raises(NeurolensError, match="changed while neurolens was using them"):
         lazy.model
 
@@ -155,22 +139,8 @@ print(json.dumps({"outputs": outputs, "loads": len(loads), "open_clip": "open_cl
 
 
 def test_cached_cli_answers_need_neither_open_clip_nor_the_model(tiny_clip, tmp_path, no_detector):
-    data = tmp_path / "data"
-    data.mkdir()
-    table = sweep_data.write_table(data)
-    vocab = sweep_data.write_vocab(tmp_path / "vocab.txt")
-    path = _checkpoint(tiny_clip, tmp_path / "w.pt")
-    common = ["--checkpoint", path, "--device", "cpu", "--cache", str(tmp_path / "cache"), "--layer", "image_block_4_0"]
-    # samples and sweep first: a visualization's JSON names the dataset's top-1 (from the scan) and its blur
-    # reason may come from the sweep, so both exist before the first visualize as they do on the second run
-    commands = [
-        ["samples", *common, "--unit", "1", "--dataset", table, "--top-k", "4", "--out", str(tmp_path / "s.png"),
-         "--json"],
-        ["sweep", *common, "--dataset", table, "--vocab", vocab, "--top-k", "4", "--text-top-k", "5",
-         "--labels", "captions", "--out", str(tmp_path / "sweep"), "--json"],
-        ["visualize", *common, "--unit", "1", "--steps", "2", "--out", str(tmp_path / "vis"), "--json"],
-        ["text", *common, "--unit", "1", "--vocab", vocab, "--top-k", "5", "--json"],
-    ]
+    path = tiny_checkpoint(tiny_clip, tmp_path / "w.pt")
+    commands = list(cached_requests(tmp_path, path).values())     # samples, sweep, visualize, text
     first = []
     for args in commands:
         result = CliRunner().invoke(app, args)

@@ -55,14 +55,7 @@ def grouped_bars(groups: Sequence[str], series: Sequence[str], values: Sequence[
     every = [v for row in list(values) + list(baselines or []) for v in row if v is not None and math.isfinite(v)]
     y_top = nice_top(max(every, default=0.0))
     y_of = lambda v: top + plot_h - plot_h * min(max(v, 0.0), y_top) / y_top    # noqa: E731
-    if title:
-        draw.text((left, 8), fit_text(draw, title, font(14), width - left - right), fill=INK, font=font(14))
-    for tick in range(5):
-        value = y_top * tick / 4
-        y = y_of(value)
-        draw.line([(left, y), (left + plot_w, y)], fill=GRID)
-        text = _axis_label(value, percent)
-        draw.text((left - 6 - draw.textlength(text, font=small), y - 6), text, fill=INK, font=small)
+    _frame(draw, title, width, left, right, plot_w, y_top, y_of, percent, small)
     draw.line([(left, top), (left, top + plot_h), (left + plot_w, top + plot_h)], fill=INK)
     n_groups, n_series = max(1, len(groups)), max(1, len(series))
     group_w = plot_w / n_groups
@@ -105,14 +98,7 @@ def lines(x: Sequence[float], series: Sequence[str], values: Sequence[Sequence[O
     x_span = (x_hi - x_lo) or 1.0
     x_of = lambda v: left + plot_w * (v - x_lo) / x_span       # noqa: E731
     y_of = lambda v: top + plot_h - plot_h * min(max(v, 0.0), y_top) / y_top    # noqa: E731
-    if title:
-        draw.text((left, 8), fit_text(draw, title, font(14), width - left - right), fill=INK, font=font(14))
-    for tick in range(5):
-        value = y_top * tick / 4
-        y = y_of(value)
-        draw.line([(left, y), (left + plot_w, y)], fill=GRID)
-        text = _axis_label(value, False)
-        draw.text((left - 6 - draw.textlength(text, font=small), y - 6), text, fill=INK, font=small)
+    _frame(draw, title, width, left, right, plot_w, y_top, y_of, False, small)
     free = -math.inf            # labels that would overlap the one before are left out (their tick stays)
     for value in sorted(x):
         text = _axis_label(value, x_percent)
@@ -141,6 +127,19 @@ def lines(x: Sequence[float], series: Sequence[str], values: Sequence[Sequence[O
     if y_label:
         _vertical_text(canvas, y_label, 4, top, plot_h)
     return canvas
+
+
+def _frame(draw: ImageDraw.ImageDraw, title: str, width: int, left: int, right: int, plot_w: float, y_top: float,
+           y_of, percent: bool, small) -> None:
+    """The title and the y axis's five gridlines with their labels (both charts)."""
+    if title:
+        draw.text((left, 8), fit_text(draw, title, font(14), width - left - right), fill=INK, font=font(14))
+    for tick in range(5):
+        value = y_top * tick / 4
+        y = y_of(value)
+        draw.line([(left, y), (left + plot_w, y)], fill=GRID)
+        text = _axis_label(value, percent)
+        draw.text((left - 6 - draw.textlength(text, font=small), y - 6), text, fill=INK, font=small)
 
 
 def _legend(draw: ImageDraw.ImageDraw, names: Sequence[str], left: int, y: int, width: int, baseline: bool,

@@ -45,9 +45,8 @@ from ..storage.files import write_csv
 from .scan import run_ray_scan, run_scan
 from .settings import ConceptSettings
 from .sweep import label_set_of
-from .sweep_find import Scorer, SweepJob
+from .sweep_find import Progress, Scorer, SweepJob
 
-Progress = Optional[Callable[[int, int], None]]
 RAY_KINDS = ("captions", "column")        # the label sources a concept audit on Ray computes
 
 
